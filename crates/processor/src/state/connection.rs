@@ -1,0 +1,215 @@
+//! One connection: connecting with the configured `sslmode` (including libpq's `allow` and
+//! `prefer` fallbacks), session settings, the health probe and broken-connection detection.
+
+use std::time::Duration;
+
+use tokio_postgres::config::SslMode as PgSslMode;
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
+use tokio_postgres::{Client, NoTls, Socket};
+
+use crate::state::config::{ConnectionSpec, SslMode};
+use crate::state::error::{classify, StateError, StateResult};
+use crate::state::ops::Statements;
+use crate::state::schema::TableNames;
+use crate::state::tls::TlsSetup;
+
+/// Opens connections to one server.
+#[derive(Clone)]
+pub(crate) struct Connector {
+    pg: tokio_postgres::Config,
+    tls: TlsSetup,
+    timeout: Duration,
+    statement_timeout: Option<Duration>,
+    /// Shown in errors instead of the URL, which may hold a password.
+    pub(crate) target: String,
+}
+
+impl Connector {
+    pub fn new(
+        spec: &ConnectionSpec,
+        connect_timeout: Duration,
+        statement_timeout: Option<Duration>,
+        application_name: &str,
+    ) -> StateResult<Self> {
+        let tls = TlsSetup::new(&spec.ssl)?;
+        let mut pg = spec.pg.clone();
+        pg.connect_timeout(connect_timeout);
+        pg.keepalives(true);
+        pg.keepalives_idle(Duration::from_secs(30));
+        if pg.get_application_name().is_none() {
+            pg.application_name(application_name);
+        }
+        let target = describe(&pg);
+        Ok(Connector {
+            pg,
+            tls,
+            timeout: connect_timeout,
+            statement_timeout,
+            target,
+        })
+    }
+
+    /// Connects, honouring `sslmode`, bounded by the connect timeout as a whole (TCP, TLS and
+    /// authentication).
+    pub async fn connect(&self) -> StateResult<Client> {
+        let attempt = self.connect_with_fallbacks();
+        let client = match tokio::time::timeout(self.timeout * 2, attempt).await {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(StateError::Timeout(format!(
+                    "connecting to {} took longer than {:?}",
+                    self.target,
+                    self.timeout * 2
+                )))
+            }
+        };
+        if let Some(t) = self.statement_timeout {
+            // A number we format ourselves; nothing from the caller reaches the SQL text.
+            let sql = format!("SET statement_timeout = {}", t.as_millis().max(1));
+            client.batch_execute(&sql).await.map_err(|e| self.err(&e))?;
+        }
+        Ok(client)
+    }
+
+    async fn connect_with_fallbacks(&self) -> StateResult<Client> {
+        match (self.tls.mode, &self.tls.connector) {
+            (SslMode::Disable, _) | (_, None) => self.plain().await,
+            (SslMode::Allow, Some(tls)) => match self.plain().await {
+                Ok(c) => Ok(c),
+                // libpq: if the plaintext attempt fails, try again with TLS.
+                Err(first) => self.with_tls(tls.clone(), PgSslMode::Require).await.map_err(|e| {
+                    tracing::debug!(error = %first, "plaintext attempt failed (sslmode=allow)");
+                    e
+                }),
+            },
+            (SslMode::Prefer, Some(tls)) => {
+                match self.with_tls(tls.clone(), PgSslMode::Prefer).await {
+                    // libpq: a failed TLS handshake falls back to plaintext too.
+                    Err(StateError::Tls(msg)) => {
+                        tracing::debug!(error = %msg, "TLS attempt failed (sslmode=prefer); trying plaintext");
+                        self.plain().await
+                    }
+                    other => other,
+                }
+            }
+            (SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull, Some(tls)) => {
+                self.with_tls(tls.clone(), PgSslMode::Require).await
+            }
+        }
+    }
+
+    async fn plain(&self) -> StateResult<Client> {
+        let mut pg = self.pg.clone();
+        pg.ssl_mode(PgSslMode::Disable);
+        self.finish(pg, NoTls).await
+    }
+
+    async fn with_tls<T>(&self, tls: T, mode: PgSslMode) -> StateResult<Client>
+    where
+        T: MakeTlsConnect<Socket> + Send,
+        T::Stream: Send + 'static,
+        T::TlsConnect: Send,
+        <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+    {
+        let mut pg = self.pg.clone();
+        pg.ssl_mode(mode);
+        self.finish(pg, tls).await
+    }
+
+    async fn finish<T>(&self, pg: tokio_postgres::Config, tls: T) -> StateResult<Client>
+    where
+        T: MakeTlsConnect<Socket> + Send,
+        T::Stream: Send + 'static,
+        T::TlsConnect: Send,
+        <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+    {
+        let (client, connection) = pg.connect(tls).await.map_err(|e| self.err(&e))?;
+        let target = self.target.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(target = %target, error = %e, "connection closed");
+            }
+        });
+        Ok(client)
+    }
+
+    /// Classifies a driver error and names the server (never the URL) in connection errors.
+    pub fn err(&self, e: &tokio_postgres::Error) -> StateError {
+        match classify(e) {
+            StateError::Connection { message, sqlstate } => StateError::Connection {
+                message: format!("{}: {message}", self.target),
+                sqlstate,
+            },
+            StateError::Tls(message) => StateError::Tls(format!("{}: {message}", self.target)),
+            other => other,
+        }
+    }
+}
+
+/// `host:port[,host:port] db=... user=...`, without any secret.
+fn describe(pg: &tokio_postgres::Config) -> String {
+    let ports = pg.get_ports();
+    let hosts: Vec<String> = pg
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            match h {
+                tokio_postgres::config::Host::Tcp(name) => format!("{name}:{port}"),
+                tokio_postgres::config::Host::Unix(path) => format!("{}:{port}", path.display()),
+            }
+        })
+        .collect();
+    format!(
+        "{} (database {}, user {})",
+        hosts.join(","),
+        pg.get_dbname().unwrap_or("<default>"),
+        pg.get_user().unwrap_or("<none>")
+    )
+}
+
+/// A pooled connection: the client, its prepared statements, and what we know of its state.
+pub(crate) struct PgConn {
+    pub client: Client,
+    pub stmts: Statements,
+    /// Set while an operation runs; an operation that never finished (its future was dropped,
+    /// or its cleanup failed) leaves the connection in an unknown protocol or transaction state,
+    /// so the pool discards it.
+    pub dirty: bool,
+    /// Whether this session's COPY staging table exists.
+    pub copy_stage_ready: bool,
+}
+
+impl PgConn {
+    /// Connects and prepares the fixed statements for `names`.
+    pub async fn open(connector: &Connector, names: &TableNames) -> StateResult<Self> {
+        let client = connector.connect().await?;
+        let stmts = Statements::prepare(&client, names).await?;
+        Ok(PgConn {
+            client,
+            stmts,
+            dirty: false,
+            copy_stage_ready: false,
+        })
+    }
+
+    /// Whether the pool must not hand this connection out again.
+    pub fn is_broken(&self) -> bool {
+        self.dirty || self.client.is_closed()
+    }
+
+    /// One cheap round trip (an empty query).
+    pub async fn probe(&mut self) -> StateResult<()> {
+        if self.is_broken() {
+            return Err(StateError::Connection {
+                message: "connection is closed or in an unknown state".to_string(),
+                sqlstate: None,
+            });
+        }
+        self.dirty = true;
+        self.client.simple_query("").await?;
+        self.dirty = false;
+        Ok(())
+    }
+}

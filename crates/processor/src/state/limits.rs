@@ -1,0 +1,146 @@
+//! Input limits shared by every backend, checked before anything is sent to a server.
+
+use std::time::Duration;
+
+use crate::state::error::{StateError, StateResult};
+
+/// Longest accepted key, in bytes. Keys are the primary key of a btree index, whose entries must
+/// fit a third of an 8 KiB page; 2 KiB leaves room for the tuple header.
+pub const MAX_KEY_LEN: usize = 2048;
+
+/// Longest accepted value, in bytes: PostgreSQL's limit for one field (1 GiB - 1).
+pub const MAX_VALUE_LEN: usize = (1 << 30) - 1;
+
+/// Longest accepted TTL: 100 years.
+pub const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// Longest accepted metadata document, in bytes of JSON text.
+pub const MAX_METADATA_LEN: usize = 64 * 1024 * 1024;
+
+/// Checks a key: non-empty and at most [`MAX_KEY_LEN`] bytes.
+pub fn check_key(key: &[u8]) -> StateResult<()> {
+    if key.is_empty() {
+        return Err(StateError::invalid("key is empty"));
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(StateError::invalid(format!(
+            "key is {} bytes; at most {MAX_KEY_LEN} allowed",
+            key.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a value: at most [`MAX_VALUE_LEN`] bytes.
+pub fn check_value(value: &[u8]) -> StateResult<()> {
+    if value.len() > MAX_VALUE_LEN {
+        return Err(StateError::invalid(format!(
+            "value is {} bytes; at most {MAX_VALUE_LEN} allowed",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a key/value pair.
+pub fn check_entry(key: &[u8], value: &[u8]) -> StateResult<()> {
+    check_key(key)?;
+    check_value(value)
+}
+
+/// Checks a TTL and returns it in whole microseconds (rounded up, so a tiny TTL is not zero).
+pub fn check_ttl(ttl: Duration) -> StateResult<i64> {
+    if ttl.is_zero() {
+        return Err(StateError::invalid("TTL must be positive"));
+    }
+    if ttl > MAX_TTL {
+        return Err(StateError::invalid(format!(
+            "TTL of {}s exceeds the maximum of {}s (100 years)",
+            ttl.as_secs(),
+            MAX_TTL.as_secs()
+        )));
+    }
+    let micros = ttl.as_micros() + u128::from(ttl.subsec_nanos() % 1000 != 0);
+    // Bounded by MAX_TTL, so this fits comfortably.
+    Ok(i64::try_from(micros).unwrap_or(i64::MAX))
+}
+
+/// Checks metadata: a JSON object, with no NUL characters (which `jsonb` cannot store), and of
+/// bounded size.
+pub fn check_metadata(metadata: &serde_json::Value) -> StateResult<()> {
+    if !metadata.is_object() {
+        return Err(StateError::invalid(format!(
+            "metadata must be a JSON object, got {}",
+            json_type(metadata)
+        )));
+    }
+    let text = serde_json::to_string(metadata)
+        .map_err(|e| StateError::SerializationFailed(e.to_string()))?;
+    if text.len() > MAX_METADATA_LEN {
+        return Err(StateError::invalid(format!(
+            "metadata is {} bytes of JSON; at most {MAX_METADATA_LEN} allowed",
+            text.len()
+        )));
+    }
+    if text.contains("\\u0000") {
+        return Err(StateError::invalid(
+            "metadata contains a NUL character, which PostgreSQL's jsonb cannot store",
+        ));
+    }
+    Ok(())
+}
+
+/// The JSON type name of a value, for error messages.
+pub(crate) fn json_type(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// The smallest byte string greater than every string starting with `prefix`, or `None` when
+/// there is none (empty prefix, or all bytes 0xFF): the exclusive upper bound of a prefix scan.
+pub fn prefix_upper_bound(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut upper = prefix.to_vec();
+    while let Some(last) = upper.pop() {
+        if last < 0xFF {
+            upper.push(last + 1);
+            return Some(upper);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upper_bounds() {
+        assert_eq!(prefix_upper_bound(b""), None);
+        assert_eq!(prefix_upper_bound(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(prefix_upper_bound(&[0x61, 0xFF]), Some(vec![0x62]));
+        assert_eq!(prefix_upper_bound(&[0xFF, 0xFF]), None);
+        assert_eq!(prefix_upper_bound(&[0x00]), Some(vec![0x01]));
+    }
+
+    #[test]
+    fn ttl_rounding_and_bounds() {
+        assert_eq!(check_ttl(Duration::from_nanos(1)).unwrap(), 1);
+        assert_eq!(check_ttl(Duration::from_secs(2)).unwrap(), 2_000_000);
+        assert!(check_ttl(Duration::ZERO).is_err());
+        assert!(check_ttl(MAX_TTL + Duration::from_secs(1)).is_err());
+    }
+
+    #[test]
+    fn metadata_rules() {
+        assert!(check_metadata(&serde_json::json!({"a": 1})).is_ok());
+        assert!(check_metadata(&serde_json::json!([1])).is_err());
+        assert!(check_metadata(&serde_json::json!("x")).is_err());
+        assert!(check_metadata(&serde_json::json!({"a": "x\u{0}y"})).is_err());
+    }
+}

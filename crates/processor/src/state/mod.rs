@@ -1,0 +1,37 @@
+//! Stream-processing state in PostgreSQL.
+//!
+//! Start with [`EnhancedPostgresBackend::new`] and an [`EnhancedPostgresConfig`]; everything
+//! implements [`StateBackend`]. Files follow concepts: `config` (settings, URL parsing),
+//! `tls` (sslmode), `connection` (one connection), `pool` (bb8 pool), `schema` (migrations),
+//! `ops` (key/value operations), `stats` (counters), `limits` (input limits), `ident` (SQL
+//! identifiers), `memory` and `basic` (the other backends).
+
+mod backend;
+mod basic;
+mod config;
+mod connection;
+mod enhanced;
+mod error;
+mod ident;
+pub mod limits;
+mod memory;
+mod ops;
+mod pool;
+mod schema;
+mod stats;
+mod tls;
+
+pub use backend::StateBackend;
+pub use basic::{PostgresConfig, PostgresStateBackend};
+pub use config::{
+    redact, EnhancedPostgresConfig, IsolationLevel, PostgresPoolConfig, PostgresReplicaConfig,
+    PostgresSslConfig, RetentionPolicy, SslMode,
+};
+pub use enhanced::EnhancedPostgresBackend;
+pub use error::{sqlstate, ErrorKind, StateError, StateResult};
+pub use ident::{Ident, MAX_IDENT_LEN, MAX_TABLE_NAME_LEN};
+pub use memory::MemoryStateBackend;
+pub use ops::StateEntry;
+pub use pool::PoolStats;
+pub use schema::{Migration, MIGRATIONS, TRACKING_TABLE};
+pub use stats::BackendStats;

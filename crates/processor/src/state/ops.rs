@@ -1,0 +1,556 @@
+//! The key/value operations: single-key reads and writes, batches (UNNEST and binary COPY),
+//! optimistic versions, metadata queries, prefix scans and TTL.
+//!
+//! Every read filters `expires_at IS NULL OR expires_at > now()` (the server's clock), so an
+//! expired entry is invisible before any cleanup runs. Every write bumps `version`.
+
+use std::collections::HashMap;
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use futures_util::future::try_join_all;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, Row, Statement};
+
+use crate::state::connection::PgConn;
+use crate::state::error::{StateError, StateResult};
+use crate::state::limits::{
+    check_entry, check_key, check_metadata, json_type, prefix_upper_bound,
+};
+use crate::state::pool::ConnPool;
+use crate::state::schema::TableNames;
+use crate::state::stats::{Op, Stats};
+
+/// Rows per UNNEST statement in `batch_put`.
+const BATCH_CHUNK_ROWS: usize = 5_000;
+/// Payload bytes per UNNEST statement in `batch_put`.
+const BATCH_CHUNK_BYTES: usize = 32 * 1024 * 1024;
+
+const LIVE: &str = "(expires_at IS NULL OR expires_at > now())";
+const ENTRY_COLUMNS: &str = "key, value, metadata, version, created_at, updated_at, expires_at";
+
+/// One stored entry with its bookkeeping columns.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StateEntry {
+    /// The key.
+    pub key: Vec<u8>,
+    /// The value.
+    pub value: Vec<u8>,
+    /// The metadata object (`{}` when none was given).
+    pub metadata: serde_json::Value,
+    /// The version, bumped by every write.
+    pub version: i64,
+    /// When the entry was first written (or rewritten after it had expired).
+    pub created_at: SystemTime,
+    /// When the entry was last written.
+    pub updated_at: SystemTime,
+    /// When the entry expires, if it has a TTL.
+    pub expires_at: Option<SystemTime>,
+}
+
+impl StateEntry {
+    fn from_row(row: &Row) -> StateResult<Self> {
+        Ok(StateEntry {
+            key: row.try_get(0)?,
+            value: row.try_get(1)?,
+            metadata: row.try_get(2)?,
+            version: row.try_get(3)?,
+            created_at: row.try_get(4)?,
+            updated_at: row.try_get(5)?,
+            expires_at: row.try_get(6)?,
+        })
+    }
+}
+
+/// The fixed statements, prepared once per connection.
+pub(crate) struct Statements {
+    get: Statement,
+    get_entry: Statement,
+    contains: Statement,
+    count: Statement,
+    upsert: Statement,
+    insert_new: Statement,
+    update_if_version: Statement,
+    delete: Statement,
+    scan_range: Statement,
+    scan_from: Statement,
+    clear: Statement,
+    batch_upsert: Statement,
+    query_contains: Statement,
+    query_path: Statement,
+}
+
+/// What an upsert does to an existing row. An entry that had expired counts as new again.
+const ON_CONFLICT_REPLACE: &str = "ON CONFLICT (key) DO UPDATE SET \
+    value = EXCLUDED.value, metadata = EXCLUDED.metadata, expires_at = EXCLUDED.expires_at, \
+    updated_at = now(), version = e.version + 1, \
+    created_at = CASE WHEN e.expires_at <= now() THEN now() ELSE e.created_at END";
+
+/// `now() + $n µs`, or NULL when the parameter is NULL (no TTL).
+fn expiry(param: usize) -> String {
+    format!("now() + ${param}::bigint * interval '1 microsecond'")
+}
+
+impl Statements {
+    pub async fn prepare(client: &Client, names: &TableNames) -> StateResult<Self> {
+        let t = &names.qualified;
+        let sqls = [
+            format!("SELECT value FROM {t} WHERE key = $1 AND {LIVE}"),
+            format!("SELECT {ENTRY_COLUMNS} FROM {t} WHERE key = $1 AND {LIVE}"),
+            format!("SELECT EXISTS (SELECT 1 FROM {t} WHERE key = $1 AND {LIVE})"),
+            format!("SELECT count(*) FROM {t} WHERE {LIVE}"),
+            format!(
+                "INSERT INTO {t} AS e (key, value, metadata, expires_at) VALUES ($1, $2, $3, {}) \
+                 {ON_CONFLICT_REPLACE} RETURNING version",
+                expiry(4)
+            ),
+            format!(
+                "INSERT INTO {t} AS e (key, value, metadata, expires_at) VALUES ($1, $2, $3, {}) \
+                 {ON_CONFLICT_REPLACE} WHERE e.expires_at <= now() RETURNING version",
+                expiry(4)
+            ),
+            format!(
+                "UPDATE {t} SET value = $2, metadata = $4, expires_at = {}, updated_at = now(), \
+                 version = version + 1 WHERE key = $1 AND version = $3 AND {LIVE} RETURNING version",
+                expiry(5)
+            ),
+            format!("DELETE FROM {t} WHERE key = $1"),
+            format!("SELECT key FROM {t} WHERE key >= $1 AND key < $2 AND {LIVE} ORDER BY key"),
+            format!("SELECT key FROM {t} WHERE key >= $1 AND {LIVE} ORDER BY key"),
+            format!("DELETE FROM {t}"),
+            format!(
+                "INSERT INTO {t} AS e (key, value) SELECT * FROM unnest($1::bytea[], $2::bytea[]) \
+                 {ON_CONFLICT_REPLACE}"
+            ),
+            format!("SELECT {ENTRY_COLUMNS} FROM {t} WHERE metadata @> $1 AND {LIVE} ORDER BY key"),
+            format!(
+                "SELECT {ENTRY_COLUMNS} FROM {t} WHERE metadata @> $1 AND metadata #> $2::text[] = $3 \
+                 AND {LIVE} ORDER BY key"
+            ),
+        ];
+        let prepared = try_join_all(sqls.iter().map(|s| client.prepare(s))).await?;
+        let [get, get_entry, contains, count, upsert, insert_new, update_if_version, delete, scan_range, scan_from, clear, batch_upsert, query_contains, query_path]: [Statement; 14] =
+            prepared.try_into().map_err(|_| StateError::StorageError {
+                message: "statement preparation returned the wrong number of statements".into(),
+                sqlstate: None,
+            })?;
+        Ok(Statements {
+            get,
+            get_entry,
+            contains,
+            count,
+            upsert,
+            insert_new,
+            update_if_version,
+            delete,
+            scan_range,
+            scan_from,
+            clear,
+            batch_upsert,
+            query_contains,
+            query_path,
+        })
+    }
+}
+
+/// Pre-validated metadata query: the containment document and, for scalar values, the path.
+struct MetadataQuery {
+    contains: serde_json::Value,
+    path: Option<(Vec<String>, serde_json::Value)>,
+}
+
+impl MetadataQuery {
+    /// `value` an object: `metadata @> value` (the path only names the query). Otherwise the
+    /// field at `path` (dotted for nesting) must equal `value`; the equivalent containment
+    /// document is added so the GIN index narrows the scan.
+    fn new(path: &str, value: &serde_json::Value) -> StateResult<Self> {
+        if value.is_object() {
+            check_metadata(value)?;
+            return Ok(MetadataQuery {
+                contains: value.clone(),
+                path: None,
+            });
+        }
+        let segments: Vec<String> = path.split('.').map(str::to_string).collect();
+        if path.is_empty() || segments.iter().any(String::is_empty) {
+            return Err(StateError::invalid(format!(
+                "metadata path {:?} is empty or has an empty segment; a {} value needs a path such as \"type\" or \"user.id\"",
+                path.chars().take(64).collect::<String>(),
+                json_type(value)
+            )));
+        }
+        let mut doc = value.clone();
+        for seg in segments.iter().rev() {
+            let mut obj = serde_json::Map::new();
+            obj.insert(seg.clone(), doc);
+            doc = serde_json::Value::Object(obj);
+        }
+        check_metadata(&doc)?;
+        Ok(MetadataQuery {
+            contains: doc,
+            path: Some((segments, value.clone())),
+        })
+    }
+}
+
+/// Keeps the last occurrence of each key, in the order of those last occurrences.
+fn last_wins<'a>(entries: &'a [(&'a [u8], &'a [u8])]) -> Vec<(&'a [u8], &'a [u8])> {
+    let mut last: HashMap<&[u8], usize> = HashMap::with_capacity(entries.len());
+    for (i, (k, _)) in entries.iter().enumerate() {
+        last.insert(k, i);
+    }
+    if last.len() == entries.len() {
+        return entries.to_vec();
+    }
+    entries
+        .iter()
+        .enumerate()
+        .filter(|(i, (k, _))| last.get(k) == Some(i))
+        .map(|(_, e)| *e)
+        .collect()
+}
+
+fn check_batch(entries: &[(&[u8], &[u8])]) -> StateResult<()> {
+    for (i, (k, v)) in entries.iter().enumerate() {
+        check_entry(k, v).map_err(|e| match e {
+            StateError::InvalidInput(m) => StateError::invalid(format!("batch entry {i}: {m}")),
+            other => other,
+        })?;
+    }
+    Ok(())
+}
+
+fn rows_to_entries(rows: &[Row]) -> StateResult<Vec<StateEntry>> {
+    rows.iter().map(StateEntry::from_row).collect()
+}
+
+/// The operations over one pool; the backends are thin handles around this.
+pub(crate) struct Store {
+    pub pool: Arc<ConnPool>,
+    pub stats: Arc<Stats>,
+    pub names: TableNames,
+}
+
+impl Store {
+    /// Checks out a connection and marks it busy until [`Store::done`].
+    async fn acquire(&self) -> StateResult<crate::state::pool::Conn<'_>> {
+        let mut conn = self.pool.get().await?;
+        conn.dirty = true;
+        Ok(conn)
+    }
+
+    /// Marks the connection reusable (a closed one is still discarded) and records timing.
+    fn done<T>(&self, conn: &mut PgConn, op: Op, rows: u64, start: Instant, result: &StateResult<T>) {
+        conn.dirty = false;
+        self.stats.record(op, rows, start.elapsed(), result.is_ok());
+    }
+
+    pub async fn get(&self, key: &[u8]) -> StateResult<Option<Vec<u8>>> {
+        check_key(key)?;
+        let mut conn = self.acquire().await?;
+        let start = Instant::now();
+        let r = async {
+            let row = conn.client.query_opt(&conn.stmts.get, &[&key]).await?;
+            row.map(|r| r.try_get(0)).transpose().map_err(StateError::from)
+        }
+        .await;
+        self.done(&mut conn, Op::Get, 1, start, &r);
+        r
+    }
+
+    pub async fn get_entry(&self, key: &[u8]) -> StateResult<Option<StateEntry>> {
+        check_key(key)?;
+        let mut conn = self.acquire().await?;
+        let start = Instant::now();
+        let r = async {
+            let row = conn.client.query_opt(&conn.stmts.get_entry, &[&key]).await?;
+            row.as_ref().map(StateEntry::from_row).transpose()
+        }
+        .await;
+        self.done(&mut conn, Op::Get, 1, start, &r);
+        r
+    }
+
+    pub async fn contains(&self, key: &[u8]) -> StateResult<bool> {
+        check_key(key)?;
+        let mut conn = self.acquire().await?;
+        let start = Instant::now();
+        let r = async {
+            let row = conn.client.query_one(&conn.stmts.contains, &[&key]).await?;
+            Ok(row.try_get(0)?)
+        }
+        .await;
+        self.done(&mut conn, Op::Get, 1, start, &r);
+        r
+    }
+
+    pub async fn count(&self) -> StateResult<usize> {
+        let mut conn = self.acquire().await?;
+        let start = Instant::now();
+        let r = async {
+            let row = conn.client.query_one(&conn.stmts.count, &[]).await?;
+            let n: i64 = row.try_get(0)?;
+            Ok(usize::try_from(n).unwrap_or(usize::MAX))
+        }
+        .await;
+        self.done(&mut conn, Op::Count, 1, start, &r);
+        r
+    }
+
+    /// Writes a whole entry (value, metadata, expiry) and returns its new version.
+    pub async fn upsert(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        metadata: &serde_json::Value,
+        ttl_us: Option<i64>,
+    ) -> StateResult<i64> {
+        check_entry(key, value)?;
+        check_metadata(metadata)?;
+        let mut conn = self.acquire().await?;
+        let start = Instant::now();
+        let params: [&(dyn ToSql + Sync); 4] = [&key, &value, metadata, &ttl_us];
+        let r = async {
+            let row = conn.client.query_one(&conn.stmts.upsert, &params).await?;
+            Ok(row.try_get(0)?)
+        }
+        .await;
+        self.done(&mut conn, Op::Put, 1, start, &r);
+        r
+    }
+
+    pub async fn put_with_version(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        expected: Option<i64>,
+    ) -> StateResult<i64> {
+        check_entry(key, value)?;
+        let empty = serde_json::Value::Object(serde_json::Map::new());
+        let no_ttl: Option<i64> = None;
+        let mut conn = self.acquire().await?;
+        let start = Instant::now();
+        let r = async {
+            let row = match expected {
+                None => {
+                    let params: [&(dyn ToSql + Sync); 4] = [&key, &value, &empty, &no_ttl];
+                    conn.client.query_opt(&conn.stmts.insert_new, &params).await?
+                }
+                Some(v) => {
+                    let params: [&(dyn ToSql + Sync); 5] = [&key, &value, &v, &empty, &no_ttl];
+                    conn.client
+                        .query_opt(&conn.stmts.update_if_version, &params)
+                        .await?
+                }
+            };
+            match row {
+                Some(row) => Ok(row.try_get(0)?),
+                None => Err(StateError::ConcurrentModification { key: key.to_vec() }),
+            }
+        }
+        .await;
+        self.done(&mut conn, Op::Put, 1, start, &r);
+        r
+    }
+
+    pub async fn delete(&self, key: &[u8]) -> StateResult<()> {
+        check_key(key)?;
+        let mut conn = self.acquire().await?;
+        let start = Instant::now();
+        let r = conn
+            .client
+            .execute(&conn.stmts.delete, &[&key])
+            .await
+            .map(|_| ())
+            .map_err(StateError::from);
+        self.done(&mut conn, Op::Delete, 1, start, &r);
+        r
+    }
+
+    pub async fn list_keys(&self, prefix: &[u8]) -> StateResult<Vec<Vec<u8>>> {
+        let upper = prefix_upper_bound(prefix);
+        let mut conn = self.acquire().await?;
+        let start = Instant::now();
+        let r = async {
+            let rows = match &upper {
+                Some(u) => {
+                    conn.client
+                        .query(&conn.stmts.scan_range, &[&prefix, &u.as_slice()])
+                        .await?
+                }
+                None => conn.client.query(&conn.stmts.scan_from, &[&prefix]).await?,
+            };
+            rows.iter()
+                .map(|r| r.try_get(0).map_err(StateError::from))
+                .collect()
+        }
+        .await;
+        self.done(&mut conn, Op::Scan, 1, start, &r);
+        r
+    }
+
+    pub async fn clear(&self) -> StateResult<()> {
+        let mut conn = self.acquire().await?;
+        let start = Instant::now();
+        let r = conn
+            .client
+            .execute(&conn.stmts.clear, &[])
+            .await
+            .map(|_| ())
+            .map_err(StateError::from);
+        self.done(&mut conn, Op::Clear, 1, start, &r);
+        r
+    }
+
+    /// UNNEST batches of at most [`BATCH_CHUNK_ROWS`] rows / [`BATCH_CHUNK_BYTES`] bytes, all in
+    /// one transaction when there is more than one chunk, so the batch is all-or-nothing.
+    pub async fn batch_put(&self, entries: &[(&[u8], &[u8])]) -> StateResult<()> {
+        check_batch(entries)?;
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let entries = last_wins(entries);
+        let mut chunks: Vec<(Vec<&[u8]>, Vec<&[u8]>)> = Vec::new();
+        let mut bytes = 0usize;
+        for (k, v) in &entries {
+            let size = k.len() + v.len();
+            match chunks.last_mut() {
+                Some((keys, values))
+                    if keys.len() < BATCH_CHUNK_ROWS && bytes + size <= BATCH_CHUNK_BYTES =>
+                {
+                    keys.push(k);
+                    values.push(v);
+                    bytes += size;
+                }
+                _ => {
+                    chunks.push((vec![*k], vec![*v]));
+                    bytes = size;
+                }
+            }
+        }
+        let rows = entries.len() as u64;
+        let mut conn = self.acquire().await?;
+        let start = Instant::now();
+        let c: &mut PgConn = &mut conn;
+        let r = async {
+            if let [(keys, values)] = chunks.as_slice() {
+                c.client.execute(&c.stmts.batch_upsert, &[keys, values]).await?;
+                return Ok(());
+            }
+            let tx = c.client.transaction().await?;
+            for (keys, values) in &chunks {
+                tx.execute(&c.stmts.batch_upsert, &[keys, values]).await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        }
+        .await;
+        self.done(c, Op::Batch, rows, start, &r);
+        r
+    }
+
+    /// Binary COPY into a session-local staging table, then one upsert from it (last
+    /// occurrence of a key wins), in one transaction.
+    pub async fn batch_copy(&self, entries: &[(&[u8], &[u8])]) -> StateResult<u64> {
+        check_batch(entries)?;
+        if entries.is_empty() {
+            return Ok(0);
+        }
+        let merge = format!(
+            "INSERT INTO {} AS e (key, value) \
+             SELECT DISTINCT ON (key) key, value FROM pg_temp.pgstate_copy_stage ORDER BY key, seq DESC \
+             {ON_CONFLICT_REPLACE}",
+            self.names.qualified
+        );
+        let rows = entries.len() as u64;
+        let mut conn = self.acquire().await?;
+        let start = Instant::now();
+        let c: &mut PgConn = &mut conn;
+        let stage_ready = c.copy_stage_ready;
+        let r = async {
+            let tx = c.client.transaction().await?;
+            if !stage_ready {
+                tx.batch_execute(
+                    "CREATE TEMP TABLE IF NOT EXISTS pgstate_copy_stage \
+                     (seq bigint NOT NULL, key bytea NOT NULL, value bytea NOT NULL) \
+                     ON COMMIT DELETE ROWS",
+                )
+                .await?;
+            }
+            let sink = tx
+                .copy_in("COPY pg_temp.pgstate_copy_stage (seq, key, value) FROM STDIN (FORMAT binary)")
+                .await?;
+            let mut writer = pin!(BinaryCopyInWriter::new(
+                sink,
+                &[Type::INT8, Type::BYTEA, Type::BYTEA]
+            ));
+            for (seq, (k, v)) in (0i64..).zip(entries) {
+                writer.as_mut().write(&[&seq, k, v]).await?;
+            }
+            writer.finish().await?;
+            let written = tx.execute(merge.as_str(), &[]).await?;
+            tx.commit().await?;
+            Ok(written)
+        }
+        .await;
+        if r.is_ok() {
+            c.copy_stage_ready = true;
+        }
+        self.done(c, Op::Copy, rows, start, &r);
+        r
+    }
+
+    pub async fn query_by_metadata(
+        &self,
+        path: &str,
+        value: &serde_json::Value,
+    ) -> StateResult<Vec<StateEntry>> {
+        let q = MetadataQuery::new(path, value)?;
+        let mut conn = self.acquire().await?;
+        let start = Instant::now();
+        let r = async {
+            let rows = match &q.path {
+                None => conn.client.query(&conn.stmts.query_contains, &[&q.contains]).await?,
+                Some((segments, v)) => {
+                    conn.client
+                        .query(&conn.stmts.query_path, &[&q.contains, segments, v])
+                        .await?
+                }
+            };
+            rows_to_entries(&rows)
+        }
+        .await;
+        self.done(&mut conn, Op::Query, 1, start, &r);
+        r
+    }
+
+    /// One round trip on a pooled connection.
+    pub async fn ping(&self) -> StateResult<()> {
+        let mut conn = self.pool.get().await?;
+        conn.probe().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_occurrence_wins() {
+        let e: Vec<(&[u8], &[u8])> = vec![(b"a", b"1"), (b"b", b"2"), (b"a", b"3")];
+        assert_eq!(last_wins(&e), vec![(&b"b"[..], &b"2"[..]), (&b"a"[..], &b"3"[..])]);
+    }
+
+    #[test]
+    fn metadata_queries() {
+        let q = MetadataQuery::new("user.id", &serde_json::json!(7)).unwrap();
+        assert_eq!(q.contains, serde_json::json!({"user": {"id": 7}}));
+        assert_eq!(q.path.unwrap().0, vec!["user".to_string(), "id".to_string()]);
+        let q = MetadataQuery::new("type", &serde_json::json!({"type": "user"})).unwrap();
+        assert!(q.path.is_none());
+        assert!(MetadataQuery::new("", &serde_json::json!(1)).is_err());
+        assert!(MetadataQuery::new("a..b", &serde_json::json!(1)).is_err());
+    }
+}

@@ -1,0 +1,228 @@
+//! The connection pool: bb8 with our own connection manager, a background health check, and
+//! statistics.
+//!
+//! How a connection is treated before reuse: an operation marks its connection dirty while it
+//! runs and clean when it finished (including any ROLLBACK it owed). A connection that is dirty
+//! (its operation was cancelled mid-way, or its cleanup failed) or closed is discarded, never
+//! handed out again. Session state is never left behind: operations do not change session
+//! settings, and transactions always end before the connection returns. With `test_on_acquire`
+//! each checkout also costs one round trip (an empty query).
+
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bb8::{ErrorSink, ManageConnection, Pool, PooledConnection, RunError};
+
+use crate::state::config::PostgresPoolConfig;
+use crate::state::connection::{Connector, PgConn};
+use crate::state::error::{StateError, StateResult};
+use crate::state::schema::TableNames;
+
+/// Opens [`PgConn`]s for bb8.
+pub(crate) struct Manager {
+    connector: Connector,
+    names: TableNames,
+}
+
+impl ManageConnection for Manager {
+    type Connection = PgConn;
+    type Error = StateError;
+
+    async fn connect(&self) -> Result<PgConn, StateError> {
+        PgConn::open(&self.connector, &self.names).await
+    }
+
+    async fn is_valid(&self, conn: &mut PgConn) -> Result<(), StateError> {
+        conn.probe().await
+    }
+
+    fn has_broken(&self, conn: &mut PgConn) -> bool {
+        conn.is_broken()
+    }
+}
+
+/// Keeps the last background connection error, so an acquire timeout can say why.
+#[derive(Debug, Clone, Default)]
+struct LastError(Arc<Mutex<Option<String>>>);
+
+impl LastError {
+    fn take(&self) -> Option<String> {
+        self.0.lock().ok().and_then(|mut g| g.take())
+    }
+}
+
+impl ErrorSink<StateError> for LastError {
+    fn sink(&self, error: StateError) {
+        tracing::warn!(error = %error, "background connection attempt failed");
+        if let Ok(mut g) = self.0.lock() {
+            *g = Some(error.to_string());
+        }
+    }
+
+    fn boxed_clone(&self) -> Box<dyn ErrorSink<StateError>> {
+        Box::new(self.clone())
+    }
+}
+
+/// A checked-out connection.
+pub(crate) type Conn<'a> = PooledConnection<'a, Manager>;
+
+/// Pool usage figures, from [`EnhancedPostgresBackend::get_pool_stats`](crate::state::EnhancedPostgresBackend::get_pool_stats).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Open connections (idle and in use).
+    pub size: u32,
+    /// Open connections not in use.
+    pub idle: u32,
+    /// Connections in use.
+    pub active: u32,
+    /// The configured maximum.
+    pub max_size: u32,
+    /// The configured minimum kept open.
+    pub min_idle: u32,
+    /// Acquires that had to wait for a connection.
+    pub waits: u64,
+    /// Acquires that gave up after `acquire_timeout`.
+    pub timeouts: u64,
+    /// Total time acquires spent waiting, in milliseconds.
+    pub wait_time_ms: u64,
+    /// Connections opened since the pool started.
+    pub connections_created: u64,
+    /// Connections discarded because they were closed or left in an unknown state.
+    pub connections_closed_broken: u64,
+    /// Connections discarded because a health probe failed.
+    pub connections_closed_invalid: u64,
+    /// Connections closed for reaching `max_lifetime`.
+    pub connections_closed_max_lifetime: u64,
+    /// Connections closed for idling past `idle_timeout`.
+    pub connections_closed_idle_timeout: u64,
+}
+
+/// The pool with its settings and background health task.
+pub(crate) struct ConnPool {
+    pool: Pool<Manager>,
+    acquire_timeout: Duration,
+    last_error: LastError,
+    target: String,
+    health_task: tokio::task::JoinHandle<()>,
+}
+
+impl ConnPool {
+    pub async fn new(
+        connector: Connector,
+        names: TableNames,
+        cfg: &PostgresPoolConfig,
+    ) -> StateResult<Arc<Self>> {
+        let last_error = LastError::default();
+        let target = connector.target.clone();
+        // The reaper enforces idle_timeout and max_lifetime; run it often enough for both.
+        let mut reaper = Duration::from_secs(30);
+        for limit in [cfg.idle_timeout, cfg.max_lifetime].into_iter().flatten() {
+            reaper = reaper.min((limit / 2).max(Duration::from_millis(100)));
+        }
+        let pool = Pool::builder()
+            .max_size(cfg.max_connections)
+            .min_idle(Some(cfg.min_connections))
+            .connection_timeout(cfg.acquire_timeout)
+            .idle_timeout(cfg.idle_timeout)
+            .max_lifetime(cfg.max_lifetime)
+            .test_on_check_out(cfg.test_on_acquire)
+            .reaper_rate(reaper)
+            .error_sink(Box::new(last_error.clone()))
+            .build(Manager { connector, names })
+            .await?;
+        let interval = cfg.health_check_interval;
+        let this = Arc::new_cyclic(|weak: &Weak<ConnPool>| {
+            let weak = weak.clone();
+            let health_task = tokio::spawn(async move {
+                let mut ticker = tokio::time::interval(interval);
+                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                ticker.tick().await;
+                loop {
+                    ticker.tick().await;
+                    let Some(pool) = weak.upgrade() else { return };
+                    pool.check_idle().await;
+                }
+            });
+            ConnPool {
+                pool,
+                acquire_timeout: cfg.acquire_timeout,
+                last_error,
+                target,
+                health_task,
+            }
+        });
+        Ok(this)
+    }
+
+    /// Checks out a connection, or fails with [`StateError::Timeout`] after `acquire_timeout`
+    /// (naming the last connection error, if connecting is what failed).
+    pub async fn get(&self) -> StateResult<Conn<'_>> {
+        match self.pool.get().await {
+            Ok(conn) => Ok(conn),
+            Err(RunError::User(e)) => Err(e),
+            Err(RunError::TimedOut) => {
+                let why = match self.last_error.take() {
+                    Some(e) => format!("; last connection error: {e}"),
+                    None => String::new(),
+                };
+                Err(StateError::Timeout(format!(
+                    "no connection to {} available within {:?} (pool of {}){why}",
+                    self.target,
+                    self.acquire_timeout,
+                    self.pool.state().connections
+                )))
+            }
+        }
+    }
+
+    /// Probes the idle connections; the ones that fail are discarded (and replaced up to
+    /// `min_connections` by bb8).
+    async fn check_idle(&self) {
+        let idle = self.pool.state().idle_connections;
+        let mut held = Vec::new();
+        for _ in 0..idle {
+            // Only take connections that are idle right now; never wait or open new ones here.
+            if self.pool.state().idle_connections == 0 {
+                break;
+            }
+            match tokio::time::timeout(Duration::from_millis(50), self.pool.get()).await {
+                Ok(Ok(conn)) => held.push(conn),
+                _ => break,
+            }
+        }
+        for conn in held.iter_mut() {
+            if let Err(e) = conn.probe().await {
+                tracing::info!(target = %self.target, error = %e, "health check discarded a connection");
+            }
+        }
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        let state = self.pool.state();
+        let s = &state.statistics;
+        let config = self.pool.config();
+        PoolStats {
+            size: state.connections,
+            idle: state.idle_connections,
+            active: state.connections.saturating_sub(state.idle_connections),
+            max_size: config.max_size,
+            min_idle: config.min_idle.unwrap_or(0),
+            waits: s.get_waited,
+            timeouts: s.get_timed_out,
+            wait_time_ms: u64::try_from(s.get_wait_time.as_millis()).unwrap_or(u64::MAX),
+            connections_created: s.connections_created,
+            connections_closed_broken: s.connections_closed_broken,
+            connections_closed_invalid: s.connections_closed_invalid,
+            connections_closed_max_lifetime: s.connections_closed_max_lifetime,
+            connections_closed_idle_timeout: s.connections_closed_idle_timeout,
+        }
+    }
+}
+
+impl Drop for ConnPool {
+    fn drop(&mut self) {
+        // abort() only flags the task; it is safe outside a runtime.
+        self.health_task.abort();
+    }
+}

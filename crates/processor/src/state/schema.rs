@@ -1,0 +1,231 @@
+//! Embedded migrations and their runner.
+//!
+//! The SQL files in `crates/processor/migrations/` are compiled into the binary. `new()` applies
+//! the missing ones in one transaction that first takes a transaction-scoped advisory lock, so
+//! any number of instances may start at once: one applies, the others wait and then find
+//! everything applied. Each applied migration is recorded in `pgstate_schema_migrations` with a
+//! SHA-256 checksum of its text; a recorded migration whose embedded text changed is refused.
+
+use sha2::{Digest, Sha256};
+use tokio_postgres::Client;
+
+use crate::state::connection::Connector;
+use crate::state::error::{StateError, StateResult};
+use crate::state::ident::Ident;
+
+/// One embedded migration.
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    /// Applied in ascending order.
+    pub version: i32,
+    /// The file name.
+    pub name: &'static str,
+    /// The SQL template.
+    pub sql: &'static str,
+}
+
+/// Every migration, in order.
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "001_create_state_table.sql",
+        sql: include_str!("../../migrations/001_create_state_table.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "002_add_indexes.sql",
+        sql: include_str!("../../migrations/002_add_indexes.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "003_enhanced_features.sql",
+        sql: include_str!("../../migrations/003_enhanced_features.sql"),
+    },
+];
+
+/// Name of the tracking table, in the configured schema.
+pub const TRACKING_TABLE: &str = "pgstate_schema_migrations";
+
+/// Advisory lock key that serialises migrations database-wide: the first 8 bytes of
+/// SHA-256("pgstate.migrations"), big-endian.
+pub(crate) fn migration_lock_key() -> i64 {
+    let digest = Sha256::digest(b"pgstate.migrations");
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    i64::from_be_bytes(first)
+}
+
+/// The quoted names of one state table and everything derived from it.
+#[derive(Clone, Debug)]
+pub(crate) struct TableNames {
+    pub schema: Ident,
+    pub table: Ident,
+    /// `"schema"."table"`.
+    pub qualified: String,
+    /// `"schema"."table_archive"`.
+    pub archive: String,
+}
+
+impl TableNames {
+    pub fn new(schema: Ident, table: Ident) -> Self {
+        let qualified = format!("{schema}.{table}");
+        let archive = format!("{schema}.{}", table.suffixed("_archive"));
+        TableNames {
+            schema,
+            table,
+            qualified,
+            archive,
+        }
+    }
+
+    /// Fills a migration template's placeholders with quoted identifiers.
+    fn render(&self, template: &str) -> String {
+        let t = &self.table;
+        let replacements = [
+            ("{{table}}", self.qualified.clone()),
+            ("{{schema}}", self.schema.to_string()),
+            ("{{archive}}", self.archive.clone()),
+            ("{{pkey}}", t.suffixed("_pkey").to_string()),
+            ("{{ix_expires}}", t.suffixed("_expires_at_idx").to_string()),
+            ("{{ix_metadata}}", t.suffixed("_metadata_gin_idx").to_string()),
+            ("{{ix_archive_key}}", t.suffixed("_archive_key_idx").to_string()),
+            (
+                "{{live_view}}",
+                format!("{}.{}", self.schema, t.suffixed("_live")),
+            ),
+        ];
+        let mut sql = template.to_string();
+        for (placeholder, value) in replacements {
+            sql = sql.replace(placeholder, &value);
+        }
+        sql
+    }
+}
+
+/// SHA-256 of a migration's template, hex.
+pub(crate) fn checksum(sql: &str) -> String {
+    Sha256::digest(sql.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Applies the missing migrations for `names` on a connection of its own (closed afterwards).
+pub(crate) async fn migrate(connector: &Connector, names: &TableNames) -> StateResult<()> {
+    let mut client = connector.connect().await?;
+    let result = migrate_on(&mut client, names).await;
+    drop(client);
+    result.map_err(|e| match e {
+        StateError::StorageError { message, sqlstate } => StateError::StorageError {
+            message: format!("applying migrations to {}: {message}", names.qualified),
+            sqlstate,
+        },
+        other => other,
+    })
+}
+
+async fn migrate_on(client: &mut Client, names: &TableNames) -> StateResult<()> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&migration_lock_key()])
+        .await?;
+    let schema_exists: bool = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = $1)",
+            &[&names.schema.as_str()],
+        )
+        .await?
+        .get(0);
+    if !schema_exists {
+        tx.batch_execute(&format!("CREATE SCHEMA {}", names.schema))
+            .await?;
+    }
+    let tracking = format!("{}.{TRACKING_TABLE}", names.schema);
+    tx.batch_execute(&format!(
+        "CREATE TABLE IF NOT EXISTS {tracking} (
+            state_table text        NOT NULL,
+            version     integer     NOT NULL,
+            name        text        NOT NULL,
+            checksum    text        NOT NULL,
+            applied_at  timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (state_table, version)
+        )"
+    ))
+    .await?;
+    let applied = tx
+        .query(
+            &format!("SELECT version, checksum FROM {tracking} WHERE state_table = $1"),
+            &[&names.table.as_str()],
+        )
+        .await?;
+    let insert = format!(
+        "INSERT INTO {tracking} (state_table, version, name, checksum) VALUES ($1, $2, $3, $4)"
+    );
+    for m in MIGRATIONS {
+        let sum = checksum(m.sql);
+        let recorded = applied
+            .iter()
+            .find(|row| row.get::<_, i32>(0) == m.version)
+            .map(|row| row.get::<_, String>(1));
+        match recorded {
+            Some(r) if r == sum => continue,
+            Some(r) => {
+                return Err(StateError::config(format!(
+                    "migration {} was applied to {} with checksum {r}, but the embedded file has {sum}: \
+                     the schema was created by a different version of pgstate",
+                    m.name, names.qualified
+                )))
+            }
+            None => {
+                tracing::info!(migration = m.name, table = %names.qualified, "applying migration");
+                tx.batch_execute(&names.render(m.sql)).await?;
+                tx.execute(&insert, &[&names.table.as_str(), &m.version, &m.name, &sum])
+                    .await?;
+            }
+        }
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_render_fully() {
+        let names = TableNames::new(
+            Ident::new("schema", "s").unwrap(),
+            Ident::new_table("t").unwrap(),
+        );
+        for m in MIGRATIONS {
+            let sql = names.render(m.sql);
+            assert!(!sql.contains("{{"), "{} left a placeholder", m.name);
+            assert!(!sql.to_lowercase().contains("now()) where"), "{}", m.name);
+        }
+        assert!(names.render(MIGRATIONS[0].sql).contains("\"s\".\"t\""));
+        assert_eq!(names.archive, "\"s\".\"t_archive\"");
+    }
+
+    #[test]
+    fn index_predicates_are_immutable() {
+        // No non-immutable function may appear in a partial index predicate.
+        for m in MIGRATIONS {
+            for stmt in m.sql.split(';') {
+                let s = stmt.to_lowercase();
+                if s.contains("create index") {
+                    if let Some((_, predicate)) = s.split_once(" where ") {
+                        for f in ["now()", "current_timestamp", "clock_timestamp", "random("] {
+                            assert!(!predicate.contains(f), "{}: {predicate}", m.name);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn lock_key_is_stable() {
+        assert_eq!(migration_lock_key(), migration_lock_key());
+        assert_eq!(checksum("abc").len(), 64);
+    }
+}

@@ -1,5 +1,5 @@
 -- Base schema: the state table.
--- Placeholders ({{...}}) are replaced by validated, quoted identifiers before this runs.
+-- Names in double braces are replaced by validated, quoted identifiers before this runs.
 CREATE TABLE IF NOT EXISTS {{table}} (
     key         bytea       NOT NULL,
     value       bytea       NOT NULL,

@@ -1,1 +1,617 @@
-pub fn x(){}
+//! Throwaway PostgreSQL clusters for pgstate's tests, examples and benchmarks.
+//!
+//! [`Cluster::start`] runs `initdb` for a primary on a free loopback port, optionally with TLS
+//! (a generated CA, server and client certificates) and streaming replicas made with
+//! `pg_basebackup`, all from the server binaries installed on the machine (`pg_config --bindir`,
+//! else Debian's `/usr/lib/postgresql/<version>/bin`). Run as root, the servers run as the
+//! `postgres` user, since `initdb` refuses root.
+//!
+//! Clean-up never depends on the test process ending well: each cluster has a watchdog
+//! process (in its own session) that stops the servers and removes the files once the process
+//! that started them is gone, however it ended. Dropping a [`Cluster`] cleans up at once.
+//!
+//! [`shared`] gives the one cluster of a test process (primary and two replicas, TLS on), or
+//! the server named by `PGSTATE_TEST_DATABASE_URL` when that is set.
+
+use std::fmt;
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Environment variable that points the test suite at an existing server instead of starting one.
+pub const URL_ENV: &str = "PGSTATE_TEST_DATABASE_URL";
+
+/// The superuser password of every cluster started here (scram-sha-256 over TCP).
+pub const PASSWORD: &str = "pgstate-test-secret";
+
+/// An error starting or driving a cluster, with the command output that explains it.
+#[derive(Debug)]
+pub struct Error(String);
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Error {}
+
+type Result<T> = std::result::Result<T, Error>;
+
+fn err<T>(msg: impl Into<String>) -> Result<T> {
+    Err(Error(msg.into()))
+}
+
+/// What to start.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    /// Number of streaming replicas.
+    pub replicas: usize,
+    /// Generate certificates and turn `ssl` on.
+    pub tls: bool,
+    /// `max_connections` of every server.
+    pub max_connections: u32,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self {
+            replicas: 0,
+            tls: true,
+            max_connections: 400,
+        }
+    }
+}
+
+/// Certificate files generated for a TLS cluster (PEM).
+#[derive(Clone, Debug)]
+pub struct Certs {
+    /// The CA certificate that signed the server and client certificates.
+    pub ca_cert: PathBuf,
+    /// Server certificate, valid for `localhost` and `127.0.0.1` only.
+    pub server_cert: PathBuf,
+    /// Server key.
+    pub server_key: PathBuf,
+    /// Client certificate with CN `postgres`.
+    pub client_cert: PathBuf,
+    /// Client key.
+    pub client_key: PathBuf,
+}
+
+/// One server of a cluster.
+#[derive(Clone, Debug)]
+pub struct Node {
+    /// Loopback TCP port.
+    pub port: u16,
+    /// Data directory.
+    pub data_dir: PathBuf,
+}
+
+/// A running throwaway cluster. Dropping it stops the servers and removes their files.
+pub struct Cluster {
+    dir: PathBuf,
+    bindir: PathBuf,
+    run_as: Option<User>,
+    nodes: Vec<Node>,
+    certs: Option<Certs>,
+    watchdog: Option<std::process::Child>,
+}
+
+#[derive(Clone, Debug)]
+struct User {
+    name: String,
+    uid: u32,
+    gid: u32,
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+impl Cluster {
+    /// Starts a primary and `opts.replicas` streaming replicas, and waits until every replica
+    /// streams.
+    pub fn start(opts: ClusterOptions) -> Result<Cluster> {
+        let bindir = find_bindir()?;
+        let run_as = if is_root() {
+            Some(lookup_user("postgres").ok_or_else(|| {
+                Error(
+                    "running as root, but there is no 'postgres' user to run the servers as \
+                     (initdb refuses root): install the Debian package postgresql, which creates it"
+                        .into(),
+                )
+            })?)
+        } else {
+            None
+        };
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("pgstate-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).map_err(|e| Error(format!("creating {}: {e}", dir.display())))?;
+        let mut cluster = Cluster {
+            dir: dir.clone(),
+            bindir,
+            run_as,
+            nodes: Vec::new(),
+            certs: None,
+            watchdog: None,
+        };
+        cluster.chown(&dir)?;
+        cluster.spawn_watchdog()?;
+        if opts.tls {
+            cluster.certs = Some(cluster.make_certs()?);
+        }
+        cluster.init_primary(&opts)?;
+        for i in 0..opts.replicas {
+            cluster.add_replica(i + 1)?;
+        }
+        cluster.wait_streaming(opts.replicas)?;
+        Ok(cluster)
+    }
+
+    /// The cluster's working directory (data directories, certificates, logs, sockets).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The generated certificates, for a TLS cluster.
+    pub fn certs(&self) -> Option<&Certs> {
+        self.certs.as_ref()
+    }
+
+    /// The servers: index 0 is the primary, then the replicas.
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    /// URL of node `i` as the superuser, database `postgres`, without an sslmode.
+    pub fn url(&self, i: usize) -> String {
+        self.url_for_db(i, "postgres")
+    }
+
+    /// URL of node `i` as the superuser, for database `db`.
+    pub fn url_for_db(&self, i: usize, db: &str) -> String {
+        format!(
+            "postgresql://postgres:{PASSWORD}@127.0.0.1:{}/{db}",
+            self.nodes[i].port
+        )
+    }
+
+    /// URL of the primary.
+    pub fn primary_url(&self) -> String {
+        self.url(0)
+    }
+
+    /// URLs of the replicas.
+    pub fn replica_urls(&self) -> Vec<String> {
+        (1..self.nodes.len()).map(|i| self.url(i)).collect()
+    }
+
+    /// Directory holding the server binaries in use.
+    pub fn bindir(&self) -> &Path {
+        &self.bindir
+    }
+
+    /// Runs SQL with `psql` on node `i` over its Unix socket and returns the unaligned output.
+    pub fn psql(&self, i: usize, sql: &str) -> Result<String> {
+        let out = self.run_tool(
+            "psql",
+            &[
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                &self.dir.to_string_lossy(),
+                "-p",
+                &self.nodes[i].port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-c",
+                sql,
+            ],
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// Stops node `i` (fast shutdown: connections are terminated).
+    pub fn stop_node(&self, i: usize) -> Result<()> {
+        self.pg_ctl(i, &["-m", "fast", "-w", "-t", "60", "stop"])
+    }
+
+    /// Starts node `i` again after [`Cluster::stop_node`].
+    pub fn start_node(&self, i: usize) -> Result<()> {
+        let log = self.dir.join(format!("node{i}.log"));
+        self.pg_ctl(i, &["-w", "-t", "60", "-l", &log.to_string_lossy(), "start"])
+    }
+
+    /// Promotes replica `i` to primary.
+    pub fn promote(&self, i: usize) -> Result<()> {
+        self.pg_ctl(i, &["-w", "-t", "60", "promote"])
+    }
+
+    fn pg_ctl(&self, i: usize, args: &[&str]) -> Result<()> {
+        let data = self.nodes[i].data_dir.to_string_lossy().to_string();
+        let mut all = vec!["-D", &data];
+        all.extend_from_slice(args);
+        self.run_tool("pg_ctl", &all).map(|_| ())
+    }
+
+    /// Runs a server tool from the bindir (as the server user when root).
+    fn run_tool(&self, tool: &str, args: &[&str]) -> Result<Output> {
+        let path = self.bindir.join(tool);
+        let mut cmd = match &self.run_as {
+            Some(u) => {
+                let mut c = Command::new("runuser");
+                c.arg("-u").arg(&u.name).arg("--").arg(&path);
+                c
+            }
+            None => Command::new(&path),
+        };
+        cmd.args(args).stdin(Stdio::null()).current_dir(&self.dir);
+        cmd.env_remove("PGHOST").env_remove("PGPORT").env_remove("PGDATABASE");
+        let out = cmd
+            .output()
+            .map_err(|e| Error(format!("running {}: {e}", path.display())))?;
+        if !out.status.success() {
+            return err(format!(
+                "{tool} {} failed ({}):\n{}{}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(out)
+    }
+
+    fn chown(&self, path: &Path) -> Result<()> {
+        if let Some(u) = &self.run_as {
+            std::os::unix::fs::chown(path, Some(u.uid), Some(u.gid))
+                .map_err(|e| Error(format!("chown {}: {e}", path.display())))?;
+        }
+        Ok(())
+    }
+
+    /// A process in its own session that cleans up once this process is gone.
+    fn spawn_watchdog(&mut self) -> Result<()> {
+        let pg_ctl = self.bindir.join("pg_ctl");
+        let prefix = match &self.run_as {
+            Some(u) => format!("runuser -u {} -- ", u.name),
+            None => String::new(),
+        };
+        let dir = self.dir.to_string_lossy().to_string();
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
+             for d in '{dir}'/node*/; do [ -f \"$d/postmaster.pid\" ] && {prefix}'{pg_ctl}' -D \"$d\" -m immediate -w stop >/dev/null 2>&1; done; \
+             rm -rf '{dir}'",
+            pid = std::process::id(),
+            pg_ctl = pg_ctl.display(),
+        );
+        let child = Command::new("setsid")
+            .arg("sh")
+            .arg("-c")
+            .arg(script)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| Error(format!("starting the clean-up watchdog (setsid sh): {e}")))?;
+        self.watchdog = Some(child);
+        Ok(())
+    }
+
+    fn make_certs(&self) -> Result<Certs> {
+        let d = self.dir.join("certs");
+        fs::create_dir_all(&d).map_err(|e| Error(format!("creating {}: {e}", d.display())))?;
+        let p = |name: &str| d.join(name).to_string_lossy().to_string();
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        let mut ca = vec!["req", "-x509", "-days", "3650", "-subj", "/CN=pgstate test CA"];
+        ca.extend_from_slice(&ec);
+        let (ca_key, ca_crt) = (p("ca.key"), p("ca.crt"));
+        ca.extend_from_slice(&["-keyout", &ca_key, "-out", &ca_crt]);
+        ca.extend_from_slice(&["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
+        openssl(&ca)?;
+        for (name, cn, ext) in [
+            (
+                "server",
+                "localhost",
+                "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n",
+            ),
+            (
+                "client",
+                "postgres",
+                "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n",
+            ),
+        ] {
+            let (key, csr, crt, extf) = (
+                p(&format!("{name}.key")),
+                p(&format!("{name}.csr")),
+                p(&format!("{name}.crt")),
+                p(&format!("{name}.ext")),
+            );
+            fs::write(&extf, ext).map_err(|e| Error(format!("writing {extf}: {e}")))?;
+            let subj = format!("/CN={cn}");
+            let mut req = vec!["req", "-new", "-subj", &subj, "-keyout", &key, "-out", &csr];
+            req.extend_from_slice(&ec);
+            openssl(&req)?;
+            openssl(&[
+                "x509", "-req", "-in", &csr, "-CA", &ca_crt, "-CAkey", &ca_key, "-CAcreateserial",
+                "-days", "3650", "-out", &crt, "-extfile", &extf,
+            ])?;
+        }
+        // The server reads its key as the server user and insists on 0600.
+        for entry in fs::read_dir(&d).map_err(|e| Error(e.to_string()))? {
+            let path = entry.map_err(|e| Error(e.to_string()))?.path();
+            self.chown(&path)?;
+            use std::os::unix::fs::PermissionsExt;
+            let mode = if path.extension().is_some_and(|e| e == "key") { 0o600 } else { 0o644 };
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode))
+                .map_err(|e| Error(format!("chmod {}: {e}", path.display())))?;
+        }
+        self.chown(&d)?;
+        Ok(Certs {
+            ca_cert: d.join("ca.crt"),
+            server_cert: d.join("server.crt"),
+            server_key: d.join("server.key"),
+            client_cert: d.join("client.crt"),
+            client_key: d.join("client.key"),
+        })
+    }
+
+    fn init_primary(&mut self, opts: &ClusterOptions) -> Result<()> {
+        let data = self.dir.join("node0");
+        let pwfile = self.dir.join("pwfile");
+        fs::write(&pwfile, PASSWORD).map_err(|e| Error(e.to_string()))?;
+        self.chown(&pwfile)?;
+        self.run_tool(
+            "initdb",
+            &[
+                "-D",
+                &data.to_string_lossy(),
+                "-U",
+                "postgres",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                &format!("--pwfile={}", pwfile.display()),
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "-N",
+            ],
+        )?;
+        let port = free_port()?;
+        let mut conf = format!(
+            "\n# pgstate test cluster\nlisten_addresses = '127.0.0.1'\nport = {port}\n\
+             unix_socket_directories = '{}'\nmax_connections = {}\nfsync = off\n\
+             full_page_writes = off\nwal_level = replica\nmax_wal_senders = 10\n\
+             hot_standby = on\nwal_keep_size = '256MB'\nlog_min_messages = warning\n\
+             log_line_prefix = '%m [%p] '\n",
+            self.dir.display(),
+            opts.max_connections
+        );
+        if let Some(c) = &self.certs {
+            conf.push_str(&format!(
+                "ssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\nssl_ca_file = '{}'\n",
+                c.server_cert.display(),
+                c.server_key.display(),
+                c.ca_cert.display()
+            ));
+        }
+        append(&data.join("postgresql.conf"), &conf)?;
+        let hba = "local all all trust\n\
+                   host all all 127.0.0.1/32 scram-sha-256\n\
+                   host replication all 127.0.0.1/32 scram-sha-256\n";
+        fs::write(data.join("pg_hba.conf"), hba).map_err(|e| Error(e.to_string()))?;
+        self.nodes.push(Node {
+            port,
+            data_dir: data,
+        });
+        self.start_node(0)
+    }
+
+    fn add_replica(&mut self, i: usize) -> Result<()> {
+        let data = self.dir.join(format!("node{i}"));
+        let conninfo = format!(
+            "host=127.0.0.1 port={} user=postgres password={PASSWORD} application_name=replica{i}",
+            self.nodes[0].port
+        );
+        self.run_tool(
+            "pg_basebackup",
+            &["-D", &data.to_string_lossy(), "-R", "-X", "stream", "-c", "fast", "-d", &conninfo],
+        )?;
+        let port = free_port()?;
+        append(&data.join("postgresql.conf"), &format!("\nport = {port}\n"))?;
+        self.nodes.push(Node {
+            port,
+            data_dir: data,
+        });
+        self.start_node(i)
+    }
+
+    fn wait_streaming(&self, replicas: usize) -> Result<()> {
+        if replicas == 0 {
+            return Ok(());
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let n = self.psql(
+                0,
+                "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'",
+            )?;
+            if n.parse::<usize>().unwrap_or(0) >= replicas {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return err(format!("only {n} of {replicas} replicas streaming after 60 s"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].data_dir.join("postmaster.pid").exists() {
+                let _ = self.pg_ctl(i, &["-m", "immediate", "-w", "stop"]);
+            }
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+        if let Some(mut w) = self.watchdog.take() {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+    }
+}
+
+fn openssl(args: &[&str]) -> Result<()> {
+    let out = Command::new("openssl")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| Error(format!("running openssl (install the Debian package openssl): {e}")))?;
+    if !out.status.success() {
+        return err(format!(
+            "openssl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(())
+}
+
+fn append(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .map_err(|e| Error(format!("opening {}: {e}", path.display())))?;
+    f.write_all(text.as_bytes())
+        .map_err(|e| Error(format!("writing {}: {e}", path.display())))
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| Error(format!("finding a free port: {e}")))?;
+    l.local_addr()
+        .map(|a| a.port())
+        .map_err(|e| Error(format!("finding a free port: {e}")))
+}
+
+/// The folder of the server binaries: `pg_config --bindir`, else the newest
+/// `/usr/lib/postgresql/<version>/bin`, else wherever `initdb` is on the PATH.
+pub fn find_bindir() -> Result<PathBuf> {
+    let has_server = |d: &Path| d.join("initdb").is_file() && d.join("postgres").is_file();
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        let d = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if out.status.success() && has_server(&d) {
+            return Ok(d);
+        }
+    }
+    let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            has_server(&bin).then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    if let Some((_, bin)) = versions.pop() {
+        return Ok(bin);
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for d in std::env::split_paths(&path) {
+            if has_server(&d) {
+                return Ok(d);
+            }
+        }
+    }
+    err("PostgreSQL server binaries (initdb, postgres) not found via pg_config --bindir, \
+         /usr/lib/postgresql/*/bin or PATH: install the Debian package postgresql (apt-get install postgresql), \
+         or set PGSTATE_TEST_DATABASE_URL to an existing server")
+}
+
+fn is_root() -> bool {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
+        })
+        .unwrap_or(false)
+}
+
+fn lookup_user(name: &str) -> Option<User> {
+    let passwd = fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        if f.first() != Some(&name) || f.len() < 4 {
+            return None;
+        }
+        Some(User {
+            name: name.to_string(),
+            uid: f[2].parse().ok()?,
+            gid: f[3].parse().ok()?,
+        })
+    })
+}
+
+/// The server a test process shares.
+pub enum Shared {
+    /// A cluster this process started (primary and two streaming replicas, TLS on).
+    Local(Cluster),
+    /// The server named by [`URL_ENV`].
+    External(String),
+}
+
+impl Shared {
+    /// URL of the primary.
+    pub fn url(&self) -> String {
+        match self {
+            Shared::Local(c) => c.primary_url(),
+            Shared::External(u) => u.clone(),
+        }
+    }
+
+    /// The local cluster, when this process started one.
+    pub fn cluster(&self) -> Option<&Cluster> {
+        match self {
+            Shared::Local(c) => Some(c),
+            Shared::External(_) => None,
+        }
+    }
+}
+
+/// The server shared by every test of this process, started on first use.
+///
+/// # Panics
+/// When no server can be started (the message names the missing package); a test cannot go
+/// on without one.
+pub fn shared() -> &'static Shared {
+    static SHARED: OnceLock<Shared> = OnceLock::new();
+    SHARED.get_or_init(|| {
+        if let Ok(url) = std::env::var(URL_ENV) {
+            if !url.trim().is_empty() {
+                return Shared::External(url);
+            }
+        }
+        match Cluster::start(ClusterOptions {
+            replicas: 2,
+            ..ClusterOptions::default()
+        }) {
+            Ok(c) => Shared::Local(c),
+            Err(e) => panic!("cannot start the test PostgreSQL cluster: {e}"),
+        }
+    })
+}

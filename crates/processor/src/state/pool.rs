@@ -158,7 +158,15 @@ impl ConnPool {
     /// Checks out a connection, or fails with [`StateError::Timeout`] after `acquire_timeout`
     /// (naming the last connection error, if connecting is what failed).
     pub async fn get(&self) -> StateResult<Conn<'_>> {
-        match self.pool.get().await {
+        let result = loop {
+            match self.pool.get().await {
+                // The server may have closed it while it sat idle (terminated backend, restart):
+                // bb8 then discards it on return, and we take another.
+                Ok(conn) if conn.client.is_closed() => continue,
+                other => break other,
+            }
+        };
+        match result {
             Ok(conn) => Ok(conn),
             Err(RunError::User(e)) => Err(e),
             Err(RunError::TimedOut) => {

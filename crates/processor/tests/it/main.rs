@@ -1,0 +1,11 @@
+//! Integration tests against real PostgreSQL servers (see `pgstate-testcluster`): one test
+//! binary, so one cluster per `cargo test` process; each test works in its own schema or
+//! database, so the tests run in parallel.
+
+mod bad_input;
+mod conformance;
+mod ops;
+mod pool;
+mod schema;
+mod seed;
+mod support;

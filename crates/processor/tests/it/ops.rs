@@ -1,0 +1,175 @@
+//! Key/value operations of the enhanced backend beyond the trait: batches, COPY, versions,
+//! metadata queries, TTL, statistics.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use processor::state::{StateBackend, StateError};
+use serde_json::json;
+
+use crate::support;
+
+#[tokio::test]
+async fn batch_put_and_copy_last_write_wins() {
+    let b = support::backend("batch_dup").await;
+    let entries: Vec<(&[u8], &[u8])> = vec![
+        (b"a", b"1"),
+        (b"b", b"1"),
+        (b"a", b"2"),
+        (b"c", b"1"),
+        (b"a", b"3"),
+    ];
+    b.batch_put(&entries).await.unwrap();
+    assert_eq!(b.get(b"a").await.unwrap(), Some(b"3".to_vec()));
+    assert_eq!(b.count().await.unwrap(), 3);
+
+    let copy: Vec<(&[u8], &[u8])> = vec![(b"a", b"x"), (b"d", b"1"), (b"a", b"y"), (b"d", b"2")];
+    let written = b.batch_copy(&copy).await.unwrap();
+    assert_eq!(written, 2, "distinct keys");
+    assert_eq!(b.get(b"a").await.unwrap(), Some(b"y".to_vec()));
+    assert_eq!(b.get(b"d").await.unwrap(), Some(b"2".to_vec()));
+    // Each batch bumps the version of the keys it rewrites once.
+    assert_eq!(b.get_entry(b"a").await.unwrap().unwrap().version, 2);
+    assert_eq!(b.get_entry(b"d").await.unwrap().unwrap().version, 1);
+    // The staging table is reused on the same connection, and emptied at commit.
+    let again: Vec<(&[u8], &[u8])> = vec![(b"e", b"1")];
+    assert_eq!(b.batch_copy(&again).await.unwrap(), 1);
+    assert_eq!(b.count().await.unwrap(), 5);
+}
+
+#[tokio::test]
+async fn large_batches_are_chunked_and_complete() {
+    let b = support::backend("batch_big").await;
+    let keys: Vec<Vec<u8>> = (0..12_345u32).map(|i| format!("k{i:06}").into_bytes()).collect();
+    let entries: Vec<(&[u8], &[u8])> = keys.iter().map(|k| (k.as_slice(), k.as_slice())).collect();
+    b.batch_put(&entries).await.unwrap();
+    assert_eq!(b.count().await.unwrap(), 12_345);
+    b.clear().await.unwrap();
+    assert_eq!(b.batch_copy(&entries).await.unwrap(), 12_345);
+    assert_eq!(b.count().await.unwrap(), 12_345);
+    assert_eq!(b.get(b"k012344").await.unwrap(), Some(b"k012344".to_vec()));
+    let stats = b.get_stats();
+    assert!(stats.batch_rows >= 24_690, "{stats:?}");
+}
+
+#[tokio::test]
+async fn every_write_path_bumps_the_version() {
+    let b = support::backend("versions").await;
+    let v = |e: Option<processor::state::StateEntry>| e.unwrap().version;
+    assert_eq!(b.put_with_version(b"k", b"0", None).await.unwrap(), 1);
+    b.put(b"k", b"1").await.unwrap();
+    assert_eq!(v(b.get_entry(b"k").await.unwrap()), 2);
+    b.put_with_metadata(b"k", b"2", json!({"a": 1})).await.unwrap();
+    assert_eq!(v(b.get_entry(b"k").await.unwrap()), 3);
+    b.put_with_ttl(b"k", b"3", Duration::from_secs(60)).await.unwrap();
+    assert_eq!(v(b.get_entry(b"k").await.unwrap()), 4);
+    b.batch_put(&[(b"k", b"4")]).await.unwrap();
+    assert_eq!(v(b.get_entry(b"k").await.unwrap()), 5);
+    b.batch_copy(&[(b"k", b"5")]).await.unwrap();
+    assert_eq!(v(b.get_entry(b"k").await.unwrap()), 6);
+    // A version read before any of those writes is stale now.
+    let stale = b.put_with_version(b"k", b"x", Some(1)).await;
+    assert!(matches!(stale, Err(StateError::ConcurrentModification { .. })));
+    assert_eq!(b.put_with_version(b"k", b"6", Some(6)).await.unwrap(), 7);
+    // Updating a missing key with a version is a conflict too.
+    let missing = b.put_with_version(b"nope", b"x", Some(1)).await;
+    assert!(matches!(missing, Err(StateError::ConcurrentModification { .. })));
+}
+
+#[tokio::test]
+async fn concurrent_versioned_increments_lose_nothing() {
+    let b = Arc::new(support::backend("cas").await);
+    b.put_with_version(b"counter", b"0", None).await.unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let b = b.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut conflicts = 0u64;
+            for _ in 0..500 {
+                loop {
+                    let e = b.get_entry(b"counter").await.unwrap().unwrap();
+                    let n: u64 = std::str::from_utf8(&e.value).unwrap().parse().unwrap();
+                    let next = (n + 1).to_string();
+                    match b.put_with_version(b"counter", next.as_bytes(), Some(e.version)).await {
+                        Ok(_) => break,
+                        Err(StateError::ConcurrentModification { .. }) => conflicts += 1,
+                        Err(other) => panic!("unexpected error: {other}"),
+                    }
+                }
+            }
+            conflicts
+        }));
+    }
+    let mut conflicts = 0;
+    for t in tasks {
+        conflicts += t.await.unwrap();
+    }
+    let e = b.get_entry(b"counter").await.unwrap().unwrap();
+    assert_eq!(e.value, b"4000");
+    assert_eq!(e.version, 4001);
+    eprintln!("4000 increments, {conflicts} conflicts retried");
+}
+
+#[tokio::test]
+async fn metadata_queries_by_containment_and_path() {
+    let b = support::backend("meta").await;
+    b.put_with_metadata(b"u1", b"a", json!({"type": "user", "profile": {"city": "Oslo", "age": 30}}))
+        .await
+        .unwrap();
+    b.put_with_metadata(b"u2", b"b", json!({"type": "user", "profile": {"city": "Rome", "age": 30.0}}))
+        .await
+        .unwrap();
+    b.put_with_metadata(b"o1", b"c", json!({"type": "order", "tags": ["x", "y"], "gone": null}))
+        .await
+        .unwrap();
+    b.put(b"plain", b"d").await.unwrap();
+    let keys = |v: Vec<processor::state::StateEntry>| v.into_iter().map(|e| e.key).collect::<Vec<_>>();
+
+    assert_eq!(keys(b.query_by_metadata("type", &json!({"type": "user"})).await.unwrap()), vec![b"u1".to_vec(), b"u2".to_vec()]);
+    assert_eq!(keys(b.query_by_metadata("type", &json!("order")).await.unwrap()), vec![b"o1".to_vec()]);
+    assert_eq!(keys(b.query_by_metadata("profile.city", &json!("Rome")).await.unwrap()), vec![b"u2".to_vec()]);
+    // jsonb compares numbers by value: 30 == 30.0.
+    assert_eq!(keys(b.query_by_metadata("profile.age", &json!(30)).await.unwrap()).len(), 2);
+    assert_eq!(keys(b.query_by_metadata("tags", &json!(["x", "y"])).await.unwrap()), vec![b"o1".to_vec()]);
+    // Path equality is exact: a subset of an array is not equal to it.
+    assert!(b.query_by_metadata("tags", &json!(["x"])).await.unwrap().is_empty());
+    assert_eq!(keys(b.query_by_metadata("gone", &json!(null)).await.unwrap()), vec![b"o1".to_vec()]);
+    assert!(b.query_by_metadata("profile", &json!("Oslo")).await.unwrap().is_empty());
+    // Hostile paths are data, not SQL.
+    assert!(b.query_by_metadata("x'); DROP TABLE state_entries; --", &json!(1)).await.unwrap().is_empty());
+    assert_eq!(b.count().await.unwrap(), 4);
+
+    // Expired entries are invisible to queries.
+    b.put_entry(b"u3", b"e", json!({"type": "user"}), Some(Duration::from_millis(200)))
+        .await
+        .unwrap();
+    assert_eq!(b.query_by_metadata("type", &json!({"type": "user"})).await.unwrap().len(), 3);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(b.query_by_metadata("type", &json!({"type": "user"})).await.unwrap().len(), 2);
+
+    let entry = b.get_entry(b"u1").await.unwrap().unwrap();
+    assert_eq!(entry.metadata["profile"]["city"], "Oslo");
+    assert!(entry.expires_at.is_none());
+}
+
+#[tokio::test]
+async fn statistics_count_operations_and_slow_queries() {
+    let cfg = support::config("stats").with_slow_query_threshold(Duration::ZERO);
+    let b = processor::state::EnhancedPostgresBackend::new(cfg).await.unwrap();
+    b.put(b"a", b"1").await.unwrap();
+    b.get(b"a").await.unwrap();
+    b.get(b"b").await.unwrap();
+    b.delete(b"a").await.unwrap();
+    let s = b.get_stats();
+    assert_eq!((s.put_count, s.get_count, s.delete_count), (1, 2, 1));
+    assert_eq!(s.query_count, 4);
+    assert_eq!(s.slow_query_count, 4, "threshold zero: every query is slow");
+    assert!(s.avg_query_duration_ms > 0.0);
+    assert!(b.health_check().await.unwrap());
+    let h = b.clone_handle();
+    h.put(b"c", b"1").await.unwrap();
+    assert_eq!(b.get_stats().put_count, 2, "handles share statistics");
+    let p = b.get_pool_stats();
+    assert_eq!(p.max_size, 4);
+    assert!(p.size >= 1 && p.size <= 4, "{p:?}");
+}

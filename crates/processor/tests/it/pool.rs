@@ -1,0 +1,158 @@
+//! The pool under faults: acquire timeouts, terminated connections, a restarted server.
+
+use std::time::{Duration, Instant};
+
+use pgstate_testcluster::{Cluster, ClusterOptions};
+use processor::state::{
+    EnhancedPostgresBackend, EnhancedPostgresConfig, ErrorKind, PostgresPoolConfig, StateBackend,
+};
+
+use crate::support;
+
+fn one_connection(acquire: Duration, test_on_acquire: bool) -> PostgresPoolConfig {
+    PostgresPoolConfig {
+        min_connections: 1,
+        max_connections: 1,
+        acquire_timeout: acquire,
+        test_on_acquire,
+        ..PostgresPoolConfig::default()
+    }
+}
+
+#[tokio::test]
+async fn acquire_timeout_is_a_clear_error() {
+    let cfg = support::config("acquire").with_pool_config(one_connection(Duration::from_millis(500), true));
+    let b = EnhancedPostgresBackend::new(cfg).await.unwrap();
+    // Another session locks the table, so the pool's only connection blocks in count().
+    let mut locker = support::raw(&support::url()).await;
+    let tx = locker.transaction().await.unwrap();
+    tx.batch_execute(&format!("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", b.table()))
+        .await
+        .unwrap();
+    let blocked = {
+        let b = b.clone_handle();
+        tokio::spawn(async move { b.count().await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let start = Instant::now();
+    let err = b.get(b"k").await.unwrap_err();
+    let waited = start.elapsed();
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+    assert!(err.to_string().contains("500ms"), "{err}");
+    assert!(waited >= Duration::from_millis(450), "gave up early: {waited:?}");
+    assert!(waited < Duration::from_secs(10), "not bounded by acquire_timeout: {waited:?}");
+    assert!(b.get_pool_stats().timeouts >= 1);
+    tx.rollback().await.unwrap();
+    assert_eq!(blocked.await.unwrap().unwrap(), 0);
+    b.put(b"k", b"v").await.unwrap();
+}
+
+async fn backend_pid(app: &str) -> Vec<i32> {
+    let admin = support::raw(&support::url()).await;
+    admin
+        .query("SELECT pid FROM pg_stat_activity WHERE application_name = $1", &[&app])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+async fn terminated_connection_is_not_reused(test_on_acquire: bool) {
+    let app = support::unique("killme");
+    let cfg = support::config("kill")
+        .with_application_name(app.clone())
+        .with_pool_config(one_connection(Duration::from_secs(10), test_on_acquire));
+    let b = EnhancedPostgresBackend::new(cfg).await.unwrap();
+    b.put(b"k", b"v").await.unwrap();
+    let before = backend_pid(&app).await;
+    assert_eq!(before.len(), 1, "one pooled connection");
+    let admin = support::raw(&support::url()).await;
+    admin
+        .execute("SELECT pg_terminate_backend($1)", &[&before[0]])
+        .await
+        .unwrap();
+    // Give the driver a moment to see the socket close, as it would in any real gap between
+    // operations.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(b.get(b"k").await.unwrap(), Some(b"v".to_vec()), "the dead connection was handed out");
+    let after = backend_pid(&app).await;
+    assert_eq!(after.len(), 1);
+    assert_ne!(after, before, "a new connection replaced the terminated one");
+    assert!(b.get_pool_stats().connections_created >= 2);
+}
+
+#[tokio::test]
+async fn terminated_connection_is_not_handed_out_with_test_on_acquire() {
+    terminated_connection_is_not_reused(true).await;
+}
+
+#[tokio::test]
+async fn terminated_connection_is_not_handed_out_without_test_on_acquire() {
+    terminated_connection_is_not_reused(false).await;
+}
+
+#[tokio::test]
+async fn operations_recover_after_a_server_restart() {
+    // A cluster of its own: stopping the shared one would break every other test.
+    let cluster = tokio::task::spawn_blocking(|| {
+        Cluster::start(ClusterOptions {
+            replicas: 0,
+            tls: false,
+            ..ClusterOptions::default()
+        })
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let cfg = EnhancedPostgresConfig::new(cluster.primary_url()).with_pool_config(PostgresPoolConfig {
+        min_connections: 2,
+        max_connections: 4,
+        acquire_timeout: Duration::from_secs(2),
+        health_check_interval: Duration::from_millis(500),
+        ..PostgresPoolConfig::default()
+    });
+    let b = EnhancedPostgresBackend::new(cfg).await.unwrap();
+    b.put(b"before", b"1").await.unwrap();
+
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.stop_node(0).unwrap();
+        cluster
+    })
+    .await
+    .unwrap();
+    let err = b.get(b"before").await.unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+    assert!(matches!(err.kind(), ErrorKind::Timeout | ErrorKind::Connection), "{err}");
+    assert!(!b.health_check().await.unwrap());
+
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.start_node(0).unwrap();
+        cluster
+    })
+    .await
+    .unwrap();
+    // Back without restarting the program: the first operation after the restart may still
+    // meet a connection the pool has not noticed is dead; within a few attempts all is well.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut failures = 0;
+    loop {
+        match b.get(b"before").await {
+            Ok(v) => {
+                assert_eq!(v, Some(b"1".to_vec()));
+                break;
+            }
+            Err(e) if Instant::now() < deadline => {
+                failures += 1;
+                assert!(e.is_retryable(), "{e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("no recovery after restart: {e}"),
+        }
+    }
+    eprintln!("recovered after {failures} failed attempts");
+    b.put(b"after", b"2").await.unwrap();
+    assert_eq!(b.count().await.unwrap(), 2);
+    assert!(b.health_check().await.unwrap());
+    drop(cluster);
+}

@@ -1,0 +1,97 @@
+//! Migrations: concurrent starts, tracking table, idempotence, index predicates.
+
+use processor::state::{EnhancedPostgresBackend, EnhancedPostgresConfig, StateBackend, MIGRATIONS};
+
+use crate::support;
+
+#[tokio::test]
+async fn ten_backends_starting_at_once_on_an_empty_database() {
+    let url = support::fresh_database("mig").await;
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            EnhancedPostgresBackend::new(
+                EnhancedPostgresConfig::new(url).with_pool_config(support::small_pool()),
+            )
+            .await
+        }));
+    }
+    let mut backends = Vec::new();
+    for t in tasks {
+        backends.push(t.await.unwrap().expect("every concurrent new() succeeds"));
+    }
+    backends[0].put(b"k", b"v").await.unwrap();
+    assert_eq!(backends[9].get(b"k").await.unwrap(), Some(b"v".to_vec()));
+
+    let db = support::raw(&url).await;
+    let rows = db
+        .query(
+            "SELECT version, name, count(*) OVER (PARTITION BY version) AS n \
+             FROM public.pgstate_schema_migrations WHERE state_table = 'state_entries' ORDER BY version",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), MIGRATIONS.len(), "each migration recorded once");
+    for (row, m) in rows.iter().zip(MIGRATIONS) {
+        assert_eq!(row.get::<_, i32>(0), m.version);
+        assert_eq!(row.get::<_, &str>(1), m.name);
+        assert_eq!(row.get::<_, i64>(2), 1);
+    }
+
+    // The tables the seed names exist.
+    for table in ["state_entries", "state_checkpoints", "state_advisory_locks", "state_entries_archive"] {
+        let n: i64 = db
+            .query_one(
+                "SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tablename = $1",
+                &[&table],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1, "{table}");
+    }
+    // No partial-index predicate calls a function that is not immutable.
+    let bad: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             JOIN pg_proc p ON i.indpred IS NOT NULL \
+               AND pg_get_expr(i.indpred, i.indrelid) ~ ('\\m' || p.proname || '\\(') \
+             WHERE n.nspname = 'public' AND p.provolatile <> 'i'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(bad, 0);
+
+    // A later start finds everything applied and changes nothing.
+    drop(backends);
+    EnhancedPostgresBackend::new(EnhancedPostgresConfig::new(url.clone()))
+        .await
+        .unwrap();
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM public.pgstate_schema_migrations", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n as usize, MIGRATIONS.len());
+}
+
+#[tokio::test]
+async fn a_tampered_migration_record_is_refused() {
+    let cfg = support::config("tamper");
+    let schema = cfg.schema().to_string();
+    EnhancedPostgresBackend::new(cfg.clone()).await.unwrap();
+    let db = support::raw(&support::url()).await;
+    db.execute(
+        &format!("UPDATE \"{schema}\".pgstate_schema_migrations SET checksum = 'x' WHERE version = 2"),
+        &[],
+    )
+    .await
+    .unwrap();
+    let err = EnhancedPostgresBackend::new(cfg).await.unwrap_err();
+    assert!(err.to_string().contains("002_add_indexes.sql"), "{err}");
+}

@@ -1,0 +1,68 @@
+//! Helpers shared by the integration tests.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use processor::state::{EnhancedPostgresBackend, EnhancedPostgresConfig, PostgresPoolConfig};
+
+/// URL of the shared test server's primary.
+pub fn url() -> String {
+    pgstate_testcluster::shared().url()
+}
+
+/// A schema name no other test uses.
+pub fn unique(tag: &str) -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "t_{tag}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A configuration for a private schema with a small pool.
+pub fn config(tag: &str) -> EnhancedPostgresConfig {
+    EnhancedPostgresConfig::new(url())
+        .with_schema(unique(tag))
+        .with_pool_config(small_pool())
+}
+
+pub fn small_pool() -> PostgresPoolConfig {
+    PostgresPoolConfig {
+        min_connections: 1,
+        max_connections: 4,
+        acquire_timeout: Duration::from_secs(20),
+        ..PostgresPoolConfig::default()
+    }
+}
+
+/// A backend on a private schema.
+pub async fn backend(tag: &str) -> EnhancedPostgresBackend {
+    EnhancedPostgresBackend::new(config(tag))
+        .await
+        .expect("backend on the test server")
+}
+
+/// A plain driver connection to `url`, for checks made behind the backend's back.
+pub async fn raw(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("raw connection");
+    tokio::spawn(conn);
+    client
+}
+
+/// Creates an empty database and returns its URL.
+pub async fn fresh_database(tag: &str) -> String {
+    let name = unique(tag);
+    let admin = raw(&url()).await;
+    admin
+        .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+        .await
+        .expect("create database");
+    let base = url();
+    match base.rsplit_once('/') {
+        Some((head, _)) => format!("{head}/{name}"),
+        None => panic!("test URL without a database path: cannot derive one"),
+    }
+}

@@ -228,7 +228,10 @@ impl Cluster {
     /// Starts node `i` again after [`Cluster::stop_node`].
     pub fn start_node(&self, i: usize) -> Result<()> {
         let log = self.dir.join(format!("node{i}.log"));
-        self.pg_ctl(i, &["-w", "-t", "60", "-l", &log.to_string_lossy(), "start"])
+        self.pg_ctl(
+            i,
+            &["-w", "-t", "60", "-l", &log.to_string_lossy(), "start"],
+        )
     }
 
     /// Promotes replica `i` to primary.
@@ -255,7 +258,9 @@ impl Cluster {
             None => Command::new(&path),
         };
         cmd.args(args).stdin(Stdio::null()).current_dir(&self.dir);
-        cmd.env_remove("PGHOST").env_remove("PGPORT").env_remove("PGDATABASE");
+        cmd.env_remove("PGHOST")
+            .env_remove("PGPORT")
+            .env_remove("PGDATABASE");
         let out = cmd
             .output()
             .map_err(|e| Error(format!("running {}: {e}", path.display())))?;
@@ -311,12 +316,30 @@ impl Cluster {
         let d = self.dir.join("certs");
         fs::create_dir_all(&d).map_err(|e| Error(format!("creating {}: {e}", d.display())))?;
         let p = |name: &str| d.join(name).to_string_lossy().to_string();
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-        let mut ca = vec!["req", "-x509", "-days", "3650", "-subj", "/CN=pgstate test CA"];
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let mut ca = vec![
+            "req",
+            "-x509",
+            "-days",
+            "3650",
+            "-subj",
+            "/CN=pgstate test CA",
+        ];
         ca.extend_from_slice(&ec);
         let (ca_key, ca_crt) = (p("ca.key"), p("ca.crt"));
         ca.extend_from_slice(&["-keyout", &ca_key, "-out", &ca_crt]);
-        ca.extend_from_slice(&["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
+        ca.extend_from_slice(&[
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
         openssl(&ca)?;
         for (name, cn, ext) in [
             (
@@ -351,7 +374,11 @@ impl Cluster {
             let path = entry.map_err(|e| Error(e.to_string()))?.path();
             self.chown(&path)?;
             use std::os::unix::fs::PermissionsExt;
-            let mode = if path.extension().is_some_and(|e| e == "key") { 0o600 } else { 0o644 };
+            let mode = if path.extension().is_some_and(|e| e == "key") {
+                0o600
+            } else {
+                0o644
+            };
             fs::set_permissions(&path, fs::Permissions::from_mode(mode))
                 .map_err(|e| Error(format!("chmod {}: {e}", path.display())))?;
         }
@@ -424,7 +451,17 @@ impl Cluster {
         );
         self.run_tool(
             "pg_basebackup",
-            &["-D", &data.to_string_lossy(), "-R", "-X", "stream", "-c", "fast", "-d", &conninfo],
+            &[
+                "-D",
+                &data.to_string_lossy(),
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "-d",
+                &conninfo,
+            ],
         )?;
         let port = free_port()?;
         append(&data.join("postgresql.conf"), &format!("\nport = {port}\n"))?;
@@ -449,7 +486,9 @@ impl Cluster {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return err(format!("only {n} of {replicas} replicas streaming after 60 s"));
+                return err(format!(
+                    "only {n} of {replicas} replicas streaming after 60 s"
+                ));
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -476,7 +515,11 @@ fn openssl(args: &[&str]) -> Result<()> {
         .args(args)
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| Error(format!("running openssl (install the Debian package openssl): {e}")))?;
+        .map_err(|e| {
+            Error(format!(
+                "running openssl (install the Debian package openssl): {e}"
+            ))
+        })?;
     if !out.status.success() {
         return err(format!(
             "openssl {} failed: {}",
@@ -499,7 +542,8 @@ fn append(path: &Path, text: &str) -> Result<()> {
 
 /// A port nobody listens on right now.
 pub fn free_port() -> Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| Error(format!("finding a free port: {e}")))?;
+    let l =
+        TcpListener::bind("127.0.0.1:0").map_err(|e| Error(format!("finding a free port: {e}")))?;
     l.local_addr()
         .map(|a| a.port())
         .map_err(|e| Error(format!("finding a free port: {e}")))
@@ -570,7 +614,7 @@ fn lookup_user(name: &str) -> Option<User> {
 /// The server a test process shares.
 pub enum Shared {
     /// A cluster this process started (primary and two streaming replicas, TLS on).
-    Local(Cluster),
+    Local(Box<Cluster>),
     /// The server named by [`URL_ENV`].
     External(String),
 }
@@ -610,7 +654,7 @@ pub fn shared() -> &'static Shared {
             replicas: 2,
             ..ClusterOptions::default()
         }) {
-            Ok(c) => Shared::Local(c),
+            Ok(c) => Shared::Local(Box::new(c)),
             Err(e) => panic!("cannot start the test PostgreSQL cluster: {e}"),
         }
     })

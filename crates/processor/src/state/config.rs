@@ -276,7 +276,9 @@ impl EnhancedPostgresConfig {
         let table = Ident::new_table(&self.table)?;
         let p = &self.pool;
         if p.max_connections == 0 {
-            return Err(StateError::config("pool max_connections must be at least 1"));
+            return Err(StateError::config(
+                "pool max_connections must be at least 1",
+            ));
         }
         if p.min_connections > p.max_connections {
             return Err(StateError::config(format!(
@@ -297,7 +299,9 @@ impl EnhancedPostgresConfig {
         }
         if let Some(r) = &self.retention {
             if r.batch_size == 0 {
-                return Err(StateError::config("retention batch_size must be at least 1"));
+                return Err(StateError::config(
+                    "retention batch_size must be at least 1",
+                ));
             }
         }
         let primary = ConnectionSpec::parse(&self.url, self.ssl.as_ref())?;
@@ -318,7 +322,7 @@ impl EnhancedPostgresConfig {
 
 impl fmt::Debug for EnhancedPostgresConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let replicas = self.replicas.as_ref().map(|r| RedactedReplicas(r));
+        let replicas = self.replicas.as_ref().map(RedactedReplicas);
         f.debug_struct("EnhancedPostgresConfig")
             .field("url", &redact(&self.url))
             .field("pool", &self.pool)
@@ -427,10 +431,7 @@ impl ConnectionSpec {
             split_keyword_params(trimmed)?
         };
         let pg = tokio_postgres::Config::from_str(&rest).map_err(|e| {
-            StateError::config(format!(
-                "malformed connection URL {}: {e}",
-                redact(trimmed)
-            ))
+            StateError::config(format!("malformed connection URL {}: {e}", redact(trimmed)))
         })?;
         if pg.get_hosts().is_empty() {
             return Err(StateError::config(format!(
@@ -525,7 +526,9 @@ fn percent_decode(s: &str) -> StateResult<String> {
                 .get(i + 1..i + 3)
                 .and_then(|h| std::str::from_utf8(h).ok())
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| StateError::config("malformed percent-encoding in connection URL"))?;
+                .ok_or_else(|| {
+                    StateError::config("malformed percent-encoding in connection URL")
+                })?;
             out.push(hex);
             i += 3;
         } else {
@@ -687,7 +690,10 @@ mod tests {
             },
         );
         let dbg = format!("{cfg:?}");
-        assert!(!dbg.contains("hunter2") && !dbg.contains("hunter3"), "{dbg}");
+        assert!(
+            !dbg.contains("hunter2") && !dbg.contains("hunter3"),
+            "{dbg}"
+        );
     }
 
     #[test]
@@ -722,8 +728,14 @@ mod tests {
     fn rejects_bad_urls_with_clear_errors() {
         for (url, needle) in [
             ("", "empty"),
-            ("postgresql://u:pw@h/db?sslmode=sometimes", "unknown sslmode"),
-            ("postgresql://u:pw@h/db?sslmode=verify-full", "root certificate"),
+            (
+                "postgresql://u:pw@h/db?sslmode=sometimes",
+                "unknown sslmode",
+            ),
+            (
+                "postgresql://u:pw@h/db?sslmode=verify-full",
+                "root certificate",
+            ),
             ("postgresql://h/db", "no user"),
             ("postgresql://u:pw@h:notaport/db", "malformed"),
             ("host=h user", "malformed"),
@@ -755,8 +767,19 @@ mod tests {
             max_connections: 2,
             ..Default::default()
         });
-        assert!(bad_pool.validate().err().unwrap().to_string().contains("min_connections"));
-        for name in ["", "a;b", "x\"y", "Robert'); DROP TABLE students;--", &"a".repeat(64)] {
+        assert!(bad_pool
+            .validate()
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("min_connections"));
+        for name in [
+            "",
+            "a;b",
+            "x\"y",
+            "Robert'); DROP TABLE students;--",
+            &"a".repeat(64),
+        ] {
             assert!(base().with_table_name(name).validate().is_err(), "{name}");
             assert!(base().with_schema(name).validate().is_err(), "{name}");
         }

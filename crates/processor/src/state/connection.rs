@@ -53,13 +53,12 @@ impl Connector {
     /// authentication).
     pub async fn connect(&self) -> StateResult<Client> {
         let attempt = self.connect_with_fallbacks();
-        let client = match tokio::time::timeout(self.timeout * 2, attempt).await {
+        let client = match tokio::time::timeout(self.timeout, attempt).await {
             Ok(result) => result?,
             Err(_) => {
                 return Err(StateError::Timeout(format!(
                     "connecting to {} took longer than {:?}",
-                    self.target,
-                    self.timeout * 2
+                    self.target, self.timeout
                 )))
             }
         };
@@ -77,10 +76,12 @@ impl Connector {
             (SslMode::Allow, Some(tls)) => match self.plain().await {
                 Ok(c) => Ok(c),
                 // libpq: if the plaintext attempt fails, try again with TLS.
-                Err(first) => self.with_tls(tls.clone(), PgSslMode::Require).await.map_err(|e| {
-                    tracing::debug!(error = %first, "plaintext attempt failed (sslmode=allow)");
-                    e
-                }),
+                Err(first) => self
+                    .with_tls(tls.clone(), PgSslMode::Require)
+                    .await
+                    .inspect_err(|_| {
+                        tracing::debug!(error = %first, "plaintext attempt failed (sslmode=allow)");
+                    }),
             },
             (SslMode::Prefer, Some(tls)) => {
                 match self.with_tls(tls.clone(), PgSslMode::Prefer).await {

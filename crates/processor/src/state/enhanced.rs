@@ -90,7 +90,10 @@ impl EnhancedPostgresBackend {
         value: &[u8],
         metadata: serde_json::Value,
     ) -> StateResult<()> {
-        self.store().upsert(key, value, &metadata, None).await.map(|_| ())
+        self.store()
+            .upsert(key, value, &metadata, None)
+            .await
+            .map(|_| ())
     }
 
     /// Stores `value` for `ttl`, measured on the server's clock. The entry is invisible to every
@@ -98,7 +101,10 @@ impl EnhancedPostgresBackend {
     pub async fn put_with_ttl(&self, key: &[u8], value: &[u8], ttl: Duration) -> StateResult<()> {
         let micros = check_ttl(ttl)?;
         let empty = serde_json::Value::Object(serde_json::Map::new());
-        self.store().upsert(key, value, &empty, Some(micros)).await.map(|_| ())
+        self.store()
+            .upsert(key, value, &empty, Some(micros))
+            .await
+            .map(|_| ())
     }
 
     /// Stores `value` with metadata and an optional TTL; returns the entry's new version.
@@ -196,7 +202,10 @@ impl StateBackend for EnhancedPostgresBackend {
 
     async fn put(&self, key: &[u8], value: &[u8]) -> StateResult<()> {
         let empty = serde_json::Value::Object(serde_json::Map::new());
-        self.store().upsert(key, value, &empty, None).await.map(|_| ())
+        self.store()
+            .upsert(key, value, &empty, None)
+            .await
+            .map(|_| ())
     }
 
     async fn delete(&self, key: &[u8]) -> StateResult<()> {

@@ -233,7 +233,10 @@ pub(crate) fn classify(err: &tokio_postgres::Error) -> StateError {
             c if c.starts_with("40") => StateError::TransactionFailed { message, sqlstate },
             sqlstate::INSUFFICIENT_PRIVILEGE => StateError::PermissionDenied { message, sqlstate },
             sqlstate::QUERY_CANCELED => StateError::Timeout(message),
-            c if c.starts_with("08") || c.starts_with("57P") || c == sqlstate::TOO_MANY_CONNECTIONS => {
+            c if c.starts_with("08")
+                || c.starts_with("57P")
+                || c == sqlstate::TOO_MANY_CONNECTIONS =>
+            {
                 StateError::Connection { message, sqlstate }
             }
             _ => StateError::StorageError { message, sqlstate },
@@ -333,9 +336,13 @@ mod tests {
     fn keys_display_safely() {
         let e = StateError::ConcurrentModification { key: vec![0, 255] };
         assert_eq!(e.to_string(), "concurrent modification of key 0x00ff");
-        let e = StateError::KeyNotFound { key: b"user:1".to_vec() };
+        let e = StateError::KeyNotFound {
+            key: b"user:1".to_vec(),
+        };
         assert_eq!(e.to_string(), "key not found: \"user:1\"");
-        let long = StateError::KeyNotFound { key: vec![b'a'; 100] };
+        let long = StateError::KeyNotFound {
+            key: vec![b'a'; 100],
+        };
         assert!(long.to_string().ends_with("... (100 bytes)"));
     }
 }

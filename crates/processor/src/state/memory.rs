@@ -107,7 +107,10 @@ impl StateBackend for MemoryStateBackend {
         };
         let map = self.lock();
         Ok(map
-            .range::<[u8], _>((Bound::Included(prefix), upper.as_ref().map(|u| u.as_slice())))
+            .range::<[u8], _>((
+                Bound::Included(prefix),
+                upper.as_ref().map(|u| u.as_slice()),
+            ))
             .filter(|(_, e)| e.live(now))
             .map(|(k, _)| k.clone())
             .collect())

@@ -16,9 +16,7 @@ use tokio_postgres::{Client, Row, Statement};
 
 use crate::state::connection::PgConn;
 use crate::state::error::{StateError, StateResult};
-use crate::state::limits::{
-    check_entry, check_key, check_metadata, json_type, prefix_upper_bound,
-};
+use crate::state::limits::{check_entry, check_key, check_metadata, json_type, prefix_upper_bound};
 use crate::state::pool::ConnPool;
 use crate::state::schema::TableNames;
 use crate::state::stats::{Op, Stats};
@@ -195,6 +193,9 @@ impl MetadataQuery {
     }
 }
 
+/// Keys and values of one UNNEST statement.
+type Chunk<'a> = (Vec<&'a [u8]>, Vec<&'a [u8]>);
+
 /// Keeps the last occurrence of each key, in the order of those last occurrences.
 fn last_wins<'a>(entries: &'a [(&'a [u8], &'a [u8])]) -> Vec<(&'a [u8], &'a [u8])> {
     let mut last: HashMap<&[u8], usize> = HashMap::with_capacity(entries.len());
@@ -242,7 +243,14 @@ impl Store {
     }
 
     /// Marks the connection reusable (a closed one is still discarded) and records timing.
-    fn done<T>(&self, conn: &mut PgConn, op: Op, rows: u64, start: Instant, result: &StateResult<T>) {
+    fn done<T>(
+        &self,
+        conn: &mut PgConn,
+        op: Op,
+        rows: u64,
+        start: Instant,
+        result: &StateResult<T>,
+    ) {
         conn.dirty = false;
         self.stats.record(op, rows, start.elapsed(), result.is_ok());
     }
@@ -253,7 +261,9 @@ impl Store {
         let start = Instant::now();
         let r = async {
             let row = conn.client.query_opt(&conn.stmts.get, &[&key]).await?;
-            row.map(|r| r.try_get(0)).transpose().map_err(StateError::from)
+            row.map(|r| r.try_get(0))
+                .transpose()
+                .map_err(StateError::from)
         }
         .await;
         self.done(&mut conn, Op::Get, 1, start, &r);
@@ -265,7 +275,10 @@ impl Store {
         let mut conn = self.acquire().await?;
         let start = Instant::now();
         let r = async {
-            let row = conn.client.query_opt(&conn.stmts.get_entry, &[&key]).await?;
+            let row = conn
+                .client
+                .query_opt(&conn.stmts.get_entry, &[&key])
+                .await?;
             row.as_ref().map(StateEntry::from_row).transpose()
         }
         .await;
@@ -336,7 +349,9 @@ impl Store {
             let row = match expected {
                 None => {
                     let params: [&(dyn ToSql + Sync); 4] = [&key, &value, &empty, &no_ttl];
-                    conn.client.query_opt(&conn.stmts.insert_new, &params).await?
+                    conn.client
+                        .query_opt(&conn.stmts.insert_new, &params)
+                        .await?
                 }
                 Some(v) => {
                     let params: [&(dyn ToSql + Sync); 5] = [&key, &value, &v, &empty, &no_ttl];
@@ -412,7 +427,7 @@ impl Store {
             return Ok(());
         }
         let entries = last_wins(entries);
-        let mut chunks: Vec<(Vec<&[u8]>, Vec<&[u8]>)> = Vec::new();
+        let mut chunks: Vec<Chunk<'_>> = Vec::new();
         let mut bytes = 0usize;
         for (k, v) in &entries {
             let size = k.len() + v.len();
@@ -436,7 +451,9 @@ impl Store {
         let c: &mut PgConn = &mut conn;
         let r = async {
             if let [(keys, values)] = chunks.as_slice() {
-                c.client.execute(&c.stmts.batch_upsert, &[keys, values]).await?;
+                c.client
+                    .execute(&c.stmts.batch_upsert, &[keys, values])
+                    .await?;
                 return Ok(());
             }
             let tx = c.client.transaction().await?;
@@ -480,7 +497,9 @@ impl Store {
                 .await?;
             }
             let sink = tx
-                .copy_in("COPY pg_temp.pgstate_copy_stage (seq, key, value) FROM STDIN (FORMAT binary)")
+                .copy_in(
+                    "COPY pg_temp.pgstate_copy_stage (seq, key, value) FROM STDIN (FORMAT binary)",
+                )
                 .await?;
             let mut writer = pin!(BinaryCopyInWriter::new(
                 sink,
@@ -512,7 +531,11 @@ impl Store {
         let start = Instant::now();
         let r = async {
             let rows = match &q.path {
-                None => conn.client.query(&conn.stmts.query_contains, &[&q.contains]).await?,
+                None => {
+                    conn.client
+                        .query(&conn.stmts.query_contains, &[&q.contains])
+                        .await?
+                }
                 Some((segments, v)) => {
                     conn.client
                         .query(&conn.stmts.query_path, &[&q.contains, segments, v])
@@ -540,14 +563,20 @@ mod tests {
     #[test]
     fn last_occurrence_wins() {
         let e: Vec<(&[u8], &[u8])> = vec![(b"a", b"1"), (b"b", b"2"), (b"a", b"3")];
-        assert_eq!(last_wins(&e), vec![(&b"b"[..], &b"2"[..]), (&b"a"[..], &b"3"[..])]);
+        assert_eq!(
+            last_wins(&e),
+            vec![(&b"b"[..], &b"2"[..]), (&b"a"[..], &b"3"[..])]
+        );
     }
 
     #[test]
     fn metadata_queries() {
         let q = MetadataQuery::new("user.id", &serde_json::json!(7)).unwrap();
         assert_eq!(q.contains, serde_json::json!({"user": {"id": 7}}));
-        assert_eq!(q.path.unwrap().0, vec!["user".to_string(), "id".to_string()]);
+        assert_eq!(
+            q.path.unwrap().0,
+            vec!["user".to_string(), "id".to_string()]
+        );
         let q = MetadataQuery::new("type", &serde_json::json!({"type": "user"})).unwrap();
         assert!(q.path.is_none());
         assert!(MetadataQuery::new("", &serde_json::json!(1)).is_err());

@@ -158,11 +158,14 @@ impl ConnPool {
     /// Checks out a connection, or fails with [`StateError::Timeout`] after `acquire_timeout`
     /// (naming the last connection error, if connecting is what failed).
     pub async fn get(&self) -> StateResult<Conn<'_>> {
+        // The server may have closed a connection while it sat idle (terminated backend,
+        // restart): bb8 discards it when it comes back, and we take another. Every attempt is
+        // bounded by the acquire timeout, and there are at most max_size + 1 of them.
+        let mut attempts = self.pool.state().connections + 1;
         let result = loop {
+            attempts = attempts.saturating_sub(1);
             match self.pool.get().await {
-                // The server may have closed it while it sat idle (terminated backend, restart):
-                // bb8 then discards it on return, and we take another.
-                Ok(conn) if conn.client.is_closed() => continue,
+                Ok(conn) if conn.client.is_closed() && attempts > 0 => continue,
                 other => break other,
             }
         };

@@ -87,8 +87,14 @@ impl TableNames {
             ("{{archive}}", self.archive.clone()),
             ("{{pkey}}", t.suffixed("_pkey").to_string()),
             ("{{ix_expires}}", t.suffixed("_expires_at_idx").to_string()),
-            ("{{ix_metadata}}", t.suffixed("_metadata_gin_idx").to_string()),
-            ("{{ix_archive_key}}", t.suffixed("_archive_key_idx").to_string()),
+            (
+                "{{ix_metadata}}",
+                t.suffixed("_metadata_gin_idx").to_string(),
+            ),
+            (
+                "{{ix_archive_key}}",
+                t.suffixed("_archive_key_idx").to_string(),
+            ),
             (
                 "{{live_view}}",
                 format!("{}.{}", self.schema, t.suffixed("_live")),

@@ -12,7 +12,9 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::state::config::{SslMode, SslSettings};
@@ -50,12 +52,12 @@ impl TlsSetup {
                     StateError::config("certificate verification needs a root certificate")
                 })?;
                 let roots = load_roots(path)?;
-                let webpki = WebPkiServerVerifier::builder_with_provider(
-                    Arc::new(roots),
-                    provider.clone(),
-                )
-                .build()
-                .map_err(|e| StateError::Tls(format!("root certificate {}: {e}", path.display())))?;
+                let webpki =
+                    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                        .build()
+                        .map_err(|e| {
+                            StateError::Tls(format!("root certificate {}: {e}", path.display()))
+                        })?;
                 if verification == Verification::ChainOnly {
                     Arc::new(ChainOnly(webpki))
                 } else {
@@ -78,9 +80,9 @@ impl TlsSetup {
                         pem_error(&e)
                     ))
                 })?;
-                builder
-                    .with_client_auth_cert(chain, key)
-                    .map_err(|e| StateError::Tls(format!("client certificate {}: {e}", cert.display())))?
+                builder.with_client_auth_cert(chain, key).map_err(|e| {
+                    StateError::Tls(format!("client certificate {}: {e}", cert.display()))
+                })?
             }
             _ => builder.with_no_client_auth(),
         };
@@ -120,9 +122,9 @@ fn load_certs(path: &Path) -> StateResult<Vec<CertificateDer<'static>>> {
 fn load_roots(path: &Path) -> StateResult<RootCertStore> {
     let mut roots = RootCertStore::empty();
     for cert in load_certs(path)? {
-        roots.add(cert).map_err(|e| {
-            StateError::Tls(format!("root certificate {}: {e}", path.display()))
-        })?;
+        roots
+            .add(cert)
+            .map_err(|e| StateError::Tls(format!("root certificate {}: {e}", path.display())))?;
     }
     Ok(roots)
 }
@@ -160,7 +162,12 @@ impl ServerCertVerifier for NoVerification {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -169,7 +176,12 @@ impl ServerCertVerifier for NoVerification {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {

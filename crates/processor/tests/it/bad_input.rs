@@ -13,7 +13,9 @@ use crate::support;
 
 fn invalid<T: std::fmt::Debug>(r: Result<T, StateError>, needle: &str) {
     match r {
-        Err(StateError::InvalidInput(msg)) => assert!(msg.contains(needle), "{msg:?} lacks {needle:?}"),
+        Err(StateError::InvalidInput(msg)) => {
+            assert!(msg.contains(needle), "{msg:?} lacks {needle:?}")
+        }
         other => panic!("expected InvalidInput containing {needle:?}, got {other:?}"),
     }
 }
@@ -28,17 +30,46 @@ async fn bad_keys_values_metadata_and_ttls_write_nothing() {
     invalid(b.put(b"", b"v").await, "key is empty");
     invalid(b.put(&long_key, b"v").await, "at most 2048");
     invalid(b.put(b"k", &huge_value).await, "value is");
-    invalid(b.put_with_metadata(b"", b"v", json!({})).await, "key is empty");
-    invalid(b.put_with_metadata(b"k", b"v", json!([1, 2])).await, "JSON object");
-    invalid(b.put_with_metadata(b"k", b"v", json!("text")).await, "JSON object");
-    invalid(b.put_with_metadata(b"k", b"v", json!(null)).await, "JSON object");
-    invalid(b.put_with_metadata(b"k", b"v", json!({"a": "nul\u{0}"})).await, "NUL");
-    invalid(b.put_with_ttl(b"k", b"v", Duration::ZERO).await, "TTL must be positive");
-    invalid(b.put_with_ttl(b"k", b"v", MAX_TTL + Duration::from_secs(1)).await, "exceeds");
+    invalid(
+        b.put_with_metadata(b"", b"v", json!({})).await,
+        "key is empty",
+    );
+    invalid(
+        b.put_with_metadata(b"k", b"v", json!([1, 2])).await,
+        "JSON object",
+    );
+    invalid(
+        b.put_with_metadata(b"k", b"v", json!("text")).await,
+        "JSON object",
+    );
+    invalid(
+        b.put_with_metadata(b"k", b"v", json!(null)).await,
+        "JSON object",
+    );
+    invalid(
+        b.put_with_metadata(b"k", b"v", json!({"a": "nul\u{0}"}))
+            .await,
+        "NUL",
+    );
+    invalid(
+        b.put_with_ttl(b"k", b"v", Duration::ZERO).await,
+        "TTL must be positive",
+    );
+    invalid(
+        b.put_with_ttl(b"k", b"v", MAX_TTL + Duration::from_secs(1))
+            .await,
+        "exceeds",
+    );
     invalid(b.put_with_ttl(b"k", b"v", Duration::MAX).await, "exceeds");
-    invalid(b.put_with_ttl(b"", b"v", Duration::from_secs(1)).await, "key is empty");
+    invalid(
+        b.put_with_ttl(b"", b"v", Duration::from_secs(1)).await,
+        "key is empty",
+    );
     invalid(b.put_with_version(b"", b"v", None).await, "key is empty");
-    invalid(b.put_with_version(&long_key, b"v", Some(1)).await, "at most 2048");
+    invalid(
+        b.put_with_version(&long_key, b"v", Some(1)).await,
+        "at most 2048",
+    );
     invalid(b.put_entry(b"k", b"v", json!(1), None).await, "JSON object");
     invalid(b.get(b"").await, "key is empty");
     invalid(b.contains(&long_key).await, "at most 2048");
@@ -57,7 +88,11 @@ async fn bad_keys_values_metadata_and_ttls_write_nothing() {
 
     assert_eq!(b.count().await.unwrap(), 0, "nothing was written");
     assert!(b.list_keys(b"").await.unwrap().is_empty());
-    assert_eq!(b.get_stats().put_count, 0, "refused before reaching the server");
+    assert_eq!(
+        b.get_stats().put_count,
+        0,
+        "refused before reaching the server"
+    );
 }
 
 #[tokio::test]
@@ -82,9 +117,11 @@ async fn hostile_identifiers_are_refused_and_the_table_is_intact() {
         assert_eq!(err.kind(), ErrorKind::InvalidInput, "{name:?}: {err}");
     }
     let long = "t".repeat(41);
-    let err = EnhancedPostgresBackend::new(EnhancedPostgresConfig::new(support::url()).with_table_name(long))
-        .await
-        .unwrap_err();
+    let err = EnhancedPostgresBackend::new(
+        EnhancedPostgresConfig::new(support::url()).with_table_name(long),
+    )
+    .await
+    .unwrap_err();
     assert!(err.to_string().contains("at most 40"), "{err}");
     assert_eq!(b.get(b"survivor").await.unwrap(), Some(b"1".to_vec()));
 }
@@ -93,8 +130,14 @@ async fn hostile_identifiers_are_refused_and_the_table_is_intact() {
 async fn malformed_configuration_is_a_clear_error() {
     let secret = "hunter2-planted";
     for (url, needle) in [
-        (format!("postgresql://u:{secret}@127.0.0.1:1/db?sslmode=bogus"), "unknown sslmode"),
-        (format!("postgresql://u:{secret}@127.0.0.1:notaport/db"), "malformed"),
+        (
+            format!("postgresql://u:{secret}@127.0.0.1:1/db?sslmode=bogus"),
+            "unknown sslmode",
+        ),
+        (
+            format!("postgresql://u:{secret}@127.0.0.1:notaport/db"),
+            "malformed",
+        ),
         ("not a url at all".to_string(), "malformed"),
         (String::new(), "empty"),
     ] {
@@ -104,7 +147,10 @@ async fn malformed_configuration_is_a_clear_error() {
         assert_eq!(err.kind(), ErrorKind::Configuration, "{url}: {err}");
         assert!(err.to_string().contains(needle), "{url}: {err}");
         assert!(!err.to_string().contains(secret), "password leaked: {err}");
-        assert!(!format!("{err:?}").contains(secret), "password leaked: {err:?}");
+        assert!(
+            !format!("{err:?}").contains(secret),
+            "password leaked: {err:?}"
+        );
     }
 }
 
@@ -120,7 +166,10 @@ async fn dead_server_is_a_bounded_connection_error() {
     .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Connection, "{err}");
     assert!(err.is_retryable());
-    assert!(err.to_string().contains(&format!("127.0.0.1:{port}")), "{err}");
+    assert!(
+        err.to_string().contains(&format!("127.0.0.1:{port}")),
+        "{err}"
+    );
     assert!(!err.to_string().contains("hunter2"), "{err}");
     assert!(start.elapsed() < Duration::from_secs(30), "bounded wait");
 }

@@ -95,7 +95,11 @@ pub async fn run(b: Arc<dyn StateBackend>, ttl: &dyn TtlWriter) {
     }
     let mut sorted = keys.clone();
     sorted.sort();
-    assert_eq!(b.list_keys(b"").await.unwrap(), sorted, "all keys in byte order");
+    assert_eq!(
+        b.list_keys(b"").await.unwrap(),
+        sorted,
+        "all keys in byte order"
+    );
     let prefixes: Vec<Vec<u8>> = vec![
         vec![0x00],
         b"%".to_vec(),
@@ -111,22 +115,33 @@ pub async fn run(b: Arc<dyn StateBackend>, ttl: &dyn TtlWriter) {
         b"zzz".to_vec(),
     ];
     for p in &prefixes {
-        let expected: Vec<Vec<u8>> = sorted.iter().filter(|k| k.starts_with(p)).cloned().collect();
+        let expected: Vec<Vec<u8>> = sorted
+            .iter()
+            .filter(|k| k.starts_with(p))
+            .cloned()
+            .collect();
         assert_eq!(b.list_keys(p).await.unwrap(), expected, "prefix {p:?}");
     }
     assert_eq!(b.count().await.unwrap(), keys.len());
     b.clear().await.unwrap();
 
     // TTL: an expired entry is invisible to every read, before any cleanup.
-    ttl.put_ttl(b"ttl:short", b"x", Duration::from_millis(300)).await.unwrap();
-    ttl.put_ttl(b"ttl:long", b"y", Duration::from_secs(3600)).await.unwrap();
+    ttl.put_ttl(b"ttl:short", b"x", Duration::from_millis(300))
+        .await
+        .unwrap();
+    ttl.put_ttl(b"ttl:long", b"y", Duration::from_secs(3600))
+        .await
+        .unwrap();
     assert_eq!(b.get(b"ttl:short").await.unwrap(), Some(b"x".to_vec()));
     assert_eq!(b.count().await.unwrap(), 2);
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(b.get(b"ttl:short").await.unwrap(), None);
     assert!(!b.contains(b"ttl:short").await.unwrap());
     assert_eq!(b.count().await.unwrap(), 1);
-    assert_eq!(b.list_keys(b"ttl:").await.unwrap(), vec![b"ttl:long".to_vec()]);
+    assert_eq!(
+        b.list_keys(b"ttl:").await.unwrap(),
+        vec![b"ttl:long".to_vec()]
+    );
     assert_eq!(b.get(b"ttl:long").await.unwrap(), Some(b"y".to_vec()));
     // Writing over an expired entry makes it live again; a plain put clears the TTL.
     b.put(b"ttl:short", b"again").await.unwrap();
@@ -134,9 +149,18 @@ pub async fn run(b: Arc<dyn StateBackend>, ttl: &dyn TtlWriter) {
     b.clear().await.unwrap();
 
     // Bad keys are refused, nothing written.
-    for bad in [Vec::new(), vec![b'k'; processor::state::limits::MAX_KEY_LEN + 1]] {
-        assert!(matches!(b.put(&bad, b"v").await, Err(StateError::InvalidInput(_))));
-        assert!(matches!(b.get(&bad).await, Err(StateError::InvalidInput(_))));
+    for bad in [
+        Vec::new(),
+        vec![b'k'; processor::state::limits::MAX_KEY_LEN + 1],
+    ] {
+        assert!(matches!(
+            b.put(&bad, b"v").await,
+            Err(StateError::InvalidInput(_))
+        ));
+        assert!(matches!(
+            b.get(&bad).await,
+            Err(StateError::InvalidInput(_))
+        ));
     }
     let max_key = vec![b'k'; processor::state::limits::MAX_KEY_LEN];
     b.put(&max_key, b"v").await.unwrap();

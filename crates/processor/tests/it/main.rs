@@ -9,3 +9,4 @@ mod pool;
 mod schema;
 mod seed;
 mod support;
+mod tls;

@@ -40,7 +40,9 @@ async fn batch_put_and_copy_last_write_wins() {
 #[tokio::test]
 async fn large_batches_are_chunked_and_complete() {
     let b = support::backend("batch_big").await;
-    let keys: Vec<Vec<u8>> = (0..12_345u32).map(|i| format!("k{i:06}").into_bytes()).collect();
+    let keys: Vec<Vec<u8>> = (0..12_345u32)
+        .map(|i| format!("k{i:06}").into_bytes())
+        .collect();
     let entries: Vec<(&[u8], &[u8])> = keys.iter().map(|k| (k.as_slice(), k.as_slice())).collect();
     b.batch_put(&entries).await.unwrap();
     assert_eq!(b.count().await.unwrap(), 12_345);
@@ -59,9 +61,13 @@ async fn every_write_path_bumps_the_version() {
     assert_eq!(b.put_with_version(b"k", b"0", None).await.unwrap(), 1);
     b.put(b"k", b"1").await.unwrap();
     assert_eq!(v(b.get_entry(b"k").await.unwrap()), 2);
-    b.put_with_metadata(b"k", b"2", json!({"a": 1})).await.unwrap();
+    b.put_with_metadata(b"k", b"2", json!({"a": 1}))
+        .await
+        .unwrap();
     assert_eq!(v(b.get_entry(b"k").await.unwrap()), 3);
-    b.put_with_ttl(b"k", b"3", Duration::from_secs(60)).await.unwrap();
+    b.put_with_ttl(b"k", b"3", Duration::from_secs(60))
+        .await
+        .unwrap();
     assert_eq!(v(b.get_entry(b"k").await.unwrap()), 4);
     b.batch_put(&[(b"k", b"4")]).await.unwrap();
     assert_eq!(v(b.get_entry(b"k").await.unwrap()), 5);
@@ -69,11 +75,17 @@ async fn every_write_path_bumps_the_version() {
     assert_eq!(v(b.get_entry(b"k").await.unwrap()), 6);
     // A version read before any of those writes is stale now.
     let stale = b.put_with_version(b"k", b"x", Some(1)).await;
-    assert!(matches!(stale, Err(StateError::ConcurrentModification { .. })));
+    assert!(matches!(
+        stale,
+        Err(StateError::ConcurrentModification { .. })
+    ));
     assert_eq!(b.put_with_version(b"k", b"6", Some(6)).await.unwrap(), 7);
     // Updating a missing key with a version is a conflict too.
     let missing = b.put_with_version(b"nope", b"x", Some(1)).await;
-    assert!(matches!(missing, Err(StateError::ConcurrentModification { .. })));
+    assert!(matches!(
+        missing,
+        Err(StateError::ConcurrentModification { .. })
+    ));
 }
 
 #[tokio::test]
@@ -90,7 +102,10 @@ async fn concurrent_versioned_increments_lose_nothing() {
                     let e = b.get_entry(b"counter").await.unwrap().unwrap();
                     let n: u64 = std::str::from_utf8(&e.value).unwrap().parse().unwrap();
                     let next = (n + 1).to_string();
-                    match b.put_with_version(b"counter", next.as_bytes(), Some(e.version)).await {
+                    match b
+                        .put_with_version(b"counter", next.as_bytes(), Some(e.version))
+                        .await
+                    {
                         Ok(_) => break,
                         Err(StateError::ConcurrentModification { .. }) => conflicts += 1,
                         Err(other) => panic!("unexpected error: {other}"),
@@ -113,39 +128,116 @@ async fn concurrent_versioned_increments_lose_nothing() {
 #[tokio::test]
 async fn metadata_queries_by_containment_and_path() {
     let b = support::backend("meta").await;
-    b.put_with_metadata(b"u1", b"a", json!({"type": "user", "profile": {"city": "Oslo", "age": 30}}))
-        .await
-        .unwrap();
-    b.put_with_metadata(b"u2", b"b", json!({"type": "user", "profile": {"city": "Rome", "age": 30.0}}))
-        .await
-        .unwrap();
-    b.put_with_metadata(b"o1", b"c", json!({"type": "order", "tags": ["x", "y"], "gone": null}))
-        .await
-        .unwrap();
+    b.put_with_metadata(
+        b"u1",
+        b"a",
+        json!({"type": "user", "profile": {"city": "Oslo", "age": 30}}),
+    )
+    .await
+    .unwrap();
+    b.put_with_metadata(
+        b"u2",
+        b"b",
+        json!({"type": "user", "profile": {"city": "Rome", "age": 30.0}}),
+    )
+    .await
+    .unwrap();
+    b.put_with_metadata(
+        b"o1",
+        b"c",
+        json!({"type": "order", "tags": ["x", "y"], "gone": null}),
+    )
+    .await
+    .unwrap();
     b.put(b"plain", b"d").await.unwrap();
-    let keys = |v: Vec<processor::state::StateEntry>| v.into_iter().map(|e| e.key).collect::<Vec<_>>();
+    let keys =
+        |v: Vec<processor::state::StateEntry>| v.into_iter().map(|e| e.key).collect::<Vec<_>>();
 
-    assert_eq!(keys(b.query_by_metadata("type", &json!({"type": "user"})).await.unwrap()), vec![b"u1".to_vec(), b"u2".to_vec()]);
-    assert_eq!(keys(b.query_by_metadata("type", &json!("order")).await.unwrap()), vec![b"o1".to_vec()]);
-    assert_eq!(keys(b.query_by_metadata("profile.city", &json!("Rome")).await.unwrap()), vec![b"u2".to_vec()]);
+    assert_eq!(
+        keys(
+            b.query_by_metadata("type", &json!({"type": "user"}))
+                .await
+                .unwrap()
+        ),
+        vec![b"u1".to_vec(), b"u2".to_vec()]
+    );
+    assert_eq!(
+        keys(b.query_by_metadata("type", &json!("order")).await.unwrap()),
+        vec![b"o1".to_vec()]
+    );
+    assert_eq!(
+        keys(
+            b.query_by_metadata("profile.city", &json!("Rome"))
+                .await
+                .unwrap()
+        ),
+        vec![b"u2".to_vec()]
+    );
     // jsonb compares numbers by value: 30 == 30.0.
-    assert_eq!(keys(b.query_by_metadata("profile.age", &json!(30)).await.unwrap()).len(), 2);
-    assert_eq!(keys(b.query_by_metadata("tags", &json!(["x", "y"])).await.unwrap()), vec![b"o1".to_vec()]);
+    assert_eq!(
+        keys(
+            b.query_by_metadata("profile.age", &json!(30))
+                .await
+                .unwrap()
+        )
+        .len(),
+        2
+    );
+    assert_eq!(
+        keys(
+            b.query_by_metadata("tags", &json!(["x", "y"]))
+                .await
+                .unwrap()
+        ),
+        vec![b"o1".to_vec()]
+    );
     // Path equality is exact: a subset of an array is not equal to it.
-    assert!(b.query_by_metadata("tags", &json!(["x"])).await.unwrap().is_empty());
-    assert_eq!(keys(b.query_by_metadata("gone", &json!(null)).await.unwrap()), vec![b"o1".to_vec()]);
-    assert!(b.query_by_metadata("profile", &json!("Oslo")).await.unwrap().is_empty());
+    assert!(b
+        .query_by_metadata("tags", &json!(["x"]))
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        keys(b.query_by_metadata("gone", &json!(null)).await.unwrap()),
+        vec![b"o1".to_vec()]
+    );
+    assert!(b
+        .query_by_metadata("profile", &json!("Oslo"))
+        .await
+        .unwrap()
+        .is_empty());
     // Hostile paths are data, not SQL.
-    assert!(b.query_by_metadata("x'); DROP TABLE state_entries; --", &json!(1)).await.unwrap().is_empty());
+    assert!(b
+        .query_by_metadata("x'); DROP TABLE state_entries; --", &json!(1))
+        .await
+        .unwrap()
+        .is_empty());
     assert_eq!(b.count().await.unwrap(), 4);
 
     // Expired entries are invisible to queries.
-    b.put_entry(b"u3", b"e", json!({"type": "user"}), Some(Duration::from_millis(200)))
-        .await
-        .unwrap();
-    assert_eq!(b.query_by_metadata("type", &json!({"type": "user"})).await.unwrap().len(), 3);
+    b.put_entry(
+        b"u3",
+        b"e",
+        json!({"type": "user"}),
+        Some(Duration::from_millis(200)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        b.query_by_metadata("type", &json!({"type": "user"}))
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(b.query_by_metadata("type", &json!({"type": "user"})).await.unwrap().len(), 2);
+    assert_eq!(
+        b.query_by_metadata("type", &json!({"type": "user"}))
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
 
     let entry = b.get_entry(b"u1").await.unwrap().unwrap();
     assert_eq!(entry.metadata["profile"]["city"], "Oslo");
@@ -155,7 +247,9 @@ async fn metadata_queries_by_containment_and_path() {
 #[tokio::test]
 async fn statistics_count_operations_and_slow_queries() {
     let cfg = support::config("stats").with_slow_query_threshold(Duration::ZERO);
-    let b = processor::state::EnhancedPostgresBackend::new(cfg).await.unwrap();
+    let b = processor::state::EnhancedPostgresBackend::new(cfg)
+        .await
+        .unwrap();
     b.put(b"a", b"1").await.unwrap();
     b.get(b"a").await.unwrap();
     b.get(b"b").await.unwrap();

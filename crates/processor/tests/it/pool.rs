@@ -21,14 +21,18 @@ fn one_connection(acquire: Duration, test_on_acquire: bool) -> PostgresPoolConfi
 
 #[tokio::test]
 async fn acquire_timeout_is_a_clear_error() {
-    let cfg = support::config("acquire").with_pool_config(one_connection(Duration::from_millis(500), true));
+    let cfg = support::config("acquire")
+        .with_pool_config(one_connection(Duration::from_millis(500), true));
     let b = EnhancedPostgresBackend::new(cfg).await.unwrap();
     // Another session locks the table, so the pool's only connection blocks in count().
     let mut locker = support::raw(&support::url()).await;
     let tx = locker.transaction().await.unwrap();
-    tx.batch_execute(&format!("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", b.table()))
-        .await
-        .unwrap();
+    tx.batch_execute(&format!(
+        "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+        b.table()
+    ))
+    .await
+    .unwrap();
     let blocked = {
         let b = b.clone_handle();
         tokio::spawn(async move { b.count().await })
@@ -39,8 +43,14 @@ async fn acquire_timeout_is_a_clear_error() {
     let waited = start.elapsed();
     assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
     assert!(err.to_string().contains("500ms"), "{err}");
-    assert!(waited >= Duration::from_millis(450), "gave up early: {waited:?}");
-    assert!(waited < Duration::from_secs(10), "not bounded by acquire_timeout: {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(450),
+        "gave up early: {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(10),
+        "not bounded by acquire_timeout: {waited:?}"
+    );
     assert!(b.get_pool_stats().timeouts >= 1);
     tx.rollback().await.unwrap();
     assert_eq!(blocked.await.unwrap().unwrap(), 0);
@@ -50,7 +60,10 @@ async fn acquire_timeout_is_a_clear_error() {
 async fn backend_pid(app: &str) -> Vec<i32> {
     let admin = support::raw(&support::url()).await;
     admin
-        .query("SELECT pid FROM pg_stat_activity WHERE application_name = $1", &[&app])
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
+            &[&app],
+        )
         .await
         .unwrap()
         .iter()
@@ -75,10 +88,17 @@ async fn terminated_connection_is_not_reused(test_on_acquire: bool) {
     // Give the driver a moment to see the socket close, as it would in any real gap between
     // operations.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(b.get(b"k").await.unwrap(), Some(b"v".to_vec()), "the dead connection was handed out");
+    assert_eq!(
+        b.get(b"k").await.unwrap(),
+        Some(b"v".to_vec()),
+        "the dead connection was handed out"
+    );
     let after = backend_pid(&app).await;
     assert_eq!(after.len(), 1);
-    assert_ne!(after, before, "a new connection replaced the terminated one");
+    assert_ne!(
+        after, before,
+        "a new connection replaced the terminated one"
+    );
     assert!(b.get_pool_stats().connections_created >= 2);
 }
 
@@ -105,13 +125,14 @@ async fn operations_recover_after_a_server_restart() {
     .await
     .unwrap()
     .unwrap();
-    let cfg = EnhancedPostgresConfig::new(cluster.primary_url()).with_pool_config(PostgresPoolConfig {
-        min_connections: 2,
-        max_connections: 4,
-        acquire_timeout: Duration::from_secs(2),
-        health_check_interval: Duration::from_millis(500),
-        ..PostgresPoolConfig::default()
-    });
+    let cfg =
+        EnhancedPostgresConfig::new(cluster.primary_url()).with_pool_config(PostgresPoolConfig {
+            min_connections: 2,
+            max_connections: 4,
+            acquire_timeout: Duration::from_secs(2),
+            health_check_interval: Duration::from_millis(500),
+            ..PostgresPoolConfig::default()
+        });
     let b = EnhancedPostgresBackend::new(cfg).await.unwrap();
     b.put(b"before", b"1").await.unwrap();
 
@@ -123,7 +144,10 @@ async fn operations_recover_after_a_server_restart() {
     .unwrap();
     let err = b.get(b"before").await.unwrap_err();
     assert!(err.is_retryable(), "{err}");
-    assert!(matches!(err.kind(), ErrorKind::Timeout | ErrorKind::Connection), "{err}");
+    assert!(
+        matches!(err.kind(), ErrorKind::Timeout | ErrorKind::Connection),
+        "{err}"
+    );
     assert!(!b.health_check().await.unwrap());
 
     let cluster = tokio::task::spawn_blocking(move || {
@@ -155,4 +179,22 @@ async fn operations_recover_after_a_server_restart() {
     assert_eq!(b.count().await.unwrap(), 2);
     assert!(b.health_check().await.unwrap());
     drop(cluster);
+}
+
+#[test]
+fn dropping_a_backend_after_its_runtime_is_gone_does_not_panic() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let b = rt.block_on(async {
+        let b = support::backend("drop").await;
+        b.put(b"k", b"v").await.unwrap();
+        b
+    });
+    let handle = b.clone_handle();
+    drop(rt);
+    drop(b);
+    drop(handle);
 }

@@ -41,7 +41,12 @@ async fn ten_backends_starting_at_once_on_an_empty_database() {
     }
 
     // The tables the seed names exist.
-    for table in ["state_entries", "state_checkpoints", "state_advisory_locks", "state_entries_archive"] {
+    for table in [
+        "state_entries",
+        "state_checkpoints",
+        "state_advisory_locks",
+        "state_entries_archive",
+    ] {
         let n: i64 = db
             .query_one(
                 "SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tablename = $1",
@@ -87,7 +92,9 @@ async fn a_tampered_migration_record_is_refused() {
     EnhancedPostgresBackend::new(cfg.clone()).await.unwrap();
     let db = support::raw(&support::url()).await;
     db.execute(
-        &format!("UPDATE \"{schema}\".pgstate_schema_migrations SET checksum = 'x' WHERE version = 2"),
+        &format!(
+            "UPDATE \"{schema}\".pgstate_schema_migrations SET checksum = 'x' WHERE version = 2"
+        ),
         &[],
     )
     .await

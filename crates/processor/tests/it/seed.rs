@@ -34,22 +34,26 @@ async fn seed_quick_start() {
 /// "Basic Operations".
 async fn basic_operations(backend: &EnhancedPostgresBackend) -> anyhow::Result<()> {
     // Put with metadata
-    backend.put_with_metadata(
-        b"user:123",
-        b"user_data",
-        serde_json::json!({
-            "type": "user",
-            "created_at": "2025-01-01",
-            "source": "registration"
-        })
-    ).await?;
+    backend
+        .put_with_metadata(
+            b"user:123",
+            b"user_data",
+            serde_json::json!({
+                "type": "user",
+                "created_at": "2025-01-01",
+                "source": "registration"
+            }),
+        )
+        .await?;
 
     // Put with TTL
-    backend.put_with_ttl(
-        b"session:456",
-        b"session_data",
-        Duration::from_secs(3600) // 1 hour
-    ).await?;
+    backend
+        .put_with_ttl(
+            b"session:456",
+            b"session_data",
+            Duration::from_secs(3600), // 1 hour
+        )
+        .await?;
 
     // Batch operations
     let entries: Vec<(&[u8], &[u8])> = vec![
@@ -77,7 +81,10 @@ async fn seed_basic_operations() {
         .unwrap()
         .duration_since(std::time::SystemTime::now())
         .unwrap_or_default();
-    assert!(left > Duration::from_secs(3500) && left <= Duration::from_secs(3600), "{left:?}");
+    assert!(
+        left > Duration::from_secs(3500) && left <= Duration::from_secs(3600),
+        "{left:?}"
+    );
     for i in 1..=3 {
         let k = format!("key{i}");
         let e = backend.get_entry(k.as_bytes()).await.unwrap().unwrap();
@@ -96,14 +103,21 @@ async fn optimistic_locking(backend: &EnhancedPostgresBackend) -> anyhow::Result
     assert_eq!(version, 1);
 
     // Update with version check
-    let new_version = backend.put_with_version(b"key", b"value2", Some(version)).await?;
+    let new_version = backend
+        .put_with_version(b"key", b"value2", Some(version))
+        .await?;
     // new_version == 2
     assert_eq!(new_version, 2);
 
     // Concurrent update with stale version fails
-    let result = backend.put_with_version(b"key", b"value3", Some(version)).await;
+    let result = backend
+        .put_with_version(b"key", b"value3", Some(version))
+        .await;
     // result is Err(StateError::ConcurrentModification)
-    assert!(matches!(result, Err(StateError::ConcurrentModification { .. })));
+    assert!(matches!(
+        result,
+        Err(StateError::ConcurrentModification { .. })
+    ));
     Ok(())
 }
 
@@ -114,24 +128,23 @@ async fn seed_optimistic_locking() {
     assert_eq!(backend.get(b"key").await.unwrap(), Some(b"value2".to_vec()));
     // Creating a key that exists fails too.
     let again = backend.put_with_version(b"key", b"x", None).await;
-    assert!(matches!(again, Err(StateError::ConcurrentModification { .. })));
+    assert!(matches!(
+        again,
+        Err(StateError::ConcurrentModification { .. })
+    ));
 }
 
 /// "Query by Metadata".
-async fn query_by_metadata(
-    backend: &EnhancedPostgresBackend,
-) -> anyhow::Result<(usize, usize)> {
+async fn query_by_metadata(backend: &EnhancedPostgresBackend) -> anyhow::Result<(usize, usize)> {
     // Find all users
-    let users = backend.query_by_metadata(
-        "type",
-        &serde_json::json!({"type": "user"})
-    ).await?;
+    let users = backend
+        .query_by_metadata("type", &serde_json::json!({"type": "user"}))
+        .await?;
 
     // Find specific user
-    let user = backend.query_by_metadata(
-        "id",
-        &serde_json::json!({"id": 123})
-    ).await?;
+    let user = backend
+        .query_by_metadata("id", &serde_json::json!({"id": 123}))
+        .await?;
     Ok((users.len(), user.len()))
 }
 
@@ -157,9 +170,11 @@ async fn seed_query_by_metadata() {
 /// "Migration from Basic Backend" (the snippet's lines unchanged, checks in between).
 async fn migration_from_basic(url: &str) -> anyhow::Result<()> {
     // Old
-    use processor::state::{PostgresStateBackend, PostgresConfig};
+    use processor::state::{PostgresConfig, PostgresStateBackend};
     let backend = PostgresStateBackend::new(PostgresConfig::new(url)).await?;
-    backend.put(b"seed-migration-key", b"written by basic").await?;
+    backend
+        .put(b"seed-migration-key", b"written by basic")
+        .await?;
 
     // New
     use processor::state::{EnhancedPostgresBackend, EnhancedPostgresConfig};
@@ -183,8 +198,8 @@ async fn seed_migration_from_basic() {
 #[allow(dead_code, unused_variables)]
 async fn advanced_configuration() -> anyhow::Result<()> {
     use processor::state::{
-        EnhancedPostgresConfig, PostgresPoolConfig, PostgresSslConfig,
-        PostgresReplicaConfig, RetentionPolicy, IsolationLevel,
+        EnhancedPostgresConfig, IsolationLevel, PostgresPoolConfig, PostgresReplicaConfig,
+        PostgresSslConfig, RetentionPolicy,
     };
     use std::time::Duration;
 

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Installs what pgstate's tests and examples need on a fresh Debian machine, when missing:
+# the PostgreSQL server binaries (initdb, postgres, pg_basebackup), psql and pgbench, openssl.
+# Idempotent and quiet when everything is there.
+set -euo pipefail
+
+have_server() {
+  local d
+  if command -v pg_config >/dev/null 2>&1; then
+    d=$(pg_config --bindir 2>/dev/null || true)
+    [ -x "$d/initdb" ] && [ -x "$d/postgres" ] && return 0
+  fi
+  for d in /usr/lib/postgresql/*/bin; do
+    [ -x "$d/initdb" ] && [ -x "$d/postgres" ] && return 0
+  done
+  command -v initdb >/dev/null 2>&1 && command -v postgres >/dev/null 2>&1
+}
+
+missing=()
+have_server || missing+=(postgresql)
+command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
+command -v pgbench >/dev/null 2>&1 || missing+=(postgresql-client)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+command -v setsid >/dev/null 2>&1 || missing+=(util-linux)
+
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then sudo="sudo"; else
+      echo "setup: need ${missing[*]} but am not root and have no sudo; install them and retry" >&2
+      exit 1
+    fi
+  fi
+  echo "setup: installing ${missing[*]} with apt-get" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Debian's package starts a default cluster on port 5432; the project starts its own servers.
+  if command -v pg_lsclusters >/dev/null 2>&1; then
+    pg_lsclusters -h 2>/dev/null | while read -r ver name _; do
+      $sudo pg_ctlcluster "$ver" "$name" stop >/dev/null 2>&1 || true
+    done
+  fi
+fi
+have_server || { echo "setup: PostgreSQL server binaries still not found" >&2; exit 1; }

@@ -173,3 +173,16 @@ async fn dead_server_is_a_bounded_connection_error() {
     assert!(!err.to_string().contains("hunter2"), "{err}");
     assert!(start.elapsed() < Duration::from_secs(30), "bounded wait");
 }
+
+#[test]
+fn debug_output_never_shows_a_password() {
+    let secret = "hunter2-planted";
+    let url = format!("postgresql://u:{secret}@127.0.0.1/db");
+    let basic = processor::state::PostgresConfig::new(url.clone());
+    assert!(!format!("{basic:?}").contains(secret));
+    let kw = EnhancedPostgresConfig::new(format!("host=h user=u password={secret}"));
+    assert!(!format!("{kw:?}").contains(secret));
+    assert!(!EnhancedPostgresConfig::new(url)
+        .redacted_url()
+        .contains(secret));
+}

@@ -57,20 +57,6 @@ async fn acquire_timeout_is_a_clear_error() {
     b.put(b"k", b"v").await.unwrap();
 }
 
-async fn backend_pid(app: &str) -> Vec<i32> {
-    let admin = support::raw(&support::url()).await;
-    admin
-        .query(
-            "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
-            &[&app],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
-
 async fn terminated_connection_is_not_reused(test_on_acquire: bool) {
     let app = support::unique("killme");
     let cfg = support::config("kill")
@@ -78,7 +64,7 @@ async fn terminated_connection_is_not_reused(test_on_acquire: bool) {
         .with_pool_config(one_connection(Duration::from_secs(10), test_on_acquire));
     let b = EnhancedPostgresBackend::new(cfg).await.unwrap();
     b.put(b"k", b"v").await.unwrap();
-    let before = backend_pid(&app).await;
+    let before: Vec<i32> = support::sessions(&app).await.iter().map(|s| s.0).collect();
     assert_eq!(before.len(), 1, "one pooled connection");
     let admin = support::raw(&support::url()).await;
     admin
@@ -93,7 +79,7 @@ async fn terminated_connection_is_not_reused(test_on_acquire: bool) {
         Some(b"v".to_vec()),
         "the dead connection was handed out"
     );
-    let after = backend_pid(&app).await;
+    let after: Vec<i32> = support::sessions(&app).await.iter().map(|s| s.0).collect();
     assert_eq!(after.len(), 1);
     assert_ne!(
         after, before,
@@ -197,4 +183,80 @@ fn dropping_a_backend_after_its_runtime_is_gone_does_not_panic() {
     drop(rt);
     drop(b);
     drop(handle);
+}
+
+#[tokio::test]
+async fn a_cancelled_operation_does_not_leave_its_connection_in_the_pool() {
+    let app = support::unique("cancel");
+    let cfg = support::config("cancel")
+        .with_application_name(app.clone())
+        .with_pool_config(one_connection(Duration::from_secs(10), false));
+    let b = EnhancedPostgresBackend::new(cfg).await.unwrap();
+    b.put(b"k", b"v").await.unwrap();
+    let before: Vec<i32> = support::sessions(&app).await.iter().map(|s| s.0).collect();
+
+    // Block the only connection mid-query, then drop the operation's future.
+    let mut locker = support::raw(&support::url()).await;
+    let tx = locker.transaction().await.unwrap();
+    tx.batch_execute(&format!(
+        "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+        b.table()
+    ))
+    .await
+    .unwrap();
+    let cancelled = tokio::time::timeout(Duration::from_millis(300), b.count()).await;
+    assert!(cancelled.is_err(), "the count should still be blocked");
+    tx.rollback().await.unwrap();
+
+    // The next operation runs on a fresh connection and sees the right data.
+    assert_eq!(b.get(b"k").await.unwrap(), Some(b"v".to_vec()));
+    assert_eq!(b.count().await.unwrap(), 1);
+    let stats = b.get_pool_stats();
+    assert!(stats.connections_closed_broken >= 1, "{stats:?}");
+    let after: Vec<i32> = support::sessions(&app).await.iter().map(|s| s.0).collect();
+    assert_eq!(after.len(), 1);
+    assert_ne!(after, before);
+}
+
+#[tokio::test]
+async fn the_health_check_replaces_dead_idle_connections_in_the_background() {
+    let app = support::unique("health");
+    let cfg = support::config("health")
+        .with_application_name(app.clone())
+        .with_pool_config(PostgresPoolConfig {
+            min_connections: 2,
+            max_connections: 4,
+            test_on_acquire: false,
+            health_check_interval: Duration::from_millis(200),
+            ..PostgresPoolConfig::default()
+        });
+    let b = EnhancedPostgresBackend::new(cfg).await.unwrap();
+    let before: Vec<i32> = support::sessions(&app).await.iter().map(|s| s.0).collect();
+    assert_eq!(before.len(), 2, "min_connections open");
+    let admin = support::raw(&support::url()).await;
+    for pid in &before {
+        admin
+            .execute("SELECT pg_terminate_backend($1)", &[pid])
+            .await
+            .unwrap();
+    }
+    // No operation runs; only the background task can notice and replace them.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now: Vec<i32> = support::sessions(&app).await.iter().map(|s| s.0).collect();
+        let stats = b.get_pool_stats();
+        if now.len() == 2 && now.iter().all(|p| !before.contains(p)) && stats.idle == 2 {
+            assert!(
+                stats.connections_closed_broken + stats.connections_closed_invalid >= 2,
+                "{stats:?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not replaced: sessions {now:?}, {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(b.get_stats().query_count, 0, "no user operation ran");
 }

@@ -66,3 +66,19 @@ pub async fn fresh_database(tag: &str) -> String {
         None => panic!("test URL without a database path: cannot derive one"),
     }
 }
+
+/// The server sessions with this `application_name`: (pid, whether TLS is on).
+pub async fn sessions(app: &str) -> Vec<(i32, bool)> {
+    let admin = raw(&url()).await;
+    admin
+        .query(
+            "SELECT a.pid, coalesce(s.ssl, false) FROM pg_stat_activity a \
+             LEFT JOIN pg_stat_ssl s USING (pid) WHERE a.application_name = $1",
+            &[&app],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}

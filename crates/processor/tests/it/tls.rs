@@ -8,21 +8,6 @@ use processor::state::{
 
 use crate::support;
 
-/// Whether the backend's connections (found by application name) are encrypted.
-async fn encrypted(app: &str) -> Vec<bool> {
-    let admin = support::raw(&support::url()).await;
-    admin
-        .query(
-            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.application_name = $1",
-            &[&app],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
-
 async fn check_mode(url: String, ssl: Option<PostgresSslConfig>, expect_tls: bool) {
     let app = support::unique("tls");
     let mut cfg = EnhancedPostgresConfig::new(url)
@@ -34,7 +19,7 @@ async fn check_mode(url: String, ssl: Option<PostgresSslConfig>, expect_tls: boo
     }
     let b = EnhancedPostgresBackend::new(cfg).await.unwrap();
     b.put(b"k", b"v").await.unwrap();
-    let seen = encrypted(&app).await;
+    let seen: Vec<bool> = support::sessions(&app).await.iter().map(|s| s.1).collect();
     assert!(!seen.is_empty(), "no connection found");
     assert!(
         seen.iter().all(|s| *s == expect_tls),

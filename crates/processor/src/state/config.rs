@@ -156,6 +156,8 @@ pub struct EnhancedPostgresConfig {
     pub(crate) connect_timeout: Duration,
     pub(crate) statement_timeout: Option<Duration>,
     pub(crate) application_name: String,
+    pub(crate) max_retries: u32,
+    pub(crate) retry_backoff: Duration,
 }
 
 impl EnhancedPostgresConfig {
@@ -175,6 +177,8 @@ impl EnhancedPostgresConfig {
             connect_timeout: Duration::from_secs(10),
             statement_timeout: None,
             application_name: "pgstate".to_string(),
+            max_retries: 10,
+            retry_backoff: Duration::from_millis(10),
         }
     }
 
@@ -242,6 +246,21 @@ impl EnhancedPostgresConfig {
     /// The `application_name` shown in `pg_stat_activity`. Default `pgstate`.
     pub fn with_application_name(mut self, name: impl Into<String>) -> Self {
         self.application_name = name.into();
+        self
+    }
+
+    /// How many times [`transaction`](crate::state::EnhancedPostgresBackend::transaction)
+    /// re-runs its closure after a serialization failure, deadlock or lost connection.
+    /// Default 10.
+    pub fn with_max_retries(mut self, retries: u32) -> Self {
+        self.max_retries = retries;
+        self
+    }
+
+    /// Base delay between transaction retries; it doubles per attempt (up to 5 s) with random
+    /// jitter. Default 10 ms.
+    pub fn with_retry_backoff(mut self, backoff: Duration) -> Self {
+        self.retry_backoff = backoff;
         self
     }
 
@@ -336,6 +355,8 @@ impl fmt::Debug for EnhancedPostgresConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("statement_timeout", &self.statement_timeout)
             .field("application_name", &self.application_name)
+            .field("max_retries", &self.max_retries)
+            .field("retry_backoff", &self.retry_backoff)
             .finish()
     }
 }

@@ -7,13 +7,15 @@ use async_trait::async_trait;
 
 use crate::state::backend::StateBackend;
 use crate::state::config::EnhancedPostgresConfig;
+use crate::state::config::IsolationLevel;
 use crate::state::connection::Connector;
 use crate::state::error::StateResult;
 use crate::state::limits::check_ttl;
 use crate::state::ops::{StateEntry, Store};
 use crate::state::pool::{ConnPool, PoolStats};
 use crate::state::schema::{migrate, TableNames};
-use crate::state::stats::{BackendStats, Stats};
+use crate::state::stats::{BackendStats, Stats, TxEvent};
+use crate::state::transaction::{backoff, worth_retrying, PostgresTransaction, TxFuture};
 
 /// The PostgreSQL state backend: a pooled, migrated state table with metadata, TTL and
 /// versions.
@@ -143,6 +145,124 @@ impl EnhancedPostgresBackend {
         expected: Option<i64>,
     ) -> StateResult<i64> {
         self.store().put_with_version(key, value, expected).await
+    }
+
+    /// The value and version under `key`, for a later
+    /// [`put_with_version`](Self::put_with_version) or [`delete_with_version`](Self::delete_with_version).
+    pub async fn get_with_version(&self, key: &[u8]) -> StateResult<Option<(Vec<u8>, i64)>> {
+        Ok(self
+            .store()
+            .get_entry(key)
+            .await?
+            .map(|e| (e.value, e.version)))
+    }
+
+    /// Deletes the live entry under `key` only if its version is still `expected`;
+    /// [`StateError::ConcurrentModification`](crate::state::StateError::ConcurrentModification) otherwise (also when it is missing).
+    pub async fn delete_with_version(&self, key: &[u8], expected: i64) -> StateResult<()> {
+        self.store().delete_with_version(key, expected).await
+    }
+
+    /// Compare-and-set on the value: replaces the entry with `value` only if its current value
+    /// is `expected` (`None`: only if there is no live entry). Returns whether it did.
+    pub async fn compare_and_set(
+        &self,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        value: &[u8],
+    ) -> StateResult<bool> {
+        Ok(self
+            .store()
+            .compare_and_set(key, expected, value)
+            .await?
+            .is_some())
+    }
+
+    /// Starts a transaction at `level` on a pooled primary connection.
+    pub async fn begin_transaction(
+        &self,
+        level: IsolationLevel,
+    ) -> StateResult<PostgresTransaction> {
+        let s = self.store();
+        PostgresTransaction::begin(&s.pool, s.stats.clone(), level, false).await
+    }
+
+    /// Starts a transaction at the configured default isolation level
+    /// ([`EnhancedPostgresConfig::with_isolation_level`]).
+    pub async fn begin(&self) -> StateResult<PostgresTransaction> {
+        self.begin_transaction(self.inner.config.isolation_level)
+            .await
+    }
+
+    /// Starts a read-only transaction at `level`: writes inside it fail on the server.
+    pub async fn begin_read_only(&self, level: IsolationLevel) -> StateResult<PostgresTransaction> {
+        let s = self.store();
+        PostgresTransaction::begin(&s.pool, s.stats.clone(), level, true).await
+    }
+
+    /// Runs `f` in a transaction at `level` and commits, re-running the whole transaction
+    /// after a serialization failure (40001), a deadlock (40P01) or a connection lost before
+    /// COMMIT was sent, up to [`with_max_retries`](EnhancedPostgresConfig::with_max_retries)
+    /// times with jittered exponential backoff. Any other error is returned at once (the
+    /// transaction rolled back). An unknown COMMIT outcome is returned as
+    /// [`StateError::CommitOutcomeUnknown`](crate::state::StateError::CommitOutcomeUnknown), never retried.
+    ///
+    /// `f` may run several times, so it must not have effects outside the transaction that
+    /// cannot be repeated. It returns a boxed future (`Box::pin(async move { ... })`) so that
+    /// the whole call stays `Send` and can run inside `tokio::spawn`; data the closure needs on
+    /// every attempt is cloned into each future.
+    ///
+    /// ```no_run
+    /// # async fn demo(backend: processor::state::EnhancedPostgresBackend) -> processor::state::StateResult<()> {
+    /// use processor::state::IsolationLevel;
+    /// let (from, to, amount) = (b"acct:1".to_vec(), b"acct:2".to_vec(), 10i64);
+    /// let parse = |v: Option<Vec<u8>>| -> i64 {
+    ///     v.and_then(|v| String::from_utf8(v).ok()?.parse().ok()).unwrap_or(0)
+    /// };
+    /// backend
+    ///     .transaction(IsolationLevel::Serializable, |tx| {
+    ///         let (from, to) = (from.clone(), to.clone());
+    ///         Box::pin(async move {
+    ///             let a = parse(tx.get(&from).await?);
+    ///             let b = parse(tx.get(&to).await?);
+    ///             tx.put(&from, (a - amount).to_string().as_bytes()).await?;
+    ///             tx.put(&to, (b + amount).to_string().as_bytes()).await
+    ///         })
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn transaction<T, F>(&self, level: IsolationLevel, mut f: F) -> StateResult<T>
+    where
+        F: for<'t> FnMut(&'t mut PostgresTransaction) -> TxFuture<'t, T> + Send,
+        T: Send,
+    {
+        let max = self.inner.config.max_retries;
+        let base = self.inner.config.retry_backoff;
+        let mut attempt = 0u32;
+        loop {
+            let result = match self.begin_transaction(level).await {
+                Ok(mut tx) => match f(&mut tx).await {
+                    Ok(value) => tx.commit().await.map(|()| value),
+                    Err(e) => {
+                        // A failed rollback only means the connection is discarded.
+                        let _ = tx.rollback().await;
+                        Err(e)
+                    }
+                },
+                Err(e) => Err(e),
+            };
+            match result {
+                Err(e) if attempt < max && worth_retrying(&e) => {
+                    let wait = backoff(base, attempt);
+                    tracing::debug!(error = %e, attempt, ?wait, "retrying transaction");
+                    self.store().stats.tx(TxEvent::Retried);
+                    attempt += 1;
+                    tokio::time::sleep(wait).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// The whole live entry under `key` (value, metadata, version, timestamps), if any.

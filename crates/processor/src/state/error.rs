@@ -88,6 +88,11 @@ pub enum StateError {
     /// TLS could not be set up (bad certificate file, failed verification, server refuses TLS...).
     #[error("TLS error: {0}")]
     Tls(String),
+    /// COMMIT was sent but the connection failed before the server answered: the transaction
+    /// may or may not have committed. Never retried automatically; check the state before
+    /// doing the work again.
+    #[error("commit outcome unknown: {0}")]
+    CommitOutcomeUnknown(String),
     /// The database role lacks a privilege the operation needs.
     #[error("permission denied: {message}{}", SqlStateSuffix(.sqlstate))]
     PermissionDenied {
@@ -134,7 +139,9 @@ impl StateError {
             StateError::Configuration(_) => ErrorKind::Configuration,
             StateError::KeyNotFound { .. } | StateError::StateExpired { .. } => ErrorKind::NotFound,
             StateError::ConcurrentModification { .. } => ErrorKind::Conflict,
-            StateError::TransactionFailed { .. } => ErrorKind::Transaction,
+            StateError::TransactionFailed { .. } | StateError::CommitOutcomeUnknown(_) => {
+                ErrorKind::Transaction
+            }
             StateError::Timeout(_) => ErrorKind::Timeout,
             StateError::Connection { .. } => ErrorKind::Connection,
             StateError::Tls(_) => ErrorKind::Tls,
@@ -163,8 +170,12 @@ impl StateError {
 
     /// Whether running the same operation again may succeed: timeouts, lost connections,
     /// serialization failures, deadlocks, optimistic-locking conflicts (after a re-read) and
-    /// server-side resource exhaustion. Input, configuration, TLS and permission errors are not.
+    /// server-side resource exhaustion. Input, configuration, TLS and permission errors are not,
+    /// and neither is [`StateError::CommitOutcomeUnknown`].
     pub fn is_retryable(&self) -> bool {
+        if matches!(self, StateError::CommitOutcomeUnknown(_)) {
+            return false;
+        }
         match self.kind() {
             ErrorKind::Timeout
             | ErrorKind::Connection
@@ -330,6 +341,13 @@ mod tests {
         };
         assert!(!unique.is_retryable());
         assert_eq!(unique.sqlstate(), Some("23505"));
+    }
+
+    #[test]
+    fn unknown_commit_outcome_is_not_retryable() {
+        let e = StateError::CommitOutcomeUnknown("x".into());
+        assert_eq!(e.kind(), ErrorKind::Transaction);
+        assert!(!e.is_retryable());
     }
 
     #[test]

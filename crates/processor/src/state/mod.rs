@@ -20,6 +20,7 @@ mod pool;
 mod schema;
 mod stats;
 mod tls;
+mod transaction;
 
 pub use backend::StateBackend;
 pub use basic::{PostgresConfig, PostgresStateBackend};
@@ -35,3 +36,4 @@ pub use ops::StateEntry;
 pub use pool::PoolStats;
 pub use schema::{Migration, MIGRATIONS, TRACKING_TABLE};
 pub use stats::BackendStats;
+pub use transaction::{PostgresTransaction, TxFuture};

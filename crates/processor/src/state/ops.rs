@@ -78,6 +78,8 @@ pub(crate) struct Statements {
     batch_upsert: Statement,
     query_contains: Statement,
     query_path: Statement,
+    delete_if_version: Statement,
+    cas_update: Statement,
 }
 
 /// What an upsert does to an existing row. An entry that had expired counts as new again.
@@ -127,9 +129,14 @@ impl Statements {
                 "SELECT {ENTRY_COLUMNS} FROM {t} WHERE metadata @> $1 AND metadata #> $2::text[] = $3 \
                  AND {LIVE} ORDER BY key"
             ),
+            format!("DELETE FROM {t} WHERE key = $1 AND version = $2 AND {LIVE}"),
+            format!(
+                "UPDATE {t} SET value = $2, metadata = '{{}}'::jsonb, expires_at = NULL, updated_at = now(), \
+                 version = version + 1 WHERE key = $1 AND value = $3 AND {LIVE} RETURNING version"
+            ),
         ];
         let prepared = try_join_all(sqls.iter().map(|s| client.prepare(s))).await?;
-        let [get, get_entry, contains, count, upsert, insert_new, update_if_version, delete, scan_range, scan_from, clear, batch_upsert, query_contains, query_path]: [Statement; 14] =
+        let [get, get_entry, contains, count, upsert, insert_new, update_if_version, delete, scan_range, scan_from, clear, batch_upsert, query_contains, query_path, delete_if_version, cas_update]: [Statement; 16] =
             prepared.try_into().map_err(|_| StateError::StorageError {
                 message: "statement preparation returned the wrong number of statements".into(),
                 sqlstate: None,
@@ -149,12 +156,14 @@ impl Statements {
             batch_upsert,
             query_contains,
             query_path,
+            delete_if_version,
+            cas_update,
         })
     }
 }
 
 /// Pre-validated metadata query: the containment document and, for scalar values, the path.
-struct MetadataQuery {
+pub(crate) struct MetadataQuery {
     contains: serde_json::Value,
     path: Option<(Vec<String>, serde_json::Value)>,
 }
@@ -163,7 +172,7 @@ impl MetadataQuery {
     /// `value` an object: `metadata @> value` (the path only names the query). Otherwise the
     /// field at `path` (dotted for nesting) must equal `value`; the equivalent containment
     /// document is added so the GIN index narrows the scan.
-    fn new(path: &str, value: &serde_json::Value) -> StateResult<Self> {
+    pub(crate) fn new(path: &str, value: &serde_json::Value) -> StateResult<Self> {
         if value.is_object() {
             check_metadata(value)?;
             return Ok(MetadataQuery {
@@ -213,7 +222,7 @@ fn last_wins<'a>(entries: &'a [(&'a [u8], &'a [u8])]) -> Vec<(&'a [u8], &'a [u8]
         .collect()
 }
 
-fn check_batch(entries: &[(&[u8], &[u8])]) -> StateResult<()> {
+pub(crate) fn check_batch(entries: &[(&[u8], &[u8])]) -> StateResult<()> {
     for (i, (k, v)) in entries.iter().enumerate() {
         check_entry(k, v).map_err(|e| match e {
             StateError::InvalidInput(m) => StateError::invalid(format!("batch entry {i}: {m}")),
@@ -227,6 +236,271 @@ fn rows_to_entries(rows: &[Row]) -> StateResult<Vec<StateEntry>> {
     rows.iter().map(StateEntry::from_row).collect()
 }
 
+/// Splits a batch (already deduplicated) into UNNEST chunks.
+fn chunk<'a>(entries: &[(&'a [u8], &'a [u8])]) -> Vec<Chunk<'a>> {
+    let mut chunks: Vec<Chunk<'a>> = Vec::new();
+    let mut bytes = 0usize;
+    for (k, v) in entries {
+        let size = k.len() + v.len();
+        match chunks.last_mut() {
+            Some((keys, values))
+                if keys.len() < BATCH_CHUNK_ROWS && bytes + size <= BATCH_CHUNK_BYTES =>
+            {
+                keys.push(k);
+                values.push(v);
+                bytes += size;
+            }
+            _ => {
+                chunks.push((vec![*k], vec![*v]));
+                bytes = size;
+            }
+        }
+    }
+    chunks
+}
+
+fn empty_object() -> serde_json::Value {
+    serde_json::Value::Object(serde_json::Map::new())
+}
+
+/// The statements themselves, on one connection, without validation or bookkeeping: the
+/// pooled operations ([`Store`]) and transactions call these after checking their input.
+impl PgConn {
+    pub(crate) async fn get_value(&self, key: &[u8]) -> StateResult<Option<Vec<u8>>> {
+        let row = self.client.query_opt(&self.stmts.get, &[&key]).await?;
+        Ok(row.map(|r| r.try_get(0)).transpose()?)
+    }
+
+    pub(crate) async fn get_entry(&self, key: &[u8]) -> StateResult<Option<StateEntry>> {
+        let row = self
+            .client
+            .query_opt(&self.stmts.get_entry, &[&key])
+            .await?;
+        row.as_ref().map(StateEntry::from_row).transpose()
+    }
+
+    pub(crate) async fn contains(&self, key: &[u8]) -> StateResult<bool> {
+        let row = self.client.query_one(&self.stmts.contains, &[&key]).await?;
+        Ok(row.try_get(0)?)
+    }
+
+    pub(crate) async fn count(&self) -> StateResult<usize> {
+        let row = self.client.query_one(&self.stmts.count, &[]).await?;
+        let n: i64 = row.try_get(0)?;
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
+    }
+
+    /// Writes a whole entry (value, metadata, expiry); returns its new version.
+    pub(crate) async fn upsert(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        metadata: &serde_json::Value,
+        ttl_us: Option<i64>,
+    ) -> StateResult<i64> {
+        let params: [&(dyn ToSql + Sync); 4] = [&key, &value, metadata, &ttl_us];
+        let row = self.client.query_one(&self.stmts.upsert, &params).await?;
+        Ok(row.try_get(0)?)
+    }
+
+    /// `None`: create (no live entry may exist). `Some(v)`: replace if the version is `v`.
+    pub(crate) async fn put_with_version(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        expected: Option<i64>,
+    ) -> StateResult<i64> {
+        let empty = empty_object();
+        let no_ttl: Option<i64> = None;
+        let row = match expected {
+            None => {
+                let params: [&(dyn ToSql + Sync); 4] = [&key, &value, &empty, &no_ttl];
+                self.client
+                    .query_opt(&self.stmts.insert_new, &params)
+                    .await?
+            }
+            Some(v) => {
+                let params: [&(dyn ToSql + Sync); 5] = [&key, &value, &v, &empty, &no_ttl];
+                self.client
+                    .query_opt(&self.stmts.update_if_version, &params)
+                    .await?
+            }
+        };
+        match row {
+            Some(row) => Ok(row.try_get(0)?),
+            None => Err(StateError::ConcurrentModification { key: key.to_vec() }),
+        }
+    }
+
+    /// Replaces the entry only if its current value is `expected` (`None`: only if there is no
+    /// live entry). Returns the new version, or `None` when the comparison failed.
+    pub(crate) async fn compare_and_set(
+        &self,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        value: &[u8],
+    ) -> StateResult<Option<i64>> {
+        let empty = empty_object();
+        let no_ttl: Option<i64> = None;
+        let row = match expected {
+            None => {
+                let params: [&(dyn ToSql + Sync); 4] = [&key, &value, &empty, &no_ttl];
+                self.client
+                    .query_opt(&self.stmts.insert_new, &params)
+                    .await?
+            }
+            Some(old) => {
+                self.client
+                    .query_opt(&self.stmts.cas_update, &[&key, &value, &old])
+                    .await?
+            }
+        };
+        Ok(row.map(|r| r.try_get(0)).transpose()?)
+    }
+
+    pub(crate) async fn delete(&self, key: &[u8]) -> StateResult<()> {
+        self.client.execute(&self.stmts.delete, &[&key]).await?;
+        Ok(())
+    }
+
+    /// Deletes the live entry only if its version is `expected`.
+    pub(crate) async fn delete_with_version(&self, key: &[u8], expected: i64) -> StateResult<()> {
+        let n = self
+            .client
+            .execute(&self.stmts.delete_if_version, &[&key, &expected])
+            .await?;
+        if n == 0 {
+            return Err(StateError::ConcurrentModification { key: key.to_vec() });
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn list_keys(&self, prefix: &[u8]) -> StateResult<Vec<Vec<u8>>> {
+        let rows = match prefix_upper_bound(prefix) {
+            Some(u) => {
+                self.client
+                    .query(&self.stmts.scan_range, &[&prefix, &u.as_slice()])
+                    .await?
+            }
+            None => self.client.query(&self.stmts.scan_from, &[&prefix]).await?,
+        };
+        rows.iter()
+            .map(|r| r.try_get(0).map_err(StateError::from))
+            .collect()
+    }
+
+    pub(crate) async fn clear(&self) -> StateResult<()> {
+        self.client.execute(&self.stmts.clear, &[]).await?;
+        Ok(())
+    }
+
+    /// Runs UNNEST chunks. With `atomic` and more than one chunk they run in a transaction of
+    /// their own; inside a caller's transaction pass `false`.
+    pub(crate) async fn batch_put(
+        &mut self,
+        entries: &[(&[u8], &[u8])],
+        atomic: bool,
+    ) -> StateResult<()> {
+        let entries = last_wins(entries);
+        let chunks = chunk(&entries);
+        if chunks.len() > 1 && atomic {
+            // tokio-postgres's Transaction rolls back when dropped on an error path.
+            let tx = self.client.transaction().await?;
+            for (keys, values) in &chunks {
+                tx.execute(&self.stmts.batch_upsert, &[keys, values])
+                    .await?;
+            }
+            tx.commit().await?;
+        } else {
+            for (keys, values) in &chunks {
+                self.client
+                    .execute(&self.stmts.batch_upsert, &[keys, values])
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Binary COPY into a session-local staging table, then one upsert from it (last occurrence
+    /// of a key wins), in one transaction. Returns the number of distinct keys written.
+    pub(crate) async fn batch_copy(
+        &mut self,
+        names: &TableNames,
+        entries: &[(&[u8], &[u8])],
+    ) -> StateResult<u64> {
+        let merge = format!(
+            "INSERT INTO {} AS e (key, value) \
+             SELECT DISTINCT ON (key) key, value FROM pg_temp.pgstate_copy_stage ORDER BY key, seq DESC \
+             {ON_CONFLICT_REPLACE}",
+            names.qualified
+        );
+        let stage_ready = self.copy_stage_ready;
+        let tx = self.client.transaction().await?;
+        if !stage_ready {
+            tx.batch_execute(
+                "CREATE TEMP TABLE IF NOT EXISTS pgstate_copy_stage \
+                 (seq bigint NOT NULL, key bytea NOT NULL, value bytea NOT NULL) \
+                 ON COMMIT DELETE ROWS",
+            )
+            .await?;
+        }
+        let sink = tx
+            .copy_in("COPY pg_temp.pgstate_copy_stage (seq, key, value) FROM STDIN (FORMAT binary)")
+            .await?;
+        let mut writer = pin!(BinaryCopyInWriter::new(
+            sink,
+            &[Type::INT8, Type::BYTEA, Type::BYTEA]
+        ));
+        for (seq, (k, v)) in (0i64..).zip(entries) {
+            writer.as_mut().write(&[&seq, k, v]).await?;
+        }
+        writer.finish().await?;
+        let written = tx.execute(merge.as_str(), &[]).await?;
+        tx.commit().await?;
+        self.copy_stage_ready = true;
+        Ok(written)
+    }
+
+    pub(crate) async fn query_by_metadata(
+        &self,
+        q: &MetadataQuery,
+    ) -> StateResult<Vec<StateEntry>> {
+        let rows = match &q.path {
+            None => {
+                self.client
+                    .query(&self.stmts.query_contains, &[&q.contains])
+                    .await?
+            }
+            Some((segments, v)) => {
+                self.client
+                    .query(&self.stmts.query_path, &[&q.contains, segments, v])
+                    .await?
+            }
+        };
+        rows_to_entries(&rows)
+    }
+}
+
+/// Checks out a connection, marks it busy, runs `$body` with `$c: &mut PgConn`, marks it
+/// reusable again and records the timing. A future dropped mid-way leaves the connection
+/// marked busy, so the pool discards it.
+macro_rules! pooled {
+    ($store:expr, $op:expr, $rows:expr, |$c:ident| $body:expr) => {{
+        let mut conn = $store.pool.get().await?;
+        conn.dirty = true;
+        let start = Instant::now();
+        let result = {
+            let $c: &mut PgConn = &mut conn;
+            $body.await
+        };
+        conn.dirty = false;
+        $store
+            .stats
+            .record($op, $rows, start.elapsed(), result.is_ok());
+        result
+    }};
+}
+
 /// The operations over one pool; the backends are thin handles around this.
 pub(crate) struct Store {
     pub pool: Arc<ConnPool>,
@@ -235,81 +509,23 @@ pub(crate) struct Store {
 }
 
 impl Store {
-    /// Checks out a connection and marks it busy until [`Store::done`].
-    async fn acquire(&self) -> StateResult<crate::state::pool::Conn<'_>> {
-        let mut conn = self.pool.get().await?;
-        conn.dirty = true;
-        Ok(conn)
-    }
-
-    /// Marks the connection reusable (a closed one is still discarded) and records timing.
-    fn done<T>(
-        &self,
-        conn: &mut PgConn,
-        op: Op,
-        rows: u64,
-        start: Instant,
-        result: &StateResult<T>,
-    ) {
-        conn.dirty = false;
-        self.stats.record(op, rows, start.elapsed(), result.is_ok());
-    }
-
     pub async fn get(&self, key: &[u8]) -> StateResult<Option<Vec<u8>>> {
         check_key(key)?;
-        let mut conn = self.acquire().await?;
-        let start = Instant::now();
-        let r = async {
-            let row = conn.client.query_opt(&conn.stmts.get, &[&key]).await?;
-            row.map(|r| r.try_get(0))
-                .transpose()
-                .map_err(StateError::from)
-        }
-        .await;
-        self.done(&mut conn, Op::Get, 1, start, &r);
-        r
+        pooled!(self, Op::Get, 1, |c| c.get_value(key))
     }
 
     pub async fn get_entry(&self, key: &[u8]) -> StateResult<Option<StateEntry>> {
         check_key(key)?;
-        let mut conn = self.acquire().await?;
-        let start = Instant::now();
-        let r = async {
-            let row = conn
-                .client
-                .query_opt(&conn.stmts.get_entry, &[&key])
-                .await?;
-            row.as_ref().map(StateEntry::from_row).transpose()
-        }
-        .await;
-        self.done(&mut conn, Op::Get, 1, start, &r);
-        r
+        pooled!(self, Op::Get, 1, |c| c.get_entry(key))
     }
 
     pub async fn contains(&self, key: &[u8]) -> StateResult<bool> {
         check_key(key)?;
-        let mut conn = self.acquire().await?;
-        let start = Instant::now();
-        let r = async {
-            let row = conn.client.query_one(&conn.stmts.contains, &[&key]).await?;
-            Ok(row.try_get(0)?)
-        }
-        .await;
-        self.done(&mut conn, Op::Get, 1, start, &r);
-        r
+        pooled!(self, Op::Get, 1, |c| c.contains(key))
     }
 
     pub async fn count(&self) -> StateResult<usize> {
-        let mut conn = self.acquire().await?;
-        let start = Instant::now();
-        let r = async {
-            let row = conn.client.query_one(&conn.stmts.count, &[]).await?;
-            let n: i64 = row.try_get(0)?;
-            Ok(usize::try_from(n).unwrap_or(usize::MAX))
-        }
-        .await;
-        self.done(&mut conn, Op::Count, 1, start, &r);
-        r
+        pooled!(self, Op::Count, 1, |c| c.count())
     }
 
     /// Writes a whole entry (value, metadata, expiry) and returns its new version.
@@ -322,16 +538,7 @@ impl Store {
     ) -> StateResult<i64> {
         check_entry(key, value)?;
         check_metadata(metadata)?;
-        let mut conn = self.acquire().await?;
-        let start = Instant::now();
-        let params: [&(dyn ToSql + Sync); 4] = [&key, &value, metadata, &ttl_us];
-        let r = async {
-            let row = conn.client.query_one(&conn.stmts.upsert, &params).await?;
-            Ok(row.try_get(0)?)
-        }
-        .await;
-        self.done(&mut conn, Op::Put, 1, start, &r);
-        r
+        pooled!(self, Op::Put, 1, |c| c.upsert(key, value, metadata, ttl_us))
     }
 
     pub async fn put_with_version(
@@ -341,82 +548,41 @@ impl Store {
         expected: Option<i64>,
     ) -> StateResult<i64> {
         check_entry(key, value)?;
-        let empty = serde_json::Value::Object(serde_json::Map::new());
-        let no_ttl: Option<i64> = None;
-        let mut conn = self.acquire().await?;
-        let start = Instant::now();
-        let r = async {
-            let row = match expected {
-                None => {
-                    let params: [&(dyn ToSql + Sync); 4] = [&key, &value, &empty, &no_ttl];
-                    conn.client
-                        .query_opt(&conn.stmts.insert_new, &params)
-                        .await?
-                }
-                Some(v) => {
-                    let params: [&(dyn ToSql + Sync); 5] = [&key, &value, &v, &empty, &no_ttl];
-                    conn.client
-                        .query_opt(&conn.stmts.update_if_version, &params)
-                        .await?
-                }
-            };
-            match row {
-                Some(row) => Ok(row.try_get(0)?),
-                None => Err(StateError::ConcurrentModification { key: key.to_vec() }),
-            }
+        pooled!(self, Op::Put, 1, |c| c
+            .put_with_version(key, value, expected))
+    }
+
+    pub async fn compare_and_set(
+        &self,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        value: &[u8],
+    ) -> StateResult<Option<i64>> {
+        check_entry(key, value)?;
+        if let Some(old) = expected {
+            check_entry(key, old)?;
         }
-        .await;
-        self.done(&mut conn, Op::Put, 1, start, &r);
-        r
+        pooled!(self, Op::Put, 1, |c| c
+            .compare_and_set(key, expected, value))
     }
 
     pub async fn delete(&self, key: &[u8]) -> StateResult<()> {
         check_key(key)?;
-        let mut conn = self.acquire().await?;
-        let start = Instant::now();
-        let r = conn
-            .client
-            .execute(&conn.stmts.delete, &[&key])
-            .await
-            .map(|_| ())
-            .map_err(StateError::from);
-        self.done(&mut conn, Op::Delete, 1, start, &r);
-        r
+        pooled!(self, Op::Delete, 1, |c| c.delete(key))
+    }
+
+    pub async fn delete_with_version(&self, key: &[u8], expected: i64) -> StateResult<()> {
+        check_key(key)?;
+        pooled!(self, Op::Delete, 1, |c| c
+            .delete_with_version(key, expected))
     }
 
     pub async fn list_keys(&self, prefix: &[u8]) -> StateResult<Vec<Vec<u8>>> {
-        let upper = prefix_upper_bound(prefix);
-        let mut conn = self.acquire().await?;
-        let start = Instant::now();
-        let r = async {
-            let rows = match &upper {
-                Some(u) => {
-                    conn.client
-                        .query(&conn.stmts.scan_range, &[&prefix, &u.as_slice()])
-                        .await?
-                }
-                None => conn.client.query(&conn.stmts.scan_from, &[&prefix]).await?,
-            };
-            rows.iter()
-                .map(|r| r.try_get(0).map_err(StateError::from))
-                .collect()
-        }
-        .await;
-        self.done(&mut conn, Op::Scan, 1, start, &r);
-        r
+        pooled!(self, Op::Scan, 1, |c| c.list_keys(prefix))
     }
 
     pub async fn clear(&self) -> StateResult<()> {
-        let mut conn = self.acquire().await?;
-        let start = Instant::now();
-        let r = conn
-            .client
-            .execute(&conn.stmts.clear, &[])
-            .await
-            .map(|_| ())
-            .map_err(StateError::from);
-        self.done(&mut conn, Op::Clear, 1, start, &r);
-        r
+        pooled!(self, Op::Clear, 1, |c| c.clear())
     }
 
     /// UNNEST batches of at most [`BATCH_CHUNK_ROWS`] rows / [`BATCH_CHUNK_BYTES`] bytes, all in
@@ -426,99 +592,18 @@ impl Store {
         if entries.is_empty() {
             return Ok(());
         }
-        let entries = last_wins(entries);
-        let mut chunks: Vec<Chunk<'_>> = Vec::new();
-        let mut bytes = 0usize;
-        for (k, v) in &entries {
-            let size = k.len() + v.len();
-            match chunks.last_mut() {
-                Some((keys, values))
-                    if keys.len() < BATCH_CHUNK_ROWS && bytes + size <= BATCH_CHUNK_BYTES =>
-                {
-                    keys.push(k);
-                    values.push(v);
-                    bytes += size;
-                }
-                _ => {
-                    chunks.push((vec![*k], vec![*v]));
-                    bytes = size;
-                }
-            }
-        }
-        let rows = entries.len() as u64;
-        let mut conn = self.acquire().await?;
-        let start = Instant::now();
-        let c: &mut PgConn = &mut conn;
-        let r = async {
-            if let [(keys, values)] = chunks.as_slice() {
-                c.client
-                    .execute(&c.stmts.batch_upsert, &[keys, values])
-                    .await?;
-                return Ok(());
-            }
-            let tx = c.client.transaction().await?;
-            for (keys, values) in &chunks {
-                tx.execute(&c.stmts.batch_upsert, &[keys, values]).await?;
-            }
-            tx.commit().await?;
-            Ok(())
-        }
-        .await;
-        self.done(c, Op::Batch, rows, start, &r);
-        r
+        pooled!(self, Op::Batch, entries.len() as u64, |c| c
+            .batch_put(entries, true))
     }
 
-    /// Binary COPY into a session-local staging table, then one upsert from it (last
-    /// occurrence of a key wins), in one transaction.
     pub async fn batch_copy(&self, entries: &[(&[u8], &[u8])]) -> StateResult<u64> {
         check_batch(entries)?;
         if entries.is_empty() {
             return Ok(0);
         }
-        let merge = format!(
-            "INSERT INTO {} AS e (key, value) \
-             SELECT DISTINCT ON (key) key, value FROM pg_temp.pgstate_copy_stage ORDER BY key, seq DESC \
-             {ON_CONFLICT_REPLACE}",
-            self.names.qualified
-        );
-        let rows = entries.len() as u64;
-        let mut conn = self.acquire().await?;
-        let start = Instant::now();
-        let c: &mut PgConn = &mut conn;
-        let stage_ready = c.copy_stage_ready;
-        let r = async {
-            let tx = c.client.transaction().await?;
-            if !stage_ready {
-                tx.batch_execute(
-                    "CREATE TEMP TABLE IF NOT EXISTS pgstate_copy_stage \
-                     (seq bigint NOT NULL, key bytea NOT NULL, value bytea NOT NULL) \
-                     ON COMMIT DELETE ROWS",
-                )
-                .await?;
-            }
-            let sink = tx
-                .copy_in(
-                    "COPY pg_temp.pgstate_copy_stage (seq, key, value) FROM STDIN (FORMAT binary)",
-                )
-                .await?;
-            let mut writer = pin!(BinaryCopyInWriter::new(
-                sink,
-                &[Type::INT8, Type::BYTEA, Type::BYTEA]
-            ));
-            for (seq, (k, v)) in (0i64..).zip(entries) {
-                writer.as_mut().write(&[&seq, k, v]).await?;
-            }
-            writer.finish().await?;
-            let written = tx.execute(merge.as_str(), &[]).await?;
-            tx.commit().await?;
-            Ok(written)
-        }
-        .await;
-        if r.is_ok() {
-            c.copy_stage_ready = true;
-        }
-        self.done(c, Op::Copy, rows, start, &r);
-        r
+        let names = &self.names;
+        pooled!(self, Op::Copy, entries.len() as u64, |c| c
+            .batch_copy(names, entries))
     }
 
     pub async fn query_by_metadata(
@@ -527,26 +612,7 @@ impl Store {
         value: &serde_json::Value,
     ) -> StateResult<Vec<StateEntry>> {
         let q = MetadataQuery::new(path, value)?;
-        let mut conn = self.acquire().await?;
-        let start = Instant::now();
-        let r = async {
-            let rows = match &q.path {
-                None => {
-                    conn.client
-                        .query(&conn.stmts.query_contains, &[&q.contains])
-                        .await?
-                }
-                Some((segments, v)) => {
-                    conn.client
-                        .query(&conn.stmts.query_path, &[&q.contains, segments, v])
-                        .await?
-                }
-            };
-            rows_to_entries(&rows)
-        }
-        .await;
-        self.done(&mut conn, Op::Query, 1, start, &r);
-        r
+        pooled!(self, Op::Query, 1, |c| c.query_by_metadata(&q))
     }
 
     /// One round trip on a pooled connection.

@@ -64,8 +64,9 @@ impl ErrorSink<StateError> for LastError {
     }
 }
 
-/// A checked-out connection.
-pub(crate) type Conn<'a> = PooledConnection<'a, Manager>;
+/// A checked-out connection. Owned (it holds a reference to the pool), so a transaction can
+/// keep it.
+pub(crate) type Conn = PooledConnection<'static, Manager>;
 
 /// Pool usage figures, from [`EnhancedPostgresBackend::get_pool_stats`](crate::state::EnhancedPostgresBackend::get_pool_stats).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -157,14 +158,14 @@ impl ConnPool {
 
     /// Checks out a connection, or fails with [`StateError::Timeout`] after `acquire_timeout`
     /// (naming the last connection error, if connecting is what failed).
-    pub async fn get(&self) -> StateResult<Conn<'_>> {
+    pub async fn get(&self) -> StateResult<Conn> {
         // The server may have closed a connection while it sat idle (terminated backend,
         // restart): bb8 discards it when it comes back, and we take another. Every attempt is
         // bounded by the acquire timeout, and there are at most max_size + 1 of them.
         let mut attempts = self.pool.state().connections + 1;
         let result = loop {
             attempts = attempts.saturating_sub(1);
-            match self.pool.get().await {
+            match self.pool.get_owned().await {
                 Ok(conn) if conn.client.is_closed() && attempts > 0 => continue,
                 other => break other,
             }
@@ -189,11 +190,17 @@ impl ConnPool {
 
     /// Probes the idle connections; the ones that fail are discarded (and replaced up to
     /// `min_connections` by bb8).
+    ///
+    /// The sweep runs only while no connection is checked out: connections in use prove
+    /// themselves, and sweeping a busy pool would compete with (and show up in the wait
+    /// statistics of) real operations.
     async fn check_idle(&self) {
-        let idle = self.pool.state().idle_connections;
+        let state = self.pool.state();
+        if state.connections != state.idle_connections {
+            return;
+        }
         let mut held = Vec::new();
-        for _ in 0..idle {
-            // Only take connections that are idle right now; never wait or open new ones here.
+        for _ in 0..state.idle_connections {
             if self.pool.state().idle_connections == 0 {
                 break;
             }

@@ -46,6 +46,23 @@ pub(crate) struct Stats {
     max_query_us: AtomicU64,
     slow_queries: AtomicU64,
     slow_threshold_us: u64,
+    tx_begun: AtomicU64,
+    tx_committed: AtomicU64,
+    tx_rolled_back: AtomicU64,
+    tx_retries: AtomicU64,
+    serialization_failures: AtomicU64,
+    deadlocks: AtomicU64,
+}
+
+/// Transaction events the backend counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TxEvent {
+    Begun,
+    Committed,
+    RolledBack,
+    Retried,
+    SerializationFailure,
+    Deadlock,
 }
 
 impl Stats {
@@ -88,6 +105,18 @@ impl Stats {
         }
     }
 
+    pub fn tx(&self, event: TxEvent) {
+        let counter = match event {
+            TxEvent::Begun => &self.tx_begun,
+            TxEvent::Committed => &self.tx_committed,
+            TxEvent::RolledBack => &self.tx_rolled_back,
+            TxEvent::Retried => &self.tx_retries,
+            TxEvent::SerializationFailure => &self.serialization_failures,
+            TxEvent::Deadlock => &self.deadlocks,
+        };
+        counter.fetch_add(1, Relaxed);
+    }
+
     pub fn snapshot(&self) -> BackendStats {
         let queries = self.queries.load(Relaxed);
         let total = self.total_query_us.load(Relaxed);
@@ -105,6 +134,12 @@ impl Stats {
             },
             max_query_duration_ms: self.max_query_us.load(Relaxed) as f64 / 1000.0,
             slow_query_count: self.slow_queries.load(Relaxed),
+            transactions_begun: self.tx_begun.load(Relaxed),
+            transactions_committed: self.tx_committed.load(Relaxed),
+            transactions_rolled_back: self.tx_rolled_back.load(Relaxed),
+            transaction_retries: self.tx_retries.load(Relaxed),
+            serialization_failures: self.serialization_failures.load(Relaxed),
+            deadlocks: self.deadlocks.load(Relaxed),
         }
     }
 }
@@ -131,4 +166,16 @@ pub struct BackendStats {
     pub max_query_duration_ms: f64,
     /// Operations at or over the slow-query threshold (each also logged at `warn`).
     pub slow_query_count: u64,
+    /// Transactions started.
+    pub transactions_begun: u64,
+    /// Transactions committed.
+    pub transactions_committed: u64,
+    /// Transactions rolled back (explicitly, by drop, or by a failed COMMIT).
+    pub transactions_rolled_back: u64,
+    /// Times the retry API re-ran a transaction.
+    pub transaction_retries: u64,
+    /// Serialization failures (SQLSTATE 40001) seen inside transactions.
+    pub serialization_failures: u64,
+    /// Deadlocks (SQLSTATE 40P01) seen inside transactions.
+    pub deadlocks: u64,
 }

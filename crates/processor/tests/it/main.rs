@@ -10,3 +10,4 @@ mod schema;
 mod seed;
 mod support;
 mod tls;
+mod transactions;

@@ -158,6 +158,7 @@ pub struct EnhancedPostgresConfig {
     pub(crate) application_name: String,
     pub(crate) max_retries: u32,
     pub(crate) retry_backoff: Duration,
+    pub(crate) read_your_writes: bool,
 }
 
 impl EnhancedPostgresConfig {
@@ -179,6 +180,7 @@ impl EnhancedPostgresConfig {
             application_name: "pgstate".to_string(),
             max_retries: 10,
             retry_backoff: Duration::from_millis(10),
+            read_your_writes: true,
         }
     }
 
@@ -261,6 +263,14 @@ impl EnhancedPostgresConfig {
     /// jitter. Default 10 ms.
     pub fn with_retry_backoff(mut self, backoff: Duration) -> Self {
         self.retry_backoff = backoff;
+        self
+    }
+
+    /// Read-your-writes (default on): after this backend writes, its reads use a replica only
+    /// once the replica has replayed that write. Off: replicas within the lag threshold serve
+    /// every read, which may then miss this backend's latest writes.
+    pub fn with_read_your_writes(mut self, on: bool) -> Self {
+        self.read_your_writes = on;
         self
     }
 
@@ -357,6 +367,7 @@ impl fmt::Debug for EnhancedPostgresConfig {
             .field("application_name", &self.application_name)
             .field("max_retries", &self.max_retries)
             .field("retry_backoff", &self.retry_backoff)
+            .field("read_your_writes", &self.read_your_writes)
             .finish()
     }
 }
@@ -381,7 +392,6 @@ pub(crate) struct ValidatedConfig {
     pub schema: Ident,
     pub table: Ident,
     pub primary: ConnectionSpec,
-    #[allow(dead_code)] // read by the replica router (replication issue)
     pub replicas: Vec<ConnectionSpec>,
 }
 

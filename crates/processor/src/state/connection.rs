@@ -49,6 +49,13 @@ impl Connector {
         })
     }
 
+    /// Connect only to a server that accepts writes (libpq's `target_session_attrs=read-write`):
+    /// with several hosts in the URL, the one that is the primary now.
+    pub fn require_writable(&mut self) {
+        self.pg
+            .target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite);
+    }
+
     /// Connects, honouring `sslmode`, bounded by the connect timeout as a whole (TCP, TLS and
     /// authentication).
     pub async fn connect(&self) -> StateResult<Client> {

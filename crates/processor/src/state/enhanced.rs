@@ -6,13 +6,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::state::backend::StateBackend;
-use crate::state::config::EnhancedPostgresConfig;
 use crate::state::config::IsolationLevel;
+use crate::state::config::{EnhancedPostgresConfig, PostgresPoolConfig};
 use crate::state::connection::Connector;
 use crate::state::error::StateResult;
 use crate::state::limits::check_ttl;
 use crate::state::ops::{StateEntry, Store};
 use crate::state::pool::{ConnPool, PoolStats};
+use crate::state::router::{spawn_monitor, Replica, ReplicationStatus, Router};
 use crate::state::schema::{migrate, TableNames};
 use crate::state::stats::{BackendStats, Stats, TxEvent};
 use crate::state::transaction::{backoff, worth_retrying, PostgresTransaction, TxFuture};
@@ -28,11 +29,22 @@ use crate::state::transaction::{backoff, worth_retrying, PostgresTransaction, Tx
 #[derive(Clone)]
 pub struct EnhancedPostgresBackend {
     inner: Arc<Inner>,
+    /// Reads of this handle skip the replicas.
+    primary_only: bool,
 }
 
 struct Inner {
     store: Store,
     config: EnhancedPostgresConfig,
+    monitor: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(m) = &self.monitor {
+            m.abort();
+        }
+    }
 }
 
 impl EnhancedPostgresBackend {
@@ -46,28 +58,119 @@ impl EnhancedPostgresBackend {
     pub async fn new(config: EnhancedPostgresConfig) -> StateResult<Self> {
         let valid = config.validate()?;
         let names = TableNames::new(valid.schema, valid.table);
-        let connector = Connector::new(
+        let mut connector = Connector::new(
             &valid.primary,
             config.connect_timeout,
             config.statement_timeout,
             &config.application_name,
         )?;
+        connector.require_writable();
         migrate(&connector, &names).await?;
-        let pool = ConnPool::new(connector, names.clone(), &config.pool).await?;
+        let primary = ConnPool::new(connector, names.clone(), &config.pool, false).await?;
+
+        let settings = config.replicas.clone().unwrap_or_default();
+        // A replica that cannot answer within this is taken out of rotation for the read that
+        // waited (which then runs elsewhere) until its next good check.
+        let replica_pool = PostgresPoolConfig {
+            acquire_timeout: config.pool.acquire_timeout.min(Duration::from_secs(2)),
+            ..config.pool.clone()
+        };
+        let mut replicas = Vec::new();
+        for spec in &valid.replicas {
+            let connector = Connector::new(
+                spec,
+                config.connect_timeout,
+                config.statement_timeout,
+                &config.application_name,
+            )?;
+            let name = connector
+                .target
+                .split(' ')
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            let pool = ConnPool::new(connector, names.clone(), &replica_pool, true).await?;
+            replicas.push(Replica::new(pool, name));
+        }
+        let router = Arc::new(Router::new(
+            replicas,
+            settings.clone(),
+            config.read_your_writes,
+        ));
+        let monitor = if router.replicas.is_empty() {
+            None
+        } else {
+            // One round now, so healthy replicas serve reads from the start.
+            router.check(&primary).await;
+            Some(spawn_monitor(
+                Arc::downgrade(&router),
+                Arc::downgrade(&primary),
+                settings.health_check_interval,
+            ))
+        };
         let store = Store {
-            pool,
+            primary,
+            router,
             stats: Arc::new(Stats::new(config.slow_query_threshold)),
             names,
         };
-        tracing::info!(url = %config.redacted_url(), table = %store.names.qualified, "state backend ready");
+        tracing::info!(url = %config.redacted_url(), table = %store.names.qualified, replicas = store.router.replicas.len(), "state backend ready");
         Ok(Self {
-            inner: Arc::new(Inner { store, config }),
+            inner: Arc::new(Inner {
+                store,
+                config,
+                monitor,
+            }),
+            primary_only: false,
         })
     }
 
     /// Another handle to the same backend (same pool, same statistics).
     pub fn clone_handle(&self) -> Self {
         self.clone()
+    }
+
+    /// A handle to the same backend whose reads always go to the primary (for a read that
+    /// must see the very latest state, whatever anyone wrote).
+    pub fn reading_from_primary(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            primary_only: true,
+        }
+    }
+
+    /// Replication state: whether the node written to is a replica, the lag of each replica
+    /// (measured now), how many replicas stream from the primary, and each replica's place in
+    /// the read rotation.
+    pub async fn check_replication_status(&self) -> StateResult<ReplicationStatus> {
+        let s = self.store();
+        s.router.check(&s.primary).await;
+        let conn = s.primary.get().await?;
+        let row = conn
+            .client
+            .query_one(
+                "SELECT pg_is_in_recovery(), (SELECT count(*) FROM pg_stat_replication)::bigint",
+                &[],
+            )
+            .await?;
+        let replicas = s.router.status();
+        Ok(ReplicationStatus {
+            is_replica: row.try_get(0)?,
+            lag_ms: replicas.iter().map(|r| r.lag_ms).max().unwrap_or(0),
+            lag_bytes: replicas.iter().map(|r| r.lag_bytes).max().unwrap_or(0),
+            connected_replicas: u32::try_from(row.try_get::<_, i64>(1)?).unwrap_or(u32::MAX),
+            primary_reads: s.router.primary_reads(),
+            failovers_to_primary: s.router.failovers(),
+            replicas,
+        })
+    }
+
+    /// Runs `CHECKPOINT` on the primary. Needs superuser or the `pg_checkpoint` role;
+    /// otherwise [`StateError::PermissionDenied`](crate::state::StateError::PermissionDenied).
+    pub async fn checkpoint(&self) -> StateResult<()> {
+        let conn = self.store().primary.get().await?;
+        conn.client.batch_execute("CHECKPOINT").await?;
+        Ok(())
     }
 
     /// The configuration this backend was created with.
@@ -152,7 +255,7 @@ impl EnhancedPostgresBackend {
     pub async fn get_with_version(&self, key: &[u8]) -> StateResult<Option<(Vec<u8>, i64)>> {
         Ok(self
             .store()
-            .get_entry(key)
+            .get_entry(key, self.primary_only)
             .await?
             .map(|e| (e.value, e.version)))
     }
@@ -184,7 +287,8 @@ impl EnhancedPostgresBackend {
         level: IsolationLevel,
     ) -> StateResult<PostgresTransaction> {
         let s = self.store();
-        PostgresTransaction::begin(&s.pool, s.stats.clone(), level, false).await
+        PostgresTransaction::begin(&s.primary, s.stats.clone(), s.router.clone(), level, false)
+            .await
     }
 
     /// Starts a transaction at the configured default isolation level
@@ -197,7 +301,7 @@ impl EnhancedPostgresBackend {
     /// Starts a read-only transaction at `level`: writes inside it fail on the server.
     pub async fn begin_read_only(&self, level: IsolationLevel) -> StateResult<PostgresTransaction> {
         let s = self.store();
-        PostgresTransaction::begin(&s.pool, s.stats.clone(), level, true).await
+        PostgresTransaction::begin(&s.primary, s.stats.clone(), s.router.clone(), level, true).await
     }
 
     /// Runs `f` in a transaction at `level` and commits, re-running the whole transaction
@@ -267,7 +371,7 @@ impl EnhancedPostgresBackend {
 
     /// The whole live entry under `key` (value, metadata, version, timestamps), if any.
     pub async fn get_entry(&self, key: &[u8]) -> StateResult<Option<StateEntry>> {
-        self.store().get_entry(key).await
+        self.store().get_entry(key, self.primary_only).await
     }
 
     /// Live entries whose metadata matches, in key order.
@@ -280,7 +384,9 @@ impl EnhancedPostgresBackend {
         path: &str,
         value: &serde_json::Value,
     ) -> StateResult<Vec<StateEntry>> {
-        self.store().query_by_metadata(path, value).await
+        self.store()
+            .query_by_metadata(path, value, self.primary_only)
+            .await
     }
 
     /// Whether a pooled connection completes a round trip to the server.
@@ -296,12 +402,17 @@ impl EnhancedPostgresBackend {
 
     /// Operation counters and timings.
     pub fn get_stats(&self) -> BackendStats {
-        self.store().stats.snapshot()
+        let s = self.store();
+        let mut stats = s.stats.snapshot();
+        stats.primary_reads = s.router.primary_reads();
+        stats.replica_reads = s.router.status().iter().map(|r| r.reads).sum();
+        stats.read_failovers = s.router.failovers();
+        stats
     }
 
     /// Connection pool figures.
     pub fn get_pool_stats(&self) -> PoolStats {
-        self.store().pool.stats()
+        self.store().primary.stats()
     }
 }
 
@@ -317,7 +428,7 @@ impl std::fmt::Debug for EnhancedPostgresBackend {
 #[async_trait]
 impl StateBackend for EnhancedPostgresBackend {
     async fn get(&self, key: &[u8]) -> StateResult<Option<Vec<u8>>> {
-        self.store().get(key).await
+        self.store().get(key, self.primary_only).await
     }
 
     async fn put(&self, key: &[u8], value: &[u8]) -> StateResult<()> {
@@ -333,7 +444,7 @@ impl StateBackend for EnhancedPostgresBackend {
     }
 
     async fn list_keys(&self, prefix: &[u8]) -> StateResult<Vec<Vec<u8>>> {
-        self.store().list_keys(prefix).await
+        self.store().list_keys(prefix, self.primary_only).await
     }
 
     async fn clear(&self) -> StateResult<()> {
@@ -341,10 +452,10 @@ impl StateBackend for EnhancedPostgresBackend {
     }
 
     async fn count(&self) -> StateResult<usize> {
-        self.store().count().await
+        self.store().count(self.primary_only).await
     }
 
     async fn contains(&self, key: &[u8]) -> StateResult<bool> {
-        self.store().contains(key).await
+        self.store().contains(key, self.primary_only).await
     }
 }

@@ -15,9 +15,10 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Row, Statement};
 
 use crate::state::connection::PgConn;
-use crate::state::error::{StateError, StateResult};
+use crate::state::error::{ErrorKind, StateError, StateResult};
 use crate::state::limits::{check_entry, check_key, check_metadata, json_type, prefix_upper_bound};
 use crate::state::pool::ConnPool;
+use crate::state::router::{ReadTarget, Router};
 use crate::state::schema::TableNames;
 use crate::state::stats::{Op, Stats};
 
@@ -80,6 +81,7 @@ pub(crate) struct Statements {
     query_path: Statement,
     delete_if_version: Statement,
     cas_update: Statement,
+    insert_lsn: Statement,
 }
 
 /// What an upsert does to an existing row. An entry that had expired counts as new again.
@@ -134,9 +136,10 @@ impl Statements {
                 "UPDATE {t} SET value = $2, metadata = '{{}}'::jsonb, expires_at = NULL, updated_at = now(), \
                  version = version + 1 WHERE key = $1 AND value = $3 AND {LIVE} RETURNING version"
             ),
+            "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint".to_string(),
         ];
         let prepared = try_join_all(sqls.iter().map(|s| client.prepare(s))).await?;
-        let [get, get_entry, contains, count, upsert, insert_new, update_if_version, delete, scan_range, scan_from, clear, batch_upsert, query_contains, query_path, delete_if_version, cas_update]: [Statement; 16] =
+        let [get, get_entry, contains, count, upsert, insert_new, update_if_version, delete, scan_range, scan_from, clear, batch_upsert, query_contains, query_path, delete_if_version, cas_update, insert_lsn]: [Statement; 17] =
             prepared.try_into().map_err(|_| StateError::StorageError {
                 message: "statement preparation returned the wrong number of statements".into(),
                 sqlstate: None,
@@ -158,6 +161,7 @@ impl Statements {
             query_path,
             delete_if_version,
             cas_update,
+            insert_lsn,
         })
     }
 }
@@ -266,6 +270,13 @@ fn empty_object() -> serde_json::Value {
 /// The statements themselves, on one connection, without validation or bookkeeping: the
 /// pooled operations ([`Store`]) and transactions call these after checking their input.
 impl PgConn {
+    /// The server's WAL insert position as a byte offset (primary only): taken after a write
+    /// committed, it is at or past that write's commit record.
+    pub(crate) async fn insert_lsn(&self) -> StateResult<u64> {
+        let row = self.client.query_one(&self.stmts.insert_lsn, &[]).await?;
+        Ok(u64::try_from(row.try_get::<_, i64>(0)?).unwrap_or(0))
+    }
+
     pub(crate) async fn get_value(&self, key: &[u8]) -> StateResult<Option<Vec<u8>>> {
         let row = self.client.query_opt(&self.stmts.get, &[&key]).await?;
         Ok(row.map(|r| r.try_get(0)).transpose()?)
@@ -481,12 +492,11 @@ impl PgConn {
     }
 }
 
-/// Checks out a connection, marks it busy, runs `$body` with `$c: &mut PgConn`, marks it
-/// reusable again and records the timing. A future dropped mid-way leaves the connection
-/// marked busy, so the pool discards it.
-macro_rules! pooled {
-    ($store:expr, $op:expr, $rows:expr, |$c:ident| $body:expr) => {{
-        let mut conn = $store.pool.get().await?;
+/// Runs `$body` with `$c: &mut PgConn` on a checked-out connection, marked busy meanwhile (a
+/// future dropped mid-way leaves it marked, so the pool discards it), and records the timing.
+macro_rules! on_conn {
+    ($store:expr, $pool:expr, $op:expr, $rows:expr, |$c:ident| $body:expr) => {{
+        let mut conn = $pool.get().await?;
         conn.dirty = true;
         let start = Instant::now();
         let result = {
@@ -501,31 +511,99 @@ macro_rules! pooled {
     }};
 }
 
-/// The operations over one pool; the backends are thin handles around this.
+/// A write on the primary. With read-your-writes, the WAL position after it is recorded
+/// before the connection goes back.
+macro_rules! write_op {
+    ($store:expr, $op:expr, $rows:expr, |$c:ident| $body:expr) => {{
+        let mut conn = $store.primary.get().await?;
+        conn.dirty = true;
+        let start = Instant::now();
+        let result = {
+            let $c: &mut PgConn = &mut conn;
+            $body.await
+        };
+        $store
+            .stats
+            .record($op, $rows, start.elapsed(), result.is_ok());
+        if result.is_ok() {
+            $store.router.after_write(&conn).await;
+        }
+        conn.dirty = false;
+        result
+    }};
+}
+
+/// A read, routed by the router; a replica that fails with a connection error or timeout is
+/// taken out of rotation and the read runs elsewhere (reads are idempotent).
+macro_rules! read_op {
+    ($store:expr, $primary_only:expr, $op:expr, |$c:ident| $body:expr) => {{
+        let mut tried: Vec<usize> = Vec::new();
+        loop {
+            let (replica, target) = $store.router.pick(&tried, $primary_only)?;
+            let pool = match target {
+                ReadTarget::Primary => &$store.primary,
+                ReadTarget::Replica(r) => &r.pool,
+            };
+            let attempt = async { on_conn!($store, pool, $op, 1, |$c| $body) }.await;
+            match (replica, attempt) {
+                (Some(i), Err(e))
+                    if matches!(e.kind(), ErrorKind::Connection | ErrorKind::Timeout) =>
+                {
+                    $store.router.replicas[i].mark_down(&e);
+                    $store.router.undo_read(i);
+                    tried.push(i);
+                }
+                (_, other) => break other,
+            }
+        }
+    }};
+}
+
+/// The operations over the primary's pool and the replicas; the backends are thin handles
+/// around this.
 pub(crate) struct Store {
-    pub pool: Arc<ConnPool>,
+    pub primary: Arc<ConnPool>,
+    pub router: Arc<Router>,
     pub stats: Arc<Stats>,
     pub names: TableNames,
 }
 
 impl Store {
-    pub async fn get(&self, key: &[u8]) -> StateResult<Option<Vec<u8>>> {
+    pub async fn get(&self, key: &[u8], primary_only: bool) -> StateResult<Option<Vec<u8>>> {
         check_key(key)?;
-        pooled!(self, Op::Get, 1, |c| c.get_value(key))
+        read_op!(self, primary_only, Op::Get, |c| c.get_value(key))
     }
 
-    pub async fn get_entry(&self, key: &[u8]) -> StateResult<Option<StateEntry>> {
+    pub async fn get_entry(
+        &self,
+        key: &[u8],
+        primary_only: bool,
+    ) -> StateResult<Option<StateEntry>> {
         check_key(key)?;
-        pooled!(self, Op::Get, 1, |c| c.get_entry(key))
+        read_op!(self, primary_only, Op::Get, |c| c.get_entry(key))
     }
 
-    pub async fn contains(&self, key: &[u8]) -> StateResult<bool> {
+    pub async fn contains(&self, key: &[u8], primary_only: bool) -> StateResult<bool> {
         check_key(key)?;
-        pooled!(self, Op::Get, 1, |c| c.contains(key))
+        read_op!(self, primary_only, Op::Get, |c| c.contains(key))
     }
 
-    pub async fn count(&self) -> StateResult<usize> {
-        pooled!(self, Op::Count, 1, |c| c.count())
+    pub async fn count(&self, primary_only: bool) -> StateResult<usize> {
+        read_op!(self, primary_only, Op::Count, |c| c.count())
+    }
+
+    pub async fn list_keys(&self, prefix: &[u8], primary_only: bool) -> StateResult<Vec<Vec<u8>>> {
+        read_op!(self, primary_only, Op::Scan, |c| c.list_keys(prefix))
+    }
+
+    pub async fn query_by_metadata(
+        &self,
+        path: &str,
+        value: &serde_json::Value,
+        primary_only: bool,
+    ) -> StateResult<Vec<StateEntry>> {
+        let q = MetadataQuery::new(path, value)?;
+        read_op!(self, primary_only, Op::Query, |c| c.query_by_metadata(&q))
     }
 
     /// Writes a whole entry (value, metadata, expiry) and returns its new version.
@@ -538,7 +616,7 @@ impl Store {
     ) -> StateResult<i64> {
         check_entry(key, value)?;
         check_metadata(metadata)?;
-        pooled!(self, Op::Put, 1, |c| c.upsert(key, value, metadata, ttl_us))
+        write_op!(self, Op::Put, 1, |c| c.upsert(key, value, metadata, ttl_us))
     }
 
     pub async fn put_with_version(
@@ -548,7 +626,7 @@ impl Store {
         expected: Option<i64>,
     ) -> StateResult<i64> {
         check_entry(key, value)?;
-        pooled!(self, Op::Put, 1, |c| c
+        write_op!(self, Op::Put, 1, |c| c
             .put_with_version(key, value, expected))
     }
 
@@ -562,27 +640,23 @@ impl Store {
         if let Some(old) = expected {
             check_entry(key, old)?;
         }
-        pooled!(self, Op::Put, 1, |c| c
+        write_op!(self, Op::Put, 1, |c| c
             .compare_and_set(key, expected, value))
     }
 
     pub async fn delete(&self, key: &[u8]) -> StateResult<()> {
         check_key(key)?;
-        pooled!(self, Op::Delete, 1, |c| c.delete(key))
+        write_op!(self, Op::Delete, 1, |c| c.delete(key))
     }
 
     pub async fn delete_with_version(&self, key: &[u8], expected: i64) -> StateResult<()> {
         check_key(key)?;
-        pooled!(self, Op::Delete, 1, |c| c
+        write_op!(self, Op::Delete, 1, |c| c
             .delete_with_version(key, expected))
     }
 
-    pub async fn list_keys(&self, prefix: &[u8]) -> StateResult<Vec<Vec<u8>>> {
-        pooled!(self, Op::Scan, 1, |c| c.list_keys(prefix))
-    }
-
     pub async fn clear(&self) -> StateResult<()> {
-        pooled!(self, Op::Clear, 1, |c| c.clear())
+        write_op!(self, Op::Clear, 1, |c| c.clear())
     }
 
     /// UNNEST batches of at most [`BATCH_CHUNK_ROWS`] rows / [`BATCH_CHUNK_BYTES`] bytes, all in
@@ -592,7 +666,7 @@ impl Store {
         if entries.is_empty() {
             return Ok(());
         }
-        pooled!(self, Op::Batch, entries.len() as u64, |c| c
+        write_op!(self, Op::Batch, entries.len() as u64, |c| c
             .batch_put(entries, true))
     }
 
@@ -602,22 +676,13 @@ impl Store {
             return Ok(0);
         }
         let names = &self.names;
-        pooled!(self, Op::Copy, entries.len() as u64, |c| c
+        write_op!(self, Op::Copy, entries.len() as u64, |c| c
             .batch_copy(names, entries))
     }
 
-    pub async fn query_by_metadata(
-        &self,
-        path: &str,
-        value: &serde_json::Value,
-    ) -> StateResult<Vec<StateEntry>> {
-        let q = MetadataQuery::new(path, value)?;
-        pooled!(self, Op::Query, 1, |c| c.query_by_metadata(&q))
-    }
-
-    /// One round trip on a pooled connection.
+    /// One round trip on a pooled primary connection.
     pub async fn ping(&self) -> StateResult<()> {
-        let mut conn = self.pool.get().await?;
+        let mut conn = self.primary.get().await?;
         conn.probe().await
     }
 }

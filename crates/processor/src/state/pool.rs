@@ -113,6 +113,7 @@ impl ConnPool {
         connector: Connector,
         names: TableNames,
         cfg: &PostgresPoolConfig,
+        lazy: bool,
     ) -> StateResult<Arc<Self>> {
         let last_error = LastError::default();
         let target = connector.target.clone();
@@ -121,7 +122,7 @@ impl ConnPool {
         for limit in [cfg.idle_timeout, cfg.max_lifetime].into_iter().flatten() {
             reaper = reaper.min((limit / 2).max(Duration::from_millis(100)));
         }
-        let pool = Pool::builder()
+        let builder = Pool::builder()
             .max_size(cfg.max_connections)
             .min_idle(Some(cfg.min_connections))
             .connection_timeout(cfg.acquire_timeout)
@@ -129,9 +130,15 @@ impl ConnPool {
             .max_lifetime(cfg.max_lifetime)
             .test_on_check_out(cfg.test_on_acquire)
             .reaper_rate(reaper)
-            .error_sink(Box::new(last_error.clone()))
-            .build(Manager { connector, names })
-            .await?;
+            .error_sink(Box::new(last_error.clone()));
+        let manager = Manager { connector, names };
+        // A lazy pool (replicas) opens its connections in the background, so an unreachable
+        // server does not fail `new()`; the primary's pool fails fast instead.
+        let pool = if lazy {
+            builder.build_unchecked(manager)
+        } else {
+            builder.build(manager).await?
+        };
         let interval = cfg.health_check_interval;
         let this = Arc::new_cyclic(|weak: &Weak<ConnPool>| {
             let weak = weak.clone();

@@ -140,6 +140,9 @@ impl Stats {
             transaction_retries: self.tx_retries.load(Relaxed),
             serialization_failures: self.serialization_failures.load(Relaxed),
             deadlocks: self.deadlocks.load(Relaxed),
+            primary_reads: 0,
+            replica_reads: 0,
+            read_failovers: 0,
         }
     }
 }
@@ -178,4 +181,10 @@ pub struct BackendStats {
     pub serialization_failures: u64,
     /// Deadlocks (SQLSTATE 40P01) seen inside transactions.
     pub deadlocks: u64,
+    /// Reads served by the primary.
+    pub primary_reads: u64,
+    /// Reads served by replicas.
+    pub replica_reads: u64,
+    /// Reads that fell back to the primary because no replica qualified.
+    pub read_failovers: u64,
 }

@@ -18,6 +18,7 @@ use crate::state::ident::Ident;
 use crate::state::limits::{check_entry, check_key, check_metadata, check_ttl};
 use crate::state::ops::{check_batch, MetadataQuery, StateEntry};
 use crate::state::pool::{Conn, ConnPool};
+use crate::state::router::Router;
 use crate::state::stats::{Op, Stats, TxEvent};
 
 /// The future a [`transaction`](crate::state::EnhancedPostgresBackend::transaction) closure
@@ -33,6 +34,7 @@ pub type TxFuture<'t, T> = Pin<Box<dyn Future<Output = StateResult<T>> + Send + 
 pub struct PostgresTransaction {
     conn: Option<Conn>,
     stats: Arc<Stats>,
+    router: Arc<Router>,
     savepoints: Vec<String>,
     aborted: bool,
     level: IsolationLevel,
@@ -43,6 +45,7 @@ impl PostgresTransaction {
     pub(crate) async fn begin(
         pool: &ConnPool,
         stats: Arc<Stats>,
+        router: Arc<Router>,
         level: IsolationLevel,
         read_only: bool,
     ) -> StateResult<Self> {
@@ -59,6 +62,7 @@ impl PostgresTransaction {
         Ok(PostgresTransaction {
             conn: Some(conn),
             stats,
+            router,
             savepoints: Vec::new(),
             aborted: false,
             level,
@@ -153,8 +157,11 @@ impl PostgresTransaction {
         }
         match conn.client.batch_execute("COMMIT").await {
             Ok(()) => {
-                conn.dirty = false;
                 self.stats.tx(TxEvent::Committed);
+                if !self.read_only {
+                    self.router.after_write(&conn).await;
+                }
+                conn.dirty = false;
                 Ok(())
             }
             Err(e) if e.as_db_error().is_some() => {

@@ -1,0 +1,392 @@
+//! Primary / replica selection: read routing, the lag monitor, failover and read-your-writes.
+//!
+//! Lag is measured two ways per replica, by one monitor task at the replica
+//! `health_check_interval`:
+//! - bytes: the primary's current WAL insert position minus the replica's replay position;
+//! - time: how long ago the primary first passed the replica's replay position, from a short
+//!   history of the primary's positions. A caught-up replica (zero bytes behind) has zero lag
+//!   however long the primary has been idle: the `now() - pg_last_xact_replay_timestamp()`
+//!   estimate is never used.
+//!
+//! A replica serves reads while its last check succeeded, it is still in recovery and its time
+//! lag is within `max_replication_lag_ms`. Read-your-writes: every write on the primary records
+//! its WAL insert position (taken after the write committed); a replica serves this backend's
+//! reads only once its replay position has passed the newest such position.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+
+use crate::state::config::PostgresReplicaConfig;
+use crate::state::error::{StateError, StateResult};
+use crate::state::pool::ConnPool;
+
+/// History of the primary's WAL positions kept for time-lag estimates.
+const LSN_HISTORY: usize = 512;
+
+/// One replica with what the monitor last saw of it.
+pub(crate) struct Replica {
+    pub pool: Arc<ConnPool>,
+    /// `host:port`, never the URL (which may hold a password).
+    pub name: String,
+    healthy: AtomicBool,
+    replay_lsn: AtomicU64,
+    lag_bytes: AtomicU64,
+    lag_ms: AtomicU64,
+    paused: AtomicBool,
+    reads: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Replica {
+    pub fn new(pool: Arc<ConnPool>, name: String) -> Self {
+        Replica {
+            pool,
+            name,
+            // Out of rotation until the first check says otherwise.
+            healthy: AtomicBool::new(false),
+            replay_lsn: AtomicU64::new(0),
+            lag_bytes: AtomicU64::new(0),
+            lag_ms: AtomicU64::new(0),
+            paused: AtomicBool::new(false),
+            reads: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    fn set_error(&self, e: Option<String>) {
+        if let Ok(mut g) = self.last_error.lock() {
+            *g = e;
+        }
+    }
+
+    /// Takes the replica out of rotation at once (a read on it just failed).
+    pub fn mark_down(&self, e: &StateError) {
+        if self.healthy.swap(false, Relaxed) {
+            tracing::warn!(replica = %self.name, error = %e, "replica left the read rotation");
+        }
+        self.set_error(Some(e.to_string()));
+    }
+}
+
+/// Where a read goes.
+pub(crate) enum ReadTarget<'a> {
+    Primary,
+    Replica(&'a Replica),
+}
+
+/// The replica side of a backend: pools, health, lag and read routing.
+pub(crate) struct Router {
+    pub replicas: Vec<Replica>,
+    settings: PostgresReplicaConfig,
+    read_your_writes: bool,
+    next: AtomicUsize,
+    /// Newest WAL position this backend wrote (0: nothing yet).
+    write_lsn: AtomicU64,
+    history: Mutex<VecDeque<(Instant, u64)>>,
+    primary_reads: AtomicU64,
+    failovers: AtomicU64,
+    /// A write whose WAL position is unknown: see `after_write`.
+    pending_write: AtomicBool,
+}
+
+impl Router {
+    pub fn new(
+        replicas: Vec<Replica>,
+        settings: PostgresReplicaConfig,
+        read_your_writes: bool,
+    ) -> Self {
+        Router {
+            replicas,
+            settings,
+            read_your_writes,
+            next: AtomicUsize::new(0),
+            write_lsn: AtomicU64::new(0),
+            history: Mutex::new(VecDeque::new()),
+            primary_reads: AtomicU64::new(0),
+            failovers: AtomicU64::new(0),
+            pending_write: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether writes need to record their WAL position.
+    pub fn tracks_writes(&self) -> bool {
+        self.read_your_writes && self.splits_reads()
+    }
+
+    fn splits_reads(&self) -> bool {
+        self.settings.enable_read_splitting && !self.replicas.is_empty()
+    }
+
+    /// Records the WAL position after a committed write on `conn` (a primary connection).
+    /// When it cannot be read, the next monitor round takes the primary's position instead,
+    /// and until then no replica serves this backend's reads.
+    pub async fn after_write(&self, conn: &crate::state::connection::PgConn) {
+        if !self.tracks_writes() {
+            return;
+        }
+        match conn.insert_lsn().await {
+            Ok(lsn) => {
+                self.write_lsn.fetch_max(lsn, Relaxed);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the WAL position after a write");
+                self.pending_write.store(true, Relaxed);
+            }
+        }
+    }
+
+    fn qualifies(&self, r: &Replica) -> bool {
+        r.healthy.load(Relaxed)
+            && r.lag_ms.load(Relaxed) <= self.settings.max_replication_lag_ms
+            && (!self.read_your_writes
+                || (!self.pending_write.load(Relaxed)
+                    && r.replay_lsn.load(Relaxed) >= self.write_lsn.load(Relaxed)))
+    }
+
+    /// Picks a node for a read, skipping replicas in `tried`. Round-robin over qualifying
+    /// replicas; the primary when none qualifies and failover is on.
+    pub fn pick(
+        &self,
+        tried: &[usize],
+        force_primary: bool,
+    ) -> StateResult<(Option<usize>, ReadTarget<'_>)> {
+        if force_primary || !self.splits_reads() {
+            self.primary_reads.fetch_add(1, Relaxed);
+            return Ok((None, ReadTarget::Primary));
+        }
+        let candidates: Vec<usize> = (0..self.replicas.len())
+            .filter(|i| !tried.contains(i) && self.qualifies(&self.replicas[*i]))
+            .collect();
+        if !candidates.is_empty() {
+            let i = candidates[self.next.fetch_add(1, Relaxed) % candidates.len()];
+            let r = &self.replicas[i];
+            r.reads.fetch_add(1, Relaxed);
+            return Ok((Some(i), ReadTarget::Replica(r)));
+        }
+        if self.settings.enable_auto_failover {
+            self.failovers.fetch_add(1, Relaxed);
+            self.primary_reads.fetch_add(1, Relaxed);
+            return Ok((None, ReadTarget::Primary));
+        }
+        Err(StateError::Connection {
+            message: format!(
+                "no replica can serve this read (healthy, within {} ms of lag{}) and auto-failover is off",
+                self.settings.max_replication_lag_ms,
+                if self.read_your_writes { ", past this backend's last write" } else { "" }
+            ),
+            sqlstate: None,
+        })
+    }
+
+    /// Reads that went to a replica but found it failing count back: the read goes elsewhere.
+    pub fn undo_read(&self, i: usize) {
+        self.replicas[i].reads.fetch_sub(1, Relaxed);
+    }
+
+    /// One monitoring round: the primary's position, then every replica concurrently.
+    pub async fn check(&self, primary: &ConnPool) {
+        let now = Instant::now();
+        // Taken before the position is read, so a position read afterwards is past any write
+        // that set the flag first.
+        let pending = self.pending_write.swap(false, Relaxed);
+        let primary_lsn = match current_lsn(primary).await {
+            Ok(lsn) => {
+                if let Ok(mut h) = self.history.lock() {
+                    if h.back().is_none_or(|(_, l)| *l != lsn) {
+                        h.push_back((now, lsn));
+                        if h.len() > LSN_HISTORY {
+                            h.pop_front();
+                        }
+                    }
+                }
+                if pending {
+                    self.write_lsn.fetch_max(lsn, Relaxed);
+                }
+                Some(lsn)
+            }
+            Err(e) => {
+                if pending {
+                    self.pending_write.store(true, Relaxed);
+                }
+                tracing::warn!(error = %e, "lag monitor cannot read the primary's WAL position");
+                None
+            }
+        };
+        let timeout = self
+            .settings
+            .health_check_interval
+            .max(Duration::from_secs(1));
+        join_all(
+            self.replicas
+                .iter()
+                .map(|r| self.check_replica(r, primary_lsn, timeout)),
+        )
+        .await;
+    }
+
+    async fn check_replica(&self, r: &Replica, primary_lsn: Option<u64>, timeout: Duration) {
+        let probe = async {
+            let conn = r.pool.get().await?;
+            let row = conn
+                .client
+                .query_one(
+                    "SELECT pg_is_in_recovery(), \
+                     pg_wal_lsn_diff(coalesce(pg_last_wal_replay_lsn(), '0/0'), '0/0')::bigint, \
+                     coalesce(pg_is_wal_replay_paused(), false)",
+                    &[],
+                )
+                .await?;
+            Ok::<_, StateError>((
+                row.try_get::<_, bool>(0)?,
+                row.try_get::<_, i64>(1)?,
+                row.try_get::<_, bool>(2)?,
+            ))
+        };
+        let result = match tokio::time::timeout(timeout, probe).await {
+            Ok(r) => r,
+            Err(_) => Err(StateError::Timeout(format!(
+                "replica check took longer than {timeout:?}"
+            ))),
+        };
+        match result {
+            Ok((true, replay, paused)) => {
+                let replay = u64::try_from(replay).unwrap_or(0);
+                r.replay_lsn.fetch_max(replay, Relaxed);
+                r.paused.store(paused, Relaxed);
+                let (bytes, ms) = match primary_lsn {
+                    Some(p) => (p.saturating_sub(replay), self.time_lag(replay)),
+                    // Without the primary we cannot tell; keep the last figures.
+                    None => (r.lag_bytes.load(Relaxed), r.lag_ms.load(Relaxed)),
+                };
+                r.lag_bytes.store(bytes, Relaxed);
+                r.lag_ms.store(ms, Relaxed);
+                r.set_error(None);
+                if !r.healthy.swap(true, Relaxed) {
+                    tracing::info!(replica = %r.name, lag_ms = ms, "replica joined the read rotation");
+                }
+            }
+            Ok((false, ..)) => r.mark_down(&StateError::Connection {
+                message: format!(
+                    "{} is not in recovery (promoted?): not used for reads",
+                    r.name
+                ),
+                sqlstate: None,
+            }),
+            Err(e) => r.mark_down(&e),
+        }
+    }
+
+    /// How long ago the primary first wrote past `replay` (0 when nothing is outstanding).
+    fn time_lag(&self, replay: u64) -> u64 {
+        let Ok(h) = self.history.lock() else { return 0 };
+        let Some(&(_, newest)) = h.back() else {
+            return 0;
+        };
+        if replay >= newest {
+            return 0;
+        }
+        // The oldest recorded position beyond `replay` was reached at or before that moment;
+        // if even the oldest record is beyond it, the lag is at least that old.
+        let since = h
+            .iter()
+            .find(|(_, lsn)| *lsn > replay)
+            .map_or(Instant::now(), |(t, _)| *t);
+        u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    pub fn status(&self) -> Vec<ReplicaStatus> {
+        self.replicas
+            .iter()
+            .map(|r| ReplicaStatus {
+                name: r.name.clone(),
+                healthy: r.healthy.load(Relaxed),
+                in_rotation: self.settings.enable_read_splitting && self.qualifies(r),
+                lag_ms: r.lag_ms.load(Relaxed),
+                lag_bytes: r.lag_bytes.load(Relaxed),
+                replay_paused: r.paused.load(Relaxed),
+                reads: r.reads.load(Relaxed),
+                last_error: r.last_error.lock().ok().and_then(|g| g.clone()),
+            })
+            .collect()
+    }
+
+    pub fn primary_reads(&self) -> u64 {
+        self.primary_reads.load(Relaxed)
+    }
+
+    pub fn failovers(&self) -> u64 {
+        self.failovers.load(Relaxed)
+    }
+}
+
+/// The primary's current WAL insert position, as a byte offset.
+pub(crate) async fn current_lsn(primary: &ConnPool) -> StateResult<u64> {
+    let conn = primary.get().await?;
+    conn.insert_lsn().await
+}
+
+/// Runs the monitor until the router is dropped.
+pub(crate) fn spawn_monitor(
+    router: Weak<Router>,
+    primary: Weak<ConnPool>,
+    interval: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let (Some(router), Some(primary)) = (router.upgrade(), primary.upgrade()) else {
+                return;
+            };
+            router.check(&primary).await;
+        }
+    })
+}
+
+/// What the router knows of one replica, from
+/// [`check_replication_status`](crate::state::EnhancedPostgresBackend::check_replication_status).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaStatus {
+    /// `host:port` of the replica.
+    pub name: String,
+    /// Whether its last check succeeded (reachable and still a replica).
+    pub healthy: bool,
+    /// Whether it serves reads now (healthy, within the lag threshold, and past this backend's
+    /// last write when read-your-writes is on).
+    pub in_rotation: bool,
+    /// Replication lag in milliseconds (0 when fully caught up).
+    pub lag_ms: u64,
+    /// Replication lag in bytes of WAL.
+    pub lag_bytes: u64,
+    /// Whether WAL replay is paused on it (`pg_wal_replay_pause()`).
+    pub replay_paused: bool,
+    /// Reads it has served for this backend.
+    pub reads: u64,
+    /// The last error its checks or reads met, if it is unhealthy.
+    pub last_error: Option<String>,
+}
+
+/// Replication state, from
+/// [`check_replication_status`](crate::state::EnhancedPostgresBackend::check_replication_status).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicationStatus {
+    /// Whether the node the backend writes to is itself in recovery (a replica).
+    pub is_replica: bool,
+    /// The largest lag of any configured replica, in milliseconds (0 with no replicas).
+    pub lag_ms: u64,
+    /// The largest lag of any configured replica, in bytes.
+    pub lag_bytes: u64,
+    /// Streaming replicas connected to the primary (`pg_stat_replication`).
+    pub connected_replicas: u32,
+    /// Reads served by the primary.
+    pub primary_reads: u64,
+    /// Reads that fell back to the primary because no replica qualified.
+    pub failovers_to_primary: u64,
+    /// Each configured replica as the router sees it.
+    pub replicas: Vec<ReplicaStatus>,
+}

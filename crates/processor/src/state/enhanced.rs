@@ -165,6 +165,12 @@ impl EnhancedPostgresBackend {
         })
     }
 
+    /// What the router knows of each replica now, without contacting any server (updated by
+    /// the background monitor and by failed reads).
+    pub fn replica_status(&self) -> Vec<crate::state::ReplicaStatus> {
+        self.store().router.status()
+    }
+
     /// Runs `CHECKPOINT` on the primary. Needs superuser or the `pg_checkpoint` role;
     /// otherwise [`StateError::PermissionDenied`](crate::state::StateError::PermissionDenied).
     pub async fn checkpoint(&self) -> StateResult<()> {

@@ -22,6 +22,16 @@ use crate::state::schema::TableNames;
 pub(crate) struct Manager {
     connector: Connector,
     names: TableNames,
+    failures: Arc<ConnectFailures>,
+}
+
+/// Tells waiting acquires that opening a connection just failed, so that a pool with no
+/// connection at all can report the server unreachable at once instead of waiting out the
+/// acquire timeout.
+#[derive(Default)]
+struct ConnectFailures {
+    notify: tokio::sync::Notify,
+    last: Mutex<Option<String>>,
 }
 
 impl ManageConnection for Manager {
@@ -29,7 +39,14 @@ impl ManageConnection for Manager {
     type Error = StateError;
 
     async fn connect(&self) -> Result<PgConn, StateError> {
-        PgConn::open(&self.connector, &self.names).await
+        let result = PgConn::open(&self.connector, &self.names).await;
+        if let Err(e) = &result {
+            if let Ok(mut last) = self.failures.last.lock() {
+                *last = Some(e.to_string());
+            }
+            self.failures.notify.notify_waiters();
+        }
+        result
     }
 
     async fn is_valid(&self, conn: &mut PgConn) -> Result<(), StateError> {
@@ -104,6 +121,7 @@ pub(crate) struct ConnPool {
     pool: Pool<Manager>,
     acquire_timeout: Duration,
     last_error: LastError,
+    failures: Arc<ConnectFailures>,
     target: String,
     health_task: tokio::task::JoinHandle<()>,
 }
@@ -131,7 +149,12 @@ impl ConnPool {
             .test_on_check_out(cfg.test_on_acquire)
             .reaper_rate(reaper)
             .error_sink(Box::new(last_error.clone()));
-        let manager = Manager { connector, names };
+        let failures = Arc::new(ConnectFailures::default());
+        let manager = Manager {
+            connector,
+            names,
+            failures: failures.clone(),
+        };
         // A lazy pool (replicas) opens its connections in the background, so an unreachable
         // server does not fail `new()`; the primary's pool fails fast instead.
         let pool = if lazy {
@@ -156,6 +179,7 @@ impl ConnPool {
                 pool,
                 acquire_timeout: cfg.acquire_timeout,
                 last_error,
+                failures,
                 target,
                 health_task,
             }
@@ -172,7 +196,7 @@ impl ConnPool {
         let mut attempts = self.pool.state().connections + 1;
         let result = loop {
             attempts = attempts.saturating_sub(1);
-            match self.pool.get_owned().await {
+            match self.get_or_fail_fast().await? {
                 Ok(conn) if conn.client.is_closed() && attempts > 0 => continue,
                 other => break other,
             }
@@ -191,6 +215,34 @@ impl ConnPool {
                     self.acquire_timeout,
                     self.pool.state().connections
                 )))
+            }
+        }
+    }
+
+    /// bb8's acquire, cut short with a connection error when opening a connection fails while
+    /// the pool has none: then nothing can come back to it before the server does.
+    async fn get_or_fail_fast(&self) -> StateResult<Result<Conn, RunError<StateError>>> {
+        let get = self.pool.get_owned();
+        tokio::pin!(get);
+        loop {
+            let failed = self.failures.notify.notified();
+            tokio::select! {
+                r = &mut get => return Ok(r),
+                () = failed => {
+                    if self.pool.state().connections == 0 {
+                        let why = self
+                            .failures
+                            .last
+                            .lock()
+                            .ok()
+                            .and_then(|g| g.clone())
+                            .unwrap_or_else(|| "connection failed".into());
+                        return Err(StateError::Connection {
+                            message: format!("no connection to {} can be opened: {why}", self.target),
+                            sqlstate: None,
+                        });
+                    }
+                }
             }
         }
     }

@@ -6,6 +6,7 @@ mod bad_input;
 mod conformance;
 mod ops;
 mod pool;
+mod replication;
 mod schema;
 mod seed;
 mod support;

@@ -1,0 +1,421 @@
+//! Replicas: read routing, lag monitoring, failover, read-your-writes, switchover. Tests that
+//! stop, pause or promote servers start their own cluster.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgstate_testcluster::{Cluster, ClusterOptions};
+use processor::state::{
+    EnhancedPostgresBackend, EnhancedPostgresConfig, ErrorKind, PostgresReplicaConfig,
+    ReplicationStatus, StateBackend,
+};
+
+use crate::support;
+
+fn replicas(urls: Vec<String>, max_lag_ms: u64, failover: bool) -> PostgresReplicaConfig {
+    PostgresReplicaConfig {
+        replica_urls: urls,
+        enable_read_splitting: true,
+        max_replication_lag_ms: max_lag_ms,
+        health_check_interval: Duration::from_millis(200),
+        enable_auto_failover: failover,
+    }
+}
+
+async fn own_cluster(replicas: usize) -> Cluster {
+    tokio::task::spawn_blocking(move || {
+        Cluster::start(ClusterOptions {
+            replicas,
+            tls: false,
+            ..ClusterOptions::default()
+        })
+    })
+    .await
+    .unwrap()
+    .unwrap()
+}
+
+/// Polls the status until `ok` holds (or fails the test after `limit`).
+async fn wait_status(
+    b: &EnhancedPostgresBackend,
+    limit: Duration,
+    what: &str,
+    ok: impl Fn(&ReplicationStatus) -> bool,
+) -> ReplicationStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        let s = b.check_replication_status().await.unwrap();
+        if ok(&s) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} not reached within {limit:?}: {s:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// 8 reader tasks reading `keys` until `stop`; returns (reads, failures).
+fn spawn_readers(
+    b: &EnhancedPostgresBackend,
+    keys: usize,
+    stop: Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<(u64, u64)>> {
+    (0..8)
+        .map(|t| {
+            let (b, stop) = (b.clone_handle(), stop.clone());
+            tokio::spawn(async move {
+                let (mut ok, mut failed) = (0u64, 0u64);
+                let mut i = t;
+                while !stop.load(Ordering::Relaxed) {
+                    let k = format!("r:{:04}", i % keys);
+                    match b.get(k.as_bytes()).await {
+                        Ok(Some(v)) if v == k.as_bytes() => ok += 1,
+                        other => {
+                            eprintln!("read of {k} failed: {other:?}");
+                            failed += 1;
+                        }
+                    }
+                    i += 8;
+                }
+                (ok, failed)
+            })
+        })
+        .collect()
+}
+
+async fn load(writer: &EnhancedPostgresBackend, keys: usize) {
+    let names: Vec<String> = (0..keys).map(|i| format!("r:{i:04}")).collect();
+    let entries: Vec<(&[u8], &[u8])> = names.iter().map(|k| (k.as_bytes(), k.as_bytes())).collect();
+    writer.batch_put(&entries).await.unwrap();
+}
+
+#[tokio::test]
+async fn reads_spread_over_both_replicas_and_status_is_correct() {
+    let Some(cluster) = pgstate_testcluster::shared().cluster() else {
+        eprintln!("skipped: needs the local cluster's replicas");
+        return;
+    };
+    let schema = support::unique("spread");
+    let writer = EnhancedPostgresBackend::new(
+        EnhancedPostgresConfig::new(cluster.primary_url()).with_schema(schema.clone()),
+    )
+    .await
+    .unwrap();
+    load(&writer, 200).await;
+    // A second backend: it has written nothing, so read-your-writes does not hold it back.
+    let reader = EnhancedPostgresBackend::new(
+        EnhancedPostgresConfig::new(cluster.primary_url())
+            .with_schema(schema)
+            .with_replicas(replicas(cluster.replica_urls(), 5_000, true)),
+    )
+    .await
+    .unwrap();
+    let status = wait_status(
+        &reader,
+        Duration::from_secs(20),
+        "both replicas in rotation",
+        |s| s.replicas.iter().all(|r| r.in_rotation),
+    )
+    .await;
+    assert!(!status.is_replica);
+    assert_eq!(status.connected_replicas, 2);
+    assert_eq!(status.replicas.len(), 2);
+    for (r, node) in status.replicas.iter().zip(&cluster.nodes()[1..]) {
+        assert_eq!(r.name, format!("127.0.0.1:{}", node.port));
+        assert!(
+            r.healthy && !r.replay_paused && r.last_error.is_none(),
+            "{r:?}"
+        );
+    }
+    // The data may still be on its way to the replicas: wait until they have it.
+    wait_status(
+        &reader,
+        Duration::from_secs(20),
+        "replicas caught up",
+        |s| s.replicas.iter().all(|r| r.lag_bytes == 0 || r.lag_ms == 0),
+    )
+    .await;
+    let before = reader.get_stats();
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers = spawn_readers(&reader, 200, stop.clone());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for r in readers {
+        let (ok, failed) = r.await.unwrap();
+        assert_eq!(failed, 0);
+        total += ok;
+    }
+    let after = reader.get_stats();
+    assert_eq!(
+        after.primary_reads, before.primary_reads,
+        "no read went to the primary"
+    );
+    let status = reader.check_replication_status().await.unwrap();
+    let per_node: Vec<u64> = status.replicas.iter().map(|r| r.reads).collect();
+    assert!(
+        per_node.iter().all(|n| *n > total / 4),
+        "unbalanced: {per_node:?} of {total}"
+    );
+    assert_eq!(after.replica_reads - before.replica_reads, total);
+    // A handle can insist on the primary.
+    reader.reading_from_primary().get(b"r:0001").await.unwrap();
+    assert_eq!(reader.get_stats().primary_reads, after.primary_reads + 1);
+}
+
+#[tokio::test]
+async fn read_your_writes_never_sees_older_state() {
+    let Some(cluster) = pgstate_testcluster::shared().cluster() else {
+        eprintln!("skipped: needs the local cluster's replicas");
+        return;
+    };
+    let b = EnhancedPostgresBackend::new(
+        EnhancedPostgresConfig::new(cluster.primary_url())
+            .with_schema(support::unique("ryw"))
+            .with_replicas(replicas(cluster.replica_urls(), 5_000, true)),
+    )
+    .await
+    .unwrap();
+    for i in 0..1000u32 {
+        let k = format!("ryw:{i}");
+        b.put(k.as_bytes(), &i.to_be_bytes()).await.unwrap();
+        assert_eq!(
+            b.get(k.as_bytes()).await.unwrap(),
+            Some(i.to_be_bytes().to_vec()),
+            "round {i}"
+        );
+        if i % 100 == 99 {
+            // Overwrites too: never the older value.
+            b.put(b"ryw:same", &i.to_be_bytes()).await.unwrap();
+            assert_eq!(
+                b.get(b"ryw:same").await.unwrap(),
+                Some(i.to_be_bytes().to_vec())
+            );
+        }
+    }
+    let s = b.get_stats();
+    eprintln!(
+        "1000 rounds: {} replica reads, {} primary reads",
+        s.replica_reads, s.primary_reads
+    );
+}
+
+#[tokio::test]
+async fn unreachable_replicas_do_not_stop_new_and_failover_decides_reads() {
+    let dead = format!(
+        "postgresql://postgres:{}@127.0.0.1:{}/postgres?sslmode=disable",
+        pgstate_testcluster::PASSWORD,
+        pgstate_testcluster::free_port().unwrap()
+    );
+    let base = || support::config("deadrep");
+    let b = EnhancedPostgresBackend::new(base().with_replicas(replicas(
+        vec![dead.clone()],
+        1000,
+        true,
+    )))
+    .await
+    .expect("an unreachable replica does not stop new()");
+    b.put(b"k", b"v").await.unwrap();
+    assert_eq!(b.get(b"k").await.unwrap(), Some(b"v".to_vec()));
+    assert!(b.get_stats().read_failovers >= 1);
+    let s = b.check_replication_status().await.unwrap();
+    assert!(
+        !s.replicas[0].healthy && s.replicas[0].last_error.is_some(),
+        "{s:?}"
+    );
+    assert!(!s.replicas[0]
+        .last_error
+        .as_deref()
+        .unwrap_or("")
+        .contains("pgstate-test-secret"));
+
+    let strict =
+        EnhancedPostgresBackend::new(base().with_replicas(replicas(vec![dead], 1000, false)))
+            .await
+            .unwrap();
+    let err = strict.get(b"k").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Connection, "{err}");
+    assert!(err.to_string().contains("auto-failover is off"), "{err}");
+    // The primary stays reachable on request.
+    assert!(strict.reading_from_primary().get(b"k").await.is_ok());
+}
+
+#[tokio::test]
+async fn replicas_leave_and_rejoin_the_rotation_on_stop_pause_and_idle() {
+    let cluster = Arc::new(own_cluster(2).await);
+    let writer = EnhancedPostgresBackend::new(EnhancedPostgresConfig::new(cluster.primary_url()))
+        .await
+        .unwrap();
+    load(&writer, 100).await;
+    let reader = EnhancedPostgresBackend::new(
+        EnhancedPostgresConfig::new(cluster.primary_url()).with_replicas(replicas(
+            cluster.replica_urls(),
+            500,
+            true,
+        )),
+    )
+    .await
+    .unwrap();
+    wait_status(&reader, Duration::from_secs(20), "both in rotation", |s| {
+        s.replicas.iter().all(|r| r.in_rotation && r.lag_bytes == 0)
+    })
+    .await;
+
+    // Idle primary for longer than the threshold: caught-up replicas report no lag.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let s = reader.check_replication_status().await.unwrap();
+    for r in &s.replicas {
+        assert_eq!(r.lag_ms, 0, "{r:?}");
+        assert!(r.in_rotation, "{r:?}");
+    }
+
+    // Stop replica 1 under read load: no read fails; it leaves the rotation.
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers = spawn_readers(&reader, 100, stop.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || c.stop_node(1).unwrap())
+        .await
+        .unwrap();
+    let stopped = Instant::now();
+    // Watch the router's own view (no forced check): the monitor and the readers act alone.
+    while reader.replica_status()[0].healthy {
+        assert!(
+            stopped.elapsed() < Duration::from_secs(5),
+            "replica 1 still in rotation"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let left = stopped.elapsed();
+    eprintln!("replica 1 left the rotation {left:?} after it stopped");
+    // Two health intervals (2 x 200 ms), plus this loop's own polling.
+    assert!(left <= Duration::from_millis(450), "left after {left:?}");
+    assert!(reader.replica_status()[1].in_rotation);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut reads = 0;
+    for r in readers {
+        let (ok, failed) = r.await.unwrap();
+        assert_eq!(failed, 0, "a read failed while a replica stopped");
+        reads += ok;
+    }
+    assert!(reads > 0);
+
+    // Restarted, it comes back.
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || c.start_node(1).unwrap())
+        .await
+        .unwrap();
+    wait_status(&reader, Duration::from_secs(20), "replica 1 back", |s| {
+        s.replicas[0].in_rotation
+    })
+    .await;
+    let before = reader.check_replication_status().await.unwrap().replicas[0].reads;
+    for i in 0..40 {
+        reader.get(format!("r:{:04}", i).as_bytes()).await.unwrap();
+    }
+    assert!(reader.check_replication_status().await.unwrap().replicas[0].reads > before);
+
+    // Pause replay on replica 2, keep writing elsewhere: it is routed away once its lag passes
+    // the threshold, and comes back after resuming.
+    cluster.psql(2, "SELECT pg_wal_replay_pause()").unwrap();
+    let writing = Arc::new(AtomicBool::new(true));
+    let w = {
+        let (writer, writing) = (writer.clone_handle(), writing.clone());
+        tokio::spawn(async move {
+            let n = AtomicU64::new(0);
+            while writing.load(Ordering::Relaxed) {
+                let i = n.fetch_add(1, Ordering::Relaxed);
+                writer.put(b"tick", &i.to_be_bytes()).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let s = wait_status(
+        &reader,
+        Duration::from_secs(10),
+        "paused replica out",
+        |s| !s.replicas[1].in_rotation && s.replicas[1].lag_ms > 500,
+    )
+    .await;
+    assert!(
+        s.replicas[1].replay_paused && s.replicas[1].healthy,
+        "{:?}",
+        s.replicas[1]
+    );
+    assert!(s.replicas[1].lag_bytes > 0);
+    assert!(s.replicas[0].in_rotation, "the other replica keeps serving");
+    cluster.psql(2, "SELECT pg_wal_replay_resume()").unwrap();
+    wait_status(
+        &reader,
+        Duration::from_secs(10),
+        "resumed replica back",
+        |s| s.replicas[1].in_rotation,
+    )
+    .await;
+    writing.store(false, Ordering::Relaxed);
+    w.await.unwrap();
+}
+
+#[tokio::test]
+async fn writes_continue_after_the_primary_is_switched_over() {
+    let cluster = Arc::new(own_cluster(1).await);
+    let nodes = cluster.nodes();
+    let url = format!(
+        "postgresql://postgres:{}@127.0.0.1:{},127.0.0.1:{}/postgres?sslmode=disable",
+        pgstate_testcluster::PASSWORD,
+        nodes[0].port,
+        nodes[1].port
+    );
+    let b = EnhancedPostgresBackend::new(EnhancedPostgresConfig::new(url).with_pool_config(
+        processor::state::PostgresPoolConfig {
+            acquire_timeout: Duration::from_secs(2),
+            ..support::small_pool()
+        },
+    ))
+    .await
+    .unwrap();
+    for i in 0..200u32 {
+        b.put(format!("before:{i}").as_bytes(), b"acked")
+            .await
+            .unwrap();
+    }
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || {
+        c.stop_node(0).unwrap();
+        c.promote(1).unwrap();
+    })
+    .await
+    .unwrap();
+    let switched = Instant::now();
+    let mut failures = 0;
+    loop {
+        match b.put(b"after", b"1").await {
+            Ok(()) => break,
+            Err(e) => {
+                failures += 1;
+                assert!(e.is_retryable(), "{e}");
+                assert!(
+                    switched.elapsed() < Duration::from_secs(30),
+                    "no writes after switchover: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    eprintln!(
+        "writes resumed {:?} after the switch ({failures} failed attempts)",
+        switched.elapsed()
+    );
+    for i in 0..200u32 {
+        assert_eq!(
+            b.get(format!("before:{i}").as_bytes()).await.unwrap(),
+            Some(b"acked".to_vec()),
+            "acknowledged write {i} lost"
+        );
+    }
+    assert!(!b.check_replication_status().await.unwrap().is_replica);
+}

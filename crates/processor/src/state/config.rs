@@ -59,10 +59,8 @@ pub struct PostgresSslConfig {
     pub client_key_path: Option<PathBuf>,
 }
 
-/// Read replica settings.
-///
-/// Replica routing is not implemented yet: the fields are accepted and validated, and every
-/// operation runs on the primary.
+/// Read replica settings: see [`EnhancedPostgresBackend`](crate::state::EnhancedPostgresBackend)
+/// for how reads are routed. Writes, transactions and COPY always run on the primary.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PostgresReplicaConfig {
     /// Connection URLs of the streaming replicas.

@@ -24,8 +24,8 @@ use crate::state::transaction::{backoff, worth_retrying, PostgresTransaction, Tx
 /// Cheap to clone ([`clone_handle`](Self::clone_handle)): every handle shares one pool and one
 /// set of statistics. What works today: the [`StateBackend`] methods, metadata, TTL, batches
 /// (UNNEST and binary COPY), optimistic versions, metadata queries, pool and operation
-/// statistics. Not yet implemented (configuration is accepted and validated, nothing more):
-/// read replicas (every operation runs on the primary) and the retention policy.
+/// statistics, transactions, read replicas. Not yet implemented (configuration is accepted and
+/// validated, nothing more): the retention policy.
 #[derive(Clone)]
 pub struct EnhancedPostgresBackend {
     inner: Arc<Inner>,

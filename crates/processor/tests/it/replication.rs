@@ -419,3 +419,34 @@ async fn writes_continue_after_the_primary_is_switched_over() {
     }
     assert!(!b.check_replication_status().await.unwrap().is_replica);
 }
+
+#[tokio::test]
+async fn checkpoint_needs_the_privilege_and_says_so() {
+    let b = support::backend("ckpt").await;
+    b.checkpoint().await.expect("the superuser may checkpoint");
+
+    // A role that owns only its schema.
+    let role = support::unique("nopriv");
+    let admin = support::raw(&support::url()).await;
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE \"{role}\" LOGIN PASSWORD 'pw-{role}'; GRANT CREATE ON DATABASE postgres TO \"{role}\""
+        ))
+        .await
+        .unwrap();
+    let url = support::url().replacen(
+        &format!("postgres:{}@", pgstate_testcluster::PASSWORD),
+        &format!("{role}:pw-{role}@"),
+        1,
+    );
+    let limited = EnhancedPostgresBackend::new(
+        EnhancedPostgresConfig::new(url).with_schema(support::unique("nopriv")),
+    )
+    .await
+    .expect("a role with CREATE on the database can set up its own schema");
+    limited.put(b"k", b"v").await.unwrap();
+    let err = limited.checkpoint().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Permission, "{err}");
+    assert_eq!(err.sqlstate(), Some("42501"));
+    assert!(!err.is_retryable());
+}

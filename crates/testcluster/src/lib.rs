@@ -70,17 +70,27 @@ impl Default for ClusterOptions {
 /// Certificate files generated for a TLS cluster (PEM).
 #[derive(Clone, Debug)]
 pub struct Certs {
-    /// The CA certificate that signed the server and client certificates.
+    /// The CA certificate that signed the server and client certificates (the server trusts it
+    /// for client certificates too).
     pub ca_cert: PathBuf,
-    /// Server certificate, valid for `localhost` and `127.0.0.1` only.
+    /// A CA that signed nothing the server uses: "untrusted" from the server's side.
+    pub other_ca_cert: PathBuf,
+    /// Server certificate, valid for `localhost` and `127.0.0.1` only (not `127.0.0.2`).
     pub server_cert: PathBuf,
     /// Server key.
     pub server_key: PathBuf,
-    /// Client certificate with CN `postgres`.
+    /// Client certificate for [`CERT_USER`], signed by the trusted CA.
     pub client_cert: PathBuf,
-    /// Client key.
+    /// Its key.
     pub client_key: PathBuf,
+    /// Client certificate for [`CERT_USER`] signed by the other CA: the server refuses it.
+    pub untrusted_client_cert: PathBuf,
+    /// Its key.
+    pub untrusted_client_key: PathBuf,
 }
+
+/// Role that logs in with a client certificate (`hostssl ... cert`) on TLS clusters.
+pub const CERT_USER: &str = "pgstate_cert";
 
 /// One server of a cluster.
 #[derive(Clone, Debug)]
@@ -323,35 +333,30 @@ impl Cluster {
             "ec_paramgen_curve:prime256v1",
             "-nodes",
         ];
-        let mut ca = vec![
-            "req",
-            "-x509",
-            "-days",
-            "3650",
-            "-subj",
-            "/CN=pgstate test CA",
-        ];
-        ca.extend_from_slice(&ec);
-        let (ca_key, ca_crt) = (p("ca.key"), p("ca.crt"));
-        ca.extend_from_slice(&["-keyout", &ca_key, "-out", &ca_crt]);
-        ca.extend_from_slice(&[
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ]);
-        openssl(&ca)?;
-        for (name, cn, ext) in [
+        for (name, cn) in [("ca", "pgstate test CA"), ("other_ca", "untrusted test CA")] {
+            let subj = format!("/CN={cn}");
+            let (key, crt) = (p(&format!("{name}.key")), p(&format!("{name}.crt")));
+            let mut args = vec!["req", "-x509", "-days", "3650", "-subj", &subj];
+            args.extend_from_slice(&ec);
+            args.extend_from_slice(&["-keyout", &key, "-out", &crt]);
+            args.extend_from_slice(&[
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ]);
+            openssl(&args)?;
+        }
+        let client_ext = "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n";
+        for (name, cn, ca, ext) in [
             (
                 "server",
                 "localhost",
+                "ca",
                 "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n",
             ),
-            (
-                "client",
-                "postgres",
-                "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n",
-            ),
+            ("client", CERT_USER, "ca", client_ext),
+            ("untrusted_client", CERT_USER, "other_ca", client_ext),
         ] {
             let (key, csr, crt, extf) = (
                 p(&format!("{name}.key")),
@@ -359,6 +364,7 @@ impl Cluster {
                 p(&format!("{name}.crt")),
                 p(&format!("{name}.ext")),
             );
+            let (ca_crt, ca_key) = (p(&format!("{ca}.crt")), p(&format!("{ca}.key")));
             fs::write(&extf, ext).map_err(|e| Error(format!("writing {extf}: {e}")))?;
             let subj = format!("/CN={cn}");
             let mut req = vec!["req", "-new", "-subj", &subj, "-keyout", &key, "-out", &csr];
@@ -369,26 +375,31 @@ impl Cluster {
                 "-days", "3650", "-out", &crt, "-extfile", &extf,
             ])?;
         }
-        // The server reads its key as the server user and insists on 0600.
+        // Keys are 0600. The server's files belong to the server user; the client's stay with
+        // the user running the tests (libpq refuses a key owned by someone else).
         for entry in fs::read_dir(&d).map_err(|e| Error(e.to_string()))? {
             let path = entry.map_err(|e| Error(e.to_string()))?.path();
-            self.chown(&path)?;
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
+            if name.starts_with("server") || name.starts_with("ca.") {
+                self.chown(&path)?;
+            }
             use std::os::unix::fs::PermissionsExt;
-            let mode = if path.extension().is_some_and(|e| e == "key") {
-                0o600
-            } else {
-                0o644
-            };
+            let mode = if name.ends_with(".key") { 0o600 } else { 0o644 };
             fs::set_permissions(&path, fs::Permissions::from_mode(mode))
                 .map_err(|e| Error(format!("chmod {}: {e}", path.display())))?;
         }
-        self.chown(&d)?;
         Ok(Certs {
             ca_cert: d.join("ca.crt"),
+            other_ca_cert: d.join("other_ca.crt"),
             server_cert: d.join("server.crt"),
             server_key: d.join("server.key"),
             client_cert: d.join("client.crt"),
             client_key: d.join("client.key"),
+            untrusted_client_cert: d.join("untrusted_client.crt"),
+            untrusted_client_key: d.join("untrusted_client.key"),
         })
     }
 
@@ -415,7 +426,7 @@ impl Cluster {
         )?;
         let port = free_port()?;
         let mut conf = format!(
-            "\n# pgstate test cluster\nlisten_addresses = '127.0.0.1'\nport = {port}\n\
+            "\n# pgstate test cluster\nlisten_addresses = '127.0.0.1,127.0.0.2'\nport = {port}\n\
              unix_socket_directories = '{}'\nmax_connections = {}\nfsync = off\n\
              full_page_writes = off\nwal_level = replica\nmax_wal_senders = 10\n\
              hot_standby = on\nwal_keep_size = '256MB'\nlog_min_messages = warning\n\
@@ -432,15 +443,28 @@ impl Cluster {
             ));
         }
         append(&data.join("postgresql.conf"), &conf)?;
-        let hba = "local all all trust\n\
-                   host all all 127.0.0.1/32 scram-sha-256\n\
-                   host replication all 127.0.0.1/32 scram-sha-256\n";
+        // 127.0.0.2 reaches the same server under a name its certificate does not carry.
+        let mut hba = String::from("local all all trust\n");
+        if self.certs.is_some() {
+            hba.push_str(&format!("hostssl all {CERT_USER} 127.0.0.0/8 cert\n"));
+        }
+        hba.push_str(
+            "host all all 127.0.0.0/8 scram-sha-256\n\
+             host replication all 127.0.0.0/8 scram-sha-256\n",
+        );
         fs::write(data.join("pg_hba.conf"), hba).map_err(|e| Error(e.to_string()))?;
         self.nodes.push(Node {
             port,
             data_dir: data,
         });
-        self.start_node(0)
+        self.start_node(0)?;
+        if self.certs.is_some() {
+            self.psql(
+                0,
+                &format!("CREATE ROLE {CERT_USER} LOGIN; GRANT CREATE ON DATABASE postgres TO {CERT_USER}"),
+            )?;
+        }
+        Ok(())
     }
 
     fn add_replica(&mut self, i: usize) -> Result<()> {

@@ -400,7 +400,8 @@ pub enum SslMode {
     Disable,
     /// Plaintext first; TLS if the server refuses the plaintext connection.
     Allow,
-    /// TLS first, without verification; plaintext if TLS is unavailable.
+    /// TLS first, without verification (the chain is verified when a root certificate is
+    /// given); plaintext if TLS is unavailable or fails.
     Prefer,
     /// TLS without verification (the chain is verified when a root certificate is given).
     Require,

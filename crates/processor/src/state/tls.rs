@@ -39,8 +39,12 @@ impl TlsSetup {
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verification = match ssl.mode {
-            // libpq: `require` verifies the chain when a root certificate is given.
-            SslMode::Require if ssl.root_cert.is_some() => Verification::ChainOnly,
+            // libpq: when a root certificate is given, the non-verifying modes still check the
+            // chain (as verify-ca does); `allow` and `prefer` then fall back to plaintext if
+            // the check fails, `require` fails.
+            SslMode::Allow | SslMode::Prefer | SslMode::Require if ssl.root_cert.is_some() => {
+                Verification::ChainOnly
+            }
             SslMode::Allow | SslMode::Prefer | SslMode::Require => Verification::None,
             SslMode::VerifyCa => Verification::ChainOnly,
             SslMode::VerifyFull | SslMode::Disable => Verification::Full,

@@ -8,6 +8,7 @@ mod ops;
 mod pool;
 mod replication;
 mod schema;
+mod security;
 mod seed;
 mod support;
 mod tls;

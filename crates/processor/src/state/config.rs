@@ -60,8 +60,9 @@ pub struct PostgresSslConfig {
 }
 
 /// Read replica settings: see [`EnhancedPostgresBackend`](crate::state::EnhancedPostgresBackend)
-/// for how reads are routed. Writes, transactions and COPY always run on the primary.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// for how reads are routed. Writes, transactions and COPY always run on the primary. `Debug`
+/// hides the URLs' passwords.
+#[derive(Clone, PartialEq, Eq)]
 pub struct PostgresReplicaConfig {
     /// Connection URLs of the streaming replicas.
     pub replica_urls: Vec<String>,
@@ -349,12 +350,11 @@ impl EnhancedPostgresConfig {
 
 impl fmt::Debug for EnhancedPostgresConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let replicas = self.replicas.as_ref().map(RedactedReplicas);
         f.debug_struct("EnhancedPostgresConfig")
             .field("url", &redact(&self.url))
             .field("pool", &self.pool)
             .field("ssl", &self.ssl)
-            .field("replicas", &replicas)
+            .field("replicas", &self.replicas)
             .field("isolation_level", &self.isolation_level)
             .field("retention", &self.retention)
             .field("schema", &self.schema)
@@ -370,17 +370,15 @@ impl fmt::Debug for EnhancedPostgresConfig {
     }
 }
 
-struct RedactedReplicas<'a>(&'a PostgresReplicaConfig);
-
-impl fmt::Debug for RedactedReplicas<'_> {
+impl fmt::Debug for PostgresReplicaConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let urls: Vec<String> = self.0.replica_urls.iter().map(|u| redact(u)).collect();
+        let urls: Vec<String> = self.replica_urls.iter().map(|u| redact(u)).collect();
         f.debug_struct("PostgresReplicaConfig")
             .field("replica_urls", &urls)
-            .field("enable_read_splitting", &self.0.enable_read_splitting)
-            .field("max_replication_lag_ms", &self.0.max_replication_lag_ms)
-            .field("health_check_interval", &self.0.health_check_interval)
-            .field("enable_auto_failover", &self.0.enable_auto_failover)
+            .field("enable_read_splitting", &self.enable_read_splitting)
+            .field("max_replication_lag_ms", &self.max_replication_lag_ms)
+            .field("health_check_interval", &self.health_check_interval)
+            .field("enable_auto_failover", &self.enable_auto_failover)
             .finish()
     }
 }
@@ -720,6 +718,8 @@ mod tests {
             },
         );
         let dbg = format!("{cfg:?}");
+        let replicas = cfg.replicas.clone().unwrap();
+        assert!(!format!("{replicas:?}").contains("hunter3"));
         assert!(
             !dbg.contains("hunter2") && !dbg.contains("hunter3"),
             "{dbg}"

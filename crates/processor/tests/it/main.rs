@@ -4,6 +4,7 @@
 
 mod bad_input;
 mod conformance;
+mod hostile;
 mod ops;
 mod pool;
 mod replication;

@@ -453,13 +453,26 @@ impl ConnectionSpec {
         if trimmed.is_empty() {
             return Err(StateError::config("connection URL is empty"));
         }
+        // The driver only knows lower-case schemes.
+        let lowered;
+        let trimmed = if looks_like_url(trimmed) && !is_url(trimmed) {
+            let end = trimmed.find("://").map_or(0, |i| i + 3);
+            lowered = format!("{}{}", trimmed[..end].to_ascii_lowercase(), &trimmed[end..]);
+            lowered.as_str()
+        } else {
+            trimmed
+        };
         let (rest, params) = if is_url(trimmed) {
             split_url_params(trimmed)?
         } else {
             split_keyword_params(trimmed)?
         };
         let pg = tokio_postgres::Config::from_str(&rest).map_err(|e| {
-            StateError::config(format!("malformed connection URL {}: {e}", redact(trimmed)))
+            StateError::config(format!(
+                "malformed connection URL {}: {}",
+                redact(trimmed),
+                sanitize_driver_error(&e.to_string())
+            ))
         })?;
         if pg.get_hosts().is_empty() {
             return Err(StateError::config(format!(
@@ -597,10 +610,10 @@ fn parse_keywords(s: &str) -> StateResult<Vec<(String, String)>> {
         }
         while chars.next_if(|c| c.is_whitespace()).is_some() {}
         if chars.next() != Some('=') {
-            return Err(StateError::config(format!(
-                "malformed connection string: expected '=' after {:?}",
-                truncate(&key, 32)
-            )));
+            // The word itself is not shown: it may be part of a password.
+            return Err(StateError::config(
+                "malformed connection string: a word without '=' (quote values that contain spaces)",
+            ));
         }
         while chars.next_if(|c| c.is_whitespace()).is_some() {}
         let mut value = String::new();
@@ -609,7 +622,11 @@ fn parse_keywords(s: &str) -> StateResult<Vec<(String, String)>> {
                 match chars.next() {
                     Some('\\') => match chars.next() {
                         Some(c) => value.push(c),
-                        None => break,
+                        None => {
+                            return Err(StateError::config(
+                                "malformed connection string: unterminated quoted value",
+                            ))
+                        }
                     },
                     Some('\'') => break,
                     Some(c) => value.push(c),
@@ -639,33 +656,45 @@ fn truncate(s: &str, max: usize) -> String {
     s.chars().take(max).collect()
 }
 
-/// Replaces the password in a URL (`user:secret@`, `password=secret`) with `***`.
+/// Replaces every password in a connection string with `***`: the user-info password of a
+/// URL (found as the driver finds it: everything before the first `@`), and the value of any
+/// parameter or keyword whose name contains `password` (`password`, `sslpassword`, also
+/// percent-encoded or in capitals). A keyword string that cannot be parsed is not shown at all.
 pub fn redact(url: &str) -> String {
     let trimmed = url.trim();
-    if is_url(trimmed) {
+    if looks_like_url(trimmed) {
         let scheme_end = trimmed.find("://").map_or(0, |i| i + 3);
         let (head, tail) = trimmed.split_at(scheme_end);
-        // The authority ends at the first '/', '?' or '#'; the user info at its last '@'.
-        let auth_end = tail.find(['/', '?', '#']).unwrap_or(tail.len());
-        let (authority, path) = tail.split_at(auth_end);
-        let authority = match authority.rfind('@') {
+        let tail = match tail.find('@') {
             Some(at) => {
-                let (userinfo, hosts) = authority.split_at(at);
+                let (userinfo, rest) = tail.split_at(at);
                 match userinfo.split_once(':') {
-                    Some((user, _)) => format!("{user}:***{hosts}"),
-                    None => authority.to_string(),
+                    Some((user, _)) => format!("{user}:***{rest}"),
+                    None => tail.to_string(),
                 }
             }
-            None => authority.to_string(),
+            None => tail.to_string(),
         };
-        let path = redact_query_password(path);
-        format!("{head}{authority}{path}")
+        let tail = match tail.split_once('?') {
+            Some((path, query)) => {
+                let parts: Vec<String> = query
+                    .split('&')
+                    .map(|pair| match pair.split_once('=') {
+                        Some((k, _)) if is_secret_key(k) => format!("{k}=***"),
+                        _ => pair.to_string(),
+                    })
+                    .collect();
+                format!("{path}?{}", parts.join("&"))
+            }
+            None => tail,
+        };
+        format!("{head}{tail}")
     } else {
         match parse_keywords(trimmed) {
             Ok(pairs) => pairs
                 .into_iter()
                 .map(|(k, v)| {
-                    if k == "password" {
+                    if is_secret_key(&k) {
                         format!("{k}=***")
                     } else {
                         format!("{k}={v}")
@@ -678,23 +707,105 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-fn redact_query_password(path: &str) -> String {
-    let Some((p, query)) = path.split_once('?') else {
-        return path.to_string();
-    };
-    let parts: Vec<String> = query
-        .split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some(("password", _)) => "password=***".to_string(),
-            _ => pair.to_string(),
-        })
-        .collect();
-    format!("{p}?{}", parts.join("&"))
+fn looks_like_url(s: &str) -> bool {
+    let lower = s.get(..13).unwrap_or(s).to_ascii_lowercase();
+    lower.starts_with("postgresql://") || lower.starts_with("postgres://")
+}
+
+fn is_secret_key(key: &str) -> bool {
+    let decoded = percent_decode(key).unwrap_or_else(|_| key.to_string());
+    decoded.to_ascii_lowercase().contains("password")
+}
+
+/// The driver's parse error, without any text taken from the input (an unknown "option" may
+/// be a fragment of a password): only known keyword names are kept.
+fn sanitize_driver_error(message: &str) -> String {
+    const KNOWN: &[&str] = &[
+        "user",
+        "password",
+        "dbname",
+        "options",
+        "application_name",
+        "sslmode",
+        "host",
+        "hostaddr",
+        "port",
+        "connect_timeout",
+        "tcp_user_timeout",
+        "keepalives",
+        "keepalives_idle",
+        "keepalives_interval",
+        "keepalives_retries",
+        "target_session_attrs",
+        "channel_binding",
+        "load_balance_hosts",
+        "sslnegotiation",
+        "replication",
+    ];
+    let mut out = String::new();
+    let mut parts = message.split('`');
+    if let Some(first) = parts.next() {
+        out.push_str(first);
+    }
+    let mut quoted = true;
+    for part in parts {
+        if quoted {
+            if KNOWN.contains(&part) {
+                out.push('`');
+                out.push_str(part);
+                out.push('`');
+            } else {
+                out.push_str("(a parameter)");
+            }
+        } else {
+            out.push_str(part);
+        }
+        quoted = !quoted;
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redacts_passwords_the_way_the_driver_reads_them() {
+        for (url, secret) in [
+            ("postgresql://u:pa/ss@db/app", "pa/ss"),
+            ("postgresql://u:pa?ss@db/app", "pa?ss"),
+            ("postgresql://u:pa#ss@db/app", "pa#ss"),
+            (
+                "POSTGRES://u:UPPERsecret@h/db?sslmode=require",
+                "UPPERsecret",
+            ),
+            ("postgresql://u@h/db?sslpassword=keypass1", "keypass1"),
+            ("postgresql://u@h/db?pass%77ord=encoded1", "encoded1"),
+            ("host=h user=u sslpassword=keypass2", "keypass2"),
+            ("host=h user=u PASSWORD=caps3", "caps3"),
+        ] {
+            let shown = redact(url);
+            assert!(!shown.contains(secret), "{url} -> {shown}");
+            let cfg = EnhancedPostgresConfig::new(url);
+            assert!(!format!("{cfg:?}").contains(secret));
+            if let Err(e) = ConnectionSpec::parse(url, None) {
+                assert!(!e.to_string().contains(secret), "{url}: {e}");
+            }
+        }
+        // A password split into "options" by a stray space never reaches an error message.
+        let err = ConnectionSpec::parse("host=h user=u password=my secretword", None)
+            .err()
+            .unwrap();
+        assert!(!err.to_string().contains("secretword"), "{err}");
+        let err = ConnectionSpec::parse("jdbc:postgresql://u:jdbcpw@h/db", None)
+            .err()
+            .unwrap();
+        assert!(!err.to_string().contains("jdbcpw"), "{err}");
+        assert!(ConnectionSpec::parse("host=h user=u password='abc\\", None).is_err());
+        // Upper-case schemes work like lower-case ones.
+        let spec = ConnectionSpec::parse("POSTGRESQL://u:pw@h:5433/db", None).unwrap();
+        assert_eq!(spec.pg.get_ports(), &[5433]);
+    }
 
     #[test]
     fn redacts_passwords() {

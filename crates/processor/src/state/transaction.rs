@@ -8,7 +8,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -35,6 +35,11 @@ pub struct PostgresTransaction {
     conn: Option<Conn>,
     stats: Arc<Stats>,
     router: Arc<Router>,
+    /// The runtime the connection's I/O runs on: a drop on any thread rolls back there.
+    runtime: tokio::runtime::Handle,
+    /// Set while a statement runs; still set afterwards means its future was dropped mid-way
+    /// and the statement's effect is unknown, so the transaction must not commit.
+    in_flight: AtomicBool,
     savepoints: Vec<String>,
     aborted: bool,
     level: IsolationLevel,
@@ -63,6 +68,8 @@ impl PostgresTransaction {
             conn: Some(conn),
             stats,
             router,
+            runtime: tokio::runtime::Handle::current(),
+            in_flight: AtomicBool::new(false),
             savepoints: Vec::new(),
             aborted: false,
             level,
@@ -86,13 +93,18 @@ impl PostgresTransaction {
         self.aborted
     }
 
+    /// The connection, for one statement: marks it in flight until [`Self::finish`].
     fn conn(&self) -> StateResult<&Conn> {
-        self.conn
+        let conn = self
+            .conn
             .as_ref()
-            .ok_or_else(|| StateError::NotInitialized("transaction already finished".into()))
+            .ok_or_else(|| StateError::NotInitialized("transaction already finished".into()))?;
+        self.in_flight.store(true, Ordering::Relaxed);
+        Ok(conn)
     }
 
     fn conn_mut(&mut self) -> StateResult<&mut Conn> {
+        self.in_flight.store(true, Ordering::Relaxed);
         self.conn
             .as_mut()
             .ok_or_else(|| StateError::NotInitialized("transaction already finished".into()))
@@ -106,6 +118,7 @@ impl PostgresTransaction {
         start: Instant,
         r: StateResult<T>,
     ) -> StateResult<T> {
+        self.in_flight.store(false, Ordering::Relaxed);
         self.stats.record(op, rows, start.elapsed(), r.is_ok());
         if let Err(e) = &r {
             self.note_error(e);
@@ -137,14 +150,21 @@ impl PostgresTransaction {
             .conn
             .take()
             .ok_or_else(|| StateError::NotInitialized("transaction already finished".into()))?;
-        if self.aborted {
+        let cancelled = self.in_flight.load(Ordering::Relaxed);
+        if self.aborted || cancelled {
             let rolled_back = conn.client.batch_execute("ROLLBACK").await;
             if rolled_back.is_ok() {
                 conn.dirty = false;
             }
             self.stats.tx(TxEvent::RolledBack);
+            let message = if cancelled {
+                "an operation was cancelled before it finished, so its effect is unknown: \
+                 the transaction was rolled back instead of committed"
+            } else {
+                "an earlier statement failed, so the transaction was rolled back instead of committed"
+            };
             return Err(StateError::TransactionFailed {
-                message: "an earlier statement failed, so the transaction was rolled back instead of committed".into(),
+                message: message.into(),
                 sqlstate: Some("25P02".into()),
             });
         }
@@ -415,28 +435,18 @@ impl Drop for PostgresTransaction {
             return;
         };
         let stats = self.stats.clone();
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => {
-                // Roll back off the caller's path; the connection returns to the pool only if
-                // that worked (otherwise it is still marked busy and is discarded).
-                handle.spawn(async move {
-                    if !conn.client.is_closed()
-                        && conn.client.batch_execute("ROLLBACK").await.is_ok()
-                    {
-                        conn.dirty = false;
-                    }
-                    stats.tx(TxEvent::RolledBack);
-                    drop(conn);
-                });
+        // Roll back on the connection's runtime, whichever thread drops us; the connection
+        // returns to the pool only if that worked (otherwise it is still marked busy and is
+        // discarded). If that runtime has shut down, the task (and with it the connection) is
+        // dropped there: the server ends the transaction with the closed connection.
+        let _entered = self.runtime.enter();
+        self.runtime.spawn(async move {
+            if !conn.client.is_closed() && conn.client.batch_execute("ROLLBACK").await.is_ok() {
+                conn.dirty = false;
             }
-            Err(_) => {
-                // No runtime: the connection's I/O task is gone with it, so the server has
-                // ended the transaction. Handing the connection back would make the pool spawn
-                // a replacement, which cannot work (or panics) without a runtime: let it go.
-                stats.tx(TxEvent::RolledBack);
-                std::mem::forget(conn);
-            }
-        }
+            stats.tx(TxEvent::RolledBack);
+            drop(conn);
+        });
     }
 }
 

@@ -525,3 +525,79 @@ async fn optimistic_operations_inside_and_outside_transactions() {
     b.delete_with_version(b"new", 2).await.unwrap();
     assert_eq!(b.get(b"new").await.unwrap(), None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_dropped_on_a_thread_without_a_runtime_still_rolls_back() {
+    let cfg = support::config("txthread").with_pool_config(PostgresPoolConfig {
+        min_connections: 1,
+        max_connections: 1,
+        ..support::small_pool()
+    });
+    let b = EnhancedPostgresBackend::new(cfg).await.unwrap();
+    let mut tx = b
+        .begin_transaction(IsolationLevel::ReadCommitted)
+        .await
+        .unwrap();
+    tx.put(b"uncommitted", b"1").await.unwrap();
+    std::thread::spawn(move || drop(tx)).join().unwrap();
+    // The pool's only connection comes back, outside any transaction.
+    b.put(b"after", b"1").await.unwrap();
+    let outside = support::raw(&support::url()).await;
+    let keys: Vec<Vec<u8>> = outside
+        .query(&format!("SELECT key FROM {} ORDER BY key", b.table()), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(keys, vec![b"after".to_vec()]);
+}
+
+#[test]
+fn a_transaction_dropped_after_its_runtime_is_gone_does_not_panic() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (b, tx) = rt.block_on(async {
+        let b = support::backend("txnort").await;
+        let mut tx = b
+            .begin_transaction(IsolationLevel::ReadCommitted)
+            .await
+            .unwrap();
+        tx.put(b"k", b"v").await.unwrap();
+        (b, tx)
+    });
+    drop(rt);
+    drop(tx);
+    drop(b);
+}
+
+#[tokio::test]
+async fn a_statement_cancelled_mid_way_makes_commit_roll_back() {
+    let b = support::backend("txcancel").await;
+    b.put(b"k", b"0").await.unwrap();
+    // Another session holds the row, so our update blocks until we give up on it.
+    let mut locker = support::raw(&support::url()).await;
+    let lock = locker.transaction().await.unwrap();
+    lock.execute(
+        &format!("SELECT 1 FROM {} WHERE key = 'k' FOR UPDATE", b.table()),
+        &[],
+    )
+    .await
+    .unwrap();
+    let mut tx = b
+        .begin_transaction(IsolationLevel::ReadCommitted)
+        .await
+        .unwrap();
+    tx.put(b"other", b"1").await.unwrap();
+    let gave_up = tokio::time::timeout(Duration::from_millis(300), tx.put(b"k", b"1")).await;
+    assert!(gave_up.is_err(), "the put should have been blocked");
+    lock.rollback().await.unwrap();
+    let err = tx.commit().await.unwrap_err();
+    assert!(matches!(err, StateError::TransactionFailed { .. }), "{err}");
+    assert!(err.to_string().contains("cancelled"), "{err}");
+    assert_eq!(b.get(b"k").await.unwrap(), Some(b"0".to_vec()));
+    assert_eq!(b.get(b"other").await.unwrap(), None);
+}

@@ -92,12 +92,13 @@ impl Connector {
             },
             (SslMode::Prefer, Some(tls)) => {
                 match self.with_tls(tls.clone(), PgSslMode::Prefer).await {
-                    // libpq: a failed TLS handshake falls back to plaintext too.
-                    Err(StateError::Tls(msg)) => {
-                        tracing::debug!(error = %msg, "TLS attempt failed (sslmode=prefer); trying plaintext");
+                    // libpq: if the TLS attempt fails for any reason (handshake, verification,
+                    // or the server rejecting the TLS session), try again without TLS.
+                    Err(e) => {
+                        tracing::debug!(error = %e, "TLS attempt failed (sslmode=prefer); trying plaintext");
                         self.plain().await
                     }
-                    other => other,
+                    ok => ok,
                 }
             }
             (SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull, Some(tls)) => {

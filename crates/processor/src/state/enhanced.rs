@@ -145,7 +145,8 @@ impl EnhancedPostgresBackend {
     pub async fn check_replication_status(&self) -> StateResult<ReplicationStatus> {
         let s = self.store();
         s.router.check(&s.primary).await;
-        let conn = s.primary.get().await?;
+        let mut conn = s.primary.get().await?;
+        conn.dirty = true;
         let row = conn
             .client
             .query_one(
@@ -153,6 +154,7 @@ impl EnhancedPostgresBackend {
                 &[],
             )
             .await?;
+        conn.dirty = false;
         let replicas = s.router.status();
         Ok(ReplicationStatus {
             is_replica: row.try_get(0)?,
@@ -174,8 +176,10 @@ impl EnhancedPostgresBackend {
     /// Runs `CHECKPOINT` on the primary. Needs superuser or the `pg_checkpoint` role;
     /// otherwise [`StateError::PermissionDenied`](crate::state::StateError::PermissionDenied).
     pub async fn checkpoint(&self) -> StateResult<()> {
-        let conn = self.store().primary.get().await?;
+        let mut conn = self.store().primary.get().await?;
+        conn.dirty = true;
         conn.client.batch_execute("CHECKPOINT").await?;
+        conn.dirty = false;
         Ok(())
     }
 

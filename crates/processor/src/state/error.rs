@@ -177,10 +177,14 @@ impl StateError {
             return false;
         }
         match self.kind() {
-            ErrorKind::Timeout
-            | ErrorKind::Connection
-            | ErrorKind::Transaction
-            | ErrorKind::Conflict => true,
+            ErrorKind::Timeout | ErrorKind::Connection | ErrorKind::Conflict => true,
+            // Only serialization failures and deadlocks; not 40002 (integrity violation at
+            // commit) or 40003 (statement completion unknown), where a retry may apply the
+            // work twice or fail the same way.
+            ErrorKind::Transaction => matches!(
+                self.sqlstate(),
+                Some(sqlstate::SERIALIZATION_FAILURE | sqlstate::DEADLOCK_DETECTED)
+            ),
             ErrorKind::Storage => self.sqlstate().is_some_and(sqlstate::is_transient),
             _ => false,
         }
@@ -219,7 +223,8 @@ pub mod sqlstate {
         code.starts_with("08") // connection exception
             || code.starts_with("53") // insufficient resources
             || code.starts_with("57P") // operator intervention: shutdown, crash, cannot connect now
-            || code.starts_with("40") // transaction rollback
+            || code == SERIALIZATION_FAILURE
+            || code == DEADLOCK_DETECTED
     }
 }
 

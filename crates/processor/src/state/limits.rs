@@ -8,14 +8,16 @@ use crate::state::error::{StateError, StateResult};
 /// fit a third of an 8 KiB page; 2 KiB leaves room for the tuple header.
 pub const MAX_KEY_LEN: usize = 2048;
 
-/// Longest accepted value, in bytes: PostgreSQL's limit for one field (1 GiB - 1).
-pub const MAX_VALUE_LEN: usize = (1 << 30) - 1;
+/// Longest accepted value, in bytes: 960 MiB. PostgreSQL caps one field, and one protocol
+/// message, at about 1 GiB; the margin leaves room for the key, the metadata
+/// ([`MAX_METADATA_LEN`]) and the message framing in the same statement.
+pub const MAX_VALUE_LEN: usize = (1 << 30) - (64 << 20);
 
 /// Longest accepted TTL: 100 years.
 pub const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// Longest accepted metadata document, in bytes of JSON text.
-pub const MAX_METADATA_LEN: usize = 64 * 1024 * 1024;
+pub const MAX_METADATA_LEN: usize = 32 * 1024 * 1024;
 
 /// Checks a key: non-empty and at most [`MAX_KEY_LEN`] bytes.
 pub fn check_key(key: &[u8]) -> StateResult<()> {
@@ -82,12 +84,24 @@ pub fn check_metadata(metadata: &serde_json::Value) -> StateResult<()> {
             text.len()
         )));
     }
-    if text.contains("\\u0000") {
+    if contains_nul(metadata) {
         return Err(StateError::invalid(
             "metadata contains a NUL character, which PostgreSQL's jsonb cannot store",
         ));
     }
     Ok(())
+}
+
+/// Whether any string or object key in `v` holds a NUL character.
+fn contains_nul(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(items) => items.iter().any(contains_nul),
+        serde_json::Value::Object(map) => {
+            map.iter().any(|(k, v)| k.contains('\0') || contains_nul(v))
+        }
+        _ => false,
+    }
 }
 
 /// The JSON type name of a value, for error messages.
@@ -142,5 +156,8 @@ mod tests {
         assert!(check_metadata(&serde_json::json!([1])).is_err());
         assert!(check_metadata(&serde_json::json!("x")).is_err());
         assert!(check_metadata(&serde_json::json!({"a": "x\u{0}y"})).is_err());
+        assert!(check_metadata(&serde_json::json!({"k\u{0}": 1})).is_err());
+        // A literal backslash-u-0000 is six ordinary characters.
+        assert!(check_metadata(&serde_json::json!({"a": "\\u0000"})).is_ok());
     }
 }

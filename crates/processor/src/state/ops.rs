@@ -90,9 +90,11 @@ const ON_CONFLICT_REPLACE: &str = "ON CONFLICT (key) DO UPDATE SET \
     updated_at = now(), version = e.version + 1, \
     created_at = CASE WHEN e.expires_at <= now() THEN now() ELSE e.created_at END";
 
-/// `now() + $n µs`, or NULL when the parameter is NULL (no TTL).
+/// The statement's start time plus `$n` µs, or NULL when the parameter is NULL (no TTL).
+/// `statement_timestamp()`, not `now()`: inside a long transaction, `now()` is the
+/// transaction's start and the entry would expire early.
 fn expiry(param: usize) -> String {
-    format!("now() + ${param}::bigint * interval '1 microsecond'")
+    format!("statement_timestamp() + ${param}::bigint * interval '1 microsecond'")
 }
 
 impl Statements {
@@ -517,6 +519,9 @@ macro_rules! write_op {
     ($store:expr, $op:expr, $rows:expr, |$c:ident| $body:expr) => {{
         let mut conn = $store.primary.get().await?;
         conn.dirty = true;
+        // Until the write's WAL position is known, no replica serves this backend's reads
+        // (also if this future is dropped half-way).
+        let pending = $store.router.write_pending();
         let start = Instant::now();
         let result = {
             let $c: &mut PgConn = &mut conn;
@@ -528,6 +533,7 @@ macro_rules! write_op {
         if result.is_ok() {
             $store.router.after_write(&conn).await;
         }
+        pending.done();
         conn.dirty = false;
         result
     }};
@@ -550,6 +556,15 @@ macro_rules! read_op {
                     if matches!(e.kind(), ErrorKind::Connection | ErrorKind::Timeout) =>
                 {
                     $store.router.replicas[i].mark_down(&e);
+                    $store.router.undo_read(i);
+                    tried.push(i);
+                }
+                // A hot-standby read cancelled by a recovery conflict: the replica is fine,
+                // the read runs elsewhere.
+                (Some(i), Err(e))
+                    if e.sqlstate()
+                        == Some(crate::state::error::sqlstate::SERIALIZATION_FAILURE) =>
+                {
                     $store.router.undo_read(i);
                     tried.push(i);
                 }

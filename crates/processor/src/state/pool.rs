@@ -258,19 +258,23 @@ impl ConnPool {
         if state.connections != state.idle_connections {
             return;
         }
-        let mut held = Vec::new();
+        // One connection at a time, each probe bounded, each returned at once: the sweep never
+        // holds more than one connection or waits on a dead socket.
+        let probe_limit = Duration::from_secs(2);
         for _ in 0..state.idle_connections {
-            if self.pool.state().idle_connections == 0 {
-                break;
-            }
-            match tokio::time::timeout(Duration::from_millis(50), self.pool.get()).await {
-                Ok(Ok(conn)) => held.push(conn),
+            let mut conn = match tokio::time::timeout(probe_limit, self.pool.get()).await {
+                Ok(Ok(conn)) => conn,
                 _ => break,
-            }
-        }
-        for conn in held.iter_mut() {
-            if let Err(e) = conn.probe().await {
-                tracing::info!(target = %self.target, error = %e, "health check discarded a connection");
+            };
+            match tokio::time::timeout(probe_limit, conn.probe()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::info!(target = %self.target, error = %e, "health check discarded a connection");
+                }
+                Err(_) => {
+                    // Still marked busy by the probe, so it is discarded.
+                    tracing::info!(target = %self.target, "health check timed out; connection discarded");
+                }
             }
         }
     }

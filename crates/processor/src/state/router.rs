@@ -91,6 +91,31 @@ pub(crate) struct Router {
     failovers: AtomicU64,
     /// A write whose WAL position is unknown: see `after_write`.
     pending_write: AtomicBool,
+    /// Writes under way; while any is, replicas do not serve this backend's reads.
+    writes_in_flight: AtomicU64,
+}
+
+/// Counts a write as under way until `done`; dropped before that (the write's future was
+/// cancelled), the write may have committed at an unknown position, so the next monitor
+/// round's primary position is taken instead.
+pub(crate) struct WriteGuard<'a> {
+    router: &'a Router,
+    done: bool,
+}
+
+impl WriteGuard<'_> {
+    pub fn done(mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for WriteGuard<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.router.pending_write.store(true, Relaxed);
+        }
+        self.router.writes_in_flight.fetch_sub(1, Relaxed);
+    }
 }
 
 impl Router {
@@ -109,6 +134,7 @@ impl Router {
             primary_reads: AtomicU64::new(0),
             failovers: AtomicU64::new(0),
             pending_write: AtomicBool::new(false),
+            writes_in_flight: AtomicU64::new(0),
         }
     }
 
@@ -119,6 +145,15 @@ impl Router {
 
     fn splits_reads(&self) -> bool {
         self.settings.enable_read_splitting && !self.replicas.is_empty()
+    }
+
+    /// Marks a write as under way (see [`WriteGuard`]).
+    pub fn write_pending(&self) -> WriteGuard<'_> {
+        self.writes_in_flight.fetch_add(1, Relaxed);
+        WriteGuard {
+            router: self,
+            done: false,
+        }
     }
 
     /// Records the WAL position after a committed write on `conn` (a primary connection).
@@ -144,6 +179,7 @@ impl Router {
             && r.lag_ms.load(Relaxed) <= self.settings.max_replication_lag_ms
             && (!self.read_your_writes
                 || (!self.pending_write.load(Relaxed)
+                    && self.writes_in_flight.load(Relaxed) == 0
                     && r.replay_lsn.load(Relaxed) >= self.write_lsn.load(Relaxed)))
     }
 
@@ -230,7 +266,9 @@ impl Router {
 
     async fn check_replica(&self, r: &Replica, primary_lsn: Option<u64>, timeout: Duration) {
         let probe = async {
-            let conn = r.pool.get().await?;
+            let mut conn = r.pool.get().await?;
+            // Busy until the answer is in: if the timeout below cancels us, it is discarded.
+            conn.dirty = true;
             let row = conn
                 .client
                 .query_one(
@@ -240,6 +278,7 @@ impl Router {
                     &[],
                 )
                 .await?;
+            conn.dirty = false;
             Ok::<_, StateError>((
                 row.try_get::<_, bool>(0)?,
                 row.try_get::<_, i64>(1)?,
@@ -325,8 +364,11 @@ impl Router {
 
 /// The primary's current WAL insert position, as a byte offset.
 pub(crate) async fn current_lsn(primary: &ConnPool) -> StateResult<u64> {
-    let conn = primary.get().await?;
-    conn.insert_lsn().await
+    let mut conn = primary.get().await?;
+    conn.dirty = true;
+    let lsn = conn.insert_lsn().await?;
+    conn.dirty = false;
+    Ok(lsn)
 }
 
 /// Runs the monitor until the router is dropped.

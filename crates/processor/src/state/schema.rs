@@ -47,7 +47,8 @@ pub const MIGRATIONS: &[Migration] = &[
 pub const TRACKING_TABLE: &str = "pgstate_schema_migrations";
 
 /// Advisory lock key that serialises migrations database-wide: the first 8 bytes of
-/// SHA-256("pgstate.migrations"), big-endian.
+/// SHA-256("pgstate.migrations"), big-endian (`0x3dbd6fa682afdea5`). Fixed forever, so every
+/// version of pgstate takes the same lock.
 pub(crate) fn migration_lock_key() -> i64 {
     let digest = Sha256::digest(b"pgstate.migrations");
     let mut first = [0u8; 8];
@@ -132,6 +133,8 @@ pub(crate) async fn migrate(connector: &Connector, names: &TableNames) -> StateR
 
 async fn migrate_on(client: &mut Client, names: &TableNames) -> StateResult<()> {
     let tx = client.transaction().await?;
+    // Waiting for another instance's migration must not trip a configured statement_timeout.
+    tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&migration_lock_key()])
         .await?;
     let schema_exists: bool = tx
@@ -168,10 +171,12 @@ async fn migrate_on(client: &mut Client, names: &TableNames) -> StateResult<()> 
     );
     for m in MIGRATIONS {
         let sum = checksum(m.sql);
-        let recorded = applied
-            .iter()
-            .find(|row| row.get::<_, i32>(0) == m.version)
-            .map(|row| row.get::<_, String>(1));
+        let mut recorded = None;
+        for row in &applied {
+            if row.try_get::<_, i32>(0)? == m.version {
+                recorded = Some(row.try_get::<_, String>(1)?);
+            }
+        }
         match recorded {
             Some(r) if r == sum => continue,
             Some(r) => {
@@ -230,8 +235,12 @@ mod tests {
     }
 
     #[test]
-    fn lock_key_is_stable() {
-        assert_eq!(migration_lock_key(), migration_lock_key());
-        assert_eq!(checksum("abc").len(), 64);
+    fn lock_key_and_checksums_are_pinned() {
+        // Documented values: changing them would let old and new versions migrate at once.
+        assert_eq!(migration_lock_key(), 0x3dbd_6fa6_82af_dea5_i64);
+        assert_eq!(
+            checksum("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 }

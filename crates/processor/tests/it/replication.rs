@@ -130,14 +130,27 @@ async fn reads_spread_over_both_replicas_and_status_is_correct() {
             "{r:?}"
         );
     }
-    // The data may still be on its way to the replicas: wait until they have it.
-    wait_status(
-        &reader,
-        Duration::from_secs(20),
-        "replicas caught up",
-        |s| s.replicas.iter().all(|r| r.lag_bytes == 0 || r.lag_ms == 0),
-    )
-    .await;
+    // The data may still be on its way to the replicas: wait until each has all of it.
+    let table = writer.table().to_string();
+    for url in cluster.replica_urls() {
+        let replica = support::raw(&url).await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let n: i64 = replica
+                .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+                .await
+                .map(|r| r.get(0))
+                .unwrap_or(0);
+            if n == 200 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replica {url} has {n} of 200 rows"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     let before = reader.get_stats();
     let stop = Arc::new(AtomicBool::new(false));
     let readers = spawn_readers(&reader, 200, stop.clone());

@@ -8,6 +8,12 @@
 //!   however long the primary has been idle: the `now() - pg_last_xact_replay_timestamp()`
 //!   estimate is never used.
 //!
+//! Precision: the primary's position is sampled once per health interval, so the time lag is
+//! a lower bound, exact to within one interval. A replica that stalls can stay in rotation for
+//! up to one interval longer than `max_replication_lag_ms` says; pick a `health_check_interval`
+//! at or below the lag threshold where that matters. The byte lag is exact at each check, and
+//! read-your-writes does not depend on either estimate.
+//!
 //! A replica serves reads while its last check succeeded, it is still in recovery and its time
 //! lag is within `max_replication_lag_ms`. Read-your-writes: every write on the primary records
 //! its WAL insert position (taken after the write committed); a replica serves this backend's
@@ -401,7 +407,8 @@ pub struct ReplicaStatus {
     /// Whether it serves reads now (healthy, within the lag threshold, and past this backend's
     /// last write when read-your-writes is on).
     pub in_rotation: bool,
-    /// Replication lag in milliseconds (0 when fully caught up).
+    /// Replication lag in milliseconds (0 when fully caught up); a lower bound exact to within
+    /// one health interval.
     pub lag_ms: u64,
     /// Replication lag in bytes of WAL.
     pub lag_bytes: u64,

@@ -245,3 +245,87 @@ async fn client_certificate_authentication() {
     let body = key_text.lines().nth(1).unwrap_or("");
     assert!(!body.is_empty() && !err.to_string().contains(body));
 }
+
+fn openssl(args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn client_keys_in_sec1_and_rsa_pkcs1_formats_authenticate() {
+    let Some(cluster) = pgstate_testcluster::shared().cluster() else {
+        eprintln!("skipped: needs the local TLS cluster");
+        return;
+    };
+    let certs = cluster.certs().expect("certificates");
+    let dir = cluster.dir().join(support::unique("keys"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = |n: &str| dir.join(n).to_string_lossy().to_string();
+    let certs_dir = certs.ca_cert.parent().unwrap();
+    let ca_key = certs_dir.join("ca.key").to_string_lossy().to_string();
+    let ca_crt = certs.ca_cert.to_string_lossy().to_string();
+    let ext = certs_dir.join("client.ext").to_string_lossy().to_string();
+
+    // The same EC key, as SEC1 ("BEGIN EC PRIVATE KEY").
+    openssl(&[
+        "ec",
+        "-in",
+        &certs.client_key.to_string_lossy(),
+        "-out",
+        &p("sec1.key"),
+    ]);
+    assert!(std::fs::read_to_string(p("sec1.key"))
+        .unwrap()
+        .contains("BEGIN EC PRIVATE KEY"));
+    // A new RSA key as PKCS#1 ("BEGIN RSA PRIVATE KEY"), certified by the cluster's CA.
+    openssl(&["genrsa", "-traditional", "-out", &p("rsa.key"), "2048"]);
+    assert!(std::fs::read_to_string(p("rsa.key"))
+        .unwrap()
+        .contains("BEGIN RSA PRIVATE KEY"));
+    let subj = format!("/CN={CERT_USER}");
+    openssl(&[
+        "req",
+        "-new",
+        "-key",
+        &p("rsa.key"),
+        "-subj",
+        &subj,
+        "-out",
+        &p("rsa.csr"),
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &p("rsa.csr"),
+        "-CA",
+        &ca_crt,
+        "-CAkey",
+        &ca_key,
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-out",
+        &p("rsa.crt"),
+        "-extfile",
+        &ext,
+    ]);
+
+    for (cert, key) in [
+        (certs.client_cert.clone(), dir.join("sec1.key")),
+        (dir.join("rsa.crt"), dir.join("rsa.key")),
+    ] {
+        let b = EnhancedPostgresBackend::new(cert_backend(cluster, &cert, &key))
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", key.display()));
+        b.put(b"k", b"v").await.unwrap();
+        assert_eq!(b.get(b"k").await.unwrap(), Some(b"v".to_vec()));
+    }
+}

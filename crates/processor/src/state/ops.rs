@@ -316,6 +316,17 @@ impl PgConn {
         Ok(row.try_get(0)?)
     }
 
+    /// Creates the entry only if no live one exists; returns its version, or `None`.
+    async fn insert_if_absent(&self, key: &[u8], value: &[u8]) -> StateResult<Option<i64>> {
+        let (empty, no_ttl) = (empty_object(), None::<i64>);
+        let params: [&(dyn ToSql + Sync); 4] = [&key, &value, &empty, &no_ttl];
+        let row = self
+            .client
+            .query_opt(&self.stmts.insert_new, &params)
+            .await?;
+        Ok(row.map(|r| r.try_get(0)).transpose()?)
+    }
+
     /// `None`: create (no live entry may exist). `Some(v)`: replace if the version is `v`.
     pub(crate) async fn put_with_version(
         &self,
@@ -323,26 +334,19 @@ impl PgConn {
         value: &[u8],
         expected: Option<i64>,
     ) -> StateResult<i64> {
-        let empty = empty_object();
-        let no_ttl: Option<i64> = None;
-        let row = match expected {
-            None => {
-                let params: [&(dyn ToSql + Sync); 4] = [&key, &value, &empty, &no_ttl];
-                self.client
-                    .query_opt(&self.stmts.insert_new, &params)
-                    .await?
-            }
+        let version = match expected {
+            None => self.insert_if_absent(key, value).await?,
             Some(v) => {
+                let (empty, no_ttl) = (empty_object(), None::<i64>);
                 let params: [&(dyn ToSql + Sync); 5] = [&key, &value, &v, &empty, &no_ttl];
-                self.client
+                let row = self
+                    .client
                     .query_opt(&self.stmts.update_if_version, &params)
-                    .await?
+                    .await?;
+                row.map(|r| r.try_get(0)).transpose()?
             }
         };
-        match row {
-            Some(row) => Ok(row.try_get(0)?),
-            None => Err(StateError::ConcurrentModification { key: key.to_vec() }),
-        }
+        version.ok_or_else(|| StateError::ConcurrentModification { key: key.to_vec() })
     }
 
     /// Replaces the entry only if its current value is `expected` (`None`: only if there is no
@@ -353,22 +357,16 @@ impl PgConn {
         expected: Option<&[u8]>,
         value: &[u8],
     ) -> StateResult<Option<i64>> {
-        let empty = empty_object();
-        let no_ttl: Option<i64> = None;
-        let row = match expected {
-            None => {
-                let params: [&(dyn ToSql + Sync); 4] = [&key, &value, &empty, &no_ttl];
-                self.client
-                    .query_opt(&self.stmts.insert_new, &params)
-                    .await?
-            }
+        match expected {
+            None => self.insert_if_absent(key, value).await,
             Some(old) => {
-                self.client
+                let row = self
+                    .client
                     .query_opt(&self.stmts.cas_update, &[&key, &value, &old])
-                    .await?
+                    .await?;
+                Ok(row.map(|r| r.try_get(0)).transpose()?)
             }
-        };
-        Ok(row.map(|r| r.try_get(0)).transpose()?)
+        }
     }
 
     pub(crate) async fn delete(&self, key: &[u8]) -> StateResult<()> {

@@ -304,8 +304,9 @@ async fn replicas_leave_and_rejoin_the_rotation_on_stop_pause_and_idle() {
     }
     let left = stopped.elapsed();
     eprintln!("replica 1 left the rotation {left:?} after it stopped");
-    // Two health intervals (2 x 200 ms), plus this loop's own polling.
-    assert!(left <= Duration::from_millis(450), "left after {left:?}");
+    // Two health intervals are 400 ms; the bound leaves room for a loaded 2-core CI machine.
+    // The figure itself is printed above (typically 0: a reader meets the failure first).
+    assert!(left <= Duration::from_secs(1), "left after {left:?}");
     assert!(reader.replica_status()[1].in_rotation);
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);

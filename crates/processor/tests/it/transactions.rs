@@ -20,6 +20,28 @@ fn parse(v: Option<Vec<u8>>) -> i64 {
         .expect("number")
 }
 
+/// A backend whose pool has exactly one connection, so the next operation reuses it.
+async fn one_connection_backend(tag: &str) -> EnhancedPostgresBackend {
+    let cfg = support::config(tag).with_pool_config(PostgresPoolConfig {
+        min_connections: 1,
+        max_connections: 1,
+        ..support::small_pool()
+    });
+    EnhancedPostgresBackend::new(cfg).await.unwrap()
+}
+
+/// The keys another session sees committed in `b`'s table.
+async fn keys_seen_outside(b: &EnhancedPostgresBackend) -> Vec<Vec<u8>> {
+    let outside = support::raw(&support::url()).await;
+    outside
+        .query(&format!("SELECT key FROM {} ORDER BY key", b.table()), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 /// Terminates every server session of the backend with this application name.
 async fn terminate_sessions(app: &str) {
     let admin = support::raw(&support::url()).await;
@@ -360,12 +382,7 @@ async fn a_savepoint_recovers_an_aborted_transaction_and_commit_refuses_an_abort
 
 #[tokio::test]
 async fn a_dropped_transaction_rolls_back_and_the_connection_comes_back_clean() {
-    let cfg = support::config("txdrop").with_pool_config(PostgresPoolConfig {
-        min_connections: 1,
-        max_connections: 1,
-        ..support::small_pool()
-    });
-    let b = EnhancedPostgresBackend::new(cfg).await.unwrap();
+    let b = one_connection_backend("txdrop").await;
     {
         let mut tx = b
             .begin_transaction(IsolationLevel::ReadCommitted)
@@ -377,13 +394,7 @@ async fn a_dropped_transaction_rolls_back_and_the_connection_comes_back_clean() 
     // The only connection is reused: if it were still inside the dropped transaction, this
     // write would be invisible to other sessions.
     b.put(b"after", b"1").await.unwrap();
-    let outside = support::raw(&support::url()).await;
-    let rows = outside
-        .query(&format!("SELECT key FROM {} ORDER BY key", b.table()), &[])
-        .await
-        .unwrap();
-    let keys: Vec<Vec<u8>> = rows.iter().map(|r| r.get(0)).collect();
-    assert_eq!(keys, vec![b"after".to_vec()]);
+    assert_eq!(keys_seen_outside(&b).await, vec![b"after".to_vec()]);
     assert!(b.get_stats().transactions_rolled_back >= 1);
 }
 
@@ -528,12 +539,7 @@ async fn optimistic_operations_inside_and_outside_transactions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_dropped_on_a_thread_without_a_runtime_still_rolls_back() {
-    let cfg = support::config("txthread").with_pool_config(PostgresPoolConfig {
-        min_connections: 1,
-        max_connections: 1,
-        ..support::small_pool()
-    });
-    let b = EnhancedPostgresBackend::new(cfg).await.unwrap();
+    let b = one_connection_backend("txthread").await;
     let mut tx = b
         .begin_transaction(IsolationLevel::ReadCommitted)
         .await
@@ -542,15 +548,7 @@ async fn a_transaction_dropped_on_a_thread_without_a_runtime_still_rolls_back() 
     std::thread::spawn(move || drop(tx)).join().unwrap();
     // The pool's only connection comes back, outside any transaction.
     b.put(b"after", b"1").await.unwrap();
-    let outside = support::raw(&support::url()).await;
-    let keys: Vec<Vec<u8>> = outside
-        .query(&format!("SELECT key FROM {} ORDER BY key", b.table()), &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(keys, vec![b"after".to_vec()]);
+    assert_eq!(keys_seen_outside(&b).await, vec![b"after".to_vec()]);
 }
 
 #[test]

@@ -2,7 +2,6 @@
 
 use std::time::{Duration, Instant};
 
-use pgstate_testcluster::{Cluster, ClusterOptions};
 use processor::state::{
     EnhancedPostgresBackend, EnhancedPostgresConfig, ErrorKind, PostgresPoolConfig, StateBackend,
 };
@@ -25,14 +24,7 @@ async fn acquire_timeout_is_a_clear_error() {
         .with_pool_config(one_connection(Duration::from_millis(500), true));
     let b = EnhancedPostgresBackend::new(cfg).await.unwrap();
     // Another session locks the table, so the pool's only connection blocks in count().
-    let mut locker = support::raw(&support::url()).await;
-    let tx = locker.transaction().await.unwrap();
-    tx.batch_execute(&format!(
-        "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
-        b.table()
-    ))
-    .await
-    .unwrap();
+    let locker = support::lock_table(b.table()).await;
     let blocked = {
         let b = b.clone_handle();
         tokio::spawn(async move { b.count().await })
@@ -52,7 +44,7 @@ async fn acquire_timeout_is_a_clear_error() {
         "not bounded by acquire_timeout: {waited:?}"
     );
     assert!(b.get_pool_stats().timeouts >= 1);
-    tx.rollback().await.unwrap();
+    locker.batch_execute("ROLLBACK").await.unwrap();
     assert_eq!(blocked.await.unwrap().unwrap(), 0);
     b.put(b"k", b"v").await.unwrap();
 }
@@ -66,11 +58,7 @@ async fn terminated_connection_is_not_reused(test_on_acquire: bool) {
     b.put(b"k", b"v").await.unwrap();
     let before: Vec<i32> = support::sessions(&app).await.iter().map(|s| s.0).collect();
     assert_eq!(before.len(), 1, "one pooled connection");
-    let admin = support::raw(&support::url()).await;
-    admin
-        .execute("SELECT pg_terminate_backend($1)", &[&before[0]])
-        .await
-        .unwrap();
+    support::terminate_sessions(&app).await;
     // Give the driver a moment to see the socket close, as it would in any real gap between
     // operations.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -101,16 +89,7 @@ async fn terminated_connection_is_not_handed_out_without_test_on_acquire() {
 #[tokio::test]
 async fn operations_recover_after_a_server_restart() {
     // A cluster of its own: stopping the shared one would break every other test.
-    let cluster = tokio::task::spawn_blocking(|| {
-        Cluster::start(ClusterOptions {
-            replicas: 0,
-            tls: false,
-            ..ClusterOptions::default()
-        })
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    let cluster = support::own_cluster(0).await;
     let cfg =
         EnhancedPostgresConfig::new(cluster.primary_url()).with_pool_config(PostgresPoolConfig {
             min_connections: 2,
@@ -196,17 +175,10 @@ async fn a_cancelled_operation_does_not_leave_its_connection_in_the_pool() {
     let before: Vec<i32> = support::sessions(&app).await.iter().map(|s| s.0).collect();
 
     // Block the only connection mid-query, then drop the operation's future.
-    let mut locker = support::raw(&support::url()).await;
-    let tx = locker.transaction().await.unwrap();
-    tx.batch_execute(&format!(
-        "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
-        b.table()
-    ))
-    .await
-    .unwrap();
+    let locker = support::lock_table(b.table()).await;
     let cancelled = tokio::time::timeout(Duration::from_millis(300), b.count()).await;
     assert!(cancelled.is_err(), "the count should still be blocked");
-    tx.rollback().await.unwrap();
+    locker.batch_execute("ROLLBACK").await.unwrap();
 
     // The next operation runs on a fresh connection and sees the right data.
     assert_eq!(b.get(b"k").await.unwrap(), Some(b"v".to_vec()));
@@ -233,13 +205,7 @@ async fn the_health_check_replaces_dead_idle_connections_in_the_background() {
     let b = EnhancedPostgresBackend::new(cfg).await.unwrap();
     let before: Vec<i32> = support::sessions(&app).await.iter().map(|s| s.0).collect();
     assert_eq!(before.len(), 2, "min_connections open");
-    let admin = support::raw(&support::url()).await;
-    for pid in &before {
-        admin
-            .execute("SELECT pg_terminate_backend($1)", &[pid])
-            .await
-            .unwrap();
-    }
+    support::terminate_sessions(&app).await;
     // No operation runs; only the background task can notice and replace them.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

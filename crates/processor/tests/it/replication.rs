@@ -5,7 +5,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pgstate_testcluster::{Cluster, ClusterOptions};
 use processor::state::{
     EnhancedPostgresBackend, EnhancedPostgresConfig, ErrorKind, PostgresReplicaConfig,
     ReplicationStatus, StateBackend,
@@ -21,19 +20,6 @@ fn replicas(urls: Vec<String>, max_lag_ms: u64, failover: bool) -> PostgresRepli
         health_check_interval: Duration::from_millis(200),
         enable_auto_failover: failover,
     }
-}
-
-async fn own_cluster(replicas: usize) -> Cluster {
-    tokio::task::spawn_blocking(move || {
-        Cluster::start(ClusterOptions {
-            replicas,
-            tls: false,
-            ..ClusterOptions::default()
-        })
-    })
-    .await
-    .unwrap()
-    .unwrap()
 }
 
 /// Polls the status until `ok` holds (or fails the test after `limit`).
@@ -258,7 +244,7 @@ async fn unreachable_replicas_do_not_stop_new_and_failover_decides_reads() {
 
 #[tokio::test]
 async fn replicas_leave_and_rejoin_the_rotation_on_stop_pause_and_idle() {
-    let cluster = Arc::new(own_cluster(2).await);
+    let cluster = Arc::new(support::own_cluster(2).await);
     let writer = EnhancedPostgresBackend::new(EnhancedPostgresConfig::new(cluster.primary_url()))
         .await
         .unwrap();
@@ -376,7 +362,7 @@ async fn replicas_leave_and_rejoin_the_rotation_on_stop_pause_and_idle() {
 
 #[tokio::test]
 async fn writes_continue_after_the_primary_is_switched_over() {
-    let cluster = Arc::new(own_cluster(1).await);
+    let cluster = Arc::new(support::own_cluster(1).await);
     let nodes = cluster.nodes();
     let url = format!(
         "postgresql://postgres:{}@127.0.0.1:{},127.0.0.1:{}/postgres?sslmode=disable",

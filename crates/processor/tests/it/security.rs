@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use pgstate_testcluster::{Cluster, ClusterOptions, CERT_USER, PASSWORD};
+use pgstate_testcluster::{Cluster, CERT_USER, PASSWORD};
 use processor::state::{
     EnhancedPostgresBackend, EnhancedPostgresConfig, ErrorKind, PostgresPoolConfig,
     PostgresSslConfig, StateBackend,
@@ -103,18 +103,7 @@ async fn every_sslmode_matches_psql_on_every_kind_of_server() {
         eprintln!("skipped: needs the local TLS cluster");
         return;
     };
-    let plain = Arc::new(
-        tokio::task::spawn_blocking(|| {
-            Cluster::start(ClusterOptions {
-                replicas: 0,
-                tls: false,
-                ..ClusterOptions::default()
-            })
-        })
-        .await
-        .unwrap()
-        .unwrap(),
-    );
+    let plain = support::own_cluster(0).await;
     let certs = tls.certs().expect("certificates");
     let tls_port = tls.nodes()[0].port;
     let cases: Vec<(&str, &str, u16, &Path, String)> = vec![

@@ -82,3 +82,43 @@ pub async fn sessions(app: &str) -> Vec<(i32, bool)> {
         .map(|r| (r.get(0), r.get(1)))
         .collect()
 }
+
+/// Starts a throwaway cluster of its own (no TLS), for tests that stop, pause or promote
+/// servers: doing that to the shared one would break every other test.
+pub async fn own_cluster(replicas: usize) -> pgstate_testcluster::Cluster {
+    tokio::task::spawn_blocking(move || {
+        pgstate_testcluster::Cluster::start(pgstate_testcluster::ClusterOptions {
+            replicas,
+            tls: false,
+            ..pgstate_testcluster::ClusterOptions::default()
+        })
+    })
+    .await
+    .expect("cluster start task")
+    .expect("throwaway cluster")
+}
+
+/// Another session holding `table` in ACCESS EXCLUSIVE mode until it runs `ROLLBACK`.
+pub async fn lock_table(table: &str) -> tokio_postgres::Client {
+    let locker = raw(&url()).await;
+    locker
+        .batch_execute(&format!(
+            "BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"
+        ))
+        .await
+        .expect("lock table");
+    locker
+}
+
+/// Terminates every server session with this application name, then gives the driver a
+/// moment to see its sockets close.
+pub async fn terminate_sessions(app: &str) {
+    let admin = raw(&url()).await;
+    for (pid, _) in sessions(app).await {
+        admin
+            .execute("SELECT pg_terminate_backend($1)", &[&pid])
+            .await
+            .expect("pg_terminate_backend");
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+}

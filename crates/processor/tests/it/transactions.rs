@@ -42,18 +42,6 @@ async fn keys_seen_outside(b: &EnhancedPostgresBackend) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// Terminates every server session of the backend with this application name.
-async fn terminate_sessions(app: &str) {
-    let admin = support::raw(&support::url()).await;
-    for (pid, _) in support::sessions(app).await {
-        admin
-            .execute("SELECT pg_terminate_backend($1)", &[&pid])
-            .await
-            .unwrap();
-    }
-    tokio::time::sleep(Duration::from_millis(100)).await;
-}
-
 /// The seed's "Transactions" snippet, unchanged.
 async fn seed_transactions(backend: &EnhancedPostgresBackend) -> anyhow::Result<()> {
     use processor::state::IsolationLevel;
@@ -417,7 +405,7 @@ async fn a_killed_connection_mid_transaction_is_a_clear_error_and_retries_comple
         .await
         .unwrap();
     tx.put(b"lost", b"1").await.unwrap();
-    terminate_sessions(&app).await;
+    support::terminate_sessions(&app).await;
     let err = tx.put(b"lost2", b"1").await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Connection, "{err}");
     let err = tx.commit().await.unwrap_err();
@@ -436,7 +424,7 @@ async fn a_killed_connection_mid_transaction_is_a_clear_error_and_retries_comple
             let n = parse(tx.get(b"counter").await?);
             tx.put(b"counter", (n + 1).to_string().as_bytes()).await?;
             if attempts.fetch_add(1, Ordering::SeqCst) == 0 {
-                terminate_sessions(&app).await;
+                support::terminate_sessions(&app).await;
                 tx.get(b"counter").await?; // fails: the connection is gone
             }
             Ok(())

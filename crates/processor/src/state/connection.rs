@@ -3,9 +3,10 @@
 
 use std::time::Duration;
 
+use tokio::sync::{mpsc, watch};
 use tokio_postgres::config::SslMode as PgSslMode;
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
-use tokio_postgres::{Client, NoTls, Socket};
+use tokio_postgres::{AsyncMessage, Client, NoTls, Notification, Socket};
 
 use crate::state::config::{ConnectionSpec, SslMode};
 use crate::state::error::{classify, StateError, StateResult};
@@ -49,6 +50,20 @@ impl Connector {
         })
     }
 
+    /// A connector for a long-lived dedicated session (a held advisory lock, a leader lease, a
+    /// LISTEN): TCP keepalives probe after 5 s of silence every 2 s, so a dead peer ends the
+    /// session (and fires its lost signal) within about 11 s; no statement timeout, since a
+    /// lock wait is bounded by its own `lock_timeout`.
+    pub fn dedicated(&self) -> Self {
+        let mut c = self.clone();
+        c.pg.keepalives(true);
+        c.pg.keepalives_idle(Duration::from_secs(5));
+        c.pg.keepalives_interval(Duration::from_secs(2));
+        c.pg.keepalives_retries(3);
+        c.statement_timeout = None;
+        c
+    }
+
     /// Connect only to a server that accepts writes (libpq's `target_session_attrs=read-write`):
     /// with several hosts in the URL, the one that is the primary now.
     pub fn require_writable(&mut self) {
@@ -59,8 +74,14 @@ impl Connector {
     /// Connects, honouring `sslmode`, bounded by the connect timeout as a whole (TCP, TLS and
     /// authentication).
     pub async fn connect(&self) -> StateResult<Client> {
+        Ok(self.connect_session().await?.client)
+    }
+
+    /// Like [`connect`](Self::connect), keeping what the connection's I/O task reports: when
+    /// the connection ends, and the notifications it receives.
+    pub async fn connect_session(&self) -> StateResult<Session> {
         let attempt = self.connect_with_fallbacks();
-        let client = match tokio::time::timeout(self.timeout, attempt).await {
+        let session = match tokio::time::timeout(self.timeout, attempt).await {
             Ok(result) => result?,
             Err(_) => {
                 return Err(StateError::Timeout(format!(
@@ -72,12 +93,16 @@ impl Connector {
         if let Some(t) = self.statement_timeout {
             // A number we format ourselves; nothing from the caller reaches the SQL text.
             let sql = format!("SET statement_timeout = {}", t.as_millis().max(1));
-            client.batch_execute(&sql).await.map_err(|e| self.err(&e))?;
+            session
+                .client
+                .batch_execute(&sql)
+                .await
+                .map_err(|e| self.err(&e))?;
         }
-        Ok(client)
+        Ok(session)
     }
 
-    async fn connect_with_fallbacks(&self) -> StateResult<Client> {
+    async fn connect_with_fallbacks(&self) -> StateResult<Session> {
         match (self.tls.mode, &self.tls.connector) {
             (SslMode::Disable, _) | (_, None) => self.plain().await,
             (SslMode::Allow, Some(tls)) => match self.plain().await {
@@ -107,13 +132,13 @@ impl Connector {
         }
     }
 
-    async fn plain(&self) -> StateResult<Client> {
+    async fn plain(&self) -> StateResult<Session> {
         let mut pg = self.pg.clone();
         pg.ssl_mode(PgSslMode::Disable);
         self.finish(pg, NoTls).await
     }
 
-    async fn with_tls<T>(&self, tls: T, mode: PgSslMode) -> StateResult<Client>
+    async fn with_tls<T>(&self, tls: T, mode: PgSslMode) -> StateResult<Session>
     where
         T: MakeTlsConnect<Socket> + Send,
         T::Stream: Send + 'static,
@@ -125,21 +150,43 @@ impl Connector {
         self.finish(pg, tls).await
     }
 
-    async fn finish<T>(&self, pg: tokio_postgres::Config, tls: T) -> StateResult<Client>
+    async fn finish<T>(&self, pg: tokio_postgres::Config, tls: T) -> StateResult<Session>
     where
         T: MakeTlsConnect<Socket> + Send,
         T::Stream: Send + 'static,
         T::TlsConnect: Send,
         <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
     {
-        let (client, connection) = pg.connect(tls).await.map_err(|e| self.err(&e))?;
+        let (client, mut connection) = pg.connect(tls).await.map_err(|e| self.err(&e))?;
         let target = self.target.clone();
+        let (closed_tx, closed) = watch::channel(false);
+        let (notify_tx, notifications) = mpsc::channel::<Notification>(NOTIFICATION_BUFFER);
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(target = %target, error = %e, "connection closed");
+            loop {
+                match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                    Some(Ok(AsyncMessage::Notification(n))) => {
+                        // Waits while the listener's buffer is full (back-pressure onto the
+                        // server's queue); once nobody listens, notifications are dropped.
+                        let _ = notify_tx.send(n).await;
+                    }
+                    Some(Ok(AsyncMessage::Notice(n))) => {
+                        tracing::debug!(target = %target, notice = %n.message(), "server notice");
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => {
+                        tracing::debug!(target = %target, error = %e, "connection closed");
+                        break;
+                    }
+                    None => break,
+                }
             }
+            let _ = closed_tx.send(true);
         });
-        Ok(client)
+        Ok(Session {
+            client,
+            closed,
+            notifications,
+        })
     }
 
     /// Classifies a driver error and names the server (never the URL) in connection errors.
@@ -153,6 +200,24 @@ impl Connector {
             other => other,
         }
     }
+}
+
+/// Notifications a connection buffers before its I/O task waits for the reader.
+const NOTIFICATION_BUFFER: usize = 1024;
+
+/// A connection together with what its I/O task reports.
+pub(crate) struct Session {
+    pub client: Client,
+    /// Becomes `true` (or its sender is dropped) when the connection has ended.
+    pub closed: watch::Receiver<bool>,
+    /// Notifications received on this connection (after a LISTEN).
+    pub notifications: mpsc::Receiver<Notification>,
+}
+
+/// Resolves once the connection behind `closed` has ended.
+pub(crate) async fn wait_closed(closed: &mut watch::Receiver<bool>) {
+    // An error means the I/O task is gone, which also means the connection is.
+    let _ = closed.wait_for(|c| *c).await;
 }
 
 /// `host:port[,host:port] db=... user=...`, without any secret.

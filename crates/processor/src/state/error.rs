@@ -101,6 +101,39 @@ pub enum StateError {
         /// The SQLSTATE code (`42501` for insufficient privilege).
         sqlstate: Option<String>,
     },
+    /// A release named a lock this backend handle does not hold (never acquired, or already
+    /// released). Nothing was released.
+    #[error("lock not held: {lock}")]
+    LockNotHeld {
+        /// The lock (its name, or its key).
+        lock: String,
+    },
+    /// The lock was held, but its dedicated connection ended (terminated, network failure,
+    /// server restart), so the server released it: other holders may have taken it since.
+    #[error("lock lost: {lock} (its connection ended)")]
+    LockLost {
+        /// The lock (its name, or its key).
+        lock: String,
+    },
+    /// A fenced write was refused: the lock's fencing token moved on (someone acquired the lock
+    /// after this holder), or this holder no longer holds the lock. Roll back; the work must
+    /// not be applied.
+    #[error("fenced off: lock {lock} token {token} is stale (current token {current}, still held: {held})")]
+    Fenced {
+        /// The lock's name.
+        lock: String,
+        /// The token the writer presented.
+        token: i64,
+        /// The token of the latest acquisition.
+        current: i64,
+        /// Whether the writer's session still holds the lock.
+        held: bool,
+    },
+    /// A listener's connection dropped and was re-established: notifications sent while it was
+    /// down are lost (plain mode), or events were pruned before a durable listener read them.
+    /// The listener remains usable; call `recv` again.
+    #[error("notifications may have been missed: {0}")]
+    NotificationsMissed(String),
 }
 
 /// The broad class of a [`StateError`], for applications that branch on what to do next.
@@ -127,6 +160,9 @@ pub enum ErrorKind {
     Permission,
     /// Encoding or decoding a value failed.
     Serialization,
+    /// A lock or leadership is not held (released, lost or fenced off), or a listener missed
+    /// notifications.
+    Coordination,
     /// Any other database or backend error.
     Storage,
 }
@@ -149,6 +185,10 @@ impl StateError {
             StateError::SerializationFailed(_) | StateError::DeserializationFailed(_) => {
                 ErrorKind::Serialization
             }
+            StateError::LockNotHeld { .. }
+            | StateError::LockLost { .. }
+            | StateError::Fenced { .. }
+            | StateError::NotificationsMissed(_) => ErrorKind::Coordination,
             StateError::NotInitialized(_)
             | StateError::StorageError { .. }
             | StateError::CheckpointFailed(_)
@@ -217,6 +257,8 @@ pub mod sqlstate {
     pub const UNIQUE_VIOLATION: &str = "23505";
     /// `54000`: program limit exceeded (for example an index row too large).
     pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
+    /// `55P03`: lock not available (a lock wait reached `lock_timeout`).
+    pub const LOCK_NOT_AVAILABLE: &str = "55P03";
 
     /// Whether the code names a condition that can clear up by itself.
     pub fn is_transient(code: &str) -> bool {

@@ -64,6 +64,34 @@ impl Ident {
     }
 }
 
+/// Validates a LISTEN/NOTIFY channel name: any string of 1 to 63 bytes without NUL (longer
+/// names would be truncated by `LISTEN` but refused by `pg_notify`, so they are refused here).
+pub(crate) fn check_channel(channel: &str) -> StateResult<()> {
+    let shown: String = channel.chars().take(40).collect();
+    if channel.is_empty() {
+        return Err(StateError::invalid("channel name is empty"));
+    }
+    if channel.len() > MAX_IDENT_LEN {
+        return Err(StateError::invalid(format!(
+            "channel name {shown:?}... is {} bytes; at most {MAX_IDENT_LEN} allowed",
+            channel.len()
+        )));
+    }
+    if channel.contains('\0') {
+        return Err(StateError::invalid(format!(
+            "channel name {shown:?} contains a NUL byte"
+        )));
+    }
+    Ok(())
+}
+
+/// A channel name as a double-quoted identifier for `LISTEN`/`UNLISTEN`, with `"` doubled, so
+/// that any valid name (see [`check_channel`]) is read as exactly itself.
+pub(crate) fn quote_channel(channel: &str) -> StateResult<String> {
+    check_channel(channel)?;
+    Ok(format!("\"{}\"", channel.replace('"', "\"\"")))
+}
+
 impl fmt::Display for Ident {
     /// Writes the identifier double-quoted. Validation already excluded `"`, so no escaping is due.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -101,5 +129,21 @@ mod tests {
             assert!(matches!(err, StateError::InvalidInput(_)), "{bad:?}: {err}");
         }
         assert!(Ident::new_table(&"t".repeat(41)).is_err());
+    }
+
+    #[test]
+    fn channels_are_quoted_verbatim() {
+        assert_eq!(quote_channel("Jobs").unwrap(), "\"Jobs\"");
+        assert_eq!(
+            quote_channel("x\"; DROP TABLE t; --").unwrap(),
+            "\"x\"\"; DROP TABLE t; --\""
+        );
+        assert!(quote_channel(&"c".repeat(63)).is_ok());
+        for bad in ["", "a\0b", &"c".repeat(64)] {
+            assert!(matches!(
+                quote_channel(bad),
+                Err(StateError::InvalidInput(_))
+            ));
+        }
     }
 }

@@ -3,13 +3,15 @@
 //! Start with [`EnhancedPostgresBackend::new`] and an [`EnhancedPostgresConfig`]; everything
 //! implements [`StateBackend`]. Files follow concepts: `config` (settings, URL parsing),
 //! `tls` (sslmode), `connection` (one connection), `pool` (bb8 pool), `schema` (migrations),
-//! `ops` (key/value operations), `stats` (counters), `limits` (input limits), `ident` (SQL
+//! `ops` (key/value operations), `coordination` (advisory locks, lock guards, leader
+//! election, LISTEN/NOTIFY), `stats` (counters), `limits` (input limits), `ident` (SQL
 //! identifiers), `memory` and `basic` (the other backends).
 
 mod backend;
 mod basic;
 mod config;
 mod connection;
+pub mod coordination;
 mod enhanced;
 mod error;
 mod ident;
@@ -28,6 +30,10 @@ pub use basic::{PostgresConfig, PostgresStateBackend};
 pub use config::{
     redact, EnhancedPostgresConfig, IsolationLevel, PostgresPoolConfig, PostgresReplicaConfig,
     PostgresSslConfig, RetentionPolicy, SslMode,
+};
+pub use coordination::{
+    lock_key, AdvisoryLockInfo, Fence, LeaderInfo, Leadership, LockMode, Notification,
+    PostgresListener, PostgresLockGuard, MAX_NOTIFY_PAYLOAD,
 };
 pub use enhanced::EnhancedPostgresBackend;
 pub use error::{sqlstate, ErrorKind, StateError, StateResult};

@@ -41,6 +41,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "003_enhanced_features.sql",
         sql: include_str!("../../migrations/003_enhanced_features.sql"),
     },
+    Migration {
+        version: 4,
+        name: "004_coordination.sql",
+        sql: include_str!("../../migrations/004_coordination.sql"),
+    },
 ];
 
 /// Name of the tracking table, in the configured schema.
@@ -65,13 +70,26 @@ pub(crate) struct TableNames {
     pub qualified: String,
     /// `"schema"."table_archive"`.
     pub archive: String,
+    /// The schema's coordination tables, qualified: lock bookkeeping, fencing tokens, leader
+    /// leases, durable event channels and events.
+    pub locks: String,
+    pub fences: String,
+    pub leaders: String,
+    pub event_channels: String,
+    pub events: String,
 }
 
 impl TableNames {
     pub fn new(schema: Ident, table: Ident) -> Self {
         let qualified = format!("{schema}.{table}");
         let archive = format!("{schema}.{}", table.suffixed("_archive"));
+        let in_schema = |t: &str| format!("{schema}.\"{t}\"");
         TableNames {
+            locks: in_schema("state_advisory_locks"),
+            fences: in_schema("state_lock_fences"),
+            leaders: in_schema("state_leaders"),
+            event_channels: in_schema("state_event_channels"),
+            events: in_schema("state_events"),
             schema,
             table,
             qualified,

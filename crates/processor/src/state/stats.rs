@@ -52,6 +52,30 @@ pub(crate) struct Stats {
     tx_retries: AtomicU64,
     serialization_failures: AtomicU64,
     deadlocks: AtomicU64,
+    lock_wait_us: AtomicU64,
+    lock_acquisitions: AtomicU64,
+    lock_failures: AtomicU64,
+    locks_held: AtomicU64,
+    leader_changes: AtomicU64,
+    leadership_losses: AtomicU64,
+    notifications_sent: AtomicU64,
+}
+
+/// Coordination events the backend counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum LockEvent {
+    /// A lock was acquired after waiting this long.
+    Acquired(Duration),
+    /// An acquisition gave up (lock busy, timeout or error) after waiting this long.
+    Failed(Duration),
+    /// A held lock was released or lost.
+    Released,
+    /// This backend became leader.
+    BecameLeader,
+    /// This backend's leadership ended (resigned, lost, dropped).
+    LeadershipEnded,
+    /// A notification was sent.
+    Notified,
 }
 
 /// Transaction events the backend counts.
@@ -117,6 +141,36 @@ impl Stats {
         counter.fetch_add(1, Relaxed);
     }
 
+    pub fn lock(&self, event: LockEvent) {
+        let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        match event {
+            LockEvent::Acquired(waited) => {
+                self.lock_wait_us.fetch_add(micros(waited), Relaxed);
+                self.lock_acquisitions.fetch_add(1, Relaxed);
+                self.locks_held.fetch_add(1, Relaxed);
+            }
+            LockEvent::Failed(waited) => {
+                self.lock_wait_us.fetch_add(micros(waited), Relaxed);
+                self.lock_failures.fetch_add(1, Relaxed);
+            }
+            LockEvent::Released => {
+                // Never below zero, whatever the order of events.
+                let _ = self
+                    .locks_held
+                    .fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_sub(1)));
+            }
+            LockEvent::BecameLeader => {
+                self.leader_changes.fetch_add(1, Relaxed);
+            }
+            LockEvent::LeadershipEnded => {
+                self.leadership_losses.fetch_add(1, Relaxed);
+            }
+            LockEvent::Notified => {
+                self.notifications_sent.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
     pub fn snapshot(&self) -> BackendStats {
         let queries = self.queries.load(Relaxed);
         let total = self.total_query_us.load(Relaxed);
@@ -140,6 +194,13 @@ impl Stats {
             transaction_retries: self.tx_retries.load(Relaxed),
             serialization_failures: self.serialization_failures.load(Relaxed),
             deadlocks: self.deadlocks.load(Relaxed),
+            advisory_lock_wait_ms: self.lock_wait_us.load(Relaxed) as f64 / 1000.0,
+            lock_acquisitions: self.lock_acquisitions.load(Relaxed),
+            lock_acquisitions_failed: self.lock_failures.load(Relaxed),
+            locks_held: self.locks_held.load(Relaxed),
+            leader_changes: self.leader_changes.load(Relaxed),
+            leadership_losses: self.leadership_losses.load(Relaxed),
+            notifications_sent: self.notifications_sent.load(Relaxed),
             primary_reads: 0,
             replica_reads: 0,
             read_failovers: 0,
@@ -181,6 +242,20 @@ pub struct BackendStats {
     pub serialization_failures: u64,
     /// Deadlocks (SQLSTATE 40P01) seen inside transactions.
     pub deadlocks: u64,
+    /// Total time spent waiting for advisory locks (granted or not), in milliseconds.
+    pub advisory_lock_wait_ms: f64,
+    /// Session advisory locks acquired (guards, the key API and leader campaigns).
+    pub lock_acquisitions: u64,
+    /// Acquisitions that did not get the lock (busy, timed out or failed).
+    pub lock_acquisitions_failed: u64,
+    /// Session advisory locks held now.
+    pub locks_held: u64,
+    /// Times a candidate of this backend became leader (each a new term).
+    pub leader_changes: u64,
+    /// Times a leadership of this backend ended (resigned, dropped or lost).
+    pub leadership_losses: u64,
+    /// Notifications sent (`notify` and `notify_durable`).
+    pub notifications_sent: u64,
     /// Reads served by the primary.
     pub primary_reads: u64,
     /// Reads served by replicas.

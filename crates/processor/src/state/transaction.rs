@@ -13,12 +13,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::state::config::IsolationLevel;
+use crate::state::coordination::{
+    check_durable_payload, check_payload, durable_notify_sql, fence_sql, Fence, LockMode,
+    NOTIFY_SQL,
+};
 use crate::state::error::{sqlstate, ErrorKind, StateError, StateResult};
+use crate::state::ident::check_channel;
 use crate::state::ident::Ident;
 use crate::state::limits::{check_entry, check_key, check_metadata, check_ttl};
 use crate::state::ops::{check_batch, MetadataQuery, StateEntry};
 use crate::state::pool::{Conn, ConnPool};
 use crate::state::router::Router;
+use crate::state::schema::TableNames;
 use crate::state::stats::{Op, Stats, TxEvent};
 
 /// The future a [`transaction`](crate::state::EnhancedPostgresBackend::transaction) closure
@@ -44,6 +50,7 @@ pub struct PostgresTransaction {
     aborted: bool,
     level: IsolationLevel,
     read_only: bool,
+    names: TableNames,
 }
 
 impl PostgresTransaction {
@@ -51,6 +58,7 @@ impl PostgresTransaction {
         pool: &ConnPool,
         stats: Arc<Stats>,
         router: Arc<Router>,
+        names: TableNames,
         level: IsolationLevel,
         read_only: bool,
     ) -> StateResult<Self> {
@@ -74,6 +82,7 @@ impl PostgresTransaction {
             aborted: false,
             level,
             read_only,
+            names,
         })
     }
 
@@ -425,6 +434,118 @@ impl PostgresTransaction {
     }
 }
 
+/// Coordination inside a transaction.
+impl PostgresTransaction {
+    /// Refuses a stale lock holder's write: succeeds only if `fence` is still the latest
+    /// acquisition of its lock and its holder's session still holds the lock. The lock's token
+    /// row stays share-locked until this transaction ends, so no newer acquisition can
+    /// complete before this transaction commits (a newer holder sees this transaction's writes).
+    /// Otherwise [`StateError::Fenced`]: roll back, the work must not be applied.
+    ///
+    /// ```no_run
+    /// # async fn demo(backend: processor::state::EnhancedPostgresBackend) -> processor::state::StateResult<()> {
+    /// use processor::state::{PostgresLockGuard, StateBackend};
+    /// use std::time::Duration;
+    /// if let Some(guard) = PostgresLockGuard::new(backend.clone_handle(), "job", Duration::from_secs(5)).await? {
+    ///     let mut tx = backend.begin().await?;
+    ///     tx.check_fence(&guard.fence()).await?;
+    ///     tx.put(b"job:result", b"done").await?;
+    ///     tx.commit().await?;
+    ///     guard.release().await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn check_fence(&mut self, fence: &Fence) -> StateResult<()> {
+        let sql = fence_sql(&self.names.fences);
+        let start = Instant::now();
+        let r = self
+            .conn()?
+            .client
+            .query_opt(sql.as_str(), &[&fence.key, &fence.backend_pid])
+            .await
+            .map_err(StateError::from);
+        let row = self.finish(Op::Query, 1, start, r)?;
+        let (current, held) = match row {
+            Some(row) => (row.try_get::<_, i64>(0)?, row.try_get::<_, bool>(1)?),
+            None => (0, false),
+        };
+        if current != fence.token || !held {
+            return Err(StateError::Fenced {
+                lock: fence.name.clone(),
+                token: fence.token,
+                current,
+                held,
+            });
+        }
+        Ok(())
+    }
+
+    /// Takes a transaction-scoped advisory lock on `key`, waiting for it (bounded by the
+    /// server's `lock_timeout` and `statement_timeout`); released at commit or rollback.
+    pub async fn advisory_xact_lock(&mut self, key: i64, mode: LockMode) -> StateResult<()> {
+        let sql = match mode {
+            LockMode::Exclusive => "SELECT pg_advisory_xact_lock($1)",
+            LockMode::Shared => "SELECT pg_advisory_xact_lock_shared($1)",
+        };
+        let start = Instant::now();
+        let r = self
+            .conn()?
+            .client
+            .execute(sql, &[&key])
+            .await
+            .map_err(StateError::from);
+        self.finish(Op::Query, 1, start, r).map(|_| ())
+    }
+
+    /// Takes a transaction-scoped advisory lock on `key` if it is free now; whether it did.
+    pub async fn try_advisory_xact_lock(&mut self, key: i64, mode: LockMode) -> StateResult<bool> {
+        let sql = match mode {
+            LockMode::Exclusive => "SELECT pg_try_advisory_xact_lock($1)",
+            LockMode::Shared => "SELECT pg_try_advisory_xact_lock_shared($1)",
+        };
+        let start = Instant::now();
+        let r = self
+            .conn()?
+            .client
+            .query_one(sql, &[&key])
+            .await
+            .map_err(StateError::from);
+        Ok(self.finish(Op::Query, 1, start, r)?.try_get(0)?)
+    }
+
+    /// Queues a plain notification, sent when the transaction commits (dropped on rollback).
+    /// Same rules as [`EnhancedPostgresBackend::notify`](crate::state::EnhancedPostgresBackend::notify).
+    pub async fn notify(&mut self, channel: &str, payload: &str) -> StateResult<()> {
+        check_channel(channel)?;
+        check_payload(payload)?;
+        let start = Instant::now();
+        let r = self
+            .conn()?
+            .client
+            .execute(NOTIFY_SQL, &[&channel, &payload])
+            .await
+            .map_err(StateError::from);
+        self.finish(Op::Query, 1, start, r).map(|_| ())
+    }
+
+    /// Appends a durable event to `channel`, committed (and announced) with this transaction;
+    /// returns its sequence number. See
+    /// [`EnhancedPostgresBackend::notify_durable`](crate::state::EnhancedPostgresBackend::notify_durable).
+    pub async fn notify_durable(&mut self, channel: &str, payload: &str) -> StateResult<i64> {
+        check_channel(channel)?;
+        check_durable_payload(payload)?;
+        let sql = durable_notify_sql(&self.names);
+        let start = Instant::now();
+        let r = self
+            .conn()?
+            .client
+            .query_one(sql.as_str(), &[&channel, &payload])
+            .await
+            .map_err(StateError::from);
+        Ok(self.finish(Op::Query, 1, start, r)?.try_get(0)?)
+    }
+}
+
 fn empty_object() -> serde_json::Value {
     serde_json::Value::Object(serde_json::Map::new())
 }
@@ -488,7 +609,7 @@ pub(crate) fn backoff(base: Duration, attempt: u32) -> Duration {
 }
 
 /// A small xorshift generator; jitter needs spread, not cryptographic quality.
-fn random() -> u64 {
+pub(crate) fn random() -> u64 {
     static STATE: AtomicU64 = AtomicU64::new(0);
     let mut x = STATE.load(Ordering::Relaxed);
     if x == 0 {

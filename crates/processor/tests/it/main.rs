@@ -4,6 +4,7 @@
 
 mod bad_input;
 mod conformance;
+mod coordination;
 mod hostile;
 mod ops;
 mod pool;

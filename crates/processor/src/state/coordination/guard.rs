@@ -1,0 +1,210 @@
+//! [`PostgresLockGuard`]: a named session lock released on drop, with a fencing token and a
+//! lost signal.
+
+use std::future::Future;
+use std::time::Duration;
+
+use crate::state::connection::wait_closed;
+use crate::state::coordination::{check_lock_name, lock_key, HeldLock, LockMode};
+use crate::state::enhanced::EnhancedPostgresBackend;
+use crate::state::error::StateResult;
+
+/// A held named advisory lock, released when dropped (or explicitly with
+/// [`release`](Self::release)).
+///
+/// The lock lives on a dedicated connection of its own (see the
+/// [module documentation](crate::state::coordination)). If that connection ends while the
+/// guard is held, the server has released the lock: [`lost`](Self::lost) resolves and
+/// [`is_lost`](Self::is_lost) turns true, and another process may acquire it. Work that must
+/// not be done twice should check the [`fence`](Self::fence) inside its transaction
+/// ([`PostgresTransaction::check_fence`](crate::state::PostgresTransaction::check_fence)), which
+/// refuses a holder whose lock has moved on even before it has noticed.
+///
+/// Dropping the guard releases the lock in the background on the runtime it was acquired on;
+/// if that runtime is gone, the connection closes and the server releases the lock. Dropping
+/// never panics.
+pub struct PostgresLockGuard {
+    held: Option<HeldLock>,
+    backend: EnhancedPostgresBackend,
+    runtime: tokio::runtime::Handle,
+}
+
+impl PostgresLockGuard {
+    /// Acquires the exclusive lock `name`, waiting up to `timeout` (zero: do not wait).
+    /// `Ok(None)` if someone else still held it when the time was up.
+    pub async fn new(
+        backend: EnhancedPostgresBackend,
+        name: &str,
+        timeout: Duration,
+    ) -> StateResult<Option<Self>> {
+        Self::acquire(backend, name, LockMode::Exclusive, timeout).await
+    }
+
+    /// Acquires the lock `name` in shared (reader) mode, waiting up to `timeout`: any number of
+    /// shared holders at once, none while an exclusive holder has it.
+    pub async fn new_shared(
+        backend: EnhancedPostgresBackend,
+        name: &str,
+        timeout: Duration,
+    ) -> StateResult<Option<Self>> {
+        Self::acquire(backend, name, LockMode::Shared, timeout).await
+    }
+
+    async fn acquire(
+        backend: EnhancedPostgresBackend,
+        name: &str,
+        mode: LockMode,
+        timeout: Duration,
+    ) -> StateResult<Option<Self>> {
+        check_lock_name(name)?;
+        let held = backend
+            .coordinator()
+            .acquire(lock_key(name), Some(name), mode, timeout)
+            .await?;
+        Ok(held.map(|held| PostgresLockGuard {
+            held: Some(held),
+            backend,
+            runtime: tokio::runtime::Handle::current(),
+        }))
+    }
+
+    fn held(&self) -> &HeldLock {
+        // Only `release` and `drop` take it, and both consume the guard.
+        self.held
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("a live guard holds its lock"))
+    }
+
+    /// The lock's name.
+    pub fn name(&self) -> &str {
+        self.held().name.as_deref().unwrap_or_default()
+    }
+
+    /// The advisory-lock key ([`lock_key`](crate::state::lock_key) of the name).
+    pub fn key(&self) -> i64 {
+        self.held().key
+    }
+
+    /// Exclusive or shared.
+    pub fn mode(&self) -> LockMode {
+        self.held().mode
+    }
+
+    /// This acquisition's fencing token: greater than that of every earlier acquisition of the
+    /// name (in this schema).
+    pub fn fencing_token(&self) -> i64 {
+        self.held().token
+    }
+
+    /// What a transaction needs to check that this holder still owns the lock; see
+    /// [`PostgresTransaction::check_fence`](crate::state::PostgresTransaction::check_fence).
+    /// Cheap to clone into retry closures.
+    pub fn fence(&self) -> Fence {
+        let h = self.held();
+        Fence {
+            key: h.key,
+            name: h.label(),
+            token: h.token,
+            backend_pid: h.backend_pid(),
+        }
+    }
+
+    /// The server process id of the session holding the lock (as in `pg_locks` and
+    /// `pg_stat_activity`).
+    pub fn backend_pid(&self) -> i32 {
+        self.held().backend_pid()
+    }
+
+    /// Whether the lock's connection has ended (so the server no longer holds the lock for us).
+    pub fn is_lost(&self) -> bool {
+        self.held().is_lost()
+    }
+
+    /// Resolves when the lock's connection ends: from then on the lock is not held. Does not
+    /// borrow the guard, so it can be awaited in a `select!` beside the guarded work.
+    pub fn lost(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut signal = self.held().lost_signal();
+        async move { wait_closed(&mut signal).await }
+    }
+
+    /// Releases the lock now. [`StateError::LockLost`](crate::state::StateError::LockLost) if
+    /// its connection had already ended (then the server released it earlier and the
+    /// guarded work was not protected all along).
+    pub async fn release(mut self) -> StateResult<()> {
+        match self.held.take() {
+            Some(held) => self.backend.coordinator().release(held).await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for PostgresLockGuard {
+    fn drop(&mut self) {
+        let Some(held) = self.held.take() else {
+            return;
+        };
+        let coordinator = self.backend.coordinator_arc();
+        // Release on the runtime the connection's I/O runs on, whichever thread drops us. If
+        // that runtime has shut down, the task is dropped with the connection, and the server
+        // releases the lock when the connection closes.
+        let _entered = self.runtime.enter();
+        self.runtime.spawn(async move {
+            if let Err(e) = coordinator.release(held).await {
+                tracing::debug!(error = %e, "releasing a dropped lock guard");
+            }
+        });
+    }
+}
+
+impl std::fmt::Debug for PostgresLockGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.held {
+            Some(h) => f
+                .debug_struct("PostgresLockGuard")
+                .field("name", &h.name)
+                .field("key", &h.key)
+                .field("mode", &h.mode)
+                .field("fencing_token", &h.token)
+                .field("lost", &h.is_lost())
+                .finish(),
+            None => f.write_str("PostgresLockGuard(released)"),
+        }
+    }
+}
+
+/// Checks a [`Fence`] inside a transaction: the lock's current token (row share-locked until
+/// the transaction ends, so no new acquisition can commit in between) and whether the holder's
+/// session still holds the lock. $1 key, $2 holder's backend pid.
+pub(crate) fn fence_sql(fences: &str) -> String {
+    format!(
+        "SELECT f.token, EXISTS (
+             SELECT 1 FROM pg_catalog.pg_locks l
+             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND l.pid = $2
+               AND ((l.classid::bigint << 32) | l.objid::bigint) = $1
+               AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database()))
+         FROM {fences} f WHERE f.lock_key = $1
+         FOR SHARE OF f"
+    )
+}
+
+/// A lock holder's claim, checked inside a transaction by
+/// [`PostgresTransaction::check_fence`](crate::state::PostgresTransaction::check_fence).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fence {
+    pub(crate) key: i64,
+    pub(crate) name: String,
+    pub(crate) token: i64,
+    pub(crate) backend_pid: i32,
+}
+
+impl Fence {
+    /// The fencing token presented.
+    pub fn token(&self) -> i64 {
+        self.token
+    }
+
+    /// The lock's key.
+    pub fn key(&self) -> i64 {
+        self.key
+    }
+}

@@ -1,0 +1,487 @@
+//! Leader election: a lease in `state_leaders` with a growing term, held by the session that
+//! holds the name's advisory lock and renewed in the background.
+//!
+//! # Protocol
+//! 1. A candidate takes the advisory lock [`leader_key`](super::leader_key)`(name)` on a dedicated
+//!    connection. Only one candidate holds it at a time, and the previous leader's session (alive
+//!    or not) has ended or resigned by then.
+//! 2. Holding it, the candidate claims the lease row: allowed only when the row is resigned or its
+//!    lease has expired **on the database clock** (`clock_timestamp()`). The claim increments the
+//!    term. If the old lease is still running (a leader that crashed or lost its connection may
+//!    still believe it leads until then), the candidate waits for it to expire.
+//! 3. The leader renews the lease every `ttl / 3` on the same session. It believes it leads until
+//!    `sent + ttl - ttl / 5`, where `sent` is when it sent the last successful claim or renewal:
+//!    the server set the expiry to `ttl` after it *received* that statement, so the belief ends
+//!    before the lease can expire and anyone else can claim it.
+//! 4. Leadership ends (and [`Leadership::lost`] fires) when the session ends, a renewal fails, or
+//!    the belief deadline passes unrenewed. Resigning ends the belief first, then clears the lease
+//!    so the next candidate takes over at once.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{oneshot, watch};
+
+use crate::state::connection::wait_closed;
+use crate::state::coordination::{
+    check_lock_name, leader_key, locked, Coordinator, HeldLock, LockMode,
+};
+use crate::state::error::{StateError, StateResult};
+use crate::state::pool::ConnPool;
+use crate::state::stats::{LockEvent, Stats};
+
+/// The shortest accepted lease.
+const MIN_TTL: Duration = Duration::from_millis(300);
+/// The longest accepted lease.
+const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+
+fn check_ttl(ttl: Duration) -> StateResult<()> {
+    if ttl < MIN_TTL || ttl > MAX_TTL {
+        return Err(StateError::invalid(format!(
+            "leader ttl {ttl:?} is outside {MIN_TTL:?}..={MAX_TTL:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// How long before the lease's server-side expiry the leader stops believing it leads.
+fn margin(ttl: Duration) -> Duration {
+    ttl / 5
+}
+
+/// The current holder of a leadership, from
+/// [`EnhancedPostgresBackend::current_leader`](crate::state::EnhancedPostgresBackend::current_leader).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LeaderInfo {
+    /// The leadership's name.
+    pub name: String,
+    /// The leader's holder id (`host:pid:random`, one per backend instance).
+    pub holder_id: String,
+    /// The leader's host name.
+    pub holder_host: Option<String>,
+    /// The leader's operating-system process id.
+    pub holder_pid: Option<i32>,
+    /// The term: grows by one with every new leader.
+    pub term: i64,
+    /// Time left on the lease, by the database clock.
+    pub lease_remaining: Duration,
+}
+
+struct State {
+    /// `true` once this leadership has ended.
+    ended: watch::Sender<bool>,
+    /// Until when this holder may believe it leads (monotonic clock).
+    deadline: Mutex<Instant>,
+}
+
+impl State {
+    fn end(&self) {
+        self.ended.send_replace(true);
+    }
+
+    fn believes(&self) -> bool {
+        !*self.ended.borrow() && Instant::now() < *locked(&self.deadline)
+    }
+}
+
+/// Leadership of a name, from [`EnhancedPostgresBackend::campaign`](crate::state::EnhancedPostgresBackend::campaign)
+/// or [`try_campaign`](crate::state::EnhancedPostgresBackend::try_campaign).
+///
+/// Renewed in the background while held. Check [`is_leader`](Self::is_leader) before acting as
+/// leader, or run the leader's work beside [`lost`](Self::lost). Dropping it resigns (in the
+/// background, on the runtime it was won on).
+pub struct Leadership {
+    name: String,
+    term: i64,
+    ttl: Duration,
+    state: Arc<State>,
+    resign: Option<oneshot::Sender<oneshot::Sender<StateResult<()>>>>,
+}
+
+impl Leadership {
+    /// The leadership's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// This leader's term: greater than every earlier term of the name.
+    pub fn term(&self) -> i64 {
+        self.term
+    }
+
+    /// The lease length.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// Whether this holder still leads: its lease was renewed recently enough that nobody else
+    /// can have claimed it, and the session holding it is alive.
+    pub fn is_leader(&self) -> bool {
+        self.state.believes()
+    }
+
+    /// Resolves when this leadership ends (connection lost, renewal failed or too late,
+    /// resigned). Fires before the lease can expire on the server, so before anyone else can
+    /// become leader. Does not borrow the handle.
+    pub fn lost(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut ended = self.state.ended.subscribe();
+        let state = self.state.clone();
+        async move {
+            loop {
+                let deadline = *locked(&state.deadline);
+                tokio::select! {
+                    _ = ended.wait_for(|e| *e) => return,
+                    _ = tokio::time::sleep_until(deadline.into()) => {
+                        // A renewal may have moved the deadline meanwhile.
+                        if !state.believes() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives up leadership now: stops believing, clears the lease (the next candidate takes over
+    /// at once) and releases the advisory lock.
+    pub async fn resign(mut self) -> StateResult<()> {
+        self.state.end();
+        let Some(tx) = self.resign.take() else {
+            return Ok(());
+        };
+        let (done_tx, done) = oneshot::channel();
+        if tx.send(done_tx).is_err() {
+            // The renewal task already ended (leadership lost); nothing is held.
+            return Ok(());
+        }
+        done.await.unwrap_or(Ok(()))
+    }
+}
+
+impl Drop for Leadership {
+    fn drop(&mut self) {
+        // Dropping the resign sender tells the renewal task to resign.
+        self.state.end();
+    }
+}
+
+impl std::fmt::Debug for Leadership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Leadership")
+            .field("name", &self.name)
+            .field("term", &self.term)
+            .field("ttl", &self.ttl)
+            .field("is_leader", &self.is_leader())
+            .finish()
+    }
+}
+
+/// The statements a candidate and leader run on their dedicated session.
+struct LeaseSql {
+    claim: String,
+    remaining: String,
+    renew: String,
+    clear: String,
+}
+
+impl LeaseSql {
+    fn new(leaders: &str) -> Self {
+        LeaseSql {
+            claim: format!(
+                "INSERT INTO {leaders} AS l (name, holder_id, holder_host, holder_pid, backend_pid, term,
+                                             acquired_at, renewed_at, lease_expires_at)
+                 VALUES ($1, $2, $3, $4, pg_backend_pid(), 1, clock_timestamp(), clock_timestamp(),
+                         clock_timestamp() + $5::float8 * interval '1 second')
+                 ON CONFLICT (name) DO UPDATE
+                     SET holder_id = EXCLUDED.holder_id, holder_host = EXCLUDED.holder_host,
+                         holder_pid = EXCLUDED.holder_pid, backend_pid = EXCLUDED.backend_pid,
+                         term = l.term + 1, acquired_at = EXCLUDED.acquired_at,
+                         renewed_at = EXCLUDED.renewed_at, lease_expires_at = EXCLUDED.lease_expires_at
+                     WHERE l.holder_id IS NULL OR l.lease_expires_at <= clock_timestamp()
+                 RETURNING term"
+            ),
+            remaining: format!(
+                "SELECT GREATEST(extract(epoch FROM lease_expires_at - clock_timestamp()), 0)::float8
+                 FROM {leaders} WHERE name = $1"
+            ),
+            renew: format!(
+                "UPDATE {leaders}
+                 SET lease_expires_at = clock_timestamp() + $4::float8 * interval '1 second',
+                     renewed_at = clock_timestamp()
+                 WHERE name = $1 AND term = $2 AND holder_id = $3
+                   AND lease_expires_at > clock_timestamp()"
+            ),
+            clear: format!(
+                "UPDATE {leaders} SET holder_id = NULL, lease_expires_at = clock_timestamp()
+                 WHERE name = $1 AND term = $2 AND holder_id = $3"
+            ),
+        }
+    }
+}
+
+impl Coordinator {
+    /// Campaigns for `name`: waits (if `wait`) until this backend leads, or returns `None`
+    /// at once when another leader is in place (`wait == false`).
+    pub async fn campaign(
+        self: &Arc<Self>,
+        name: &str,
+        ttl: Duration,
+        wait: bool,
+    ) -> StateResult<Option<Leadership>> {
+        check_lock_name(name)?;
+        check_ttl(ttl)?;
+        let lock_wait = if wait {
+            Duration::from_millis(i32::MAX as u64)
+        } else {
+            Duration::ZERO
+        };
+        let Some(held) = self
+            .acquire(leader_key(name), Some(name), LockMode::Exclusive, lock_wait)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let sql = LeaseSql::new(&self.names.leaders);
+        let secs = ttl.as_secs_f64();
+        let h = &self.holder;
+        loop {
+            let sent = Instant::now();
+            let row = held
+                .client()
+                .query_opt(
+                    sql.claim.as_str(),
+                    &[&name, &h.id.as_str(), &h.host.as_str(), &h.pid, &secs],
+                )
+                .await;
+            let row = match row {
+                Ok(r) => r,
+                Err(e) => {
+                    self.release_quietly(held).await;
+                    return Err(e.into());
+                }
+            };
+            if let Some(row) = row {
+                let term: i64 = row.try_get(0)?;
+                self.stats.lock(LockEvent::BecameLeader);
+                tracing::info!(name, term, "became leader");
+                return Ok(Some(self.lead(
+                    held,
+                    name,
+                    term,
+                    ttl,
+                    sent + ttl - margin(ttl),
+                )));
+            }
+            // A previous leader's lease is still running: it may still believe it leads.
+            if !wait {
+                self.release_quietly(held).await;
+                return Ok(None);
+            }
+            let remaining: f64 = match held
+                .client()
+                .query_opt(sql.remaining.as_str(), &[&name])
+                .await
+            {
+                Ok(Some(r)) => r.try_get(0)?,
+                Ok(None) => 0.0,
+                Err(e) => {
+                    self.release_quietly(held).await;
+                    return Err(e.into());
+                }
+            };
+            let mut closed = held.lost_signal();
+            let pause = Duration::from_secs_f64(remaining.clamp(0.0, ttl.as_secs_f64()))
+                + Duration::from_millis(5);
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = wait_closed(&mut closed) => {
+                    self.release_quietly(held).await;
+                    return Err(StateError::Connection {
+                        message: format!("the session campaigning for leadership of {name:?} ended"),
+                        sqlstate: None,
+                    });
+                }
+            }
+        }
+    }
+
+    async fn release_quietly(&self, held: HeldLock) {
+        if let Err(e) = self.release(held).await {
+            tracing::debug!(error = %e, "releasing a leader lock");
+        }
+    }
+
+    /// Starts the renewal task for a won lease.
+    fn lead(
+        self: &Arc<Self>,
+        held: HeldLock,
+        name: &str,
+        term: i64,
+        ttl: Duration,
+        deadline: Instant,
+    ) -> Leadership {
+        let (ended, _) = watch::channel(false);
+        let state = Arc::new(State {
+            ended,
+            deadline: Mutex::new(deadline),
+        });
+        let (resign_tx, resign_rx) = oneshot::channel();
+        let lease = Lease {
+            // Weak: the backend keeps `try_become_leader` leaderships in the coordinator, and
+            // dropping the last backend handle must drop (and so resign) them.
+            coordinator: Arc::downgrade(self),
+            stats: self.stats.clone(),
+            primary: self.primary.clone(),
+            sql: LeaseSql::new(&self.names.leaders),
+            holder: self.holder.id.clone(),
+            name: name.to_string(),
+            term,
+            ttl,
+        };
+        tokio::spawn(lease.renew_loop(held, state.clone(), resign_rx));
+        Leadership {
+            name: name.to_string(),
+            term,
+            ttl,
+            state,
+            resign: Some(resign_tx),
+        }
+    }
+
+    /// The live lease of `name`, if any (by the database clock).
+    pub async fn current_leader(&self, name: &str) -> StateResult<Option<LeaderInfo>> {
+        check_lock_name(name)?;
+        let sql = format!(
+            "SELECT holder_id, holder_host, holder_pid, term,
+                    extract(epoch FROM lease_expires_at - clock_timestamp())::float8
+             FROM {} WHERE name = $1 AND holder_id IS NOT NULL AND lease_expires_at > clock_timestamp()",
+            self.names.leaders
+        );
+        let mut conn = self.primary.get().await?;
+        conn.dirty = true;
+        let row = conn.client.query_opt(sql.as_str(), &[&name]).await?;
+        conn.dirty = false;
+        let Some(row) = row else { return Ok(None) };
+        let remaining: f64 = row.try_get(4)?;
+        Ok(Some(LeaderInfo {
+            name: name.to_string(),
+            holder_id: row.try_get(0)?,
+            holder_host: row.try_get(1)?,
+            holder_pid: row.try_get(2)?,
+            term: row.try_get(3)?,
+            lease_remaining: Duration::try_from_secs_f64(remaining.max(0.0)).unwrap_or_default(),
+        }))
+    }
+}
+
+/// What the renewal task needs.
+struct Lease {
+    coordinator: Weak<Coordinator>,
+    stats: Arc<Stats>,
+    primary: Arc<ConnPool>,
+    sql: LeaseSql,
+    holder: String,
+    name: String,
+    term: i64,
+    ttl: Duration,
+}
+
+impl Lease {
+    /// Releases the lock and keeps the connection, or (backend gone) closes it.
+    async fn release(&self, held: HeldLock) -> StateResult<()> {
+        match self.coordinator.upgrade() {
+            Some(c) => c.release(held).await,
+            None => {
+                self.stats.lock(LockEvent::Released);
+                Ok(())
+            }
+        }
+    }
+
+    /// Renews the lease on the leader's session until it resigns, is dropped, or loses it.
+    async fn renew_loop(
+        self,
+        held: HeldLock,
+        state: Arc<State>,
+        mut resign: oneshot::Receiver<oneshot::Sender<StateResult<()>>>,
+    ) {
+        let (name, term, holder) = (self.name.as_str(), self.term, self.holder.as_str());
+        let secs = self.ttl.as_secs_f64();
+        let mut closed = held.lost_signal();
+        let why = loop {
+            let deadline = *locked(&state.deadline);
+            tokio::select! {
+                biased;
+                request = &mut resign => {
+                    // Resigned, or the handle was dropped: stop believing first, then give the
+                    // lease back and release the lock.
+                    state.end();
+                    let cleared = held
+                        .client()
+                        .execute(self.sql.clear.as_str(), &[&name, &term, &holder])
+                        .await
+                        .map(|_| ())
+                        .map_err(StateError::from);
+                    let released = self.release(held).await;
+                    self.stats.lock(LockEvent::LeadershipEnded);
+                    tracing::info!(name, term, "resigned leadership");
+                    if let Ok(done) = request {
+                        let _ = done.send(cleared.and(released));
+                    }
+                    return;
+                }
+                _ = wait_closed(&mut closed) => break "its session ended",
+                _ = tokio::time::sleep_until(deadline.into()) => break "the lease was not renewed in time",
+                _ = tokio::time::sleep(self.ttl / 3) => {
+                    let sent = Instant::now();
+                    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+                        [&name, &term, &holder, &secs];
+                    let renewal = held.client().execute(self.sql.renew.as_str(), &params);
+                    match tokio::time::timeout_at(deadline.into(), renewal).await {
+                        Ok(Ok(1)) => {
+                            *locked(&state.deadline) = sent + self.ttl - margin(self.ttl);
+                        }
+                        Ok(Ok(_)) => break "the lease was gone",
+                        Ok(Err(_)) => break "a renewal failed",
+                        Err(_) => break "the lease was not renewed in time",
+                    }
+                }
+            }
+        };
+        // Lost: stop believing before anything else.
+        state.end();
+        self.stats.lock(LockEvent::LeadershipEnded);
+        tracing::warn!(name, term, reason = why, "leadership lost");
+        // Close the session (releasing the lock) and, now that this holder no longer believes
+        // it leads, clear the lease so the next candidate need not wait for it to expire.
+        drop(self.release(held).await);
+        if let Ok(mut conn) = self.primary.get().await {
+            conn.dirty = true;
+            if conn
+                .client
+                .execute(self.sql.clear.as_str(), &[&name, &term, &holder])
+                .await
+                .is_ok()
+            {
+                conn.dirty = false;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_bounds_and_margin() {
+        assert!(check_ttl(Duration::from_millis(299)).is_err());
+        assert!(check_ttl(Duration::from_secs(60)).is_ok());
+        assert!(check_ttl(Duration::from_secs(25 * 3600)).is_err());
+        let ttl = Duration::from_secs(10);
+        // Renewal (every ttl/3) comes well before the belief ends (ttl - margin).
+        assert!(ttl / 3 < ttl - margin(ttl));
+        assert_eq!(margin(ttl), Duration::from_secs(2));
+    }
+}

@@ -1,10 +1,14 @@
 //! Property test: random hostile strings (quotes, semicolons, NUL, backslashes, comment
-//! markers, Unicode) at every entry point that takes a name or a path, at least 10 000 cases
+//! markers, Unicode) at every entry point that takes a name or a path (schema, table,
+//! savepoint, metadata path, key, lock name, channel name), at least 10 000 cases
 //! each. Every one is either refused with `InvalidInput` or handled as data; afterwards the
 //! state and the catalog are exactly as before.
 
+use std::time::Duration;
+
 use processor::state::{
-    EnhancedPostgresBackend, EnhancedPostgresConfig, ErrorKind, IsolationLevel, StateBackend,
+    EnhancedPostgresBackend, EnhancedPostgresConfig, ErrorKind, IsolationLevel, PostgresListener,
+    PostgresLockGuard, StateBackend,
 };
 
 use crate::support;
@@ -173,6 +177,49 @@ async fn hostile_strings_at_every_entry_point_run_no_sql() {
         );
     }
     assert_eq!(b.count().await.unwrap(), CASES + 1);
+
+    // Lock names: hashed to a key; the name reaches SQL only as a parameter.
+    let mut locked = 0;
+    for i in 0..CASES {
+        let name = g.string();
+        match PostgresLockGuard::new(b.clone_handle(), &name, Duration::ZERO).await {
+            Ok(Some(guard)) => {
+                assert_eq!(guard.name(), name);
+                guard.release().await.unwrap();
+                locked += 1;
+            }
+            Ok(None) => panic!("case {i}: lock {name:?} busy"),
+            Err(e) => assert_eq!(e.kind(), ErrorKind::InvalidInput, "case {i} {name:?}: {e}"),
+        }
+    }
+    eprintln!("lock names: {locked} locked, {} refused", CASES - locked);
+
+    // Channel names: LISTEN quotes them, pg_notify takes them as parameters.
+    let mut listener = PostgresListener::from_backend(&b, &["hostile_base"])
+        .await
+        .unwrap();
+    let mut heard = 0;
+    for i in 0..CASES {
+        let name = g.string();
+        match listener.listen(&name).await {
+            Ok(()) => {
+                b.notify(&name, &i.to_string()).await.unwrap();
+                let n = listener.recv_notification().await.unwrap();
+                assert_eq!(
+                    (n.channel.as_str(), n.payload),
+                    (name.as_str(), i.to_string())
+                );
+                listener.unlisten(&name).await.unwrap();
+                heard += 1;
+            }
+            Err(e) => {
+                assert_eq!(e.kind(), ErrorKind::InvalidInput, "case {i} {name:?}: {e}");
+                let e = b.notify(&name, "x").await.unwrap_err();
+                assert_eq!(e.kind(), ErrorKind::InvalidInput, "case {i} {name:?}: {e}");
+            }
+        }
+    }
+    eprintln!("channels: {heard} heard, {} refused", CASES - heard);
 
     // Nothing outside the data changed.
     assert_eq!(b.get(b"sentinel").await.unwrap(), Some(b"intact".to_vec()));

@@ -6,6 +6,8 @@ mod bad_input;
 mod conformance;
 mod coordination;
 mod hostile;
+mod leader;
+mod listener;
 mod ops;
 mod pool;
 mod replication;

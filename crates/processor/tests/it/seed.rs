@@ -255,3 +255,137 @@ async fn seed_advanced_configuration_fails_clearly_on_missing_certificate() {
     assert!(err.to_string().contains("/path/to/ca-cert.pem"), "{err}");
     assert!(!err.to_string().contains("pass@"), "{err}");
 }
+
+/// "Distributed Coordination", verbatim; returns what it observed so the test can check it.
+#[allow(unused_variables)]
+#[rustfmt::skip]
+async fn distributed_coordination(
+    backend: &EnhancedPostgresBackend,
+) -> anyhow::Result<(bool, bool, bool)> {
+    use processor::state::PostgresLockGuard;
+
+    // Advisory lock
+    let acquired = backend.acquire_advisory_lock(12345).await?;
+    if acquired {
+        // Critical section
+        backend.release_advisory_lock(12345).await?;
+    }
+
+    // Lock guard (RAII)
+    let guard = PostgresLockGuard::new(
+        backend.clone_handle(),
+        "my_lock",
+        Duration::from_secs(30)
+    ).await?;
+
+    let got_guard = guard.is_some();
+    if let Some(guard) = guard {
+        // Lock acquired, do work
+        // Lock automatically released when guard drops
+    }
+
+    // Leader election
+    let is_leader = backend.try_become_leader(
+        "cluster_leader",
+        Duration::from_secs(60)
+    ).await?;
+
+    if is_leader {
+        // This instance is the leader
+    }
+    Ok((acquired, got_guard, is_leader))
+}
+
+#[tokio::test]
+async fn seed_distributed_coordination() {
+    let cfg = support::config("seed_coord");
+    let backend = EnhancedPostgresBackend::new(cfg.clone()).await.unwrap();
+    let (acquired, got_guard, is_leader) = distributed_coordination(&backend).await.unwrap();
+    assert!(acquired && got_guard && is_leader);
+    // The lock was released, the guard's lock too (within a second), and leadership holds.
+    let other = EnhancedPostgresBackend::new(cfg).await.unwrap();
+    assert!(other.acquire_advisory_lock(12345).await.unwrap());
+    other.release_advisory_lock(12345).await.unwrap();
+    let start = std::time::Instant::now();
+    while processor::state::PostgresLockGuard::new(other.clone_handle(), "my_lock", Duration::ZERO)
+        .await
+        .unwrap()
+        .is_none()
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "guard not released"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(backend.is_leader("cluster_leader"));
+    assert!(!other
+        .try_become_leader("cluster_leader", Duration::from_secs(60))
+        .await
+        .unwrap());
+    let leader = other
+        .current_leader("cluster_leader")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(leader.lease_remaining > Duration::from_secs(30));
+    // Running the snippet again: this instance still leads.
+    let (_, _, still) = distributed_coordination(&backend).await.unwrap();
+    assert!(still);
+    assert!(backend.resign_leader("cluster_leader").await.unwrap());
+}
+
+/// "LISTEN/NOTIFY", verbatim except for the URL literal.
+#[rustfmt::skip]
+async fn listen_notify(backend: &EnhancedPostgresBackend, url: &str) -> anyhow::Result<()> {
+    use processor::state::PostgresListener;
+
+    // Notify
+    backend.notify("state_changes", "new_data_available").await?;
+
+    // Listen (in a separate task/connection)
+    let mut listener = PostgresListener::new(
+        url,
+        "state_changes"
+    ).await?;
+
+    while let Ok(message) = listener.recv().await {
+        println!("Received: {}", message);
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn seed_listen_notify() {
+    use processor::state::PostgresListener;
+    let backend = support::backend("seed_listen").await;
+    let app = support::unique("seed_listener");
+    let url = crate::listener::with_param(&support::url(), &format!("application_name={app}"));
+    // A listener of our own sees the snippet's notification.
+    let mut witness = PostgresListener::new(&support::url(), "state_changes")
+        .await
+        .unwrap();
+    let snippet = {
+        let backend = backend.clone_handle();
+        tokio::spawn(async move { listen_notify(&backend, &url).await })
+    };
+    assert_eq!(witness.recv().await.unwrap(), "new_data_available");
+    // Wait for the snippet's listener, then notify it.
+    let pid = loop {
+        if let Some((pid, _)) = support::sessions(&app).await.first() {
+            break *pid;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    backend.notify("state_changes", "second").await.unwrap();
+    assert_eq!(witness.recv().await.unwrap(), "second");
+    // Its loop runs until recv() reports an error: a dropped connection is one (reported
+    // once after reconnecting), so terminating the session ends the snippet cleanly.
+    crate::coordination::terminate(pid).await;
+    tokio::time::timeout(Duration::from_secs(30), snippet)
+        .await
+        .expect("the loop ends on the reported gap")
+        .unwrap()
+        .unwrap();
+}

@@ -292,7 +292,7 @@ impl Coordinator {
             };
             let mut closed = held.lost_signal();
             let pause = Duration::from_secs_f64(remaining.clamp(0.0, ttl.as_secs_f64()))
-                + Duration::from_millis(5);
+                + Duration::from_millis(1);
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
                 _ = wait_closed(&mut closed) => {

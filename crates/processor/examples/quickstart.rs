@@ -135,10 +135,54 @@ async fn main() -> anyhow::Result<()> {
         backend.count().await?
     );
 
+    // Coordination: a lock guard with its fencing token, leadership, a durable event.
+    let mut listener =
+        processor::state::PostgresListener::durable(&backend, &["quickstart"]).await?;
+    if let Some(guard) = processor::state::PostgresLockGuard::new(
+        backend.clone_handle(),
+        "quickstart-job",
+        Duration::from_secs(5),
+    )
+    .await?
+    {
+        let mut tx = backend.begin().await?;
+        tx.check_fence(&guard.fence()).await?;
+        tx.put(b"job:owner", b"quickstart").await?;
+        tx.notify_durable("quickstart", "job done").await?;
+        tx.commit().await?;
+        println!(
+            "lock guard: fencing token {}, fenced write committed",
+            guard.fencing_token()
+        );
+        guard.release().await?;
+    }
+    let leadership = backend
+        .campaign("quickstart-leader", Duration::from_secs(10))
+        .await?;
+    println!(
+        "leader election: term {}, leading: {}",
+        leadership.term(),
+        leadership.is_leader()
+    );
+    leadership.resign().await?;
+    let event = listener.recv_notification().await?;
+    println!(
+        "durable event #{} on {:?}: {}",
+        event.seq.unwrap_or_default(),
+        event.channel,
+        event.payload
+    );
+
     let stats = backend.get_stats();
     println!(
-        "stats: {} gets, {} puts, avg {:.3} ms, {} slow queries",
-        stats.get_count, stats.put_count, stats.avg_query_duration_ms, stats.slow_query_count
+        "stats: {} gets, {} puts, avg {:.3} ms, {} slow queries, {} locks taken ({:.1} ms waiting), {} leader changes",
+        stats.get_count,
+        stats.put_count,
+        stats.avg_query_duration_ms,
+        stats.slow_query_count,
+        stats.lock_acquisitions,
+        stats.advisory_lock_wait_ms,
+        stats.leader_changes
     );
     let pool = backend.get_pool_stats();
     println!(

@@ -30,7 +30,8 @@ use crate::state::transaction::{backoff, worth_retrying, PostgresTransaction, Tx
 /// Cheap to clone ([`clone_handle`](Self::clone_handle)): every handle shares one pool and one
 /// set of statistics. What works today: the [`StateBackend`] methods, metadata, TTL, batches
 /// (UNNEST and binary COPY), optimistic versions, metadata queries, pool and operation
-/// statistics, transactions, read replicas. Not yet implemented (configuration is accepted and
+/// statistics, transactions, read replicas, coordination (advisory locks, lock guards, leader
+/// election, LISTEN/NOTIFY). Not yet implemented (configuration is accepted and
 /// validated, nothing more): the retention policy.
 #[derive(Clone)]
 pub struct EnhancedPostgresBackend {

@@ -1,6 +1,6 @@
 -- Coordination: lock bookkeeping keyed by the holding session, fencing tokens, leader leases
--- and durable notification events. Shared by every state table of the schema; each statement
--- is safe to run again when another state table of the same schema is migrated.
+-- and durable notification events. Shared by every state table of the schema, so applied once
+-- per schema (recorded with an empty state_table).
 
 -- One row per held lock and holding session (shared locks have several holders).
 ALTER TABLE {{schema}}.state_advisory_locks ADD COLUMN IF NOT EXISTS backend_pid integer;
@@ -42,7 +42,9 @@ CREATE TABLE IF NOT EXISTS {{schema}}.state_events (
     channel    text        NOT NULL,
     seq        bigint      NOT NULL,
     payload    text        NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT now(),
+    -- The insert's own time (not its transaction's start), so age-based pruning follows the
+    -- sequence order of a channel.
+    created_at timestamptz NOT NULL DEFAULT clock_timestamp(),
     PRIMARY KEY (channel, seq)
 );
 CREATE INDEX IF NOT EXISTS state_events_created_at_idx ON {{schema}}.state_events (created_at);

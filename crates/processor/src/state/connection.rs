@@ -1,6 +1,8 @@
 //! One connection: connecting with the configured `sslmode` (including libpq's `allow` and
 //! `prefer` fallbacks), session settings, the health probe and broken-connection detection.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -60,8 +62,62 @@ impl Connector {
         c.pg.keepalives_idle(Duration::from_secs(5));
         c.pg.keepalives_interval(Duration::from_secs(2));
         c.pg.keepalives_retries(3);
+        // Unacknowledged data (a lock reply, a renewal) gives up after 11 s too.
+        c.pg.tcp_user_timeout(Duration::from_secs(11));
         c.statement_timeout = None;
         c
+    }
+
+    /// Connects a dedicated session (see [`dedicated`](Self::dedicated)) and makes the server
+    /// side match: its own keepalives (so a vanished client's locks are freed within about
+    /// 11 s, not hours), no statement, lock or idle timeouts inherited from the role or
+    /// database (which would end a held lock or a long wait behind our back), and a check for
+    /// a closed client connection while a lock wait runs. Settings the server does not know
+    /// (older versions) are skipped.
+    pub async fn connect_dedicated(&self) -> StateResult<Session> {
+        let session = self.connect_session().await?;
+        const SETTINGS: &[(&str, &str)] = &[
+            ("statement_timeout", "0"),
+            ("lock_timeout", "0"),
+            ("idle_in_transaction_session_timeout", "0"),
+            ("idle_session_timeout", "0"),
+            ("tcp_keepalives_idle", "5"),
+            ("tcp_keepalives_interval", "2"),
+            ("tcp_keepalives_count", "3"),
+            ("tcp_user_timeout", "11000"),
+            ("client_connection_check_interval", "1000"),
+        ];
+        let all: String = SETTINGS
+            .iter()
+            .map(|(k, v)| format!("SET {k} = {v};"))
+            .collect();
+        if session.client.batch_execute(&all).await.is_err() {
+            for (k, v) in SETTINGS {
+                if let Err(e) = session
+                    .client
+                    .batch_execute(&format!("SET {k} = {v}"))
+                    .await
+                {
+                    if session.client.is_closed() {
+                        return Err(self.err(&e));
+                    }
+                    tracing::debug!(setting = k, error = %e, "dedicated session setting skipped");
+                }
+            }
+        }
+        Ok(session)
+    }
+
+    /// Sends a cancel request for the statement running on the session `token` belongs to
+    /// (over TLS when that session used TLS). Best effort: failures are logged.
+    pub async fn cancel(&self, token: &tokio_postgres::CancelToken) {
+        let result = match &self.tls.connector {
+            Some(tls) => token.cancel_query(tls.clone()).await,
+            None => token.cancel_query(NoTls).await,
+        };
+        if let Err(e) = result {
+            tracing::debug!(target = %self.target, error = %e, "cancel request failed");
+        }
     }
 
     /// Connect only to a server that accepts writes (libpq's `target_session_attrs=read-write`):
@@ -161,13 +217,18 @@ impl Connector {
         let target = self.target.clone();
         let (closed_tx, closed) = watch::channel(false);
         let (notify_tx, notifications) = mpsc::channel::<Notification>(NOTIFICATION_BUFFER);
+        let overflowed = Arc::new(AtomicBool::new(false));
+        let overflow = overflowed.clone();
         tokio::spawn(async move {
             loop {
                 match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
                     Some(Ok(AsyncMessage::Notification(n))) => {
-                        // Waits while the listener's buffer is full (back-pressure onto the
-                        // server's queue); once nobody listens, notifications are dropped.
-                        let _ = notify_tx.send(n).await;
+                        // Never wait here: this task also reads the replies to the listener's
+                        // own queries, so waiting for the listener could deadlock. A full
+                        // buffer drops the notification and says so.
+                        if let Err(mpsc::error::TrySendError::Full(_)) = notify_tx.try_send(n) {
+                            overflow.store(true, Ordering::Relaxed);
+                        }
                     }
                     Some(Ok(AsyncMessage::Notice(n))) => {
                         tracing::debug!(target = %target, notice = %n.message(), "server notice");
@@ -186,6 +247,7 @@ impl Connector {
             client,
             closed,
             notifications,
+            overflowed,
         })
     }
 
@@ -202,8 +264,8 @@ impl Connector {
     }
 }
 
-/// Notifications a connection buffers before its I/O task waits for the reader.
-const NOTIFICATION_BUFFER: usize = 1024;
+/// Notifications a connection buffers for its reader; more are dropped (and flagged).
+pub(crate) const NOTIFICATION_BUFFER: usize = 8192;
 
 /// A connection together with what its I/O task reports.
 pub(crate) struct Session {
@@ -212,6 +274,8 @@ pub(crate) struct Session {
     pub closed: watch::Receiver<bool>,
     /// Notifications received on this connection (after a LISTEN).
     pub notifications: mpsc::Receiver<Notification>,
+    /// Set when a notification was dropped because `notifications` was full.
+    pub overflowed: Arc<AtomicBool>,
 }
 
 /// Resolves once the connection behind `closed` has ended.

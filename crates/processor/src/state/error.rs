@@ -109,7 +109,8 @@ pub enum StateError {
         lock: String,
     },
     /// The lock was held, but its dedicated connection ended (terminated, network failure,
-    /// server restart), so the server released it: other holders may have taken it since.
+    /// server restart), so the server released it (at once for a closed connection; within
+    /// about 11 s of the client vanishing, by TCP keepalive): others may have taken it since.
     #[error("lock lost: {lock} (its connection ended)")]
     LockLost {
         /// The lock (its name, or its key).

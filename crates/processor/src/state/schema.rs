@@ -22,6 +22,9 @@ pub struct Migration {
     pub name: &'static str,
     /// The SQL template.
     pub sql: &'static str,
+    /// Applied once per schema (it only touches the schema's shared tables), not once per
+    /// state table; recorded with an empty `state_table`.
+    pub per_schema: bool,
 }
 
 /// Every migration, in order.
@@ -30,21 +33,25 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 1,
         name: "001_create_state_table.sql",
         sql: include_str!("../../migrations/001_create_state_table.sql"),
+        per_schema: false,
     },
     Migration {
         version: 2,
         name: "002_add_indexes.sql",
         sql: include_str!("../../migrations/002_add_indexes.sql"),
+        per_schema: false,
     },
     Migration {
         version: 3,
         name: "003_enhanced_features.sql",
         sql: include_str!("../../migrations/003_enhanced_features.sql"),
+        per_schema: false,
     },
     Migration {
         version: 4,
         name: "004_coordination.sql",
         sql: include_str!("../../migrations/004_coordination.sql"),
+        per_schema: true,
     },
 ];
 
@@ -180,7 +187,9 @@ async fn migrate_on(client: &mut Client, names: &TableNames) -> StateResult<()> 
     .await?;
     let applied = tx
         .query(
-            &format!("SELECT version, checksum FROM {tracking} WHERE state_table = $1"),
+            &format!(
+                "SELECT state_table, version, checksum FROM {tracking} WHERE state_table IN ($1, '')"
+            ),
             &[&names.table.as_str()],
         )
         .await?;
@@ -189,10 +198,15 @@ async fn migrate_on(client: &mut Client, names: &TableNames) -> StateResult<()> 
     );
     for m in MIGRATIONS {
         let sum = checksum(m.sql);
+        let scope = if m.per_schema {
+            ""
+        } else {
+            names.table.as_str()
+        };
         let mut recorded = None;
         for row in &applied {
-            if row.try_get::<_, i32>(0)? == m.version {
-                recorded = Some(row.try_get::<_, String>(1)?);
+            if row.try_get::<_, i32>(1)? == m.version && row.try_get::<_, &str>(0)? == scope {
+                recorded = Some(row.try_get::<_, String>(2)?);
             }
         }
         match recorded {
@@ -207,7 +221,7 @@ async fn migrate_on(client: &mut Client, names: &TableNames) -> StateResult<()> 
             None => {
                 tracing::info!(migration = m.name, table = %names.qualified, "applying migration");
                 tx.batch_execute(&names.render(m.sql)).await?;
-                tx.execute(&insert, &[&names.table.as_str(), &m.version, &m.name, &sum])
+                tx.execute(&insert, &[&scope, &m.version, &m.name, &sum])
                     .await?;
             }
         }

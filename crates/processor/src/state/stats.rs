@@ -248,7 +248,8 @@ pub struct BackendStats {
     pub lock_acquisitions: u64,
     /// Acquisitions that did not get the lock (busy, timed out or failed).
     pub lock_acquisitions_failed: u64,
-    /// Session advisory locks held now.
+    /// Session advisory locks acquired and not yet released (a lock whose connection was lost
+    /// counts until its guard or key is released or dropped).
     pub locks_held: u64,
     /// Times a candidate of this backend became leader (each a new term).
     pub leader_changes: u64,

@@ -25,7 +25,7 @@ use crate::state::ops::{check_batch, MetadataQuery, StateEntry};
 use crate::state::pool::{Conn, ConnPool};
 use crate::state::router::Router;
 use crate::state::schema::TableNames;
-use crate::state::stats::{Op, Stats, TxEvent};
+use crate::state::stats::{LockEvent, Op, Stats, TxEvent};
 
 /// The future a [`transaction`](crate::state::EnhancedPostgresBackend::transaction) closure
 /// returns: boxed and `Send`, borrowing the transaction for its lifetime.
@@ -437,7 +437,8 @@ impl PostgresTransaction {
 /// Coordination inside a transaction.
 impl PostgresTransaction {
     /// Refuses a stale lock holder's write: succeeds only if `fence` is still the latest
-    /// acquisition of its lock and its holder's session still holds the lock. The lock's token
+    /// acquisition of its lock (for a shared lock: no exclusive acquisition since) and its
+    /// holder's session still holds the lock under that token. The lock's token
     /// row stays share-locked until this transaction ends, so no newer acquisition can
     /// complete before this transaction commits (a newer holder sees this transaction's writes).
     /// Otherwise [`StateError::Fenced`]: roll back, the work must not be applied.
@@ -456,12 +457,15 @@ impl PostgresTransaction {
     /// # Ok(()) }
     /// ```
     pub async fn check_fence(&mut self, fence: &Fence) -> StateResult<()> {
-        let sql = fence_sql(&self.names.fences);
+        let sql = fence_sql(&self.names);
         let start = Instant::now();
         let r = self
             .conn()?
             .client
-            .query_opt(sql.as_str(), &[&fence.key, &fence.backend_pid])
+            .query_opt(
+                sql.as_str(),
+                &[&fence.key, &fence.backend_pid, &fence.token],
+            )
             .await
             .map_err(StateError::from);
         let row = self.finish(Op::Query, 1, start, r)?;
@@ -525,7 +529,9 @@ impl PostgresTransaction {
             .execute(NOTIFY_SQL, &[&channel, &payload])
             .await
             .map_err(StateError::from);
-        self.finish(Op::Query, 1, start, r).map(|_| ())
+        self.finish(Op::Query, 1, start, r)?;
+        self.stats.lock(LockEvent::Notified);
+        Ok(())
     }
 
     /// Appends a durable event to `channel`, committed (and announced) with this transaction;
@@ -542,7 +548,9 @@ impl PostgresTransaction {
             .query_one(sql.as_str(), &[&channel, &payload])
             .await
             .map_err(StateError::from);
-        Ok(self.finish(Op::Query, 1, start, r)?.try_get(0)?)
+        let seq = self.finish(Op::Query, 1, start, r)?.try_get(0)?;
+        self.stats.lock(LockEvent::Notified);
+        Ok(seq)
     }
 }
 
@@ -560,7 +568,7 @@ impl Drop for PostgresTransaction {
         // returns to the pool only if that worked (otherwise it is still marked busy and is
         // discarded). If that runtime has shut down, the task (and with it the connection) is
         // dropped there: the server ends the transaction with the closed connection.
-        let _entered = self.runtime.enter();
+        // (`Handle::spawn` needs no `enter()`, which could panic during thread teardown.)
         self.runtime.spawn(async move {
             if !conn.client.is_closed() && conn.client.batch_execute("ROLLBACK").await.is_ok() {
                 conn.dirty = false;

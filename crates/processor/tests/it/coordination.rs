@@ -11,7 +11,8 @@ use processor::state::{
 
 use crate::support;
 
-/// Terminates one server session.
+/// Terminates one server session and waits until its process is gone (only then has the
+/// server released its locks; the client hears of the termination a little earlier).
 pub async fn terminate(pid: i32) {
     let admin = support::raw(&support::url()).await;
     let done: bool = admin
@@ -20,6 +21,25 @@ pub async fn terminate(pid: i32) {
         .unwrap()
         .get(0);
     assert!(done, "session {pid} not found");
+    let start = Instant::now();
+    loop {
+        let alive: bool = admin
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)",
+                &[&pid],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if !alive {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "session {pid} lingers"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 fn parse(v: Option<Vec<u8>>) -> i64 {
@@ -293,6 +313,13 @@ async fn shared_locks_blocking_waits_and_transaction_locks() {
         .unwrap()
         .expect("second reader at the same time");
     assert_eq!(r2.mode(), LockMode::Shared);
+    // Readers share the exclusive epoch as their token and do not fence each other off.
+    assert_eq!(r1.fencing_token(), r2.fencing_token());
+    for reader in [&r1, &r2] {
+        let mut tx = a.begin().await.unwrap();
+        tx.check_fence(&reader.fence()).await.unwrap();
+        tx.commit().await.unwrap();
+    }
     // A writer cannot get in, even waiting a little.
     assert!(
         PostgresLockGuard::new(b.clone_handle(), &name, Duration::from_millis(200))
@@ -300,8 +327,9 @@ async fn shared_locks_blocking_waits_and_transaction_locks() {
             .unwrap()
             .is_none()
     );
+    // The server waited its lock_timeout (200 ms) before saying no; the statistic counts it.
     let waited = b.get_stats().advisory_lock_wait_ms;
-    assert!(waited > 0.0, "wait not counted");
+    assert!(waited >= 190.0, "wait not counted: {waited} ms");
     // A writer waiting with a longer timeout gets it once the readers leave.
     let writer = {
         let b = b.clone_handle();
@@ -312,9 +340,19 @@ async fn shared_locks_blocking_waits_and_transaction_locks() {
                 .unwrap()
         })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    // Listed with its waiter.
-    let listed = a.list_advisory_locks().await.unwrap();
+    // Listed with its waiter (once the writer's request has reached the server).
+    let start = Instant::now();
+    let listed = loop {
+        let listed = a.list_advisory_locks().await.unwrap();
+        if listed
+            .iter()
+            .any(|l| l.key == lock_key(&name) && l.waiters > 0)
+            || start.elapsed() > Duration::from_secs(20)
+        {
+            break listed;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let mine: Vec<_> = listed.iter().filter(|l| l.key == lock_key(&name)).collect();
     assert_eq!(mine.len(), 2, "{listed:?}");
     assert!(

@@ -301,3 +301,40 @@ async fn durable_listeners_resume_and_report_pruned_events() {
     let err = b.notify_durable(&channel, "nul\0").await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidInput);
 }
+
+#[tokio::test]
+async fn a_listener_far_behind_is_told_and_never_stalls() {
+    let b = support::backend("backlog").await;
+    let channel = support::unique("backlog");
+    let mut listener = PostgresListener::from_backend(&b, &[&channel])
+        .await
+        .unwrap();
+    // More notifications than the listener buffers, while it reads none.
+    let admin = support::raw(&support::url()).await;
+    admin
+        .execute(
+            "SELECT pg_notify($1, g::text) FROM generate_series(1, 10000) g",
+            &[&channel],
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The listener's own statements still complete with the backlog queued.
+    tokio::time::timeout(Duration::from_secs(10), listener.listen("another"))
+        .await
+        .expect("LISTEN completes behind a full buffer")
+        .unwrap();
+    let mut got = Vec::new();
+    let mut gaps = 0;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(2), listener.recv()).await {
+            Err(_) => break,
+            Ok(Ok(p)) => got.push(p.parse::<u32>().unwrap()),
+            Ok(Err(StateError::NotificationsMissed(_))) => gaps += 1,
+            Ok(Err(e)) => panic!("{e}"),
+        }
+    }
+    assert_eq!(gaps, 1);
+    assert!(got.len() < 10_000 && got.len() >= 8000, "{}", got.len());
+    assert!(got.windows(2).all(|w| w[0] < w[1]));
+}

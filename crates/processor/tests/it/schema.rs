@@ -28,7 +28,8 @@ async fn ten_backends_starting_at_once_on_an_empty_database() {
     let rows = db
         .query(
             "SELECT version, name, count(*) OVER (PARTITION BY version) AS n \
-             FROM public.pgstate_schema_migrations WHERE state_table = 'state_entries' ORDER BY version",
+             FROM public.pgstate_schema_migrations WHERE state_table IN ('state_entries', '') \
+             ORDER BY version",
             &[],
         )
         .await
@@ -83,6 +84,38 @@ async fn ten_backends_starting_at_once_on_an_empty_database() {
         .unwrap()
         .get(0);
     assert_eq!(n as usize, MIGRATIONS.len());
+
+    // A second state table in the same schema gets its own per-table migrations; the
+    // schema-wide one (coordination tables) is not applied again, so nothing shared is
+    // rebuilt under another backend's feet.
+    let pkey = "SELECT oid FROM pg_constraint WHERE conname = 'state_advisory_locks_pkey' \
+                AND connamespace = 'public'::regnamespace";
+    let before: u32 = db.query_one(pkey, &[]).await.unwrap().get(0);
+    let other = EnhancedPostgresBackend::new(
+        EnhancedPostgresConfig::new(url.clone()).with_table_name("other_entries"),
+    )
+    .await
+    .unwrap();
+    other.put(b"k", b"other").await.unwrap();
+    assert_eq!(other.get(b"k").await.unwrap(), Some(b"other".to_vec()));
+    let after: u32 = db.query_one(pkey, &[]).await.unwrap().get(0);
+    assert_eq!(before, after, "the shared primary key was rebuilt");
+    let rows = db
+        .query(
+            "SELECT state_table, version FROM public.pgstate_schema_migrations ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .unwrap();
+    let per_table = MIGRATIONS.iter().filter(|m| !m.per_schema).count();
+    let per_schema = MIGRATIONS.len() - per_table;
+    assert_eq!(rows.len(), 2 * per_table + per_schema);
+    let shared: Vec<i32> = rows
+        .iter()
+        .filter(|r| r.get::<_, &str>(0).is_empty())
+        .map(|r| r.get(1))
+        .collect();
+    assert_eq!(shared, vec![4]);
 }
 
 #[tokio::test]

@@ -370,14 +370,36 @@ async fn seed_listen_notify() {
         tokio::spawn(async move { listen_notify(&backend, &url).await })
     };
     assert_eq!(witness.recv().await.unwrap(), "new_data_available");
-    // Wait for the snippet's listener, then notify it.
-    let pid = loop {
-        if let Some((pid, _)) = support::sessions(&app).await.first() {
-            break *pid;
+    // Wait until the snippet's listener is set up (its LISTEN answered), then notify it.
+    let admin = support::raw(&support::url()).await;
+    let start = std::time::Instant::now();
+    let pid: i32 = loop {
+        let row = admin
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = $1 \
+                 AND state = 'idle' AND query LIKE 'LISTEN %'",
+                &[&app],
+            )
+            .await
+            .unwrap();
+        if let Some(row) = row {
+            break row.get(0);
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            let seen: Vec<(String, String)> = admin
+                .query(
+                    "SELECT coalesce(state, ''), coalesce(query, '') FROM pg_stat_activity WHERE application_name = $1",
+                    &[&app],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+            panic!("listener never ready: {seen:?}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
     backend.notify("state_changes", "second").await.unwrap();
     assert_eq!(witness.recv().await.unwrap(), "second");
     // Its loop runs until recv() reports an error: a dropped connection is one (reported

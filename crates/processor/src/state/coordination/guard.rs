@@ -90,8 +90,9 @@ impl PostgresLockGuard {
         self.held().mode
     }
 
-    /// This acquisition's fencing token: greater than that of every earlier acquisition of the
-    /// name (in this schema).
+    /// This acquisition's fencing token. Exclusive: greater than that of every earlier
+    /// acquisition of the name (in this schema). Shared: the token of the latest exclusive
+    /// acquisition (readers do not advance it, so they never fence each other off).
     pub fn fencing_token(&self) -> i64 {
         self.held().token
     }
@@ -146,8 +147,8 @@ impl Drop for PostgresLockGuard {
         let coordinator = self.backend.coordinator_arc();
         // Release on the runtime the connection's I/O runs on, whichever thread drops us. If
         // that runtime has shut down, the task is dropped with the connection, and the server
-        // releases the lock when the connection closes.
-        let _entered = self.runtime.enter();
+        // releases the lock when the connection closes. (`Handle::spawn` needs no `enter()`,
+        // which could panic during thread teardown.)
         self.runtime.spawn(async move {
             if let Err(e) = coordinator.release(held).await {
                 tracing::debug!(error = %e, "releasing a dropped lock guard");
@@ -173,17 +174,24 @@ impl std::fmt::Debug for PostgresLockGuard {
 }
 
 /// Checks a [`Fence`] inside a transaction: the lock's current token (row share-locked until
-/// the transaction ends, so no new acquisition can commit in between) and whether the holder's
-/// session still holds the lock. $1 key, $2 holder's backend pid.
-pub(crate) fn fence_sql(fences: &str) -> String {
+/// the transaction ends, so no new exclusive acquisition can commit in between), and whether
+/// the holder's session still holds the lock *under this token* (its bookkeeping row: a later
+/// acquisition on the same reused session has another row or none yet). $1 key, $2 holder's
+/// backend pid, $3 token.
+pub(crate) fn fence_sql(names: &crate::state::schema::TableNames) -> String {
     format!(
         "SELECT f.token, EXISTS (
              SELECT 1 FROM pg_catalog.pg_locks l
              WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND l.pid = $2
                AND ((l.classid::bigint << 32) | l.objid::bigint) = $1
                AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database()))
+           AND EXISTS (
+             SELECT 1 FROM {locks} b
+             WHERE b.lock_key = $1 AND b.backend_pid = $2 AND b.fencing_token = $3)
          FROM {fences} f WHERE f.lock_key = $1
-         FOR SHARE OF f"
+         FOR SHARE OF f",
+        locks = names.locks,
+        fences = names.fences
     )
 }
 

@@ -2,9 +2,13 @@
 //! holds the name's advisory lock and renewed in the background.
 //!
 //! # Protocol
-//! 1. A candidate takes the advisory lock [`leader_key`](super::leader_key)`(name)` on a dedicated
-//!    connection. Only one candidate holds it at a time, and the previous leader's session (alive
-//!    or not) has ended or resigned by then.
+//! 1. A candidate takes the name's advisory lock (its key derived from the schema and the name)
+//!    on a dedicated connection. Only one candidate holds it at a time, and the previous leader's
+//!    session has ended or resigned by then. The lock is waited for in slices; between them, a
+//!    holder that cannot be a working leader (the recorded leader with an expired lease: frozen
+//!    or cut off; or a holder that took the lock over `ttl` ago and never claimed) is
+//!    terminated, so a stuck leader is replaced soon after its lease runs out rather than when
+//!    the server finally notices its connection is dead.
 //! 2. Holding it, the candidate claims the lease row: allowed only when the row is resigned or its
 //!    lease has expired **on the database clock** (`clock_timestamp()`). The claim increments the
 //!    term. If the old lease is still running (a leader that crashed or lost its connection may
@@ -45,6 +49,10 @@ fn check_ttl(ttl: Duration) -> StateResult<()> {
     Ok(())
 }
 
+/// Bounds on one wait for the queue lock between checks for a stuck holder.
+const MIN_SLICE: Duration = Duration::from_millis(50);
+const MAX_SLICE: Duration = Duration::from_secs(5);
+
 /// How long before the lease's server-side expiry the leader stops believing it leads.
 fn margin(ttl: Duration) -> Duration {
     ttl / 5
@@ -56,7 +64,7 @@ fn margin(ttl: Duration) -> Duration {
 pub struct LeaderInfo {
     /// The leadership's name.
     pub name: String,
-    /// The leader's holder id (`host:pid:random`, one per backend instance).
+    /// The leader's holder id (`host:pid:serial:random`, one per backend instance).
     pub holder_id: String,
     /// The leader's host name.
     pub holder_host: Option<String>,
@@ -122,8 +130,12 @@ impl Leadership {
     }
 
     /// Resolves when this leadership ends (connection lost, renewal failed or too late,
-    /// resigned). Fires before the lease can expire on the server, so before anyone else can
-    /// become leader. Does not borrow the handle.
+    /// resigned). It is a timer on the monotonic clock set `ttl / 5` before the lease's expiry
+    /// as the server computed it, so it fires before anyone else can become leader, provided
+    /// this runtime is not starved for that long and the database clock does not jump ahead.
+    /// Check [`is_leader`](Self::is_leader) right before each leader action, and pass the
+    /// [`term`](Self::term) along where a stale leader's action must be refused. Does not
+    /// borrow the handle.
     pub fn lost(&self) -> impl Future<Output = ()> + Send + 'static {
         let mut ended = self.state.ended.subscribe();
         let state = self.state.clone();
@@ -231,16 +243,27 @@ impl Coordinator {
     ) -> StateResult<Option<Leadership>> {
         check_lock_name(name)?;
         check_ttl(ttl)?;
-        let lock_wait = if wait {
-            Duration::from_millis(i32::MAX as u64)
-        } else {
-            Duration::ZERO
-        };
-        let Some(held) = self
-            .acquire(leader_key(name), Some(name), LockMode::Exclusive, lock_wait)
-            .await?
-        else {
-            return Ok(None);
+        let key = leader_key(self.names.schema.as_str(), name);
+        // Wait for the queue lock in slices, so that a holder that can no longer lead (frozen,
+        // cut off, lease long expired) is found and evicted between them.
+        let mut slice = ttl.min(MAX_SLICE);
+        let held = loop {
+            let lock_wait = if wait { slice } else { Duration::ZERO };
+            if let Some(held) = self
+                .acquire(key, Some(name), LockMode::Exclusive, lock_wait)
+                .await?
+            {
+                break held;
+            }
+            let remaining = self.evict_stuck_holder(name, key, ttl).await?;
+            if !wait {
+                return Ok(None);
+            }
+            slice = match remaining {
+                // A live lease: look again right after it would run out.
+                Some(r) => (r + Duration::from_millis(50)).clamp(MIN_SLICE, ttl.min(MAX_SLICE)),
+                None => MIN_SLICE.max(ttl / 10).min(MAX_SLICE),
+            };
         };
         let sql = LeaseSql::new(&self.names.leaders);
         let secs = ttl.as_secs_f64();
@@ -304,6 +327,65 @@ impl Coordinator {
                 }
             }
         }
+    }
+
+    /// Finds the session holding the queue lock of `name` when it cannot be a working leader or
+    /// candidate, and terminates it: the recorded leader whose lease has expired (a frozen or
+    /// cut-off process: its own belief ended before the lease did), or, when no lease is live,
+    /// a holder that took the lock more than `ttl` ago and never claimed. Returns the time left
+    /// on the live lease, if any. Without the privilege to terminate, it logs and waits.
+    async fn evict_stuck_holder(
+        &self,
+        name: &str,
+        key: i64,
+        ttl: Duration,
+    ) -> StateResult<Option<Duration>> {
+        let sql = format!(
+            "WITH adv AS (
+                 SELECT l.pid FROM pg_catalog.pg_locks l
+                 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+                   AND ((l.classid::bigint << 32) | l.objid::bigint) = $1
+                   AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())
+             ), lease AS (
+                 SELECT backend_pid, holder_id, lease_expires_at FROM {leaders} WHERE name = $2
+             )
+             SELECT
+                 (SELECT extract(epoch FROM lease_expires_at - clock_timestamp())::float8 FROM lease
+                  WHERE holder_id IS NOT NULL AND lease_expires_at > clock_timestamp()),
+                 ARRAY(SELECT a.pid FROM adv a WHERE
+                     EXISTS (SELECT 1 FROM lease r WHERE r.backend_pid = a.pid
+                             AND r.holder_id IS NOT NULL AND r.lease_expires_at <= clock_timestamp())
+                     OR (NOT EXISTS (SELECT 1 FROM lease r
+                                     WHERE r.holder_id IS NOT NULL AND r.lease_expires_at > clock_timestamp())
+                         AND NOT EXISTS (SELECT 1 FROM {locks} b WHERE b.lock_key = $1 AND b.backend_pid = a.pid
+                                         AND b.acquired_at > clock_timestamp() - $3::float8 * interval '1 second')))",
+            leaders = self.names.leaders,
+            locks = self.names.locks
+        );
+        let secs = ttl.as_secs_f64();
+        let mut conn = self.primary.get().await?;
+        conn.dirty = true;
+        let row = conn
+            .client
+            .query_one(sql.as_str(), &[&key, &name, &secs])
+            .await?;
+        let remaining: Option<f64> = row.try_get(0)?;
+        let stuck: Vec<i32> = row.try_get(1)?;
+        for pid in stuck {
+            match conn
+                .client
+                .execute("SELECT pg_terminate_backend($1)", &[&pid])
+                .await
+            {
+                Ok(_) => tracing::warn!(name, pid, "terminated a stuck leader-election session"),
+                Err(e) if !conn.client.is_closed() => {
+                    tracing::warn!(name, pid, error = %e, "cannot terminate a stuck leader-election session; waiting for the server to drop it");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        conn.dirty = false;
+        Ok(remaining.map(|r| Duration::try_from_secs_f64(r.max(0.0)).unwrap_or_default()))
     }
 
     async fn release_quietly(&self, held: HeldLock) {
@@ -453,9 +535,19 @@ impl Lease {
         state.end();
         self.stats.lock(LockEvent::LeadershipEnded);
         tracing::warn!(name, term, reason = why, "leadership lost");
-        // Close the session (releasing the lock) and, now that this holder no longer believes
-        // it leads, clear the lease so the next candidate need not wait for it to expire.
+        // Now that this holder no longer believes it leads, clear the lease (before releasing
+        // the lock, so the next candidate finds it cleared and need not wait for it to expire):
+        // on the session if it is alive, else through the pool.
+        let cleared = !held.is_lost()
+            && held
+                .client()
+                .execute(self.sql.clear.as_str(), &[&name, &term, &holder])
+                .await
+                .is_ok();
         drop(self.release(held).await);
+        if cleared {
+            return;
+        }
         if let Ok(mut conn) = self.primary.get().await {
             conn.dirty = true;
             if conn

@@ -15,10 +15,11 @@
 //! behind pruning reports the missing range.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crate::state::config::ConnectionSpec;
-use crate::state::connection::{Connector, Session};
+use crate::state::connection::{Connector, Session, NOTIFICATION_BUFFER};
 use crate::state::enhanced::EnhancedPostgresBackend;
 use crate::state::error::{StateError, StateResult};
 use crate::state::ident::{check_channel, quote_channel};
@@ -107,6 +108,10 @@ struct Durable {
 const FETCH: i64 = 500;
 
 /// Receives notifications on a dedicated connection.
+///
+/// Up to 8192 notifications wait in memory for `recv`; a listener that falls further behind
+/// loses the excess and is told so ([`StateError::NotificationsMissed`] in plain mode; a
+/// durable listener simply re-reads the table).
 ///
 /// The connection uses the TLS settings of the URL or backend it was made from. When it drops,
 /// [`recv`](Self::recv) reconnects with exponential backoff (100 ms doubling to 5 s, for as long
@@ -211,7 +216,7 @@ impl PostgresListener {
             reconnects: 0,
             pid: None,
         };
-        let session = listener.connector.connect_session().await?;
+        let session = listener.connector.connect_dedicated().await?;
         listener.pid = Some(session_pid(&session).await?);
         listener.session = Some(session);
         for c in channels {
@@ -257,15 +262,23 @@ impl PostgresListener {
 
     /// Listens on one more channel (any string of 1 to 63 bytes without NUL; it is quoted, so
     /// it is taken exactly as written). In durable mode, delivery starts at its current end.
+    ///
+    /// A durable listener needs its connection for this (to find where the channel ends);
+    /// while it is down the call fails and changes nothing.
     pub async fn listen(&mut self, channel: &str) -> StateResult<()> {
         let sql = format!("LISTEN {}", quote_channel(channel)?);
         if self.channels.iter().any(|c| c == channel) {
             return Ok(());
         }
-        if let Some(s) = &self.session {
-            s.client.batch_execute(&sql).await?;
+        match &self.session {
+            Some(s) => s.client.batch_execute(&sql).await?,
+            // Plain mode: the reconnect listens on every channel.
+            None if self.durable.is_none() => {}
+            None => {
+                self.connected()?;
+            }
         }
-        self.channels.push(channel.to_string());
+        // Listening before reading the channel's end, so nothing committed in between is lost.
         if self
             .durable
             .as_ref()
@@ -273,6 +286,7 @@ impl PostgresListener {
         {
             self.start_position(channel, None).await?;
         }
+        self.channels.push(channel.to_string());
         Ok(())
     }
 
@@ -338,6 +352,23 @@ impl PostgresListener {
             if self.session.is_none() {
                 self.reconnect().await;
                 continue;
+            }
+            if self
+                .session
+                .as_ref()
+                .is_some_and(|s| s.overflowed.swap(false, Ordering::Relaxed))
+            {
+                match &mut self.durable {
+                    // The events are in the table: read them all again from the positions.
+                    Some(d) => d.stale.extend(self.channels.iter().cloned()),
+                    None => {
+                        self.missed = Some(format!(
+                            "the listener fell more than {NOTIFICATION_BUFFER} notifications \
+                             behind; later ones were dropped"
+                        ));
+                        continue;
+                    }
+                }
             }
             if let Some(channel) = self
                 .durable
@@ -423,7 +454,7 @@ impl PostgresListener {
     }
 
     async fn try_reconnect(&self) -> StateResult<(Session, i32)> {
-        let session = self.connector.connect_session().await?;
+        let session = self.connector.connect_dedicated().await?;
         let mut sql = String::new();
         for c in &self.channels {
             sql.push_str(&format!("LISTEN {};", quote_channel(c)?));

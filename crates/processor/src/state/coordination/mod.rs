@@ -54,9 +54,10 @@ pub fn lock_key(name: &str) -> i64 {
     namespaced_key("pgstate.lock:", name)
 }
 
-/// The advisory-lock key candidates for leadership of `name` contend on.
-pub(crate) fn leader_key(name: &str) -> i64 {
-    namespaced_key("pgstate.leader:", name)
+/// The advisory-lock key candidates for leadership of `name` contend on: per schema, like the
+/// leases (a schema is a plain identifier, so `:` separates unambiguously).
+pub(crate) fn leader_key(schema: &str, name: &str) -> i64 {
+    namespaced_key("pgstate.leader:", &format!("{schema}:{name}"))
 }
 
 fn namespaced_key(namespace: &str, name: &str) -> i64 {
@@ -118,7 +119,7 @@ pub struct AdvisoryLockInfo {
     pub backend_pid: i32,
     /// The lock's name, when a pgstate holder recorded it (named locks).
     pub name: Option<String>,
-    /// The holder's id (`host:pid:random`), when a pgstate holder recorded it.
+    /// The holder's id (`host:pid:serial:random`), when a pgstate holder recorded it.
     pub holder_id: Option<String>,
     /// The holder's host name, when recorded.
     pub holder_host: Option<String>,
@@ -152,11 +153,36 @@ impl Holder {
             })
             .unwrap_or_else(|| "unknown".to_string());
         let pid = i32::try_from(std::process::id()).unwrap_or(i32::MAX);
+        // Distinct for every backend of the process, whatever the random source does.
+        static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let serial = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let random = crate::state::transaction::random();
         Holder {
-            id: format!("{host}:{pid}:{random:016x}"),
+            id: format!("{host}:{pid}:{serial}:{random:012x}"),
             host,
             pid,
+        }
+    }
+}
+
+/// The least time recording an acquisition may wait for its fencing row.
+const RECORD_WAIT: Duration = Duration::from_secs(10);
+
+/// Ends a server-side lock wait whose future was dropped: without it the driver keeps the
+/// connection (and the server the queued waiter) until the wait's `lock_timeout`.
+struct CancelOnDrop<'a> {
+    connector: &'a Connector,
+    token: Option<tokio_postgres::CancelToken>,
+}
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        let Some(token) = self.token.take() else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let connector = self.connector.clone();
+            runtime.spawn(async move { connector.cancel(&token).await });
         }
     }
 }
@@ -243,11 +269,11 @@ impl Coordinator {
         mode: LockMode,
         wait: Duration,
     ) -> StateResult<Option<HeldLock>> {
-        let start = Instant::now();
-        let result = self.acquire_inner(key, name, mode, wait).await;
+        let mut waited = Duration::ZERO;
+        let result = self.acquire_inner(key, name, mode, wait, &mut waited).await;
         match &result {
-            Ok(Some(_)) => self.stats.lock(LockEvent::Acquired(start.elapsed())),
-            _ => self.stats.lock(LockEvent::Failed(start.elapsed())),
+            Ok(Some(_)) => self.stats.lock(LockEvent::Acquired(waited)),
+            _ => self.stats.lock(LockEvent::Failed(waited)),
         }
         result
     }
@@ -258,14 +284,21 @@ impl Coordinator {
         name: Option<&str>,
         mode: LockMode,
         wait: Duration,
+        waited: &mut Duration,
     ) -> StateResult<Option<HeldLock>> {
         let (mut conn, reused) = self.take_conn().await?;
-        let got = match conn.lock(key, mode, wait).await {
+        let start = Instant::now();
+        let first = conn.lock(&self.connector, key, mode, wait).await;
+        *waited = start.elapsed();
+        let got = match first {
             // A spare connection may have died since it was parked (server restart): one
             // more try on a fresh one.
             Err(e) if reused && e.kind() == crate::state::ErrorKind::Connection => {
                 conn = LockConn::open(&self.connector, &self.names).await?;
-                conn.lock(key, mode, wait).await?
+                let start = Instant::now();
+                let second = conn.lock(&self.connector, key, mode, wait).await;
+                *waited += start.elapsed();
+                second?
             }
             other => other?,
         };
@@ -275,7 +308,8 @@ impl Coordinator {
         }
         // On any error from here on the connection is dropped, which ends the session and
         // with it the lock: nothing is left held.
-        let token = conn.record(key, name, mode, &self.holder).await?;
+        let budget = wait.saturating_sub(*waited).max(RECORD_WAIT);
+        let token = conn.record(key, name, mode, &self.holder, budget).await?;
         Ok(Some(HeldLock {
             conn,
             key,
@@ -426,19 +460,25 @@ struct LockStatements {
 
 impl LockConn {
     async fn open(connector: &Connector, names: &TableNames) -> StateResult<Self> {
-        let Session { client, closed, .. } = connector.connect_session().await?;
-        // A waiting lock request whose client went away is noticed within a second instead of
-        // when the lock is granted (PostgreSQL 14+; older servers ignore the setting).
-        let _ = client
-            .batch_execute("SET client_connection_check_interval = 1000")
-            .await;
+        let Session { client, closed, .. } = connector.connect_dedicated().await?;
         let record = format!(
-            "WITH fence AS (
-                 INSERT INTO {fences} AS f (lock_key, lock_name, token) VALUES ($1, $2, 1)
+            "WITH bumped AS (
+                 INSERT INTO {fences} AS f (lock_key, lock_name, token)
+                 SELECT $1, $2, 1 WHERE $7
                  ON CONFLICT (lock_key) DO UPDATE
                      SET token = f.token + 1, lock_name = COALESCE(EXCLUDED.lock_name, f.lock_name),
                          updated_at = now()
                  RETURNING token
+             ), ensured AS (
+                 -- A reader makes sure the row exists (token 0 until a first writer), so that
+                 -- check_fence finds it; DO NOTHING takes no lock on an existing row.
+                 INSERT INTO {fences} (lock_key, lock_name, token)
+                 SELECT $1, $2, 0 WHERE NOT $7
+                 ON CONFLICT (lock_key) DO NOTHING
+             ), fence AS (
+                 SELECT token FROM bumped
+                 UNION ALL
+                 SELECT COALESCE((SELECT token FROM {fences} WHERE lock_key = $1), 0) WHERE NOT $7
              ), dead AS (
                  DELETE FROM {locks} b
                  WHERE b.lock_key = $1 AND b.backend_pid <> pg_backend_pid() AND NOT EXISTS (
@@ -498,8 +538,15 @@ impl LockConn {
         self.client.is_closed() || *self.closed.borrow()
     }
 
-    /// Takes the lock; `false` if it is held elsewhere (and, with a wait, stayed so).
-    async fn lock(&self, key: i64, mode: LockMode, wait: Duration) -> StateResult<bool> {
+    /// Takes the lock; `false` if it is held elsewhere (and, with a wait, stayed so). If this
+    /// future is dropped during a wait, a cancel request ends the server-side wait.
+    async fn lock(
+        &self,
+        connector: &Connector,
+        key: i64,
+        mode: LockMode,
+        wait: Duration,
+    ) -> StateResult<bool> {
         let s = &self.stmts;
         if wait.is_zero() {
             let stmt = match mode {
@@ -518,10 +565,15 @@ impl LockConn {
         };
         let set_params: [&Param; 1] = [&setting];
         let lock_params: [&Param; 1] = [&key];
+        let mut canceller = CancelOnDrop {
+            connector,
+            token: Some(self.client.cancel_token()),
+        };
         let (set, locked) = tokio::join!(
             self.client.query_one(&s.set_lock_timeout, &set_params),
             self.client.execute(stmt, &lock_params),
         );
+        canceller.token = None;
         set?;
         match locked {
             Ok(_) => Ok(true),
@@ -530,26 +582,52 @@ impl LockConn {
         }
     }
 
-    /// Records the acquisition (bookkeeping row, next fencing token) and resets `lock_timeout`.
+    /// Records the acquisition (bookkeeping row; for an exclusive lock the next fencing token),
+    /// then resets `lock_timeout`. Waiting for the token row (an open transaction's
+    /// [`check_fence`](crate::state::PostgresTransaction::check_fence) holds it) is bounded
+    /// by `budget`.
     async fn record(
         &self,
         key: i64,
         name: Option<&str>,
         mode: LockMode,
         holder: &Holder,
+        budget: Duration,
     ) -> StateResult<i64> {
+        let budget_ms = format!("{}ms", budget.as_millis().clamp(1, i32::MAX as u128));
         let zero = "0";
+        let exclusive = mode == LockMode::Exclusive;
         let mode = mode.as_str();
+        let budget_params: [&Param; 1] = [&budget_ms];
         let reset_params: [&Param; 1] = [&zero];
-        let record_params: [&Param<'_>; 6] =
-            [&key, &name, &holder.id, &holder.host, &holder.pid, &mode];
-        let (reset, row) = tokio::join!(
+        let record_params: [&Param<'_>; 7] = [
+            &key,
+            &name,
+            &holder.id,
+            &holder.host,
+            &holder.pid,
+            &mode,
+            &exclusive,
+        ];
+        let (set, row, reset) = tokio::join!(
+            self.client
+                .query_one(&self.stmts.set_lock_timeout, &budget_params),
+            self.client.query_one(&self.stmts.record, &record_params),
             self.client
                 .query_one(&self.stmts.set_lock_timeout, &reset_params),
-            self.client.query_one(&self.stmts.record, &record_params),
         );
+        set?;
         reset?;
-        Ok(row?.try_get(0)?)
+        match row {
+            Ok(row) => Ok(row.try_get(0)?),
+            Err(e) if e.code().map(|c| c.code()) == Some(sqlstate::LOCK_NOT_AVAILABLE) => {
+                Err(StateError::Timeout(format!(
+                    "recording advisory lock {key} waited over {budget:?} for its fencing row, \
+                     held by an open transaction that checked the lock's fence"
+                )))
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Deletes the bookkeeping row and releases the lock; whether the session held it.
@@ -614,8 +692,13 @@ mod tests {
     fn lock_keys_are_pinned() {
         // Documented, stable values: changing them would make two versions disagree.
         assert_eq!(lock_key("my_lock"), 0x4902_c45d_8505_a605);
-        assert_eq!(leader_key("cluster_leader"), 0x18c0_a1d1_2e0a_a6a6);
-        assert_ne!(lock_key("x"), leader_key("x"));
+        // A key whose top bit is set: negative as an i64, as pg_locks must reconstruct it.
+        assert_eq!(
+            leader_key("public", "cluster_leader"),
+            0xcb74_3932_b13c_3034_u64 as i64
+        );
+        assert_ne!(lock_key("x"), leader_key("public", "x"));
+        assert_ne!(leader_key("a", "x"), leader_key("b", "x"));
     }
 
     #[test]

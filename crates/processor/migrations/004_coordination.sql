@@ -5,6 +5,8 @@
 -- One row per held lock and holding session (shared locks have several holders).
 ALTER TABLE {{schema}}.state_advisory_locks ADD COLUMN IF NOT EXISTS backend_pid integer;
 ALTER TABLE {{schema}}.state_advisory_locks ADD COLUMN IF NOT EXISTS lock_mode text NOT NULL DEFAULT 'exclusive';
+-- Names one acquisition (a fence checks it), whatever session or token it shares.
+ALTER TABLE {{schema}}.state_advisory_locks ADD COLUMN IF NOT EXISTS acquisition_id text;
 DELETE FROM {{schema}}.state_advisory_locks WHERE backend_pid IS NULL;
 ALTER TABLE {{schema}}.state_advisory_locks ALTER COLUMN backend_pid SET NOT NULL;
 ALTER TABLE {{schema}}.state_advisory_locks DROP CONSTRAINT IF EXISTS state_advisory_locks_pkey;

@@ -323,7 +323,13 @@ pub(crate) fn classify(err: &tokio_postgres::Error) -> StateError {
         StateError::Tls(message)
     } else if lower.contains("timeout") || lower.contains("timed out") {
         StateError::Timeout(message)
-    } else if lower.contains("error serializing") || lower.contains("error deserializing") {
+    } else if lower.contains("error serializing")
+        || lower.contains("error deserializing")
+        // The driver refusing a call before sending it (a bug, not a lost connection).
+        || lower.contains("parameters but got")
+        || lower.contains("invalid column")
+        || lower.contains("unexpected number of rows")
+    {
         StateError::StorageError {
             message,
             sqlstate: None,

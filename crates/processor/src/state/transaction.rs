@@ -443,6 +443,9 @@ impl PostgresTransaction {
     /// complete before this transaction commits (a newer holder sees this transaction's writes).
     /// Otherwise [`StateError::Fenced`]: roll back, the work must not be applied.
     ///
+    /// Acquire the lock before beginning the transaction: under `REPEATABLE READ` or
+    /// `SERIALIZABLE` the holder's bookkeeping row is read with the transaction's snapshot.
+    ///
     /// ```no_run
     /// # async fn demo(backend: processor::state::EnhancedPostgresBackend) -> processor::state::StateResult<()> {
     /// use processor::state::{PostgresLockGuard, StateBackend};
@@ -464,7 +467,12 @@ impl PostgresTransaction {
             .client
             .query_opt(
                 sql.as_str(),
-                &[&fence.key, &fence.backend_pid, &fence.token],
+                &[
+                    &fence.key,
+                    &fence.backend_pid,
+                    &fence.token,
+                    &fence.acquisition,
+                ],
             )
             .await
             .map_err(StateError::from);

@@ -107,6 +107,7 @@ impl PostgresLockGuard {
             name: h.label(),
             token: h.token,
             backend_pid: h.backend_pid(),
+            acquisition: h.acquisition.clone(),
         }
     }
 
@@ -176,8 +177,8 @@ impl std::fmt::Debug for PostgresLockGuard {
 /// Checks a [`Fence`] inside a transaction: the lock's current token (row share-locked until
 /// the transaction ends, so no new exclusive acquisition can commit in between), and whether
 /// the holder's session still holds the lock *under this token* (its bookkeeping row: a later
-/// acquisition on the same reused session has another row or none yet). $1 key, $2 holder's
-/// backend pid, $3 token.
+/// acquisition on the same reused session has another id, or no row yet). $1 key, $2 holder's
+/// backend pid, $3 token, $4 acquisition id.
 pub(crate) fn fence_sql(names: &crate::state::schema::TableNames) -> String {
     format!(
         "SELECT f.token, EXISTS (
@@ -187,7 +188,8 @@ pub(crate) fn fence_sql(names: &crate::state::schema::TableNames) -> String {
                AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database()))
            AND EXISTS (
              SELECT 1 FROM {locks} b
-             WHERE b.lock_key = $1 AND b.backend_pid = $2 AND b.fencing_token = $3)
+             WHERE b.lock_key = $1 AND b.backend_pid = $2 AND b.fencing_token = $3
+               AND b.acquisition_id = $4)
          FROM {fences} f WHERE f.lock_key = $1
          FOR SHARE OF f",
         locks = names.locks,
@@ -203,6 +205,7 @@ pub struct Fence {
     pub(crate) name: String,
     pub(crate) token: i64,
     pub(crate) backend_pid: i32,
+    pub(crate) acquisition: String,
 }
 
 impl Fence {

@@ -23,7 +23,7 @@
 
 use std::future::Future;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{oneshot, watch};
 
@@ -34,6 +34,8 @@ use crate::state::coordination::{
 use crate::state::error::{StateError, StateResult};
 use crate::state::pool::ConnPool;
 use crate::state::stats::{LockEvent, Stats};
+use crate::state::transaction::backoff;
+use crate::state::ErrorKind;
 
 /// The shortest accepted lease.
 const MIN_TTL: Duration = Duration::from_millis(300);
@@ -81,6 +83,9 @@ struct State {
     ended: watch::Sender<bool>,
     /// Until when this holder may believe it leads (monotonic clock).
     deadline: Mutex<Instant>,
+    /// The same on the wall clock, which (unlike the monotonic one) keeps counting while the
+    /// machine is suspended: after a resume the belief has ended if the lease has.
+    wall_deadline: Mutex<SystemTime>,
 }
 
 impl State {
@@ -89,7 +94,15 @@ impl State {
     }
 
     fn believes(&self) -> bool {
-        !*self.ended.borrow() && Instant::now() < *locked(&self.deadline)
+        !*self.ended.borrow()
+            && Instant::now() < *locked(&self.deadline)
+            && SystemTime::now() < *locked(&self.wall_deadline)
+    }
+
+    /// Extends the belief to `valid` from `sent` (monotonic) and `sent_wall` (wall clock).
+    fn extend(&self, sent: Instant, sent_wall: SystemTime, valid: Duration) {
+        *locked(&self.deadline) = sent + valid;
+        *locked(&self.wall_deadline) = sent_wall + valid;
     }
 }
 
@@ -139,9 +152,12 @@ impl Leadership {
     pub fn lost(&self) -> impl Future<Output = ()> + Send + 'static {
         let mut ended = self.state.ended.subscribe();
         let state = self.state.clone();
+        // Also wake now and then: the wall-clock bound can end the belief (after a suspend)
+        // while the monotonic deadline is still ahead.
+        let poll = (self.ttl / 10).max(Duration::from_millis(50));
         async move {
             loop {
-                let deadline = *locked(&state.deadline);
+                let deadline = (*locked(&state.deadline)).min(Instant::now() + poll);
                 tokio::select! {
                     _ = ended.wait_for(|e| *e) => return,
                     _ = tokio::time::sleep_until(deadline.into()) => {
@@ -235,6 +251,9 @@ impl LeaseSql {
 impl Coordinator {
     /// Campaigns for `name`: waits (if `wait`) until this backend leads, or returns `None`
     /// at once when another leader is in place (`wait == false`).
+    ///
+    /// Waiting, a lost session of its own or a failed check between waits does not end the
+    /// campaign: it starts over (with backoff), as long as the caller waits.
     pub async fn campaign(
         self: &Arc<Self>,
         name: &str,
@@ -243,6 +262,28 @@ impl Coordinator {
     ) -> StateResult<Option<Leadership>> {
         check_lock_name(name)?;
         check_ttl(ttl)?;
+        let mut attempt = 0;
+        loop {
+            match self.campaign_once(name, ttl, wait).await {
+                Err(e)
+                    if wait && matches!(e.kind(), ErrorKind::Connection | ErrorKind::Timeout) =>
+                {
+                    let pause = backoff(Duration::from_millis(50), attempt);
+                    attempt += 1;
+                    tracing::warn!(name, error = %e, ?pause, "campaign interrupted; starting over");
+                    tokio::time::sleep(pause).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn campaign_once(
+        self: &Arc<Self>,
+        name: &str,
+        ttl: Duration,
+        wait: bool,
+    ) -> StateResult<Option<Leadership>> {
         let key = leader_key(self.names.schema.as_str(), name);
         // Wait for the queue lock in slices, so that a holder that can no longer lead (frozen,
         // cut off, lease long expired) is found and evicted between them.
@@ -255,7 +296,14 @@ impl Coordinator {
             {
                 break held;
             }
-            let remaining = self.evict_stuck_holder(name, key, ttl).await?;
+            let remaining = match self.evict_stuck_holder(name, key, ttl).await {
+                Ok(r) => r,
+                Err(e) if wait => {
+                    tracing::warn!(name, error = %e, "checking the leader-election queue failed");
+                    None
+                }
+                Err(e) => return Err(e),
+            };
             if !wait {
                 return Ok(None);
             }
@@ -269,7 +317,7 @@ impl Coordinator {
         let secs = ttl.as_secs_f64();
         let h = &self.holder;
         loop {
-            let sent = Instant::now();
+            let (sent, sent_wall) = (Instant::now(), SystemTime::now());
             let row = held
                 .client()
                 .query_opt(
@@ -288,13 +336,7 @@ impl Coordinator {
                 let term: i64 = row.try_get(0)?;
                 self.stats.lock(LockEvent::BecameLeader);
                 tracing::info!(name, term, "became leader");
-                return Ok(Some(self.lead(
-                    held,
-                    name,
-                    term,
-                    ttl,
-                    sent + ttl - margin(ttl),
-                )));
+                return Ok(Some(self.lead(held, name, term, ttl, sent, sent_wall)));
             }
             // A previous leader's lease is still running: it may still believe it leads.
             if !wait {
@@ -332,7 +374,8 @@ impl Coordinator {
     /// Finds the session holding the queue lock of `name` when it cannot be a working leader or
     /// candidate, and terminates it: the recorded leader whose lease has expired (a frozen or
     /// cut-off process: its own belief ended before the lease did), or, when no lease is live,
-    /// a holder that took the lock more than `ttl` ago and never claimed. Returns the time left
+    /// a recorded holder that has neither claimed within `ttl` of taking the lock nor of the
+    /// last lease running out. Returns the time left
     /// on the live lease, if any. Without the privilege to terminate, it logs and waits.
     async fn evict_stuck_holder(
         &self,
@@ -340,7 +383,9 @@ impl Coordinator {
         key: i64,
         ttl: Duration,
     ) -> StateResult<Option<Duration>> {
-        let sql = format!(
+        // Decided and done in one statement, so the sessions terminated are the ones that
+        // matched at that moment.
+        let evict = format!(
             "WITH adv AS (
                  SELECT l.pid FROM pg_catalog.pg_locks l
                  WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
@@ -349,41 +394,47 @@ impl Coordinator {
              ), lease AS (
                  SELECT backend_pid, holder_id, lease_expires_at FROM {leaders} WHERE name = $2
              )
-             SELECT
-                 (SELECT extract(epoch FROM lease_expires_at - clock_timestamp())::float8 FROM lease
-                  WHERE holder_id IS NOT NULL AND lease_expires_at > clock_timestamp()),
-                 ARRAY(SELECT a.pid FROM adv a WHERE
-                     EXISTS (SELECT 1 FROM lease r WHERE r.backend_pid = a.pid
-                             AND r.holder_id IS NOT NULL AND r.lease_expires_at <= clock_timestamp())
-                     OR (NOT EXISTS (SELECT 1 FROM lease r
-                                     WHERE r.holder_id IS NOT NULL AND r.lease_expires_at > clock_timestamp())
-                         AND NOT EXISTS (SELECT 1 FROM {locks} b WHERE b.lock_key = $1 AND b.backend_pid = a.pid
-                                         AND b.acquired_at > clock_timestamp() - $3::float8 * interval '1 second')))",
+             SELECT a.pid, pg_terminate_backend(a.pid) FROM adv a
+             WHERE EXISTS (SELECT 1 FROM lease r WHERE r.backend_pid = a.pid
+                           AND r.holder_id IS NOT NULL AND r.lease_expires_at <= clock_timestamp())
+                OR (NOT EXISTS (SELECT 1 FROM lease r
+                                WHERE r.holder_id IS NOT NULL AND r.lease_expires_at > clock_timestamp())
+                    AND EXISTS (SELECT 1 FROM {locks} b WHERE b.lock_key = $1 AND b.backend_pid = a.pid
+                                AND GREATEST(b.acquired_at, COALESCE((SELECT lease_expires_at FROM lease), b.acquired_at))
+                                    < clock_timestamp() - $3::float8 * interval '1 second'))",
             leaders = self.names.leaders,
             locks = self.names.locks
+        );
+        let remaining_sql = format!(
+            "SELECT extract(epoch FROM lease_expires_at - clock_timestamp())::float8 FROM {}
+             WHERE name = $1 AND holder_id IS NOT NULL AND lease_expires_at > clock_timestamp()",
+            self.names.leaders
         );
         let secs = ttl.as_secs_f64();
         let mut conn = self.primary.get().await?;
         conn.dirty = true;
-        let row = conn
+        match conn
             .client
-            .query_one(sql.as_str(), &[&key, &name, &secs])
-            .await?;
-        let remaining: Option<f64> = row.try_get(0)?;
-        let stuck: Vec<i32> = row.try_get(1)?;
-        for pid in stuck {
-            match conn
-                .client
-                .execute("SELECT pg_terminate_backend($1)", &[&pid])
-                .await
-            {
-                Ok(_) => tracing::warn!(name, pid, "terminated a stuck leader-election session"),
-                Err(e) if !conn.client.is_closed() => {
-                    tracing::warn!(name, pid, error = %e, "cannot terminate a stuck leader-election session; waiting for the server to drop it");
+            .query(evict.as_str(), &[&key, &name, &secs])
+            .await
+        {
+            Ok(rows) => {
+                for row in rows {
+                    let pid: i32 = row.try_get(0)?;
+                    tracing::warn!(name, pid, "terminated a stuck leader-election session");
                 }
-                Err(e) => return Err(e.into()),
             }
+            Err(e) if !conn.client.is_closed() => {
+                tracing::warn!(name, error = %e, "cannot terminate a stuck leader-election session; waiting for the server to drop it");
+            }
+            Err(e) => return Err(e.into()),
         }
+        let remaining: Option<f64> = conn
+            .client
+            .query_opt(remaining_sql.as_str(), &[&name])
+            .await?
+            .map(|r| r.try_get(0))
+            .transpose()?;
         conn.dirty = false;
         Ok(remaining.map(|r| Duration::try_from_secs_f64(r.max(0.0)).unwrap_or_default()))
     }
@@ -401,13 +452,16 @@ impl Coordinator {
         name: &str,
         term: i64,
         ttl: Duration,
-        deadline: Instant,
+        sent: Instant,
+        sent_wall: SystemTime,
     ) -> Leadership {
         let (ended, _) = watch::channel(false);
         let state = Arc::new(State {
             ended,
-            deadline: Mutex::new(deadline),
+            deadline: Mutex::new(sent),
+            wall_deadline: Mutex::new(sent_wall),
         });
+        state.extend(sent, sent_wall, ttl - margin(ttl));
         let (resign_tx, resign_rx) = oneshot::channel();
         let lease = Lease {
             // Weak: the backend keeps `try_become_leader` leaderships in the coordinator, and
@@ -516,14 +570,12 @@ impl Lease {
                 _ = wait_closed(&mut closed) => break "its session ended",
                 _ = tokio::time::sleep_until(deadline.into()) => break "the lease was not renewed in time",
                 _ = tokio::time::sleep(self.ttl / 3) => {
-                    let sent = Instant::now();
+                    let (sent, sent_wall) = (Instant::now(), SystemTime::now());
                     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
                         [&name, &term, &holder, &secs];
                     let renewal = held.client().execute(self.sql.renew.as_str(), &params);
                     match tokio::time::timeout_at(deadline.into(), renewal).await {
-                        Ok(Ok(1)) => {
-                            *locked(&state.deadline) = sent + self.ttl - margin(self.ttl);
-                        }
+                        Ok(Ok(1)) => state.extend(sent, sent_wall, self.ttl - margin(self.ttl)),
                         Ok(Ok(_)) => break "the lease was gone",
                         Ok(Err(_)) => break "a renewal failed",
                         Err(_) => break "the lease was not renewed in time",

@@ -364,7 +364,7 @@ impl PostgresListener {
                     None => {
                         self.missed = Some(format!(
                             "the listener fell more than {NOTIFICATION_BUFFER} notifications \
-                             behind; later ones were dropped"
+                             behind; some were dropped (those already buffered still follow)"
                         ));
                         continue;
                     }

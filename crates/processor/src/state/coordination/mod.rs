@@ -28,6 +28,7 @@ mod leader;
 mod listener;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -203,6 +204,8 @@ pub(crate) struct Coordinator {
     spare: Mutex<Vec<(Instant, LockConn)>>,
     /// Leaderships taken with `try_become_leader`.
     pub leaders: Mutex<HashMap<String, Leadership>>,
+    /// Numbers this backend's acquisitions.
+    acquisitions: AtomicU64,
 }
 
 /// Locks a std mutex, carrying on after a panic elsewhere (the data are plain maps).
@@ -226,6 +229,7 @@ impl Coordinator {
             held: Mutex::new(HashMap::new()),
             spare: Mutex::new(Vec::new()),
             leaders: Mutex::new(HashMap::new()),
+            acquisitions: AtomicU64::new(0),
         }
     }
 
@@ -309,13 +313,23 @@ impl Coordinator {
         // On any error from here on the connection is dropped, which ends the session and
         // with it the lock: nothing is left held.
         let budget = wait.saturating_sub(*waited).max(RECORD_WAIT);
-        let token = conn.record(key, name, mode, &self.holder, budget).await?;
+        let serial = self.acquisitions.fetch_add(1, AtomicOrdering::Relaxed);
+        let acquisition = format!("{}/{serial}", self.holder.id);
+        let what = Acquisition {
+            key,
+            name,
+            mode,
+            holder: &self.holder,
+            id: &acquisition,
+        };
+        let token = conn.record(&self.connector, &what, budget).await?;
         Ok(Some(HeldLock {
             conn,
             key,
             name: name.map(str::to_string),
             mode,
             token,
+            acquisition,
         }))
     }
 
@@ -462,23 +476,18 @@ impl LockConn {
     async fn open(connector: &Connector, names: &TableNames) -> StateResult<Self> {
         let Session { client, closed, .. } = connector.connect_dedicated().await?;
         let record = format!(
-            "WITH bumped AS (
+            "WITH fence AS (
+                 -- Exclusive: the next token. Shared: the current one (0 before any writer),
+                 -- without bumping it. Both take the row lock, so both wait for an open
+                 -- transaction that checked a fence on this lock (it holds the row FOR SHARE):
+                 -- a new holder never starts before a stale holder's fenced write is settled.
                  INSERT INTO {fences} AS f (lock_key, lock_name, token)
-                 SELECT $1, $2, 1 WHERE $7
+                 VALUES ($1, $2, CASE WHEN $7 THEN 1 ELSE 0 END)
                  ON CONFLICT (lock_key) DO UPDATE
-                     SET token = f.token + 1, lock_name = COALESCE(EXCLUDED.lock_name, f.lock_name),
+                     SET token = f.token + CASE WHEN $7 THEN 1 ELSE 0 END,
+                         lock_name = COALESCE(EXCLUDED.lock_name, f.lock_name),
                          updated_at = now()
                  RETURNING token
-             ), ensured AS (
-                 -- A reader makes sure the row exists (token 0 until a first writer), so that
-                 -- check_fence finds it; DO NOTHING takes no lock on an existing row.
-                 INSERT INTO {fences} (lock_key, lock_name, token)
-                 SELECT $1, $2, 0 WHERE NOT $7
-                 ON CONFLICT (lock_key) DO NOTHING
-             ), fence AS (
-                 SELECT token FROM bumped
-                 UNION ALL
-                 SELECT COALESCE((SELECT token FROM {fences} WHERE lock_key = $1), 0) WHERE NOT $7
              ), dead AS (
                  DELETE FROM {locks} b
                  WHERE b.lock_key = $1 AND b.backend_pid <> pg_backend_pid() AND NOT EXISTS (
@@ -489,13 +498,15 @@ impl LockConn {
                        AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database()))
              )
              INSERT INTO {locks} AS b (lock_key, lock_name, holder_id, holder_host, holder_pid,
-                                       backend_pid, lock_mode, acquired_at, fencing_token)
-             SELECT $1, $2, $3, $4, $5, pg_backend_pid(), $6, now(), token FROM fence
+                                       backend_pid, lock_mode, acquired_at, fencing_token,
+                                       acquisition_id)
+             SELECT $1, $2, $3, $4, $5, pg_backend_pid(), $6, now(), token, $8 FROM fence
              ON CONFLICT (lock_key, backend_pid) DO UPDATE
                  SET lock_name = EXCLUDED.lock_name, holder_id = EXCLUDED.holder_id,
                      holder_host = EXCLUDED.holder_host, holder_pid = EXCLUDED.holder_pid,
                      lock_mode = EXCLUDED.lock_mode, acquired_at = EXCLUDED.acquired_at,
-                     fencing_token = EXCLUDED.fencing_token
+                     fencing_token = EXCLUDED.fencing_token,
+                     acquisition_id = EXCLUDED.acquisition_id
              RETURNING fencing_token",
             fences = names.fences,
             locks = names.locks
@@ -588,19 +599,24 @@ impl LockConn {
     /// by `budget`.
     async fn record(
         &self,
-        key: i64,
-        name: Option<&str>,
-        mode: LockMode,
-        holder: &Holder,
+        connector: &Connector,
+        what: &Acquisition<'_>,
         budget: Duration,
     ) -> StateResult<i64> {
+        let Acquisition {
+            key,
+            name,
+            mode,
+            holder,
+            id: acquisition,
+        } = *what;
         let budget_ms = format!("{}ms", budget.as_millis().clamp(1, i32::MAX as u128));
         let zero = "0";
         let exclusive = mode == LockMode::Exclusive;
         let mode = mode.as_str();
         let budget_params: [&Param; 1] = [&budget_ms];
         let reset_params: [&Param; 1] = [&zero];
-        let record_params: [&Param<'_>; 7] = [
+        let record_params: [&Param<'_>; 8] = [
             &key,
             &name,
             &holder.id,
@@ -608,7 +624,14 @@ impl LockConn {
             &holder.pid,
             &mode,
             &exclusive,
+            &acquisition,
         ];
+        // The lock is already held here: a dropped future must not leave it held until the
+        // reply arrives.
+        let mut canceller = CancelOnDrop {
+            connector,
+            token: Some(self.client.cancel_token()),
+        };
         let (set, row, reset) = tokio::join!(
             self.client
                 .query_one(&self.stmts.set_lock_timeout, &budget_params),
@@ -616,6 +639,7 @@ impl LockConn {
             self.client
                 .query_one(&self.stmts.set_lock_timeout, &reset_params),
         );
+        canceller.token = None;
         set?;
         reset?;
         match row {
@@ -646,6 +670,16 @@ impl LockConn {
     }
 }
 
+/// What [`LockConn::record`] writes down about one acquisition.
+#[derive(Clone, Copy)]
+struct Acquisition<'a> {
+    key: i64,
+    name: Option<&'a str>,
+    mode: LockMode,
+    holder: &'a Holder,
+    id: &'a str,
+}
+
 /// A lock held on its dedicated connection.
 pub(crate) struct HeldLock {
     conn: LockConn,
@@ -653,6 +687,9 @@ pub(crate) struct HeldLock {
     pub name: Option<String>,
     pub mode: LockMode,
     pub token: i64,
+    /// Unique per acquisition (`holder id/serial`), recorded in the bookkeeping row: a fence
+    /// names exactly one acquisition, even on a reused session.
+    pub acquisition: String,
 }
 
 impl HeldLock {

@@ -321,16 +321,7 @@ impl EnhancedPostgresBackend {
         &self,
         level: IsolationLevel,
     ) -> StateResult<PostgresTransaction> {
-        let s = self.store();
-        PostgresTransaction::begin(
-            &s.primary,
-            s.stats.clone(),
-            s.router.clone(),
-            s.names.clone(),
-            level,
-            false,
-        )
-        .await
+        self.begin_with(level, false).await
     }
 
     /// Starts a transaction at the configured default isolation level
@@ -342,6 +333,14 @@ impl EnhancedPostgresBackend {
 
     /// Starts a read-only transaction at `level`: writes inside it fail on the server.
     pub async fn begin_read_only(&self, level: IsolationLevel) -> StateResult<PostgresTransaction> {
+        self.begin_with(level, true).await
+    }
+
+    async fn begin_with(
+        &self,
+        level: IsolationLevel,
+        read_only: bool,
+    ) -> StateResult<PostgresTransaction> {
         let s = self.store();
         PostgresTransaction::begin(
             &s.primary,
@@ -349,7 +348,7 @@ impl EnhancedPostgresBackend {
             s.router.clone(),
             s.names.clone(),
             level,
-            true,
+            read_only,
         )
         .await
     }

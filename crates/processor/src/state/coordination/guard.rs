@@ -5,7 +5,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use crate::state::connection::wait_closed;
-use crate::state::coordination::{check_lock_name, lock_key, HeldLock, LockMode};
+use crate::state::coordination::{check_lock_name, lock_key, HeldLock, LockMode, ADVISORY_LOCKS};
 use crate::state::enhanced::EnhancedPostgresBackend;
 use crate::state::error::StateResult;
 
@@ -182,10 +182,7 @@ impl std::fmt::Debug for PostgresLockGuard {
 pub(crate) fn fence_sql(names: &crate::state::schema::TableNames) -> String {
     format!(
         "SELECT f.token, EXISTS (
-             SELECT 1 FROM pg_catalog.pg_locks l
-             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND l.pid = $2
-               AND ((l.classid::bigint << 32) | l.objid::bigint) = $1
-               AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database()))
+             SELECT 1 FROM ({ADVISORY_LOCKS}) l WHERE l.granted AND l.pid = $2 AND l.lock_key = $1)
            AND EXISTS (
              SELECT 1 FROM {locks} b
              WHERE b.lock_key = $1 AND b.backend_pid = $2 AND b.fencing_token = $3

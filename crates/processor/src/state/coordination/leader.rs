@@ -29,7 +29,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::state::connection::wait_closed;
 use crate::state::coordination::{
-    check_lock_name, leader_key, locked, Coordinator, HeldLock, LockMode,
+    check_lock_name, leader_key, locked, Coordinator, HeldLock, LockMode, ADVISORY_LOCKS,
 };
 use crate::state::error::{StateError, StateResult};
 use crate::state::pool::ConnPool;
@@ -387,10 +387,7 @@ impl Coordinator {
         // matched at that moment.
         let evict = format!(
             "WITH adv AS (
-                 SELECT l.pid FROM pg_catalog.pg_locks l
-                 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
-                   AND ((l.classid::bigint << 32) | l.objid::bigint) = $1
-                   AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())
+                 SELECT l.pid FROM ({ADVISORY_LOCKS}) l WHERE l.granted AND l.lock_key = $1
              ), lease AS (
                  SELECT backend_pid, holder_id, lease_expires_at FROM {leaders} WHERE name = $2
              )

@@ -94,8 +94,10 @@ pub struct Notification {
 
 /// Durable mode: where each channel's delivery stands.
 struct Durable {
-    events: String,
-    event_channels: String,
+    /// Reads a channel's events after a sequence number, in order.
+    fetch_sql: String,
+    /// Reads a channel's last sequence number.
+    end_sql: String,
     /// The last sequence number delivered, per channel.
     positions: HashMap<String, i64>,
     /// Channels that may have undelivered events.
@@ -181,8 +183,14 @@ impl PostgresListener {
     ) -> StateResult<Self> {
         let names = &backend.coordinator().names;
         let durable = Durable {
-            events: names.events.clone(),
-            event_channels: names.event_channels.clone(),
+            fetch_sql: format!(
+                "SELECT seq, payload FROM {} WHERE channel = $1 AND seq > $2 ORDER BY seq LIMIT {FETCH}",
+                names.events
+            ),
+            end_sql: format!(
+                "SELECT last_seq FROM {} WHERE channel = $1",
+                names.event_channels
+            ),
             positions: HashMap::new(),
             stale: HashSet::new(),
             buffer: VecDeque::new(),
@@ -233,13 +241,9 @@ impl PostgresListener {
         let position = match from {
             Some(p) => p.max(0),
             None => {
-                let sql = format!(
-                    "SELECT last_seq FROM {} WHERE channel = $1",
-                    d.event_channels
-                );
                 let client = &self.connected()?.client;
                 client
-                    .query_opt(sql.as_str(), &[&channel])
+                    .query_opt(d.end_sql.as_str(), &[&channel])
                     .await?
                     .map(|r| r.try_get::<_, i64>(0))
                     .transpose()?
@@ -470,11 +474,10 @@ impl PostgresListener {
             return Ok(());
         };
         let after = d.positions.get(channel).copied().unwrap_or(0);
-        let sql = format!(
-            "SELECT seq, payload FROM {} WHERE channel = $1 AND seq > $2 ORDER BY seq LIMIT {FETCH}",
-            d.events
-        );
-        let rows = s.client.query(sql.as_str(), &[&channel, &after]).await?;
+        let rows = s
+            .client
+            .query(d.fetch_sql.as_str(), &[&channel, &after])
+            .await?;
         if (rows.len() as i64) < FETCH {
             d.stale.remove(channel);
         }

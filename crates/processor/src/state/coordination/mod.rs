@@ -71,6 +71,15 @@ fn namespaced_key(namespace: &str, name: &str) -> i64 {
     i64::from_be_bytes(first)
 }
 
+/// This database's session advisory locks with `bigint` keys, from `pg_locks`, as rows of
+/// `(lock_key, pid, mode, granted)`: a `bigint` key's high half is in `classid`, its low half
+/// in `objid` (`objsubid` 1). Every query that matches a lock to its holder uses this.
+pub(crate) const ADVISORY_LOCKS: &str =
+    "SELECT ((l.classid::bigint << 32) | l.objid::bigint) AS lock_key, l.pid, l.mode, l.granted
+     FROM pg_catalog.pg_locks l
+     WHERE l.locktype = 'advisory' AND l.objsubid = 1
+       AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())";
+
 /// Longest accepted lock or leader name, in bytes.
 pub const MAX_LOCK_NAME_LEN: usize = 1024;
 
@@ -400,11 +409,7 @@ impl Coordinator {
     /// the lock (a dead holder) are deleted first.
     pub async fn list(&self) -> StateResult<Vec<AdvisoryLockInfo>> {
         let n = &self.names;
-        let advisory = "adv AS (
-                SELECT ((l.classid::bigint << 32) | l.objid::bigint) AS lock_key, l.pid, l.mode, l.granted
-                FROM pg_catalog.pg_locks l
-                WHERE l.locktype = 'advisory' AND l.objsubid = 1
-                  AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database()))";
+        let advisory = format!("adv AS ({ADVISORY_LOCKS})");
         let cleanup = format!(
             "WITH {advisory}
              DELETE FROM {locks} b WHERE NOT EXISTS (
@@ -491,11 +496,8 @@ impl LockConn {
              ), dead AS (
                  DELETE FROM {locks} b
                  WHERE b.lock_key = $1 AND b.backend_pid <> pg_backend_pid() AND NOT EXISTS (
-                     SELECT 1 FROM pg_catalog.pg_locks l
-                     WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
-                       AND l.pid = b.backend_pid
-                       AND ((l.classid::bigint << 32) | l.objid::bigint) = b.lock_key
-                       AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database()))
+                     SELECT 1 FROM ({ADVISORY_LOCKS}) l
+                     WHERE l.granted AND l.pid = b.backend_pid AND l.lock_key = b.lock_key)
              )
              INSERT INTO {locks} AS b (lock_key, lock_name, holder_id, holder_host, holder_pid,
                                        backend_pid, lock_mode, acquired_at, fencing_token,

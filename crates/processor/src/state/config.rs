@@ -137,6 +137,9 @@ impl IsolationLevel {
     }
 }
 
+/// Default of [`EnhancedPostgresConfig::with_operation_timeout`].
+pub const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Configuration of an [`EnhancedPostgresBackend`](crate::state::EnhancedPostgresBackend).
 ///
 /// `new(url)` accepts a `postgresql://` URL or a libpq keyword string; it is checked when the
@@ -154,6 +157,7 @@ pub struct EnhancedPostgresConfig {
     pub(crate) slow_query_threshold: Duration,
     pub(crate) connect_timeout: Duration,
     pub(crate) statement_timeout: Option<Duration>,
+    pub(crate) operation_timeout: Duration,
     pub(crate) application_name: String,
     pub(crate) max_retries: u32,
     pub(crate) retry_backoff: Duration,
@@ -176,6 +180,7 @@ impl EnhancedPostgresConfig {
             slow_query_threshold: Duration::from_millis(100),
             connect_timeout: Duration::from_secs(10),
             statement_timeout: None,
+            operation_timeout: DEFAULT_OPERATION_TIMEOUT,
             application_name: "pgstate".to_string(),
             max_retries: 10,
             retry_backoff: Duration::from_millis(10),
@@ -242,6 +247,23 @@ impl EnhancedPostgresConfig {
     pub fn with_statement_timeout(mut self, timeout: Duration) -> Self {
         self.statement_timeout = Some(timeout);
         self
+    }
+
+    /// Client-side bound on every call of the backend, from taking a pooled connection to the
+    /// result (each statement, COMMIT and ROLLBACK of a transaction separately). A call that
+    /// takes longer fails with [`StateError::Timeout`](crate::state::StateError::Timeout) and
+    /// its connection is discarded (its statement may still be running on the server: set
+    /// [`with_statement_timeout`](Self::with_statement_timeout) below this to have the server
+    /// cancel it). It also covers what server-side timeouts cannot: a frozen server or a
+    /// silently dead network. Default 60 s; raise it for very large batches.
+    pub fn with_operation_timeout(mut self, timeout: Duration) -> Self {
+        self.operation_timeout = timeout;
+        self
+    }
+
+    /// The operation timeout ([`with_operation_timeout`](Self::with_operation_timeout)).
+    pub fn operation_timeout(&self) -> Duration {
+        self.operation_timeout
     }
 
     /// The `application_name` shown in `pg_stat_activity`. Default `pgstate`.
@@ -325,6 +347,9 @@ impl EnhancedPostgresConfig {
         if self.connect_timeout.is_zero() {
             return Err(StateError::config("connect timeout must be positive"));
         }
+        if self.operation_timeout.is_zero() {
+            return Err(StateError::config("operation timeout must be positive"));
+        }
         if let Some(r) = &self.retention {
             if r.batch_size == 0 {
                 return Err(StateError::config(
@@ -362,6 +387,7 @@ impl fmt::Debug for EnhancedPostgresConfig {
             .field("slow_query_threshold", &self.slow_query_threshold)
             .field("connect_timeout", &self.connect_timeout)
             .field("statement_timeout", &self.statement_timeout)
+            .field("operation_timeout", &self.operation_timeout)
             .field("application_name", &self.application_name)
             .field("max_retries", &self.max_retries)
             .field("retry_backoff", &self.retry_backoff)

@@ -12,8 +12,8 @@ use tokio_postgres::{AsyncMessage, Client, NoTls, Notification, Socket};
 
 use crate::state::config::{ConnectionSpec, SslMode};
 use crate::state::error::{classify, StateError, StateResult};
-use crate::state::ops::Statements;
-use crate::state::schema::TableNames;
+use crate::state::names::TableNames;
+use crate::state::statements::Statements;
 use crate::state::tls::TlsSetup;
 
 /// Opens connections to one server.
@@ -37,8 +37,15 @@ impl Connector {
         let tls = TlsSetup::new(&spec.ssl)?;
         let mut pg = spec.pg.clone();
         pg.connect_timeout(connect_timeout);
+        // TCP keepalives probe after 5 s of silence every 2 s, and unacknowledged data gives up
+        // after 11 s: a dead peer or network ends a connection (pooled or dedicated) within
+        // about 11 s instead of the kernel's default of many minutes. A frozen server that
+        // still acknowledges is caught by the operation timeout instead.
         pg.keepalives(true);
-        pg.keepalives_idle(Duration::from_secs(30));
+        pg.keepalives_idle(Duration::from_secs(5));
+        pg.keepalives_interval(Duration::from_secs(2));
+        pg.keepalives_retries(3);
+        pg.tcp_user_timeout(Duration::from_secs(11));
         if pg.get_application_name().is_none() {
             pg.application_name(application_name);
         }
@@ -53,17 +60,11 @@ impl Connector {
     }
 
     /// A connector for a long-lived dedicated session (a held advisory lock, a leader lease, a
-    /// LISTEN): TCP keepalives probe after 5 s of silence every 2 s, so a dead peer ends the
-    /// session (and fires its lost signal) within about 11 s; no statement timeout, since a
-    /// lock wait is bounded by its own `lock_timeout`.
+    /// LISTEN): the same TCP keepalives as pooled connections (a dead peer ends the session,
+    /// and fires its lost signal, within about 11 s); no statement timeout, since a lock wait
+    /// is bounded by its own `lock_timeout`.
     pub fn dedicated(&self) -> Self {
         let mut c = self.clone();
-        c.pg.keepalives(true);
-        c.pg.keepalives_idle(Duration::from_secs(5));
-        c.pg.keepalives_interval(Duration::from_secs(2));
-        c.pg.keepalives_retries(3);
-        // Unacknowledged data (a lock reply, a renewal) gives up after 11 s too.
-        c.pg.tcp_user_timeout(Duration::from_secs(11));
         c.statement_timeout = None;
         c
     }
@@ -307,14 +308,11 @@ fn describe(pg: &tokio_postgres::Config) -> String {
     )
 }
 
-/// A pooled connection: the client, its prepared statements, and what we know of its state.
+/// A pooled connection: the client, its prepared statements, and what it has set up. Whether
+/// it may be reused is the business of its checkout (see the `pool` module).
 pub(crate) struct PgConn {
     pub client: Client,
     pub stmts: Statements,
-    /// Set while an operation runs; an operation that never finished (its future was dropped,
-    /// or its cleanup failed) leaves the connection in an unknown protocol or transaction state,
-    /// so the pool discards it.
-    pub dirty: bool,
     /// Whether this session's COPY staging table exists.
     pub copy_stage_ready: bool,
 }
@@ -327,27 +325,13 @@ impl PgConn {
         Ok(PgConn {
             client,
             stmts,
-            dirty: false,
             copy_stage_ready: false,
         })
     }
 
-    /// Whether the pool must not hand this connection out again.
-    pub fn is_broken(&self) -> bool {
-        self.dirty || self.client.is_closed()
-    }
-
     /// One cheap round trip (an empty query).
-    pub async fn probe(&mut self) -> StateResult<()> {
-        if self.is_broken() {
-            return Err(StateError::Connection {
-                message: "connection is closed or in an unknown state".to_string(),
-                sqlstate: None,
-            });
-        }
-        self.dirty = true;
+    pub async fn probe(&self) -> StateResult<()> {
         self.client.simple_query("").await?;
-        self.dirty = false;
         Ok(())
     }
 }

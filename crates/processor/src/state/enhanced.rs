@@ -11,18 +11,21 @@ use crate::state::config::{EnhancedPostgresConfig, PostgresPoolConfig};
 use crate::state::connection::Connector;
 use crate::state::coordination::{
     check_durable_payload, check_lock_name, check_payload, durable_notify_sql, locked,
-    AdvisoryLockInfo, Coordinator, LeaderInfo, Leadership, LockMode, NOTIFY_SQL,
+    AdvisoryLockInfo, CoordinationHandle, Coordinator, LeaderInfo, Leadership, LockMode,
+    NOTIFY_SQL,
 };
 use crate::state::error::{StateError, StateResult};
 use crate::state::ident::check_channel;
 use crate::state::limits::check_ttl;
+use crate::state::names::TableNames;
 use crate::state::ops::{StateEntry, Store};
 use crate::state::pool::{ConnPool, PoolStats};
+use crate::state::retry::backoff;
 use crate::state::router::{spawn_monitor, Replica, ReplicationStatus, Router};
-use crate::state::schema::{migrate, TableNames};
+use crate::state::schema::migrate;
 use crate::state::stats::LockEvent;
 use crate::state::stats::{BackendStats, Stats, TxEvent};
-use crate::state::transaction::{backoff, worth_retrying, PostgresTransaction, TxFuture};
+use crate::state::transaction::{worth_retrying, PostgresTransaction, TxFuture};
 
 /// The PostgreSQL state backend: a pooled, migrated state table with metadata, TTL and
 /// versions.
@@ -75,7 +78,9 @@ impl EnhancedPostgresBackend {
         connector.require_writable();
         migrate(&connector, &names).await?;
         let lock_connector = connector.clone();
-        let primary = ConnPool::new(connector, names.clone(), &config.pool, false).await?;
+        let op_timeout = config.operation_timeout;
+        let primary =
+            ConnPool::new(connector, names.clone(), &config.pool, false, op_timeout).await?;
 
         let settings = config.replicas.clone().unwrap_or_default();
         // A replica that cannot answer within this is taken out of rotation for the read that
@@ -98,7 +103,8 @@ impl EnhancedPostgresBackend {
                 .next()
                 .unwrap_or_default()
                 .to_string();
-            let pool = ConnPool::new(connector, names.clone(), &replica_pool, true).await?;
+            let pool =
+                ConnPool::new(connector, names.clone(), &replica_pool, true, op_timeout).await?;
             replicas.push(Replica::new(pool, name));
         }
         let router = Arc::new(Router::new(
@@ -123,12 +129,14 @@ impl EnhancedPostgresBackend {
             names.clone(),
             stats.clone(),
             primary.clone(),
+            op_timeout,
         ));
         let store = Store {
             primary,
             router,
             stats,
             names,
+            op_timeout,
         };
         tracing::info!(url = %config.redacted_url(), table = %store.names.qualified, replicas = store.router.replicas.len(), "state backend ready");
         Ok(Self {
@@ -162,16 +170,16 @@ impl EnhancedPostgresBackend {
     pub async fn check_replication_status(&self) -> StateResult<ReplicationStatus> {
         let s = self.store();
         s.router.check(&s.primary).await;
-        let mut conn = s.primary.get().await?;
-        conn.dirty = true;
-        let row = conn
-            .client
-            .query_one(
-                "SELECT pg_is_in_recovery(), (SELECT count(*) FROM pg_stat_replication)::bigint",
-                &[],
-            )
+        let row = s
+            .on_primary(async |c| {
+                Ok(c.client
+                    .query_one(
+                        "SELECT pg_is_in_recovery(), (SELECT count(*) FROM pg_stat_replication)::bigint",
+                        &[],
+                    )
+                    .await?)
+            })
             .await?;
-        conn.dirty = false;
         let replicas = s.router.status();
         Ok(ReplicationStatus {
             is_replica: row.try_get(0)?,
@@ -193,11 +201,9 @@ impl EnhancedPostgresBackend {
     /// Runs `CHECKPOINT` on the primary. Needs superuser or the `pg_checkpoint` role;
     /// otherwise [`StateError::PermissionDenied`](crate::state::StateError::PermissionDenied).
     pub async fn checkpoint(&self) -> StateResult<()> {
-        let mut conn = self.store().primary.get().await?;
-        conn.dirty = true;
-        conn.client.batch_execute("CHECKPOINT").await?;
-        conn.dirty = false;
-        Ok(())
+        self.store()
+            .on_primary(async |c| Ok(c.client.batch_execute("CHECKPOINT").await?))
+            .await
     }
 
     /// The configuration this backend was created with.
@@ -216,10 +222,6 @@ impl EnhancedPostgresBackend {
 
     pub(crate) fn coordinator(&self) -> &Coordinator {
         &self.inner.coordinator
-    }
-
-    pub(crate) fn coordinator_arc(&self) -> Arc<Coordinator> {
-        self.inner.coordinator.clone()
     }
 
     /// Stores `value` with a metadata object, replacing the previous entry. `metadata` must be
@@ -349,6 +351,7 @@ impl EnhancedPostgresBackend {
             s.names.clone(),
             level,
             read_only,
+            s.op_timeout,
         )
         .await
     }
@@ -597,18 +600,15 @@ impl EnhancedPostgresBackend {
     pub async fn notify(&self, channel: &str, payload: &str) -> StateResult<()> {
         check_channel(channel)?;
         check_payload(payload)?;
-        let mut conn = self.store().primary.get().await?;
-        conn.dirty = true;
-        conn.client
-            .query_typed(
-                NOTIFY_SQL,
-                &[
-                    (&channel, tokio_postgres::types::Type::TEXT),
-                    (&payload, tokio_postgres::types::Type::TEXT),
-                ],
-            )
+        self.store()
+            .on_primary(async |c| {
+                let text = tokio_postgres::types::Type::TEXT;
+                c.client
+                    .query_typed(NOTIFY_SQL, &[(&channel, text.clone()), (&payload, text)])
+                    .await?;
+                Ok(())
+            })
             .await?;
-        conn.dirty = false;
         self.store().stats.lock(LockEvent::Notified);
         Ok(())
     }
@@ -621,13 +621,14 @@ impl EnhancedPostgresBackend {
         check_channel(channel)?;
         check_durable_payload(payload)?;
         let sql = durable_notify_sql(&self.store().names);
-        let mut conn = self.store().primary.get().await?;
-        conn.dirty = true;
-        let row = conn
-            .client
-            .query_one(sql.as_str(), &[&channel, &payload])
+        let row = self
+            .store()
+            .on_primary(async |c| {
+                Ok(c.client
+                    .query_one(sql.as_str(), &[&channel, &payload])
+                    .await?)
+            })
             .await?;
-        conn.dirty = false;
         self.store().stats.lock(LockEvent::Notified);
         Ok(row.try_get(0)?)
     }
@@ -641,11 +642,21 @@ impl EnhancedPostgresBackend {
             self.store().names.events
         );
         let secs = older_than.as_secs_f64();
-        let mut conn = self.store().primary.get().await?;
-        conn.dirty = true;
-        let n = conn.client.execute(sql.as_str(), &[&secs]).await?;
-        conn.dirty = false;
-        Ok(n)
+        self.store()
+            .on_primary(async |c| Ok(c.client.execute(sql.as_str(), &[&secs]).await?))
+            .await
+    }
+}
+
+impl From<EnhancedPostgresBackend> for CoordinationHandle {
+    fn from(backend: EnhancedPostgresBackend) -> Self {
+        CoordinationHandle(backend.inner.coordinator.clone())
+    }
+}
+
+impl From<&EnhancedPostgresBackend> for CoordinationHandle {
+    fn from(backend: &EnhancedPostgresBackend) -> Self {
+        CoordinationHandle(backend.inner.coordinator.clone())
     }
 }
 

@@ -17,10 +17,13 @@ mod error;
 mod ident;
 pub mod limits;
 mod memory;
+mod names;
 mod ops;
 mod pool;
+mod retry;
 mod router;
 mod schema;
+mod statements;
 mod stats;
 mod tls;
 mod transaction;
@@ -29,11 +32,11 @@ pub use backend::StateBackend;
 pub use basic::{PostgresConfig, PostgresStateBackend};
 pub use config::{
     redact, EnhancedPostgresConfig, IsolationLevel, PostgresPoolConfig, PostgresReplicaConfig,
-    PostgresSslConfig, RetentionPolicy, SslMode,
+    PostgresSslConfig, RetentionPolicy, SslMode, DEFAULT_OPERATION_TIMEOUT,
 };
 pub use coordination::{
-    lock_key, AdvisoryLockInfo, Fence, LeaderInfo, Leadership, LockMode, Notification,
-    PostgresListener, PostgresLockGuard, MAX_NOTIFY_PAYLOAD,
+    lock_key, AdvisoryLockInfo, CoordinationHandle, Fence, LeaderInfo, Leadership, LockMode,
+    Notification, PostgresListener, PostgresLockGuard, MAX_NOTIFY_PAYLOAD,
 };
 pub use enhanced::EnhancedPostgresBackend;
 pub use error::{sqlstate, ErrorKind, StateError, StateResult};

@@ -7,28 +7,25 @@
 use std::collections::HashMap;
 use std::pin::pin;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
-use futures_util::future::try_join_all;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{Client, Row, Statement};
+use tokio_postgres::Row;
 
 use crate::state::connection::PgConn;
-use crate::state::error::{ErrorKind, StateError, StateResult};
+use crate::state::error::{sqlstate, ErrorKind, StateError, StateResult};
 use crate::state::limits::{check_entry, check_key, check_metadata, json_type, prefix_upper_bound};
-use crate::state::pool::ConnPool;
+use crate::state::names::TableNames;
+use crate::state::pool::{bounded, ConnPool};
 use crate::state::router::{ReadTarget, Router};
-use crate::state::schema::TableNames;
+use crate::state::statements::ON_CONFLICT_REPLACE;
 use crate::state::stats::{Op, Stats};
 
 /// Rows per UNNEST statement in `batch_put`.
 const BATCH_CHUNK_ROWS: usize = 5_000;
 /// Payload bytes per UNNEST statement in `batch_put`.
 const BATCH_CHUNK_BYTES: usize = 32 * 1024 * 1024;
-
-const LIVE: &str = "(expires_at IS NULL OR expires_at > now())";
-const ENTRY_COLUMNS: &str = "key, value, metadata, version, created_at, updated_at, expires_at";
 
 /// One stored entry with its bookkeeping columns.
 #[derive(Clone, Debug, PartialEq)]
@@ -59,111 +56,6 @@ impl StateEntry {
             created_at: row.try_get(4)?,
             updated_at: row.try_get(5)?,
             expires_at: row.try_get(6)?,
-        })
-    }
-}
-
-/// The fixed statements, prepared once per connection.
-pub(crate) struct Statements {
-    get: Statement,
-    get_entry: Statement,
-    contains: Statement,
-    count: Statement,
-    upsert: Statement,
-    insert_new: Statement,
-    update_if_version: Statement,
-    delete: Statement,
-    scan_range: Statement,
-    scan_from: Statement,
-    clear: Statement,
-    batch_upsert: Statement,
-    query_contains: Statement,
-    query_path: Statement,
-    delete_if_version: Statement,
-    cas_update: Statement,
-    insert_lsn: Statement,
-}
-
-/// What an upsert does to an existing row. An entry that had expired counts as new again.
-const ON_CONFLICT_REPLACE: &str = "ON CONFLICT (key) DO UPDATE SET \
-    value = EXCLUDED.value, metadata = EXCLUDED.metadata, expires_at = EXCLUDED.expires_at, \
-    updated_at = now(), version = e.version + 1, \
-    created_at = CASE WHEN e.expires_at <= now() THEN now() ELSE e.created_at END";
-
-/// The statement's start time plus `$n` µs, or NULL when the parameter is NULL (no TTL).
-/// `statement_timestamp()`, not `now()`: inside a long transaction, `now()` is the
-/// transaction's start and the entry would expire early.
-fn expiry(param: usize) -> String {
-    format!("statement_timestamp() + ${param}::bigint * interval '1 microsecond'")
-}
-
-impl Statements {
-    pub async fn prepare(client: &Client, names: &TableNames) -> StateResult<Self> {
-        let t = &names.qualified;
-        let sqls = [
-            format!("SELECT value FROM {t} WHERE key = $1 AND {LIVE}"),
-            format!("SELECT {ENTRY_COLUMNS} FROM {t} WHERE key = $1 AND {LIVE}"),
-            format!("SELECT EXISTS (SELECT 1 FROM {t} WHERE key = $1 AND {LIVE})"),
-            format!("SELECT count(*) FROM {t} WHERE {LIVE}"),
-            format!(
-                "INSERT INTO {t} AS e (key, value, metadata, expires_at) VALUES ($1, $2, $3, {}) \
-                 {ON_CONFLICT_REPLACE} RETURNING version",
-                expiry(4)
-            ),
-            format!(
-                "INSERT INTO {t} AS e (key, value, metadata, expires_at) VALUES ($1, $2, $3, {}) \
-                 {ON_CONFLICT_REPLACE} WHERE e.expires_at <= now() RETURNING version",
-                expiry(4)
-            ),
-            format!(
-                "UPDATE {t} SET value = $2, metadata = $4, expires_at = {}, updated_at = now(), \
-                 version = version + 1 WHERE key = $1 AND version = $3 AND {LIVE} RETURNING version",
-                expiry(5)
-            ),
-            format!("DELETE FROM {t} WHERE key = $1"),
-            format!("SELECT key FROM {t} WHERE key >= $1 AND key < $2 AND {LIVE} ORDER BY key"),
-            format!("SELECT key FROM {t} WHERE key >= $1 AND {LIVE} ORDER BY key"),
-            format!("DELETE FROM {t}"),
-            format!(
-                "INSERT INTO {t} AS e (key, value) SELECT * FROM unnest($1::bytea[], $2::bytea[]) \
-                 {ON_CONFLICT_REPLACE}"
-            ),
-            format!("SELECT {ENTRY_COLUMNS} FROM {t} WHERE metadata @> $1 AND {LIVE} ORDER BY key"),
-            format!(
-                "SELECT {ENTRY_COLUMNS} FROM {t} WHERE metadata @> $1 AND metadata #> $2::text[] = $3 \
-                 AND {LIVE} ORDER BY key"
-            ),
-            format!("DELETE FROM {t} WHERE key = $1 AND version = $2 AND {LIVE}"),
-            format!(
-                "UPDATE {t} SET value = $2, metadata = '{{}}'::jsonb, expires_at = NULL, updated_at = now(), \
-                 version = version + 1 WHERE key = $1 AND value = $3 AND {LIVE} RETURNING version"
-            ),
-            "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint".to_string(),
-        ];
-        let prepared = try_join_all(sqls.iter().map(|s| client.prepare(s))).await?;
-        let [get, get_entry, contains, count, upsert, insert_new, update_if_version, delete, scan_range, scan_from, clear, batch_upsert, query_contains, query_path, delete_if_version, cas_update, insert_lsn]: [Statement; 17] =
-            prepared.try_into().map_err(|_| StateError::StorageError {
-                message: "statement preparation returned the wrong number of statements".into(),
-                sqlstate: None,
-            })?;
-        Ok(Statements {
-            get,
-            get_entry,
-            contains,
-            count,
-            upsert,
-            insert_new,
-            update_if_version,
-            delete,
-            scan_range,
-            scan_from,
-            clear,
-            batch_upsert,
-            query_contains,
-            query_path,
-            delete_if_version,
-            cas_update,
-            insert_lsn,
         })
     }
 }
@@ -492,84 +384,28 @@ impl PgConn {
     }
 }
 
-/// Runs `$body` with `$c: &mut PgConn` on a checked-out connection, marked busy meanwhile (a
-/// future dropped mid-way leaves it marked, so the pool discards it), and records the timing.
-macro_rules! on_conn {
-    ($store:expr, $pool:expr, $op:expr, $rows:expr, |$c:ident| $body:expr) => {{
-        let mut conn = $pool.get().await?;
-        conn.dirty = true;
-        let start = Instant::now();
-        let result = {
-            let $c: &mut PgConn = &mut conn;
-            $body.await
-        };
-        conn.dirty = false;
-        $store
-            .stats
-            .record($op, $rows, start.elapsed(), result.is_ok());
-        result
-    }};
+/// The future of one read attempt (boxed: see [`Store::read`]).
+type ReadFuture<'a, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = StateResult<T>> + Send + 'a>>;
+
+/// Whether a failed replica read says the replica cannot serve (it leaves the rotation and
+/// the read runs elsewhere), may run elsewhere (a recovery conflict: the replica is fine),
+/// or is the caller's result (a statement timeout, a bad query, an acquire timeout: returned
+/// once, the replica stays).
+enum ReplicaFailure {
+    Down,
+    Conflict,
+    Caller,
 }
 
-/// A write on the primary. With read-your-writes, the WAL position after it is recorded
-/// before the connection goes back.
-macro_rules! write_op {
-    ($store:expr, $op:expr, $rows:expr, |$c:ident| $body:expr) => {{
-        let mut conn = $store.primary.get().await?;
-        conn.dirty = true;
-        // Until the write's WAL position is known, no replica serves this backend's reads
-        // (also if this future is dropped half-way).
-        let pending = $store.router.write_pending();
-        let start = Instant::now();
-        let result = {
-            let $c: &mut PgConn = &mut conn;
-            $body.await
-        };
-        $store
-            .stats
-            .record($op, $rows, start.elapsed(), result.is_ok());
-        if result.is_ok() {
-            $store.router.after_write(&conn).await;
-        }
-        pending.done();
-        conn.dirty = false;
-        result
-    }};
-}
-
-/// A read, routed by the router; a replica that fails with a connection error or timeout is
-/// taken out of rotation and the read runs elsewhere (reads are idempotent).
-macro_rules! read_op {
-    ($store:expr, $primary_only:expr, $op:expr, |$c:ident| $body:expr) => {{
-        let mut tried: Vec<usize> = Vec::new();
-        loop {
-            let (replica, target) = $store.router.pick(&tried, $primary_only)?;
-            let pool = match target {
-                ReadTarget::Primary => &$store.primary,
-                ReadTarget::Replica(r) => &r.pool,
-            };
-            let attempt = async { on_conn!($store, pool, $op, 1, |$c| $body) }.await;
-            match (replica, attempt) {
-                (Some(i), Err(e))
-                    if matches!(e.kind(), ErrorKind::Connection | ErrorKind::Timeout) =>
-                {
-                    $store.router.replicas[i].mark_down(&e);
-                    $store.router.undo_read(i);
-                    tried.push(i);
-                }
-                // A hot-standby read cancelled by a recovery conflict: the replica is fine,
-                // the read runs elsewhere.
-                (Some(i), Err(e))
-                    if e.sqlstate()
-                        == Some(crate::state::error::sqlstate::SERIALIZATION_FAILURE) =>
-                {
-                    $store.router.undo_read(i);
-                    tried.push(i);
-                }
-                (_, other) => break other,
-            }
-        }
-    }};
+fn replica_failure(e: &StateError) -> ReplicaFailure {
+    if e.sqlstate() == Some(sqlstate::SERIALIZATION_FAILURE) {
+        ReplicaFailure::Conflict
+    } else if e.kind() == ErrorKind::Connection {
+        ReplicaFailure::Down
+    } else {
+        ReplicaFailure::Caller
+    }
 }
 
 /// The operations over the primary's pool and the replicas; the backends are thin handles
@@ -579,12 +415,91 @@ pub(crate) struct Store {
     pub router: Arc<Router>,
     pub stats: Arc<Stats>,
     pub names: TableNames,
+    /// Bounds every operation, from checkout to result.
+    pub op_timeout: Duration,
 }
 
 impl Store {
+    /// Runs `f` on a primary connection, bounded by the operation timeout (no statistics: for
+    /// administrative statements).
+    pub async fn on_primary<T, F>(&self, f: F) -> StateResult<T>
+    where
+        F: AsyncFnOnce(&mut PgConn) -> StateResult<T>,
+    {
+        bounded(self.op_timeout, async {
+            let mut conn = self.primary.get().await?;
+            conn.run(|c| f(c)).await
+        })
+        .await
+    }
+
+    /// A read, routed by the router and bounded by the operation timeout. A replica that fails
+    /// with a connection error leaves the rotation and the read runs elsewhere (reads are
+    /// idempotent); see [`replica_failure`].
+    ///
+    /// `f` gets the connection and `arg` for the same lifetime (a closure capturing `arg`
+    /// instead could not be run again on the next node's connection).
+    async fn read<A, T, F>(&self, primary_only: bool, op: Op, arg: &A, f: F) -> StateResult<T>
+    where
+        A: ?Sized + Sync,
+        F: for<'a> Fn(&'a PgConn, &'a A) -> ReadFuture<'a, T>,
+    {
+        bounded(self.op_timeout, async {
+            let mut tried: Vec<usize> = Vec::new();
+            loop {
+                let (replica, target) = self.router.pick(&tried, primary_only)?;
+                let pool = match target {
+                    ReadTarget::Primary => &self.primary,
+                    ReadTarget::Replica(r) => &r.pool,
+                };
+                let start = Instant::now();
+                let attempt = match pool.get().await {
+                    Ok(mut conn) => conn.run(|c| f(c, arg)).await,
+                    Err(e) => Err(e),
+                };
+                self.stats.record(op, 1, start.elapsed(), attempt.is_ok());
+                let (Some(i), Err(e)) = (replica, &attempt) else {
+                    return attempt;
+                };
+                match replica_failure(e) {
+                    ReplicaFailure::Down => self.router.replicas[i].mark_down(e),
+                    ReplicaFailure::Conflict => {}
+                    ReplicaFailure::Caller => return attempt,
+                }
+                self.router.undo_read(i);
+                tried.push(i);
+            }
+        })
+        .await
+    }
+
+    /// A write on the primary, bounded by the operation timeout. With read-your-writes, the
+    /// WAL position after it is recorded before the connection goes back.
+    async fn write<T, F>(&self, op: Op, rows: u64, f: F) -> StateResult<T>
+    where
+        F: AsyncFnOnce(&mut PgConn) -> StateResult<T>,
+    {
+        bounded(self.op_timeout, async {
+            let mut conn = self.primary.get().await?;
+            // Until the write's WAL position is known, no replica serves this backend's reads
+            // (also if this future is dropped half-way).
+            let pending = self.router.write_pending();
+            let start = Instant::now();
+            let result = conn.run(|c| f(c)).await;
+            self.stats.record(op, rows, start.elapsed(), result.is_ok());
+            if result.is_ok() {
+                self.router.after_write(&mut conn).await;
+            }
+            pending.done();
+            result
+        })
+        .await
+    }
+
     pub async fn get(&self, key: &[u8], primary_only: bool) -> StateResult<Option<Vec<u8>>> {
         check_key(key)?;
-        read_op!(self, primary_only, Op::Get, |c| c.get_value(key))
+        self.read(primary_only, Op::Get, key, |c, k| Box::pin(c.get_value(k)))
+            .await
     }
 
     pub async fn get_entry(
@@ -593,20 +508,26 @@ impl Store {
         primary_only: bool,
     ) -> StateResult<Option<StateEntry>> {
         check_key(key)?;
-        read_op!(self, primary_only, Op::Get, |c| c.get_entry(key))
+        self.read(primary_only, Op::Get, key, |c, k| Box::pin(c.get_entry(k)))
+            .await
     }
 
     pub async fn contains(&self, key: &[u8], primary_only: bool) -> StateResult<bool> {
         check_key(key)?;
-        read_op!(self, primary_only, Op::Get, |c| c.contains(key))
+        self.read(primary_only, Op::Get, key, |c, k| Box::pin(c.contains(k)))
+            .await
     }
 
     pub async fn count(&self, primary_only: bool) -> StateResult<usize> {
-        read_op!(self, primary_only, Op::Count, |c| c.count())
+        self.read(primary_only, Op::Count, &(), |c, ()| Box::pin(c.count()))
+            .await
     }
 
     pub async fn list_keys(&self, prefix: &[u8], primary_only: bool) -> StateResult<Vec<Vec<u8>>> {
-        read_op!(self, primary_only, Op::Scan, |c| c.list_keys(prefix))
+        self.read(primary_only, Op::Scan, prefix, |c, p| {
+            Box::pin(c.list_keys(p))
+        })
+        .await
     }
 
     pub async fn query_by_metadata(
@@ -616,7 +537,10 @@ impl Store {
         primary_only: bool,
     ) -> StateResult<Vec<StateEntry>> {
         let q = MetadataQuery::new(path, value)?;
-        read_op!(self, primary_only, Op::Query, |c| c.query_by_metadata(&q))
+        self.read(primary_only, Op::Query, &q, |c, q| {
+            Box::pin(c.query_by_metadata(q))
+        })
+        .await
     }
 
     /// Writes a whole entry (value, metadata, expiry) and returns its new version.
@@ -629,7 +553,10 @@ impl Store {
     ) -> StateResult<i64> {
         check_entry(key, value)?;
         check_metadata(metadata)?;
-        write_op!(self, Op::Put, 1, |c| c.upsert(key, value, metadata, ttl_us))
+        self.write(Op::Put, 1, async |c| {
+            c.upsert(key, value, metadata, ttl_us).await
+        })
+        .await
     }
 
     pub async fn put_with_version(
@@ -639,8 +566,10 @@ impl Store {
         expected: Option<i64>,
     ) -> StateResult<i64> {
         check_entry(key, value)?;
-        write_op!(self, Op::Put, 1, |c| c
-            .put_with_version(key, value, expected))
+        self.write(Op::Put, 1, async |c| {
+            c.put_with_version(key, value, expected).await
+        })
+        .await
     }
 
     pub async fn compare_and_set(
@@ -653,23 +582,28 @@ impl Store {
         if let Some(old) = expected {
             check_entry(key, old)?;
         }
-        write_op!(self, Op::Put, 1, |c| c
-            .compare_and_set(key, expected, value))
+        self.write(Op::Put, 1, async |c| {
+            c.compare_and_set(key, expected, value).await
+        })
+        .await
     }
 
     pub async fn delete(&self, key: &[u8]) -> StateResult<()> {
         check_key(key)?;
-        write_op!(self, Op::Delete, 1, |c| c.delete(key))
+        self.write(Op::Delete, 1, async |c| c.delete(key).await)
+            .await
     }
 
     pub async fn delete_with_version(&self, key: &[u8], expected: i64) -> StateResult<()> {
         check_key(key)?;
-        write_op!(self, Op::Delete, 1, |c| c
-            .delete_with_version(key, expected))
+        self.write(Op::Delete, 1, async |c| {
+            c.delete_with_version(key, expected).await
+        })
+        .await
     }
 
     pub async fn clear(&self) -> StateResult<()> {
-        write_op!(self, Op::Clear, 1, |c| c.clear())
+        self.write(Op::Clear, 1, async |c| c.clear().await).await
     }
 
     /// UNNEST batches of at most [`BATCH_CHUNK_ROWS`] rows / [`BATCH_CHUNK_BYTES`] bytes, all in
@@ -679,8 +613,10 @@ impl Store {
         if entries.is_empty() {
             return Ok(());
         }
-        write_op!(self, Op::Batch, entries.len() as u64, |c| c
-            .batch_put(entries, true))
+        self.write(Op::Batch, entries.len() as u64, async |c| {
+            c.batch_put(entries, true).await
+        })
+        .await
     }
 
     pub async fn batch_copy(&self, entries: &[(&[u8], &[u8])]) -> StateResult<u64> {
@@ -689,14 +625,15 @@ impl Store {
             return Ok(0);
         }
         let names = &self.names;
-        write_op!(self, Op::Copy, entries.len() as u64, |c| c
-            .batch_copy(names, entries))
+        self.write(Op::Copy, entries.len() as u64, async |c| {
+            c.batch_copy(names, entries).await
+        })
+        .await
     }
 
     /// One round trip on a pooled primary connection.
     pub async fn ping(&self) -> StateResult<()> {
-        let mut conn = self.primary.get().await?;
-        conn.probe().await
+        self.on_primary(async |c| c.probe().await).await
     }
 }
 

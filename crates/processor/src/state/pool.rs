@@ -1,13 +1,21 @@
-//! The connection pool: bb8 with our own connection manager, a background health check, and
-//! statistics.
+//! The connection pool: bb8 with our own connection manager, the one checkout type
+//! ([`Checkout`]), a background health check, and statistics.
 //!
-//! How a connection is treated before reuse: an operation marks its connection dirty while it
-//! runs and clean when it finished (including any ROLLBACK it owed). A connection that is dirty
-//! (its operation was cancelled mid-way, or its cleanup failed) or closed is discarded, never
-//! handed out again. Session state is never left behind: operations do not change session
-//! settings, and transactions always end before the connection returns. With `test_on_acquire`
-//! each checkout also costs one round trip (an empty query).
+//! How a connection is treated before reuse is decided by its [`Checkout`] alone, when it is
+//! dropped:
+//! - every operation runs through [`Checkout::run`], which marks the connection busy until the
+//!   operation's future completes (with success or an error the server or driver reported): a
+//!   future dropped before that (cancelled by the caller, cut off by the operation timeout)
+//!   leaves the connection in an unknown protocol or transaction state, so it is **discarded**;
+//! - a connection inside a transaction that was never ended is **rolled back** (bounded) on
+//!   the runtime it was checked out on, and returned clean only if that worked;
+//! - otherwise it goes back **clean**. A closed connection is always discarded.
+//!
+//! Session state is never left behind: operations change no session settings, and
+//! transactions always end before the connection returns. With `test_on_acquire` each
+//! checkout also costs one round trip (an empty query).
 
+use std::future::Future;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -16,7 +24,7 @@ use bb8::{ErrorSink, ManageConnection, Pool, PooledConnection, RunError};
 use crate::state::config::PostgresPoolConfig;
 use crate::state::connection::{Connector, PgConn};
 use crate::state::error::{StateError, StateResult};
-use crate::state::schema::TableNames;
+use crate::state::names::TableNames;
 
 /// Opens [`PgConn`]s for bb8.
 pub(crate) struct Manager {
@@ -34,12 +42,33 @@ struct ConnectFailures {
     last: Mutex<Option<String>>,
 }
 
+/// A pooled connection with what its checkout left it as.
+pub(crate) struct Pooled {
+    conn: PgConn,
+    /// An operation started and has not completed.
+    busy: bool,
+    /// A transaction was begun and has not ended.
+    in_transaction: bool,
+}
+
+impl Pooled {
+    fn reusable(&self) -> bool {
+        !self.busy && !self.in_transaction && !self.conn.client.is_closed()
+    }
+}
+
 impl ManageConnection for Manager {
-    type Connection = PgConn;
+    type Connection = Pooled;
     type Error = StateError;
 
-    async fn connect(&self) -> Result<PgConn, StateError> {
-        let result = PgConn::open(&self.connector, &self.names).await;
+    async fn connect(&self) -> Result<Pooled, StateError> {
+        let result = PgConn::open(&self.connector, &self.names)
+            .await
+            .map(|conn| Pooled {
+                conn,
+                busy: false,
+                in_transaction: false,
+            });
         if let Err(e) = &result {
             if let Ok(mut last) = self.failures.last.lock() {
                 *last = Some(e.to_string());
@@ -49,12 +78,22 @@ impl ManageConnection for Manager {
         result
     }
 
-    async fn is_valid(&self, conn: &mut PgConn) -> Result<(), StateError> {
-        conn.probe().await
+    async fn is_valid(&self, pooled: &mut Pooled) -> Result<(), StateError> {
+        if !pooled.reusable() {
+            return Err(StateError::Connection {
+                message: "connection is closed or in an unknown state".to_string(),
+                sqlstate: None,
+            });
+        }
+        // Busy while the probe runs: a probe cut short leaves the connection discarded.
+        pooled.busy = true;
+        pooled.conn.probe().await?;
+        pooled.busy = false;
+        Ok(())
     }
 
-    fn has_broken(&self, conn: &mut PgConn) -> bool {
-        conn.is_broken()
+    fn has_broken(&self, pooled: &mut Pooled) -> bool {
+        !pooled.reusable()
     }
 }
 
@@ -81,9 +120,111 @@ impl ErrorSink<StateError> for LastError {
     }
 }
 
-/// A checked-out connection. Owned (it holds a reference to the pool), so a transaction can
-/// keep it.
-pub(crate) type Conn = PooledConnection<'static, Manager>;
+/// A checked-out connection: the one way code outside the pool uses a pooled connection.
+/// Owned (it holds a reference to the pool), so a transaction can keep it. See the module
+/// documentation for how it decides, when dropped, what happens to the connection.
+pub(crate) struct Checkout {
+    /// `None` only while `drop` hands it to the rollback task.
+    pooled: Option<PooledConnection<'static, Manager>>,
+    /// The runtime the connection's I/O task runs on: a rollback owed on drop runs there.
+    runtime: tokio::runtime::Handle,
+    /// Bounds a rollback owed on drop.
+    rollback_limit: Duration,
+}
+
+impl Checkout {
+    fn pooled(&mut self) -> &mut Pooled {
+        match self.pooled.as_mut() {
+            Some(p) => p,
+            // Only `drop` takes it.
+            None => unreachable!("a live checkout holds its connection"),
+        }
+    }
+
+    fn pooled_ref(&self) -> &Pooled {
+        match self.pooled.as_ref() {
+            Some(p) => p,
+            None => unreachable!("a live checkout holds its connection"),
+        }
+    }
+
+    /// Runs one operation on the connection. The connection counts as busy until `op`'s future
+    /// completes, whatever its result; if that future is dropped first, the connection is
+    /// discarded when the checkout ends (and [`abandoned`](Self::abandoned) says so meanwhile).
+    pub async fn run<'s, T, E, F, Fut>(&'s mut self, op: F) -> Result<T, E>
+    where
+        F: FnOnce(&'s mut PgConn) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let Pooled { conn, busy, .. } = &mut **match self.pooled.as_mut() {
+            Some(p) => p,
+            None => unreachable!("a live checkout holds its connection"),
+        };
+        *busy = true;
+        let result = op(conn).await;
+        *busy = false;
+        result
+    }
+
+    /// Whether an operation started on this connection never completed (its future was
+    /// dropped): its effect is unknown.
+    pub fn abandoned(&self) -> bool {
+        self.pooled_ref().busy
+    }
+
+    /// Records that a transaction was begun (`true`) or ended (`false`) on this connection. A
+    /// checkout dropped inside a transaction rolls it back before the connection is reused.
+    pub fn set_in_transaction(&mut self, on: bool) {
+        self.pooled().in_transaction = on;
+    }
+
+    /// Whether the connection has closed.
+    pub fn is_closed(&self) -> bool {
+        self.pooled_ref().conn.client.is_closed()
+    }
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        let Some(mut pooled) = self.pooled.take() else {
+            return;
+        };
+        if !pooled.in_transaction || pooled.conn.client.is_closed() {
+            // Clean, or discarded by bb8 (busy or closed).
+            return;
+        }
+        // Roll back on the connection's runtime, whichever thread drops us; the connection
+        // returns to the pool only if that worked in time (a statement abandoned before it
+        // finishes first). If that runtime has shut down, the task (and with it the
+        // connection) is dropped there: the server ends the transaction with the connection.
+        // (`Handle::spawn` needs no `enter()`, which could panic during thread teardown.)
+        let limit = self.rollback_limit;
+        self.runtime.spawn(async move {
+            let rollback = pooled.conn.client.batch_execute("ROLLBACK");
+            if let Ok(Ok(())) = tokio::time::timeout(limit, rollback).await {
+                pooled.busy = false;
+                pooled.in_transaction = false;
+            }
+            drop(pooled);
+        });
+    }
+}
+
+/// Runs `fut` for at most `limit`. Past it, the future is dropped (a connection it had checked
+/// out and was using is then discarded, see [`Checkout`]) and the call fails with
+/// [`StateError::Timeout`].
+pub(crate) async fn bounded<T>(
+    limit: Duration,
+    fut: impl Future<Output = StateResult<T>>,
+) -> StateResult<T> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(result) => result,
+        Err(_) => Err(StateError::Timeout(format!(
+            "the operation did not complete within the operation timeout ({limit:?}); \
+             its connection was discarded"
+        ))),
+    }
+}
 
 /// Pool usage figures, from [`EnhancedPostgresBackend::get_pool_stats`](crate::state::EnhancedPostgresBackend::get_pool_stats).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -120,6 +261,7 @@ pub struct PoolStats {
 pub(crate) struct ConnPool {
     pool: Pool<Manager>,
     acquire_timeout: Duration,
+    rollback_limit: Duration,
     last_error: LastError,
     failures: Arc<ConnectFailures>,
     target: String,
@@ -132,6 +274,7 @@ impl ConnPool {
         names: TableNames,
         cfg: &PostgresPoolConfig,
         lazy: bool,
+        rollback_limit: Duration,
     ) -> StateResult<Arc<Self>> {
         let last_error = LastError::default();
         let target = connector.target.clone();
@@ -178,6 +321,7 @@ impl ConnPool {
             ConnPool {
                 pool,
                 acquire_timeout: cfg.acquire_timeout,
+                rollback_limit,
                 last_error,
                 failures,
                 target,
@@ -189,7 +333,19 @@ impl ConnPool {
 
     /// Checks out a connection, or fails with [`StateError::Timeout`] after `acquire_timeout`
     /// (naming the last connection error, if connecting is what failed).
-    pub async fn get(&self) -> StateResult<Conn> {
+    pub async fn get(&self) -> StateResult<Checkout> {
+        Ok(self.checkout(self.get_pooled().await?))
+    }
+
+    fn checkout(&self, pooled: PooledConnection<'static, Manager>) -> Checkout {
+        Checkout {
+            pooled: Some(pooled),
+            runtime: tokio::runtime::Handle::current(),
+            rollback_limit: self.rollback_limit,
+        }
+    }
+
+    async fn get_pooled(&self) -> StateResult<PooledConnection<'static, Manager>> {
         // The server may have closed a connection while it sat idle (terminated backend,
         // restart): bb8 discards it when it comes back, and we take another. Every attempt is
         // bounded by the acquire timeout, and there are at most max_size + 1 of them.
@@ -197,7 +353,7 @@ impl ConnPool {
         let result = loop {
             attempts = attempts.saturating_sub(1);
             match self.get_or_fail_fast().await? {
-                Ok(conn) if conn.client.is_closed() && attempts > 0 => continue,
+                Ok(pooled) if pooled.conn.client.is_closed() && attempts > 0 => continue,
                 other => break other,
             }
         };
@@ -221,7 +377,9 @@ impl ConnPool {
 
     /// bb8's acquire, cut short with a connection error when opening a connection fails while
     /// the pool has none: then nothing can come back to it before the server does.
-    async fn get_or_fail_fast(&self) -> StateResult<Result<Conn, RunError<StateError>>> {
+    async fn get_or_fail_fast(
+        &self,
+    ) -> StateResult<Result<PooledConnection<'static, Manager>, RunError<StateError>>> {
         let get = self.pool.get_owned();
         tokio::pin!(get);
         loop {
@@ -262,17 +420,19 @@ impl ConnPool {
         // holds more than one connection or waits on a dead socket.
         let probe_limit = Duration::from_secs(2);
         for _ in 0..state.idle_connections {
-            let mut conn = match tokio::time::timeout(probe_limit, self.pool.get()).await {
-                Ok(Ok(conn)) => conn,
+            // bb8's own checkout: it hands out a connection that closed while idle (`get`
+            // skips those), so the probe finds and discards it.
+            let mut conn = match tokio::time::timeout(probe_limit, self.pool.get_owned()).await {
+                Ok(Ok(pooled)) => self.checkout(pooled),
                 _ => break,
             };
-            match tokio::time::timeout(probe_limit, conn.probe()).await {
+            match tokio::time::timeout(probe_limit, conn.run(|c| c.probe())).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     tracing::info!(target = %self.target, error = %e, "health check discarded a connection");
                 }
                 Err(_) => {
-                    // Still marked busy by the probe, so it is discarded.
+                    // Still busy with the probe, so it is discarded.
                     tracing::info!(target = %self.target, "health check timed out; connection discarded");
                 }
             }

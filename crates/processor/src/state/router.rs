@@ -28,7 +28,7 @@ use futures_util::future::join_all;
 
 use crate::state::config::PostgresReplicaConfig;
 use crate::state::error::{StateError, StateResult};
-use crate::state::pool::ConnPool;
+use crate::state::pool::{Checkout, ConnPool};
 
 /// History of the primary's WAL positions kept for time-lag estimates.
 const LSN_HISTORY: usize = 512;
@@ -165,11 +165,11 @@ impl Router {
     /// Records the WAL position after a committed write on `conn` (a primary connection).
     /// When it cannot be read, the next monitor round takes the primary's position instead,
     /// and until then no replica serves this backend's reads.
-    pub async fn after_write(&self, conn: &crate::state::connection::PgConn) {
+    pub async fn after_write(&self, conn: &mut Checkout) {
         if !self.tracks_writes() {
             return;
         }
-        match conn.insert_lsn().await {
+        match conn.run(|c| c.insert_lsn()).await {
             Ok(lsn) => {
                 self.write_lsn.fetch_max(lsn, Relaxed);
             }
@@ -273,18 +273,17 @@ impl Router {
     async fn check_replica(&self, r: &Replica, primary_lsn: Option<u64>, timeout: Duration) {
         let probe = async {
             let mut conn = r.pool.get().await?;
-            // Busy until the answer is in: if the timeout below cancels us, it is discarded.
-            conn.dirty = true;
+            // If the timeout below cancels the query, the checkout discards the connection.
             let row = conn
-                .client
-                .query_one(
-                    "SELECT pg_is_in_recovery(), \
-                     pg_wal_lsn_diff(coalesce(pg_last_wal_replay_lsn(), '0/0'), '0/0')::bigint, \
-                     coalesce(pg_is_wal_replay_paused(), false)",
-                    &[],
-                )
+                .run(|c| {
+                    c.client.query_one(
+                        "SELECT pg_is_in_recovery(), \
+                         pg_wal_lsn_diff(coalesce(pg_last_wal_replay_lsn(), '0/0'), '0/0')::bigint, \
+                         coalesce(pg_is_wal_replay_paused(), false)",
+                        &[],
+                    )
+                })
                 .await?;
-            conn.dirty = false;
             Ok::<_, StateError>((
                 row.try_get::<_, bool>(0)?,
                 row.try_get::<_, i64>(1)?,
@@ -371,10 +370,7 @@ impl Router {
 /// The primary's current WAL insert position, as a byte offset.
 pub(crate) async fn current_lsn(primary: &ConnPool) -> StateResult<u64> {
     let mut conn = primary.get().await?;
-    conn.dirty = true;
-    let lsn = conn.insert_lsn().await?;
-    conn.dirty = false;
-    Ok(lsn)
+    conn.run(|c| c.insert_lsn()).await
 }
 
 /// Runs the monitor until the router is dropped.

@@ -11,7 +11,7 @@ use tokio_postgres::Client;
 
 use crate::state::connection::Connector;
 use crate::state::error::{StateError, StateResult};
-use crate::state::ident::Ident;
+use crate::state::names::TableNames;
 
 /// One embedded migration.
 #[derive(Debug, Clone, Copy)]
@@ -66,72 +66,6 @@ pub(crate) fn migration_lock_key() -> i64 {
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest[..8]);
     i64::from_be_bytes(first)
-}
-
-/// The quoted names of one state table and everything derived from it.
-#[derive(Clone, Debug)]
-pub(crate) struct TableNames {
-    pub schema: Ident,
-    pub table: Ident,
-    /// `"schema"."table"`.
-    pub qualified: String,
-    /// `"schema"."table_archive"`.
-    pub archive: String,
-    /// The schema's coordination tables, qualified: lock bookkeeping, fencing tokens, leader
-    /// leases, durable event channels and events.
-    pub locks: String,
-    pub fences: String,
-    pub leaders: String,
-    pub event_channels: String,
-    pub events: String,
-}
-
-impl TableNames {
-    pub fn new(schema: Ident, table: Ident) -> Self {
-        let qualified = format!("{schema}.{table}");
-        let archive = format!("{schema}.{}", table.suffixed("_archive"));
-        let in_schema = |t: &str| format!("{schema}.\"{t}\"");
-        TableNames {
-            locks: in_schema("state_advisory_locks"),
-            fences: in_schema("state_lock_fences"),
-            leaders: in_schema("state_leaders"),
-            event_channels: in_schema("state_event_channels"),
-            events: in_schema("state_events"),
-            schema,
-            table,
-            qualified,
-            archive,
-        }
-    }
-
-    /// Fills a migration template's placeholders with quoted identifiers.
-    fn render(&self, template: &str) -> String {
-        let t = &self.table;
-        let replacements = [
-            ("{{table}}", self.qualified.clone()),
-            ("{{schema}}", self.schema.to_string()),
-            ("{{archive}}", self.archive.clone()),
-            ("{{pkey}}", t.suffixed("_pkey").to_string()),
-            ("{{ix_expires}}", t.suffixed("_expires_at_idx").to_string()),
-            (
-                "{{ix_metadata}}",
-                t.suffixed("_metadata_gin_idx").to_string(),
-            ),
-            (
-                "{{ix_archive_key}}",
-                t.suffixed("_archive_key_idx").to_string(),
-            ),
-            (
-                "{{live_view}}",
-                format!("{}.{}", self.schema, t.suffixed("_live")),
-            ),
-        ];
-        let mut sql = template.to_string();
-        for (placeholder, value) in replacements {
-            sql = sql.replace(placeholder, &value);
-        }
-        sql
-    }
 }
 
 /// SHA-256 of a migration's template, hex.
@@ -233,6 +167,7 @@ async fn migrate_on(client: &mut Client, names: &TableNames) -> StateResult<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::ident::Ident;
 
     #[test]
     fn templates_render_fully() {

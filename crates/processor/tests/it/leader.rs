@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use processor::state::{EnhancedPostgresBackend, ErrorKind, Leadership};
+use processor::state::{EnhancedPostgresBackend, ErrorKind, Leadership, StateBackend};
 
 use crate::coordination::terminate;
 use crate::support;
@@ -347,5 +347,68 @@ async fn a_frozen_leader_is_evicted_and_stops_believing() {
         "the frozen leader still believed it led after waking"
     );
     assert!(l.is_leader());
+    l.resign().await.unwrap();
+}
+
+/// Review defect: a leader paused beyond its lease must not be able to write once another has
+/// been elected; the leadership's fence refuses its write.
+#[tokio::test]
+async fn a_deposed_leaders_fenced_write_is_refused() {
+    let cfg = support::config("leaderfence");
+    let name = support::unique("leaderfence");
+    let ttl = Duration::from_secs(2);
+    let freeze = ttl * 4;
+    let (won_tx, won_rx) = std::sync::mpsc::channel();
+    let old = {
+        let (cfg, name) = (cfg.clone(), name.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let b = EnhancedPostgresBackend::new(cfg).await.unwrap();
+                let l = b.campaign(&name, ttl).await.unwrap();
+                let fence = l.fence();
+                // Fenced writes pass while it leads.
+                let mut tx = b.begin().await.unwrap();
+                tx.check_fence(&fence).await.unwrap();
+                tx.put(b"owner", b"old").await.unwrap();
+                tx.commit().await.unwrap();
+                won_tx.send(l.term()).unwrap();
+                // Paused past its lease (the whole runtime stops).
+                std::thread::sleep(freeze);
+                let mut tx = b.begin().await.unwrap();
+                let checked = tx.check_fence(&fence).await;
+                if checked.is_ok() {
+                    tx.put(b"owner", b"stale").await.unwrap();
+                    tx.commit().await.unwrap();
+                }
+                drop(l);
+                checked
+            })
+        })
+    };
+    let old_term = tokio::task::spawn_blocking(move || won_rx.recv().unwrap())
+        .await
+        .unwrap();
+    let b = EnhancedPostgresBackend::new(cfg).await.unwrap();
+    let l = tokio::time::timeout(freeze, b.campaign(&name, ttl))
+        .await
+        .expect("a new leader while the old one is paused")
+        .unwrap();
+    assert!(l.term() > old_term);
+    let mut tx = b.begin().await.unwrap();
+    tx.check_fence(&l.fence()).await.unwrap();
+    tx.put(b"owner", b"new").await.unwrap();
+    tx.commit().await.unwrap();
+    let checked = tokio::task::spawn_blocking(move || old.join().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        matches!(checked, Err(processor::state::StateError::Fenced { .. })),
+        "the deposed leader's fence check gave {checked:?}"
+    );
+    assert_eq!(b.get(b"owner").await.unwrap(), Some(b"new".to_vec()));
     l.resign().await.unwrap();
 }

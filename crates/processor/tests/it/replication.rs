@@ -450,3 +450,78 @@ async fn checkpoint_needs_the_privilege_and_says_so() {
     assert_eq!(err.sqlstate(), Some("42501"));
     assert!(!err.is_retryable());
 }
+
+/// Review defect: a statement timeout on a replica is the caller's error, returned once; it
+/// must not take replicas out of rotation (nor run the read on every node in turn).
+#[tokio::test]
+async fn a_statement_timeout_on_a_replica_is_returned_once_and_keeps_it_in_rotation() {
+    let Some(cluster) = pgstate_testcluster::shared().cluster() else {
+        eprintln!("skipped: needs the local cluster's replicas");
+        return;
+    };
+    let schema = support::unique("rtimeout");
+    let writer = EnhancedPostgresBackend::new(
+        EnhancedPostgresConfig::new(cluster.primary_url()).with_schema(schema.clone()),
+    )
+    .await
+    .unwrap();
+    writer.put(b"k", b"v").await.unwrap();
+    let reader = EnhancedPostgresBackend::new(
+        EnhancedPostgresConfig::new(cluster.primary_url())
+            .with_schema(schema)
+            .with_statement_timeout(Duration::from_millis(300))
+            .with_replicas(replicas(cluster.replica_urls(), 60_000, true)),
+    )
+    .await
+    .unwrap();
+    wait_status(
+        &reader,
+        Duration::from_secs(20),
+        "both replicas in rotation",
+        |s| s.replicas.iter().all(|r| r.in_rotation),
+    )
+    .await;
+    // ACCESS EXCLUSIVE on the primary is replayed on the replicas, where reads then wait for
+    // it until their statement timeout.
+    let table = writer.table().to_string();
+    let _locker = support::lock_table(&table).await;
+    for url in cluster.replica_urls() {
+        let replica = support::raw(&url).await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let held: bool = replica
+                .query_one(
+                    &format!(
+                        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE relation = '{table}'::regclass \
+                         AND mode = 'AccessExclusiveLock' AND granted)"
+                    ),
+                    &[],
+                )
+                .await
+                .map(|r| r.get(0))
+                .unwrap_or(false);
+            if held {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the lock never reached {url}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let reads =
+        |b: &EnhancedPostgresBackend| -> u64 { b.replica_status().iter().map(|r| r.reads).sum() };
+    let (replica_reads, primary_reads) = (reads(&reader), reader.get_stats().primary_reads);
+    let err = reader.get(b"k").await.unwrap_err();
+    assert!(
+        err.kind() == ErrorKind::Timeout && err.to_string().contains("statement timeout"),
+        "{err}"
+    );
+    assert_eq!(
+        reads(&reader),
+        replica_reads + 1,
+        "the read ran once, on a replica"
+    );
+    assert_eq!(reader.get_stats().primary_reads, primary_reads);
+    for r in reader.replica_status() {
+        assert!(r.healthy && r.in_rotation, "{r:?}");
+    }
+}

@@ -587,3 +587,52 @@ async fn a_statement_cancelled_mid_way_makes_commit_roll_back() {
     assert_eq!(b.get(b"k").await.unwrap(), Some(b"0".to_vec()));
     assert_eq!(b.get(b"other").await.unwrap(), None);
 }
+
+/// Review defect: a later statement must not clear the mark an abandoned one left, or the
+/// abandoned write commits once its lock is released.
+#[tokio::test]
+async fn an_abandoned_statement_makes_commit_roll_back_even_after_later_statements() {
+    let b = support::backend("txabandon").await;
+    b.put(b"k", b"0").await.unwrap();
+    let lock_row = |b: &processor::state::EnhancedPostgresBackend| {
+        format!(
+            "BEGIN; SELECT 1 FROM {} WHERE key = 'k' FOR UPDATE",
+            b.table()
+        )
+    };
+    let lock = support::raw(&support::url()).await;
+    lock.batch_execute(&lock_row(&b)).await.unwrap();
+    let mut tx = b.begin().await.unwrap();
+    tx.savepoint("before").await.unwrap();
+    let gave_up = tokio::time::timeout(Duration::from_millis(300), tx.put(b"k", b"1")).await;
+    assert!(gave_up.is_err(), "the put should have been blocked");
+    // A savepoint taken after the abandoned statement does not clear it.
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        lock.batch_execute("ROLLBACK").await.unwrap();
+        lock
+    });
+    tx.savepoint("after").await.unwrap();
+    // This statement runs (after the abandoned one, once the lock is free) and succeeds.
+    assert_eq!(tx.get(b"other").await.unwrap(), None);
+    tx.rollback_to_savepoint("after").await.unwrap();
+    let _locker = release.await.unwrap();
+    let err = tx.commit().await.unwrap_err();
+    assert!(matches!(err, StateError::TransactionFailed { .. }), "{err}");
+    assert!(err.to_string().contains("cancelled"), "{err}");
+    assert_eq!(b.get(b"k").await.unwrap(), Some(b"0".to_vec()));
+
+    // Rolling back to a savepoint taken before the abandoned statement clears it.
+    let lock = support::raw(&support::url()).await;
+    lock.batch_execute(&lock_row(&b)).await.unwrap();
+    let mut tx = b.begin().await.unwrap();
+    tx.savepoint("before").await.unwrap();
+    let gave_up = tokio::time::timeout(Duration::from_millis(300), tx.put(b"k", b"2")).await;
+    assert!(gave_up.is_err(), "the put should have been blocked");
+    lock.batch_execute("ROLLBACK").await.unwrap();
+    tx.rollback_to_savepoint("before").await.unwrap();
+    tx.put(b"k2", b"x").await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(b.get(b"k").await.unwrap(), Some(b"0".to_vec()));
+    assert_eq!(b.get(b"k2").await.unwrap(), Some(b"x".to_vec()));
+}

@@ -2,11 +2,13 @@
 //! lost signal.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::state::connection::wait_closed;
-use crate::state::coordination::{check_lock_name, lock_key, HeldLock, LockMode, ADVISORY_LOCKS};
-use crate::state::enhanced::EnhancedPostgresBackend;
+use crate::state::coordination::{
+    check_lock_name, lock_key, CoordinationHandle, Coordinator, HeldLock, LockMode, ADVISORY_LOCKS,
+};
 use crate::state::error::StateResult;
 
 /// A held named advisory lock, released when dropped (or explicitly with
@@ -25,7 +27,7 @@ use crate::state::error::StateResult;
 /// never panics.
 pub struct PostgresLockGuard {
     held: Option<HeldLock>,
-    backend: EnhancedPostgresBackend,
+    coordinator: Arc<Coordinator>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -33,37 +35,37 @@ impl PostgresLockGuard {
     /// Acquires the exclusive lock `name`, waiting up to `timeout` (zero: do not wait).
     /// `Ok(None)` if someone else still held it when the time was up.
     pub async fn new(
-        backend: EnhancedPostgresBackend,
+        backend: impl Into<CoordinationHandle>,
         name: &str,
         timeout: Duration,
     ) -> StateResult<Option<Self>> {
-        Self::acquire(backend, name, LockMode::Exclusive, timeout).await
+        Self::acquire(backend.into(), name, LockMode::Exclusive, timeout).await
     }
 
     /// Acquires the lock `name` in shared (reader) mode, waiting up to `timeout`: any number of
     /// shared holders at once, none while an exclusive holder has it.
     pub async fn new_shared(
-        backend: EnhancedPostgresBackend,
+        backend: impl Into<CoordinationHandle>,
         name: &str,
         timeout: Duration,
     ) -> StateResult<Option<Self>> {
-        Self::acquire(backend, name, LockMode::Shared, timeout).await
+        Self::acquire(backend.into(), name, LockMode::Shared, timeout).await
     }
 
     async fn acquire(
-        backend: EnhancedPostgresBackend,
+        backend: CoordinationHandle,
         name: &str,
         mode: LockMode,
         timeout: Duration,
     ) -> StateResult<Option<Self>> {
         check_lock_name(name)?;
-        let held = backend
-            .coordinator()
+        let coordinator = backend.0;
+        let held = coordinator
             .acquire(lock_key(name), Some(name), mode, timeout)
             .await?;
         Ok(held.map(|held| PostgresLockGuard {
             held: Some(held),
-            backend,
+            coordinator,
             runtime: tokio::runtime::Handle::current(),
         }))
     }
@@ -101,14 +103,7 @@ impl PostgresLockGuard {
     /// [`PostgresTransaction::check_fence`](crate::state::PostgresTransaction::check_fence).
     /// Cheap to clone into retry closures.
     pub fn fence(&self) -> Fence {
-        let h = self.held();
-        Fence {
-            key: h.key,
-            name: h.label(),
-            token: h.token,
-            backend_pid: h.backend_pid(),
-            acquisition: h.acquisition.clone(),
-        }
+        self.held().fence()
     }
 
     /// The server process id of the session holding the lock (as in `pg_locks` and
@@ -134,7 +129,7 @@ impl PostgresLockGuard {
     /// guarded work was not protected all along).
     pub async fn release(mut self) -> StateResult<()> {
         match self.held.take() {
-            Some(held) => self.backend.coordinator().release(held).await,
+            Some(held) => self.coordinator.release(held).await,
             None => Ok(()),
         }
     }
@@ -145,7 +140,7 @@ impl Drop for PostgresLockGuard {
         let Some(held) = self.held.take() else {
             return;
         };
-        let coordinator = self.backend.coordinator_arc();
+        let coordinator = self.coordinator.clone();
         // Release on the runtime the connection's I/O runs on, whichever thread drops us. If
         // that runtime has shut down, the task is dropped with the connection, and the server
         // releases the lock when the connection closes. (`Handle::spawn` needs no `enter()`,
@@ -179,7 +174,7 @@ impl std::fmt::Debug for PostgresLockGuard {
 /// the holder's session still holds the lock *under this token* (its bookkeeping row: a later
 /// acquisition on the same reused session has another id, or no row yet). $1 key, $2 holder's
 /// backend pid, $3 token, $4 acquisition id.
-pub(crate) fn fence_sql(names: &crate::state::schema::TableNames) -> String {
+pub(crate) fn fence_sql(names: &crate::state::names::TableNames) -> String {
     format!(
         "SELECT f.token, EXISTS (
              SELECT 1 FROM ({ADVISORY_LOCKS}) l WHERE l.granted AND l.pid = $2 AND l.lock_key = $1)

@@ -29,12 +29,12 @@ use tokio::sync::{oneshot, watch};
 
 use crate::state::connection::wait_closed;
 use crate::state::coordination::{
-    check_lock_name, leader_key, locked, Coordinator, HeldLock, LockMode, ADVISORY_LOCKS,
+    check_lock_name, leader_key, locked, Coordinator, Fence, HeldLock, LockMode, ADVISORY_LOCKS,
 };
 use crate::state::error::{StateError, StateResult};
-use crate::state::pool::ConnPool;
+use crate::state::pool::{bounded, ConnPool};
+use crate::state::retry::backoff;
 use crate::state::stats::{LockEvent, Stats};
-use crate::state::transaction::backoff;
 use crate::state::ErrorKind;
 
 /// The shortest accepted lease.
@@ -116,6 +116,7 @@ pub struct Leadership {
     name: String,
     term: i64,
     ttl: Duration,
+    fence: Fence,
     state: Arc<State>,
     resign: Option<oneshot::Sender<oneshot::Sender<StateResult<()>>>>,
 }
@@ -134,6 +135,25 @@ impl Leadership {
     /// The lease length.
     pub fn ttl(&self) -> Duration {
         self.ttl
+    }
+
+    /// The fence of this leadership's lock acquisition: pass it to
+    /// [`PostgresTransaction::check_fence`](crate::state::PostgresTransaction::check_fence) so
+    /// that a leader paused or cut off past its lease cannot write once another has been
+    /// elected ([`StateError::Fenced`](crate::state::StateError::Fenced)). Cheap to clone.
+    ///
+    /// ```no_run
+    /// # async fn demo(backend: processor::state::EnhancedPostgresBackend) -> processor::state::StateResult<()> {
+    /// use std::time::Duration;
+    /// let leadership = backend.campaign("scheduler", Duration::from_secs(10)).await?;
+    /// let mut tx = backend.begin().await?;
+    /// tx.check_fence(&leadership.fence()).await?;
+    /// tx.put(b"schedule", b"next run").await?;
+    /// tx.commit().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn fence(&self) -> Fence {
+        self.fence.clone()
     }
 
     /// Whether this holder still leads: its lease was renewed recently enough that nobody else
@@ -408,31 +428,27 @@ impl Coordinator {
             self.names.leaders
         );
         let secs = ttl.as_secs_f64();
-        let mut conn = self.primary.get().await?;
-        conn.dirty = true;
-        match conn
-            .client
-            .query(evict.as_str(), &[&key, &name, &secs])
-            .await
-        {
-            Ok(rows) => {
-                for row in rows {
-                    let pid: i32 = row.try_get(0)?;
-                    tracing::warn!(name, pid, "terminated a stuck leader-election session");
+        let remaining: Option<f64> = self
+            .on_primary(async |c| {
+                match c.client.query(evict.as_str(), &[&key, &name, &secs]).await {
+                    Ok(rows) => {
+                        for row in rows {
+                            let pid: i32 = row.try_get(0)?;
+                            tracing::warn!(name, pid, "terminated a stuck leader-election session");
+                        }
+                    }
+                    Err(e) if !c.client.is_closed() => {
+                        tracing::warn!(name, error = %e, "cannot terminate a stuck leader-election session; waiting for the server to drop it");
+                    }
+                    Err(e) => return Err(e.into()),
                 }
-            }
-            Err(e) if !conn.client.is_closed() => {
-                tracing::warn!(name, error = %e, "cannot terminate a stuck leader-election session; waiting for the server to drop it");
-            }
-            Err(e) => return Err(e.into()),
-        }
-        let remaining: Option<f64> = conn
-            .client
-            .query_opt(remaining_sql.as_str(), &[&name])
-            .await?
-            .map(|r| r.try_get(0))
-            .transpose()?;
-        conn.dirty = false;
+                Ok(c.client
+                    .query_opt(remaining_sql.as_str(), &[&name])
+                    .await?
+                    .map(|r| r.try_get(0))
+                    .transpose()?)
+            })
+            .await?;
         Ok(remaining.map(|r| Duration::try_from_secs_f64(r.max(0.0)).unwrap_or_default()))
     }
 
@@ -466,17 +482,20 @@ impl Coordinator {
             coordinator: Arc::downgrade(self),
             stats: self.stats.clone(),
             primary: self.primary.clone(),
+            op_timeout: self.op_timeout,
             sql: LeaseSql::new(&self.names.leaders),
             holder: self.holder.id.clone(),
             name: name.to_string(),
             term,
             ttl,
         };
+        let fence = held.fence();
         tokio::spawn(lease.renew_loop(held, state.clone(), resign_rx));
         Leadership {
             name: name.to_string(),
             term,
             ttl,
+            fence,
             state,
             resign: Some(resign_tx),
         }
@@ -491,10 +510,9 @@ impl Coordinator {
              FROM {} WHERE name = $1 AND holder_id IS NOT NULL AND lease_expires_at > clock_timestamp()",
             self.names.leaders
         );
-        let mut conn = self.primary.get().await?;
-        conn.dirty = true;
-        let row = conn.client.query_opt(sql.as_str(), &[&name]).await?;
-        conn.dirty = false;
+        let row = self
+            .on_primary(async |c| Ok(c.client.query_opt(sql.as_str(), &[&name]).await?))
+            .await?;
         let Some(row) = row else { return Ok(None) };
         let remaining: f64 = row.try_get(4)?;
         Ok(Some(LeaderInfo {
@@ -513,6 +531,7 @@ struct Lease {
     coordinator: Weak<Coordinator>,
     stats: Arc<Stats>,
     primary: Arc<ConnPool>,
+    op_timeout: Duration,
     sql: LeaseSql,
     holder: String,
     name: String,
@@ -597,16 +616,16 @@ impl Lease {
         if cleared {
             return;
         }
-        if let Ok(mut conn) = self.primary.get().await {
-            conn.dirty = true;
-            if conn
-                .client
-                .execute(self.sql.clear.as_str(), &[&name, &term, &holder])
-                .await
-                .is_ok()
-            {
-                conn.dirty = false;
-            }
+        let clear = self.sql.clear.as_str();
+        let cleared = bounded(self.op_timeout, async {
+            let mut conn = self.primary.get().await?;
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&name, &term, &holder];
+            conn.run(|c| c.client.execute(clear, &params)).await?;
+            Ok(())
+        })
+        .await;
+        if let Err(e) = cleared {
+            tracing::debug!(name, error = %e, "clearing a lost lease failed; it runs out by itself");
         }
     }
 }

@@ -20,11 +20,11 @@ use std::time::Duration;
 
 use crate::state::config::ConnectionSpec;
 use crate::state::connection::{Connector, Session, NOTIFICATION_BUFFER};
-use crate::state::enhanced::EnhancedPostgresBackend;
+use crate::state::coordination::CoordinationHandle;
 use crate::state::error::{StateError, StateResult};
 use crate::state::ident::{check_channel, quote_channel};
 use crate::state::limits::MAX_METADATA_LEN;
-use crate::state::transaction::backoff;
+use crate::state::retry::backoff;
 
 /// PostgreSQL's limit on a notification payload: it must be shorter than 8000 bytes.
 pub const MAX_NOTIFY_PAYLOAD: usize = 7999;
@@ -65,7 +65,7 @@ pub(crate) const NOTIFY_SQL: &str = "SELECT pg_notify($1, $2)";
 /// One statement that appends a durable event to `channel` ($1) with `payload` ($2), taking the
 /// channel's next sequence number, and wakes listeners with that number as the payload. The
 /// channel row stays locked until commit, so events of one channel commit in sequence order.
-pub(crate) fn durable_notify_sql(names: &crate::state::schema::TableNames) -> String {
+pub(crate) fn durable_notify_sql(names: &crate::state::names::TableNames) -> String {
     format!(
         "WITH c AS (
              INSERT INTO {channels} AS c (channel, last_seq) VALUES ($1, 1)
@@ -155,17 +155,17 @@ impl PostgresListener {
 
     /// Listens on `channels` through the backend's primary, with its TLS settings.
     pub async fn from_backend(
-        backend: &EnhancedPostgresBackend,
+        backend: impl Into<CoordinationHandle>,
         channels: &[&str],
     ) -> StateResult<Self> {
-        let connector = backend.coordinator().connector().clone();
+        let connector = backend.into().0.connector().clone();
         Self::start(connector, channels, None).await
     }
 
     /// A durable listener on `channels`: delivers the events that
-    /// [`notify_durable`](EnhancedPostgresBackend::notify_durable) commits from now on.
+    /// [`notify_durable`](crate::state::EnhancedPostgresBackend::notify_durable) commits from now on.
     pub async fn durable(
-        backend: &EnhancedPostgresBackend,
+        backend: impl Into<CoordinationHandle>,
         channels: &[&str],
     ) -> StateResult<Self> {
         Self::durable_from(
@@ -178,10 +178,11 @@ impl PostgresListener {
     /// A durable listener resuming after the given sequence number per channel (as saved from
     /// [`position`](Self::position)); `None` starts at the channel's current end.
     pub async fn durable_from(
-        backend: &EnhancedPostgresBackend,
+        backend: impl Into<CoordinationHandle>,
         channels: &[(&str, Option<i64>)],
     ) -> StateResult<Self> {
-        let names = &backend.coordinator().names;
+        let coordinator = backend.into().0;
+        let names = &coordinator.names;
         let durable = Durable {
             fetch_sql: format!(
                 "SELECT seq, payload FROM {} WHERE channel = $1 AND seq > $2 ORDER BY seq LIMIT {FETCH}",
@@ -195,7 +196,7 @@ impl PostgresListener {
             stale: HashSet::new(),
             buffer: VecDeque::new(),
         };
-        let connector = backend.coordinator().connector().clone();
+        let connector = coordinator.connector().clone();
         let names: Vec<&str> = channels.iter().map(|(c, _)| *c).collect();
         let mut listener = Self::start(connector, &names, Some(durable)).await?;
         for (channel, from) in channels {

@@ -26,6 +26,7 @@
 mod guard;
 mod leader;
 mod listener;
+mod txn;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
@@ -36,14 +37,15 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio_postgres::{Client, Statement};
 
-use crate::state::connection::{Connector, Session};
+use crate::state::connection::{Connector, PgConn, Session};
 use crate::state::error::{sqlstate, StateError, StateResult};
-use crate::state::pool::ConnPool;
-use crate::state::schema::TableNames;
+use crate::state::names::TableNames;
+use crate::state::pool::{bounded, ConnPool};
 use crate::state::stats::{LockEvent, Stats};
 
 pub(crate) use guard::fence_sql;
 pub use guard::{Fence, PostgresLockGuard};
+
 pub use leader::{LeaderInfo, Leadership};
 pub(crate) use listener::{check_durable_payload, check_payload, durable_notify_sql, NOTIFY_SQL};
 pub use listener::{Notification, PostgresListener, MAX_NOTIFY_PAYLOAD};
@@ -166,7 +168,7 @@ impl Holder {
         // Distinct for every backend of the process, whatever the random source does.
         static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let serial = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let random = crate::state::transaction::random();
+        let random = crate::state::retry::random();
         Holder {
             id: format!("{host}:{pid}:{serial}:{random:012x}"),
             host,
@@ -207,6 +209,8 @@ pub(crate) struct Coordinator {
     pub names: TableNames,
     pub stats: Arc<Stats>,
     pub primary: Arc<ConnPool>,
+    /// Bounds each statement run on a pooled primary connection.
+    pub op_timeout: Duration,
     pub holder: Holder,
     /// Locks taken with the key API, per key and mode (shared locks may be taken repeatedly).
     held: Mutex<HashMap<(i64, LockMode), Vec<HeldLock>>>,
@@ -215,6 +219,21 @@ pub(crate) struct Coordinator {
     pub leaders: Mutex<HashMap<String, Leadership>>,
     /// Numbers this backend's acquisitions.
     acquisitions: AtomicU64,
+}
+
+/// The coordination side of a backend: what [`PostgresLockGuard`] and [`PostgresListener`] take.
+/// An [`EnhancedPostgresBackend`](crate::state::EnhancedPostgresBackend) converts into it, by
+/// value or by reference (`PostgresLockGuard::new(backend.clone_handle(), ..)`,
+/// `PostgresListener::from_backend(&backend, ..)`); it keeps the backend's pool alive.
+#[derive(Clone)]
+pub struct CoordinationHandle(pub(crate) Arc<Coordinator>);
+
+impl std::fmt::Debug for CoordinationHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoordinationHandle")
+            .field("schema", &self.0.names.schema.as_str())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Locks a std mutex, carrying on after a panic elsewhere (the data are plain maps).
@@ -228,12 +247,14 @@ impl Coordinator {
         names: TableNames,
         stats: Arc<Stats>,
         primary: Arc<ConnPool>,
+        op_timeout: Duration,
     ) -> Self {
         Coordinator {
             connector: connector.dedicated(),
             names,
             stats,
             primary,
+            op_timeout,
             holder: Holder::new(),
             held: Mutex::new(HashMap::new()),
             spare: Mutex::new(Vec::new()),
@@ -244,6 +265,18 @@ impl Coordinator {
 
     pub fn connector(&self) -> &Connector {
         &self.connector
+    }
+
+    /// Runs `f` on a pooled primary connection, bounded by the operation timeout.
+    pub async fn on_primary<T, F>(&self, f: F) -> StateResult<T>
+    where
+        F: AsyncFnOnce(&mut PgConn) -> StateResult<T>,
+    {
+        bounded(self.op_timeout, async {
+            let mut conn = self.primary.get().await?;
+            conn.run(|c| f(c)).await
+        })
+        .await
     }
 
     /// A clean dedicated connection: a spare one if any is still open, else a new one.
@@ -426,11 +459,12 @@ impl Coordinator {
              ORDER BY a.lock_key, a.pid",
             locks = n.locks
         );
-        let mut conn = self.primary.get().await?;
-        conn.dirty = true;
-        conn.client.execute(cleanup.as_str(), &[]).await?;
-        let rows = conn.client.query(list.as_str(), &[]).await?;
-        conn.dirty = false;
+        let rows = self
+            .on_primary(async |c| {
+                c.client.execute(cleanup.as_str(), &[]).await?;
+                Ok(c.client.query(list.as_str(), &[]).await?)
+            })
+            .await?;
         rows.iter()
             .map(|r| {
                 Ok(AdvisoryLockInfo {
@@ -715,6 +749,18 @@ impl HeldLock {
     /// The server process id of the lock's session.
     pub fn backend_pid(&self) -> i32 {
         self.conn.pid
+    }
+
+    /// What a transaction checks to refuse this holder's writes once it no longer holds the
+    /// lock under this acquisition.
+    pub fn fence(&self) -> Fence {
+        Fence {
+            key: self.key,
+            name: self.label(),
+            token: self.token,
+            backend_pid: self.backend_pid(),
+            acquisition: self.acquisition.clone(),
+        }
     }
 
     /// The lock's session, for statements that must run on it (leader leases).

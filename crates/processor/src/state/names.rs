@@ -1,0 +1,71 @@
+//! The quoted names of one state table and of everything derived from it (archive table,
+//! the schema's coordination tables, migration placeholders). Built from validated
+//! identifiers only, so every name here is safe to place in SQL text.
+
+use crate::state::ident::Ident;
+
+/// The quoted names of one state table and everything derived from it.
+#[derive(Clone, Debug)]
+pub(crate) struct TableNames {
+    pub schema: Ident,
+    pub table: Ident,
+    /// `"schema"."table"`.
+    pub qualified: String,
+    /// `"schema"."table_archive"`.
+    pub archive: String,
+    /// The schema's coordination tables, qualified: lock bookkeeping, fencing tokens, leader
+    /// leases, durable event channels and events.
+    pub locks: String,
+    pub fences: String,
+    pub leaders: String,
+    pub event_channels: String,
+    pub events: String,
+}
+
+impl TableNames {
+    pub fn new(schema: Ident, table: Ident) -> Self {
+        let qualified = format!("{schema}.{table}");
+        let archive = format!("{schema}.{}", table.suffixed("_archive"));
+        let in_schema = |t: &str| format!("{schema}.\"{t}\"");
+        TableNames {
+            locks: in_schema("state_advisory_locks"),
+            fences: in_schema("state_lock_fences"),
+            leaders: in_schema("state_leaders"),
+            event_channels: in_schema("state_event_channels"),
+            events: in_schema("state_events"),
+            schema,
+            table,
+            qualified,
+            archive,
+        }
+    }
+
+    /// Fills a migration template's placeholders with quoted identifiers.
+    pub fn render(&self, template: &str) -> String {
+        let t = &self.table;
+        let replacements = [
+            ("{{table}}", self.qualified.clone()),
+            ("{{schema}}", self.schema.to_string()),
+            ("{{archive}}", self.archive.clone()),
+            ("{{pkey}}", t.suffixed("_pkey").to_string()),
+            ("{{ix_expires}}", t.suffixed("_expires_at_idx").to_string()),
+            (
+                "{{ix_metadata}}",
+                t.suffixed("_metadata_gin_idx").to_string(),
+            ),
+            (
+                "{{ix_archive_key}}",
+                t.suffixed("_archive_key_idx").to_string(),
+            ),
+            (
+                "{{live_view}}",
+                format!("{}.{}", self.schema, t.suffixed("_live")),
+            ),
+        ];
+        let mut sql = template.to_string();
+        for (placeholder, value) in replacements {
+            sql = sql.replace(placeholder, &value);
+        }
+        sql
+    }
+}

@@ -47,7 +47,7 @@ impl Default for PostgresPoolConfig {
 /// `mode` is one of `disable`, `allow`, `prefer`, `require`, `verify-ca`, `verify-full`. Settings
 /// given here override the `sslmode`, `sslrootcert`, `sslcert` and `sslkey` parameters of the
 /// connection URLs.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PostgresSslConfig {
     /// The libpq `sslmode`.
     pub mode: String,
@@ -57,6 +57,18 @@ pub struct PostgresSslConfig {
     pub client_cert_path: Option<PathBuf>,
     /// PEM file with the client's private key (PKCS#8, PKCS#1/RSA or SEC1/EC).
     pub client_key_path: Option<PathBuf>,
+}
+
+impl Default for PostgresSslConfig {
+    /// `prefer` (libpq's default) with no certificate files.
+    fn default() -> Self {
+        PostgresSslConfig {
+            mode: "prefer".to_string(),
+            root_cert_path: None,
+            client_cert_path: None,
+            client_key_path: None,
+        }
+    }
 }
 
 /// Read replica settings: see [`EnhancedPostgresBackend`](crate::state::EnhancedPostgresBackend)
@@ -506,6 +518,19 @@ impl ConnectionSpec {
                 redact(trimmed)
             )));
         }
+        // A host name with `@` is the tail of a password with an unencoded `@`: refuse it
+        // (never connect to it, never show it).
+        if pg
+            .get_hosts()
+            .iter()
+            .any(|h| matches!(h, tokio_postgres::config::Host::Tcp(name) if name.contains('@')))
+        {
+            return Err(StateError::config(format!(
+                "connection URL {} has '@' in its host name: percent-encode '@' in a user name \
+                 or password as %40",
+                redact(trimmed)
+            )));
+        }
         if pg.get_user().is_none() {
             return Err(StateError::config(format!(
                 "connection URL {} names no user",
@@ -691,7 +716,10 @@ pub fn redact(url: &str) -> String {
     if looks_like_url(trimmed) {
         let scheme_end = trimmed.find("://").map_or(0, |i| i + 3);
         let (head, tail) = trimmed.split_at(scheme_end);
-        let tail = match tail.find('@') {
+        // The user information is taken to end at the last `@`: a password with an unencoded
+        // `@`, `/`, `?` or `#` (the driver splits at the first `@`, taking the rest for a host
+        // name) is hidden whole. Hiding a little too much of an odd URL is the safe side.
+        let tail = match tail.rfind('@') {
             Some(at) => {
                 let (userinfo, rest) = tail.split_at(at);
                 match userinfo.split_once(':') {
@@ -794,6 +822,65 @@ fn sanitize_driver_error(message: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_ssl_config_is_prefer_and_parses() {
+        let ssl = PostgresSslConfig::default();
+        assert_eq!(ssl.mode, "prefer");
+        assert_eq!(ssl.mode.parse::<SslMode>().ok(), Some(SslMode::Prefer));
+        let cfg = EnhancedPostgresConfig::new("postgresql://u@localhost/db").with_ssl_config(ssl);
+        assert!(cfg.validate().is_ok());
+    }
+
+    /// Redaction hides every part of a password, whatever characters it has, for every URL
+    /// form; parsing such a URL fails or succeeds without the password in its error text.
+    #[test]
+    fn passwords_with_any_characters_never_show() {
+        const CHARS: &[u8] = b"abcXYZ019@:/?#&=%!$'*+,;[] ";
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for case in 0..10_000 {
+            let len = 6 + (next() % 20) as usize;
+            // Marker letters on both ends, so any leaked fragment of 4 bytes is found.
+            let middle: String = (0..len)
+                .map(|_| CHARS[(next() % CHARS.len() as u64) as usize] as char)
+                .collect();
+            let password = format!("Q{middle}Q");
+            let url = match case % 3 {
+                0 => format!("postgresql://user:{password}@db.example:5432/state"),
+                1 => format!("postgres://user:{password}@db.example/state?sslmode=require"),
+                _ => format!("postgresql://user:{password}@h1:5432,h2:5433/state"),
+            };
+            let shown = redact(&url);
+            let error = ConnectionSpec::parse(&url, None)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            let bytes = password.as_bytes();
+            for w in bytes.windows(4) {
+                let frag = String::from_utf8_lossy(w);
+                // Fragments that are also ordinary URL text say nothing about the password.
+                if "postgresql://user:***@db.example:5432/state?sslmode=require,h1h2:5433"
+                    .contains(frag.as_ref())
+                {
+                    continue;
+                }
+                assert!(
+                    !shown.contains(frag.as_ref()),
+                    "{url:?} redacted as {shown:?}"
+                );
+                assert!(
+                    !error.contains(frag.as_ref()),
+                    "{url:?} gave {error:?} ({frag:?})"
+                );
+            }
+        }
+    }
 
     #[test]
     fn redacts_passwords_the_way_the_driver_reads_them() {

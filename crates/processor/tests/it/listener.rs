@@ -173,7 +173,10 @@ async fn several_channels_hostile_names_and_limits() {
 #[tokio::test]
 async fn listener_from_a_url_honours_tls_settings() {
     let Some(cluster) = pgstate_testcluster::shared().cluster() else {
-        eprintln!("skipped: external server");
+        support::skip(
+            "listener::listener_from_a_url_honours_tls_settings",
+            "external server",
+        );
         return;
     };
     let certs = cluster.certs().expect("TLS cluster");

@@ -226,3 +226,80 @@ async fn the_health_check_replaces_dead_idle_connections_in_the_background() {
     }
     assert_eq!(b.get_stats().query_count, 0, "no user operation ran");
 }
+
+/// Sends `signal` (`STOP`, `CONT`) to a server process.
+fn signal(pid: i32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// Resumes a stopped server process however the test ends.
+struct Resume(i32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        signal(self.0, "CONT");
+    }
+}
+
+/// Review defect: with no client-side bound, a statement on a frozen server waited for TCP to
+/// give up. The operation timeout ends it, discards that connection, and the pool serves on.
+#[tokio::test]
+async fn a_get_against_a_frozen_server_backend_times_out_and_the_pool_serves_on() {
+    let app = support::unique("frozen");
+    let limit = Duration::from_secs(2);
+    let b = EnhancedPostgresBackend::new(
+        support::config("frozen")
+            .with_application_name(app.clone())
+            .with_operation_timeout(limit)
+            .with_pool_config(PostgresPoolConfig {
+                min_connections: 2,
+                max_connections: 2,
+                test_on_acquire: false,
+                ..PostgresPoolConfig::default()
+            }),
+    )
+    .await
+    .unwrap();
+    b.put(b"k", b"v").await.unwrap();
+    let pids: Vec<i32> = support::sessions(&app).await.iter().map(|s| s.0).collect();
+    assert_eq!(pids.len(), 2, "{pids:?}");
+    signal(pids[0], "STOP");
+    let _resume = Resume(pids[0]);
+    // Two gets at a time use both connections, so one of them meets the frozen server process.
+    let mut timed_out = 0;
+    for round in 0..3 {
+        let one = || async {
+            let start = Instant::now();
+            (b.get(b"k").await, start.elapsed())
+        };
+        let (a, c) = tokio::join!(one(), one());
+        for (result, took) in [a, c] {
+            assert!(took < limit + Duration::from_secs(5), "took {took:?}");
+            match result {
+                Ok(v) => assert_eq!(v, Some(b"v".to_vec())),
+                Err(e) if e.kind() == ErrorKind::Timeout => {
+                    eprintln!("round {round}: timed out after {took:?} (limit {limit:?})");
+                    timed_out += 1;
+                }
+                Err(e) => panic!("round {round}: {e}"),
+            }
+        }
+        if round == 0 {
+            assert_eq!(
+                timed_out, 1,
+                "one get met the frozen process, the other was served"
+            );
+        }
+    }
+    assert_eq!(
+        timed_out, 1,
+        "the frozen connection was discarded, not reused"
+    );
+    let stats = b.get_pool_stats();
+    assert!(stats.connections_closed_broken >= 1, "{stats:?}");
+}

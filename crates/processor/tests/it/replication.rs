@@ -81,7 +81,10 @@ async fn load(writer: &EnhancedPostgresBackend, keys: usize) {
 #[tokio::test]
 async fn reads_spread_over_both_replicas_and_status_is_correct() {
     let Some(cluster) = pgstate_testcluster::shared().cluster() else {
-        eprintln!("skipped: needs the local cluster's replicas");
+        support::skip(
+            "replication::reads_spread_over_both_replicas_and_status_is_correct",
+            "needs the local cluster's replicas",
+        );
         return;
     };
     let schema = support::unique("spread");
@@ -168,7 +171,10 @@ async fn reads_spread_over_both_replicas_and_status_is_correct() {
 #[tokio::test]
 async fn read_your_writes_never_sees_older_state() {
     let Some(cluster) = pgstate_testcluster::shared().cluster() else {
-        eprintln!("skipped: needs the local cluster's replicas");
+        support::skip(
+            "replication::read_your_writes_never_sees_older_state",
+            "needs the local cluster's replicas",
+        );
         return;
     };
     let b = EnhancedPostgresBackend::new(
@@ -456,7 +462,7 @@ async fn checkpoint_needs_the_privilege_and_says_so() {
 #[tokio::test]
 async fn a_statement_timeout_on_a_replica_is_returned_once_and_keeps_it_in_rotation() {
     let Some(cluster) = pgstate_testcluster::shared().cluster() else {
-        eprintln!("skipped: needs the local cluster's replicas");
+        support::skip("replication::a_statement_timeout_on_a_replica_is_returned_once_and_keeps_it_in_rotation", "needs the local cluster's replicas");
         return;
     };
     let schema = support::unique("rtimeout");

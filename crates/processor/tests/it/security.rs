@@ -100,7 +100,10 @@ async fn our_outcome(admin_url: &str, host: &str, port: u16, mode: &str, root: &
 #[tokio::test]
 async fn every_sslmode_matches_psql_on_every_kind_of_server() {
     let Some(tls) = pgstate_testcluster::shared().cluster() else {
-        eprintln!("skipped: needs the local TLS cluster");
+        support::skip(
+            "security::every_sslmode_matches_psql_on_every_kind_of_server",
+            "needs the local TLS cluster",
+        );
         return;
     };
     let plain = support::own_cluster(0).await;
@@ -183,7 +186,10 @@ fn cert_backend(cluster: &Cluster, cert: &Path, key: &Path) -> EnhancedPostgresC
 #[tokio::test]
 async fn client_certificate_authentication() {
     let Some(cluster) = pgstate_testcluster::shared().cluster() else {
-        eprintln!("skipped: needs the local TLS cluster");
+        support::skip(
+            "security::client_certificate_authentication",
+            "needs the local TLS cluster",
+        );
         return;
     };
     let certs = cluster.certs().expect("certificates");
@@ -250,7 +256,10 @@ fn openssl(args: &[&str]) {
 #[tokio::test]
 async fn client_keys_in_sec1_and_rsa_pkcs1_formats_authenticate() {
     let Some(cluster) = pgstate_testcluster::shared().cluster() else {
-        eprintln!("skipped: needs the local TLS cluster");
+        support::skip(
+            "security::client_keys_in_sec1_and_rsa_pkcs1_formats_authenticate",
+            "needs the local TLS cluster",
+        );
         return;
     };
     let certs = cluster.certs().expect("certificates");

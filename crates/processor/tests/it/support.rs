@@ -5,6 +5,14 @@ use std::time::Duration;
 
 use processor::state::{EnhancedPostgresBackend, EnhancedPostgresConfig, PostgresPoolConfig};
 
+/// Reports a test that cannot run in this setup (for example against an external server) as
+/// skipped, by name. Written to the process's stderr directly, past the test harness's output
+/// capture, so it shows in every run; the harness itself still counts the test as passed.
+pub fn skip(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
+}
+
 /// URL of the shared test server's primary.
 pub fn url() -> String {
     pgstate_testcluster::shared().url()

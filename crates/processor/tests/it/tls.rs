@@ -30,9 +30,9 @@ async fn check_mode(url: String, ssl: Option<PostgresSslConfig>, expect_tls: boo
 #[tokio::test]
 async fn prefer_encrypts_and_disable_does_not() {
     let Some(cluster) = pgstate_testcluster::shared().cluster() else {
-        eprintln!(
-            "skipped: {} points at an external server",
-            pgstate_testcluster::URL_ENV
+        support::skip(
+            "tls::prefer_encrypts_and_disable_does_not",
+            "the suite points at an external server",
         );
         return;
     };

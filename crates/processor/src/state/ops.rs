@@ -426,11 +426,7 @@ impl Store {
     where
         F: AsyncFnOnce(&mut PgConn) -> StateResult<T>,
     {
-        bounded(self.op_timeout, async {
-            let mut conn = self.primary.get().await?;
-            conn.run(|c| f(c)).await
-        })
-        .await
+        self.primary.with(self.op_timeout, f).await
     }
 
     /// A read, routed by the router and bounded by the operation timeout. A replica that fails

@@ -337,6 +337,19 @@ impl ConnPool {
         Ok(self.checkout(self.get_pooled().await?))
     }
 
+    /// Checks out a connection and runs `f` on it, the whole bounded by `limit` (see
+    /// [`bounded`]).
+    pub async fn with<T, F>(&self, limit: Duration, f: F) -> StateResult<T>
+    where
+        F: AsyncFnOnce(&mut PgConn) -> StateResult<T>,
+    {
+        bounded(limit, async {
+            let mut conn = self.get().await?;
+            conn.run(|c| f(c)).await
+        })
+        .await
+    }
+
     fn checkout(&self, pooled: PooledConnection<'static, Manager>) -> Checkout {
         Checkout {
             pooled: Some(pooled),

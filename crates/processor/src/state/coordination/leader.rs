@@ -32,7 +32,7 @@ use crate::state::coordination::{
     check_lock_name, leader_key, locked, Coordinator, Fence, HeldLock, LockMode, ADVISORY_LOCKS,
 };
 use crate::state::error::{StateError, StateResult};
-use crate::state::pool::{bounded, ConnPool};
+use crate::state::pool::ConnPool;
 use crate::state::retry::backoff;
 use crate::state::stats::{LockEvent, Stats};
 use crate::state::ErrorKind;
@@ -617,13 +617,13 @@ impl Lease {
             return;
         }
         let clear = self.sql.clear.as_str();
-        let cleared = bounded(self.op_timeout, async {
-            let mut conn = self.primary.get().await?;
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&name, &term, &holder];
-            conn.run(|c| c.client.execute(clear, &params)).await?;
-            Ok(())
-        })
-        .await;
+        let cleared = self
+            .primary
+            .with(self.op_timeout, async |c| {
+                c.client.execute(clear, &[&name, &term, &holder]).await?;
+                Ok(())
+            })
+            .await;
         if let Err(e) = cleared {
             tracing::debug!(name, error = %e, "clearing a lost lease failed; it runs out by itself");
         }

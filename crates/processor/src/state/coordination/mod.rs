@@ -40,7 +40,7 @@ use tokio_postgres::{Client, Statement};
 use crate::state::connection::{Connector, PgConn, Session};
 use crate::state::error::{sqlstate, StateError, StateResult};
 use crate::state::names::TableNames;
-use crate::state::pool::{bounded, ConnPool};
+use crate::state::pool::ConnPool;
 use crate::state::stats::{LockEvent, Stats};
 
 pub(crate) use guard::fence_sql;
@@ -272,11 +272,7 @@ impl Coordinator {
     where
         F: AsyncFnOnce(&mut PgConn) -> StateResult<T>,
     {
-        bounded(self.op_timeout, async {
-            let mut conn = self.primary.get().await?;
-            conn.run(|c| f(c)).await
-        })
-        .await
+        self.primary.with(self.op_timeout, f).await
     }
 
     /// A clean dedicated connection: a spare one if any is still open, else a new one.

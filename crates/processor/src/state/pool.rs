@@ -156,10 +156,7 @@ impl Checkout {
         F: FnOnce(&'s mut PgConn) -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let Pooled { conn, busy, .. } = &mut **match self.pooled.as_mut() {
-            Some(p) => p,
-            None => unreachable!("a live checkout holds its connection"),
-        };
+        let Pooled { conn, busy, .. } = self.pooled();
         *busy = true;
         let result = op(conn).await;
         *busy = false;

@@ -157,7 +157,8 @@ fn chunk<'a>(entries: &[(&'a [u8], &'a [u8])]) -> Vec<Chunk<'a>> {
     chunks
 }
 
-fn empty_object() -> serde_json::Value {
+/// `{}`: the metadata of an entry written without any.
+pub(crate) fn empty_object() -> serde_json::Value {
     serde_json::Value::Object(serde_json::Map::new())
 }
 

@@ -21,7 +21,7 @@ use crate::state::error::{sqlstate, ErrorKind, StateError, StateResult};
 use crate::state::ident::Ident;
 use crate::state::limits::{check_entry, check_key, check_metadata, check_ttl};
 use crate::state::names::TableNames;
-use crate::state::ops::{check_batch, MetadataQuery, StateEntry};
+use crate::state::ops::{check_batch, empty_object, MetadataQuery, StateEntry};
 use crate::state::pool::{bounded, Checkout, ConnPool};
 use crate::state::router::Router;
 use crate::state::stats::{Op, Stats, TxEvent};
@@ -448,10 +448,6 @@ impl PostgresTransaction {
         self.stmt(Op::Query, 1, async |c| c.query_by_metadata(&q).await)
             .await
     }
-}
-
-fn empty_object() -> serde_json::Value {
-    serde_json::Value::Object(serde_json::Map::new())
 }
 
 impl Drop for PostgresTransaction {

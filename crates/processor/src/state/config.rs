@@ -299,9 +299,12 @@ impl EnhancedPostgresConfig {
         self
     }
 
-    /// Read-your-writes (default on): after this backend writes, its reads use a replica only
-    /// once the replica has replayed that write. Off: replicas within the lag threshold serve
-    /// every read, which may then miss this backend's latest writes.
+    /// Read-your-writes (default on): after a handle writes, the reads of its session (the
+    /// handle and its clones, see
+    /// [`new_session`](crate::state::EnhancedPostgresBackend::new_session)) use a replica only
+    /// once the replica has replayed that write. Off: writes are not recorded, and replicas
+    /// within the lag threshold serve every read, which may then miss the handle's latest
+    /// writes (causal tokens a handle observes still count).
     pub fn with_read_your_writes(mut self, on: bool) -> Self {
         self.read_your_writes = on;
         self

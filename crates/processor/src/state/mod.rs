@@ -1,14 +1,17 @@
 //! Stream-processing state in PostgreSQL.
 //!
 //! Start with [`EnhancedPostgresBackend::new`] and an [`EnhancedPostgresConfig`]; everything
-//! implements [`StateBackend`]. Files follow concepts: `config` (settings, URL parsing),
-//! `tls` (sslmode), `connection` (one connection), `pool` (bb8 pool), `schema` (migrations),
-//! `ops` (key/value operations), `coordination` (advisory locks, lock guards, leader
-//! election, LISTEN/NOTIFY), `stats` (counters), `limits` (input limits), `ident` (SQL
-//! identifiers), `memory` and `basic` (the other backends).
+//! implements [`StateBackend`]. Files follow concepts: `config` (settings, URL parsing), `tls`
+//! (sslmode), `connection` (one connection), `pool` (bb8 pool), `router` (replicas), `causal`
+//! (read-your-writes sessions, causal tokens), `schema` (migrations), `ops` (key/value
+//! statements), `store` (the operations over the pools), `coordination` (advisory locks, lock
+//! guards, leader election, LISTEN/NOTIFY), `stats` (counters), `limits` (input limits),
+//! `ident` (SQL identifiers), `memory` and `basic` (the other backends), `enhanced` (the
+//! facade).
 
 mod backend;
 mod basic;
+mod causal;
 mod config;
 mod connection;
 pub mod coordination;
@@ -25,11 +28,13 @@ mod router;
 mod schema;
 mod statements;
 mod stats;
+mod store;
 mod tls;
 mod transaction;
 
 pub use backend::StateBackend;
 pub use basic::{PostgresConfig, PostgresStateBackend};
+pub use causal::CausalToken;
 pub use config::{
     redact, EnhancedPostgresConfig, IsolationLevel, PostgresPoolConfig, PostgresReplicaConfig,
     PostgresSslConfig, RetentionPolicy, SslMode, DEFAULT_OPERATION_TIMEOUT,

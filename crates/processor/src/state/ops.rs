@@ -5,22 +5,19 @@
 //! expired entry is invisible before any cleanup runs. Every write bumps `version`.
 
 use std::collections::HashMap;
+
 use std::pin::pin;
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::SystemTime;
 
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Row;
 
 use crate::state::connection::PgConn;
-use crate::state::error::{sqlstate, ErrorKind, StateError, StateResult};
-use crate::state::limits::{check_entry, check_key, check_metadata, json_type, prefix_upper_bound};
+use crate::state::error::{StateError, StateResult};
+use crate::state::limits::{check_entry, check_metadata, json_type, prefix_upper_bound};
 use crate::state::names::TableNames;
-use crate::state::pool::{bounded, ConnPool};
-use crate::state::router::{ReadTarget, Router};
 use crate::state::statements::ON_CONFLICT_REPLACE;
-use crate::state::stats::{Op, Stats};
 
 /// Rows per UNNEST statement in `batch_put`.
 const BATCH_CHUNK_ROWS: usize = 5_000;
@@ -163,12 +160,19 @@ pub(crate) fn empty_object() -> serde_json::Value {
 }
 
 /// The statements themselves, on one connection, without validation or bookkeeping: the
-/// pooled operations ([`Store`]) and transactions call these after checking their input.
+/// pooled operations ([`Store`](crate::state::store::Store)) and transactions call these after checking their input.
 impl PgConn {
     /// The server's WAL insert position as a byte offset (primary only): taken after a write
     /// committed, it is at or past that write's commit record.
     pub(crate) async fn insert_lsn(&self) -> StateResult<u64> {
         let row = self.client.query_one(&self.stmts.insert_lsn, &[]).await?;
+        Ok(u64::try_from(row.try_get::<_, i64>(0)?).unwrap_or(0))
+    }
+
+    /// A replica's WAL replay position as a byte offset (0 on a primary): every commit whose
+    /// record ends at or before it is visible to the replica's next snapshot.
+    pub(crate) async fn replay_lsn(&self) -> StateResult<u64> {
+        let row = self.client.query_one(&self.stmts.replay_lsn, &[]).await?;
         Ok(u64::try_from(row.try_get::<_, i64>(0)?).unwrap_or(0))
     }
 
@@ -382,255 +386,6 @@ impl PgConn {
             }
         };
         rows_to_entries(&rows)
-    }
-}
-
-/// The future of one read attempt (boxed: see [`Store::read`]).
-type ReadFuture<'a, T> =
-    std::pin::Pin<Box<dyn std::future::Future<Output = StateResult<T>> + Send + 'a>>;
-
-/// Whether a failed replica read says the replica cannot serve (it leaves the rotation and
-/// the read runs elsewhere), may run elsewhere (a recovery conflict: the replica is fine),
-/// or is the caller's result (a statement timeout, a bad query, an acquire timeout: returned
-/// once, the replica stays).
-enum ReplicaFailure {
-    Down,
-    Conflict,
-    Caller,
-}
-
-fn replica_failure(e: &StateError) -> ReplicaFailure {
-    if e.sqlstate() == Some(sqlstate::SERIALIZATION_FAILURE) {
-        ReplicaFailure::Conflict
-    } else if e.kind() == ErrorKind::Connection {
-        ReplicaFailure::Down
-    } else {
-        ReplicaFailure::Caller
-    }
-}
-
-/// The operations over the primary's pool and the replicas; the backends are thin handles
-/// around this.
-pub(crate) struct Store {
-    pub primary: Arc<ConnPool>,
-    pub router: Arc<Router>,
-    pub stats: Arc<Stats>,
-    pub names: TableNames,
-    /// Bounds every operation, from checkout to result.
-    pub op_timeout: Duration,
-}
-
-impl Store {
-    /// Runs `f` on a primary connection, bounded by the operation timeout (no statistics: for
-    /// administrative statements).
-    pub async fn on_primary<T, F>(&self, f: F) -> StateResult<T>
-    where
-        F: AsyncFnOnce(&mut PgConn) -> StateResult<T>,
-    {
-        self.primary.with(self.op_timeout, f).await
-    }
-
-    /// A read, routed by the router and bounded by the operation timeout. A replica that fails
-    /// with a connection error leaves the rotation and the read runs elsewhere (reads are
-    /// idempotent); see [`replica_failure`].
-    ///
-    /// `f` gets the connection and `arg` for the same lifetime (a closure capturing `arg`
-    /// instead could not be run again on the next node's connection).
-    async fn read<A, T, F>(&self, primary_only: bool, op: Op, arg: &A, f: F) -> StateResult<T>
-    where
-        A: ?Sized + Sync,
-        F: for<'a> Fn(&'a PgConn, &'a A) -> ReadFuture<'a, T>,
-    {
-        bounded(self.op_timeout, async {
-            let mut tried: Vec<usize> = Vec::new();
-            loop {
-                let (replica, target) = self.router.pick(&tried, primary_only)?;
-                let pool = match target {
-                    ReadTarget::Primary => &self.primary,
-                    ReadTarget::Replica(r) => &r.pool,
-                };
-                let start = Instant::now();
-                let attempt = match pool.get().await {
-                    Ok(mut conn) => conn.run(|c| f(c, arg)).await,
-                    Err(e) => Err(e),
-                };
-                self.stats.record(op, 1, start.elapsed(), attempt.is_ok());
-                let (Some(i), Err(e)) = (replica, &attempt) else {
-                    return attempt;
-                };
-                match replica_failure(e) {
-                    ReplicaFailure::Down => self.router.replicas[i].mark_down(e),
-                    ReplicaFailure::Conflict => {}
-                    ReplicaFailure::Caller => return attempt,
-                }
-                self.router.undo_read(i);
-                tried.push(i);
-            }
-        })
-        .await
-    }
-
-    /// A write on the primary, bounded by the operation timeout. With read-your-writes, the
-    /// WAL position after it is recorded before the connection goes back.
-    async fn write<T, F>(&self, op: Op, rows: u64, f: F) -> StateResult<T>
-    where
-        F: AsyncFnOnce(&mut PgConn) -> StateResult<T>,
-    {
-        bounded(self.op_timeout, async {
-            let mut conn = self.primary.get().await?;
-            // Until the write's WAL position is known, no replica serves this backend's reads
-            // (also if this future is dropped half-way).
-            let pending = self.router.write_pending();
-            let start = Instant::now();
-            let result = conn.run(|c| f(c)).await;
-            self.stats.record(op, rows, start.elapsed(), result.is_ok());
-            if result.is_ok() {
-                self.router.after_write(&mut conn).await;
-            }
-            pending.done();
-            result
-        })
-        .await
-    }
-
-    pub async fn get(&self, key: &[u8], primary_only: bool) -> StateResult<Option<Vec<u8>>> {
-        check_key(key)?;
-        self.read(primary_only, Op::Get, key, |c, k| Box::pin(c.get_value(k)))
-            .await
-    }
-
-    pub async fn get_entry(
-        &self,
-        key: &[u8],
-        primary_only: bool,
-    ) -> StateResult<Option<StateEntry>> {
-        check_key(key)?;
-        self.read(primary_only, Op::Get, key, |c, k| Box::pin(c.get_entry(k)))
-            .await
-    }
-
-    pub async fn contains(&self, key: &[u8], primary_only: bool) -> StateResult<bool> {
-        check_key(key)?;
-        self.read(primary_only, Op::Get, key, |c, k| Box::pin(c.contains(k)))
-            .await
-    }
-
-    pub async fn count(&self, primary_only: bool) -> StateResult<usize> {
-        self.read(primary_only, Op::Count, &(), |c, ()| Box::pin(c.count()))
-            .await
-    }
-
-    pub async fn list_keys(&self, prefix: &[u8], primary_only: bool) -> StateResult<Vec<Vec<u8>>> {
-        self.read(primary_only, Op::Scan, prefix, |c, p| {
-            Box::pin(c.list_keys(p))
-        })
-        .await
-    }
-
-    pub async fn query_by_metadata(
-        &self,
-        path: &str,
-        value: &serde_json::Value,
-        primary_only: bool,
-    ) -> StateResult<Vec<StateEntry>> {
-        let q = MetadataQuery::new(path, value)?;
-        self.read(primary_only, Op::Query, &q, |c, q| {
-            Box::pin(c.query_by_metadata(q))
-        })
-        .await
-    }
-
-    /// Writes a whole entry (value, metadata, expiry) and returns its new version.
-    pub async fn upsert(
-        &self,
-        key: &[u8],
-        value: &[u8],
-        metadata: &serde_json::Value,
-        ttl_us: Option<i64>,
-    ) -> StateResult<i64> {
-        check_entry(key, value)?;
-        check_metadata(metadata)?;
-        self.write(Op::Put, 1, async |c| {
-            c.upsert(key, value, metadata, ttl_us).await
-        })
-        .await
-    }
-
-    pub async fn put_with_version(
-        &self,
-        key: &[u8],
-        value: &[u8],
-        expected: Option<i64>,
-    ) -> StateResult<i64> {
-        check_entry(key, value)?;
-        self.write(Op::Put, 1, async |c| {
-            c.put_with_version(key, value, expected).await
-        })
-        .await
-    }
-
-    pub async fn compare_and_set(
-        &self,
-        key: &[u8],
-        expected: Option<&[u8]>,
-        value: &[u8],
-    ) -> StateResult<Option<i64>> {
-        check_entry(key, value)?;
-        if let Some(old) = expected {
-            check_entry(key, old)?;
-        }
-        self.write(Op::Put, 1, async |c| {
-            c.compare_and_set(key, expected, value).await
-        })
-        .await
-    }
-
-    pub async fn delete(&self, key: &[u8]) -> StateResult<()> {
-        check_key(key)?;
-        self.write(Op::Delete, 1, async |c| c.delete(key).await)
-            .await
-    }
-
-    pub async fn delete_with_version(&self, key: &[u8], expected: i64) -> StateResult<()> {
-        check_key(key)?;
-        self.write(Op::Delete, 1, async |c| {
-            c.delete_with_version(key, expected).await
-        })
-        .await
-    }
-
-    pub async fn clear(&self) -> StateResult<()> {
-        self.write(Op::Clear, 1, async |c| c.clear().await).await
-    }
-
-    /// UNNEST batches of at most [`BATCH_CHUNK_ROWS`] rows / [`BATCH_CHUNK_BYTES`] bytes, all in
-    /// one transaction when there is more than one chunk, so the batch is all-or-nothing.
-    pub async fn batch_put(&self, entries: &[(&[u8], &[u8])]) -> StateResult<()> {
-        check_batch(entries)?;
-        if entries.is_empty() {
-            return Ok(());
-        }
-        self.write(Op::Batch, entries.len() as u64, async |c| {
-            c.batch_put(entries, true).await
-        })
-        .await
-    }
-
-    pub async fn batch_copy(&self, entries: &[(&[u8], &[u8])]) -> StateResult<u64> {
-        check_batch(entries)?;
-        if entries.is_empty() {
-            return Ok(0);
-        }
-        let names = &self.names;
-        self.write(Op::Copy, entries.len() as u64, async |c| {
-            c.batch_copy(names, entries).await
-        })
-        .await
-    }
-
-    /// One round trip on a pooled primary connection.
-    pub async fn ping(&self) -> StateResult<()> {
-        self.on_primary(async |c| c.probe().await).await
     }
 }
 

@@ -15,9 +15,9 @@
 //! read-your-writes does not depend on either estimate.
 //!
 //! A replica serves reads while its last check succeeded, it is still in recovery and its time
-//! lag is within `max_replication_lag_ms`. Read-your-writes: every write on the primary records
-//! its WAL insert position (taken after the write committed); a replica serves this backend's
-//! reads only once its replay position has passed the newest such position.
+//! lag is within `max_replication_lag_ms`. Read-your-writes (see the `causal` module) further
+//! asks, per read, that its replay position be at or past the reading session's floor: known
+//! from the monitor, or learned in the read's own round trip.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -28,7 +28,7 @@ use futures_util::future::join_all;
 
 use crate::state::config::PostgresReplicaConfig;
 use crate::state::error::{StateError, StateResult};
-use crate::state::pool::{Checkout, ConnPool};
+use crate::state::pool::ConnPool;
 
 /// History of the primary's WAL positions kept for time-lag estimates.
 const LSN_HISTORY: usize = 512;
@@ -81,7 +81,13 @@ impl Replica {
 /// Where a read goes.
 pub(crate) enum ReadTarget<'a> {
     Primary,
-    Replica(&'a Replica),
+    /// Replica `index`. With `verify`, its replay position is not known to reach the
+    /// session's floor: the read must check it in the same round trip and go elsewhere if not.
+    Replica {
+        index: usize,
+        replica: &'a Replica,
+        verify: bool,
+    },
 }
 
 /// The replica side of a backend: pools, health, lag and read routing.
@@ -90,38 +96,9 @@ pub(crate) struct Router {
     settings: PostgresReplicaConfig,
     read_your_writes: bool,
     next: AtomicUsize,
-    /// Newest WAL position this backend wrote (0: nothing yet).
-    write_lsn: AtomicU64,
     history: Mutex<VecDeque<(Instant, u64)>>,
     primary_reads: AtomicU64,
     failovers: AtomicU64,
-    /// A write whose WAL position is unknown: see `after_write`.
-    pending_write: AtomicBool,
-    /// Writes under way; while any is, replicas do not serve this backend's reads.
-    writes_in_flight: AtomicU64,
-}
-
-/// Counts a write as under way until `done`; dropped before that (the write's future was
-/// cancelled), the write may have committed at an unknown position, so the next monitor
-/// round's primary position is taken instead.
-pub(crate) struct WriteGuard<'a> {
-    router: &'a Router,
-    done: bool,
-}
-
-impl WriteGuard<'_> {
-    pub fn done(mut self) {
-        self.done = true;
-    }
-}
-
-impl Drop for WriteGuard<'_> {
-    fn drop(&mut self) {
-        if !self.done {
-            self.router.pending_write.store(true, Relaxed);
-        }
-        self.router.writes_in_flight.fetch_sub(1, Relaxed);
-    }
 }
 
 impl Router {
@@ -135,12 +112,9 @@ impl Router {
             settings,
             read_your_writes,
             next: AtomicUsize::new(0),
-            write_lsn: AtomicU64::new(0),
             history: Mutex::new(VecDeque::new()),
             primary_reads: AtomicU64::new(0),
             failovers: AtomicU64::new(0),
-            pending_write: AtomicBool::new(false),
-            writes_in_flight: AtomicU64::new(0),
         }
     }
 
@@ -149,76 +123,68 @@ impl Router {
         self.read_your_writes && self.splits_reads()
     }
 
-    fn splits_reads(&self) -> bool {
+    /// Whether reads may go to replicas at all.
+    pub fn splits_reads(&self) -> bool {
         self.settings.enable_read_splitting && !self.replicas.is_empty()
     }
 
-    /// Marks a write as under way (see [`WriteGuard`]).
-    pub fn write_pending(&self) -> WriteGuard<'_> {
-        self.writes_in_flight.fetch_add(1, Relaxed);
-        WriteGuard {
-            router: self,
-            done: false,
-        }
-    }
-
-    /// Records the WAL position after a committed write on `conn` (a primary connection).
-    /// When it cannot be read, the next monitor round takes the primary's position instead,
-    /// and until then no replica serves this backend's reads.
-    pub async fn after_write(&self, conn: &mut Checkout) {
-        if !self.tracks_writes() {
-            return;
-        }
-        match conn.run(|c| c.insert_lsn()).await {
-            Ok(lsn) => {
-                self.write_lsn.fetch_max(lsn, Relaxed);
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot read the WAL position after a write");
-                self.pending_write.store(true, Relaxed);
-            }
-        }
-    }
-
     fn qualifies(&self, r: &Replica) -> bool {
-        r.healthy.load(Relaxed)
-            && r.lag_ms.load(Relaxed) <= self.settings.max_replication_lag_ms
-            && (!self.read_your_writes
-                || (!self.pending_write.load(Relaxed)
-                    && self.writes_in_flight.load(Relaxed) == 0
-                    && r.replay_lsn.load(Relaxed) >= self.write_lsn.load(Relaxed)))
+        r.healthy.load(Relaxed) && r.lag_ms.load(Relaxed) <= self.settings.max_replication_lag_ms
     }
 
-    /// Picks a node for a read, skipping replicas in `tried`. Round-robin over qualifying
-    /// replicas; the primary when none qualifies and failover is on.
+    /// Learns a replica's replay position from a read's round trip; whether it reaches `floor`.
+    pub fn learned(&self, index: usize, replay: u64, floor: u64) -> bool {
+        self.replicas[index].replay_lsn.fetch_max(replay, Relaxed);
+        replay >= floor
+    }
+
+    /// Picks a node for a read that must see WAL position `floor`, skipping replicas in
+    /// `tried`. Round-robin over qualifying replicas known to have replayed `floor`; failing
+    /// that, over qualifying replicas to verify; the primary when none qualifies and failover
+    /// is on.
     pub fn pick(
         &self,
         tried: &[usize],
         force_primary: bool,
-    ) -> StateResult<(Option<usize>, ReadTarget<'_>)> {
+        floor: u64,
+    ) -> StateResult<ReadTarget<'_>> {
         if force_primary || !self.splits_reads() {
             self.primary_reads.fetch_add(1, Relaxed);
-            return Ok((None, ReadTarget::Primary));
+            return Ok(ReadTarget::Primary);
         }
         let candidates: Vec<usize> = (0..self.replicas.len())
             .filter(|i| !tried.contains(i) && self.qualifies(&self.replicas[*i]))
             .collect();
-        if !candidates.is_empty() {
-            let i = candidates[self.next.fetch_add(1, Relaxed) % candidates.len()];
-            let r = &self.replicas[i];
-            r.reads.fetch_add(1, Relaxed);
-            return Ok((Some(i), ReadTarget::Replica(r)));
+        let caught_up: Vec<usize> = candidates
+            .iter()
+            .copied()
+            .filter(|i| self.replicas[*i].replay_lsn.load(Relaxed) >= floor)
+            .collect();
+        let (pool, verify) = if caught_up.is_empty() {
+            (candidates, true)
+        } else {
+            (caught_up, false)
+        };
+        if !pool.is_empty() {
+            let index = pool[self.next.fetch_add(1, Relaxed) % pool.len()];
+            let replica = &self.replicas[index];
+            replica.reads.fetch_add(1, Relaxed);
+            return Ok(ReadTarget::Replica {
+                index,
+                replica,
+                verify,
+            });
         }
         if self.settings.enable_auto_failover {
             self.failovers.fetch_add(1, Relaxed);
             self.primary_reads.fetch_add(1, Relaxed);
-            return Ok((None, ReadTarget::Primary));
+            return Ok(ReadTarget::Primary);
         }
         Err(StateError::Connection {
             message: format!(
                 "no replica can serve this read (healthy, within {} ms of lag{}) and auto-failover is off",
                 self.settings.max_replication_lag_ms,
-                if self.read_your_writes { ", past this backend's last write" } else { "" }
+                if floor > 0 { ", replayed past this session's writes" } else { "" }
             ),
             sqlstate: None,
         })
@@ -232,9 +198,6 @@ impl Router {
     /// One monitoring round: the primary's position, then every replica concurrently.
     pub async fn check(&self, primary: &ConnPool) {
         let now = Instant::now();
-        // Taken before the position is read, so a position read afterwards is past any write
-        // that set the flag first.
-        let pending = self.pending_write.swap(false, Relaxed);
         let primary_lsn = match current_lsn(primary).await {
             Ok(lsn) => {
                 if let Ok(mut h) = self.history.lock() {
@@ -245,15 +208,9 @@ impl Router {
                         }
                     }
                 }
-                if pending {
-                    self.write_lsn.fetch_max(lsn, Relaxed);
-                }
                 Some(lsn)
             }
             Err(e) => {
-                if pending {
-                    self.pending_write.store(true, Relaxed);
-                }
                 tracing::warn!(error = %e, "lag monitor cannot read the primary's WAL position");
                 None
             }
@@ -400,8 +357,8 @@ pub struct ReplicaStatus {
     pub name: String,
     /// Whether its last check succeeded (reachable and still a replica).
     pub healthy: bool,
-    /// Whether it serves reads now (healthy, within the lag threshold, and past this backend's
-    /// last write when read-your-writes is on).
+    /// Whether it serves reads now (healthy and within the lag threshold; a read of a session
+    /// that wrote also waits for the replica to replay that write).
     pub in_rotation: bool,
     /// Replication lag in milliseconds (0 when fully caught up); a lower bound exact to within
     /// one health interval.

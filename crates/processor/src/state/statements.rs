@@ -35,6 +35,7 @@ pub(crate) struct Statements {
     pub delete_if_version: Statement,
     pub cas_update: Statement,
     pub insert_lsn: Statement,
+    pub replay_lsn: Statement,
 }
 
 /// What an upsert does to an existing row. An entry that had expired counts as new again.
@@ -101,9 +102,11 @@ impl Statements {
                  version = version + 1 WHERE key = $1 AND value = $3 AND {LIVE} RETURNING version"
             ),
             "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint".to_string(),
+            "SELECT pg_wal_lsn_diff(coalesce(pg_last_wal_replay_lsn(), '0/0'), '0/0')::bigint"
+                .to_string(),
         ];
         let prepared = try_join_all(sqls.iter().map(|s| client.prepare(s))).await?;
-        let [get, get_entry, contains, count, upsert, insert_new, update_if_version, delete, scan_range, scan_from, clear, batch_upsert, query_contains, query_path, delete_if_version, cas_update, insert_lsn]: [Statement; 17] =
+        let [get, get_entry, contains, count, upsert, insert_new, update_if_version, delete, scan_range, scan_from, clear, batch_upsert, query_contains, query_path, delete_if_version, cas_update, insert_lsn, replay_lsn]: [Statement; 18] =
             prepared.try_into().map_err(|_| StateError::StorageError {
                 message: "statement preparation returned the wrong number of statements".into(),
                 sqlstate: None,
@@ -126,6 +129,7 @@ impl Statements {
             delete_if_version,
             cas_update,
             insert_lsn,
+            replay_lsn,
         })
     }
 }

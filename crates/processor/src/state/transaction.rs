@@ -15,6 +15,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::state::causal::Session;
 use crate::state::config::IsolationLevel;
 use crate::state::connection::PgConn;
 use crate::state::error::{sqlstate, ErrorKind, StateError, StateResult};
@@ -23,7 +24,6 @@ use crate::state::limits::{check_entry, check_key, check_metadata, check_ttl};
 use crate::state::names::TableNames;
 use crate::state::ops::{check_batch, empty_object, MetadataQuery, StateEntry};
 use crate::state::pool::{bounded, Checkout, ConnPool};
-use crate::state::router::Router;
 use crate::state::stats::{Op, Stats, TxEvent};
 
 /// The future a [`transaction`](crate::state::EnhancedPostgresBackend::transaction) closure
@@ -43,7 +43,9 @@ pub type TxFuture<'t, T> = Pin<Box<dyn Future<Output = StateResult<T>> + Send + 
 pub struct PostgresTransaction {
     conn: Option<Checkout>,
     pub(crate) stats: Arc<Stats>,
-    router: Arc<Router>,
+    /// The read-your-writes session its commit is recorded in (none when writes are not
+    /// tracked, or the transaction is read-only).
+    session: Option<Arc<Session>>,
     /// Bounds every statement, COMMIT and ROLLBACK.
     op_timeout: Duration,
     savepoints: Vec<String>,
@@ -68,7 +70,7 @@ impl PostgresTransaction {
     pub(crate) async fn begin(
         pool: &ConnPool,
         stats: Arc<Stats>,
-        router: Arc<Router>,
+        session: Option<Arc<Session>>,
         names: TableNames,
         level: IsolationLevel,
         read_only: bool,
@@ -90,7 +92,7 @@ impl PostgresTransaction {
         Ok(PostgresTransaction {
             conn: Some(conn),
             stats,
-            router,
+            session,
             op_timeout,
             savepoints: Vec::new(),
             abandoned: None,
@@ -195,10 +197,10 @@ impl PostgresTransaction {
                 sqlstate: None,
             });
         }
-        // Until the commit's WAL position is known, no replica serves this backend's reads
-        // (also if this future is dropped half-way).
-        let router = self.router.clone();
-        let pending = (!self.read_only).then(|| router.write_pending());
+        // Until the commit's WAL position is known, the session is unsure (also if this
+        // future is dropped half-way, or COMMIT's outcome is unknown).
+        let session = self.session.clone();
+        let mark = session.as_deref().map(Session::write);
         let committed = tokio::time::timeout(
             self.op_timeout,
             conn.run(|c| c.client.batch_execute("COMMIT")),
@@ -208,14 +210,16 @@ impl PostgresTransaction {
             Ok(Ok(())) => {
                 conn.set_in_transaction(false);
                 self.stats.tx(TxEvent::Committed);
-                if let Some(pending) = pending {
-                    let _ = tokio::time::timeout(self.op_timeout, router.after_write(&mut conn)).await;
-                    pending.done();
+                if let Some(mark) = mark {
+                    let _ = tokio::time::timeout(self.op_timeout, mark.record(&mut conn)).await;
                 }
                 Ok(())
             }
             Ok(Err(e)) if e.as_db_error().is_some() => {
                 // The server answered: the transaction is over (rolled back).
+                if let Some(mark) = mark {
+                    mark.nothing_written();
+                }
                 conn.set_in_transaction(false);
                 let err = StateError::from(e);
                 self.note_error(&err);

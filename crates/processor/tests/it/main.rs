@@ -4,6 +4,7 @@
 
 mod bad_input;
 mod conformance;
+mod consistency;
 mod coordination;
 mod hostile;
 mod leader;

@@ -5,43 +5,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use processor::state::{
-    EnhancedPostgresBackend, EnhancedPostgresConfig, ErrorKind, PostgresReplicaConfig,
-    ReplicationStatus, StateBackend,
-};
+use processor::state::{EnhancedPostgresBackend, EnhancedPostgresConfig, ErrorKind, StateBackend};
 
-use crate::support;
-
-fn replicas(urls: Vec<String>, max_lag_ms: u64, failover: bool) -> PostgresReplicaConfig {
-    PostgresReplicaConfig {
-        replica_urls: urls,
-        enable_read_splitting: true,
-        max_replication_lag_ms: max_lag_ms,
-        health_check_interval: Duration::from_millis(200),
-        enable_auto_failover: failover,
-    }
-}
-
-/// Polls the status until `ok` holds (or fails the test after `limit`).
-async fn wait_status(
-    b: &EnhancedPostgresBackend,
-    limit: Duration,
-    what: &str,
-    ok: impl Fn(&ReplicationStatus) -> bool,
-) -> ReplicationStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        let s = b.check_replication_status().await.unwrap();
-        if ok(&s) {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what} not reached within {limit:?}: {s:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+use crate::support::{self, replicas, wait_status};
 
 /// 8 reader tasks reading `keys` until `stop`; returns (reads, failures).
 fn spawn_readers(
@@ -201,10 +167,29 @@ async fn read_your_writes_never_sees_older_state() {
             );
         }
     }
+    let during = b.get_stats().replica_reads;
+    // Once the replicas have caught up, the same session's reads of everything it wrote go to
+    // them: read-your-writes does not keep a writer's reads on the primary.
+    wait_status(&b, Duration::from_secs(20), "replicas caught up", |s| {
+        s.replicas.iter().all(|r| r.healthy && r.lag_bytes == 0)
+    })
+    .await;
+    for i in 0..1000u32 {
+        let k = format!("ryw:{i}");
+        assert_eq!(
+            b.get(k.as_bytes()).await.unwrap(),
+            Some(i.to_be_bytes().to_vec())
+        );
+    }
     let s = b.get_stats();
     eprintln!(
-        "1000 rounds: {} replica reads, {} primary reads",
+        "1000 rounds: {during} replica reads during the writes; {} replica and {} primary reads in all",
         s.replica_reads, s.primary_reads
+    );
+    assert_eq!(
+        s.replica_reads - during,
+        1000,
+        "every read after the replicas caught up was served by a replica"
     );
 }
 

@@ -1,9 +1,12 @@
 //! Helpers shared by the integration tests.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use processor::state::{EnhancedPostgresBackend, EnhancedPostgresConfig, PostgresPoolConfig};
+use processor::state::{
+    EnhancedPostgresBackend, EnhancedPostgresConfig, PostgresPoolConfig, PostgresReplicaConfig,
+    ReplicationStatus,
+};
 
 /// Reports a test that cannot run in this setup (for example against an external server) as
 /// skipped, by name. Written to the process's stderr directly, past the test harness's output
@@ -129,4 +132,36 @@ pub async fn terminate_sessions(app: &str) {
             .expect("pg_terminate_backend");
     }
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+}
+
+/// Replica settings for tests: a fast monitor (200 ms), the given lag limit and failover.
+pub fn replicas(urls: Vec<String>, max_lag_ms: u64, failover: bool) -> PostgresReplicaConfig {
+    PostgresReplicaConfig {
+        replica_urls: urls,
+        enable_read_splitting: true,
+        max_replication_lag_ms: max_lag_ms,
+        health_check_interval: Duration::from_millis(200),
+        enable_auto_failover: failover,
+    }
+}
+
+/// Polls the status until `ok` holds (or fails the test after `limit`).
+pub async fn wait_status(
+    b: &EnhancedPostgresBackend,
+    limit: Duration,
+    what: &str,
+    ok: impl Fn(&ReplicationStatus) -> bool,
+) -> ReplicationStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        let s = b.check_replication_status().await.unwrap();
+        if ok(&s) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} not reached within {limit:?}: {s:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

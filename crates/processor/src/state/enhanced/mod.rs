@@ -1,4 +1,8 @@
-//! [`EnhancedPostgresBackend`]: the public face of the PostgreSQL backend.
+//! [`EnhancedPostgresBackend`]: the public face of the PostgreSQL backend. The key/value
+//! operations and transactions are here; `coordination` and `replication` hold the rest.
+
+mod coordination;
+mod replication;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -6,25 +10,21 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::state::backend::StateBackend;
+use crate::state::causal::{Scope, Session};
 use crate::state::config::IsolationLevel;
 use crate::state::config::{EnhancedPostgresConfig, PostgresPoolConfig};
 use crate::state::connection::Connector;
-use crate::state::coordination::{
-    check_durable_payload, check_lock_name, check_payload, durable_notify_sql, locked,
-    AdvisoryLockInfo, CoordinationHandle, Coordinator, LeaderInfo, Leadership, LockMode,
-    NOTIFY_SQL,
-};
-use crate::state::error::{StateError, StateResult};
-use crate::state::ident::check_channel;
+use crate::state::coordination::Coordinator;
+use crate::state::error::StateResult;
 use crate::state::limits::check_ttl;
 use crate::state::names::TableNames;
-use crate::state::ops::{StateEntry, Store};
+use crate::state::ops::StateEntry;
 use crate::state::pool::{ConnPool, PoolStats};
 use crate::state::retry::backoff;
-use crate::state::router::{spawn_monitor, Replica, ReplicationStatus, Router};
+use crate::state::router::{spawn_monitor, Replica, Router};
 use crate::state::schema::migrate;
-use crate::state::stats::LockEvent;
 use crate::state::stats::{BackendStats, Stats, TxEvent};
+use crate::state::store::Store;
 use crate::state::transaction::{worth_retrying, PostgresTransaction, TxFuture};
 
 /// The PostgreSQL state backend: a pooled, migrated state table with metadata, TTL and
@@ -41,6 +41,8 @@ pub struct EnhancedPostgresBackend {
     inner: Arc<Inner>,
     /// Reads of this handle skip the replicas.
     primary_only: bool,
+    /// This handle's read-your-writes scope, shared with its clones.
+    session: Arc<Session>,
 }
 
 struct Inner {
@@ -147,55 +149,13 @@ impl EnhancedPostgresBackend {
                 monitor,
             }),
             primary_only: false,
+            session: Arc::new(Session::default()),
         })
     }
 
     /// Another handle to the same backend (same pool, same statistics).
     pub fn clone_handle(&self) -> Self {
         self.clone()
-    }
-
-    /// A handle to the same backend whose reads always go to the primary (for a read that
-    /// must see the very latest state, whatever anyone wrote).
-    pub fn reading_from_primary(&self) -> Self {
-        Self {
-            inner: self.inner.clone(),
-            primary_only: true,
-        }
-    }
-
-    /// Replication state: whether the node written to is a replica, the lag of each replica
-    /// (measured now), how many replicas stream from the primary, and each replica's place in
-    /// the read rotation.
-    pub async fn check_replication_status(&self) -> StateResult<ReplicationStatus> {
-        let s = self.store();
-        s.router.check(&s.primary).await;
-        let row = s
-            .on_primary(async |c| {
-                Ok(c.client
-                    .query_one(
-                        "SELECT pg_is_in_recovery(), (SELECT count(*) FROM pg_stat_replication)::bigint",
-                        &[],
-                    )
-                    .await?)
-            })
-            .await?;
-        let replicas = s.router.status();
-        Ok(ReplicationStatus {
-            is_replica: row.try_get(0)?,
-            lag_ms: replicas.iter().map(|r| r.lag_ms).max().unwrap_or(0),
-            lag_bytes: replicas.iter().map(|r| r.lag_bytes).max().unwrap_or(0),
-            connected_replicas: u32::try_from(row.try_get::<_, i64>(1)?).unwrap_or(u32::MAX),
-            primary_reads: s.router.primary_reads(),
-            failovers_to_primary: s.router.failovers(),
-            replicas,
-        })
-    }
-
-    /// What the router knows of each replica now, without contacting any server (updated by
-    /// the background monitor and by failed reads).
-    pub fn replica_status(&self) -> Vec<crate::state::ReplicaStatus> {
-        self.store().router.status()
     }
 
     /// Runs `CHECKPOINT` on the primary. Needs superuser or the `pg_checkpoint` role;
@@ -220,6 +180,14 @@ impl EnhancedPostgresBackend {
         &self.inner.store
     }
 
+    /// Where this handle's reads may go.
+    fn scope(&self) -> Scope<'_> {
+        Scope {
+            session: &self.session,
+            primary_only: self.primary_only,
+        }
+    }
+
     pub(crate) fn coordinator(&self) -> &Coordinator {
         &self.inner.coordinator
     }
@@ -233,7 +201,7 @@ impl EnhancedPostgresBackend {
         metadata: serde_json::Value,
     ) -> StateResult<()> {
         self.store()
-            .upsert(key, value, &metadata, None)
+            .upsert(&self.session, key, value, &metadata, None)
             .await
             .map(|_| ())
     }
@@ -244,7 +212,7 @@ impl EnhancedPostgresBackend {
         let micros = check_ttl(ttl)?;
         let empty = serde_json::Value::Object(serde_json::Map::new());
         self.store()
-            .upsert(key, value, &empty, Some(micros))
+            .upsert(&self.session, key, value, &empty, Some(micros))
             .await
             .map(|_| ())
     }
@@ -258,20 +226,22 @@ impl EnhancedPostgresBackend {
         ttl: Option<Duration>,
     ) -> StateResult<i64> {
         let micros = ttl.map(check_ttl).transpose()?;
-        self.store().upsert(key, value, &metadata, micros).await
+        self.store()
+            .upsert(&self.session, key, value, &metadata, micros)
+            .await
     }
 
     /// Writes many entries in one round trip per chunk (UNNEST arrays), all or nothing. When a
     /// key occurs more than once, its last occurrence wins.
     pub async fn batch_put(&self, entries: &[(&[u8], &[u8])]) -> StateResult<()> {
-        self.store().batch_put(entries).await
+        self.store().batch_put(&self.session, entries).await
     }
 
     /// Bulk-loads entries with binary COPY into a staging table and one upsert from there, all
     /// or nothing. When a key occurs more than once, its last occurrence wins. Returns the
     /// number of distinct keys written.
     pub async fn batch_copy(&self, entries: &[(&[u8], &[u8])]) -> StateResult<u64> {
-        self.store().batch_copy(entries).await
+        self.store().batch_copy(&self.session, entries).await
     }
 
     /// Optimistic write. `None`: create the entry, failing with
@@ -284,7 +254,9 @@ impl EnhancedPostgresBackend {
         value: &[u8],
         expected: Option<i64>,
     ) -> StateResult<i64> {
-        self.store().put_with_version(key, value, expected).await
+        self.store()
+            .put_with_version(&self.session, key, value, expected)
+            .await
     }
 
     /// The value and version under `key`, for a later
@@ -292,7 +264,7 @@ impl EnhancedPostgresBackend {
     pub async fn get_with_version(&self, key: &[u8]) -> StateResult<Option<(Vec<u8>, i64)>> {
         Ok(self
             .store()
-            .get_entry(key, self.primary_only)
+            .get_entry(key, self.scope())
             .await?
             .map(|e| (e.value, e.version)))
     }
@@ -300,7 +272,9 @@ impl EnhancedPostgresBackend {
     /// Deletes the live entry under `key` only if its version is still `expected`;
     /// [`StateError::ConcurrentModification`](crate::state::StateError::ConcurrentModification) otherwise (also when it is missing).
     pub async fn delete_with_version(&self, key: &[u8], expected: i64) -> StateResult<()> {
-        self.store().delete_with_version(key, expected).await
+        self.store()
+            .delete_with_version(&self.session, key, expected)
+            .await
     }
 
     /// Compare-and-set on the value: replaces the entry with `value` only if its current value
@@ -313,7 +287,7 @@ impl EnhancedPostgresBackend {
     ) -> StateResult<bool> {
         Ok(self
             .store()
-            .compare_and_set(key, expected, value)
+            .compare_and_set(&self.session, key, expected, value)
             .await?
             .is_some())
     }
@@ -347,7 +321,8 @@ impl EnhancedPostgresBackend {
         PostgresTransaction::begin(
             &s.primary,
             s.stats.clone(),
-            s.router.clone(),
+            // A read-only transaction writes nothing whose position a read must wait for.
+            (s.router.tracks_writes() && !read_only).then(|| self.session.clone()),
             s.names.clone(),
             level,
             read_only,
@@ -423,7 +398,7 @@ impl EnhancedPostgresBackend {
 
     /// The whole live entry under `key` (value, metadata, version, timestamps), if any.
     pub async fn get_entry(&self, key: &[u8]) -> StateResult<Option<StateEntry>> {
-        self.store().get_entry(key, self.primary_only).await
+        self.store().get_entry(key, self.scope()).await
     }
 
     /// Live entries whose metadata matches, in key order.
@@ -437,7 +412,7 @@ impl EnhancedPostgresBackend {
         value: &serde_json::Value,
     ) -> StateResult<Vec<StateEntry>> {
         self.store()
-            .query_by_metadata(path, value, self.primary_only)
+            .query_by_metadata(path, value, self.scope())
             .await
     }
 
@@ -468,198 +443,6 @@ impl EnhancedPostgresBackend {
     }
 }
 
-/// Coordination: advisory locks, leader election, LISTEN/NOTIFY. See
-/// [`coordination`](crate::state::coordination) for how locks are held.
-impl EnhancedPostgresBackend {
-    /// Takes the exclusive session advisory lock `key` if it is free now; whether it did.
-    ///
-    /// The lock is held on a dedicated connection until
-    /// [`release_advisory_lock`](Self::release_advisory_lock) (or until this backend is
-    /// dropped). A key this backend already holds is not granted again: ten calls without a
-    /// release return `true` once.
-    pub async fn acquire_advisory_lock(&self, key: i64) -> StateResult<bool> {
-        self.coordinator()
-            .acquire_key(key, LockMode::Exclusive, Duration::ZERO)
-            .await
-    }
-
-    /// Takes the session advisory lock `key` in `mode`, waiting up to `timeout` (zero: do not
-    /// wait); whether it did. Release with [`release_advisory_lock_with`](Self::release_advisory_lock_with).
-    pub async fn acquire_advisory_lock_with(
-        &self,
-        key: i64,
-        mode: LockMode,
-        timeout: Duration,
-    ) -> StateResult<bool> {
-        self.coordinator().acquire_key(key, mode, timeout).await
-    }
-
-    /// Releases the exclusive lock `key` taken by
-    /// [`acquire_advisory_lock`](Self::acquire_advisory_lock) through this backend (any of its
-    /// handles).
-    ///
-    /// Errors, never silent: [`StateError::LockNotHeld`](crate::state::StateError::LockNotHeld)
-    /// if this backend does not hold it (nothing is released, whoever else holds it);
-    /// [`StateError::LockLost`](crate::state::StateError::LockLost) if it was held but its
-    /// connection ended earlier, so the server had already released it.
-    pub async fn release_advisory_lock(&self, key: i64) -> StateResult<()> {
-        self.coordinator()
-            .release_key(key, LockMode::Exclusive)
-            .await
-    }
-
-    /// Releases one acquisition of `key` in `mode`; see
-    /// [`release_advisory_lock`](Self::release_advisory_lock).
-    pub async fn release_advisory_lock_with(&self, key: i64, mode: LockMode) -> StateResult<()> {
-        self.coordinator().release_key(key, mode).await
-    }
-
-    /// Whether this backend holds `key` in `mode` (taken with the key methods) on a live
-    /// connection.
-    pub fn holds_advisory_lock(&self, key: i64, mode: LockMode) -> bool {
-        self.coordinator().holds_key(key, mode)
-    }
-
-    /// Every session advisory lock granted in the database now (from `pg_locks`), with the
-    /// holder recorded in `state_advisory_locks` where pgstate took it and the number of
-    /// sessions waiting. Records of holders found dead are deleted first.
-    pub async fn list_advisory_locks(&self) -> StateResult<Vec<AdvisoryLockInfo>> {
-        self.coordinator().list().await
-    }
-
-    /// The seed's leader election: whether this backend leads `name` now. Takes leadership
-    /// if nobody holds a live lease (waiting for no one), keeps it renewed in the background
-    /// (every `ttl / 3`) until [`resign_leader`](Self::resign_leader) or the backend is
-    /// dropped, and returns `true` again while it lasts. After a leader crashes, its lease
-    /// runs out within `ttl` and the next call anywhere can win.
-    pub async fn try_become_leader(&self, name: &str, ttl: Duration) -> StateResult<bool> {
-        check_lock_name(name)?;
-        {
-            let mut leaders = locked(&self.coordinator().leaders);
-            match leaders.get(name) {
-                Some(l) if l.is_leader() => return Ok(true),
-                Some(_) => {
-                    leaders.remove(name);
-                }
-                None => {}
-            }
-        }
-        match self.try_campaign(name, ttl).await? {
-            Some(leadership) => {
-                locked(&self.coordinator().leaders).insert(name.to_string(), leadership);
-                Ok(true)
-            }
-            None => Ok(false),
-        }
-    }
-
-    /// Whether this backend leads `name` through [`try_become_leader`](Self::try_become_leader).
-    pub fn is_leader(&self, name: &str) -> bool {
-        locked(&self.coordinator().leaders)
-            .get(name)
-            .is_some_and(Leadership::is_leader)
-    }
-
-    /// Gives up leadership of `name` taken with [`try_become_leader`](Self::try_become_leader);
-    /// whether this backend held it.
-    pub async fn resign_leader(&self, name: &str) -> StateResult<bool> {
-        let leadership = locked(&self.coordinator().leaders).remove(name);
-        match leadership {
-            Some(l) => l.resign().await.map(|()| true),
-            None => Ok(false),
-        }
-    }
-
-    /// Campaigns for leadership of `name` and waits until this backend leads. The returned
-    /// [`Leadership`] has a term greater than every earlier one, renews its lease in the
-    /// background, and tells when it is lost. Cancel by dropping the future.
-    pub async fn campaign(&self, name: &str, ttl: Duration) -> StateResult<Leadership> {
-        match self.inner.coordinator.campaign(name, ttl, true).await? {
-            Some(l) => Ok(l),
-            None => Err(StateError::Timeout(format!(
-                "campaign for leadership of {name:?} ended without a lease"
-            ))),
-        }
-    }
-
-    /// Takes leadership of `name` if nobody holds a live lease now; `None` otherwise.
-    pub async fn try_campaign(&self, name: &str, ttl: Duration) -> StateResult<Option<Leadership>> {
-        self.inner.coordinator.campaign(name, ttl, false).await
-    }
-
-    /// The current leader of `name` and its term, if a live lease exists (by the database
-    /// clock).
-    pub async fn current_leader(&self, name: &str) -> StateResult<Option<LeaderInfo>> {
-        self.coordinator().current_leader(name).await
-    }
-
-    /// Sends a notification through `pg_notify` on the primary. `channel`: any string of 1 to
-    /// 63 bytes without NUL (taken literally); `payload`: under 8000 bytes (PostgreSQL's
-    /// limit), no NUL. Listeners connected now receive it; see
-    /// [`notify_durable`](Self::notify_durable) for delivery that survives disconnects.
-    pub async fn notify(&self, channel: &str, payload: &str) -> StateResult<()> {
-        check_channel(channel)?;
-        check_payload(payload)?;
-        self.store()
-            .on_primary(async |c| {
-                let text = tokio_postgres::types::Type::TEXT;
-                c.client
-                    .query_typed(NOTIFY_SQL, &[(&channel, text.clone()), (&payload, text)])
-                    .await?;
-                Ok(())
-            })
-            .await?;
-        self.store().stats.lock(LockEvent::Notified);
-        Ok(())
-    }
-
-    /// Appends an event to `channel` in `state_events` and wakes listeners, in one
-    /// transaction; returns its sequence number on the channel (1, 2, 3, ... without gaps).
-    /// A durable [`PostgresListener`](crate::state::PostgresListener) delivers every event
-    /// exactly once and in order, across reconnects. Payload: up to 32 MiB, no NUL.
-    pub async fn notify_durable(&self, channel: &str, payload: &str) -> StateResult<i64> {
-        check_channel(channel)?;
-        check_durable_payload(payload)?;
-        let sql = durable_notify_sql(&self.store().names);
-        let row = self
-            .store()
-            .on_primary(async |c| {
-                Ok(c.client
-                    .query_one(sql.as_str(), &[&channel, &payload])
-                    .await?)
-            })
-            .await?;
-        self.store().stats.lock(LockEvent::Notified);
-        Ok(row.try_get(0)?)
-    }
-
-    /// Deletes durable events created more than `older_than` ago (server clock); returns how
-    /// many. Sequence numbers continue where they were; a durable listener that had not read a
-    /// pruned event reports the gap.
-    pub async fn prune_events(&self, older_than: Duration) -> StateResult<u64> {
-        let sql = format!(
-            "DELETE FROM {} WHERE created_at < now() - $1::float8 * interval '1 second'",
-            self.store().names.events
-        );
-        let secs = older_than.as_secs_f64();
-        self.store()
-            .on_primary(async |c| Ok(c.client.execute(sql.as_str(), &[&secs]).await?))
-            .await
-    }
-}
-
-impl From<EnhancedPostgresBackend> for CoordinationHandle {
-    fn from(backend: EnhancedPostgresBackend) -> Self {
-        CoordinationHandle(backend.inner.coordinator.clone())
-    }
-}
-
-impl From<&EnhancedPostgresBackend> for CoordinationHandle {
-    fn from(backend: &EnhancedPostgresBackend) -> Self {
-        CoordinationHandle(backend.inner.coordinator.clone())
-    }
-}
-
 impl std::fmt::Debug for EnhancedPostgresBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EnhancedPostgresBackend")
@@ -672,34 +455,34 @@ impl std::fmt::Debug for EnhancedPostgresBackend {
 #[async_trait]
 impl StateBackend for EnhancedPostgresBackend {
     async fn get(&self, key: &[u8]) -> StateResult<Option<Vec<u8>>> {
-        self.store().get(key, self.primary_only).await
+        self.store().get(key, self.scope()).await
     }
 
     async fn put(&self, key: &[u8], value: &[u8]) -> StateResult<()> {
         let empty = serde_json::Value::Object(serde_json::Map::new());
         self.store()
-            .upsert(key, value, &empty, None)
+            .upsert(&self.session, key, value, &empty, None)
             .await
             .map(|_| ())
     }
 
     async fn delete(&self, key: &[u8]) -> StateResult<()> {
-        self.store().delete(key).await
+        self.store().delete(&self.session, key).await
     }
 
     async fn list_keys(&self, prefix: &[u8]) -> StateResult<Vec<Vec<u8>>> {
-        self.store().list_keys(prefix, self.primary_only).await
+        self.store().list_keys(prefix, self.scope()).await
     }
 
     async fn clear(&self) -> StateResult<()> {
-        self.store().clear().await
+        self.store().clear(&self.session).await
     }
 
     async fn count(&self) -> StateResult<usize> {
-        self.store().count(self.primary_only).await
+        self.store().count(self.scope()).await
     }
 
     async fn contains(&self, key: &[u8]) -> StateResult<bool> {
-        self.store().contains(key, self.primary_only).await
+        self.store().contains(key, self.scope()).await
     }
 }

@@ -1,0 +1,345 @@
+//! [`Store`]: the key/value operations over the primary's pool and the replicas, each bounded
+//! by the operation timeout, counted in the statistics, with reads routed (replicas, failover,
+//! read-your-writes) and writes recorded in their session.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::future::join;
+
+use crate::state::causal::{Scope, Session};
+use crate::state::connection::PgConn;
+use crate::state::error::{sqlstate, ErrorKind, StateError, StateResult};
+use crate::state::limits::{check_entry, check_key, check_metadata};
+use crate::state::names::TableNames;
+use crate::state::ops::{check_batch, MetadataQuery, StateEntry};
+use crate::state::pool::{bounded, ConnPool};
+use crate::state::router::{current_lsn, ReadTarget, Router};
+use crate::state::stats::{Op, Stats};
+
+/// The future of one read attempt (boxed: see [`Store::read`]).
+type ReadFuture<'a, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = StateResult<T>> + Send + 'a>>;
+
+/// Whether a failed replica read says the replica cannot serve (it leaves the rotation and
+/// the read runs elsewhere), may run elsewhere (a recovery conflict: the replica is fine),
+/// or is the caller's result (a statement timeout, a bad query, an acquire timeout: returned
+/// once, the replica stays).
+enum ReplicaFailure {
+    Down,
+    Conflict,
+    Caller,
+}
+
+fn replica_failure(e: &StateError) -> ReplicaFailure {
+    if e.sqlstate() == Some(sqlstate::SERIALIZATION_FAILURE) {
+        ReplicaFailure::Conflict
+    } else if e.kind() == ErrorKind::Connection {
+        ReplicaFailure::Down
+    } else {
+        ReplicaFailure::Caller
+    }
+}
+
+/// The operations over the primary's pool and the replicas; the backends are thin handles
+/// around this.
+pub(crate) struct Store {
+    pub primary: Arc<ConnPool>,
+    pub router: Arc<Router>,
+    pub stats: Arc<Stats>,
+    pub names: TableNames,
+    /// Bounds every operation, from checkout to result.
+    pub op_timeout: Duration,
+}
+
+impl Store {
+    /// Runs `f` on a primary connection, bounded by the operation timeout (no statistics: for
+    /// administrative statements).
+    pub async fn on_primary<T, F>(&self, f: F) -> StateResult<T>
+    where
+        F: AsyncFnOnce(&mut PgConn) -> StateResult<T>,
+    {
+        self.primary.with(self.op_timeout, f).await
+    }
+
+    /// The WAL position a read of `scope` must see (see the `causal` module); `None` when only
+    /// the primary will do (the session is unsure and the primary's position cannot be read).
+    async fn floor(&self, scope: Scope<'_>) -> Option<u64> {
+        if scope.primary_only || !self.router.splits_reads() {
+            return Some(0);
+        }
+        if scope.session.take_unsure() {
+            match current_lsn(&self.primary).await {
+                Ok(lsn) => scope.session.observe(lsn),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot read the primary's WAL position");
+                    scope.session.set_unsure();
+                    return None;
+                }
+            }
+        }
+        Some(scope.session.floor())
+    }
+
+    /// A read, routed by the router and bounded by the operation timeout. A replica serves it
+    /// only once it has replayed the session's floor: checked in the same round trip for point
+    /// reads, before the read for scans (so a lagging replica does not run a scan for nothing);
+    /// a replica still behind passes the read on. A replica that fails with a connection error
+    /// leaves the rotation and the read runs elsewhere (reads are idempotent); see
+    /// [`replica_failure`].
+    ///
+    /// `f` gets the connection and `arg` for the same lifetime (a closure capturing `arg`
+    /// instead could not be run again on the next node's connection).
+    async fn read<A, T, F>(&self, scope: Scope<'_>, op: Op, arg: &A, f: F) -> StateResult<T>
+    where
+        A: ?Sized + Sync,
+        F: for<'a> Fn(&'a PgConn, &'a A) -> ReadFuture<'a, T>,
+    {
+        bounded(self.op_timeout, async {
+            let floor = self.floor(scope).await;
+            let force_primary = scope.primary_only || floor.is_none();
+            let floor = floor.unwrap_or(0);
+            let pipelined = matches!(op, Op::Get);
+            let mut tried: Vec<usize> = Vec::new();
+            loop {
+                let (index, replica, verify) =
+                    match self.router.pick(&tried, force_primary, floor)? {
+                        ReadTarget::Primary => {
+                            let start = Instant::now();
+                            let result = match self.primary.get().await {
+                                Ok(mut conn) => conn.run(|c| f(c, arg)).await,
+                                Err(e) => Err(e),
+                            };
+                            self.stats.record(op, 1, start.elapsed(), result.is_ok());
+                            return result;
+                        }
+                        ReadTarget::Replica {
+                            index,
+                            replica,
+                            verify,
+                        } => (index, replica, verify),
+                    };
+                let start = Instant::now();
+                let f = &f;
+                let attempt = match replica.pool.get().await {
+                    Err(e) => Err(e),
+                    Ok(mut conn) => {
+                        conn.run(|c| async move {
+                            let c = &*c;
+                            if !verify {
+                                return Ok(Some(f(c, arg).await?));
+                            }
+                            let (replay, read) = if pipelined {
+                                let (replay, read) = join(c.replay_lsn(), f(c, arg)).await;
+                                (replay?, Some(read))
+                            } else {
+                                let replay = c.replay_lsn().await?;
+                                (replay, (replay >= floor).then_some(f(c, arg).await))
+                            };
+                            if !self.router.learned(index, replay, floor) {
+                                return Ok(None);
+                            }
+                            read.map_or(Ok(None), |r| r.map(Some))
+                        })
+                        .await
+                    }
+                };
+                self.stats.record(op, 1, start.elapsed(), attempt.is_ok());
+                match attempt {
+                    Ok(Some(value)) => return Ok(value),
+                    // Behind the session's floor: not a failure, the read goes elsewhere.
+                    Ok(None) => {}
+                    Err(e) => match replica_failure(&e) {
+                        ReplicaFailure::Down => self.router.replicas[index].mark_down(&e),
+                        ReplicaFailure::Conflict => {}
+                        ReplicaFailure::Caller => return Err(e),
+                    },
+                }
+                self.router.undo_read(index);
+                tried.push(index);
+            }
+        })
+        .await
+    }
+
+    /// A write on the primary, bounded by the operation timeout. With read-your-writes, the
+    /// WAL position after it (also after a version conflict: what the refused write saw) is
+    /// raised into `session`'s floor before the connection goes back.
+    async fn write<T, F>(&self, session: &Session, op: Op, rows: u64, f: F) -> StateResult<T>
+    where
+        F: AsyncFnOnce(&mut PgConn) -> StateResult<T>,
+    {
+        bounded(self.op_timeout, async {
+            let mut conn = self.primary.get().await?;
+            // Dropped before its position is known (also with this future), the session is
+            // unsure: its next read takes the primary's position.
+            let mark = self.router.tracks_writes().then(|| session.write());
+            let start = Instant::now();
+            let result = conn.run(|c| f(c)).await;
+            self.stats.record(op, rows, start.elapsed(), result.is_ok());
+            if let Some(mark) = mark {
+                match &result {
+                    Ok(_) | Err(StateError::ConcurrentModification { .. }) => {
+                        mark.record(&mut conn).await
+                    }
+                    // The server refused the statement: nothing was written.
+                    Err(e) if e.sqlstate().is_some() && !conn.is_closed() => mark.nothing_written(),
+                    Err(_) => {}
+                }
+            }
+            result
+        })
+        .await
+    }
+
+    pub async fn get(&self, key: &[u8], scope: Scope<'_>) -> StateResult<Option<Vec<u8>>> {
+        check_key(key)?;
+        self.read(scope, Op::Get, key, |c, k| Box::pin(c.get_value(k)))
+            .await
+    }
+
+    pub async fn get_entry(&self, key: &[u8], scope: Scope<'_>) -> StateResult<Option<StateEntry>> {
+        check_key(key)?;
+        self.read(scope, Op::Get, key, |c, k| Box::pin(c.get_entry(k)))
+            .await
+    }
+
+    pub async fn contains(&self, key: &[u8], scope: Scope<'_>) -> StateResult<bool> {
+        check_key(key)?;
+        self.read(scope, Op::Get, key, |c, k| Box::pin(c.contains(k)))
+            .await
+    }
+
+    pub async fn count(&self, scope: Scope<'_>) -> StateResult<usize> {
+        self.read(scope, Op::Count, &(), |c, ()| Box::pin(c.count()))
+            .await
+    }
+
+    pub async fn list_keys(&self, prefix: &[u8], scope: Scope<'_>) -> StateResult<Vec<Vec<u8>>> {
+        self.read(scope, Op::Scan, prefix, |c, p| Box::pin(c.list_keys(p)))
+            .await
+    }
+
+    pub async fn query_by_metadata(
+        &self,
+        path: &str,
+        value: &serde_json::Value,
+        scope: Scope<'_>,
+    ) -> StateResult<Vec<StateEntry>> {
+        let q = MetadataQuery::new(path, value)?;
+        self.read(scope, Op::Query, &q, |c, q| {
+            Box::pin(c.query_by_metadata(q))
+        })
+        .await
+    }
+
+    /// Writes a whole entry (value, metadata, expiry) and returns its new version.
+    pub async fn upsert(
+        &self,
+        session: &Session,
+        key: &[u8],
+        value: &[u8],
+        metadata: &serde_json::Value,
+        ttl_us: Option<i64>,
+    ) -> StateResult<i64> {
+        check_entry(key, value)?;
+        check_metadata(metadata)?;
+        self.write(session, Op::Put, 1, async |c| {
+            c.upsert(key, value, metadata, ttl_us).await
+        })
+        .await
+    }
+
+    pub async fn put_with_version(
+        &self,
+        session: &Session,
+        key: &[u8],
+        value: &[u8],
+        expected: Option<i64>,
+    ) -> StateResult<i64> {
+        check_entry(key, value)?;
+        self.write(session, Op::Put, 1, async |c| {
+            c.put_with_version(key, value, expected).await
+        })
+        .await
+    }
+
+    pub async fn compare_and_set(
+        &self,
+        session: &Session,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        value: &[u8],
+    ) -> StateResult<Option<i64>> {
+        check_entry(key, value)?;
+        if let Some(old) = expected {
+            check_entry(key, old)?;
+        }
+        self.write(session, Op::Put, 1, async |c| {
+            c.compare_and_set(key, expected, value).await
+        })
+        .await
+    }
+
+    pub async fn delete(&self, session: &Session, key: &[u8]) -> StateResult<()> {
+        check_key(key)?;
+        self.write(session, Op::Delete, 1, async |c| c.delete(key).await)
+            .await
+    }
+
+    pub async fn delete_with_version(
+        &self,
+        session: &Session,
+        key: &[u8],
+        expected: i64,
+    ) -> StateResult<()> {
+        check_key(key)?;
+        self.write(session, Op::Delete, 1, async |c| {
+            c.delete_with_version(key, expected).await
+        })
+        .await
+    }
+
+    pub async fn clear(&self, session: &Session) -> StateResult<()> {
+        self.write(session, Op::Clear, 1, async |c| c.clear().await)
+            .await
+    }
+
+    /// UNNEST batches of at most [`BATCH_CHUNK_ROWS`] rows / [`BATCH_CHUNK_BYTES`] bytes, all in
+    /// one transaction when there is more than one chunk, so the batch is all-or-nothing.
+    pub async fn batch_put(
+        &self,
+        session: &Session,
+        entries: &[(&[u8], &[u8])],
+    ) -> StateResult<()> {
+        check_batch(entries)?;
+        if entries.is_empty() {
+            return Ok(());
+        }
+        self.write(session, Op::Batch, entries.len() as u64, async |c| {
+            c.batch_put(entries, true).await
+        })
+        .await
+    }
+
+    pub async fn batch_copy(
+        &self,
+        session: &Session,
+        entries: &[(&[u8], &[u8])],
+    ) -> StateResult<u64> {
+        check_batch(entries)?;
+        if entries.is_empty() {
+            return Ok(0);
+        }
+        let names = &self.names;
+        self.write(session, Op::Copy, entries.len() as u64, async |c| {
+            c.batch_copy(names, entries).await
+        })
+        .await
+    }
+
+    /// One round trip on a pooled primary connection.
+    pub async fn ping(&self) -> StateResult<()> {
+        self.on_primary(async |c| c.probe().await).await
+    }
+}

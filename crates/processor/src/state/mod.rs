@@ -41,7 +41,7 @@ pub use config::{
 };
 pub use coordination::{
     lock_key, AdvisoryLockInfo, CoordinationHandle, Fence, LeaderInfo, Leadership, LockMode,
-    Notification, PostgresListener, PostgresLockGuard, MAX_NOTIFY_PAYLOAD,
+    Notification, PostgresListener, PostgresLockGuard, MAX_LOCK_SESSIONS, MAX_NOTIFY_PAYLOAD,
 };
 pub use enhanced::EnhancedPostgresBackend;
 pub use error::{sqlstate, ErrorKind, StateError, StateResult};

@@ -9,6 +9,7 @@ mod coordination;
 mod hostile;
 mod leader;
 mod listener;
+mod lock_sessions;
 mod ops;
 mod pool;
 mod replication;

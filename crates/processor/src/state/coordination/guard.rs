@@ -14,8 +14,8 @@ use crate::state::error::StateResult;
 /// A held named advisory lock, released when dropped (or explicitly with
 /// [`release`](Self::release)).
 ///
-/// The lock lives on a dedicated connection of its own (see the
-/// [module documentation](crate::state::coordination)). If that connection ends while the
+/// The lock lives on one of the backend's lock sessions (see the
+/// [module documentation](crate::state::coordination)). If that session ends while the
 /// guard is held, the server has released the lock: [`lost`](Self::lost) resolves and
 /// [`is_lost`](Self::is_lost) turns true, and another process may acquire it. Work that must
 /// not be done twice should check the [`fence`](Self::fence) inside its transaction

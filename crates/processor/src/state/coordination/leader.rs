@@ -29,7 +29,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::state::connection::wait_closed;
 use crate::state::coordination::{
-    check_lock_name, leader_key, locked, Coordinator, Fence, HeldLock, LockMode, ADVISORY_LOCKS,
+    check_lock_name, leader_key, locked, Coordinator, Fence, HeldLock, ADVISORY_LOCKS,
 };
 use crate::state::error::{StateError, StateResult};
 use crate::state::pool::ConnPool;
@@ -310,10 +310,7 @@ impl Coordinator {
         let mut slice = ttl.min(MAX_SLICE);
         let held = loop {
             let lock_wait = if wait { slice } else { Duration::ZERO };
-            if let Some(held) = self
-                .acquire(key, Some(name), LockMode::Exclusive, lock_wait)
-                .await?
-            {
+            if let Some(held) = self.acquire_dedicated(key, Some(name), lock_wait).await? {
                 break held;
             }
             let remaining = match self.evict_stuck_holder(name, key, ttl).await {

@@ -2,13 +2,19 @@
 //! LISTEN/NOTIFY.
 //!
 //! # How a lock is held
-//! Every held session lock lives on a **dedicated** connection of its own, opened with tight TCP
-//! keepalives and never shared with the pool. The lock is held exactly as long as that session:
-//! released explicitly (`pg_advisory_unlock`, bookkeeping row deleted, connection kept for the
-//! next lock), or by the server when the connection ends (dropped guard without a runtime,
-//! terminated backend, network failure). So two backends, or two tasks of one backend, never hold
-//! the same exclusive lock, and a lock never outlives the code that holds it on a connection that
-//! went back to a pool. When the connection ends unexpectedly the lock's *lost* signal fires.
+//! Held session locks live on a few **dedicated** connections, the lock sessions, opened with
+//! tight TCP keepalives and never shared with the pool: at most
+//! [`MAX_LOCK_SESSIONS`] for locks granted at once, however many are held (see the `sessions`
+//! module). A lock is held exactly as long as it is not released and its session lives:
+//! released explicitly (`pg_advisory_unlock` and the bookkeeping row deleted), in the
+//! background when its guard or holder is dropped, or by the server when the session ends
+//! (terminated backend, network failure: every lock on that session is lost together, and each
+//! one's *lost* signal fires). Two backends, or two tasks of one backend, never hold the same
+//! exclusive lock: PostgreSQL's session locks are re-entrant, so two holders of one key in this
+//! process are always kept on different sessions, and the server excludes them as it excludes
+//! other processes. A lock that must be waited for is waited for
+//! on a connection of its own. Leader election keeps one connection per campaign (a successor
+//! may terminate a stuck leader's session, which must hold nothing else).
 //!
 //! # Lock names
 //! [`lock_key`] maps a name to the `bigint` key PostgreSQL locks: the first 8 bytes, big-endian,
@@ -24,8 +30,11 @@
 //! yet.
 
 mod guard;
+mod held;
 mod leader;
 mod listener;
+mod lockconn;
+mod sessions;
 mod txn;
 
 use std::collections::HashMap;
@@ -34,17 +43,21 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use sha2::{Digest, Sha256};
-use tokio::sync::watch;
-use tokio_postgres::{Client, Statement};
 
-use crate::state::connection::{Connector, PgConn, Session};
-use crate::state::error::{sqlstate, StateError, StateResult};
+use crate::state::connection::{Connector, PgConn};
+use crate::state::error::{StateError, StateResult};
 use crate::state::names::TableNames;
 use crate::state::pool::ConnPool;
 use crate::state::stats::{LockEvent, Stats};
 
+pub(crate) use held::HeldLock;
+use held::HeldOn;
+use lockconn::{record_params, record_sql, recorded, Acquisition, LockConn};
+use sessions::LockSessions;
+
 pub(crate) use guard::fence_sql;
 pub use guard::{Fence, PostgresLockGuard};
+pub use sessions::MAX_LOCK_SESSIONS;
 
 pub use leader::{LeaderInfo, Leadership};
 pub(crate) use listener::{check_durable_payload, check_payload, durable_notify_sql, NOTIFY_SQL};
@@ -111,7 +124,7 @@ pub enum LockMode {
 }
 
 impl LockMode {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             LockMode::Exclusive => "exclusive",
             LockMode::Shared => "shared",
@@ -180,25 +193,6 @@ impl Holder {
 /// The least time recording an acquisition may wait for its fencing row.
 const RECORD_WAIT: Duration = Duration::from_secs(10);
 
-/// Ends a server-side lock wait whose future was dropped: without it the driver keeps the
-/// connection (and the server the queued waiter) until the wait's `lock_timeout`.
-struct CancelOnDrop<'a> {
-    connector: &'a Connector,
-    token: Option<tokio_postgres::CancelToken>,
-}
-
-impl Drop for CancelOnDrop<'_> {
-    fn drop(&mut self) {
-        let Some(token) = self.token.take() else {
-            return;
-        };
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let connector = self.connector.clone();
-            runtime.spawn(async move { connector.cancel(&token).await });
-        }
-    }
-}
-
 /// Spare lock connections kept for reuse, and how long one may sit unused.
 const MAX_SPARE: usize = 4;
 const SPARE_IDLE: Duration = Duration::from_secs(30);
@@ -214,6 +208,9 @@ pub(crate) struct Coordinator {
     pub holder: Holder,
     /// Locks taken with the key API, per key and mode (shared locks may be taken repeatedly).
     held: Mutex<HashMap<(i64, LockMode), Vec<HeldLock>>>,
+    /// The shared sessions locks and guards are held on.
+    sessions: Arc<LockSessions>,
+    /// Clean dedicated connections kept for waits and leader election.
     spare: Mutex<Vec<(Instant, LockConn)>>,
     /// Leaderships taken with `try_become_leader`.
     pub leaders: Mutex<HashMap<String, Leadership>>,
@@ -249,8 +246,10 @@ impl Coordinator {
         primary: Arc<ConnPool>,
         op_timeout: Duration,
     ) -> Self {
+        let connector = connector.dedicated();
         Coordinator {
-            connector: connector.dedicated(),
+            sessions: LockSessions::new(connector.clone(), names.clone()),
+            connector,
             names,
             stats,
             primary,
@@ -302,8 +301,9 @@ impl Coordinator {
         }
     }
 
-    /// Acquires `key` on a dedicated connection: without waiting when `wait` is zero, else
-    /// waiting up to `wait` (server-side `lock_timeout`). `Ok(None)`: someone else holds it.
+    /// Acquires `key` on one of the shared lock sessions (see the `sessions` module): without
+    /// waiting when `wait` is zero, else waiting up to `wait` on a connection of its own.
+    /// `Ok(None)`: someone else (also in this process) holds it.
     pub async fn acquire(
         &self,
         key: i64,
@@ -311,23 +311,106 @@ impl Coordinator {
         mode: LockMode,
         wait: Duration,
     ) -> StateResult<Option<HeldLock>> {
+        let start = Instant::now();
+        let result = self.acquire_shared_session(key, name, mode, wait).await;
+        self.count_acquisition(&result, start.elapsed());
+        result
+    }
+
+    /// Acquires `key` on a dedicated connection of its own (leader election: a successor may
+    /// terminate a stuck leader's session, which must hold nothing else).
+    pub async fn acquire_dedicated(
+        &self,
+        key: i64,
+        name: Option<&str>,
+        wait: Duration,
+    ) -> StateResult<Option<HeldLock>> {
         let mut waited = Duration::ZERO;
-        let result = self.acquire_inner(key, name, mode, wait, &mut waited).await;
-        match &result {
+        let result = self.acquire_inner(key, name, wait, &mut waited).await;
+        self.count_acquisition(&result, waited);
+        result
+    }
+
+    fn count_acquisition(&self, result: &StateResult<Option<HeldLock>>, waited: Duration) {
+        match result {
             Ok(Some(_)) => self.stats.lock(LockEvent::Acquired(waited)),
             _ => self.stats.lock(LockEvent::Failed(waited)),
         }
-        result
+    }
+
+    async fn acquire_shared_session(
+        &self,
+        key: i64,
+        name: Option<&str>,
+        mode: LockMode,
+        wait: Duration,
+    ) -> StateResult<Option<HeldLock>> {
+        let deadline = Instant::now() + wait;
+        let mut reservation = self.sessions.reserve(key, mode).await?;
+        if !reservation.try_lock(&self.connector).await? {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Ok(None);
+            }
+            // Held elsewhere: wait on a connection of its own, never on a shared session.
+            let (waiter, _) = self.take_conn().await?;
+            if !waiter.lock(&self.connector, key, mode, remaining).await? {
+                self.put_spare(waiter);
+                return Ok(None);
+            }
+            reservation.granted_on(waiter);
+        }
+        // From here on, an error or a dropped future unlocks in the background (see
+        // `Reservation`): nothing is left held. Recording may wait for the fencing row, so it
+        // runs on a pooled connection rather than the shared session.
+        let serial = self.acquisitions.fetch_add(1, AtomicOrdering::Relaxed);
+        let acquisition = format!("{}/{serial}", self.holder.id);
+        let what = Acquisition {
+            key,
+            name,
+            mode,
+            holder: &self.holder,
+            id: &acquisition,
+        };
+        let budget = deadline
+            .saturating_duration_since(Instant::now())
+            .max(RECORD_WAIT);
+        let pid = reservation.session().conn.pid;
+        let sql = record_sql(&self.names);
+        let budget_ms = format!("{}ms", budget.as_millis().clamp(1, i32::MAX as u128));
+        let exclusive = mode == LockMode::Exclusive;
+        let mode_text = mode.as_str();
+        let params = record_params(&what, &exclusive, &mode_text, &pid);
+        let token = self
+            .primary
+            .with(budget + self.op_timeout, async |c| {
+                let tx = c.client.transaction().await?;
+                tx.query_one("SELECT set_config('lock_timeout', $1, true)", &[&budget_ms])
+                    .await?;
+                let row = tx.query_one(sql.as_str(), &params).await;
+                let token = recorded(row, key, budget)?;
+                tx.commit().await?;
+                Ok(token)
+            })
+            .await?;
+        Ok(Some(HeldLock {
+            lock: HeldOn::Shared(reservation),
+            key,
+            name: name.map(str::to_string),
+            mode,
+            token,
+            acquisition,
+        }))
     }
 
     async fn acquire_inner(
         &self,
         key: i64,
         name: Option<&str>,
-        mode: LockMode,
         wait: Duration,
         waited: &mut Duration,
     ) -> StateResult<Option<HeldLock>> {
+        let mode = LockMode::Exclusive;
         let (mut conn, reused) = self.take_conn().await?;
         let start = Instant::now();
         let first = conn.lock(&self.connector, key, mode, wait).await;
@@ -362,7 +445,7 @@ impl Coordinator {
         };
         let token = conn.record(&self.connector, &what, budget).await?;
         Ok(Some(HeldLock {
-            conn,
+            lock: HeldOn::Dedicated(Box::new(conn)),
             key,
             name: name.map(str::to_string),
             mode,
@@ -371,26 +454,39 @@ impl Coordinator {
         }))
     }
 
-    /// Releases a held lock and keeps its connection for reuse. `LockLost` if the connection
-    /// had already ended (the server released the lock then).
+    /// Releases a held lock. `LockLost` if its session had already ended (the server released
+    /// the lock then).
     pub async fn release(&self, held: HeldLock) -> StateResult<()> {
         self.stats.lock(LockEvent::Released);
         let label = held.label();
-        if held.conn.is_closed() {
+        if held.is_lost() {
             return Err(StateError::LockLost { lock: label });
         }
-        match held.conn.unlock(held.key, held.mode).await {
-            Ok(true) => {
-                self.put_spare(held.conn);
-                Ok(())
+        let lost = |e: StateError| {
+            if e.kind() == crate::state::ErrorKind::Connection {
+                StateError::LockLost {
+                    lock: label.clone(),
+                }
+            } else {
+                e
             }
-            // The session did not hold it: it cannot have been released by us, so the
-            // connection is in a state we do not understand; drop it.
-            Ok(false) => Err(StateError::LockLost { lock: label }),
-            Err(e) if e.kind() == crate::state::ErrorKind::Connection => {
-                Err(StateError::LockLost { lock: label })
-            }
-            Err(e) => Err(e),
+        };
+        match held.lock {
+            HeldOn::Shared(mut reservation) => match reservation.unlock().await {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(StateError::LockLost { lock: label }),
+                Err(e) => Err(lost(e)),
+            },
+            HeldOn::Dedicated(conn) => match conn.unlock(held.key, held.mode).await {
+                Ok(true) => {
+                    self.put_spare(*conn);
+                    Ok(())
+                }
+                // The session did not hold it: it cannot have been released by us, so the
+                // connection is in a state we do not understand; drop it.
+                Ok(false) => Err(StateError::LockLost { lock: label }),
+                Err(e) => Err(lost(e)),
+            },
         }
     }
 
@@ -430,7 +526,7 @@ impl Coordinator {
     pub fn holds_key(&self, key: i64, mode: LockMode) -> bool {
         locked(&self.held)
             .get(&(key, mode))
-            .is_some_and(|v| v.iter().any(|h| !h.conn.is_closed()))
+            .is_some_and(|v| v.iter().any(|h| !h.is_lost()))
     }
 
     /// Every session advisory lock granted in this database, with pgstate's bookkeeping where
@@ -481,287 +577,6 @@ impl Coordinator {
                 })
             })
             .collect()
-    }
-}
-
-type Param<'a> = dyn tokio_postgres::types::ToSql + Sync + 'a;
-
-/// A dedicated connection for session locks (and leader leases).
-pub(crate) struct LockConn {
-    client: Client,
-    /// The server process id of this session.
-    pid: i32,
-    closed: watch::Receiver<bool>,
-    stmts: LockStatements,
-}
-
-struct LockStatements {
-    try_lock: Statement,
-    try_lock_shared: Statement,
-    lock: Statement,
-    lock_shared: Statement,
-    set_lock_timeout: Statement,
-    record: Statement,
-    unlock: Statement,
-    unlock_shared: Statement,
-    forget: Statement,
-}
-
-impl LockConn {
-    async fn open(connector: &Connector, names: &TableNames) -> StateResult<Self> {
-        let Session { client, closed, .. } = connector.connect_dedicated().await?;
-        let record = format!(
-            "WITH fence AS (
-                 -- Exclusive: the next token. Shared: the current one (0 before any writer),
-                 -- without bumping it. Both take the row lock, so both wait for an open
-                 -- transaction that checked a fence on this lock (it holds the row FOR SHARE):
-                 -- a new holder never starts before a stale holder's fenced write is settled.
-                 INSERT INTO {fences} AS f (lock_key, lock_name, token)
-                 VALUES ($1, $2, CASE WHEN $7 THEN 1 ELSE 0 END)
-                 ON CONFLICT (lock_key) DO UPDATE
-                     SET token = f.token + CASE WHEN $7 THEN 1 ELSE 0 END,
-                         lock_name = COALESCE(EXCLUDED.lock_name, f.lock_name),
-                         updated_at = now()
-                 RETURNING token
-             ), dead AS (
-                 DELETE FROM {locks} b
-                 WHERE b.lock_key = $1 AND b.backend_pid <> pg_backend_pid() AND NOT EXISTS (
-                     SELECT 1 FROM ({ADVISORY_LOCKS}) l
-                     WHERE l.granted AND l.pid = b.backend_pid AND l.lock_key = b.lock_key)
-             )
-             INSERT INTO {locks} AS b (lock_key, lock_name, holder_id, holder_host, holder_pid,
-                                       backend_pid, lock_mode, acquired_at, fencing_token,
-                                       acquisition_id)
-             SELECT $1, $2, $3, $4, $5, pg_backend_pid(), $6, now(), token, $8 FROM fence
-             ON CONFLICT (lock_key, backend_pid) DO UPDATE
-                 SET lock_name = EXCLUDED.lock_name, holder_id = EXCLUDED.holder_id,
-                     holder_host = EXCLUDED.holder_host, holder_pid = EXCLUDED.holder_pid,
-                     lock_mode = EXCLUDED.lock_mode, acquired_at = EXCLUDED.acquired_at,
-                     fencing_token = EXCLUDED.fencing_token,
-                     acquisition_id = EXCLUDED.acquisition_id
-             RETURNING fencing_token",
-            fences = names.fences,
-            locks = names.locks
-        );
-        let forget = format!(
-            "DELETE FROM {} WHERE lock_key = $1 AND backend_pid = pg_backend_pid()",
-            names.locks
-        );
-        let (pid, a, b, c, d, e, f, g, h, i) = tokio::try_join!(
-            client.query_one("SELECT pg_backend_pid()", &[]),
-            client.prepare("SELECT pg_try_advisory_lock($1)"),
-            client.prepare("SELECT pg_try_advisory_lock_shared($1)"),
-            client.prepare("SELECT pg_advisory_lock($1)"),
-            client.prepare("SELECT pg_advisory_lock_shared($1)"),
-            client.prepare("SELECT set_config('lock_timeout', $1, false)"),
-            client.prepare(&record),
-            client.prepare("SELECT pg_advisory_unlock($1)"),
-            client.prepare("SELECT pg_advisory_unlock_shared($1)"),
-            client.prepare(&forget),
-        )?;
-        Ok(LockConn {
-            pid: pid.try_get(0)?,
-            client,
-            closed,
-            stmts: LockStatements {
-                try_lock: a,
-                try_lock_shared: b,
-                lock: c,
-                lock_shared: d,
-                set_lock_timeout: e,
-                record: f,
-                unlock: g,
-                unlock_shared: h,
-                forget: i,
-            },
-        })
-    }
-
-    fn is_closed(&self) -> bool {
-        self.client.is_closed() || *self.closed.borrow()
-    }
-
-    /// Takes the lock; `false` if it is held elsewhere (and, with a wait, stayed so). If this
-    /// future is dropped during a wait, a cancel request ends the server-side wait.
-    async fn lock(
-        &self,
-        connector: &Connector,
-        key: i64,
-        mode: LockMode,
-        wait: Duration,
-    ) -> StateResult<bool> {
-        let s = &self.stmts;
-        if wait.is_zero() {
-            let stmt = match mode {
-                LockMode::Exclusive => &s.try_lock,
-                LockMode::Shared => &s.try_lock_shared,
-            };
-            return Ok(self.client.query_one(stmt, &[&key]).await?.try_get(0)?);
-        }
-        // lock_timeout counts whole milliseconds up to i32::MAX (about 24 days); 0 would
-        // mean "no limit".
-        let ms = wait.as_millis().clamp(1, i32::MAX as u128);
-        let setting = format!("{ms}ms");
-        let stmt = match mode {
-            LockMode::Exclusive => &s.lock,
-            LockMode::Shared => &s.lock_shared,
-        };
-        let set_params: [&Param; 1] = [&setting];
-        let lock_params: [&Param; 1] = [&key];
-        let mut canceller = CancelOnDrop {
-            connector,
-            token: Some(self.client.cancel_token()),
-        };
-        let (set, locked) = tokio::join!(
-            self.client.query_one(&s.set_lock_timeout, &set_params),
-            self.client.execute(stmt, &lock_params),
-        );
-        canceller.token = None;
-        set?;
-        match locked {
-            Ok(_) => Ok(true),
-            Err(e) if e.code().map(|c| c.code()) == Some(sqlstate::LOCK_NOT_AVAILABLE) => Ok(false),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    /// Records the acquisition (bookkeeping row; for an exclusive lock the next fencing token),
-    /// then resets `lock_timeout`. Waiting for the token row (an open transaction's
-    /// [`check_fence`](crate::state::PostgresTransaction::check_fence) holds it) is bounded
-    /// by `budget`.
-    async fn record(
-        &self,
-        connector: &Connector,
-        what: &Acquisition<'_>,
-        budget: Duration,
-    ) -> StateResult<i64> {
-        let Acquisition {
-            key,
-            name,
-            mode,
-            holder,
-            id: acquisition,
-        } = *what;
-        let budget_ms = format!("{}ms", budget.as_millis().clamp(1, i32::MAX as u128));
-        let zero = "0";
-        let exclusive = mode == LockMode::Exclusive;
-        let mode = mode.as_str();
-        let budget_params: [&Param; 1] = [&budget_ms];
-        let reset_params: [&Param; 1] = [&zero];
-        let record_params: [&Param<'_>; 8] = [
-            &key,
-            &name,
-            &holder.id,
-            &holder.host,
-            &holder.pid,
-            &mode,
-            &exclusive,
-            &acquisition,
-        ];
-        // The lock is already held here: a dropped future must not leave it held until the
-        // reply arrives.
-        let mut canceller = CancelOnDrop {
-            connector,
-            token: Some(self.client.cancel_token()),
-        };
-        let (set, row, reset) = tokio::join!(
-            self.client
-                .query_one(&self.stmts.set_lock_timeout, &budget_params),
-            self.client.query_one(&self.stmts.record, &record_params),
-            self.client
-                .query_one(&self.stmts.set_lock_timeout, &reset_params),
-        );
-        canceller.token = None;
-        set?;
-        reset?;
-        match row {
-            Ok(row) => Ok(row.try_get(0)?),
-            Err(e) if e.code().map(|c| c.code()) == Some(sqlstate::LOCK_NOT_AVAILABLE) => {
-                Err(StateError::Timeout(format!(
-                    "recording advisory lock {key} waited over {budget:?} for its fencing row, \
-                     held by an open transaction that checked the lock's fence"
-                )))
-            }
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    /// Deletes the bookkeeping row and releases the lock; whether the session held it.
-    async fn unlock(&self, key: i64, mode: LockMode) -> StateResult<bool> {
-        let stmt = match mode {
-            LockMode::Exclusive => &self.stmts.unlock,
-            LockMode::Shared => &self.stmts.unlock_shared,
-        };
-        let params: [&Param; 1] = [&key];
-        let (forget, unlocked) = tokio::join!(
-            self.client.execute(&self.stmts.forget, &params),
-            self.client.query_one(stmt, &params),
-        );
-        forget?;
-        Ok(unlocked?.try_get(0)?)
-    }
-}
-
-/// What [`LockConn::record`] writes down about one acquisition.
-#[derive(Clone, Copy)]
-struct Acquisition<'a> {
-    key: i64,
-    name: Option<&'a str>,
-    mode: LockMode,
-    holder: &'a Holder,
-    id: &'a str,
-}
-
-/// A lock held on its dedicated connection.
-pub(crate) struct HeldLock {
-    conn: LockConn,
-    pub key: i64,
-    pub name: Option<String>,
-    pub mode: LockMode,
-    pub token: i64,
-    /// Unique per acquisition (`holder id/serial`), recorded in the bookkeeping row: a fence
-    /// names exactly one acquisition, even on a reused session.
-    pub acquisition: String,
-}
-
-impl HeldLock {
-    /// The lock's name, or its key, for messages.
-    pub fn label(&self) -> String {
-        match &self.name {
-            Some(n) => format!("{n:?}"),
-            None => format!("advisory lock {}", self.key),
-        }
-    }
-
-    pub fn is_lost(&self) -> bool {
-        self.conn.is_closed()
-    }
-
-    /// Becomes `true` when the lock's connection ends.
-    pub fn lost_signal(&self) -> watch::Receiver<bool> {
-        self.conn.closed.clone()
-    }
-
-    /// The server process id of the lock's session.
-    pub fn backend_pid(&self) -> i32 {
-        self.conn.pid
-    }
-
-    /// What a transaction checks to refuse this holder's writes once it no longer holds the
-    /// lock under this acquisition.
-    pub fn fence(&self) -> Fence {
-        Fence {
-            key: self.key,
-            name: self.label(),
-            token: self.token,
-            backend_pid: self.backend_pid(),
-            acquisition: self.acquisition.clone(),
-        }
-    }
-
-    /// The lock's session, for statements that must run on it (leader leases).
-    pub(crate) fn client(&self) -> &Client {
-        &self.conn.client
     }
 }
 

@@ -16,7 +16,7 @@ use crate::state::stats::LockEvent;
 impl EnhancedPostgresBackend {
     /// Takes the exclusive session advisory lock `key` if it is free now; whether it did.
     ///
-    /// The lock is held on a dedicated connection until
+    /// The lock is held on one of the backend's lock sessions until
     /// [`release_advisory_lock`](Self::release_advisory_lock) (or until this backend is
     /// dropped). A key this backend already holds is not granted again: ten calls without a
     /// release return `true` once.

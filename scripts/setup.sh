@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what pgstate's tests and examples need on a fresh Debian machine, when missing:
-# the PostgreSQL server binaries (initdb, postgres, pg_basebackup), psql and pgbench, openssl.
+# the PostgreSQL server binaries (initdb, postgres, pg_basebackup), psql and pgbench, openssl,
+# PgBouncer.
 # Idempotent and quiet when everything is there.
 set -euo pipefail
 
@@ -22,6 +23,7 @@ command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
 command -v pgbench >/dev/null 2>&1 || missing+=(postgresql-client)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v setsid >/dev/null 2>&1 || missing+=(util-linux)
+command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)
 
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
@@ -40,5 +42,7 @@ if [ ${#missing[@]} -gt 0 ]; then
       $sudo pg_ctlcluster "$ver" "$name" stop >/dev/null 2>&1 || true
     done
   fi
+  # Likewise Debian's PgBouncer service: the tests start their own.
+  $sudo service pgbouncer stop >/dev/null 2>&1 || true
 fi
 have_server || { echo "setup: PostgreSQL server binaries still not found" >&2; exit 1; }

@@ -13,6 +13,10 @@
 //! [`shared`] gives the one cluster of a test process (primary and two replicas, TLS on), or
 //! the server named by `PGSTATE_TEST_DATABASE_URL` when that is set.
 
+mod pgbouncer;
+
+pub use pgbouncer::{find_pgbouncer, PgBouncer, PoolMode};
+
 use std::fmt;
 use std::fs;
 use std::net::TcpListener;
@@ -286,6 +290,11 @@ impl Cluster {
         Ok(out)
     }
 
+    /// The user the servers run as, when not the current one.
+    fn run_as_name(&self) -> Option<&str> {
+        self.run_as.as_ref().map(|u| u.name.as_str())
+    }
+
     fn chown(&self, path: &Path) -> Result<()> {
         if let Some(u) = &self.run_as {
             std::os::unix::fs::chown(path, Some(u.uid), Some(u.gid))
@@ -304,6 +313,7 @@ impl Cluster {
         let dir = self.dir.to_string_lossy().to_string();
         let script = format!(
             "while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
+             for p in '{dir}'/pgbouncer-*.pid; do [ -f \"$p\" ] && kill \"$(cat \"$p\")\" 2>/dev/null; done; \
              for d in '{dir}'/node*/; do [ -f \"$d/postmaster.pid\" ] && {prefix}'{pg_ctl}' -D \"$d\" -m immediate -w stop >/dev/null 2>&1; done; \
              rm -rf '{dir}'",
             pid = std::process::id(),

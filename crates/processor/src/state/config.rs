@@ -1,11 +1,11 @@
-//! Configuration: [`EnhancedPostgresConfig`] and the seed's option structs, connection-string
-//! parsing (URLs and libpq keyword strings), validation and password redaction.
+//! Configuration: [`EnhancedPostgresConfig`] and the seed's option structs, and their
+//! validation. Connection strings are parsed in `connspec`.
 
 use std::fmt;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::Duration;
 
+use crate::state::connspec::{redact, ConnectionSpec, SslSettings};
 use crate::state::error::{StateError, StateResult};
 use crate::state::ident::Ident;
 
@@ -174,6 +174,8 @@ pub struct EnhancedPostgresConfig {
     pub(crate) max_retries: u32,
     pub(crate) retry_backoff: Duration,
     pub(crate) read_your_writes: bool,
+    pub(crate) transaction_pooling: bool,
+    pub(crate) session_url: Option<String>,
 }
 
 impl EnhancedPostgresConfig {
@@ -197,6 +199,8 @@ impl EnhancedPostgresConfig {
             max_retries: 10,
             retry_backoff: Duration::from_millis(10),
             read_your_writes: true,
+            transaction_pooling: false,
+            session_url: None,
         }
     }
 
@@ -310,6 +314,31 @@ impl EnhancedPostgresConfig {
         self
     }
 
+    /// Behind PgBouncer's transaction pooling (the same as `pgbouncer=true` in the URL): every
+    /// statement is sent unnamed in one round trip (no prepared statement, which would live on
+    /// whichever server connection served it), and nothing relies on session state. Session
+    /// features (session advisory locks, lock guards, leader election, LISTEN) then need
+    /// [`with_session_url`](Self::with_session_url); without one they fail with a
+    /// [`StateError::Configuration`] naming it. Transactions, transaction-scoped locks,
+    /// `notify` and every key/value operation work through the pooler.
+    /// [`with_statement_timeout`](Self::with_statement_timeout) is refused with it (a session
+    /// setting): set `statement_timeout` on the role or database instead, and rely on
+    /// [`with_operation_timeout`](Self::with_operation_timeout).
+    pub fn with_transaction_pooling(mut self, on: bool) -> Self {
+        self.transaction_pooling = on;
+        self
+    }
+
+    /// A direct URL of the primary (or one through PgBouncer's session pooling) for the
+    /// session features: session advisory locks, lock guards, leader election and LISTEN.
+    /// Needed with [`with_transaction_pooling`](Self::with_transaction_pooling); without
+    /// transaction pooling they use it too when it is set. TLS settings apply as for the main
+    /// URL.
+    pub fn with_session_url(mut self, url: impl Into<String>) -> Self {
+        self.session_url = Some(url.into());
+        self
+    }
+
     /// The primary's connection string, with any password replaced by `***`.
     pub fn redacted_url(&self) -> String {
         redact(&self.url)
@@ -336,6 +365,26 @@ impl EnhancedPostgresConfig {
     }
 
     /// Checks everything that can be checked without a server.
+    /// Parses `url` with this configuration's TLS settings, which override the URL's.
+    pub(crate) fn spec(&self, url: &str) -> StateResult<ConnectionSpec> {
+        ConnectionSpec::parse_with(url, |ssl: &mut SslSettings| {
+            if let Some(o) = &self.ssl {
+                ssl.mode = o.mode.parse()?;
+                ssl.mode_given = true;
+                if o.root_cert_path.is_some() {
+                    ssl.root_cert.clone_from(&o.root_cert_path);
+                }
+                if o.client_cert_path.is_some() {
+                    ssl.client_cert.clone_from(&o.client_cert_path);
+                }
+                if o.client_key_path.is_some() {
+                    ssl.client_key.clone_from(&o.client_key_path);
+                }
+            }
+            Ok(())
+        })
+    }
+
     pub(crate) fn validate(&self) -> StateResult<ValidatedConfig> {
         let schema = Ident::new("schema", &self.schema)?;
         let table = Ident::new_table(&self.table)?;
@@ -372,20 +421,54 @@ impl EnhancedPostgresConfig {
                 ));
             }
         }
-        let primary = ConnectionSpec::parse(&self.url, self.ssl.as_ref())?;
+        let mut primary = self.spec(&self.url)?;
+        primary.pgbouncer |= self.transaction_pooling;
         let mut replicas = Vec::new();
         if let Some(r) = &self.replicas {
             for url in &r.replica_urls {
-                replicas.push(ConnectionSpec::parse(url, self.ssl.as_ref())?);
+                let mut spec = self.spec(url)?;
+                spec.pgbouncer |= self.transaction_pooling;
+                replicas.push(spec);
             }
         }
+        if primary.pgbouncer && self.statement_timeout.is_some() {
+            return Err(StateError::config(
+                "with_statement_timeout sets a session setting, which PgBouncer's transaction \
+                 pooling does not keep: set statement_timeout on the role or database (ALTER ROLE \
+                 ... SET statement_timeout) and use with_operation_timeout",
+            ));
+        }
+        let session = match &self.session_url {
+            Some(url) => {
+                let spec = self.spec(url)?;
+                if spec.pgbouncer {
+                    return Err(StateError::config(
+                        "the session URL must keep its session (a direct URL, or PgBouncer's \
+                         session pooling): it cannot say pgbouncer=true",
+                    ));
+                }
+                Some(spec)
+            }
+            None => None,
+        };
         Ok(ValidatedConfig {
             schema,
             table,
             primary,
             replicas,
+            session,
         })
     }
+}
+
+/// Everything `validate` established.
+pub(crate) struct ValidatedConfig {
+    pub schema: Ident,
+    pub table: Ident,
+    pub primary: ConnectionSpec,
+    pub replicas: Vec<ConnectionSpec>,
+    /// For session features ([`EnhancedPostgresConfig::with_session_url`]).
+    pub session: Option<ConnectionSpec>,
 }
 
 impl fmt::Debug for EnhancedPostgresConfig {
@@ -407,6 +490,8 @@ impl fmt::Debug for EnhancedPostgresConfig {
             .field("max_retries", &self.max_retries)
             .field("retry_backoff", &self.retry_backoff)
             .field("read_your_writes", &self.read_your_writes)
+            .field("transaction_pooling", &self.transaction_pooling)
+            .field("session_url", &self.session_url.as_deref().map(redact))
             .finish()
     }
 }
@@ -424,407 +509,10 @@ impl fmt::Debug for PostgresReplicaConfig {
     }
 }
 
-/// Everything `validate` established.
-pub(crate) struct ValidatedConfig {
-    pub schema: Ident,
-    pub table: Ident,
-    pub primary: ConnectionSpec,
-    pub replicas: Vec<ConnectionSpec>,
-}
-
-/// libpq `sslmode` values.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SslMode {
-    /// No TLS.
-    Disable,
-    /// Plaintext first; TLS if the server refuses the plaintext connection.
-    Allow,
-    /// TLS first, without verification (the chain is verified when a root certificate is
-    /// given); plaintext if TLS is unavailable or fails.
-    Prefer,
-    /// TLS without verification (the chain is verified when a root certificate is given).
-    Require,
-    /// TLS; the server certificate must chain to the root certificate. The host name is not checked.
-    VerifyCa,
-    /// TLS; chain and host name are verified.
-    VerifyFull,
-}
-
-impl FromStr for SslMode {
-    type Err = StateError;
-
-    fn from_str(s: &str) -> StateResult<Self> {
-        Ok(match s {
-            "disable" => SslMode::Disable,
-            "allow" => SslMode::Allow,
-            "prefer" => SslMode::Prefer,
-            "require" => SslMode::Require,
-            "verify-ca" => SslMode::VerifyCa,
-            "verify-full" => SslMode::VerifyFull,
-            other => {
-                return Err(StateError::config(format!(
-                    "unknown sslmode {:?}: expected disable, allow, prefer, require, verify-ca or verify-full",
-                    truncate(other, 32)
-                )))
-            }
-        })
-    }
-}
-
-/// TLS settings resolved for one server.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct SslSettings {
-    pub mode: SslMode,
-    pub root_cert: Option<PathBuf>,
-    pub client_cert: Option<PathBuf>,
-    pub client_key: Option<PathBuf>,
-}
-
-/// One server's parsed connection string: the driver config plus our TLS settings, which the
-/// driver does not understand (it knows only disable/prefer/require).
-#[derive(Clone)]
-pub(crate) struct ConnectionSpec {
-    pub pg: tokio_postgres::Config,
-    pub ssl: SslSettings,
-}
-
-impl ConnectionSpec {
-    pub fn parse(url: &str, ssl_override: Option<&PostgresSslConfig>) -> StateResult<Self> {
-        let trimmed = url.trim();
-        if trimmed.is_empty() {
-            return Err(StateError::config("connection URL is empty"));
-        }
-        // The driver only knows lower-case schemes.
-        let lowered;
-        let trimmed = if looks_like_url(trimmed) && !is_url(trimmed) {
-            let end = trimmed.find("://").map_or(0, |i| i + 3);
-            lowered = format!("{}{}", trimmed[..end].to_ascii_lowercase(), &trimmed[end..]);
-            lowered.as_str()
-        } else {
-            trimmed
-        };
-        let (rest, params) = if is_url(trimmed) {
-            split_url_params(trimmed)?
-        } else {
-            split_keyword_params(trimmed)?
-        };
-        let pg = tokio_postgres::Config::from_str(&rest).map_err(|e| {
-            StateError::config(format!(
-                "malformed connection URL {}: {}",
-                redact(trimmed),
-                sanitize_driver_error(&e.to_string())
-            ))
-        })?;
-        if pg.get_hosts().is_empty() {
-            return Err(StateError::config(format!(
-                "connection URL {} names no host",
-                redact(trimmed)
-            )));
-        }
-        // A host name with `@` is the tail of a password with an unencoded `@`: refuse it
-        // (never connect to it, never show it).
-        if pg
-            .get_hosts()
-            .iter()
-            .any(|h| matches!(h, tokio_postgres::config::Host::Tcp(name) if name.contains('@')))
-        {
-            return Err(StateError::config(format!(
-                "connection URL {} has '@' in its host name: percent-encode '@' in a user name \
-                 or password as %40",
-                redact(trimmed)
-            )));
-        }
-        if pg.get_user().is_none() {
-            return Err(StateError::config(format!(
-                "connection URL {} names no user",
-                redact(trimmed)
-            )));
-        }
-        let mut ssl = SslSettings {
-            mode: SslMode::Prefer,
-            root_cert: None,
-            client_cert: None,
-            client_key: None,
-        };
-        for (k, v) in params {
-            match k.as_str() {
-                "sslmode" => ssl.mode = v.parse()?,
-                "sslrootcert" => ssl.root_cert = Some(PathBuf::from(v)),
-                "sslcert" => ssl.client_cert = Some(PathBuf::from(v)),
-                "sslkey" => ssl.client_key = Some(PathBuf::from(v)),
-                _ => {}
-            }
-        }
-        if let Some(o) = ssl_override {
-            ssl.mode = o.mode.parse()?;
-            if o.root_cert_path.is_some() {
-                ssl.root_cert.clone_from(&o.root_cert_path);
-            }
-            if o.client_cert_path.is_some() {
-                ssl.client_cert.clone_from(&o.client_cert_path);
-            }
-            if o.client_key_path.is_some() {
-                ssl.client_key.clone_from(&o.client_key_path);
-            }
-        }
-        if ssl.client_cert.is_some() != ssl.client_key.is_some() {
-            return Err(StateError::config(
-                "a client certificate needs its key and a key needs its certificate (sslcert and sslkey)",
-            ));
-        }
-        if matches!(ssl.mode, SslMode::VerifyCa | SslMode::VerifyFull) && ssl.root_cert.is_none() {
-            return Err(StateError::config(format!(
-                "sslmode {:?} needs a root certificate (sslrootcert / root_cert_path)",
-                ssl.mode
-            )));
-        }
-        Ok(ConnectionSpec { pg, ssl })
-    }
-}
-
-const SSL_KEYS: [&str; 4] = ["sslmode", "sslrootcert", "sslcert", "sslkey"];
-
-fn is_url(s: &str) -> bool {
-    s.starts_with("postgresql://") || s.starts_with("postgres://")
-}
-
-/// Splits `sslmode`, `sslrootcert`, `sslcert`, `sslkey` off a URL's query string.
-fn split_url_params(url: &str) -> StateResult<(String, Vec<(String, String)>)> {
-    let Some((base, query)) = url.split_once('?') else {
-        return Ok((url.to_string(), Vec::new()));
-    };
-    let mut kept = Vec::new();
-    let mut ssl = Vec::new();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        if SSL_KEYS.contains(&k) {
-            ssl.push((k.to_string(), percent_decode(v)?));
-        } else {
-            kept.push(pair);
-        }
-    }
-    let rest = if kept.is_empty() {
-        base.to_string()
-    } else {
-        format!("{base}?{}", kept.join("&"))
-    };
-    Ok((rest, ssl))
-}
-
-fn percent_decode(s: &str) -> StateResult<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes
-                .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| {
-                    StateError::config("malformed percent-encoding in connection URL")
-                })?;
-            out.push(hex);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out)
-        .map_err(|_| StateError::config("connection URL parameter is not valid UTF-8"))
-}
-
-/// Splits the TLS keywords off a libpq keyword string (`host=... sslmode=...`).
-fn split_keyword_params(s: &str) -> StateResult<(String, Vec<(String, String)>)> {
-    let mut kept = Vec::new();
-    let mut ssl = Vec::new();
-    for (k, v) in parse_keywords(s)? {
-        if SSL_KEYS.contains(&k.as_str()) {
-            ssl.push((k, v));
-        } else {
-            let escaped = v.replace('\\', "\\\\").replace('\'', "\\'");
-            kept.push(format!("{k}='{escaped}'"));
-        }
-    }
-    Ok((kept.join(" "), ssl))
-}
-
-fn parse_keywords(s: &str) -> StateResult<Vec<(String, String)>> {
-    let mut out = Vec::new();
-    let mut chars = s.chars().peekable();
-    loop {
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        if chars.peek().is_none() {
-            return Ok(out);
-        }
-        let mut key = String::new();
-        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
-            key.push(c);
-        }
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        if chars.next() != Some('=') {
-            // The word itself is not shown: it may be part of a password.
-            return Err(StateError::config(
-                "malformed connection string: a word without '=' (quote values that contain spaces)",
-            ));
-        }
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        let mut value = String::new();
-        if chars.next_if_eq(&'\'').is_some() {
-            loop {
-                match chars.next() {
-                    Some('\\') => match chars.next() {
-                        Some(c) => value.push(c),
-                        None => {
-                            return Err(StateError::config(
-                                "malformed connection string: unterminated quoted value",
-                            ))
-                        }
-                    },
-                    Some('\'') => break,
-                    Some(c) => value.push(c),
-                    None => {
-                        return Err(StateError::config(
-                            "malformed connection string: unterminated quoted value",
-                        ))
-                    }
-                }
-            }
-        } else {
-            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
-                if c == '\\' {
-                    if let Some(n) = chars.next() {
-                        value.push(n);
-                    }
-                } else {
-                    value.push(c);
-                }
-            }
-        }
-        out.push((key, value));
-    }
-}
-
-fn truncate(s: &str, max: usize) -> String {
-    s.chars().take(max).collect()
-}
-
-/// Replaces every password in a connection string with `***`: the user-info password of a
-/// URL (found as the driver finds it: everything before the first `@`), and the value of any
-/// parameter or keyword whose name contains `password` (`password`, `sslpassword`, also
-/// percent-encoded or in capitals). A keyword string that cannot be parsed is not shown at all.
-pub fn redact(url: &str) -> String {
-    let trimmed = url.trim();
-    if looks_like_url(trimmed) {
-        let scheme_end = trimmed.find("://").map_or(0, |i| i + 3);
-        let (head, tail) = trimmed.split_at(scheme_end);
-        // The user information is taken to end at the last `@`: a password with an unencoded
-        // `@`, `/`, `?` or `#` (the driver splits at the first `@`, taking the rest for a host
-        // name) is hidden whole. Hiding a little too much of an odd URL is the safe side.
-        let tail = match tail.rfind('@') {
-            Some(at) => {
-                let (userinfo, rest) = tail.split_at(at);
-                match userinfo.split_once(':') {
-                    Some((user, _)) => format!("{user}:***{rest}"),
-                    None => tail.to_string(),
-                }
-            }
-            None => tail.to_string(),
-        };
-        let tail = match tail.split_once('?') {
-            Some((path, query)) => {
-                let parts: Vec<String> = query
-                    .split('&')
-                    .map(|pair| match pair.split_once('=') {
-                        Some((k, _)) if is_secret_key(k) => format!("{k}=***"),
-                        _ => pair.to_string(),
-                    })
-                    .collect();
-                format!("{path}?{}", parts.join("&"))
-            }
-            None => tail,
-        };
-        format!("{head}{tail}")
-    } else {
-        match parse_keywords(trimmed) {
-            Ok(pairs) => pairs
-                .into_iter()
-                .map(|(k, v)| {
-                    if is_secret_key(&k) {
-                        format!("{k}=***")
-                    } else {
-                        format!("{k}={v}")
-                    }
-                })
-                .collect::<Vec<_>>()
-                .join(" "),
-            Err(_) => "<unparseable connection string>".to_string(),
-        }
-    }
-}
-
-fn looks_like_url(s: &str) -> bool {
-    let lower = s.get(..13).unwrap_or(s).to_ascii_lowercase();
-    lower.starts_with("postgresql://") || lower.starts_with("postgres://")
-}
-
-fn is_secret_key(key: &str) -> bool {
-    let decoded = percent_decode(key).unwrap_or_else(|_| key.to_string());
-    decoded.to_ascii_lowercase().contains("password")
-}
-
-/// The driver's parse error, without any text taken from the input (an unknown "option" may
-/// be a fragment of a password): only known keyword names are kept.
-fn sanitize_driver_error(message: &str) -> String {
-    const KNOWN: &[&str] = &[
-        "user",
-        "password",
-        "dbname",
-        "options",
-        "application_name",
-        "sslmode",
-        "host",
-        "hostaddr",
-        "port",
-        "connect_timeout",
-        "tcp_user_timeout",
-        "keepalives",
-        "keepalives_idle",
-        "keepalives_interval",
-        "keepalives_retries",
-        "target_session_attrs",
-        "channel_binding",
-        "load_balance_hosts",
-        "sslnegotiation",
-        "replication",
-    ];
-    let mut out = String::new();
-    let mut parts = message.split('`');
-    if let Some(first) = parts.next() {
-        out.push_str(first);
-    }
-    let mut quoted = true;
-    for part in parts {
-        if quoted {
-            if KNOWN.contains(&part) {
-                out.push('`');
-                out.push_str(part);
-                out.push('`');
-            } else {
-                out.push_str("(a parameter)");
-            }
-        } else {
-            out.push_str(part);
-        }
-        quoted = !quoted;
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::connspec::SslMode;
 
     #[test]
     fn the_default_ssl_config_is_prefer_and_parses() {
@@ -835,183 +523,14 @@ mod tests {
         assert!(cfg.validate().is_ok());
     }
 
-    /// Redaction hides every part of a password, whatever characters it has, for every URL
-    /// form; parsing such a URL fails or succeeds without the password in its error text.
-    #[test]
-    fn passwords_with_any_characters_never_show() {
-        const CHARS: &[u8] = b"abcXYZ019@:/?#&=%!$'*+,;[] ";
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
-        for case in 0..10_000 {
-            let len = 6 + (next() % 20) as usize;
-            // Marker letters on both ends, so any leaked fragment of 4 bytes is found.
-            let middle: String = (0..len)
-                .map(|_| CHARS[(next() % CHARS.len() as u64) as usize] as char)
-                .collect();
-            let password = format!("Q{middle}Q");
-            let url = match case % 3 {
-                0 => format!("postgresql://user:{password}@db.example:5432/state"),
-                1 => format!("postgres://user:{password}@db.example/state?sslmode=require"),
-                _ => format!("postgresql://user:{password}@h1:5432,h2:5433/state"),
-            };
-            let shown = redact(&url);
-            let error = ConnectionSpec::parse(&url, None)
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_default();
-            let bytes = password.as_bytes();
-            for w in bytes.windows(4) {
-                let frag = String::from_utf8_lossy(w);
-                // Fragments that are also ordinary URL text say nothing about the password.
-                if "postgresql://user:***@db.example:5432/state?sslmode=require,h1h2:5433"
-                    .contains(frag.as_ref())
-                {
-                    continue;
-                }
-                assert!(
-                    !shown.contains(frag.as_ref()),
-                    "{url:?} redacted as {shown:?}"
-                );
-                assert!(
-                    !error.contains(frag.as_ref()),
-                    "{url:?} gave {error:?} ({frag:?})"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn redacts_passwords_the_way_the_driver_reads_them() {
-        for (url, secret) in [
-            ("postgresql://u:pa/ss@db/app", "pa/ss"),
-            ("postgresql://u:pa?ss@db/app", "pa?ss"),
-            ("postgresql://u:pa#ss@db/app", "pa#ss"),
-            (
-                "POSTGRES://u:UPPERsecret@h/db?sslmode=require",
-                "UPPERsecret",
-            ),
-            ("postgresql://u@h/db?sslpassword=keypass1", "keypass1"),
-            ("postgresql://u@h/db?pass%77ord=encoded1", "encoded1"),
-            ("host=h user=u sslpassword=keypass2", "keypass2"),
-            ("host=h user=u PASSWORD=caps3", "caps3"),
-        ] {
-            let shown = redact(url);
-            assert!(!shown.contains(secret), "{url} -> {shown}");
-            let cfg = EnhancedPostgresConfig::new(url);
-            assert!(!format!("{cfg:?}").contains(secret));
-            if let Err(e) = ConnectionSpec::parse(url, None) {
-                assert!(!e.to_string().contains(secret), "{url}: {e}");
-            }
-        }
-        // A password split into "options" by a stray space never reaches an error message.
-        let err = ConnectionSpec::parse("host=h user=u password=my secretword", None)
-            .err()
-            .unwrap();
-        assert!(!err.to_string().contains("secretword"), "{err}");
-        let err = ConnectionSpec::parse("jdbc:postgresql://u:jdbcpw@h/db", None)
-            .err()
-            .unwrap();
-        assert!(!err.to_string().contains("jdbcpw"), "{err}");
-        assert!(ConnectionSpec::parse("host=h user=u password='abc\\", None).is_err());
-        // Upper-case schemes work like lower-case ones.
-        let spec = ConnectionSpec::parse("POSTGRESQL://u:pw@h:5433/db", None).unwrap();
-        assert_eq!(spec.pg.get_ports(), &[5433]);
-    }
-
-    #[test]
-    fn redacts_passwords() {
-        assert_eq!(
-            redact("postgresql://user:s3cr%40t@host:5432/db?sslmode=require"),
-            "postgresql://user:***@host:5432/db?sslmode=require"
-        );
-        assert_eq!(redact("postgres://user@host/db"), "postgres://user@host/db");
-        assert_eq!(
-            redact("postgres://u@h/db?password=hunter2&x=1"),
-            "postgres://u@h/db?password=***&x=1"
-        );
-        assert_eq!(
-            redact("host=h user=u password='a b c' dbname=d"),
-            "host=h user=u password=*** dbname=d"
-        );
-        let cfg = EnhancedPostgresConfig::new("postgresql://u:hunter2@h/db").with_replicas(
-            PostgresReplicaConfig {
-                replica_urls: vec!["postgresql://u:hunter3@r/db".into()],
-                ..Default::default()
-            },
-        );
-        let dbg = format!("{cfg:?}");
-        let replicas = cfg.replicas.clone().unwrap();
-        assert!(!format!("{replicas:?}").contains("hunter3"));
-        assert!(
-            !dbg.contains("hunter2") && !dbg.contains("hunter3"),
-            "{dbg}"
-        );
-    }
-
-    #[test]
-    fn parses_ssl_params_from_urls_and_keywords() {
-        let spec = ConnectionSpec::parse(
-            "postgresql://u:p@localhost:5433/db?sslmode=verify-full&sslrootcert=%2Ftmp%2Fca.pem&application_name=x",
-            None,
-        )
-        .unwrap();
-        assert_eq!(spec.ssl.mode, SslMode::VerifyFull);
-        assert_eq!(spec.ssl.root_cert, Some(PathBuf::from("/tmp/ca.pem")));
-        assert_eq!(spec.pg.get_application_name(), Some("x"));
-        assert_eq!(spec.pg.get_ports(), &[5433]);
-
-        let spec = ConnectionSpec::parse(
-            "host=localhost user=u password='it''s' sslmode=disable dbname='my db'",
-            None,
-        );
-        // A doubled quote is not an escape in libpq keyword strings: this is malformed.
-        assert!(spec.is_err());
-        let spec = ConnectionSpec::parse(
-            r"host=localhost user=u password='it\'s' sslmode=disable dbname='my db'",
-            None,
-        )
-        .unwrap();
-        assert_eq!(spec.ssl.mode, SslMode::Disable);
-        assert_eq!(spec.pg.get_dbname(), Some("my db"));
-        assert_eq!(spec.pg.get_password(), Some(&b"it's"[..]));
-    }
-
-    #[test]
-    fn rejects_bad_urls_with_clear_errors() {
-        for (url, needle) in [
-            ("", "empty"),
-            (
-                "postgresql://u:pw@h/db?sslmode=sometimes",
-                "unknown sslmode",
-            ),
-            (
-                "postgresql://u:pw@h/db?sslmode=verify-full",
-                "root certificate",
-            ),
-            ("postgresql://h/db", "no user"),
-            ("postgresql://u:pw@h:notaport/db", "malformed"),
-            ("host=h user", "malformed"),
-        ] {
-            let err = ConnectionSpec::parse(url, None).err().unwrap();
-            let text = err.to_string();
-            assert!(text.contains(needle), "{url}: {text}");
-            assert!(!text.contains("pw@"), "{text}");
-            assert_eq!(err.kind(), crate::state::ErrorKind::Configuration);
-        }
-    }
-
     #[test]
     fn ssl_config_overrides_url() {
         let o = PostgresSslConfig {
             mode: "disable".into(),
             ..Default::default()
         };
-        let spec = ConnectionSpec::parse("postgresql://u@h/db?sslmode=require", Some(&o)).unwrap();
+        let cfg = EnhancedPostgresConfig::new("postgresql://u@h/db").with_ssl_config(o);
+        let spec = cfg.spec("postgresql://u@h/db?sslmode=require").unwrap();
         assert_eq!(spec.ssl.mode, SslMode::Disable);
     }
 
@@ -1040,5 +559,30 @@ mod tests {
             assert!(base().with_table_name(name).validate().is_err(), "{name}");
             assert!(base().with_schema(name).validate().is_err(), "{name}");
         }
+    }
+
+    #[test]
+    fn debug_never_shows_passwords() {
+        for (url, secret) in [
+            ("postgresql://u:p@ss@db/app", "p@ss"),
+            ("postgresql://u@h/db?sslpassword=keypass1", "keypass1"),
+            ("host=h user=u sslpassword=keypass2", "keypass2"),
+        ] {
+            let cfg = EnhancedPostgresConfig::new(url).with_session_url(url);
+            assert!(!format!("{cfg:?}").contains(secret), "{url}");
+        }
+        let cfg = EnhancedPostgresConfig::new("postgresql://u:hunter2@h/db").with_replicas(
+            PostgresReplicaConfig {
+                replica_urls: vec!["postgresql://u:hunter3@r/db".into()],
+                ..Default::default()
+            },
+        );
+        let dbg = format!("{cfg:?}");
+        let replicas = cfg.replicas.clone().unwrap();
+        assert!(!format!("{replicas:?}").contains("hunter3"));
+        assert!(
+            !dbg.contains("hunter2") && !dbg.contains("hunter3"),
+            "{dbg}"
+        );
     }
 }

@@ -10,7 +10,7 @@ use tokio_postgres::config::SslMode as PgSslMode;
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::{AsyncMessage, Client, NoTls, Notification, Socket};
 
-use crate::state::config::{ConnectionSpec, SslMode};
+use crate::state::connspec::{ConnectionSpec, SslMode};
 use crate::state::error::{classify, StateError, StateResult};
 use crate::state::names::TableNames;
 use crate::state::statements::Statements;
@@ -25,6 +25,9 @@ pub(crate) struct Connector {
     statement_timeout: Option<Duration>,
     /// Shown in errors instead of the URL, which may hold a password.
     pub(crate) target: String,
+    /// Behind PgBouncer's transaction pooling: statements are sent unnamed, and nothing is
+    /// set on the session.
+    pub(crate) transaction_pooling: bool,
 }
 
 impl Connector {
@@ -56,6 +59,7 @@ impl Connector {
             timeout: connect_timeout,
             statement_timeout,
             target,
+            transaction_pooling: spec.pgbouncer,
         })
     }
 
@@ -147,7 +151,7 @@ impl Connector {
                 )))
             }
         };
-        if let Some(t) = self.statement_timeout {
+        if let (Some(t), false) = (self.statement_timeout, self.transaction_pooling) {
             // A number we format ourselves; nothing from the caller reaches the SQL text.
             let sql = format!("SET statement_timeout = {}", t.as_millis().max(1));
             session
@@ -321,7 +325,7 @@ impl PgConn {
     /// Connects and prepares the fixed statements for `names`.
     pub async fn open(connector: &Connector, names: &TableNames) -> StateResult<Self> {
         let client = connector.connect().await?;
-        let stmts = Statements::prepare(&client, names).await?;
+        let stmts = Statements::prepare(&client, names, connector.transaction_pooling).await?;
         Ok(PgConn {
             client,
             stmts,

@@ -14,6 +14,7 @@ mod basic;
 mod causal;
 mod config;
 mod connection;
+mod connspec;
 pub mod coordination;
 mod enhanced;
 mod error;
@@ -36,9 +37,10 @@ pub use backend::StateBackend;
 pub use basic::{PostgresConfig, PostgresStateBackend};
 pub use causal::CausalToken;
 pub use config::{
-    redact, EnhancedPostgresConfig, IsolationLevel, PostgresPoolConfig, PostgresReplicaConfig,
-    PostgresSslConfig, RetentionPolicy, SslMode, DEFAULT_OPERATION_TIMEOUT,
+    EnhancedPostgresConfig, IsolationLevel, PostgresPoolConfig, PostgresReplicaConfig,
+    PostgresSslConfig, RetentionPolicy, DEFAULT_OPERATION_TIMEOUT,
 };
+pub use connspec::{redact, SslMode};
 pub use coordination::{
     lock_key, AdvisoryLockInfo, CoordinationHandle, Fence, LeaderInfo, Leadership, LockMode,
     Notification, PostgresListener, PostgresLockGuard, MAX_LOCK_SESSIONS, MAX_NOTIFY_PAYLOAD,

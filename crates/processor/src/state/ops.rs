@@ -160,42 +160,43 @@ pub(crate) fn empty_object() -> serde_json::Value {
 }
 
 /// The statements themselves, on one connection, without validation or bookkeeping: the
-/// pooled operations ([`Store`](crate::state::store::Store)) and transactions call these after checking their input.
+/// pooled operations (the `store` module) and transactions call these after checking their input.
 impl PgConn {
     /// The server's WAL insert position as a byte offset (primary only): taken after a write
     /// committed, it is at or past that write's commit record.
     pub(crate) async fn insert_lsn(&self) -> StateResult<u64> {
-        let row = self.client.query_one(&self.stmts.insert_lsn, &[]).await?;
+        let row = self.stmts.insert_lsn.query_one(&self.client, &[]).await?;
         Ok(u64::try_from(row.try_get::<_, i64>(0)?).unwrap_or(0))
     }
 
     /// A replica's WAL replay position as a byte offset (0 on a primary): every commit whose
     /// record ends at or before it is visible to the replica's next snapshot.
     pub(crate) async fn replay_lsn(&self) -> StateResult<u64> {
-        let row = self.client.query_one(&self.stmts.replay_lsn, &[]).await?;
+        let row = self.stmts.replay_lsn.query_one(&self.client, &[]).await?;
         Ok(u64::try_from(row.try_get::<_, i64>(0)?).unwrap_or(0))
     }
 
     pub(crate) async fn get_value(&self, key: &[u8]) -> StateResult<Option<Vec<u8>>> {
-        let row = self.client.query_opt(&self.stmts.get, &[&key]).await?;
+        let row = self.stmts.get.query_opt(&self.client, &[&key]).await?;
         Ok(row.map(|r| r.try_get(0)).transpose()?)
     }
 
     pub(crate) async fn get_entry(&self, key: &[u8]) -> StateResult<Option<StateEntry>> {
         let row = self
-            .client
-            .query_opt(&self.stmts.get_entry, &[&key])
+            .stmts
+            .get_entry
+            .query_opt(&self.client, &[&key])
             .await?;
         row.as_ref().map(StateEntry::from_row).transpose()
     }
 
     pub(crate) async fn contains(&self, key: &[u8]) -> StateResult<bool> {
-        let row = self.client.query_one(&self.stmts.contains, &[&key]).await?;
+        let row = self.stmts.contains.query_one(&self.client, &[&key]).await?;
         Ok(row.try_get(0)?)
     }
 
     pub(crate) async fn count(&self) -> StateResult<usize> {
-        let row = self.client.query_one(&self.stmts.count, &[]).await?;
+        let row = self.stmts.count.query_one(&self.client, &[]).await?;
         let n: i64 = row.try_get(0)?;
         Ok(usize::try_from(n).unwrap_or(usize::MAX))
     }
@@ -209,7 +210,7 @@ impl PgConn {
         ttl_us: Option<i64>,
     ) -> StateResult<i64> {
         let params: [&(dyn ToSql + Sync); 4] = [&key, &value, metadata, &ttl_us];
-        let row = self.client.query_one(&self.stmts.upsert, &params).await?;
+        let row = self.stmts.upsert.query_one(&self.client, &params).await?;
         Ok(row.try_get(0)?)
     }
 
@@ -218,8 +219,9 @@ impl PgConn {
         let (empty, no_ttl) = (empty_object(), None::<i64>);
         let params: [&(dyn ToSql + Sync); 4] = [&key, &value, &empty, &no_ttl];
         let row = self
-            .client
-            .query_opt(&self.stmts.insert_new, &params)
+            .stmts
+            .insert_new
+            .query_opt(&self.client, &params)
             .await?;
         Ok(row.map(|r| r.try_get(0)).transpose()?)
     }
@@ -237,8 +239,9 @@ impl PgConn {
                 let (empty, no_ttl) = (empty_object(), None::<i64>);
                 let params: [&(dyn ToSql + Sync); 5] = [&key, &value, &v, &empty, &no_ttl];
                 let row = self
-                    .client
-                    .query_opt(&self.stmts.update_if_version, &params)
+                    .stmts
+                    .update_if_version
+                    .query_opt(&self.client, &params)
                     .await?;
                 row.map(|r| r.try_get(0)).transpose()?
             }
@@ -258,8 +261,9 @@ impl PgConn {
             None => self.insert_if_absent(key, value).await,
             Some(old) => {
                 let row = self
-                    .client
-                    .query_opt(&self.stmts.cas_update, &[&key, &value, &old])
+                    .stmts
+                    .cas_update
+                    .query_opt(&self.client, &[&key, &value, &old])
                     .await?;
                 Ok(row.map(|r| r.try_get(0)).transpose()?)
             }
@@ -267,15 +271,16 @@ impl PgConn {
     }
 
     pub(crate) async fn delete(&self, key: &[u8]) -> StateResult<()> {
-        self.client.execute(&self.stmts.delete, &[&key]).await?;
+        self.stmts.delete.execute(&self.client, &[&key]).await?;
         Ok(())
     }
 
     /// Deletes the live entry only if its version is `expected`.
     pub(crate) async fn delete_with_version(&self, key: &[u8], expected: i64) -> StateResult<()> {
         let n = self
-            .client
-            .execute(&self.stmts.delete_if_version, &[&key, &expected])
+            .stmts
+            .delete_if_version
+            .execute(&self.client, &[&key, &expected])
             .await?;
         if n == 0 {
             return Err(StateError::ConcurrentModification { key: key.to_vec() });
@@ -286,11 +291,12 @@ impl PgConn {
     pub(crate) async fn list_keys(&self, prefix: &[u8]) -> StateResult<Vec<Vec<u8>>> {
         let rows = match prefix_upper_bound(prefix) {
             Some(u) => {
-                self.client
-                    .query(&self.stmts.scan_range, &[&prefix, &u.as_slice()])
+                self.stmts
+                    .scan_range
+                    .query(&self.client, &[&prefix, &u.as_slice()])
                     .await?
             }
-            None => self.client.query(&self.stmts.scan_from, &[&prefix]).await?,
+            None => self.stmts.scan_from.query(&self.client, &[&prefix]).await?,
         };
         rows.iter()
             .map(|r| r.try_get(0).map_err(StateError::from))
@@ -298,7 +304,7 @@ impl PgConn {
     }
 
     pub(crate) async fn clear(&self) -> StateResult<()> {
-        self.client.execute(&self.stmts.clear, &[]).await?;
+        self.stmts.clear.execute(&self.client, &[]).await?;
         Ok(())
     }
 
@@ -315,14 +321,17 @@ impl PgConn {
             // tokio-postgres's Transaction rolls back when dropped on an error path.
             let tx = self.client.transaction().await?;
             for (keys, values) in &chunks {
-                tx.execute(&self.stmts.batch_upsert, &[keys, values])
+                self.stmts
+                    .batch_upsert
+                    .execute(&tx, &[keys, values])
                     .await?;
             }
             tx.commit().await?;
         } else {
             for (keys, values) in &chunks {
-                self.client
-                    .execute(&self.stmts.batch_upsert, &[keys, values])
+                self.stmts
+                    .batch_upsert
+                    .execute(&self.client, &[keys, values])
                     .await?;
             }
         }
@@ -343,8 +352,18 @@ impl PgConn {
             names.qualified
         );
         let stage_ready = self.copy_stage_ready;
+        // Behind PgBouncer's transaction pooling the next transaction may run on another
+        // server session: the staging table lives for this transaction only.
+        let per_transaction = self.stmts.unnamed();
         let tx = self.client.transaction().await?;
-        if !stage_ready {
+        if per_transaction {
+            tx.batch_execute(
+                "CREATE TEMP TABLE pgstate_copy_stage \
+                 (seq bigint NOT NULL, key bytea NOT NULL, value bytea NOT NULL) \
+                 ON COMMIT DROP",
+            )
+            .await?;
+        } else if !stage_ready {
             tx.batch_execute(
                 "CREATE TEMP TABLE IF NOT EXISTS pgstate_copy_stage \
                  (seq bigint NOT NULL, key bytea NOT NULL, value bytea NOT NULL) \
@@ -363,9 +382,9 @@ impl PgConn {
             writer.as_mut().write(&[&seq, k, v]).await?;
         }
         writer.finish().await?;
-        let written = tx.execute(merge.as_str(), &[]).await?;
+        let written = tx.execute_typed(merge.as_str(), &[]).await?;
         tx.commit().await?;
-        self.copy_stage_ready = true;
+        self.copy_stage_ready = !per_transaction;
         Ok(written)
     }
 
@@ -375,13 +394,15 @@ impl PgConn {
     ) -> StateResult<Vec<StateEntry>> {
         let rows = match &q.path {
             None => {
-                self.client
-                    .query(&self.stmts.query_contains, &[&q.contains])
+                self.stmts
+                    .query_contains
+                    .query(&self.client, &[&q.contains])
                     .await?
             }
             Some((segments, v)) => {
-                self.client
-                    .query(&self.stmts.query_path, &[&q.contains, segments, v])
+                self.stmts
+                    .query_path
+                    .query(&self.client, &[&q.contains, segments, v])
                     .await?
             }
         };

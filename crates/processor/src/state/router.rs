@@ -233,7 +233,7 @@ impl Router {
             // If the timeout below cancels the query, the checkout discards the connection.
             let row = conn
                 .run(|c| {
-                    c.client.query_one(
+                    c.client.query_typed_one(
                         "SELECT pg_is_in_recovery(), \
                          pg_wal_lsn_diff(coalesce(pg_last_wal_replay_lsn(), '0/0'), '0/0')::bigint, \
                          coalesce(pg_is_wal_replay_paused(), false)",

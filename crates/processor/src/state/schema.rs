@@ -7,6 +7,7 @@
 //! SHA-256 checksum of its text; a recorded migration whose embedded text changed is refused.
 
 use sha2::{Digest, Sha256};
+use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 
 use crate::state::connection::Connector;
@@ -94,12 +95,15 @@ async fn migrate_on(client: &mut Client, names: &TableNames) -> StateResult<()> 
     let tx = client.transaction().await?;
     // Waiting for another instance's migration must not trip a configured statement_timeout.
     tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&migration_lock_key()])
-        .await?;
+    tx.execute_typed(
+        "SELECT pg_advisory_xact_lock($1)",
+        &[(&migration_lock_key(), Type::INT8)],
+    )
+    .await?;
     let schema_exists: bool = tx
-        .query_one(
+        .query_typed_one(
             "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = $1)",
-            &[&names.schema.as_str()],
+            &[(&names.schema.as_str(), Type::TEXT)],
         )
         .await?
         .get(0);
@@ -120,11 +124,11 @@ async fn migrate_on(client: &mut Client, names: &TableNames) -> StateResult<()> 
     ))
     .await?;
     let applied = tx
-        .query(
+        .query_typed(
             &format!(
                 "SELECT state_table, version, checksum FROM {tracking} WHERE state_table IN ($1, '')"
             ),
-            &[&names.table.as_str()],
+            &[(&names.table.as_str(), Type::TEXT)],
         )
         .await?;
     let insert = format!(
@@ -155,7 +159,15 @@ async fn migrate_on(client: &mut Client, names: &TableNames) -> StateResult<()> 
             None => {
                 tracing::info!(migration = m.name, table = %names.qualified, "applying migration");
                 tx.batch_execute(&names.render(m.sql)).await?;
-                tx.execute(&insert, &[&scope, &m.version, &m.name, &sum])
+                tx.execute_typed(
+                    &insert,
+                    &[
+                        (&scope, Type::TEXT),
+                        (&m.version, Type::INT4),
+                        (&m.name, Type::TEXT),
+                        (&sum, Type::TEXT),
+                    ],
+                )
                     .await?;
             }
         }

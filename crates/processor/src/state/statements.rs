@@ -1,11 +1,14 @@
-//! The fixed SQL of the key/value operations, prepared once per connection.
+//! The fixed SQL of the key/value operations, with their parameter types: prepared once per
+//! connection, or sent unnamed with every call behind PgBouncer's transaction pooling (where
+//! a prepared statement would live on whichever server connection happened to serve it).
 //!
 //! Every read filters [`LIVE`] (the server's clock), so an expired or deleted entry is
 //! invisible before any cleanup runs. Every write bumps `version`; a delete leaves a tombstone
 //! (the row, expired, with its version) so that a key's version never repeats.
 
 use futures_util::future::try_join_all;
-use tokio_postgres::{Client, Statement};
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, Error, GenericClient, Row, Statement};
 
 use crate::state::error::{StateError, StateResult};
 use crate::state::names::TableNames;
@@ -16,26 +19,91 @@ pub(crate) const LIVE: &str = "(expires_at IS NULL OR expires_at > now())";
 pub(crate) const ENTRY_COLUMNS: &str =
     "key, value, metadata, version, created_at, updated_at, expires_at";
 
-/// The fixed statements, prepared once per connection.
+/// The fixed statements of one connection.
 pub(crate) struct Statements {
-    pub get: Statement,
-    pub get_entry: Statement,
-    pub contains: Statement,
-    pub count: Statement,
-    pub upsert: Statement,
-    pub insert_new: Statement,
-    pub update_if_version: Statement,
-    pub delete: Statement,
-    pub scan_range: Statement,
-    pub scan_from: Statement,
-    pub clear: Statement,
-    pub batch_upsert: Statement,
-    pub query_contains: Statement,
-    pub query_path: Statement,
-    pub delete_if_version: Statement,
-    pub cas_update: Statement,
-    pub insert_lsn: Statement,
-    pub replay_lsn: Statement,
+    pub get: Stmt,
+    pub get_entry: Stmt,
+    pub contains: Stmt,
+    pub count: Stmt,
+    pub upsert: Stmt,
+    pub insert_new: Stmt,
+    pub update_if_version: Stmt,
+    pub delete: Stmt,
+    pub scan_range: Stmt,
+    pub scan_from: Stmt,
+    pub clear: Stmt,
+    pub batch_upsert: Stmt,
+    pub query_contains: Stmt,
+    pub query_path: Stmt,
+    pub delete_if_version: Stmt,
+    pub cas_update: Stmt,
+    pub insert_lsn: Stmt,
+    pub replay_lsn: Stmt,
+}
+
+/// One statement: its SQL and parameter types, and its prepared form on this connection
+/// (none when statements are sent unnamed).
+pub(crate) struct Stmt {
+    sql: String,
+    types: &'static [Type],
+    prepared: Option<Statement>,
+}
+
+/// A parameter as the driver takes it.
+pub(crate) type Param<'a> = &'a (dyn ToSql + Sync);
+
+impl Stmt {
+    fn typed<'a>(&self, params: &[Param<'a>]) -> Vec<(Param<'a>, Type)> {
+        params
+            .iter()
+            .copied()
+            .zip(self.types.iter().cloned())
+            .collect()
+    }
+
+    pub async fn query<C: GenericClient + Sync>(
+        &self,
+        c: &C,
+        params: &[Param<'_>],
+    ) -> Result<Vec<Row>, Error> {
+        match &self.prepared {
+            Some(s) => c.query(s, params).await,
+            None => c.query_typed(&self.sql, &self.typed(params)).await,
+        }
+    }
+
+    pub async fn query_one<C: GenericClient + Sync>(
+        &self,
+        c: &C,
+        params: &[Param<'_>],
+    ) -> Result<Row, Error> {
+        match &self.prepared {
+            Some(s) => c.query_one(s, params).await,
+            None => c.query_typed_one(&self.sql, &self.typed(params)).await,
+        }
+    }
+
+    pub async fn query_opt<C: GenericClient + Sync>(
+        &self,
+        c: &C,
+        params: &[Param<'_>],
+    ) -> Result<Option<Row>, Error> {
+        match &self.prepared {
+            Some(s) => c.query_opt(s, params).await,
+            None => c.query_typed_opt(&self.sql, &self.typed(params)).await,
+        }
+    }
+
+    pub async fn execute<C: GenericClient + Sync>(
+        &self,
+        c: &C,
+        params: &[Param<'_>],
+    ) -> Result<u64, Error> {
+        match &self.prepared {
+            Some(s) => c.execute(s, params).await,
+            None => c.execute_typed(&self.sql, &self.typed(params)).await,
+        }
+    }
 }
 
 /// What an upsert does to an existing row. An entry that had expired counts as new again.
@@ -61,75 +129,140 @@ fn expiry(param: usize) -> String {
 }
 
 impl Statements {
-    pub async fn prepare(client: &Client, names: &TableNames) -> StateResult<Self> {
+    /// Whether statements are sent unnamed (PgBouncer's transaction pooling).
+    pub fn unnamed(&self) -> bool {
+        self.get.prepared.is_none()
+    }
+
+    /// The statements for `names`: prepared on `client`, or (`unnamed`) kept as SQL to send
+    /// unnamed with each call.
+    pub async fn prepare(client: &Client, names: &TableNames, unnamed: bool) -> StateResult<Self> {
+        use Type as T;
+        const BYTEA: &[Type] = &[T::BYTEA];
+        const NONE: &[Type] = &[];
+        const ENTRY: &[Type] = &[T::BYTEA, T::BYTEA, T::JSONB, T::INT8];
         let t = &names.qualified;
-        let sqls = [
-            format!("SELECT value FROM {t} WHERE key = $1 AND {LIVE}"),
-            format!("SELECT {ENTRY_COLUMNS} FROM {t} WHERE key = $1 AND {LIVE}"),
-            format!("SELECT EXISTS (SELECT 1 FROM {t} WHERE key = $1 AND {LIVE})"),
-            format!("SELECT count(*) FROM {t} WHERE {LIVE}"),
-            format!(
-                "INSERT INTO {t} AS e (key, value, metadata, expires_at) VALUES ($1, $2, $3, {}) \
-                 {ON_CONFLICT_REPLACE} RETURNING version",
-                expiry(4)
+        let specs: [(String, &'static [Type]); 18] = [
+            (format!("SELECT value FROM {t} WHERE key = $1 AND {LIVE}"), BYTEA),
+            (format!("SELECT {ENTRY_COLUMNS} FROM {t} WHERE key = $1 AND {LIVE}"), BYTEA),
+            (format!("SELECT EXISTS (SELECT 1 FROM {t} WHERE key = $1 AND {LIVE})"), BYTEA),
+            (format!("SELECT count(*) FROM {t} WHERE {LIVE}"), NONE),
+            (
+                format!(
+                    "INSERT INTO {t} AS e (key, value, metadata, expires_at) VALUES ($1, $2, $3, {}) \
+                     {ON_CONFLICT_REPLACE} RETURNING version",
+                    expiry(4)
+                ),
+                ENTRY,
             ),
-            format!(
-                "INSERT INTO {t} AS e (key, value, metadata, expires_at) VALUES ($1, $2, $3, {}) \
-                 {ON_CONFLICT_REPLACE} WHERE e.expires_at <= now() RETURNING version",
-                expiry(4)
+            (
+                format!(
+                    "INSERT INTO {t} AS e (key, value, metadata, expires_at) VALUES ($1, $2, $3, {}) \
+                     {ON_CONFLICT_REPLACE} WHERE e.expires_at <= now() RETURNING version",
+                    expiry(4)
+                ),
+                ENTRY,
             ),
-            format!(
-                "UPDATE {t} SET value = $2, metadata = $4, expires_at = {}, updated_at = now(), \
-                 version = version + 1 WHERE key = $1 AND version = $3 AND {LIVE} RETURNING version",
-                expiry(5)
+            (
+                format!(
+                    "UPDATE {t} SET value = $2, metadata = $4, expires_at = {}, updated_at = now(), \
+                     version = version + 1 WHERE key = $1 AND version = $3 AND {LIVE} RETURNING version",
+                    expiry(5)
+                ),
+                &[T::BYTEA, T::BYTEA, T::INT8, T::JSONB, T::INT8],
             ),
-            format!("UPDATE {t} SET {TOMBSTONE} WHERE key = $1 AND {LIVE}"),
-            format!("SELECT key FROM {t} WHERE key >= $1 AND key < $2 AND {LIVE} ORDER BY key"),
-            format!("SELECT key FROM {t} WHERE key >= $1 AND {LIVE} ORDER BY key"),
-            format!("UPDATE {t} SET {TOMBSTONE} WHERE {LIVE}"),
-            format!(
-                "INSERT INTO {t} AS e (key, value) SELECT * FROM unnest($1::bytea[], $2::bytea[]) \
-                 {ON_CONFLICT_REPLACE}"
+            (format!("UPDATE {t} SET {TOMBSTONE} WHERE key = $1 AND {LIVE}"), BYTEA),
+            (
+                format!("SELECT key FROM {t} WHERE key >= $1 AND key < $2 AND {LIVE} ORDER BY key"),
+                &[T::BYTEA, T::BYTEA],
             ),
-            format!("SELECT {ENTRY_COLUMNS} FROM {t} WHERE metadata @> $1 AND {LIVE} ORDER BY key"),
-            format!(
-                "SELECT {ENTRY_COLUMNS} FROM {t} WHERE metadata @> $1 AND metadata #> $2::text[] = $3 \
-                 AND {LIVE} ORDER BY key"
+            (format!("SELECT key FROM {t} WHERE key >= $1 AND {LIVE} ORDER BY key"), BYTEA),
+            (format!("UPDATE {t} SET {TOMBSTONE} WHERE {LIVE}"), NONE),
+            (
+                format!(
+                    "INSERT INTO {t} AS e (key, value) SELECT * FROM unnest($1::bytea[], $2::bytea[]) \
+                     {ON_CONFLICT_REPLACE}"
+                ),
+                &[T::BYTEA_ARRAY, T::BYTEA_ARRAY],
             ),
-            format!("UPDATE {t} SET {TOMBSTONE} WHERE key = $1 AND version = $2 AND {LIVE}"),
-            format!(
-                "UPDATE {t} SET value = $2, metadata = '{{}}'::jsonb, expires_at = NULL, updated_at = now(), \
-                 version = version + 1 WHERE key = $1 AND value = $3 AND {LIVE} RETURNING version"
+            (
+                format!("SELECT {ENTRY_COLUMNS} FROM {t} WHERE metadata @> $1 AND {LIVE} ORDER BY key"),
+                &[T::JSONB],
             ),
-            "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint".to_string(),
-            "SELECT pg_wal_lsn_diff(coalesce(pg_last_wal_replay_lsn(), '0/0'), '0/0')::bigint"
-                .to_string(),
+            (
+                format!(
+                    "SELECT {ENTRY_COLUMNS} FROM {t} WHERE metadata @> $1 AND metadata #> $2::text[] = $3 \
+                     AND {LIVE} ORDER BY key"
+                ),
+                &[T::JSONB, T::TEXT_ARRAY, T::JSONB],
+            ),
+            (
+                format!("UPDATE {t} SET {TOMBSTONE} WHERE key = $1 AND version = $2 AND {LIVE}"),
+                &[T::BYTEA, T::INT8],
+            ),
+            (
+                format!(
+                    "UPDATE {t} SET value = $2, metadata = '{{}}'::jsonb, expires_at = NULL, updated_at = now(), \
+                     version = version + 1 WHERE key = $1 AND value = $3 AND {LIVE} RETURNING version"
+                ),
+                &[T::BYTEA, T::BYTEA, T::BYTEA],
+            ),
+            (
+                "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint".to_string(),
+                NONE,
+            ),
+            (
+                "SELECT pg_wal_lsn_diff(coalesce(pg_last_wal_replay_lsn(), '0/0'), '0/0')::bigint"
+                    .to_string(),
+                NONE,
+            ),
         ];
-        let prepared = try_join_all(sqls.iter().map(|s| client.prepare(s))).await?;
-        let [get, get_entry, contains, count, upsert, insert_new, update_if_version, delete, scan_range, scan_from, clear, batch_upsert, query_contains, query_path, delete_if_version, cas_update, insert_lsn, replay_lsn]: [Statement; 18] =
-            prepared.try_into().map_err(|_| StateError::StorageError {
-                message: "statement preparation returned the wrong number of statements".into(),
+        let prepared: Vec<Option<Statement>> = if unnamed {
+            specs.iter().map(|_| None).collect()
+        } else {
+            try_join_all(
+                specs
+                    .iter()
+                    .map(|(sql, types)| client.prepare_typed(sql, types)),
+            )
+            .await?
+            .into_iter()
+            .map(Some)
+            .collect()
+        };
+        let mut all = specs
+            .into_iter()
+            .zip(prepared)
+            .map(|((sql, types), prepared)| Stmt {
+                sql,
+                types,
+                prepared,
+            });
+        let mut next = || {
+            all.next().ok_or_else(|| StateError::StorageError {
+                message: "statement list shorter than the statements".into(),
                 sqlstate: None,
-            })?;
+            })
+        };
         Ok(Statements {
-            get,
-            get_entry,
-            contains,
-            count,
-            upsert,
-            insert_new,
-            update_if_version,
-            delete,
-            scan_range,
-            scan_from,
-            clear,
-            batch_upsert,
-            query_contains,
-            query_path,
-            delete_if_version,
-            cas_update,
-            insert_lsn,
-            replay_lsn,
+            get: next()?,
+            get_entry: next()?,
+            contains: next()?,
+            count: next()?,
+            upsert: next()?,
+            insert_new: next()?,
+            update_if_version: next()?,
+            delete: next()?,
+            scan_range: next()?,
+            scan_from: next()?,
+            clear: next()?,
+            batch_upsert: next()?,
+            query_contains: next()?,
+            query_path: next()?,
+            delete_if_version: next()?,
+            cas_update: next()?,
+            insert_lsn: next()?,
+            replay_lsn: next()?,
         })
     }
 }

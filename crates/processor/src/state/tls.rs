@@ -17,7 +17,7 @@ use rustls::{
 };
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use crate::state::config::{SslMode, SslSettings};
+use crate::state::connspec::{SslMode, SslSettings};
 use crate::state::error::{StateError, StateResult};
 
 /// What the connection layer needs to honour one server's `sslmode`.
@@ -55,7 +55,11 @@ impl TlsSetup {
                 let path = ssl.root_cert.as_deref().ok_or_else(|| {
                     StateError::config("certificate verification needs a root certificate")
                 })?;
-                let roots = load_roots(path)?;
+                let roots = if ssl.system_roots() {
+                    system_roots(&SYSTEM_STORES)?
+                } else {
+                    load_roots(path)?
+                };
                 let webpki =
                     WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                         .build()
@@ -77,13 +81,7 @@ impl TlsSetup {
         let config = match (&ssl.client_cert, &ssl.client_key) {
             (Some(cert), Some(key)) => {
                 let chain = load_certs(cert)?;
-                let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
-                    StateError::Tls(format!(
-                        "cannot read client key {}: {}",
-                        key.display(),
-                        pem_error(&e)
-                    ))
-                })?;
+                let key = load_key(key, ssl.key_password)?;
                 builder.with_client_auth_cert(chain, key).map_err(|e| {
                     StateError::Tls(format!("client certificate {}: {e}", cert.display()))
                 })?
@@ -121,6 +119,100 @@ fn load_certs(path: &Path) -> StateResult<Vec<CertificateDer<'static>>> {
         )));
     }
     Ok(certs)
+}
+
+/// Where operating systems keep their trust store as one PEM bundle, after `$SSL_CERT_FILE`
+/// (which OpenSSL, and so libpq, honour): Debian and Ubuntu, Fedora and RHEL, Alpine and
+/// macOS, SUSE.
+const SYSTEM_STORES: [&str; 4] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/cert.pem",
+    "/etc/ssl/ca-bundle.pem",
+];
+
+/// `sslrootcert=system`: the operating system's trust store (the first bundle found).
+/// Certificates webpki cannot use are skipped, as other clients do; a store without any
+/// usable one is an error.
+fn system_roots(stores: &[&str]) -> StateResult<RootCertStore> {
+    let from_env = std::env::var_os("SSL_CERT_FILE").map(std::path::PathBuf::from);
+    let path = from_env
+        .into_iter()
+        .chain(stores.iter().map(std::path::PathBuf::from))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            StateError::Tls(format!(
+                "sslrootcert=system: no trust store found ($SSL_CERT_FILE, {}); install the \
+                 Debian package ca-certificates",
+                stores.join(", ")
+            ))
+        })?;
+    let mut roots = RootCertStore::empty();
+    let (added, _skipped) = roots.add_parsable_certificates(load_certs(&path)?);
+    if added == 0 {
+        return Err(StateError::Tls(format!(
+            "sslrootcert=system: no usable certificate in {}",
+            path.display()
+        )));
+    }
+    Ok(roots)
+}
+
+/// Loads a client key as libpq would accept it: not readable by group or others (by group
+/// only when root owns it), and not encrypted (pgstate does not decrypt keys).
+fn load_key(path: &Path, password_given: bool) -> StateResult<PrivateKeyDer<'static>> {
+    check_key_permissions(path)?;
+    let text = std::fs::read(path)
+        .map_err(|e| StateError::Tls(format!("cannot read client key {}: {e}", path.display())))?;
+    let encrypted = |marker: &[u8]| text.windows(marker.len()).any(|w| w == marker);
+    if encrypted(b"ENCRYPTED PRIVATE KEY") || encrypted(b"Proc-Type: 4,ENCRYPTED") {
+        return Err(StateError::Tls(format!(
+            "client key {} is encrypted{}: pgstate does not decrypt private keys; store it \
+             decrypted with permissions 0600 (openssl pkey -in KEY -out KEY.plain)",
+            path.display(),
+            if password_given {
+                " (sslpassword was given)"
+            } else {
+                ""
+            }
+        )));
+    }
+    PrivateKeyDer::from_pem_slice(&text).map_err(|e| {
+        StateError::Tls(format!(
+            "cannot read client key {}: {}",
+            path.display(),
+            pem_error(&e)
+        ))
+    })
+}
+
+/// libpq's rule for private key files: `u=rw` (0600) or less; `u=rw,g=r` (0640) or less when
+/// root owns the file.
+#[cfg(unix)]
+fn check_key_permissions(path: &Path) -> StateResult<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| StateError::Tls(format!("cannot read client key {}: {e}", path.display())))?;
+    let mode = meta.mode() & 0o777;
+    let allowed = if meta.uid() == 0 { 0o640 } else { 0o600 };
+    if mode & !allowed != 0 {
+        return Err(StateError::Tls(format!(
+            "client key {} has permissions {mode:04o}: it must be readable by its owner only \
+             (chmod 0600{})",
+            path.display(),
+            if meta.uid() == 0 {
+                ", or 0640 owned by root"
+            } else {
+                ""
+            }
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn check_key_permissions(_path: &Path) -> StateResult<()> {
+    Ok(())
 }
 
 fn load_roots(path: &Path) -> StateResult<RootCertStore> {

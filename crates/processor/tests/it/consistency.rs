@@ -180,10 +180,22 @@ impl Paused {
         .await;
     }
 
+    /// Pauses replay and waits until the replica says it has paused (a pause is only a
+    /// request until the startup process honours it: records arriving meanwhile are replayed).
     fn pause(&self) {
         self.cluster
             .psql(1, "SELECT pg_wal_replay_pause()")
             .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self
+            .cluster
+            .psql(1, "SELECT pg_get_wal_replay_pause_state()")
+            .unwrap()
+            != "paused"
+        {
+            assert!(Instant::now() < deadline, "replay never paused");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     fn resume(&self) {

@@ -299,6 +299,40 @@ fn a_crashed_leader_is_replaced_when_its_lease_runs_out() {
     });
 }
 
+/// Runs `f`'s future on a thread of its own with a current-thread runtime: when the future
+/// sleeps that thread (`std::thread::sleep`), its tasks (renewals, connection I/O) stop while
+/// its sockets stay open, so the server keeps its session and advisory lock: a frozen process.
+fn on_own_runtime<T, F, Fut>(f: F) -> std::thread::JoinHandle<T>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+    T: Send + 'static,
+{
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(f())
+    })
+}
+
+/// A new backend that must win leadership of `name` within `within` (while the old leader is
+/// frozen).
+async fn successor(
+    cfg: processor::state::EnhancedPostgresConfig,
+    name: &str,
+    ttl: Duration,
+    within: Duration,
+) -> (EnhancedPostgresBackend, processor::state::Leadership) {
+    let b = EnhancedPostgresBackend::new(cfg).await.unwrap();
+    let l = tokio::time::timeout(within, b.campaign(name, ttl))
+        .await
+        .expect("a new leader while the old one is frozen")
+        .unwrap();
+    (b, l)
+}
+
 #[tokio::test]
 async fn a_frozen_leader_is_evicted_and_stops_believing() {
     let cfg = support::config("frozen");
@@ -310,32 +344,22 @@ async fn a_frozen_leader_is_evicted_and_stops_believing() {
     let (won_tx, won_rx) = std::sync::mpsc::channel();
     let frozen = {
         let (cfg, name) = (cfg.clone(), name.clone());
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let b = EnhancedPostgresBackend::new(cfg).await.unwrap();
-                let l = b.campaign(&name, ttl).await.unwrap();
-                won_tx.send(l.term()).unwrap();
-                std::thread::sleep(freeze);
-                // Awake again: it must not believe it still leads.
-                let believes = l.is_leader();
-                drop(l);
-                believes
-            })
+        on_own_runtime(move || async move {
+            let b = EnhancedPostgresBackend::new(cfg).await.unwrap();
+            let l = b.campaign(&name, ttl).await.unwrap();
+            won_tx.send(l.term()).unwrap();
+            std::thread::sleep(freeze);
+            // Awake again: it must not believe it still leads.
+            let believes = l.is_leader();
+            drop(l);
+            believes
         })
     };
     let old_term = tokio::task::spawn_blocking(move || won_rx.recv().unwrap())
         .await
         .unwrap();
     let frozen_at = Instant::now();
-    let b = EnhancedPostgresBackend::new(cfg).await.unwrap();
-    let l = tokio::time::timeout(freeze, b.campaign(&name, ttl))
-        .await
-        .expect("a new leader while the old one is still frozen")
-        .unwrap();
+    let (_b, l) = successor(cfg, &name, ttl, freeze).await;
     let took = frozen_at.elapsed();
     eprintln!("frozen leader replaced after {took:?} (ttl {ttl:?})");
     assert!(l.term() > old_term);
@@ -361,42 +385,32 @@ async fn a_deposed_leaders_fenced_write_is_refused() {
     let (won_tx, won_rx) = std::sync::mpsc::channel();
     let old = {
         let (cfg, name) = (cfg.clone(), name.clone());
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let b = EnhancedPostgresBackend::new(cfg).await.unwrap();
-                let l = b.campaign(&name, ttl).await.unwrap();
-                let fence = l.fence();
-                // Fenced writes pass while it leads.
-                let mut tx = b.begin().await.unwrap();
-                tx.check_fence(&fence).await.unwrap();
-                tx.put(b"owner", b"old").await.unwrap();
+        on_own_runtime(move || async move {
+            let b = EnhancedPostgresBackend::new(cfg).await.unwrap();
+            let l = b.campaign(&name, ttl).await.unwrap();
+            let fence = l.fence();
+            // Fenced writes pass while it leads.
+            let mut tx = b.begin().await.unwrap();
+            tx.check_fence(&fence).await.unwrap();
+            tx.put(b"owner", b"old").await.unwrap();
+            tx.commit().await.unwrap();
+            won_tx.send(l.term()).unwrap();
+            // Paused past its lease (the whole runtime stops).
+            std::thread::sleep(freeze);
+            let mut tx = b.begin().await.unwrap();
+            let checked = tx.check_fence(&fence).await;
+            if checked.is_ok() {
+                tx.put(b"owner", b"stale").await.unwrap();
                 tx.commit().await.unwrap();
-                won_tx.send(l.term()).unwrap();
-                // Paused past its lease (the whole runtime stops).
-                std::thread::sleep(freeze);
-                let mut tx = b.begin().await.unwrap();
-                let checked = tx.check_fence(&fence).await;
-                if checked.is_ok() {
-                    tx.put(b"owner", b"stale").await.unwrap();
-                    tx.commit().await.unwrap();
-                }
-                drop(l);
-                checked
-            })
+            }
+            drop(l);
+            checked
         })
     };
     let old_term = tokio::task::spawn_blocking(move || won_rx.recv().unwrap())
         .await
         .unwrap();
-    let b = EnhancedPostgresBackend::new(cfg).await.unwrap();
-    let l = tokio::time::timeout(freeze, b.campaign(&name, ttl))
-        .await
-        .expect("a new leader while the old one is paused")
-        .unwrap();
+    let (b, l) = successor(cfg, &name, ttl, freeze).await;
     assert!(l.term() > old_term);
     let mut tx = b.begin().await.unwrap();
     tx.check_fence(&l.fence()).await.unwrap();

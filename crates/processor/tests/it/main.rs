@@ -11,6 +11,7 @@ mod leader;
 mod listener;
 mod lock_sessions;
 mod ops;
+mod pgbouncer;
 mod pool;
 mod replication;
 mod schema;

@@ -9,7 +9,7 @@ use processor::state::{EnhancedPostgresBackend, StateBackend, StateError};
 use crate::support;
 
 /// "Quick Start", the body of the seed's `main`.
-async fn quick_start(url: String) -> anyhow::Result<()> {
+pub(crate) async fn quick_start(url: String) -> anyhow::Result<()> {
     use processor::state::{EnhancedPostgresBackend, EnhancedPostgresConfig, StateBackend};
 
     // Basic configuration
@@ -32,7 +32,7 @@ async fn seed_quick_start() {
 }
 
 /// "Basic Operations".
-async fn basic_operations(backend: &EnhancedPostgresBackend) -> anyhow::Result<()> {
+pub(crate) async fn basic_operations(backend: &EnhancedPostgresBackend) -> anyhow::Result<()> {
     // Put with metadata
     backend
         .put_with_metadata(
@@ -96,7 +96,7 @@ async fn seed_basic_operations() {
 }
 
 /// "Optimistic Locking".
-async fn optimistic_locking(backend: &EnhancedPostgresBackend) -> anyhow::Result<()> {
+pub(crate) async fn optimistic_locking(backend: &EnhancedPostgresBackend) -> anyhow::Result<()> {
     // Insert with version 1
     let version = backend.put_with_version(b"key", b"value1", None).await?;
     // version == 1
@@ -135,7 +135,9 @@ async fn seed_optimistic_locking() {
 }
 
 /// "Query by Metadata".
-async fn query_by_metadata(backend: &EnhancedPostgresBackend) -> anyhow::Result<(usize, usize)> {
+pub(crate) async fn query_by_metadata(
+    backend: &EnhancedPostgresBackend,
+) -> anyhow::Result<(usize, usize)> {
     // Find all users
     let users = backend
         .query_by_metadata("type", &serde_json::json!({"type": "user"}))
@@ -168,7 +170,7 @@ async fn seed_query_by_metadata() {
 }
 
 /// "Migration from Basic Backend" (the snippet's lines unchanged, checks in between).
-async fn migration_from_basic(url: &str) -> anyhow::Result<()> {
+pub(crate) async fn migration_from_basic(url: &str) -> anyhow::Result<()> {
     // Old
     use processor::state::{PostgresConfig, PostgresStateBackend};
     let backend = PostgresStateBackend::new(PostgresConfig::new(url)).await?;
@@ -259,7 +261,7 @@ async fn seed_advanced_configuration_fails_clearly_on_missing_certificate() {
 /// "Distributed Coordination", verbatim; returns what it observed so the test can check it.
 #[allow(unused_variables)]
 #[rustfmt::skip]
-async fn distributed_coordination(
+pub(crate) async fn distributed_coordination(
     backend: &EnhancedPostgresBackend,
 ) -> anyhow::Result<(bool, bool, bool)> {
     use processor::state::PostgresLockGuard;
@@ -357,12 +359,18 @@ async fn listen_notify(backend: &EnhancedPostgresBackend, url: &str) -> anyhow::
 
 #[tokio::test]
 async fn seed_listen_notify() {
-    use processor::state::PostgresListener;
     let backend = support::backend("seed_listen").await;
+    check_listen_notify(&backend, &support::url()).await;
+}
+
+/// Runs the LISTEN/NOTIFY snippet with `backend` notifying and the snippet's listener on
+/// `listen_url` (a direct URL of the shared server's primary), and checks what arrives.
+pub(crate) async fn check_listen_notify(backend: &EnhancedPostgresBackend, listen_url: &str) {
+    use processor::state::PostgresListener;
     let app = support::unique("seed_listener");
-    let url = crate::listener::with_param(&support::url(), &format!("application_name={app}"));
+    let url = crate::listener::with_param(listen_url, &format!("application_name={app}"));
     // A listener of our own sees the snippet's notification.
-    let mut witness = PostgresListener::new(&support::url(), "state_changes")
+    let mut witness = PostgresListener::new(listen_url, "state_changes")
         .await
         .unwrap();
     let snippet = {

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use processor::state::{
@@ -14,6 +15,26 @@ use processor::state::{
 pub fn skip(test: &str, why: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
+}
+
+/// PgBouncer in `mode` in front of the shared cluster's primary, started once per process;
+/// `None` against an external server (`PGSTATE_TEST_DATABASE_URL`).
+pub fn bouncer(
+    mode: pgstate_testcluster::PoolMode,
+) -> Option<&'static pgstate_testcluster::PgBouncer> {
+    use pgstate_testcluster::PoolMode;
+    static TRANSACTION: OnceLock<pgstate_testcluster::PgBouncer> = OnceLock::new();
+    static SESSION: OnceLock<pgstate_testcluster::PgBouncer> = OnceLock::new();
+    let cluster = pgstate_testcluster::shared().cluster()?;
+    let cell = match mode {
+        PoolMode::Transaction => &TRANSACTION,
+        PoolMode::Session => &SESSION,
+    };
+    Some(cell.get_or_init(|| {
+        cluster
+            .start_pgbouncer(mode)
+            .unwrap_or_else(|e| panic!("cannot start PgBouncer: {e}"))
+    }))
 }
 
 /// URL of the shared test server's primary.

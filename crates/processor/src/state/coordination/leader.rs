@@ -36,6 +36,7 @@ use crate::state::pool::ConnPool;
 use crate::state::retry::backoff;
 use crate::state::stats::{LockEvent, Stats};
 use crate::state::ErrorKind;
+use tokio_postgres::types::{ToSql, Type};
 
 /// The shortest accepted lease.
 const MIN_TTL: Duration = Duration::from_millis(300);
@@ -427,7 +428,9 @@ impl Coordinator {
         let secs = ttl.as_secs_f64();
         let remaining: Option<f64> = self
             .on_primary(async |c| {
-                match c.client.query(evict.as_str(), &[&key, &name, &secs]).await {
+                let params: [(&(dyn ToSql + Sync), Type); 3] =
+                    [(&key, Type::INT8), (&name, Type::TEXT), (&secs, Type::FLOAT8)];
+                match c.client.query_typed(evict.as_str(), &params).await {
                     Ok(rows) => {
                         for row in rows {
                             let pid: i32 = row.try_get(0)?;
@@ -440,7 +443,7 @@ impl Coordinator {
                     Err(e) => return Err(e.into()),
                 }
                 Ok(c.client
-                    .query_opt(remaining_sql.as_str(), &[&name])
+                    .query_typed_opt(remaining_sql.as_str(), &[(&name, Type::TEXT)])
                     .await?
                     .map(|r| r.try_get(0))
                     .transpose()?)
@@ -508,7 +511,11 @@ impl Coordinator {
             self.names.leaders
         );
         let row = self
-            .on_primary(async |c| Ok(c.client.query_opt(sql.as_str(), &[&name]).await?))
+            .on_primary(async |c| {
+                Ok(c.client
+                    .query_typed_opt(sql.as_str(), &[(&name, Type::TEXT)])
+                    .await?)
+            })
             .await?;
         let Some(row) = row else { return Ok(None) };
         let remaining: f64 = row.try_get(4)?;
@@ -617,7 +624,16 @@ impl Lease {
         let cleared = self
             .primary
             .with(self.op_timeout, async |c| {
-                c.client.execute(clear, &[&name, &term, &holder]).await?;
+                c.client
+                    .execute_typed(
+                        clear,
+                        &[
+                            (&name, Type::TEXT),
+                            (&term, Type::INT8),
+                            (&holder, Type::TEXT),
+                        ],
+                    )
+                    .await?;
                 Ok(())
             })
             .await;

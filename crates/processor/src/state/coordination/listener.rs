@@ -18,8 +18,8 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use crate::state::config::ConnectionSpec;
 use crate::state::connection::{Connector, Session, NOTIFICATION_BUFFER};
+use crate::state::connspec::ConnectionSpec;
 use crate::state::coordination::CoordinationHandle;
 use crate::state::error::{StateError, StateResult};
 use crate::state::ident::{check_channel, quote_channel};
@@ -61,6 +61,20 @@ fn check_text(payload: &str) -> StateResult<()> {
 
 /// `pg_notify` for a plain notification: channel and payload as parameters.
 pub(crate) const NOTIFY_SQL: &str = "SELECT pg_notify($1, $2)";
+
+/// Runs [`durable_notify_sql`] for one event (unnamed: also behind transaction pooling);
+/// the row holds its sequence number.
+pub(crate) async fn append_event(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    channel: &str,
+    payload: &str,
+) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
+    use tokio_postgres::types::Type;
+    client
+        .query_typed_one(sql, &[(&channel, Type::TEXT), (&payload, Type::TEXT)])
+        .await
+}
 
 /// One statement that appends a durable event to `channel` ($1) with `payload` ($2), taking the
 /// channel's next sequence number, and wakes listeners with that number as the payload. The
@@ -147,7 +161,13 @@ impl PostgresListener {
     /// Connects to `url` (any URL or keyword string the backend accepts, including `sslmode`,
     /// `sslrootcert`, `sslcert` and `sslkey`) and listens on `channel`.
     pub async fn new(url: &str, channel: &str) -> StateResult<Self> {
-        let spec = ConnectionSpec::parse(url, None)?;
+        let spec = ConnectionSpec::parse(url)?;
+        if spec.pgbouncer {
+            return Err(StateError::config(
+                "LISTEN needs a session that lasts: give the listener a direct URL (or one through \
+                 PgBouncer's session pooling), not one with pgbouncer=true",
+            ));
+        }
         let connector =
             Connector::new(&spec, Duration::from_secs(10), None, "pgstate-listener")?.dedicated();
         Self::start(connector, &[channel], None).await
@@ -158,7 +178,7 @@ impl PostgresListener {
         backend: impl Into<CoordinationHandle>,
         channels: &[&str],
     ) -> StateResult<Self> {
-        let connector = backend.into().0.connector().clone();
+        let connector = backend.into().0.connector()?.clone();
         Self::start(connector, channels, None).await
     }
 
@@ -196,7 +216,7 @@ impl PostgresListener {
             stale: HashSet::new(),
             buffer: VecDeque::new(),
         };
-        let connector = coordinator.connector().clone();
+        let connector = coordinator.connector()?.clone();
         let names: Vec<&str> = channels.iter().map(|(c, _)| *c).collect();
         let mut listener = Self::start(connector, &names, Some(durable)).await?;
         for (channel, from) in channels {
@@ -381,7 +401,12 @@ impl PostgresListener {
                 .and_then(|d| d.stale.iter().next().cloned())
             {
                 if let Err(e) = self.fetch(&channel).await {
-                    if self.session.as_ref().is_some_and(|s| s.client.is_closed()) {
+                    // A terminated session answers the pending fetch with its FATAL error
+                    // (57P01) before the driver marks the connection closed: both mean the
+                    // session is gone, and the listener reconnects.
+                    let lost = e.kind() == crate::state::ErrorKind::Connection
+                        || self.session.as_ref().is_some_and(|s| s.client.is_closed());
+                    if lost {
                         self.session = None;
                         continue;
                     }

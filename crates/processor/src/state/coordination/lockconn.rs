@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Statement};
 
 use super::{Holder, LockMode, ADVISORY_LOCKS};
@@ -70,7 +71,7 @@ impl LockConn {
             client.prepare("SELECT pg_advisory_lock($1)"),
             client.prepare("SELECT pg_advisory_lock_shared($1)"),
             client.prepare("SELECT set_config('lock_timeout', $1, false)"),
-            client.prepare(&record),
+            client.prepare_typed(&record, &RECORD_TYPES),
             client.prepare("SELECT pg_advisory_unlock($1)"),
             client.prepare("SELECT pg_advisory_unlock_shared($1)"),
             client.prepare(&forget),
@@ -253,6 +254,24 @@ pub(crate) fn record_params<'a>(
         &what.id,
         pid,
     ]
+}
+
+/// The types of [`record_sql`]'s parameters.
+const RECORD_TYPES: [Type; 9] = [
+    Type::INT8,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::INT4,
+    Type::TEXT,
+    Type::BOOL,
+    Type::TEXT,
+    Type::INT4,
+];
+
+/// [`record_params`] with their types, for an unnamed statement.
+pub(crate) fn record_types<'a>(params: &[&'a Param<'a>; 9]) -> Vec<(&'a Param<'a>, Type)> {
+    params.iter().copied().zip(RECORD_TYPES).collect()
 }
 
 /// The fencing token from [`record_sql`]'s reply.

@@ -43,6 +43,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use sha2::{Digest, Sha256};
+use tokio_postgres::types::Type;
 
 use crate::state::connection::{Connector, PgConn};
 use crate::state::error::{StateError, StateResult};
@@ -52,7 +53,7 @@ use crate::state::stats::{LockEvent, Stats};
 
 pub(crate) use held::HeldLock;
 use held::HeldOn;
-use lockconn::{record_params, record_sql, recorded, Acquisition, LockConn};
+use lockconn::{record_params, record_sql, record_types, recorded, Acquisition, LockConn};
 use sessions::LockSessions;
 
 pub(crate) use guard::fence_sql;
@@ -60,7 +61,9 @@ pub use guard::{Fence, PostgresLockGuard};
 pub use sessions::MAX_LOCK_SESSIONS;
 
 pub use leader::{LeaderInfo, Leadership};
-pub(crate) use listener::{check_durable_payload, check_payload, durable_notify_sql, NOTIFY_SQL};
+pub(crate) use listener::{
+    append_event, check_durable_payload, check_payload, durable_notify_sql, NOTIFY_SQL,
+};
 pub use listener::{Notification, PostgresListener, MAX_NOTIFY_PAYLOAD};
 
 /// The advisory-lock key of a named lock: the first 8 bytes (big-endian) of
@@ -199,7 +202,9 @@ const SPARE_IDLE: Duration = Duration::from_secs(30);
 
 /// What the backend needs for coordination; shared by every handle.
 pub(crate) struct Coordinator {
-    connector: Connector,
+    /// How session features connect: `None` behind PgBouncer's transaction pooling without a
+    /// session URL (see [`Coordinator::connector`]).
+    connector: Option<Connector>,
     pub names: TableNames,
     pub stats: Arc<Stats>,
     pub primary: Arc<ConnPool>,
@@ -208,8 +213,8 @@ pub(crate) struct Coordinator {
     pub holder: Holder,
     /// Locks taken with the key API, per key and mode (shared locks may be taken repeatedly).
     held: Mutex<HashMap<(i64, LockMode), Vec<HeldLock>>>,
-    /// The shared sessions locks and guards are held on.
-    sessions: Arc<LockSessions>,
+    /// The shared sessions locks and guards are held on (with `connector`).
+    sessions: Option<Arc<LockSessions>>,
     /// Clean dedicated connections kept for waits and leader election.
     spare: Mutex<Vec<(Instant, LockConn)>>,
     /// Leaderships taken with `try_become_leader`.
@@ -240,15 +245,17 @@ pub(crate) fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Coordinator {
     pub fn new(
-        connector: &Connector,
+        connector: Option<&Connector>,
         names: TableNames,
         stats: Arc<Stats>,
         primary: Arc<ConnPool>,
         op_timeout: Duration,
     ) -> Self {
-        let connector = connector.dedicated();
+        let connector = connector.map(Connector::dedicated);
         Coordinator {
-            sessions: LockSessions::new(connector.clone(), names.clone()),
+            sessions: connector
+                .clone()
+                .map(|c| LockSessions::new(c, names.clone())),
             connector,
             names,
             stats,
@@ -262,8 +269,24 @@ impl Coordinator {
         }
     }
 
-    pub fn connector(&self) -> &Connector {
-        &self.connector
+    /// How session features (session locks, guards, leader election, LISTEN) connect; a
+    /// configuration error behind PgBouncer's transaction pooling without a session URL.
+    pub fn connector(&self) -> StateResult<&Connector> {
+        self.connector.as_ref().ok_or_else(|| {
+            StateError::config(
+                "session advisory locks, lock guards, leader election and LISTEN need a session \
+                 that lasts, which PgBouncer's transaction pooling (pgbouncer=true) does not keep: \
+                 set EnhancedPostgresConfig::with_session_url to a direct URL of the primary (or \
+                 one through PgBouncer's session pooling)",
+            )
+        })
+    }
+
+    fn lock_sessions(&self) -> StateResult<&Arc<LockSessions>> {
+        self.connector()?;
+        self.sessions
+            .as_ref()
+            .ok_or_else(|| StateError::config("no lock sessions"))
     }
 
     /// Runs `f` on a pooled primary connection, bounded by the operation timeout.
@@ -286,7 +309,7 @@ impl Coordinator {
                 None => break,
             }
         }
-        Ok((LockConn::open(&self.connector, &self.names).await?, false))
+        Ok((LockConn::open(self.connector()?, &self.names).await?, false))
     }
 
     /// Keeps a connection that holds no lock for the next acquisition.
@@ -346,15 +369,27 @@ impl Coordinator {
         wait: Duration,
     ) -> StateResult<Option<HeldLock>> {
         let deadline = Instant::now() + wait;
-        let mut reservation = self.sessions.reserve(key, mode).await?;
-        if !reservation.try_lock(&self.connector).await? {
+        let connector = self.connector()?;
+        let sessions = self.lock_sessions()?;
+        let mut reservation = sessions.reserve(key, mode).await?;
+        let got = match reservation.try_lock(connector).await {
+            // The session died since its last use (server restart, terminated): once more on
+            // another one (the dead one has left the rotation).
+            Err(e) if e.kind() == crate::state::ErrorKind::Connection => {
+                drop(reservation);
+                reservation = sessions.reserve(key, mode).await?;
+                reservation.try_lock(connector).await?
+            }
+            other => other?,
+        };
+        if !got {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 return Ok(None);
             }
             // Held elsewhere: wait on a connection of its own, never on a shared session.
             let (waiter, _) = self.take_conn().await?;
-            if !waiter.lock(&self.connector, key, mode, remaining).await? {
+            if !waiter.lock(connector, key, mode, remaining).await? {
                 self.put_spare(waiter);
                 return Ok(None);
             }
@@ -363,8 +398,7 @@ impl Coordinator {
         // From here on, an error or a dropped future unlocks in the background (see
         // `Reservation`): nothing is left held. Recording may wait for the fencing row, so it
         // runs on a pooled connection rather than the shared session.
-        let serial = self.acquisitions.fetch_add(1, AtomicOrdering::Relaxed);
-        let acquisition = format!("{}/{serial}", self.holder.id);
+        let acquisition = self.next_acquisition();
         let what = Acquisition {
             key,
             name,
@@ -385,9 +419,14 @@ impl Coordinator {
             .primary
             .with(budget + self.op_timeout, async |c| {
                 let tx = c.client.transaction().await?;
-                tx.query_one("SELECT set_config('lock_timeout', $1, true)", &[&budget_ms])
-                    .await?;
-                let row = tx.query_one(sql.as_str(), &params).await;
+                tx.query_typed_one(
+                    "SELECT set_config('lock_timeout', $1, true)",
+                    &[(&budget_ms, Type::TEXT)],
+                )
+                .await?;
+                let row = tx
+                    .query_typed_one(sql.as_str(), &record_types(&params))
+                    .await;
                 let token = recorded(row, key, budget)?;
                 tx.commit().await?;
                 Ok(token)
@@ -411,17 +450,18 @@ impl Coordinator {
         waited: &mut Duration,
     ) -> StateResult<Option<HeldLock>> {
         let mode = LockMode::Exclusive;
+        let connector = self.connector()?;
         let (mut conn, reused) = self.take_conn().await?;
         let start = Instant::now();
-        let first = conn.lock(&self.connector, key, mode, wait).await;
+        let first = conn.lock(connector, key, mode, wait).await;
         *waited = start.elapsed();
         let got = match first {
             // A spare connection may have died since it was parked (server restart): one
             // more try on a fresh one.
             Err(e) if reused && e.kind() == crate::state::ErrorKind::Connection => {
-                conn = LockConn::open(&self.connector, &self.names).await?;
+                conn = LockConn::open(connector, &self.names).await?;
                 let start = Instant::now();
-                let second = conn.lock(&self.connector, key, mode, wait).await;
+                let second = conn.lock(connector, key, mode, wait).await;
                 *waited += start.elapsed();
                 second?
             }
@@ -434,8 +474,7 @@ impl Coordinator {
         // On any error from here on the connection is dropped, which ends the session and
         // with it the lock: nothing is left held.
         let budget = wait.saturating_sub(*waited).max(RECORD_WAIT);
-        let serial = self.acquisitions.fetch_add(1, AtomicOrdering::Relaxed);
-        let acquisition = format!("{}/{serial}", self.holder.id);
+        let acquisition = self.next_acquisition();
         let what = Acquisition {
             key,
             name,
@@ -443,7 +482,7 @@ impl Coordinator {
             holder: &self.holder,
             id: &acquisition,
         };
-        let token = conn.record(&self.connector, &what, budget).await?;
+        let token = conn.record(connector, &what, budget).await?;
         Ok(Some(HeldLock {
             lock: HeldOn::Dedicated(Box::new(conn)),
             key,
@@ -452,6 +491,12 @@ impl Coordinator {
             token,
             acquisition,
         }))
+    }
+
+    /// A new acquisition id (`holder id/serial`): what a fence names.
+    fn next_acquisition(&self) -> String {
+        let serial = self.acquisitions.fetch_add(1, AtomicOrdering::Relaxed);
+        format!("{}/{serial}", self.holder.id)
     }
 
     /// Releases a held lock. `LockLost` if its session had already ended (the server released
@@ -553,8 +598,8 @@ impl Coordinator {
         );
         let rows = self
             .on_primary(async |c| {
-                c.client.execute(cleanup.as_str(), &[]).await?;
-                Ok(c.client.query(list.as_str(), &[]).await?)
+                c.client.execute_typed(cleanup.as_str(), &[]).await?;
+                Ok(c.client.query_typed(list.as_str(), &[]).await?)
             })
             .await?;
         rows.iter()

@@ -1,11 +1,11 @@
 //! Coordination inside a transaction: fenced writes, transaction-scoped advisory locks and
 //! notifications that are sent when the transaction commits.
 
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{ToSql, Type};
 
 use crate::state::coordination::{
-    check_durable_payload, check_payload, durable_notify_sql, fence_sql, Fence, LockMode,
-    NOTIFY_SQL,
+    append_event, check_durable_payload, check_payload, durable_notify_sql, fence_sql, Fence,
+    LockMode, NOTIFY_SQL,
 };
 use crate::state::error::{StateError, StateResult};
 use crate::state::ident::check_channel;
@@ -40,13 +40,13 @@ impl PostgresTransaction {
         let sql = fence_sql(&self.names);
         let row = self
             .stmt(Op::Query, 1, async |c| {
-                let params: [&(dyn ToSql + Sync); 4] = [
-                    &fence.key,
-                    &fence.backend_pid,
-                    &fence.token,
-                    &fence.acquisition,
+                let params: [(&(dyn ToSql + Sync), Type); 4] = [
+                    (&fence.key, Type::INT8),
+                    (&fence.backend_pid, Type::INT4),
+                    (&fence.token, Type::INT8),
+                    (&fence.acquisition, Type::TEXT),
                 ];
-                Ok(c.client.query_opt(sql.as_str(), &params).await?)
+                Ok(c.client.query_typed_opt(sql.as_str(), &params).await?)
             })
             .await?;
         let (current, held) = match row {
@@ -72,7 +72,7 @@ impl PostgresTransaction {
             LockMode::Shared => "SELECT pg_advisory_xact_lock_shared($1)",
         };
         self.stmt(Op::Query, 1, async |c| {
-            Ok(c.client.execute(sql, &[&key]).await?)
+            Ok(c.client.execute_typed(sql, &[(&key, Type::INT8)]).await?)
         })
         .await
         .map(|_| ())
@@ -86,7 +86,7 @@ impl PostgresTransaction {
         };
         let row = self
             .stmt(Op::Query, 1, async |c| {
-                Ok(c.client.query_one(sql, &[&key]).await?)
+                Ok(c.client.query_typed_one(sql, &[(&key, Type::INT8)]).await?)
             })
             .await?;
         Ok(row.try_get(0)?)
@@ -98,7 +98,12 @@ impl PostgresTransaction {
         check_channel(channel)?;
         check_payload(payload)?;
         self.stmt(Op::Query, 1, async |c| {
-            Ok(c.client.execute(NOTIFY_SQL, &[&channel, &payload]).await?)
+            Ok(c.client
+                .execute_typed(
+                    NOTIFY_SQL,
+                    &[(&channel, Type::TEXT), (&payload, Type::TEXT)],
+                )
+                .await?)
         })
         .await?;
         self.stats.lock(LockEvent::Notified);
@@ -114,9 +119,7 @@ impl PostgresTransaction {
         let sql = durable_notify_sql(&self.names);
         let row = self
             .stmt(Op::Query, 1, async |c| {
-                Ok(c.client
-                    .query_one(sql.as_str(), &[&channel, &payload])
-                    .await?)
+                Ok(append_event(&c.client, &sql, channel, payload).await?)
             })
             .await?;
         let seq = row.try_get(0)?;

@@ -2,10 +2,12 @@
 
 use std::time::Duration;
 
+use tokio_postgres::types::Type;
+
 use super::EnhancedPostgresBackend;
 use crate::state::coordination::{
-    check_durable_payload, check_lock_name, check_payload, durable_notify_sql, locked,
-    AdvisoryLockInfo, CoordinationHandle, LeaderInfo, Leadership, LockMode, NOTIFY_SQL,
+    append_event, check_durable_payload, check_lock_name, check_payload, durable_notify_sql,
+    locked, AdvisoryLockInfo, CoordinationHandle, LeaderInfo, Leadership, LockMode, NOTIFY_SQL,
 };
 use crate::state::error::{StateError, StateResult};
 use crate::state::ident::check_channel;
@@ -166,11 +168,7 @@ impl EnhancedPostgresBackend {
         let sql = durable_notify_sql(&self.store().names);
         let row = self
             .store()
-            .on_primary(async |c| {
-                Ok(c.client
-                    .query_one(sql.as_str(), &[&channel, &payload])
-                    .await?)
-            })
+            .on_primary(async |c| Ok(append_event(&c.client, &sql, channel, payload).await?))
             .await?;
         self.store().stats.lock(LockEvent::Notified);
         Ok(row.try_get(0)?)
@@ -186,7 +184,11 @@ impl EnhancedPostgresBackend {
         );
         let secs = older_than.as_secs_f64();
         self.store()
-            .on_primary(async |c| Ok(c.client.execute(sql.as_str(), &[&secs]).await?))
+            .on_primary(async |c| {
+                Ok(c.client
+                    .execute_typed(sql.as_str(), &[(&secs, Type::FLOAT8)])
+                    .await?)
+            })
             .await
     }
 }

@@ -79,7 +79,22 @@ impl EnhancedPostgresBackend {
         )?;
         connector.require_writable();
         migrate(&connector, &names).await?;
-        let lock_connector = connector.clone();
+        // Session features: on the session URL when there is one, else on the primary's,
+        // unless that goes through PgBouncer's transaction pooling.
+        let lock_connector = match &valid.session {
+            Some(spec) => {
+                let mut c = Connector::new(
+                    spec,
+                    config.connect_timeout,
+                    config.statement_timeout,
+                    &config.application_name,
+                )?;
+                c.require_writable();
+                Some(c)
+            }
+            None if connector.transaction_pooling => None,
+            None => Some(connector.clone()),
+        };
         let op_timeout = config.operation_timeout;
         let primary =
             ConnPool::new(connector, names.clone(), &config.pool, false, op_timeout).await?;
@@ -127,7 +142,7 @@ impl EnhancedPostgresBackend {
         };
         let stats = Arc::new(Stats::new(config.slow_query_threshold));
         let coordinator = Arc::new(Coordinator::new(
-            &lock_connector,
+            lock_connector.as_ref(),
             names.clone(),
             stats.clone(),
             primary.clone(),

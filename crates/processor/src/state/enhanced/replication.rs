@@ -76,7 +76,7 @@ impl EnhancedPostgresBackend {
         let row = s
             .on_primary(async |c| {
                 Ok(c.client
-                    .query_one(
+                    .query_typed_one(
                         "SELECT pg_is_in_recovery(), (SELECT count(*) FROM pg_stat_replication)::bigint",
                         &[],
                     )

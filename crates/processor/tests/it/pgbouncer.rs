@@ -1,0 +1,340 @@
+//! Through a real PgBouncer (Debian's package) in front of the shared cluster's primary:
+//! transaction pooling with `pgbouncer=true` (unnamed statements, no session state), session
+//! features through `with_session_url` or refused clearly, and session pooling as is.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use pgstate_testcluster::PoolMode;
+use processor::state::{
+    EnhancedPostgresBackend, EnhancedPostgresConfig, ErrorKind, IsolationLevel, PostgresListener,
+    PostgresLockGuard, StateBackend, StateError,
+};
+
+use crate::{conformance, seed, support};
+
+/// The transaction-pooling URL with `pgbouncer=true`, or `None` (reported as skipped) without
+/// the local cluster.
+fn transaction_url(test: &str) -> Option<String> {
+    match support::bouncer(PoolMode::Transaction) {
+        Some(b) => Some(format!("{}&pgbouncer=true", b.url())),
+        None => {
+            support::skip(test, "needs the local cluster to put PgBouncer in front of");
+            None
+        }
+    }
+}
+
+fn config(url: &str, tag: &str) -> EnhancedPostgresConfig {
+    EnhancedPostgresConfig::new(url)
+        .with_schema(support::unique(tag))
+        .with_pool_config(support::small_pool())
+}
+
+/// The configuration error that names the missing setting.
+fn needs_session_url<T: std::fmt::Debug>(r: Result<T, StateError>) {
+    let e = r.expect_err("a session feature behind transaction pooling");
+    assert_eq!(e.kind(), ErrorKind::Configuration, "{e}");
+    assert!(e.to_string().contains("with_session_url"), "{e}");
+}
+
+#[tokio::test]
+async fn the_conformance_suite_passes_through_transaction_pooling() {
+    let Some(url) =
+        transaction_url("pgbouncer::the_conformance_suite_passes_through_transaction_pooling")
+    else {
+        return;
+    };
+    let b = Arc::new(
+        EnhancedPostgresBackend::new(config(&url, "pgb_conf"))
+            .await
+            .unwrap(),
+    );
+    conformance::run(b.clone(), b.as_ref()).await;
+}
+
+#[tokio::test]
+async fn the_seed_snippets_pass_through_transaction_pooling() {
+    let Some(url) =
+        transaction_url("pgbouncer::the_seed_snippets_pass_through_transaction_pooling")
+    else {
+        return;
+    };
+    seed::quick_start(url.clone()).await.unwrap();
+    seed::migration_from_basic(&url).await.unwrap();
+    let b = EnhancedPostgresBackend::new(config(&url, "pgb_seed"))
+        .await
+        .unwrap();
+    seed::basic_operations(&b).await.unwrap();
+    assert_eq!(b.get_entry(b"key2").await.unwrap().unwrap().version, 2);
+    assert_eq!(b.count().await.unwrap(), 5);
+    seed::optimistic_locking(&b).await.unwrap();
+    assert_eq!(b.get(b"key").await.unwrap(), Some(b"value2".to_vec()));
+    b.put_with_metadata(
+        b"user:1",
+        b"v",
+        serde_json::json!({"type": "user", "id": 123}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(seed::query_by_metadata(&b).await.unwrap(), (2, 1));
+    // Coordination through the session URL, notifications through the pooler.
+    let direct = support::url();
+    let coordinated = EnhancedPostgresBackend::new(
+        config(&url, "pgb_seed_coord").with_session_url(direct.clone()),
+    )
+    .await
+    .unwrap();
+    let (acquired, got_guard, is_leader) =
+        seed::distributed_coordination(&coordinated).await.unwrap();
+    assert!(acquired && got_guard && is_leader);
+    assert!(coordinated.resign_leader("cluster_leader").await.unwrap());
+    seed::check_listen_notify(&b, &direct).await;
+}
+
+#[tokio::test]
+async fn transactions_versions_and_batches_pass_through_transaction_pooling() {
+    let Some(url) = transaction_url(
+        "pgbouncer::transactions_versions_and_batches_pass_through_transaction_pooling",
+    ) else {
+        return;
+    };
+    let b = EnhancedPostgresBackend::new(config(&url, "pgb_tx"))
+        .await
+        .unwrap();
+    // Many tasks at once share PgBouncer's server connections: a named statement left on one
+    // would surface here as "prepared statement ... does not exist" or "already exists".
+    b.put(b"counter", b"0").await.unwrap();
+    let tasks = (0..16).map(|t| {
+        let b = b.clone_handle();
+        tokio::spawn(async move {
+            for i in 0..20 {
+                b.transaction(IsolationLevel::Serializable, |tx| {
+                    Box::pin(async move {
+                        let n: i64 = tx
+                            .get(b"counter")
+                            .await?
+                            .and_then(|v| String::from_utf8(v).ok()?.parse().ok())
+                            .unwrap_or(0);
+                        tx.put(b"counter", (n + 1).to_string().as_bytes()).await
+                    })
+                })
+                .await
+                .unwrap();
+                let k = format!("t{t}:{i}");
+                let v = b.put_with_version(k.as_bytes(), b"a", None).await.unwrap();
+                assert_eq!(
+                    b.put_with_version(k.as_bytes(), b"b", Some(v))
+                        .await
+                        .unwrap(),
+                    v + 1
+                );
+                assert!(b
+                    .put_with_version(k.as_bytes(), b"c", Some(v))
+                    .await
+                    .is_err());
+                b.delete(k.as_bytes()).await.unwrap();
+                assert_eq!(
+                    b.put_with_version(k.as_bytes(), b"d", None).await.unwrap(),
+                    v + 3
+                );
+            }
+        })
+    });
+    for t in join_all(tasks).await {
+        t.unwrap();
+    }
+    assert_eq!(b.get(b"counter").await.unwrap(), Some(b"320".to_vec()));
+
+    // Savepoints, transaction-scoped locks and notifications inside a transaction.
+    let mut tx = b.begin().await.unwrap();
+    tx.put(b"sp", b"kept").await.unwrap();
+    tx.savepoint("s1").await.unwrap();
+    tx.put(b"sp", b"undone").await.unwrap();
+    tx.rollback_to_savepoint("s1").await.unwrap();
+    tx.advisory_xact_lock(42, processor::state::LockMode::Exclusive)
+        .await
+        .unwrap();
+    tx.notify("pgb_channel", "hello").await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(b.get(b"sp").await.unwrap(), Some(b"kept".to_vec()));
+
+    // Batches: several UNNEST chunks in one transaction, and COPY twice (its staging table
+    // lives for one transaction here, so the second finds none left over).
+    let rows: Vec<(Vec<u8>, Vec<u8>)> = (0..12_000u32)
+        .map(|i| (format!("batch:{i}").into_bytes(), i.to_be_bytes().to_vec()))
+        .collect();
+    let refs: Vec<(&[u8], &[u8])> = rows.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+    b.batch_put(&refs).await.unwrap();
+    for _ in 0..2 {
+        assert_eq!(b.batch_copy(&refs[..3000]).await.unwrap(), 3000);
+    }
+    assert_eq!(b.list_keys(b"batch:").await.unwrap().len(), 12_000);
+    assert_eq!(b.get_entry(b"batch:7").await.unwrap().unwrap().version, 3);
+}
+
+#[tokio::test]
+async fn session_features_need_a_session_url_behind_transaction_pooling() {
+    let Some(url) = transaction_url(
+        "pgbouncer::session_features_need_a_session_url_behind_transaction_pooling",
+    ) else {
+        return;
+    };
+    let schema = support::unique("pgb_sess");
+    let cfg = || {
+        EnhancedPostgresConfig::new(&url)
+            .with_schema(schema.clone())
+            .with_pool_config(support::small_pool())
+    };
+    let pooled = EnhancedPostgresBackend::new(cfg()).await.unwrap();
+    needs_session_url(pooled.acquire_advisory_lock(7).await);
+    needs_session_url(PostgresLockGuard::new(&pooled, "job", Duration::ZERO).await);
+    needs_session_url(
+        pooled
+            .try_become_leader("leader", Duration::from_secs(5))
+            .await,
+    );
+    needs_session_url(PostgresListener::from_backend(&pooled, &["chan"]).await);
+    let direct_listen = PostgresListener::new(&url, "chan").await;
+    assert!(
+        matches!(&direct_listen, Err(e) if e.to_string().contains("pgbouncer=true")),
+        "{:?}",
+        direct_listen.err()
+    );
+    // A session setting would not stick: refused when the backend is created.
+    let e = EnhancedPostgresBackend::new(cfg().with_statement_timeout(Duration::from_secs(5)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Configuration);
+    // The same through the builder instead of the URL parameter.
+    let plain = support::bouncer(PoolMode::Transaction).unwrap().url();
+    let built = EnhancedPostgresBackend::new(
+        EnhancedPostgresConfig::new(&plain)
+            .with_schema(schema.clone())
+            .with_transaction_pooling(true),
+    )
+    .await
+    .unwrap();
+    needs_session_url(built.acquire_advisory_lock(7).await);
+    assert_eq!(built.count().await.unwrap(), 0);
+
+    // With a session URL, locks exclude, one leader leads, and listeners hear notifications
+    // sent through the pooler.
+    let a = EnhancedPostgresBackend::new(cfg().with_session_url(support::url()))
+        .await
+        .unwrap();
+    let b = EnhancedPostgresBackend::new(cfg().with_session_url(support::url()))
+        .await
+        .unwrap();
+    assert!(a.acquire_advisory_lock(7).await.unwrap());
+    assert!(!b.acquire_advisory_lock(7).await.unwrap());
+    let guard = PostgresLockGuard::new(&a, "job", Duration::ZERO)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(PostgresLockGuard::new(&b, "job", Duration::ZERO)
+        .await
+        .unwrap()
+        .is_none());
+    guard.release().await.unwrap();
+    assert!(a
+        .try_become_leader("leader", Duration::from_secs(10))
+        .await
+        .unwrap());
+    assert!(!b
+        .try_become_leader("leader", Duration::from_secs(10))
+        .await
+        .unwrap());
+    let mut listener = PostgresListener::from_backend(&a, &["chan"]).await.unwrap();
+    b.notify("chan", "through the pooler").await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(10), listener.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(n, "through the pooler");
+    a.release_advisory_lock(7).await.unwrap();
+    assert!(a.resign_leader("leader").await.unwrap());
+}
+
+#[tokio::test]
+async fn session_pooling_works_without_any_setting() {
+    let Some(bouncer) = support::bouncer(PoolMode::Session) else {
+        support::skip(
+            "pgbouncer::session_pooling_works_without_any_setting",
+            "needs the local cluster to put PgBouncer in front of",
+        );
+        return;
+    };
+    let url = bouncer.url();
+    let b = Arc::new(
+        EnhancedPostgresBackend::new(config(&url, "pgb_session"))
+            .await
+            .unwrap(),
+    );
+    conformance::run(b.clone(), b.as_ref()).await;
+    let schema = b.config().schema().to_string();
+    let other = EnhancedPostgresBackend::new(EnhancedPostgresConfig::new(&url).with_schema(schema))
+        .await
+        .unwrap();
+    let guard = PostgresLockGuard::new(b.as_ref(), "s", Duration::ZERO)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(PostgresLockGuard::new(&other, "s", Duration::ZERO)
+        .await
+        .unwrap()
+        .is_none());
+    drop(guard);
+}
+
+/// What the pooler reports of its pool for database `postgres`: (pool mode, server
+/// connections in it), from its admin console.
+async fn pool_of(url: &str) -> (String, i64) {
+    let admin_url = url.replace("/postgres?", "/pgbouncer?");
+    let admin = support::raw(&admin_url).await;
+    let rows = admin.simple_query("SHOW POOLS").await.unwrap();
+    for m in rows {
+        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+            if r.get("database") == Some("postgres") {
+                let servers: i64 = ["sv_active", "sv_idle", "sv_used", "sv_tested", "sv_login"]
+                    .iter()
+                    .filter_map(|c| r.get(*c)?.parse::<i64>().ok())
+                    .sum();
+                return (r.get("pool_mode").unwrap_or("").to_string(), servers);
+            }
+        }
+    }
+    panic!("no pool for database postgres");
+}
+
+/// Without `pgbouncer=true`, named statements break behind transaction pooling (what the
+/// issue reproduced): the control that shows the tests above really ran through it.
+#[tokio::test]
+async fn without_the_setting_transaction_pooling_breaks_named_statements() {
+    let Some(bouncer) = support::bouncer(PoolMode::Transaction) else {
+        support::skip(
+            "pgbouncer::without_the_setting_transaction_pooling_breaks_named_statements",
+            "needs the local cluster to put PgBouncer in front of",
+        );
+        return;
+    };
+    let (mode, _) = pool_of(&bouncer.url()).await;
+    assert_eq!(mode, "transaction");
+    // Two clients: each prepares at connect; PgBouncer then runs their statements on server
+    // connections where the other's (or no) statements were prepared.
+    let cfg = config(&bouncer.url(), "pgb_naive");
+    let a = EnhancedPostgresBackend::new(cfg.clone()).await.unwrap();
+    let b = EnhancedPostgresBackend::new(cfg).await.unwrap();
+    let mut failures = 0;
+    for i in 0..200u32 {
+        let v = i.to_be_bytes();
+        let (x, y) = tokio::join!(a.put(b"k", &v), b.get(b"k"));
+        failures += usize::from(x.is_err()) + usize::from(y.is_err());
+    }
+    eprintln!("{failures} of 400 calls failed without pgbouncer=true");
+    assert!(
+        failures > 0,
+        "transaction pooling did not bite: is PgBouncer in session mode?"
+    );
+}

@@ -170,6 +170,16 @@ impl Paused {
         }
     }
 
+    /// Waits until the writer's router has the replica in rotation (a loaded machine may have
+    /// taken it out for a slow probe): reads expected to show the replica's older state need
+    /// it there.
+    async fn in_rotation(&self, b: &EnhancedPostgresBackend) {
+        wait_status(b, Duration::from_secs(30), "replica in rotation", |s| {
+            s.replicas.iter().all(|r| r.in_rotation)
+        })
+        .await;
+    }
+
     async fn caught_up(&self) {
         wait_status(
             &self.other,
@@ -221,9 +231,11 @@ async fn read_your_writes_is_per_session_and_a_causal_token_carries_it_to_anothe
     );
     // Another session, another backend: served by the paused replica, so the older state.
     let fresh = p.writer.new_session();
+    p.in_rotation(&fresh).await;
     let replica_reads = fresh.get_stats().replica_reads;
     assert_eq!(fresh.get(b"k").await.unwrap(), Some(b"v1".to_vec()));
     assert_eq!(fresh.get_stats().replica_reads, replica_reads + 1);
+    p.in_rotation(&p.other).await;
     assert_eq!(p.other.get(b"k").await.unwrap(), Some(b"v1".to_vec()));
 
     // The token, through its text form, as another process would get it.
@@ -262,6 +274,7 @@ async fn read_your_writes_is_per_session_and_a_causal_token_carries_it_to_anothe
     .unwrap();
     plain.put(b"p", b"written without replicas").await.unwrap();
     let token = plain.causal_token().await.unwrap();
+    p.in_rotation(&fresh).await;
     assert_eq!(fresh.get(b"p").await.unwrap(), None, "replica paused");
     fresh.observe(token);
     assert_eq!(
@@ -298,6 +311,7 @@ async fn a_version_conflict_or_an_abandoned_write_moves_the_sessions_reads_past_
     assert_eq!(current, 2);
 
     // The other backend's session reads the paused replica: version 1, already gone.
+    p.in_rotation(&p.other).await;
     let (_, stale) = p.other.get_with_version(b"c").await.unwrap().unwrap();
     assert_eq!(stale, 1);
     let err = p
@@ -357,8 +371,10 @@ async fn a_version_conflict_or_an_abandoned_write_moves_the_sessions_reads_past_
         Some(b"abandoned".to_vec()),
         "a session that abandoned a write does not read from behind it"
     );
+    let other_session = p.writer.new_session();
+    p.in_rotation(&other_session).await;
     assert_eq!(
-        p.writer.new_session().get(b"w").await.unwrap(),
+        other_session.get(b"w").await.unwrap(),
         Some(b"before".to_vec()),
         "other sessions still read the paused replica"
     );

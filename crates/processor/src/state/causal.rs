@@ -22,7 +22,7 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::state::error::StateError;
 use crate::state::pool::Checkout;
@@ -90,7 +90,12 @@ pub(crate) struct Scope<'a> {
 #[derive(Default)]
 pub(crate) struct Session {
     floor: AtomicU64,
-    unsure: AtomicBool,
+    /// Writes of unknown position so far.
+    unknown: AtomicU64,
+    /// How many of those a recorded position covers. Raised only once a position has been
+    /// observed, so a read whose position query is dropped or fails leaves the session
+    /// unsure, and concurrent reads each take a position of their own.
+    covered: AtomicU64,
 }
 
 impl Session {
@@ -104,14 +109,23 @@ impl Session {
         self.floor.fetch_max(lsn, Relaxed);
     }
 
-    /// Whether a write of unknown position happened since the last call (and forgets it).
-    pub fn take_unsure(&self) -> bool {
-        self.unsure.swap(false, Relaxed)
+    /// `Some(n)` when a write of unknown position is not covered yet: pass `n` to
+    /// [`cover`](Self::cover) with a position taken afterwards.
+    pub fn unsure(&self) -> Option<u64> {
+        let n = self.unknown.load(Relaxed);
+        (n > self.covered.load(Relaxed)).then_some(n)
+    }
+
+    /// Raises the floor to `lsn`, a position taken after [`unsure`](Self::unsure) returned
+    /// `Some(n)`: the first `n` writes of unknown position are covered.
+    pub fn cover(&self, n: u64, lsn: u64) {
+        self.observe(lsn);
+        self.covered.fetch_max(n, Relaxed);
     }
 
     /// Records a write of unknown position.
     pub fn set_unsure(&self) {
-        self.unsure.store(true, Relaxed);
+        self.unknown.fetch_add(1, Relaxed);
     }
 
     /// Marks a write as under way: unless [`WriteMark::record`] learns its position, the
@@ -208,11 +222,17 @@ mod tests {
         s.observe(10);
         s.observe(5);
         assert_eq!(s.floor(), 10);
-        assert!(!s.take_unsure());
+        assert_eq!(s.unsure(), None);
         drop(s.write());
-        assert!(s.take_unsure());
-        assert!(!s.take_unsure(), "taken once");
+        let n = s.unsure().expect("a dropped write is unknown");
+        assert_eq!(
+            s.unsure(),
+            Some(n),
+            "still unsure until a position covers it"
+        );
+        s.cover(n, 20);
+        assert_eq!((s.unsure(), s.floor()), (None, 20));
         s.write().nothing_written();
-        assert!(!s.take_unsure());
+        assert_eq!(s.unsure(), None);
     }
 }

@@ -102,7 +102,12 @@ impl Default for PostgresReplicaConfig {
 
 /// Data retention settings.
 ///
-/// Automatic retention is not implemented yet: the policy is stored and validated only.
+/// Enabled, a background task deletes entries not written (`updated_at`) for `max_age`,
+/// every `cleanup_interval`, in batches of `batch_size` rows, each its own short transaction
+/// (see [`EnhancedPostgresBackend::apply_retention_policy`](crate::state::EnhancedPostgresBackend::apply_retention_policy)).
+/// `cleanup_interval` and `batch_size` also govern the cleanup of expired entries, which runs
+/// even when the policy is disabled (see
+/// [`EnhancedPostgresConfig::with_expired_cleanup`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RetentionPolicy {
     /// Whether the policy applies.
@@ -111,7 +116,7 @@ pub struct RetentionPolicy {
     pub max_age: Duration,
     /// How often the cleanup runs.
     pub cleanup_interval: Duration,
-    /// Rows deleted per statement.
+    /// Rows deleted per statement (and per transaction).
     pub batch_size: usize,
 }
 
@@ -176,6 +181,7 @@ pub struct EnhancedPostgresConfig {
     pub(crate) read_your_writes: bool,
     pub(crate) transaction_pooling: bool,
     pub(crate) session_url: Option<String>,
+    pub(crate) expired_cleanup: bool,
 }
 
 impl EnhancedPostgresConfig {
@@ -201,6 +207,7 @@ impl EnhancedPostgresConfig {
             read_your_writes: true,
             transaction_pooling: false,
             session_url: None,
+            expired_cleanup: true,
         }
     }
 
@@ -311,6 +318,15 @@ impl EnhancedPostgresConfig {
     /// writes (causal tokens a handle observes still count).
     pub fn with_read_your_writes(mut self, on: bool) -> Self {
         self.read_your_writes = on;
+        self
+    }
+
+    /// Whether a background task deletes expired entries and delete tombstones (default on),
+    /// every `cleanup_interval` of the retention policy (one hour by default), in batches of
+    /// its `batch_size`, whether or not the policy itself is enabled. Reads never see expired
+    /// entries either way; without cleanup they stay in the table.
+    pub fn with_expired_cleanup(mut self, on: bool) -> Self {
+        self.expired_cleanup = on;
         self
     }
 
@@ -491,6 +507,7 @@ impl fmt::Debug for EnhancedPostgresConfig {
             .field("retry_backoff", &self.retry_backoff)
             .field("read_your_writes", &self.read_your_writes)
             .field("transaction_pooling", &self.transaction_pooling)
+            .field("expired_cleanup", &self.expired_cleanup)
             .field("session_url", &self.session_url.as_deref().map(redact))
             .finish()
     }

@@ -20,6 +20,7 @@ mod enhanced;
 mod error;
 mod ident;
 pub mod limits;
+mod maintenance;
 mod memory;
 mod names;
 mod ops;
@@ -48,6 +49,7 @@ pub use coordination::{
 pub use enhanced::EnhancedPostgresBackend;
 pub use error::{sqlstate, ErrorKind, StateError, StateResult};
 pub use ident::{Ident, MAX_IDENT_LEN, MAX_TABLE_NAME_LEN};
+pub use maintenance::{TableStatistics, EXACT_COUNT_LIMIT};
 pub use memory::MemoryStateBackend;
 pub use ops::StateEntry;
 pub use pool::PoolStats;

@@ -20,6 +20,14 @@ pub(crate) struct TableNames {
     pub leaders: String,
     pub event_channels: String,
     pub events: String,
+    /// The sequence holding the highest version cleanup removed (see migration 005).
+    pub version_floor: String,
+    /// The function giving a new row its version.
+    pub next_version: String,
+    /// The two-integer advisory lock guarding the floor: inserts take it shared, cleanup
+    /// batches exclusively. (Two-integer keys never collide with the `bigint` keys of the
+    /// lock API.)
+    pub floor_lock: (i32, i32),
 }
 
 impl TableNames {
@@ -27,7 +35,14 @@ impl TableNames {
         let qualified = format!("{schema}.{table}");
         let archive = format!("{schema}.{}", table.suffixed("_archive"));
         let in_schema = |t: &str| format!("{schema}.\"{t}\"");
+        let floor_lock = (
+            hash32(b"pgstate.version_floor"),
+            hash32(format!("{}.{}", schema.as_str(), table.as_str()).as_bytes()),
+        );
         TableNames {
+            version_floor: format!("{schema}.{}", table.suffixed("_version_floor")),
+            next_version: format!("{schema}.{}", table.suffixed("_next_version")),
+            floor_lock,
             locks: in_schema("state_advisory_locks"),
             fences: in_schema("state_lock_fences"),
             leaders: in_schema("state_leaders"),
@@ -61,6 +76,12 @@ impl TableNames {
                 "{{live_view}}",
                 format!("{}.{}", self.schema, t.suffixed("_live")),
             ),
+            ("{{version_floor}}", self.version_floor.clone()),
+            ("{{next_version}}", self.next_version.clone()),
+            ("{{floor_lock}}", {
+                let (class, object) = self.floor_lock;
+                format!("{class}, {object}")
+            }),
         ];
         let mut sql = template.to_string();
         for (placeholder, value) in replacements {
@@ -68,4 +89,11 @@ impl TableNames {
         }
         sql
     }
+}
+
+/// The first 4 bytes of SHA-256 of `data`, big-endian: fixed forever.
+fn hash32(data: &[u8]) -> i32 {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(data);
+    i32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]])
 }

@@ -44,7 +44,7 @@ pub struct StateEntry {
 }
 
 impl StateEntry {
-    fn from_row(row: &Row) -> StateResult<Self> {
+    pub(crate) fn from_row(row: &Row) -> StateResult<Self> {
         Ok(StateEntry {
             key: row.try_get(0)?,
             value: row.try_get(1)?,
@@ -154,6 +154,22 @@ fn chunk<'a>(entries: &[(&'a [u8], &'a [u8])]) -> Vec<Chunk<'a>> {
     chunks
 }
 
+/// The end of the last record before WAL insert position `lsn`. When the last record ended
+/// exactly at a page boundary, the insert position points past the next page's header (24
+/// bytes, or 40 at the start of a segment), which a replica's replay position never reaches
+/// until more WAL is written: the boundary is what a reader must wait for.
+fn record_end(lsn: u64, page: u64, segment: u64) -> u64 {
+    const SHORT_HEADER: u64 = 24;
+    const LONG_HEADER: u64 = 40;
+    if segment > 0 && lsn % segment == LONG_HEADER {
+        lsn - LONG_HEADER
+    } else if page > 0 && lsn % page == SHORT_HEADER {
+        lsn - SHORT_HEADER
+    } else {
+        lsn
+    }
+}
+
 /// `{}`: the metadata of an entry written without any.
 pub(crate) fn empty_object() -> serde_json::Value {
     serde_json::Value::Object(serde_json::Map::new())
@@ -166,7 +182,10 @@ impl PgConn {
     /// committed, it is at or past that write's commit record.
     pub(crate) async fn insert_lsn(&self) -> StateResult<u64> {
         let row = self.stmts.insert_lsn.query_one(&self.client, &[]).await?;
-        Ok(u64::try_from(row.try_get::<_, i64>(0)?).unwrap_or(0))
+        let n = |i: usize| -> StateResult<u64> {
+            Ok(u64::try_from(row.try_get::<_, i64>(i)?).unwrap_or(0))
+        };
+        Ok(record_end(n(0)?, n(1)?, n(2)?))
     }
 
     /// A replica's WAL replay position as a byte offset (0 on a primary): every commit whose
@@ -413,6 +432,15 @@ impl PgConn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_position_after_a_page_header_means_the_boundary() {
+        let (page, seg) = (8192, 16 << 20);
+        assert_eq!(record_end(3 * 8192 + 24, page, seg), 3 * 8192);
+        assert_eq!(record_end(5 * seg + 40, page, seg), 5 * seg);
+        assert_eq!(record_end(3 * 8192 + 100, page, seg), 3 * 8192 + 100);
+        assert_eq!(record_end(3 * 8192, page, seg), 3 * 8192);
+    }
 
     #[test]
     fn last_occurrence_wins() {

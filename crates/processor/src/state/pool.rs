@@ -130,6 +130,9 @@ pub(crate) struct Checkout {
     runtime: tokio::runtime::Handle,
     /// Bounds a rollback owed on drop.
     rollback_limit: Duration,
+    /// This checkout's turn in the pool (see [`ConnPool::get`]); released after the
+    /// connection is back.
+    turn: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Checkout {
@@ -196,7 +199,9 @@ impl Drop for Checkout {
         // connection) is dropped there: the server ends the transaction with the connection.
         // (`Handle::spawn` needs no `enter()`, which could panic during thread teardown.)
         let limit = self.rollback_limit;
+        let turn = self.turn.take();
         self.runtime.spawn(async move {
+            let _turn = turn;
             let rollback = pooled.conn.client.batch_execute("ROLLBACK");
             if let Ok(Ok(())) = tokio::time::timeout(limit, rollback).await {
                 pooled.busy = false;
@@ -263,6 +268,32 @@ pub(crate) struct ConnPool {
     failures: Arc<ConnectFailures>,
     target: String,
     health_task: tokio::task::JoinHandle<()>,
+    /// For connections outside the pool's rotation (VACUUM).
+    connector: Connector,
+    /// One permit per connection, handed out first come, first served (see [`ConnPool::get`]).
+    turns: Arc<tokio::sync::Semaphore>,
+    /// Waits for a turn.
+    waits: TurnWaits,
+}
+
+/// Counts the checkouts that had to wait for their turn, how long, and how many gave up.
+#[derive(Default)]
+struct TurnWaits {
+    waited: std::sync::atomic::AtomicU64,
+    timed_out: std::sync::atomic::AtomicU64,
+    wait_ms: std::sync::atomic::AtomicU64,
+}
+
+impl TurnWaits {
+    fn record(&self, waited: Duration, timed_out: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.waited.fetch_add(1, Relaxed);
+        self.timed_out.fetch_add(u64::from(timed_out), Relaxed);
+        self.wait_ms.fetch_add(
+            u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
+            Relaxed,
+        );
+    }
 }
 
 impl ConnPool {
@@ -290,6 +321,7 @@ impl ConnPool {
             .reaper_rate(reaper)
             .error_sink(Box::new(last_error.clone()));
         let failures = Arc::new(ConnectFailures::default());
+        let unpooled = connector.clone();
         let manager = Manager {
             connector,
             names,
@@ -323,15 +355,62 @@ impl ConnPool {
                 failures,
                 target,
                 health_task,
+                connector: unpooled,
+                turns: Arc::new(tokio::sync::Semaphore::new(cfg.max_connections as usize)),
+                waits: TurnWaits::default(),
             }
         });
         Ok(this)
     }
 
+    /// Whether its connections go through PgBouncer's transaction pooling.
+    pub fn transaction_pooling(&self) -> bool {
+        self.connector.transaction_pooling
+    }
+
+    /// A connection of its own, outside the pool's rotation (for statements such as VACUUM
+    /// that must not tie up a pooled connection); closed when dropped.
+    pub async fn connect_unpooled(&self) -> StateResult<tokio_postgres::Client> {
+        self.connector.connect().await
+    }
+
     /// Checks out a connection, or fails with [`StateError::Timeout`] after `acquire_timeout`
     /// (naming the last connection error, if connecting is what failed).
+    ///
+    /// Callers are served in the order they asked: a FIFO semaphore with one permit per
+    /// connection comes first. (bb8 alone hands a returned connection to whoever asks next,
+    /// so a task that returns and asks again at once could starve every waiter.)
     pub async fn get(&self) -> StateResult<Checkout> {
-        Ok(self.checkout(self.get_pooled().await?))
+        let turn = match self.turns.clone().try_acquire_owned() {
+            Ok(turn) => turn,
+            Err(_) => {
+                let start = std::time::Instant::now();
+                let waited =
+                    tokio::time::timeout(self.acquire_timeout, self.turns.clone().acquire_owned())
+                        .await;
+                self.waits.record(start.elapsed(), waited.is_err());
+                match waited {
+                    Ok(Ok(turn)) => turn,
+                    Ok(Err(_)) | Err(_) => return Err(self.acquire_timed_out()),
+                }
+            }
+        };
+        let mut checkout = self.checkout(self.get_pooled().await?);
+        checkout.turn = Some(turn);
+        Ok(checkout)
+    }
+
+    fn acquire_timed_out(&self) -> StateError {
+        let why = match self.last_error.take() {
+            Some(e) => format!("; last connection error: {e}"),
+            None => String::new(),
+        };
+        StateError::Timeout(format!(
+            "no connection to {} available within {:?} (pool of {}){why}",
+            self.target,
+            self.acquire_timeout,
+            self.pool.state().connections
+        ))
     }
 
     /// Checks out a connection and runs `f` on it, the whole bounded by `limit` (see
@@ -352,6 +431,7 @@ impl ConnPool {
             pooled: Some(pooled),
             runtime: tokio::runtime::Handle::current(),
             rollback_limit: self.rollback_limit,
+            turn: None,
         }
     }
 
@@ -370,18 +450,7 @@ impl ConnPool {
         match result {
             Ok(conn) => Ok(conn),
             Err(RunError::User(e)) => Err(e),
-            Err(RunError::TimedOut) => {
-                let why = match self.last_error.take() {
-                    Some(e) => format!("; last connection error: {e}"),
-                    None => String::new(),
-                };
-                Err(StateError::Timeout(format!(
-                    "no connection to {} available within {:?} (pool of {}){why}",
-                    self.target,
-                    self.acquire_timeout,
-                    self.pool.state().connections
-                )))
-            }
+            Err(RunError::TimedOut) => Err(self.acquire_timed_out()),
         }
     }
 
@@ -459,9 +528,19 @@ impl ConnPool {
             active: state.connections.saturating_sub(state.idle_connections),
             max_size: config.max_size,
             min_idle: config.min_idle.unwrap_or(0),
-            waits: s.get_waited,
-            timeouts: s.get_timed_out,
-            wait_time_ms: u64::try_from(s.get_wait_time.as_millis()).unwrap_or(u64::MAX),
+            waits: s.get_waited + self.waits.waited.load(std::sync::atomic::Ordering::Relaxed),
+            timeouts: s.get_timed_out
+                + self
+                    .waits
+                    .timed_out
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            wait_time_ms: u64::try_from(s.get_wait_time.as_millis())
+                .unwrap_or(u64::MAX)
+                .saturating_add(
+                    self.waits
+                        .wait_ms
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                ),
             connections_created: s.connections_created,
             connections_closed_broken: s.connections_closed_broken,
             connections_closed_invalid: s.connections_closed_invalid,

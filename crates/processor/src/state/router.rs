@@ -38,6 +38,10 @@ pub(crate) struct Replica {
     pub pool: Arc<ConnPool>,
     /// `host:port`, never the URL (which may hold a password).
     pub name: String,
+    /// Whether its URL names one server. A multi-host URL may reach a different server on
+    /// every connection, so its cached replay position says nothing about the next one: reads
+    /// needing a floor always check it in their own round trip.
+    single_server: bool,
     healthy: AtomicBool,
     replay_lsn: AtomicU64,
     lag_bytes: AtomicU64,
@@ -48,10 +52,11 @@ pub(crate) struct Replica {
 }
 
 impl Replica {
-    pub fn new(pool: Arc<ConnPool>, name: String) -> Self {
+    pub fn new(pool: Arc<ConnPool>, name: String, single_server: bool) -> Self {
         Replica {
             pool,
             name,
+            single_server,
             // Out of rotation until the first check says otherwise.
             healthy: AtomicBool::new(false),
             replay_lsn: AtomicU64::new(0),
@@ -158,7 +163,10 @@ impl Router {
         let caught_up: Vec<usize> = candidates
             .iter()
             .copied()
-            .filter(|i| self.replicas[*i].replay_lsn.load(Relaxed) >= floor)
+            .filter(|i| {
+                let r = &self.replicas[*i];
+                floor == 0 || (r.single_server && r.replay_lsn.load(Relaxed) >= floor)
+            })
             .collect();
         let (pool, verify) = if caught_up.is_empty() {
             (candidates, true)

@@ -54,6 +54,12 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../migrations/004_coordination.sql"),
         per_schema: true,
     },
+    Migration {
+        version: 5,
+        name: "005_version_floor.sql",
+        sql: include_str!("../../migrations/005_version_floor.sql"),
+        per_schema: false,
+    },
 ];
 
 /// Name of the tracking table, in the configured schema.

@@ -208,7 +208,10 @@ impl Statements {
                 &[T::BYTEA, T::BYTEA, T::BYTEA],
             ),
             (
-                "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint".to_string(),
+                "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint, \
+                 current_setting('wal_block_size')::bigint, \
+                 pg_size_bytes(current_setting('wal_segment_size'))"
+                    .to_string(),
                 NONE,
             ),
             (

@@ -68,12 +68,11 @@ impl Store {
         if scope.primary_only || !self.router.splits_reads() {
             return Some(0);
         }
-        if scope.session.take_unsure() {
+        if let Some(n) = scope.session.unsure() {
             match current_lsn(&self.primary).await {
-                Ok(lsn) => scope.session.observe(lsn),
+                Ok(lsn) => scope.session.cover(n, lsn),
                 Err(e) => {
                     tracing::debug!(error = %e, "cannot read the primary's WAL position");
-                    scope.session.set_unsure();
                     return None;
                 }
             }
@@ -134,7 +133,12 @@ impl Store {
                                 (replay?, Some(read))
                             } else {
                                 let replay = c.replay_lsn().await?;
-                                (replay, (replay >= floor).then_some(f(c, arg).await))
+                                let read = if replay >= floor {
+                                    Some(f(c, arg).await)
+                                } else {
+                                    None
+                                };
+                                (replay, read)
                             };
                             if !self.router.learned(index, replay, floor) {
                                 return Ok(None);
@@ -182,8 +186,16 @@ impl Store {
                     Ok(_) | Err(StateError::ConcurrentModification { .. }) => {
                         mark.record(&mut conn).await
                     }
-                    // The server refused the statement: nothing was written.
-                    Err(e) if e.sqlstate().is_some() && !conn.is_closed() => mark.nothing_written(),
+                    // The server refused the statement: nothing was written. (Not a FATAL
+                    // connection error such as 57P01 or PgBouncer's 08P01: the statement may
+                    // have committed before it.)
+                    Err(e)
+                        if e.sqlstate().is_some()
+                            && e.kind() != ErrorKind::Connection
+                            && !conn.is_closed() =>
+                    {
+                        mark.nothing_written()
+                    }
                     Err(_) => {}
                 }
             }

@@ -186,16 +186,17 @@ fn load_key(path: &Path, password_given: bool) -> StateResult<PrivateKeyDer<'sta
     })
 }
 
-/// libpq's rule for private key files: `u=rw` (0600) or less; `u=rw,g=r` (0640) or less when
-/// root owns the file.
+/// libpq's rule for private key files: no permissions for group or others (0600 or less);
+/// group read allowed (0640 or less) when root owns the file.
 #[cfg(unix)]
 fn check_key_permissions(path: &Path) -> StateResult<()> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path)
         .map_err(|e| StateError::Tls(format!("cannot read client key {}: {e}", path.display())))?;
     let mode = meta.mode() & 0o777;
-    let allowed = if meta.uid() == 0 { 0o640 } else { 0o600 };
-    if mode & !allowed != 0 {
+    // No group or other bits; for a root-owned key, group read is allowed.
+    let forbidden = if meta.uid() == 0 { 0o037 } else { 0o077 };
+    if mode & forbidden != 0 {
         return Err(StateError::Tls(format!(
             "client key {} has permissions {mode:04o}: it must be readable by its owner only \
              (chmod 0600{})",

@@ -58,6 +58,14 @@ pub struct PostgresTransaction {
     pub(crate) names: TableNames,
 }
 
+/// Whether a server error ends the session (FATAL or PANIC, a connection exception, an
+/// operator intervention such as a terminated backend): a COMMIT answered so may or may not
+/// have committed.
+fn ends_session(e: &tokio_postgres::error::DbError) -> bool {
+    let code = e.code().code();
+    matches!(e.severity(), "FATAL" | "PANIC") || code.starts_with("08") || code.starts_with("57P")
+}
+
 /// What a transaction's connection can no longer be used for.
 fn finished() -> StateError {
     StateError::NotInitialized("transaction already finished".into())
@@ -215,7 +223,9 @@ impl PostgresTransaction {
                 }
                 Ok(())
             }
-            Ok(Err(e)) if e.as_db_error().is_some() => {
+            // The server answered with an error that ended the transaction (not a FATAL one
+            // that ended the session, after which the outcome is unknown).
+            Ok(Err(e)) if e.as_db_error().is_some_and(|d| !ends_session(d)) => {
                 // The server answered: the transaction is over (rolled back).
                 if let Some(mark) = mark {
                     mark.nothing_written();

@@ -25,6 +25,7 @@ async fn leader_session(schema: &str, name: &str) -> Option<i32> {
 
 #[tokio::test]
 async fn three_candidates_fail_over_on_kill_and_on_drop() {
+    let _timed = support::timed().await;
     let cfg = support::config("leader");
     let schema = cfg.schema().to_string();
     let name = support::unique("leader");
@@ -148,6 +149,7 @@ struct Tenure {
 
 #[tokio::test]
 async fn no_two_leaders_overlap_under_random_kills() {
+    let _timed = support::timed().await;
     let cfg = support::config("overlap");
     let schema = cfg.schema().to_string();
     let name = support::unique("overlap");
@@ -335,6 +337,7 @@ async fn successor(
 
 #[tokio::test]
 async fn a_frozen_leader_is_evicted_and_stops_believing() {
+    let _timed = support::timed().await;
     let cfg = support::config("frozen");
     let name = support::unique("frozen");
     let ttl = Duration::from_secs(2);
@@ -378,6 +381,7 @@ async fn a_frozen_leader_is_evicted_and_stops_believing() {
 /// been elected; the leadership's fence refuses its write.
 #[tokio::test]
 async fn a_deposed_leaders_fenced_write_is_refused() {
+    let _timed = support::timed().await;
     let cfg = support::config("leaderfence");
     let name = support::unique("leaderfence");
     let ttl = Duration::from_secs(2);

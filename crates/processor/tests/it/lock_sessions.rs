@@ -162,4 +162,9 @@ async fn abandoned_acquisitions_and_dropped_guards_leave_nothing_held() {
             .unwrap()
             .is_some());
     }
+    // The longest wait there is does not overflow anything.
+    let forever = PostgresLockGuard::new(&a, &support::unique("forever"), Duration::MAX)
+        .await
+        .unwrap();
+    assert!(forever.is_some());
 }

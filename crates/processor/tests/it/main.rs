@@ -10,6 +10,7 @@ mod hostile;
 mod leader;
 mod listener;
 mod lock_sessions;
+mod maintenance;
 mod ops;
 mod pgbouncer;
 mod pool;

@@ -1,5 +1,7 @@
 //! The pool under faults: acquire timeouts, terminated connections, a restarted server.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use processor::state::{
@@ -302,4 +304,47 @@ async fn a_get_against_a_frozen_server_backend_times_out_and_the_pool_serves_on(
     );
     let stats = b.get_pool_stats();
     assert!(stats.connections_closed_broken >= 1, "{stats:?}");
+}
+
+/// Review defect: bb8 hands a returned connection to whoever asks next, so tasks that give a
+/// connection back and ask again at once kept a saturated pool to themselves and every other
+/// caller timed out (a cleanup pass never got a connection). Callers are now served in turn.
+#[tokio::test]
+async fn a_saturated_pool_serves_every_caller_in_turn() {
+    let b = support::backend("fair").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let hogs: Vec<_> = (0..4)
+        .map(|t| {
+            let (b, stop) = (b.clone_handle(), stop.clone());
+            tokio::spawn(async move {
+                let k = format!("hog{t}");
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    b.put(k.as_bytes(), &n.to_be_bytes()).await.unwrap();
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Each of these waits for a turn behind the hogs (the pool has 4 connections); before the
+    // fix they timed out after the 20 s acquire timeout.
+    for i in 0..20u32 {
+        tokio::time::timeout(
+            Duration::from_secs(15),
+            b.put(b"latecomer", &i.to_be_bytes()),
+        )
+        .await
+        .expect("served in turn")
+        .unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    for h in hogs {
+        assert!(h.await.unwrap() > 0);
+    }
+    assert!(
+        b.get_pool_stats().waits > 0,
+        "the latecomer had to wait its turn"
+    );
 }

@@ -337,6 +337,66 @@ async fn seed_distributed_coordination() {
     assert!(backend.resign_leader("cluster_leader").await.unwrap());
 }
 
+/// "Data Management", verbatim.
+#[allow(unused_variables)]
+#[rustfmt::skip]
+pub(crate) async fn data_management(backend: &EnhancedPostgresBackend) -> anyhow::Result<()> {
+    // Vacuum and analyze
+    backend.vacuum_analyze(false).await?; // Regular vacuum
+    backend.vacuum_analyze(true).await?;  // Full vacuum
+
+    // Apply retention policy
+    let deleted = backend.apply_retention_policy().await?;
+    println!("Deleted {} expired entries", deleted);
+
+    // Archive old data
+    let archived = backend.archive_old_data(
+        "state_entries_archive",
+        Duration::from_secs(86400 * 90) // 90 days
+    ).await?;
+
+    // Get table statistics
+    let stats = backend.get_table_statistics().await?;
+    println!("Total rows: {}", stats.total_rows);
+    println!("Table size: {} bytes", stats.table_size);
+    println!("Index size: {} bytes", stats.indexes_size);
+    Ok(())
+}
+
+#[tokio::test]
+async fn seed_data_management() {
+    let backend = support::backend("seed_data").await;
+    backend.put(b"live", b"v").await.unwrap();
+    backend
+        .put_with_ttl(b"gone", b"v", Duration::from_millis(1))
+        .await
+        .unwrap();
+    backend.put(b"old", b"v").await.unwrap();
+    let admin = support::raw(&support::url()).await;
+    admin
+        .batch_execute(&format!(
+            "UPDATE {} SET updated_at = now() - interval '100 days' WHERE key = 'old'",
+            backend.table()
+        ))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    data_management(&backend).await.unwrap();
+    let stats = backend.get_table_statistics().await.unwrap();
+    assert_eq!(
+        stats.total_rows, 1,
+        "the expired entry deleted, the old one archived"
+    );
+    assert!(stats.table_size > 0 && stats.indexes_size > 0);
+    let old = backend
+        .get_archived("state_entries_archive", b"old")
+        .await
+        .unwrap()
+        .expect("archived");
+    assert_eq!(old.value, b"v");
+    assert_eq!(backend.get(b"live").await.unwrap(), Some(b"v".to_vec()));
+}
+
 /// "LISTEN/NOTIFY", verbatim except for the URL literal.
 #[rustfmt::skip]
 async fn listen_notify(backend: &EnhancedPostgresBackend, url: &str) -> anyhow::Result<()> {

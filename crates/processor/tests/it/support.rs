@@ -37,6 +37,22 @@ pub fn bouncer(
     }))
 }
 
+/// Keeps bulk tests (hundreds of thousands of rows) and tests that measure time against the
+/// database (leases of 2 s, freezes) apart: `bulk()` excludes every other holder, `timed()`
+/// excludes only bulk ones. On a 2-core machine a bulk load can stall a lease renewal past
+/// its lease, which is the behaviour under test, not a failure of it.
+static LOAD: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// Held by a bulk test for its whole run.
+pub async fn bulk() -> tokio::sync::RwLockWriteGuard<'static, ()> {
+    LOAD.write().await
+}
+
+/// Held by a time-sensitive test for its whole run.
+pub async fn timed() -> tokio::sync::RwLockReadGuard<'static, ()> {
+    LOAD.read().await
+}
+
 /// URL of the shared test server's primary.
 pub fn url() -> String {
     pgstate_testcluster::shared().url()

@@ -142,6 +142,17 @@ impl LockConn {
         }
     }
 
+    /// Sets `lock_timeout` back to none after a wait (a connection that waited for a lock and
+    /// then joins the shared lock sessions must not keep it).
+    pub async fn reset_lock_timeout(&self) -> StateResult<()> {
+        let zero = "0";
+        let params: [&Param; 1] = [&zero];
+        self.client
+            .query_one(&self.stmts.set_lock_timeout, &params)
+            .await?;
+        Ok(())
+    }
+
     /// Records the acquisition (bookkeeping row; for an exclusive lock the next fencing token),
     /// then resets `lock_timeout`. Waiting for the token row (an open transaction's
     /// [`check_fence`](crate::state::PostgresTransaction::check_fence) holds it) is bounded

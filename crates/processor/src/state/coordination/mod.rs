@@ -368,7 +368,9 @@ impl Coordinator {
         mode: LockMode,
         wait: Duration,
     ) -> StateResult<Option<HeldLock>> {
-        let deadline = Instant::now() + wait;
+        let start = Instant::now();
+        // What is left of `wait` (which may be as long as `Duration::MAX`).
+        let left = || wait.saturating_sub(start.elapsed());
         let connector = self.connector()?;
         let sessions = self.lock_sessions()?;
         let mut reservation = sessions.reserve(key, mode).await?;
@@ -383,7 +385,7 @@ impl Coordinator {
             other => other?,
         };
         if !got {
-            let remaining = deadline.saturating_duration_since(Instant::now());
+            let remaining = left();
             if remaining.is_zero() {
                 return Ok(None);
             }
@@ -393,6 +395,7 @@ impl Coordinator {
                 self.put_spare(waiter);
                 return Ok(None);
             }
+            waiter.reset_lock_timeout().await?;
             reservation.granted_on(waiter);
         }
         // From here on, an error or a dropped future unlocks in the background (see
@@ -406,9 +409,7 @@ impl Coordinator {
             holder: &self.holder,
             id: &acquisition,
         };
-        let budget = deadline
-            .saturating_duration_since(Instant::now())
-            .max(RECORD_WAIT);
+        let budget = left().max(RECORD_WAIT);
         let pid = reservation.session().conn.pid;
         let sql = record_sql(&self.names);
         let budget_ms = format!("{}ms", budget.as_millis().clamp(1, i32::MAX as u128));
@@ -417,7 +418,7 @@ impl Coordinator {
         let params = record_params(&what, &exclusive, &mode_text, &pid);
         let token = self
             .primary
-            .with(budget + self.op_timeout, async |c| {
+            .with(budget.saturating_add(self.op_timeout), async |c| {
                 let tx = c.client.transaction().await?;
                 tx.query_typed_one(
                     "SELECT set_config('lock_timeout', $1, true)",

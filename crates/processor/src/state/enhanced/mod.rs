@@ -2,6 +2,7 @@
 //! operations and transactions are here; `coordination` and `replication` hold the rest.
 
 mod coordination;
+mod maintenance;
 mod replication;
 
 use std::sync::Arc;
@@ -50,12 +51,17 @@ struct Inner {
     coordinator: Arc<Coordinator>,
     config: EnhancedPostgresConfig,
     monitor: Option<tokio::task::JoinHandle<()>>,
+    /// The background cleanup task, when one runs.
+    cleanup: std::sync::OnceLock<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         if let Some(m) = &self.monitor {
             m.abort();
+        }
+        if let Some(c) = self.cleanup.get() {
+            c.abort();
         }
     }
 }
@@ -120,9 +126,10 @@ impl EnhancedPostgresBackend {
                 .next()
                 .unwrap_or_default()
                 .to_string();
+            let single_server = spec.pg.get_hosts().len() == 1;
             let pool =
                 ConnPool::new(connector, names.clone(), &replica_pool, true, op_timeout).await?;
-            replicas.push(Replica::new(pool, name));
+            replicas.push(Replica::new(pool, name, single_server));
         }
         let router = Arc::new(Router::new(
             replicas,
@@ -156,13 +163,18 @@ impl EnhancedPostgresBackend {
             op_timeout,
         };
         tracing::info!(url = %config.redacted_url(), table = %store.names.qualified, replicas = store.router.replicas.len(), "state backend ready");
+        let inner = Arc::new(Inner {
+            store,
+            coordinator,
+            config,
+            monitor,
+            cleanup: std::sync::OnceLock::new(),
+        });
+        if let Some(task) = maintenance::spawn_cleanup(&inner) {
+            let _ = inner.cleanup.set(task);
+        }
         Ok(Self {
-            inner: Arc::new(Inner {
-                store,
-                coordinator,
-                config,
-                monitor,
-            }),
+            inner,
             primary_only: false,
             session: Arc::new(Session::default()),
         })

@@ -46,16 +46,10 @@ impl EnhancedPostgresBackend {
     /// WAL position (one round trip), which covers every write committed so far.
     pub async fn causal_token(&self) -> StateResult<CausalToken> {
         let s = self.store();
-        if !s.router.tracks_writes() || self.session.take_unsure() {
-            match s.on_primary(async |c| c.insert_lsn().await).await {
-                Ok(lsn) => self.session.observe(lsn),
-                Err(e) => {
-                    if s.router.tracks_writes() {
-                        self.session.set_unsure();
-                    }
-                    return Err(e);
-                }
-            }
+        let unsure = self.session.unsure();
+        if !s.router.tracks_writes() || unsure.is_some() {
+            let lsn = s.on_primary(async |c| c.insert_lsn().await).await?;
+            self.session.cover(unsure.unwrap_or(0), lsn);
         }
         Ok(CausalToken::from_wal_offset(self.session.floor()))
     }

@@ -1,0 +1,132 @@
+//! Retention throughput: `cleanup_expired()` over 1 000 000 expired rows while writers run,
+//! against one `DELETE` of the same rows by `psql` on an identical table, in the same run.
+//! Also the longest time a concurrent writer waited for one `put`. Prints a Markdown table for
+//! BENCHMARKS.md.
+//!
+//! ```text
+//! cargo run --release --example retention_bench      # throwaway local server
+//! ```
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgstate_testcluster::{Cluster, ClusterOptions};
+use processor::state::{EnhancedPostgresBackend, EnhancedPostgresConfig, StateBackend};
+
+const ROWS: u32 = 1_000_000;
+const WRITERS: usize = 4;
+
+/// 1 000 000 expired rows and 10 000 live ones in `table`.
+fn fill(cluster: &Cluster, table: &str) -> anyhow::Result<()> {
+    cluster.psql(
+        0,
+        &format!(
+            "INSERT INTO {table} (key, value, expires_at)
+             SELECT convert_to('x:' || i, 'UTF8'), convert_to(repeat('v', 100), 'UTF8'),
+                    now() - interval '1 second'
+             FROM generate_series(1, {ROWS}) i;
+             INSERT INTO {table} (key, value)
+             SELECT convert_to('live:' || i, 'UTF8'), '\\x00' FROM generate_series(1, 10000) i;
+             VACUUM ANALYZE {table}"
+        ),
+    )?;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    eprintln!("starting a throwaway PostgreSQL ...");
+    let cluster = Cluster::start(ClusterOptions {
+        replicas: 0,
+        tls: false,
+        ..ClusterOptions::default()
+    })?;
+    let url = format!("{}?sslmode=disable", cluster.primary_url());
+    let version = cluster.psql(0, "SHOW server_version")?;
+    let backend = EnhancedPostgresBackend::new(
+        EnhancedPostgresConfig::new(url.clone())
+            .with_schema("ours")
+            .with_expired_cleanup(false),
+    )
+    .await?;
+    let reference =
+        EnhancedPostgresBackend::new(EnhancedPostgresConfig::new(url).with_schema("theirs"))
+            .await?;
+    eprintln!("loading {ROWS} expired rows twice ...");
+    fill(&cluster, backend.table())?;
+    fill(&cluster, reference.table())?;
+
+    // Ours, with writers putting live keys meanwhile.
+    let stop = Arc::new(AtomicBool::new(false));
+    let longest_us = Arc::new(AtomicU64::new(0));
+    let puts = Arc::new(AtomicU64::new(0));
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|t| {
+            let (b, stop, longest, puts) = (
+                backend.clone_handle(),
+                stop.clone(),
+                longest_us.clone(),
+                puts.clone(),
+            );
+            tokio::spawn(async move {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let k = format!("live:{}", (t as u64 * 2500 + i % 2500) + 1);
+                    let start = Instant::now();
+                    b.put(k.as_bytes(), &i.to_be_bytes()).await?;
+                    let us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+                    longest.fetch_max(us, Ordering::Relaxed);
+                    puts.fetch_add(1, Ordering::Relaxed);
+                    i += 1;
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    let start = Instant::now();
+    let removed = backend.cleanup_expired().await?;
+    let ours = start.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await??;
+    }
+    anyhow::ensure!(removed == u64::from(ROWS), "removed {removed}");
+
+    // psql: one DELETE of the same rows.
+    let start = Instant::now();
+    cluster.psql(
+        0,
+        &format!(
+            "DELETE FROM {} WHERE expires_at <= now()",
+            reference.table()
+        ),
+    )?;
+    let theirs = start.elapsed();
+    anyhow::ensure!(
+        reference.count().await? == 10_000,
+        "reference delete incomplete"
+    );
+
+    let rate = |d: Duration| f64::from(ROWS) / d.as_secs_f64();
+    println!(
+        "PostgreSQL {version}, {} CPUs, {ROWS} expired rows of 100 bytes plus 10 000 live, sslmode=disable\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!("| workload | pgstate | reference | ratio | reference command |");
+    println!("| --- | ---: | ---: | ---: | --- |");
+    println!(
+        "| retention, 1M expired rows (rows/s) | {:.0} | {:.0} | {:.2} | psql: one DELETE ... WHERE expires_at <= now() |",
+        rate(ours),
+        rate(theirs),
+        rate(ours) / rate(theirs)
+    );
+    println!(
+        "\nDuring pgstate's pass ({} batches of 1000 rows, {:.1} s), {WRITERS} writers completed {} puts; the longest single put took {:.1} ms.",
+        ROWS / 1000,
+        ours.as_secs_f64(),
+        puts.load(Ordering::Relaxed),
+        longest_us.load(Ordering::Relaxed) as f64 / 1000.0
+    );
+    Ok(())
+}

@@ -1,0 +1,161 @@
+//! The data-maintenance part of the facade: cleanup and retention, archive, VACUUM, table
+//! statistics, and the background cleanup task.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{EnhancedPostgresBackend, Inner};
+use crate::state::config::EnhancedPostgresConfig;
+use crate::state::error::StateResult;
+use crate::state::maintenance::{self, CleanupPlan, TableStatistics};
+use crate::state::ops::StateEntry;
+
+/// What the configuration asks cleanup passes to do, and how often.
+fn plan(config: &EnhancedPostgresConfig) -> (CleanupPlan, Duration) {
+    let policy = config.retention.clone().unwrap_or_default();
+    (
+        CleanupPlan {
+            expired: config.expired_cleanup,
+            max_age: policy.enabled.then_some(policy.max_age),
+            batch_size: policy.batch_size,
+        },
+        policy.cleanup_interval,
+    )
+}
+
+/// Starts the background cleanup task when there is anything to clean: a pass every
+/// `cleanup_interval` (the first one interval after start), skipped while another instance
+/// runs one. It ends when the backend is dropped (stopping a pass in progress between
+/// statements: the batch under way rolls back).
+pub(super) fn spawn_cleanup(inner: &Arc<Inner>) -> Option<tokio::task::JoinHandle<()>> {
+    let (plan, interval) = plan(&inner.config);
+    if !plan.expired && plan.max_age.is_none() {
+        return None;
+    }
+    let weak = Arc::downgrade(inner);
+    Some(tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.tick().await;
+        loop {
+            ticker.tick().await;
+            let Some(inner) = weak.upgrade() else { return };
+            let pass = maintenance::cleanup_pass(
+                &inner.store,
+                &inner.coordinator,
+                plan,
+                Duration::ZERO,
+                &|_| {},
+            );
+            // This task's reference keeps the backend alive: once it is the only one left,
+            // every handle is gone and the pass stops.
+            let orphaned = async {
+                while Arc::strong_count(&inner) > 1 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            };
+            tokio::select! {
+                result = pass => match result {
+                    Ok(Some(_)) => {}
+                    Ok(None) => tracing::debug!("cleanup pass skipped: another instance runs one"),
+                    Err(e) => tracing::warn!(error = %e, "cleanup pass failed; it runs again at the next interval"),
+                },
+                () = orphaned => return,
+            }
+        }
+    }))
+}
+
+/// Data management: TTL cleanup and retention, archive, VACUUM, table statistics.
+impl EnhancedPostgresBackend {
+    /// Runs one retention pass now: deletes expired entries and delete tombstones and, when
+    /// the [`RetentionPolicy`](crate::state::RetentionPolicy) is enabled, entries not written for its `max_age`, in batches of
+    /// its `batch_size`. Waits (up to the operation timeout) while another instance runs a
+    /// pass on the same table. Returns how many entries were deleted.
+    ///
+    /// Versions stay monotonic: a key re-created after its row was deleted starts above every
+    /// version cleanup removed from the table.
+    pub async fn apply_retention_policy(&self) -> StateResult<u64> {
+        let (plan, _) = plan(&self.inner.config);
+        self.pass(CleanupPlan {
+            expired: true,
+            ..plan
+        })
+        .await
+    }
+
+    /// Deletes expired entries and delete tombstones now (not the retention policy's old
+    /// entries); returns how many.
+    pub async fn cleanup_expired(&self) -> StateResult<u64> {
+        let (plan, _) = plan(&self.inner.config);
+        self.pass(CleanupPlan {
+            expired: true,
+            max_age: None,
+            ..plan
+        })
+        .await
+    }
+
+    async fn pass(&self, plan: CleanupPlan) -> StateResult<u64> {
+        let wait = self.store().op_timeout;
+        let removed =
+            maintenance::cleanup_pass(self.store(), self.coordinator(), plan, wait, &|_| {})
+                .await?;
+        removed.ok_or_else(|| {
+            crate::state::StateError::Timeout(format!(
+                "another instance's cleanup pass on {} did not finish within {wait:?}",
+                self.table()
+            ))
+        })
+    }
+
+    /// Moves the entries not written for `older_than` into `archive_table` (in this backend's
+    /// schema, created when missing with the state table's columns plus `archived_at`), in
+    /// batches; returns how many moved. Each batch moves its rows in one statement, so an
+    /// interruption neither loses nor duplicates any. `archive_table` must be a plain name
+    /// (letters, digits, `_`): anything else is refused with nothing touched.
+    pub async fn archive_old_data(
+        &self,
+        archive_table: &str,
+        older_than: Duration,
+    ) -> StateResult<u64> {
+        let (plan, _) = plan(&self.inner.config);
+        maintenance::archive(
+            self.store(),
+            archive_table,
+            older_than,
+            plan.batch_size,
+            &|_| {},
+        )
+        .await
+    }
+
+    /// The newest entry archived under `key` in `archive_table`, if any.
+    pub async fn get_archived(
+        &self,
+        archive_table: &str,
+        key: &[u8],
+    ) -> StateResult<Option<StateEntry>> {
+        crate::state::limits::check_key(key)?;
+        maintenance::get_archived(self.store(), archive_table, key).await
+    }
+
+    /// Moves the newest entry archived under `key` back into the state table, unless the key
+    /// has a live entry; whether it did. The restored entry gets a new version.
+    pub async fn restore_archived(&self, archive_table: &str, key: &[u8]) -> StateResult<bool> {
+        crate::state::limits::check_key(key)?;
+        maintenance::restore(self.store(), archive_table, key).await
+    }
+
+    /// `VACUUM (ANALYZE)` of the state table; with `full`, `VACUUM (FULL, ANALYZE)`, which
+    /// rewrites it under an exclusive lock (readers and writers wait). Runs on a connection of
+    /// its own; waiting for the table's lock is bounded by the operation timeout.
+    pub async fn vacuum_analyze(&self, full: bool) -> StateResult<()> {
+        maintenance::vacuum_analyze(self.store(), full, self.store().op_timeout).await
+    }
+
+    /// Sizes, row counts, dead tuples and maintenance times of the state table.
+    pub async fn get_table_statistics(&self) -> StateResult<TableStatistics> {
+        maintenance::table_statistics(self.store()).await
+    }
+}

@@ -1,0 +1,185 @@
+//! Archive: moving entries not written for a while into an archive table, reading them back
+//! and restoring them.
+//!
+//! Each batch is one statement (`WITH moved AS (DELETE ... RETURNING ...) INSERT ...`): a row
+//! leaves the state table exactly when it enters the archive, so an interruption at any point
+//! neither loses nor duplicates one. Archived rows raise the version floor like cleanup does,
+//! so a key re-created later never repeats a version.
+
+use std::time::Duration;
+
+use tokio_postgres::types::Type;
+
+use super::cleanup::remove_in_batches;
+use crate::state::error::{StateError, StateResult};
+use crate::state::ident::Ident;
+use crate::state::names::TableNames;
+use crate::state::ops::StateEntry;
+use crate::state::statements::ENTRY_COLUMNS;
+use crate::state::store::Store;
+
+/// The columns of the state table, as archived.
+const COLUMNS: &str = "key, value, metadata, created_at, updated_at, expires_at, version";
+
+/// `archive_table` as a quoted name in the backend's schema: a plain identifier (letters,
+/// digits, `_`, at most [`MAX_TABLE_NAME_LEN`](crate::state::MAX_TABLE_NAME_LEN) bytes), never
+/// the state table itself. Anything else is refused, nothing touched. Also the name of its
+/// key index.
+pub(crate) fn archive_name(
+    names: &TableNames,
+    archive_table: &str,
+) -> StateResult<(String, String)> {
+    let ident = Ident::new_table(archive_table)?;
+    if ident.as_str() == names.table.as_str() {
+        return Err(StateError::invalid(
+            "the archive table cannot be the state table itself",
+        ));
+    }
+    Ok((
+        format!("{}.{ident}", names.schema),
+        ident.suffixed("_key_idx").to_string(),
+    ))
+}
+
+/// Creates the archive table (the state table's columns plus `archived_at`) when missing.
+async fn ensure_table(store: &Store, archive: &str, index: &str) -> StateResult<()> {
+    let sql = format!(
+        "CREATE TABLE IF NOT EXISTS {archive} (
+             key         bytea       NOT NULL,
+             value       bytea       NOT NULL,
+             metadata    jsonb       NOT NULL DEFAULT '{{}}'::jsonb,
+             created_at  timestamptz NOT NULL,
+             updated_at  timestamptz NOT NULL,
+             expires_at  timestamptz,
+             version     bigint      NOT NULL,
+             archived_at timestamptz NOT NULL DEFAULT now()
+         )"
+    );
+    let index = format!("CREATE INDEX IF NOT EXISTS {index} ON {archive} (key, archived_at)");
+    store
+        .on_primary(async |c| {
+            c.client.batch_execute(&sql).await?;
+            c.client.batch_execute(&index).await?;
+            Ok(())
+        })
+        .await
+}
+
+/// Moves the entries not written for `older_than` into `archive_table` (created when
+/// missing), in batches of `batch_size`; returns how many moved.
+pub(crate) async fn archive(
+    store: &Store,
+    archive_table: &str,
+    older_than: Duration,
+    batch_size: usize,
+    progress: &(dyn Fn(u64) + Sync),
+) -> StateResult<u64> {
+    let (archive, index) = archive_name(&store.names, archive_table)?;
+    ensure_table(store, &archive, &index).await?;
+    let t = &store.names.qualified;
+    let sql = format!(
+        "WITH victims AS (
+             SELECT key FROM {t} WHERE key > $2
+                AND updated_at < now() - $3::float8 * interval '1 second'
+             ORDER BY key LIMIT $1 FOR UPDATE SKIP LOCKED
+         ), moved AS (
+             DELETE FROM {t} e USING victims v WHERE e.key = v.key RETURNING e.*
+         ), kept AS (
+             INSERT INTO {archive} ({COLUMNS}) SELECT {COLUMNS} FROM moved RETURNING key, version
+         )
+         SELECT count(*)::bigint, coalesce(max(version), 0)::bigint,
+                (SELECT key FROM kept ORDER BY key DESC LIMIT 1) FROM kept"
+    );
+    remove_in_batches(
+        store,
+        &sql,
+        older_than.as_secs_f64(),
+        true,
+        batch_size,
+        progress,
+    )
+    .await
+}
+
+/// The newest archived entry under `key` in `archive_table`, if any.
+pub(crate) async fn get_archived(
+    store: &Store,
+    archive_table: &str,
+    key: &[u8],
+) -> StateResult<Option<StateEntry>> {
+    let (archive, _) = archive_name(&store.names, archive_table)?;
+    let sql = format!(
+        "SELECT {ENTRY_COLUMNS} FROM {archive} WHERE key = $1 ORDER BY archived_at DESC, version DESC LIMIT 1"
+    );
+    let row = store
+        .on_primary(async |c| {
+            Ok(c.client
+                .query_typed_opt(&sql, &[(&key, Type::BYTEA)])
+                .await?)
+        })
+        .await?;
+    row.as_ref().map(StateEntry::from_row).transpose()
+}
+
+/// Moves the newest archived entry under `key` back into the state table, unless the key has
+/// a live entry there; whether it did. The restored entry gets a new version (above every
+/// version the key had) and its value, metadata, creation time and expiry back; it leaves the
+/// archive in the same transaction.
+pub(crate) async fn restore(store: &Store, archive_table: &str, key: &[u8]) -> StateResult<bool> {
+    let (archive, _) = archive_name(&store.names, archive_table)?;
+    let t = &store.names.qualified;
+    let newest = format!(
+        "SELECT value, metadata, created_at, expires_at, archived_at, version FROM {archive} \
+         WHERE key = $1 ORDER BY archived_at DESC, version DESC LIMIT 1 FOR UPDATE"
+    );
+    let insert = format!(
+        "INSERT INTO {t} AS e (key, value, metadata, created_at, expires_at) \
+         VALUES ($1, $2, $3, $4, $5) \
+         ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, metadata = EXCLUDED.metadata, \
+             created_at = EXCLUDED.created_at, expires_at = EXCLUDED.expires_at, \
+             updated_at = now(), version = e.version + 1 \
+         WHERE e.expires_at IS NOT NULL AND e.expires_at <= now() RETURNING version"
+    );
+    let forget =
+        format!("DELETE FROM {archive} WHERE key = $1 AND archived_at = $2 AND version = $3");
+    store
+        .on_primary(async |c| {
+            let tx = c.client.transaction().await?;
+            let Some(row) = tx.query_typed_opt(&newest, &[(&key, Type::BYTEA)]).await? else {
+                return Ok(false);
+            };
+            let value: Vec<u8> = row.try_get(0)?;
+            let metadata: serde_json::Value = row.try_get(1)?;
+            let created: std::time::SystemTime = row.try_get(2)?;
+            let expires: Option<std::time::SystemTime> = row.try_get(3)?;
+            let archived: std::time::SystemTime = row.try_get(4)?;
+            let version: i64 = row.try_get(5)?;
+            let restored = tx
+                .query_typed_opt(
+                    &insert,
+                    &[
+                        (&key, Type::BYTEA),
+                        (&value, Type::BYTEA),
+                        (&metadata, Type::JSONB),
+                        (&created, Type::TIMESTAMPTZ),
+                        (&expires, Type::TIMESTAMPTZ),
+                    ],
+                )
+                .await?
+                .is_some();
+            if restored {
+                tx.execute_typed(
+                    &forget,
+                    &[
+                        (&key, Type::BYTEA),
+                        (&archived, Type::TIMESTAMPTZ),
+                        (&version, Type::INT8),
+                    ],
+                )
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(restored)
+        })
+        .await
+}

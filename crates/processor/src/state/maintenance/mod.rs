@@ -1,0 +1,89 @@
+//! Data maintenance: TTL cleanup and retention (`cleanup`), archive (`archive`), VACUUM
+//! (`vacuum`) and table statistics (`table_stats`).
+//!
+//! A cleanup *pass* runs the sweeps one after the other under a named lock of the state table
+//! (`pgstate cleanup of <schema>.<table>`), so that when several backends share a table their
+//! passes never overlap: the background task skips a pass while another instance runs one,
+//! an explicit call waits for it. Behind PgBouncer's transaction pooling without a session URL
+//! there is no session lock to take: passes may then overlap, which stays correct (each batch
+//! skips rows another holds) but does the work twice.
+
+mod archive;
+mod cleanup;
+mod table_stats;
+mod vacuum;
+
+use std::time::Duration;
+
+pub(crate) use archive::{archive, get_archived, restore};
+pub(crate) use cleanup::{sweep, Sweep};
+pub(crate) use table_stats::table_statistics;
+pub use table_stats::{TableStatistics, EXACT_COUNT_LIMIT};
+pub(crate) use vacuum::vacuum_analyze;
+
+use crate::state::coordination::{lock_key, Coordinator, LockMode};
+use crate::state::error::{ErrorKind, StateResult};
+use crate::state::store::Store;
+
+/// What a cleanup pass does.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CleanupPlan {
+    /// Delete expired entries and delete tombstones.
+    pub expired: bool,
+    /// Delete entries not written for this long (the retention policy's `max_age`).
+    pub max_age: Option<Duration>,
+    /// Rows per batch.
+    pub batch_size: usize,
+}
+
+/// One cleanup pass: the sweeps `plan` asks for, under the table's cleanup lock, waiting for it
+/// up to `wait` (zero: skip the pass when another instance is running one). Returns the rows
+/// removed, or `None` when the pass was skipped.
+pub(crate) async fn cleanup_pass(
+    store: &Store,
+    coordinator: &Coordinator,
+    plan: CleanupPlan,
+    wait: Duration,
+    progress: &(dyn Fn(u64) + Sync),
+) -> StateResult<Option<u64>> {
+    let name = format!("pgstate cleanup of {}", store.names.qualified);
+    let held = match coordinator
+        .acquire(lock_key(&name), Some(&name), LockMode::Exclusive, wait)
+        .await
+    {
+        Ok(Some(held)) => Some(held),
+        Ok(None) => return Ok(None),
+        // No session for locks (PgBouncer's transaction pooling without a session URL).
+        Err(e) if e.kind() == ErrorKind::Configuration => None,
+        Err(e) => return Err(e),
+    };
+    let result = async {
+        let mut total = 0;
+        if plan.expired {
+            total += sweep(store, Sweep::Expired, plan.batch_size, &|n| {
+                progress(total + n)
+            })
+            .await?;
+        }
+        if let Some(age) = plan.max_age {
+            let before = total;
+            total += sweep(store, Sweep::OlderThan(age), plan.batch_size, &|n| {
+                progress(before + n)
+            })
+            .await?;
+        }
+        Ok::<_, crate::state::StateError>(total)
+    }
+    .await;
+    if let Some(held) = held {
+        if let Err(e) = coordinator.release(held).await {
+            tracing::debug!(error = %e, "releasing the cleanup lock");
+        }
+    }
+    if let Ok(n) = &result {
+        if *n > 0 {
+            tracing::info!(table = %store.names.qualified, removed = n, "cleanup pass");
+        }
+    }
+    result.map(Some)
+}

@@ -27,10 +27,10 @@ fn fill(cluster: &Cluster, table: &str) -> anyhow::Result<()> {
                     now() - interval '1 second'
              FROM generate_series(1, {ROWS}) i;
              INSERT INTO {table} (key, value)
-             SELECT convert_to('live:' || i, 'UTF8'), '\\x00' FROM generate_series(1, 10000) i;
-             VACUUM ANALYZE {table}"
+             SELECT convert_to('live:' || i, 'UTF8'), '\\x00' FROM generate_series(1, 10000) i"
         ),
     )?;
+    cluster.psql(0, &format!("VACUUM ANALYZE {table}"))?;
     Ok(())
 }
 

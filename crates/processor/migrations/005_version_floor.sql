@@ -6,13 +6,18 @@
 -- A sequence, not a row: its value is read outside any snapshot, so a transaction at
 -- REPEATABLE READ or SERIALIZABLE sees a floor raised after it began.
 CREATE SEQUENCE IF NOT EXISTS {{version_floor}} AS bigint MINVALUE 0 START WITH 0;
+-- Dumped and dropped with the table.
+ALTER SEQUENCE {{version_floor}} OWNED BY {{table}}.version;
 
 -- The version of a newly created row. Every insert takes the floor's advisory lock shared (for
 -- its transaction); a cleanup batch takes it exclusively while it deletes and raises the floor.
 -- So an insert either finishes before a batch starts (and a key it re-creates is then live, not
 -- deleted), or reads the floor after the batch committed.
+--
+-- SECURITY DEFINER (as the role that applied the migrations, with a fixed search_path): a role
+-- granted only the table's privileges can still write without rights on the sequence.
 CREATE OR REPLACE FUNCTION {{next_version}}() RETURNS bigint
-LANGUAGE plpgsql VOLATILE AS $$
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM pg_advisory_xact_lock_shared({{floor_lock}});
     RETURN (SELECT last_value FROM {{version_floor}}) + 1;

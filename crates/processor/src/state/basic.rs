@@ -41,7 +41,7 @@ impl PostgresConfig {
 impl std::fmt::Debug for PostgresConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PostgresConfig")
-            .field("url", &crate::state::connspec::redact(&self.url))
+            .field("url", &crate::state::connstr::redact(&self.url))
             .field("schema", &self.schema)
             .field("table_name", &self.table_name)
             .field("max_connections", &self.max_connections)

@@ -5,7 +5,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::state::connspec::{redact, ConnectionSpec, SslSettings};
+use crate::state::connspec::{ConnectionSpec, SslSettings};
+use crate::state::connstr::redact;
 use crate::state::error::{StateError, StateResult};
 use crate::state::ident::Ident;
 
@@ -434,6 +435,11 @@ impl EnhancedPostgresConfig {
             if r.batch_size == 0 {
                 return Err(StateError::config(
                     "retention batch_size must be at least 1",
+                ));
+            }
+            if r.cleanup_interval.is_zero() {
+                return Err(StateError::config(
+                    "retention cleanup_interval must be positive",
                 ));
             }
         }

@@ -15,6 +15,7 @@ mod causal;
 mod config;
 mod connection;
 mod connspec;
+mod connstr;
 pub mod coordination;
 mod enhanced;
 mod error;
@@ -41,7 +42,8 @@ pub use config::{
     EnhancedPostgresConfig, IsolationLevel, PostgresPoolConfig, PostgresReplicaConfig,
     PostgresSslConfig, RetentionPolicy, DEFAULT_OPERATION_TIMEOUT,
 };
-pub use connspec::{redact, SslMode};
+pub use connspec::SslMode;
+pub use connstr::redact;
 pub use coordination::{
     lock_key, AdvisoryLockInfo, CoordinationHandle, Fence, LeaderInfo, Leadership, LockMode,
     Notification, PostgresListener, PostgresLockGuard, MAX_LOCK_SESSIONS, MAX_NOTIFY_PAYLOAD,

@@ -65,6 +65,10 @@ impl TableNames {
             ("{{pkey}}", t.suffixed("_pkey").to_string()),
             ("{{ix_expires}}", t.suffixed("_expires_at_idx").to_string()),
             (
+                "{{ix_expires_key}}",
+                t.suffixed("_expires_key_idx").to_string(),
+            ),
+            (
                 "{{ix_metadata}}",
                 t.suffixed("_metadata_gin_idx").to_string(),
             ),

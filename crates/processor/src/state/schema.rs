@@ -60,6 +60,12 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../migrations/005_version_floor.sql"),
         per_schema: false,
     },
+    Migration {
+        version: 6,
+        name: "006_expiry_keyset_index.sql",
+        sql: include_str!("../../migrations/006_expiry_keyset_index.sql"),
+        per_schema: false,
+    },
 ];
 
 /// Name of the tracking table, in the configured schema.

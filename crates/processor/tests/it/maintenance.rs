@@ -313,3 +313,35 @@ async fn vacuum_and_table_statistics() {
     // the statistics system, which reports them late: not asserted.)
     assert!(s.table_size <= before, "{before} -> {s:?}");
 }
+
+#[tokio::test]
+async fn archive_moves_live_entries_only_and_never_restores_an_expired_one() {
+    let b = support::backend("archive_live").await;
+    b.put(b"live", b"v").await.unwrap();
+    b.put(b"tomb", b"v").await.unwrap();
+    b.delete(b"tomb").await.unwrap();
+    b.put_with_ttl(b"short", b"v", Duration::from_secs(2))
+        .await
+        .unwrap();
+    sql(&b, "UPDATE {t} SET updated_at = now() - interval '10 days'").await;
+    assert_eq!(
+        b.archive_old_data("arch", Duration::from_secs(86400))
+            .await
+            .unwrap(),
+        2,
+        "the live entry and the one with time left, not the tombstone"
+    );
+    assert!(b.get_archived("arch", b"tomb").await.unwrap().is_none());
+    assert_eq!(
+        count(&b, "true").await,
+        1,
+        "the tombstone stays for cleanup"
+    );
+    // Once its time has run out in the archive, an entry is not restored (it would come back
+    // invisible and be cleaned up); it stays archived.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert!(!b.restore_archived("arch", b"short").await.unwrap());
+    assert!(b.get_archived("arch", b"short").await.unwrap().is_some());
+    assert!(b.restore_archived("arch", b"live").await.unwrap());
+    assert_eq!(b.get(b"live").await.unwrap(), Some(b"v".to_vec()));
+}

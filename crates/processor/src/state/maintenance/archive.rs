@@ -10,16 +10,13 @@ use std::time::Duration;
 
 use tokio_postgres::types::Type;
 
-use super::cleanup::remove_in_batches;
+use super::cleanup::{sweep, Sweep};
 use crate::state::error::{StateError, StateResult};
 use crate::state::ident::Ident;
 use crate::state::names::TableNames;
 use crate::state::ops::StateEntry;
 use crate::state::statements::ENTRY_COLUMNS;
 use crate::state::store::Store;
-
-/// The columns of the state table, as archived.
-const COLUMNS: &str = "key, value, metadata, created_at, updated_at, expires_at, version";
 
 /// `archive_table` as a quoted name in the backend's schema: a plain identifier (letters,
 /// digits, `_`, at most [`MAX_TABLE_NAME_LEN`](crate::state::MAX_TABLE_NAME_LEN) bytes), never
@@ -65,8 +62,9 @@ async fn ensure_table(store: &Store, archive: &str, index: &str) -> StateResult<
         .await
 }
 
-/// Moves the entries not written for `older_than` into `archive_table` (created when
-/// missing), in batches of `batch_size`; returns how many moved.
+/// Moves the live entries not written for `older_than` into `archive_table` (created when
+/// missing), in batches of `batch_size`; returns how many moved. Expired entries and delete
+/// tombstones are cleanup's, not archived.
 pub(crate) async fn archive(
     store: &Store,
     archive_table: &str,
@@ -76,25 +74,9 @@ pub(crate) async fn archive(
 ) -> StateResult<u64> {
     let (archive, index) = archive_name(&store.names, archive_table)?;
     ensure_table(store, &archive, &index).await?;
-    let t = &store.names.qualified;
-    let sql = format!(
-        "WITH victims AS (
-             SELECT key FROM {t} WHERE key > $2
-                AND updated_at < now() - $3::float8 * interval '1 second'
-             ORDER BY key LIMIT $1 FOR UPDATE SKIP LOCKED
-         ), moved AS (
-             DELETE FROM {t} e USING victims v WHERE e.key = v.key RETURNING e.*
-         ), kept AS (
-             INSERT INTO {archive} ({COLUMNS}) SELECT {COLUMNS} FROM moved RETURNING key, version
-         )
-         SELECT count(*)::bigint, coalesce(max(version), 0)::bigint,
-                (SELECT key FROM kept ORDER BY key DESC LIMIT 1) FROM kept"
-    );
-    remove_in_batches(
+    sweep(
         store,
-        &sql,
-        older_than.as_secs_f64(),
-        true,
+        Sweep::Archive(older_than, archive),
         batch_size,
         progress,
     )
@@ -109,7 +91,7 @@ pub(crate) async fn get_archived(
 ) -> StateResult<Option<StateEntry>> {
     let (archive, _) = archive_name(&store.names, archive_table)?;
     let sql = format!(
-        "SELECT {ENTRY_COLUMNS} FROM {archive} WHERE key = $1 ORDER BY archived_at DESC, version DESC LIMIT 1"
+        "SELECT {ENTRY_COLUMNS} FROM {archive} WHERE key = $1 ORDER BY version DESC LIMIT 1"
     );
     let row = store
         .on_primary(async |c| {
@@ -122,7 +104,7 @@ pub(crate) async fn get_archived(
 }
 
 /// Moves the newest archived entry under `key` back into the state table, unless the key has
-/// a live entry there; whether it did. The restored entry gets a new version (above every
+/// a live entry there or the archived entry's expiry has passed; whether it did. The restored entry gets a new version (above every
 /// version the key had) and its value, metadata, creation time and expiry back; it leaves the
 /// archive in the same transaction.
 pub(crate) async fn restore(store: &Store, archive_table: &str, key: &[u8]) -> StateResult<bool> {
@@ -130,7 +112,7 @@ pub(crate) async fn restore(store: &Store, archive_table: &str, key: &[u8]) -> S
     let t = &store.names.qualified;
     let newest = format!(
         "SELECT value, metadata, created_at, expires_at, archived_at, version FROM {archive} \
-         WHERE key = $1 ORDER BY archived_at DESC, version DESC LIMIT 1 FOR UPDATE"
+         WHERE key = $1 ORDER BY version DESC LIMIT 1 FOR UPDATE"
     );
     let insert = format!(
         "INSERT INTO {t} AS e (key, value, metadata, created_at, expires_at) \
@@ -154,6 +136,11 @@ pub(crate) async fn restore(store: &Store, archive_table: &str, key: &[u8]) -> S
             let expires: Option<std::time::SystemTime> = row.try_get(3)?;
             let archived: std::time::SystemTime = row.try_get(4)?;
             let version: i64 = row.try_get(5)?;
+            // An entry whose time ran out in the archive would come back invisible and be
+            // cleaned up: it stays archived.
+            if expires.is_some_and(|e| e <= std::time::SystemTime::now()) {
+                return Ok(false);
+            }
             let restored = tx
                 .query_typed_opt(
                     &insert,

@@ -1,160 +1,277 @@
 //! TTL cleanup and retention: deleting expired entries (delete tombstones included) and, with a
-//! retention policy, entries not written for `max_age`, in short batches.
+//! retention policy, entries not written for `max_age`, in short batches. Archive moves rows
+//! with the same machinery.
 //!
-//! Each batch is its own transaction of one statement (`DELETE ... WHERE key IN (SELECT ...
-//! LIMIT n FOR UPDATE SKIP LOCKED)`): it holds row locks on at most `batch_size` rows for a
-//! moment, skips rows a writer holds, and keeps no long snapshot that would hold VACUUM back.
-//! A batch also raises the table's version floor to the highest version it removed (see
-//! migration `005_version_floor.sql`), under the floor's advisory lock taken exclusively: it
-//! asks for it without queueing (`pg_try_advisory_xact_lock`), so writers never wait behind a
-//! cleanup that waits, only behind a running batch.
+//! A batch is one READ COMMITTED transaction:
+//! 1. pick and row-lock the victims (`FOR UPDATE SKIP LOCKED`, at most `batch_size`, skipping
+//!    rows a writer holds), continuing after the previous batch's last row, so a pass is one
+//!    walk over an index that never rescans entries of rows it already removed; walks by key
+//!    look at a bounded window of keys per batch, so a batch is short even when few rows
+//!    match;
+//! 2. take the table's version-floor lock exclusively, waiting at most 100 ms (writers arriving
+//!    meanwhile queue behind the request, so it is granted as soon as the writers in flight
+//!    finish); if it is not granted by then, roll back and try the batch again (its victims are
+//!    picked anew);
+//! 3. delete (or move) the victims and raise the floor to the highest version removed (see
+//!    migration `005_version_floor.sql`), then commit.
+//!
+//! Writers wait at most for step 2's queueing and step 3 of a batch: one statement over at
+//! most `batch_size` rows.
 
 use std::time::Duration;
 
 use tokio_postgres::types::Type;
+use tokio_postgres::IsolationLevel;
 
-use crate::state::error::StateResult;
+use crate::state::error::{sqlstate, StateError, StateResult};
 use crate::state::names::TableNames;
 use crate::state::store::Store;
 
 /// What a sweep removes.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(crate) enum Sweep {
     /// Expired entries and delete tombstones (`expires_at <= now()`).
     Expired,
     /// Entries whose `updated_at` is older than this.
     OlderThan(Duration),
+    /// Live entries older than this, moved into the archive table (quoted, qualified name).
+    Archive(Duration, String),
 }
 
-/// How long a batch keeps asking for the floor lock before giving up for this pass.
-const FLOOR_LOCK_PATIENCE: Duration = Duration::from_secs(10);
+/// Keys a walk by key looks at per batch.
+const WINDOW: i64 = 10_000;
+/// How long a batch waits for the floor lock before it rolls back and starts over.
+const FLOOR_LOCK_WAIT: Duration = Duration::from_millis(100);
+/// Batches started over for the floor lock before the pass gives up.
+const FLOOR_LOCK_ATTEMPTS: u32 = 50;
 
-/// The SQL of one batch of `sweep`: parameters `$1` batch size, `$2` the key to continue
-/// after (age sweeps walk the primary key), `$3` the age in seconds. Returns rows removed, the
-/// highest version removed and the last key.
-fn batch_sql(names: &TableNames, sweep: Sweep) -> String {
+/// Where a walk stands: after this key (and, for expired rows, this expiry, as text).
+#[derive(Default, Clone)]
+struct Cursor {
+    key: Vec<u8>,
+    expiry: Option<String>,
+}
+
+/// The statements of one sweep.
+struct Plan {
+    /// `$1` limit, `$2` cursor key, `$3` cursor expiry (text), `$4` window end (bytea or
+    /// NULL), `$5` age in seconds: returns `key` and, for expired rows, `expires_at::text`, in
+    /// walk order, row-locked.
+    victims: String,
+    /// Walks by key first find the end of the next window: `$1` cursor key, `$2` window size.
+    window: Option<String>,
+    /// `$1` the victims' keys: removes them, returns (count, highest version).
+    remove: String,
+    age: f64,
+}
+
+fn plan(names: &TableNames, sweep: &Sweep) -> Plan {
     let t = &names.qualified;
-    let victims = match sweep {
-        Sweep::Expired => format!(
-            "SELECT key FROM {t} WHERE expires_at <= now() AND key > $2 AND $3::float8 IS NOT NULL \
-             ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED"
-        ),
-        Sweep::OlderThan(_) => format!(
-            "SELECT key FROM {t} WHERE key > $2 \
-             AND updated_at < now() - $3::float8 * interval '1 second' \
+    let by_key = |extra: &str| {
+        format!(
+            "SELECT key, NULL::text FROM {t} WHERE key > $2 AND ($4::bytea IS NULL OR key <= $4) \
+             AND updated_at < now() - $5::float8 * interval '1 second' {extra} \
              ORDER BY key LIMIT $1 FOR UPDATE SKIP LOCKED"
-        ),
+        )
     };
-    format!(
-        "WITH victims AS ({victims}), \
-         gone AS (DELETE FROM {t} e USING victims v WHERE e.key = v.key RETURNING e.key, e.version) \
-         SELECT count(*)::bigint, coalesce(max(version), 0)::bigint, \
-         (SELECT key FROM gone ORDER BY key DESC LIMIT 1) FROM gone"
-    )
+    let window = format!("SELECT key FROM {t} WHERE key > $1 ORDER BY key OFFSET $2 - 1 LIMIT 1");
+    let delete = format!(
+        "WITH gone AS (DELETE FROM {t} WHERE key = ANY($1) RETURNING version) \
+         SELECT count(*)::bigint, coalesce(max(version), 0)::bigint FROM gone"
+    );
+    match sweep {
+        Sweep::Expired => Plan {
+            victims: format!(
+                "SELECT key, expires_at::text AS expiry FROM {t} WHERE expires_at <= now() \
+                 AND (expires_at, key) > (coalesce($3::text::timestamptz, '-infinity'), $2) \
+                 ORDER BY expires_at, key LIMIT $1 FOR UPDATE SKIP LOCKED"
+            ),
+            window: None,
+            remove: delete,
+            age: 0.0,
+        },
+        Sweep::OlderThan(age) => Plan {
+            victims: by_key(""),
+            window: Some(window),
+            remove: delete,
+            age: age.as_secs_f64(),
+        },
+        Sweep::Archive(age, archive) => Plan {
+            // Only live entries are archived: expired ones and tombstones are cleanup's.
+            victims: by_key("AND (expires_at IS NULL OR expires_at > now())"),
+            window: Some(window),
+            remove: format!(
+                "WITH moved AS (DELETE FROM {t} WHERE key = ANY($1) RETURNING *), \
+                 kept AS (INSERT INTO {archive} ({COLUMNS}) SELECT {COLUMNS} FROM moved \
+                          RETURNING version) \
+                 SELECT count(*)::bigint, coalesce(max(version), 0)::bigint FROM kept"
+            ),
+            age: age.as_secs_f64(),
+        },
+    }
 }
 
-/// Removes what `sweep` selects in batches of `batch_size` rows until none is left; returns
-/// how many rows were removed. `progress` gets the running total after each batch.
+/// The state table's columns, as an archive keeps them.
+pub(crate) const COLUMNS: &str =
+    "key, value, metadata, created_at, updated_at, expires_at, version";
+
+/// Removes (or moves) what `sweep` selects in batches of `batch_size` rows until the walk
+/// ends; returns how many rows. `progress` gets the running total after each batch.
 pub(crate) async fn sweep(
     store: &Store,
     sweep: Sweep,
     batch_size: usize,
     progress: &(dyn Fn(u64) + Sync),
 ) -> StateResult<u64> {
-    let (age, keyset) = match sweep {
-        Sweep::Expired => (0.0, false),
-        Sweep::OlderThan(d) => (d.as_secs_f64(), true),
-    };
-    let sql = batch_sql(&store.names, sweep);
-    remove_in_batches(store, &sql, age, keyset, batch_size, progress).await
+    let plan = plan(&store.names, &sweep);
+    let limit = i64::try_from(batch_size.max(1)).unwrap_or(i64::MAX);
+    let mut cursor = Cursor::default();
+    let mut total = 0u64;
+    let mut contended = 0u32;
+    loop {
+        let step = batch(store, &plan, limit, &cursor).await?;
+        let Some(step) = step else {
+            contended += 1;
+            if contended >= FLOOR_LOCK_ATTEMPTS {
+                return Err(StateError::Timeout(format!(
+                    "cleanup of {} could not take the version floor lock in {contended} tries: \
+                     a long write transaction on the table holds it ({total} rows removed so \
+                     far; the rest goes at the next pass)",
+                    store.names.qualified
+                )));
+            }
+            continue;
+        };
+        total += step.removed;
+        progress(total);
+        match step.next {
+            Some(next) => cursor = next,
+            None => return Ok(total),
+        }
+        tokio::task::yield_now().await;
+    }
 }
 
-/// Runs a removal batch statement until it removes nothing; returns the rows removed.
-///
-/// `sql` takes `$1` the batch size, `$2` the key to continue after, `$3` an age in seconds,
-/// and returns (rows removed, highest version removed, last key removed). With `keyset`,
-/// each batch continues after the previous batch's last key (one walk over the primary key).
-/// Each batch is a transaction that holds the version floor's lock (asked for without
-/// queueing) and raises the floor to the highest version it removed.
-pub(crate) async fn remove_in_batches(
+/// What one batch did.
+struct Step {
+    removed: u64,
+    /// Where the next batch starts; `None` when the walk is over.
+    next: Option<Cursor>,
+}
+
+/// One batch; `None` when the floor lock stayed taken (the batch rolled back).
+async fn batch(
     store: &Store,
-    sql: &str,
-    age: f64,
-    keyset: bool,
-    batch_size: usize,
-    progress: &(dyn Fn(u64) + Sync),
-) -> StateResult<u64> {
+    plan: &Plan,
+    limit: i64,
+    cursor: &Cursor,
+) -> StateResult<Option<Step>> {
     let names = &store.names;
     let raise = format!(
         "SELECT setval($1::text::regclass, GREATEST(last_value, $2)) FROM {}",
         names.version_floor
     );
     let (class, object) = names.floor_lock;
-    let limit = i64::try_from(batch_size.max(1)).unwrap_or(i64::MAX);
-    let mut after: Vec<u8> = Vec::new();
-    let mut total = 0u64;
-    loop {
-        let batch = store
-            .on_primary(async |c| {
-                let tx = c.client.transaction().await?;
-                // Never queue for the floor lock: a queued exclusive request would hold back
-                // every writer behind it.
-                let deadline = tokio::time::Instant::now() + FLOOR_LOCK_PATIENCE;
-                loop {
-                    let got: bool = tx
-                        .query_typed_one(
-                            "SELECT pg_try_advisory_xact_lock($1, $2)",
-                            &[(&class, Type::INT4), (&object, Type::INT4)],
-                        )
-                        .await?
-                        .try_get(0)?;
-                    if got {
-                        break;
-                    }
-                    if tokio::time::Instant::now() >= deadline {
-                        return Ok(None);
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                let row = tx
-                    .query_typed_one(
+    store
+        .on_primary(async |c| {
+            let tx = c
+                .client
+                .build_transaction()
+                .isolation_level(IsolationLevel::ReadCommitted)
+                .start()
+                .await?;
+            let window_end: Option<Vec<u8>> = match &plan.window {
+                Some(sql) => tx
+                    .query_typed_opt(
                         sql,
-                        &[
-                            (&limit, Type::INT8),
-                            (&after.as_slice(), Type::BYTEA),
-                            (&age, Type::FLOAT8),
-                        ],
+                        &[(&cursor.key.as_slice(), Type::BYTEA), (&WINDOW, Type::INT8)],
                     )
-                    .await?;
-                let removed: i64 = row.try_get(0)?;
-                let highest: i64 = row.try_get(1)?;
-                let last: Option<Vec<u8>> = row.try_get(2)?;
-                if removed > 0 {
-                    tx.query_typed_one(
-                        &raise,
-                        &[
-                            (&names.version_floor.as_str(), Type::TEXT),
-                            (&highest, Type::INT8),
-                        ],
-                    )
-                    .await?;
-                }
+                    .await?
+                    .map(|r| r.try_get(0))
+                    .transpose()?,
+                None => None,
+            };
+            let rows = tx
+                .query_typed(
+                    &plan.victims,
+                    &[
+                        (&limit, Type::INT8),
+                        (&cursor.key.as_slice(), Type::BYTEA),
+                        (&cursor.expiry, Type::TEXT),
+                        (&window_end, Type::BYTEA),
+                        (&plan.age, Type::FLOAT8),
+                    ],
+                )
+                .await?;
+            let full = i64::try_from(rows.len()).unwrap_or(i64::MAX) >= limit;
+            let last = match rows.last() {
+                Some(r) => Some(Cursor {
+                    key: r.try_get(0)?,
+                    expiry: r.try_get(1)?,
+                }),
+                None => None,
+            };
+            // Where the next batch starts: after the last victim while batches come back
+            // full; after the window when it is exhausted; nowhere when the walk is done.
+            let next = match (&plan.window, full, last.clone(), window_end) {
+                (_, true, Some(last), _) => Some(last),
+                (Some(_), false, _, Some(end)) => Some(Cursor {
+                    key: end,
+                    expiry: None,
+                }),
+                _ => None,
+            };
+            if rows.is_empty() {
                 tx.commit().await?;
-                Ok(Some((u64::try_from(removed).unwrap_or(0), last)))
-            })
+                return Ok(Some(Step { removed: 0, next }));
+            }
+            let keys: Vec<Vec<u8>> = rows
+                .iter()
+                .map(|r| r.try_get(0))
+                .collect::<Result<_, _>>()?;
+            // Queued, but only for a moment: writers arriving meanwhile wait behind this
+            // request, for at most FLOOR_LOCK_WAIT plus the batch's one statement.
+            tx.batch_execute(&format!(
+                "SET LOCAL lock_timeout = {}",
+                FLOOR_LOCK_WAIT.as_millis()
+            ))
             .await?;
-        let Some((removed, last)) = batch else {
-            tracing::warn!(table = %names.qualified, "cleanup could not take the version floor lock (long write transactions?); it goes on at the next pass");
-            return Ok(total);
-        };
-        total += removed;
-        progress(total);
-        if removed == 0 {
-            return Ok(total);
-        }
-        if let (true, Some(last)) = (keyset, last) {
-            after = last;
-        }
-        tokio::task::yield_now().await;
-    }
+            let locked = tx
+                .execute_typed(
+                    "SELECT pg_advisory_xact_lock($1, $2)",
+                    &[(&class, Type::INT4), (&object, Type::INT4)],
+                )
+                .await;
+            match locked {
+                Ok(_) => {}
+                // Writers kept it (one may be waiting for a row this batch locked): let go
+                // of everything and pick again.
+                Err(e) if e.code().map(|c| c.code()) == Some(sqlstate::LOCK_NOT_AVAILABLE) => {
+                    tx.rollback().await?;
+                    return Ok(None);
+                }
+                Err(e) => return Err(e.into()),
+            }
+            let row = tx
+                .query_typed_one(&plan.remove, &[(&keys, Type::BYTEA_ARRAY)])
+                .await?;
+            let removed: i64 = row.try_get(0)?;
+            let highest: i64 = row.try_get(1)?;
+            if removed > 0 {
+                tx.query_typed_one(
+                    &raise,
+                    &[
+                        (&names.version_floor.as_str(), Type::TEXT),
+                        (&highest, Type::INT8),
+                    ],
+                )
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(Some(Step {
+                removed: u64::try_from(removed).unwrap_or(0),
+                next,
+            }))
+        })
+        .await
 }

@@ -189,6 +189,16 @@ async fn main() -> anyhow::Result<()> {
         "pool: {}/{} connections ({} idle)",
         pool.active, pool.max_size, pool.idle
     );
+    // Data management: expired rows removed in batches (a background task does it too),
+    // then the table as the server sees it.
+    let cleaned = backend.cleanup_expired().await?;
+    let table = backend.get_table_statistics().await?;
+    println!(
+        "cleanup: {cleaned} expired entries removed; table: {} rows, {} KiB, indexes {} KiB",
+        table.total_rows,
+        table.table_size / 1024,
+        table.indexes_size / 1024
+    );
     println!("health check: {}", backend.health_check().await?);
 
     drop(backend);

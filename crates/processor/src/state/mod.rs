@@ -51,7 +51,9 @@ pub use coordination::{
 pub use enhanced::EnhancedPostgresBackend;
 pub use error::{sqlstate, ErrorKind, StateError, StateResult};
 pub use ident::{Ident, MAX_IDENT_LEN, MAX_TABLE_NAME_LEN};
-pub use maintenance::{TableStatistics, EXACT_COUNT_LIMIT};
+pub use maintenance::{
+    CheckpointInfo, TableStatistics, EXACT_COUNT_LIMIT, MAX_CHECKPOINT_NAME_LEN,
+};
 pub use memory::MemoryStateBackend;
 pub use ops::StateEntry;
 pub use pool::PoolStats;

@@ -20,6 +20,9 @@ pub(crate) struct TableNames {
     pub leaders: String,
     pub event_channels: String,
     pub events: String,
+    /// The schema's state checkpoints and their entries.
+    pub checkpoints: String,
+    pub checkpoint_entries: String,
     /// The sequence holding the highest version cleanup removed (see migration 005).
     pub version_floor: String,
     /// The function giving a new row its version.
@@ -48,6 +51,8 @@ impl TableNames {
             leaders: in_schema("state_leaders"),
             event_channels: in_schema("state_event_channels"),
             events: in_schema("state_events"),
+            checkpoints: in_schema("state_checkpoints"),
+            checkpoint_entries: in_schema("state_checkpoint_entries"),
             schema,
             table,
             qualified,

@@ -66,6 +66,12 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../migrations/006_expiry_keyset_index.sql"),
         per_schema: false,
     },
+    Migration {
+        version: 7,
+        name: "007_checkpoint_entries.sql",
+        sql: include_str!("../../migrations/007_checkpoint_entries.sql"),
+        per_schema: true,
+    },
 ];
 
 /// Name of the tracking table, in the configured schema.

@@ -3,6 +3,7 @@
 //! database, so the tests run in parallel.
 
 mod bad_input;
+mod checkpoints;
 mod conformance;
 mod consistency;
 mod coordination;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use super::{EnhancedPostgresBackend, Inner};
 use crate::state::config::EnhancedPostgresConfig;
 use crate::state::error::StateResult;
-use crate::state::maintenance::{self, CleanupPlan, TableStatistics};
+use crate::state::maintenance::{self, CheckpointInfo, CleanupPlan, TableStatistics};
 use crate::state::ops::StateEntry;
 
 /// What the configuration asks cleanup passes to do, and how often.
@@ -157,5 +157,44 @@ impl EnhancedPostgresBackend {
     /// Sizes, row counts, dead tuples and maintenance times of the state table.
     pub async fn get_table_statistics(&self) -> StateResult<TableStatistics> {
         maintenance::table_statistics(self.store()).await
+    }
+
+    /// Takes a named checkpoint of every live entry: one database snapshot (the state at one
+    /// instant, whatever writers do meanwhile), kept as rows in `state_checkpoint_entries`.
+    pub async fn create_checkpoint(&self, name: &str) -> StateResult<CheckpointInfo> {
+        maintenance::create_checkpoint(self.store(), name, &|_| {}).await
+    }
+
+    /// [`create_checkpoint`](Self::create_checkpoint), calling `progress` with the entries
+    /// copied so far after each chunk of 10 000 (for a progress bar).
+    pub async fn create_checkpoint_with_progress(
+        &self,
+        name: &str,
+        progress: impl Fn(u64) + Sync,
+    ) -> StateResult<CheckpointInfo> {
+        maintenance::create_checkpoint(self.store(), name, &progress).await
+    }
+
+    /// This table's checkpoints, newest first.
+    pub async fn list_checkpoints(&self) -> StateResult<Vec<CheckpointInfo>> {
+        maintenance::list_checkpoints(self.store()).await
+    }
+
+    /// Replaces the live state with checkpoint `id`'s in one transaction: readers see the old
+    /// state until it commits and the checkpoint's after, never a mix; writers wait for it.
+    /// Restored entries get new versions (a version never repeats); keys the checkpoint does
+    /// not have are deleted (tombstones). Returns the entries restored.
+    pub async fn restore_checkpoint(&self, id: i64) -> StateResult<u64> {
+        maintenance::restore_checkpoint(self.store(), id).await
+    }
+
+    /// Deletes checkpoint `id`; whether it existed.
+    pub async fn delete_checkpoint(&self, id: i64) -> StateResult<bool> {
+        maintenance::delete_checkpoint(self.store(), id).await
+    }
+
+    /// Deletes all but the newest `keep` checkpoints of this table; returns how many went.
+    pub async fn prune_checkpoints(&self, keep: usize) -> StateResult<u64> {
+        maintenance::prune_checkpoints(self.store(), keep).await
     }
 }

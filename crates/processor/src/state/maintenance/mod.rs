@@ -1,5 +1,5 @@
 //! Data maintenance: TTL cleanup and retention (`cleanup`), archive (`archive`), VACUUM
-//! (`vacuum`) and table statistics (`table_stats`).
+//! (`vacuum`), table statistics (`table_stats`) and state checkpoints (`checkpoints`).
 //!
 //! A cleanup *pass* runs the sweeps one after the other under a named lock of the state table
 //! (`pgstate cleanup of <schema>.<table>`), so that when several backends share a table their
@@ -9,6 +9,7 @@
 //! skips rows another holds) but does the work twice.
 
 mod archive;
+mod checkpoints;
 mod cleanup;
 mod table_stats;
 mod vacuum;
@@ -16,6 +17,11 @@ mod vacuum;
 use std::time::Duration;
 
 pub(crate) use archive::{archive, get_archived, restore};
+pub(crate) use checkpoints::{
+    create as create_checkpoint, delete as delete_checkpoint, list as list_checkpoints,
+    prune as prune_checkpoints, restore as restore_checkpoint,
+};
+pub use checkpoints::{CheckpointInfo, MAX_CHECKPOINT_NAME_LEN};
 pub(crate) use cleanup::{sweep, Sweep};
 pub(crate) use table_stats::table_statistics;
 pub use table_stats::{TableStatistics, EXACT_COUNT_LIMIT};

@@ -1,0 +1,190 @@
+//! State checkpoints: one instant of the state under concurrent writers, and an atomic
+//! restore.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use processor::state::{ErrorKind, IsolationLevel, StateBackend};
+
+use crate::support;
+
+fn parse(v: Option<Vec<u8>>) -> i64 {
+    v.and_then(|v| String::from_utf8(v).ok()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_checkpoint_is_one_instant_and_its_restore_is_atomic() {
+    let _bulk = support::bulk().await;
+    let b = support::backend("ckpt").await;
+    let admin = support::raw(&support::url()).await;
+    let t = b.table().to_string();
+    let entries = format!("\"{}\".state_checkpoint_entries", b.config().schema());
+    // 100 000 accounts of 10 units: the writers move units around, so the total stays
+    // 1 000 000 at every instant.
+    admin
+        .batch_execute(&format!(
+            "INSERT INTO {t} (key, value)
+             SELECT convert_to('acct:' || i, 'UTF8'), convert_to('10', 'UTF8')
+             FROM generate_series(1, 100000) i"
+        ))
+        .await
+        .unwrap();
+    let sum = |table: String, filter: String| {
+        let admin = &admin;
+        async move {
+            admin
+                .query_one(
+                    &format!(
+                        "SELECT coalesce(sum(convert_from(value, 'UTF8')::bigint), 0)::bigint \
+                         FROM {table} WHERE {filter}"
+                    ),
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let moves = Arc::new(AtomicU64::new(0));
+    let writers: Vec<_> = (0..4u64)
+        .map(|w| {
+            let (b, stop, moves) = (b.clone_handle(), stop.clone(), moves.clone());
+            tokio::spawn(async move {
+                let mut x = 0x9E37_79B9u64.wrapping_mul(w + 1);
+                while !stop.load(Ordering::Relaxed) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let from = format!("acct:{}", x % 100_000 + 1).into_bytes();
+                    let to = format!("acct:{}", (x >> 20) % 100_000 + 1).into_bytes();
+                    if from == to {
+                        continue;
+                    }
+                    b.transaction(IsolationLevel::Serializable, |tx| {
+                        let (from, to) = (from.clone(), to.clone());
+                        Box::pin(async move {
+                            let a = parse(tx.get(&from).await?);
+                            let c = parse(tx.get(&to).await?);
+                            tx.put(&from, (a - 1).to_string().as_bytes()).await?;
+                            tx.put(&to, (c + 1).to_string().as_bytes()).await
+                        })
+                    })
+                    .await
+                    .unwrap();
+                    moves.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let before = moves.load(Ordering::Relaxed);
+    let checkpoint = {
+        let seen = seen.clone();
+        b.create_checkpoint_with_progress("mid-transfer", move |n| {
+            seen.lock().unwrap().push(n);
+        })
+        .await
+        .unwrap()
+    };
+    let during = moves.load(Ordering::Relaxed) - before;
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    eprintln!("checkpoint of 100 000 entries taken while {during} transfers committed");
+    assert_eq!(checkpoint.entry_count, 100_000);
+    let progress = seen.lock().unwrap().clone();
+    assert_eq!(progress.len(), 11, "{progress:?}");
+    assert_eq!(progress.last(), Some(&100_000));
+    let id = checkpoint.id;
+    assert_eq!(
+        sum(entries.clone(), format!("checkpoint_id = {id}")).await,
+        1_000_000,
+        "the checkpoint is the state at one instant"
+    );
+    assert_eq!(sum(t.clone(), "true".into()).await, 1_000_000);
+
+    // Change everything in one statement, add a key; then restore while a reader watches.
+    admin
+        .batch_execute(&format!(
+            "UPDATE {t} SET value = convert_to('0', 'UTF8'), version = version + 1;
+             INSERT INTO {t} (key, value) VALUES ('extra', '\\x00')"
+        ))
+        .await
+        .unwrap();
+    let watching = Arc::new(AtomicBool::new(true));
+    let reader = {
+        let (watching, t) = (watching.clone(), t.clone());
+        tokio::spawn(async move {
+            let admin = support::raw(&support::url()).await;
+            let mut states = HashSet::new();
+            while watching.load(Ordering::Relaxed) {
+                let row = admin
+                    .query_one(
+                        &format!(
+                            "SELECT count(*) FILTER (WHERE value = convert_to('0', 'UTF8')), count(*)
+                             FROM {t} WHERE expires_at IS NULL OR expires_at > now()"
+                        ),
+                        &[],
+                    )
+                    .await
+                    .unwrap();
+                states.insert((row.get::<_, i64>(0), row.get::<_, i64>(1)));
+            }
+            states
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(b.restore_checkpoint(id).await.unwrap(), 100_000);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    watching.store(false, Ordering::Relaxed);
+    let states = reader.await.unwrap();
+    eprintln!("the reader saw {states:?}");
+    assert!(
+        states
+            .iter()
+            .all(|s| *s == (100_000, 100_001) || *s == (0, 100_000)),
+        "a reader saw a mix: {states:?}"
+    );
+    assert!(states.contains(&(0, 100_000)));
+
+    // Exactly the checkpoint's state is back, every entry with a new version.
+    let same: i64 = admin
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM {entries} c JOIN {t} s USING (key)
+                 WHERE c.checkpoint_id = {id} AND s.value = c.value AND s.version > c.version
+                   AND (s.expires_at IS NULL OR s.expires_at > now())"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(same, 100_000);
+    assert_eq!(b.count().await.unwrap(), 100_000, "the extra key is gone");
+    assert!(b.get(b"extra").await.unwrap().is_none());
+
+    // Listing, deleting, pruning.
+    let second = b.create_checkpoint("after").await.unwrap();
+    let listed = b.list_checkpoints().await.unwrap();
+    assert_eq!(
+        listed.iter().map(|c| c.id).collect::<Vec<_>>(),
+        vec![second.id, id]
+    );
+    assert_eq!(b.prune_checkpoints(1).await.unwrap(), 1);
+    assert!(!b.delete_checkpoint(id).await.unwrap());
+    assert!(b.delete_checkpoint(second.id).await.unwrap());
+    assert!(b.list_checkpoints().await.unwrap().is_empty());
+    let e = b.restore_checkpoint(id).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    for name in ["", "a\0b"] {
+        let e = b.create_checkpoint(name).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    }
+}

@@ -1,10 +1,14 @@
-//! Retention throughput: `cleanup_expired()` over 1 000 000 expired rows while writers run,
-//! against one `DELETE` of the same rows by `psql` on an identical table, in the same run.
-//! Also the longest time a concurrent writer waited for one `put`. Prints a Markdown table for
-//! BENCHMARKS.md.
+//! Data-management throughput against `psql` on the same server, in the same run. Prints a
+//! Markdown table for BENCHMARKS.md.
+//!
+//! - retention: `cleanup_expired()` over 1 000 000 expired rows while writers run, against one
+//!   `DELETE` of the same rows on an identical table; also the longest time a concurrent writer
+//!   waited for one `put`;
+//! - checkpoints: `create_checkpoint` and `restore_checkpoint` of 1 000 000 live keys, against
+//!   `INSERT INTO copy SELECT * FROM table` and a `TRUNCATE` plus `INSERT ... SELECT` back.
 //!
 //! ```text
-//! cargo run --release --example retention_bench      # throwaway local server
+//! cargo run --release --example maintenance_bench    # throwaway local server
 //! ```
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -108,7 +112,53 @@ async fn main() -> anyhow::Result<()> {
         "reference delete incomplete"
     );
 
+    // Checkpoints of 1 000 000 live keys: ours (the cleaned table refilled) against psql.
+    cluster.psql(
+        0,
+        &format!(
+            "INSERT INTO {t} (key, value) SELECT convert_to('c:' || i, 'UTF8'), \
+             convert_to(repeat('v', 100), 'UTF8') FROM generate_series(1, {ROWS}) i",
+            t = backend.table()
+        ),
+    )?;
+    cluster.psql(
+        0,
+        &format!(
+            "TRUNCATE {t}; INSERT INTO {t} (key, value) SELECT convert_to('c:' || i, 'UTF8'), \
+             convert_to(repeat('v', 100), 'UTF8') FROM generate_series(1, {ROWS}) i",
+            t = reference.table()
+        ),
+    )?;
+    let live = u64::from(ROWS) + 10_000;
+    let start = Instant::now();
+    let checkpoint = backend.create_checkpoint("bench").await?;
+    let ours_create = start.elapsed();
+    anyhow::ensure!(checkpoint.entry_count == live, "{checkpoint:?}");
+    let start = Instant::now();
+    anyhow::ensure!(backend.restore_checkpoint(checkpoint.id).await? == live);
+    let ours_restore = start.elapsed();
+    let copy = format!("{}_copy", reference.table().trim_end_matches('"')) + "\"";
+    let start = Instant::now();
+    cluster.psql(
+        0,
+        &format!(
+            "CREATE TABLE {copy} AS SELECT * FROM {t} WHERE expires_at IS NULL OR expires_at > now()",
+            t = reference.table()
+        ),
+    )?;
+    let theirs_create = start.elapsed();
+    let start = Instant::now();
+    cluster.psql(
+        0,
+        &format!(
+            "BEGIN; TRUNCATE {t}; INSERT INTO {t} SELECT * FROM {copy}; COMMIT",
+            t = reference.table()
+        ),
+    )?;
+    let theirs_restore = start.elapsed();
+
     let rate = |d: Duration| f64::from(ROWS) / d.as_secs_f64();
+    let live_rate = |d: Duration| live as f64 / d.as_secs_f64();
     println!(
         "PostgreSQL {version}, {} CPUs, {ROWS} expired rows of 100 bytes plus 10 000 live, sslmode=disable\n",
         std::thread::available_parallelism().map_or(0, |n| n.get())
@@ -120,6 +170,18 @@ async fn main() -> anyhow::Result<()> {
         rate(ours),
         rate(theirs),
         rate(ours) / rate(theirs)
+    );
+    println!(
+        "| checkpoint, 1M live keys (rows/s) | {:.0} | {:.0} | {:.2} | psql: CREATE TABLE copy AS SELECT live rows |",
+        live_rate(ours_create),
+        live_rate(theirs_create),
+        live_rate(ours_create) / live_rate(theirs_create)
+    );
+    println!(
+        "| restore, 1M live keys (rows/s) | {:.0} | {:.0} | {:.2} | psql: BEGIN; TRUNCATE; INSERT ... SELECT FROM copy; COMMIT |",
+        live_rate(ours_restore),
+        live_rate(theirs_restore),
+        live_rate(ours_restore) / live_rate(theirs_restore)
     );
     println!(
         "\nDuring pgstate's pass ({} batches of 1000 rows, {:.1} s), {WRITERS} writers completed {} puts; the longest single put took {:.1} ms.",

@@ -32,6 +32,7 @@
 mod guard;
 mod held;
 mod leader;
+mod leadership;
 mod list;
 mod listener;
 mod lockconn;
@@ -61,7 +62,7 @@ pub(crate) use guard::fence_sql;
 pub use guard::{Fence, PostgresLockGuard};
 pub use sessions::MAX_LOCK_SESSIONS;
 
-pub use leader::{LeaderInfo, Leadership};
+pub use leadership::{LeaderInfo, Leadership};
 pub use list::AdvisoryLockInfo;
 pub(crate) use listener::{
     append_event, check_durable_payload, check_payload, durable_notify_sql, NOTIFY_SQL,

@@ -129,8 +129,21 @@ async fn retention_removes_exactly_the_old_entries_and_passes_never_overlap() {
          WHERE right(convert_from(key, 'UTF8'), 1) IN ('0', '1', '2', '3')",
     )
     .await;
-    let (ra, rb) = tokio::join!(a.apply_retention_policy(), b.apply_retention_policy());
+    let steps = std::sync::Mutex::new(Vec::new());
+    let (ra, rb) = tokio::join!(
+        a.apply_retention_policy_with_progress(|n| steps.lock().unwrap().push(n)),
+        b.apply_retention_policy()
+    );
     let mut removed = [ra.unwrap(), rb.unwrap()];
+    let steps = steps.into_inner().unwrap();
+    // Batches of 50: the pass that did the work reported 50, 100, ... 400.
+    if removed[0] == 400 {
+        assert_eq!(steps.last(), Some(&400), "{steps:?}");
+        assert!(
+            steps.len() >= 8 && steps.windows(2).all(|w| w[0] <= w[1]),
+            "{steps:?}"
+        );
+    }
     removed.sort();
     assert_eq!(
         removed,
@@ -324,13 +337,17 @@ async fn archive_moves_live_entries_only_and_never_restores_an_expired_one() {
         .await
         .unwrap();
     sql(&b, "UPDATE {t} SET updated_at = now() - interval '10 days'").await;
+    let steps = std::sync::Mutex::new(Vec::new());
     assert_eq!(
-        b.archive_old_data("arch", Duration::from_secs(86400))
-            .await
-            .unwrap(),
+        b.archive_old_data_with_progress("arch", Duration::from_secs(86400), |n| {
+            steps.lock().unwrap().push(n)
+        })
+        .await
+        .unwrap(),
         2,
         "the live entry and the one with time left, not the tombstone"
     );
+    assert_eq!(steps.into_inner().unwrap().last(), Some(&2));
     assert!(b.get_archived("arch", b"tomb").await.unwrap().is_none());
     assert_eq!(
         count(&b, "true").await,

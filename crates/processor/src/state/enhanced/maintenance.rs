@@ -76,11 +76,23 @@ impl EnhancedPostgresBackend {
     /// Versions stay monotonic: a key re-created after its row was deleted starts above every
     /// version cleanup removed from the table.
     pub async fn apply_retention_policy(&self) -> StateResult<u64> {
+        self.apply_retention_policy_with_progress(|_| {}).await
+    }
+
+    /// [`apply_retention_policy`](Self::apply_retention_policy), calling `progress` with the
+    /// entries deleted so far after each batch (for a progress bar).
+    pub async fn apply_retention_policy_with_progress(
+        &self,
+        progress: impl Fn(u64) + Sync,
+    ) -> StateResult<u64> {
         let (plan, _) = plan(&self.inner.config);
-        self.pass(CleanupPlan {
-            expired: true,
-            ..plan
-        })
+        self.pass(
+            CleanupPlan {
+                expired: true,
+                ..plan
+            },
+            &progress,
+        )
         .await
     }
 
@@ -88,18 +100,21 @@ impl EnhancedPostgresBackend {
     /// entries); returns how many.
     pub async fn cleanup_expired(&self) -> StateResult<u64> {
         let (plan, _) = plan(&self.inner.config);
-        self.pass(CleanupPlan {
-            expired: true,
-            max_age: None,
-            ..plan
-        })
+        self.pass(
+            CleanupPlan {
+                expired: true,
+                max_age: None,
+                ..plan
+            },
+            &|_| {},
+        )
         .await
     }
 
-    async fn pass(&self, plan: CleanupPlan) -> StateResult<u64> {
+    async fn pass(&self, plan: CleanupPlan, progress: &(dyn Fn(u64) + Sync)) -> StateResult<u64> {
         let wait = self.store().op_timeout;
         let removed =
-            maintenance::cleanup_pass(self.store(), self.coordinator(), plan, wait, &|_| {})
+            maintenance::cleanup_pass(self.store(), self.coordinator(), plan, wait, progress)
                 .await?;
         removed.ok_or_else(|| {
             crate::state::StateError::Timeout(format!(
@@ -119,13 +134,25 @@ impl EnhancedPostgresBackend {
         archive_table: &str,
         older_than: Duration,
     ) -> StateResult<u64> {
+        self.archive_old_data_with_progress(archive_table, older_than, |_| {})
+            .await
+    }
+
+    /// [`archive_old_data`](Self::archive_old_data), calling `progress` with the entries moved
+    /// so far after each batch (for a progress bar).
+    pub async fn archive_old_data_with_progress(
+        &self,
+        archive_table: &str,
+        older_than: Duration,
+        progress: impl Fn(u64) + Sync,
+    ) -> StateResult<u64> {
         let (plan, _) = plan(&self.inner.config);
         maintenance::archive(
             self.store(),
             archive_table,
             older_than,
             plan.batch_size,
-            &|_| {},
+            &progress,
         )
         .await
     }

@@ -118,7 +118,7 @@ pub(crate) const ON_CONFLICT_REPLACE: &str = "ON CONFLICT (key) DO UPDATE SET \
 /// never matches again. Tombstones (and expired rows, which keep their versions the same
 /// way) stay in the table: nothing removes rows yet, and a cleanup that does must not let a
 /// removed key's version start over.
-const TOMBSTONE: &str = "value = '\\x'::bytea, metadata = '{}'::jsonb, \
+pub(crate) const TOMBSTONE: &str = "value = '\\x'::bytea, metadata = '{}'::jsonb, \
     expires_at = '-infinity', updated_at = now(), version = version + 1";
 
 /// The statement's start time plus `$n` µs, or NULL when the parameter is NULL (no TTL).

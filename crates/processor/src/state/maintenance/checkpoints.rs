@@ -15,9 +15,10 @@ use std::time::{Duration, SystemTime};
 use tokio_postgres::types::Type;
 use tokio_postgres::IsolationLevel;
 
+use super::floor;
 use crate::state::error::{StateError, StateResult};
 use crate::state::pool::Checkout;
-use crate::state::statements::LIVE;
+use crate::state::statements::{LIVE, TOMBSTONE};
 use crate::state::store::Store;
 
 /// Rows copied per statement while creating a checkpoint.
@@ -216,24 +217,18 @@ pub(crate) async fn restore(store: &Store, id: i64) -> StateResult<u64> {
     let n = &store.names;
     let t = &n.qualified;
     let e = &n.checkpoint_entries;
-    let (class, object) = n.floor_lock;
     let exists = format!(
         "SELECT entry_count FROM {} WHERE id = $1 AND state_table = $2",
         n.checkpoints
     );
-    let raise = format!(
-        "SELECT setval($1::text::regclass, GREATEST(last_value, (SELECT coalesce(max(version), 0) FROM {t}))) \
-         FROM {}",
-        n.version_floor
-    );
+    let highest = format!("SELECT coalesce(max(version), 0) FROM {t}");
     let update = format!(
         "UPDATE {t} s SET value = c.value, metadata = c.metadata, created_at = c.created_at, \
              expires_at = c.expires_at, updated_at = now(), version = s.version + 1 \
          FROM {e} c WHERE c.checkpoint_id = $1 AND c.key = s.key"
     );
     let bury = format!(
-        "UPDATE {t} s SET value = '\\x'::bytea, metadata = '{{}}'::jsonb, expires_at = '-infinity', \
-             updated_at = now(), version = version + 1 \
+        "UPDATE {t} s SET {TOMBSTONE} \
          WHERE {LIVE} AND NOT EXISTS (SELECT 1 FROM {e} c WHERE c.checkpoint_id = $1 AND c.key = s.key)"
     );
     let insert = format!(
@@ -242,7 +237,6 @@ pub(crate) async fn restore(store: &Store, id: i64) -> StateResult<u64> {
          WHERE c.checkpoint_id = $1 AND NOT EXISTS (SELECT 1 FROM {t} s WHERE s.key = c.key)"
     );
     let table = t.clone();
-    let floor = n.version_floor.clone();
     store
         .on_primary(async |c| {
             let tx = c
@@ -263,13 +257,9 @@ pub(crate) async fn restore(store: &Store, id: i64) -> StateResult<u64> {
             // Writers wait (readers go on); then nobody holds the version floor.
             tx.batch_execute(&format!("LOCK TABLE {table} IN EXCLUSIVE MODE"))
                 .await?;
-            tx.execute_typed(
-                "SELECT pg_advisory_xact_lock($1, $2)",
-                &[(&class, Type::INT4), (&object, Type::INT4)],
-            )
-            .await?;
-            tx.query_typed_one(&raise, &[(&floor.as_str(), Type::TEXT)])
-                .await?;
+            floor::lock(&tx, n).await?;
+            let top: i64 = tx.query_typed_one(&highest, &[]).await?.try_get(0)?;
+            floor::raise(&tx, n, top).await?;
             tx.execute_typed(&update, &[(&id, Type::INT8)]).await?;
             tx.execute_typed(&bury, &[(&id, Type::INT8)]).await?;
             tx.execute_typed(&insert, &[(&id, Type::INT8)]).await?;

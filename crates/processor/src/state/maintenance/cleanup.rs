@@ -23,6 +23,7 @@ use std::time::Duration;
 use tokio_postgres::types::Type;
 use tokio_postgres::IsolationLevel;
 
+use super::floor;
 use crate::state::error::{sqlstate, StateError, StateResult};
 use crate::state::names::TableNames;
 use crate::state::store::Store;
@@ -167,11 +168,6 @@ async fn batch(
     cursor: &Cursor,
 ) -> StateResult<Option<Step>> {
     let names = &store.names;
-    let raise = format!(
-        "SELECT setval($1::text::regclass, GREATEST(last_value, $2)) FROM {}",
-        names.version_floor
-    );
-    let (class, object) = names.floor_lock;
     store
         .on_primary(async |c| {
             let tx = c
@@ -236,13 +232,7 @@ async fn batch(
                 FLOOR_LOCK_WAIT.as_millis()
             ))
             .await?;
-            let locked = tx
-                .execute_typed(
-                    "SELECT pg_advisory_xact_lock($1, $2)",
-                    &[(&class, Type::INT4), (&object, Type::INT4)],
-                )
-                .await;
-            match locked {
+            match floor::lock(&tx, names).await {
                 Ok(_) => {}
                 // Writers kept it (one may be waiting for a row this batch locked): let go
                 // of everything and pick again.
@@ -258,14 +248,7 @@ async fn batch(
             let removed: i64 = row.try_get(0)?;
             let highest: i64 = row.try_get(1)?;
             if removed > 0 {
-                tx.query_typed_one(
-                    &raise,
-                    &[
-                        (&names.version_floor.as_str(), Type::TEXT),
-                        (&highest, Type::INT8),
-                    ],
-                )
-                .await?;
+                floor::raise(&tx, names, highest).await?;
             }
             tx.commit().await?;
             Ok(Some(Step {

@@ -11,6 +11,7 @@
 mod archive;
 mod checkpoints;
 mod cleanup;
+mod floor;
 mod table_stats;
 mod vacuum;
 

@@ -179,9 +179,6 @@ const SPARE_IDLE: Duration = Duration::from_secs(30);
 
 /// What the backend needs for coordination; shared by every handle.
 pub(crate) struct Coordinator {
-    /// How session features connect: `None` behind PgBouncer's transaction pooling without a
-    /// session URL (see [`Coordinator::connector`]).
-    connector: Option<Connector>,
     pub names: TableNames,
     pub stats: Arc<Stats>,
     pub primary: Arc<ConnPool>,
@@ -190,7 +187,9 @@ pub(crate) struct Coordinator {
     pub holder: Holder,
     /// Locks taken with the key API, per key and mode (shared locks may be taken repeatedly).
     held: Mutex<HashMap<(i64, LockMode), Vec<HeldLock>>>,
-    /// The shared sessions locks and guards are held on (with `connector`).
+    /// The shared sessions locks and guards are held on, and how session features connect:
+    /// `None` behind PgBouncer's transaction pooling without a session URL (see
+    /// [`Coordinator::connector`]).
     sessions: Option<Arc<LockSessions>>,
     /// Clean dedicated connections kept for waits and leader election.
     spare: Mutex<Vec<(Instant, LockConn)>>,
@@ -228,12 +227,8 @@ impl Coordinator {
         primary: Arc<ConnPool>,
         op_timeout: Duration,
     ) -> Self {
-        let connector = connector.map(Connector::dedicated);
         Coordinator {
-            sessions: connector
-                .clone()
-                .map(|c| LockSessions::new(c, names.clone())),
-            connector,
+            sessions: connector.map(|c| LockSessions::new(c.dedicated(), names.clone())),
             names,
             stats,
             primary,
@@ -249,7 +244,11 @@ impl Coordinator {
     /// How session features (session locks, guards, leader election, LISTEN) connect; a
     /// configuration error behind PgBouncer's transaction pooling without a session URL.
     pub fn connector(&self) -> StateResult<&Connector> {
-        self.connector.as_ref().ok_or_else(|| {
+        Ok(self.lock_sessions()?.connector())
+    }
+
+    fn lock_sessions(&self) -> StateResult<&Arc<LockSessions>> {
+        self.sessions.as_ref().ok_or_else(|| {
             StateError::config(
                 "session advisory locks, lock guards, leader election and LISTEN need a session \
                  that lasts, which PgBouncer's transaction pooling (pgbouncer=true) does not keep: \
@@ -257,13 +256,6 @@ impl Coordinator {
                  one through PgBouncer's session pooling)",
             )
         })
-    }
-
-    fn lock_sessions(&self) -> StateResult<&Arc<LockSessions>> {
-        self.connector()?;
-        self.sessions
-            .as_ref()
-            .ok_or_else(|| StateError::config("no lock sessions"))
     }
 
     /// Runs `f` on a pooled primary connection, bounded by the operation timeout.

@@ -78,6 +78,11 @@ impl LockSessions {
         })
     }
 
+    /// How lock sessions (and waits for locks) connect.
+    pub fn connector(&self) -> &Connector {
+        &self.connector
+    }
+
     /// Reserves `key` (to be taken in `mode`) on a session that does not hold it, opening one
     /// when none is free or the open ones are busy enough (under [`MAX_LOCK_SESSIONS`]).
     pub async fn reserve(self: &Arc<Self>, key: i64, mode: LockMode) -> StateResult<Reservation> {

@@ -418,27 +418,17 @@ async fn a_pg_dump_round_trip_reads_back_identically() {
 
     let dump = std::env::temp_dir().join(format!("{schema}.dump"));
     let tool = |name: &str| cluster.bindir().join(name);
-    let out = std::process::Command::new(tool("pg_dump"))
-        .args(["-Fc", "-n", &schema, "-f"])
-        .arg(&dump)
-        .arg("-d")
-        .arg(&source_url)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    support::run(
+        std::process::Command::new(tool("pg_dump"))
+            .args(["-Fc", "-n", &schema, "-f"])
+            .arg(&dump)
+            .arg("-d")
+            .arg(&source_url),
     );
-    let out = std::process::Command::new(tool("pg_restore"))
-        .args(["--exit-on-error", "-d", &target_url])
-        .arg(&dump)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    support::run(
+        std::process::Command::new(tool("pg_restore"))
+            .args(["--exit-on-error", "-d", &target_url])
+            .arg(&dump),
     );
     let _ = std::fs::remove_file(&dump);
 

@@ -242,15 +242,7 @@ async fn client_certificate_authentication() {
 }
 
 fn openssl(args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::run(Command::new("openssl").args(args));
 }
 
 #[tokio::test]

@@ -53,6 +53,20 @@ pub async fn timed() -> tokio::sync::RwLockReadGuard<'static, ()> {
     LOAD.read().await
 }
 
+/// Runs a command to its end and fails the test, with its stderr, unless it succeeded. (Its
+/// arguments are not shown: they may hold a connection URL with a password.)
+pub fn run(cmd: &mut std::process::Command) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {:?}: {e}", cmd.get_program()));
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        cmd.get_program(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// URL of the shared test server's primary.
 pub fn url() -> String {
     pgstate_testcluster::shared().url()

@@ -108,17 +108,12 @@ async fn client_keys_readable_by_others_or_encrypted_are_refused_clearly() {
 
     // An encrypted key: a clear error, and the password shows nowhere.
     let encrypted = dir.join("encrypted.key");
-    let out = std::process::Command::new("openssl")
-        .args(["pkey", "-aes256", "-passout", "pass:hunter2-secret", "-in"])
-        .arg(&certs.client_key)
-        .arg("-out")
-        .arg(&encrypted)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    support::run(
+        std::process::Command::new("openssl")
+            .args(["pkey", "-aes256", "-passout", "pass:hunter2-secret", "-in"])
+            .arg(&certs.client_key)
+            .arg("-out")
+            .arg(&encrypted),
     );
     {
         use std::os::unix::fs::PermissionsExt;

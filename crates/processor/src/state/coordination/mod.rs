@@ -343,13 +343,13 @@ impl Coordinator {
         let connector = self.connector()?;
         let sessions = self.lock_sessions()?;
         let mut reservation = sessions.reserve(key, mode).await?;
-        let got = match reservation.try_lock(connector).await {
+        let got = match reservation.try_lock().await {
             // The session died since its last use (server restart, terminated): once more on
             // another one (the dead one has left the rotation).
             Err(e) if e.kind() == crate::state::ErrorKind::Connection => {
                 drop(reservation);
                 reservation = sessions.reserve(key, mode).await?;
-                reservation.try_lock(connector).await?
+                reservation.try_lock().await?
             }
             other => other?,
         };

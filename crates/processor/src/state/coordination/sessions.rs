@@ -192,12 +192,17 @@ impl Reservation {
     }
 
     /// `pg_try_advisory_lock` on the reserved session.
-    pub async fn try_lock(&mut self, connector: &Connector) -> StateResult<bool> {
+    pub async fn try_lock(&mut self) -> StateResult<bool> {
         self.maybe_held = true;
         let got = self
             .session()
             .conn
-            .lock(connector, self.key, self.mode, Duration::ZERO)
+            .lock(
+                &self.sessions.connector,
+                self.key,
+                self.mode,
+                Duration::ZERO,
+            )
             .await?;
         self.maybe_held = got;
         Ok(got)

@@ -9,6 +9,7 @@ use crate::state::connspec::{ConnectionSpec, SslSettings};
 use crate::state::connstr::redact;
 use crate::state::error::{StateError, StateResult};
 use crate::state::ident::Ident;
+use crate::state::partition_strategy::PartitionStrategy;
 
 /// Connection pool settings. All fields are public so the struct can be written as a literal.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -183,6 +184,7 @@ pub struct EnhancedPostgresConfig {
     pub(crate) transaction_pooling: bool,
     pub(crate) session_url: Option<String>,
     pub(crate) expired_cleanup: bool,
+    pub(crate) partitioning: Option<PartitionStrategy>,
 }
 
 impl EnhancedPostgresConfig {
@@ -209,7 +211,18 @@ impl EnhancedPostgresConfig {
             transaction_pooling: false,
             session_url: None,
             expired_cleanup: true,
+            partitioning: None,
         }
+    }
+
+    /// Creates the state table partitioned with `strategy` (see [`PartitionStrategy`]). On an
+    /// existing table, `new()` checks that it is partitioned that way and refuses to start
+    /// otherwise; an existing unpartitioned table is converted online with
+    /// [`migrate_to_partitioned`](crate::state::EnhancedPostgresBackend::migrate_to_partitioned).
+    /// Without this setting the backend uses the table as it finds it.
+    pub fn with_partitioning(mut self, strategy: PartitionStrategy) -> Self {
+        self.partitioning = Some(strategy);
+        self
     }
 
     /// Sets the connection pool settings.
@@ -431,6 +444,9 @@ impl EnhancedPostgresConfig {
         if self.operation_timeout.is_zero() {
             return Err(StateError::config("operation timeout must be positive"));
         }
+        if let Some(p) = &self.partitioning {
+            p.validate()?;
+        }
         if let Some(r) = &self.retention {
             if r.batch_size == 0 {
                 return Err(StateError::config(
@@ -514,6 +530,7 @@ impl fmt::Debug for EnhancedPostgresConfig {
             .field("read_your_writes", &self.read_your_writes)
             .field("transaction_pooling", &self.transaction_pooling)
             .field("expired_cleanup", &self.expired_cleanup)
+            .field("partitioning", &self.partitioning)
             .field("session_url", &self.session_url.as_deref().map(redact))
             .finish()
     }

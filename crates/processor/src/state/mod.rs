@@ -25,6 +25,8 @@ mod maintenance;
 mod memory;
 mod names;
 mod ops;
+mod partition_strategy;
+mod partitions;
 mod pool;
 mod retry;
 mod router;
@@ -52,10 +54,12 @@ pub use enhanced::EnhancedPostgresBackend;
 pub use error::{sqlstate, ErrorKind, StateError, StateResult};
 pub use ident::{Ident, MAX_IDENT_LEN, MAX_TABLE_NAME_LEN};
 pub use maintenance::{
-    CheckpointInfo, TableStatistics, EXACT_COUNT_LIMIT, MAX_CHECKPOINT_NAME_LEN,
+    CheckpointInfo, PartitionStatistics, RepartitionReport, TableStatistics, EXACT_COUNT_LIMIT,
+    MAX_CHECKPOINT_NAME_LEN,
 };
 pub use memory::MemoryStateBackend;
 pub use ops::StateEntry;
+pub use partition_strategy::{PartitionStrategy, MAX_HASH_PARTITIONS, MAX_LIST_PREFIXES};
 pub use pool::PoolStats;
 pub use router::{ReplicaStatus, ReplicationStatus};
 pub use schema::{Migration, MIGRATIONS, TRACKING_TABLE};

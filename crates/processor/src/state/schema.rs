@@ -5,6 +5,12 @@
 //! any number of instances may start at once: one applies, the others wait and then find
 //! everything applied. Each applied migration is recorded in `pgstate_schema_migrations` with a
 //! SHA-256 checksum of its text; a recorded migration whose embedded text changed is refused.
+//!
+//! Migrations create the state table unpartitioned; a table they create for a configuration
+//! that asks for partitioning is then converted in the same transaction (`partitions`). So
+//! every migration from 008 on must run on a partitioned table as well: no storage
+//! parameters on the table itself (set them on its partitions), no unique index without
+//! `key`.
 
 use sha2::{Digest, Sha256};
 use tokio_postgres::types::Type;
@@ -13,6 +19,8 @@ use tokio_postgres::Client;
 use crate::state::connection::Connector;
 use crate::state::error::{StateError, StateResult};
 use crate::state::names::TableNames;
+use crate::state::partition_strategy::PartitionStrategy;
+use crate::state::partitions;
 
 /// One embedded migration.
 #[derive(Debug, Clone, Copy)]
@@ -95,10 +103,16 @@ pub(crate) fn checksum(sql: &str) -> String {
         .collect()
 }
 
-/// Applies the missing migrations for `names` on a connection of its own (closed afterwards).
-pub(crate) async fn migrate(connector: &Connector, names: &TableNames) -> StateResult<()> {
+/// Applies the missing migrations for `names` on a connection of its own (closed afterwards),
+/// then checks the table's partitioning against `partitioning` (a table created by this run
+/// is created partitioned that way).
+pub(crate) async fn migrate(
+    connector: &Connector,
+    names: &TableNames,
+    partitioning: Option<&PartitionStrategy>,
+) -> StateResult<()> {
     let mut client = connector.connect().await?;
-    let result = migrate_on(&mut client, names).await;
+    let result = migrate_on(&mut client, names, partitioning).await;
     drop(client);
     result.map_err(|e| match e {
         StateError::StorageError { message, sqlstate } => StateError::StorageError {
@@ -109,7 +123,11 @@ pub(crate) async fn migrate(connector: &Connector, names: &TableNames) -> StateR
     })
 }
 
-async fn migrate_on(client: &mut Client, names: &TableNames) -> StateResult<()> {
+async fn migrate_on(
+    client: &mut Client,
+    names: &TableNames,
+    partitioning: Option<&PartitionStrategy>,
+) -> StateResult<()> {
     let tx = client.transaction().await?;
     // Waiting for another instance's migration must not trip a configured statement_timeout.
     tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
@@ -149,6 +167,15 @@ async fn migrate_on(client: &mut Client, names: &TableNames) -> StateResult<()> 
             &[(&names.table.as_str(), Type::TEXT)],
         )
         .await?;
+    // Only a table these migrations create may be given its partitioning here: an existing
+    // one keeps its rows, so it is converted by the online migration or not at all.
+    let created_now: bool = tx
+        .query_typed_one(
+            "SELECT to_regclass($1) IS NULL",
+            &[(&names.qualified.as_str(), Type::TEXT)],
+        )
+        .await?
+        .get(0);
     let insert = format!(
         "INSERT INTO {tracking} (state_table, version, name, checksum) VALUES ($1, $2, $3, $4)"
     );
@@ -190,6 +217,7 @@ async fn migrate_on(client: &mut Client, names: &TableNames) -> StateResult<()> 
             }
         }
     }
+    partitions::ensure(&tx, names, partitioning, created_now).await?;
     tx.commit().await?;
     Ok(())
 }

@@ -3,9 +3,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::join_all;
 use processor::state::{
-    EnhancedPostgresBackend, MemoryStateBackend, PostgresConfig, PostgresStateBackend,
-    StateBackend, StateError, StateResult,
+    EnhancedPostgresBackend, IsolationLevel, MemoryStateBackend, PostgresConfig,
+    PostgresStateBackend, StateBackend, StateError, StateResult,
 };
 
 use crate::support;
@@ -179,6 +180,79 @@ async fn memory_backend_conforms() {
 async fn enhanced_backend_conforms() {
     let b = Arc::new(support::backend("conf_enh").await);
     run(b.clone(), b.as_ref()).await;
+}
+
+/// The enhanced backend's operations beyond the trait, on `b` (empty): transactions from 16
+/// tasks at once, versions across delete and re-create, savepoints, transaction-scoped locks,
+/// notifications in a transaction, UNNEST batches and COPY.
+pub async fn run_enhanced(b: &EnhancedPostgresBackend) {
+    b.put(b"counter", b"0").await.unwrap();
+    let tasks = (0..16).map(|t| {
+        let b = b.clone_handle();
+        tokio::spawn(async move {
+            for i in 0..20 {
+                b.transaction(IsolationLevel::Serializable, |tx| {
+                    Box::pin(async move {
+                        let n: i64 = tx
+                            .get(b"counter")
+                            .await?
+                            .and_then(|v| String::from_utf8(v).ok()?.parse().ok())
+                            .unwrap_or(0);
+                        tx.put(b"counter", (n + 1).to_string().as_bytes()).await
+                    })
+                })
+                .await
+                .unwrap();
+                let k = format!("t{t}:{i}");
+                let v = b.put_with_version(k.as_bytes(), b"a", None).await.unwrap();
+                assert_eq!(
+                    b.put_with_version(k.as_bytes(), b"b", Some(v))
+                        .await
+                        .unwrap(),
+                    v + 1
+                );
+                assert!(b
+                    .put_with_version(k.as_bytes(), b"c", Some(v))
+                    .await
+                    .is_err());
+                b.delete(k.as_bytes()).await.unwrap();
+                assert_eq!(
+                    b.put_with_version(k.as_bytes(), b"d", None).await.unwrap(),
+                    v + 3
+                );
+            }
+        })
+    });
+    for t in join_all(tasks).await {
+        t.unwrap();
+    }
+    assert_eq!(b.get(b"counter").await.unwrap(), Some(b"320".to_vec()));
+
+    // Savepoints, transaction-scoped locks and notifications inside a transaction.
+    let mut tx = b.begin().await.unwrap();
+    tx.put(b"sp", b"kept").await.unwrap();
+    tx.savepoint("s1").await.unwrap();
+    tx.put(b"sp", b"undone").await.unwrap();
+    tx.rollback_to_savepoint("s1").await.unwrap();
+    tx.advisory_xact_lock(42, processor::state::LockMode::Exclusive)
+        .await
+        .unwrap();
+    tx.notify("pgb_channel", "hello").await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(b.get(b"sp").await.unwrap(), Some(b"kept".to_vec()));
+
+    // Batches: several UNNEST chunks in one transaction, and COPY twice (behind transaction
+    // pooling its staging table lives for one transaction, so the second finds none left over).
+    let rows: Vec<(Vec<u8>, Vec<u8>)> = (0..12_000u32)
+        .map(|i| (format!("batch:{i}").into_bytes(), i.to_be_bytes().to_vec()))
+        .collect();
+    let refs: Vec<(&[u8], &[u8])> = rows.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+    b.batch_put(&refs).await.unwrap();
+    for _ in 0..2 {
+        assert_eq!(b.batch_copy(&refs[..3000]).await.unwrap(), 3000);
+    }
+    assert_eq!(b.list_keys(b"batch:").await.unwrap().len(), 12_000);
+    assert_eq!(b.get_entry(b"batch:7").await.unwrap().unwrap().version, 3);
 }
 
 #[tokio::test]

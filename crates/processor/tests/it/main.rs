@@ -13,6 +13,7 @@ mod listener;
 mod lock_sessions;
 mod maintenance;
 mod ops;
+mod partitioning;
 mod pgbouncer;
 mod pool;
 mod replication;

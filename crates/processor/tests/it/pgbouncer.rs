@@ -5,10 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::future::join_all;
 use pgstate_testcluster::PoolMode;
 use processor::state::{
-    EnhancedPostgresBackend, EnhancedPostgresConfig, ErrorKind, IsolationLevel, PostgresListener,
+    EnhancedPostgresBackend, EnhancedPostgresConfig, ErrorKind, PostgresListener,
     PostgresLockGuard, StateBackend, StateError,
 };
 
@@ -66,19 +65,7 @@ async fn the_seed_snippets_pass_through_transaction_pooling() {
     let b = EnhancedPostgresBackend::new(config(&url, "pgb_seed"))
         .await
         .unwrap();
-    seed::basic_operations(&b).await.unwrap();
-    assert_eq!(b.get_entry(b"key2").await.unwrap().unwrap().version, 2);
-    assert_eq!(b.count().await.unwrap(), 5);
-    seed::optimistic_locking(&b).await.unwrap();
-    assert_eq!(b.get(b"key").await.unwrap(), Some(b"value2".to_vec()));
-    b.put_with_metadata(
-        b"user:1",
-        b"v",
-        serde_json::json!({"type": "user", "id": 123}),
-    )
-    .await
-    .unwrap();
-    assert_eq!(seed::query_by_metadata(&b).await.unwrap(), (2, 1));
+    seed::key_value_snippets(&b).await;
     // Coordination through the session URL, notifications through the pooler.
     let direct = support::url();
     let coordinated = EnhancedPostgresBackend::new(
@@ -104,74 +91,8 @@ async fn transactions_versions_and_batches_pass_through_transaction_pooling() {
         .await
         .unwrap();
     // Many tasks at once share PgBouncer's server connections: a named statement left on one
-    // would surface here as "prepared statement ... does not exist" or "already exists".
-    b.put(b"counter", b"0").await.unwrap();
-    let tasks = (0..16).map(|t| {
-        let b = b.clone_handle();
-        tokio::spawn(async move {
-            for i in 0..20 {
-                b.transaction(IsolationLevel::Serializable, |tx| {
-                    Box::pin(async move {
-                        let n: i64 = tx
-                            .get(b"counter")
-                            .await?
-                            .and_then(|v| String::from_utf8(v).ok()?.parse().ok())
-                            .unwrap_or(0);
-                        tx.put(b"counter", (n + 1).to_string().as_bytes()).await
-                    })
-                })
-                .await
-                .unwrap();
-                let k = format!("t{t}:{i}");
-                let v = b.put_with_version(k.as_bytes(), b"a", None).await.unwrap();
-                assert_eq!(
-                    b.put_with_version(k.as_bytes(), b"b", Some(v))
-                        .await
-                        .unwrap(),
-                    v + 1
-                );
-                assert!(b
-                    .put_with_version(k.as_bytes(), b"c", Some(v))
-                    .await
-                    .is_err());
-                b.delete(k.as_bytes()).await.unwrap();
-                assert_eq!(
-                    b.put_with_version(k.as_bytes(), b"d", None).await.unwrap(),
-                    v + 3
-                );
-            }
-        })
-    });
-    for t in join_all(tasks).await {
-        t.unwrap();
-    }
-    assert_eq!(b.get(b"counter").await.unwrap(), Some(b"320".to_vec()));
-
-    // Savepoints, transaction-scoped locks and notifications inside a transaction.
-    let mut tx = b.begin().await.unwrap();
-    tx.put(b"sp", b"kept").await.unwrap();
-    tx.savepoint("s1").await.unwrap();
-    tx.put(b"sp", b"undone").await.unwrap();
-    tx.rollback_to_savepoint("s1").await.unwrap();
-    tx.advisory_xact_lock(42, processor::state::LockMode::Exclusive)
-        .await
-        .unwrap();
-    tx.notify("pgb_channel", "hello").await.unwrap();
-    tx.commit().await.unwrap();
-    assert_eq!(b.get(b"sp").await.unwrap(), Some(b"kept".to_vec()));
-
-    // Batches: several UNNEST chunks in one transaction, and COPY twice (its staging table
-    // lives for one transaction here, so the second finds none left over).
-    let rows: Vec<(Vec<u8>, Vec<u8>)> = (0..12_000u32)
-        .map(|i| (format!("batch:{i}").into_bytes(), i.to_be_bytes().to_vec()))
-        .collect();
-    let refs: Vec<(&[u8], &[u8])> = rows.iter().map(|(k, v)| (&k[..], &v[..])).collect();
-    b.batch_put(&refs).await.unwrap();
-    for _ in 0..2 {
-        assert_eq!(b.batch_copy(&refs[..3000]).await.unwrap(), 3000);
-    }
-    assert_eq!(b.list_keys(b"batch:").await.unwrap().len(), 12_000);
-    assert_eq!(b.get_entry(b"batch:7").await.unwrap().unwrap().version, 3);
+    // would surface as "prepared statement ... does not exist" or "already exists".
+    conformance::run_enhanced(&b).await;
 }
 
 #[tokio::test]

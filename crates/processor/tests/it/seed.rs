@@ -258,6 +258,24 @@ async fn seed_advanced_configuration_fails_clearly_on_missing_certificate() {
     assert!(!err.to_string().contains("pass@"), "{err}");
 }
 
+/// The key/value snippets (basic operations, optimistic locking, metadata queries) on `b`,
+/// with no live entries, checking what each leaves behind.
+pub(crate) async fn key_value_snippets(b: &EnhancedPostgresBackend) {
+    basic_operations(b).await.unwrap();
+    assert_eq!(b.get_entry(b"key2").await.unwrap().unwrap().version, 2);
+    assert_eq!(b.count().await.unwrap(), 5);
+    optimistic_locking(b).await.unwrap();
+    assert_eq!(b.get(b"key").await.unwrap(), Some(b"value2".to_vec()));
+    b.put_with_metadata(
+        b"user:1",
+        b"v",
+        serde_json::json!({"type": "user", "id": 123}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(query_by_metadata(b).await.unwrap(), (2, 1));
+}
+
 /// "Distributed Coordination", verbatim; returns what it observed so the test can check it.
 #[allow(unused_variables)]
 #[rustfmt::skip]

@@ -1,5 +1,6 @@
 //! The data-maintenance part of the facade: cleanup and retention, archive, VACUUM, table
-//! statistics, and the background cleanup task.
+//! statistics, checkpoints, the online conversion to a partitioned table, and the background
+//! cleanup task.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,8 +8,11 @@ use std::time::Duration;
 use super::{EnhancedPostgresBackend, Inner};
 use crate::state::config::EnhancedPostgresConfig;
 use crate::state::error::StateResult;
-use crate::state::maintenance::{self, CheckpointInfo, CleanupPlan, TableStatistics};
+use crate::state::maintenance::{
+    self, CheckpointInfo, CleanupPlan, RepartitionReport, TableStatistics,
+};
 use crate::state::ops::StateEntry;
+use crate::state::partition_strategy::PartitionStrategy;
 
 /// What the configuration asks cleanup passes to do, and how often.
 fn plan(config: &EnhancedPostgresConfig) -> (CleanupPlan, Duration) {
@@ -224,4 +228,45 @@ impl EnhancedPostgresBackend {
     pub async fn prune_checkpoints(&self, keep: usize) -> StateResult<u64> {
         maintenance::prune_checkpoints(self.store(), keep).await
     }
+
+    /// Converts this backend's state table, unpartitioned, to `strategy` while every backend
+    /// on it keeps reading and writing: a partitioned copy is filled in batches of 10 000 rows
+    /// (later writes reach it through a trigger), checked to hold exactly the table's rows, and
+    /// swapped in under a lock held for a moment. Views on the table, its privileges and
+    /// owner, index names and the version floor carry over; backends started afterwards may
+    /// say [`with_partitioning(strategy)`](crate::state::EnhancedPostgresConfig::with_partitioning).
+    ///
+    /// Does nothing (`converted: false`) when the table already has `strategy`; refuses a table
+    /// partitioned another way, and one with triggers, row security policies, materialized
+    /// views or foreign keys pointing at it (they would not carry over). A failure before the
+    /// swap leaves the table as it was. Waits up to the operation timeout for a cleanup pass
+    /// on the table to finish.
+    pub async fn migrate_to_partitioned(
+        &self,
+        strategy: PartitionStrategy,
+    ) -> StateResult<RepartitionReport> {
+        self.migrate_to_partitioned_with_progress(strategy, |_, _| {})
+            .await
+    }
+
+    /// [`migrate_to_partitioned`](Self::migrate_to_partitioned), calling
+    /// `progress(copied, estimated_total)` after each batch (for a progress bar).
+    pub async fn migrate_to_partitioned_with_progress(
+        &self,
+        strategy: PartitionStrategy,
+        progress: impl Fn(u64, u64) + Sync,
+    ) -> StateResult<RepartitionReport> {
+        maintenance::repartition_table(
+            self.store(),
+            self.coordinator(),
+            &strategy,
+            MIGRATION_BATCH,
+            self.store().op_timeout,
+            &progress,
+        )
+        .await
+    }
 }
+
+/// Rows per batch of [`EnhancedPostgresBackend::migrate_to_partitioned`].
+const MIGRATION_BATCH: usize = 10_000;

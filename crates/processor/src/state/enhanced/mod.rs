@@ -84,7 +84,7 @@ impl EnhancedPostgresBackend {
             &config.application_name,
         )?;
         connector.require_writable();
-        migrate(&connector, &names).await?;
+        migrate(&connector, &names, config.partitioning.as_ref()).await?;
         // Session features: on the session URL when there is one, else on the primary's,
         // unless that goes through PgBouncer's transaction pooling.
         let lock_connector = match &valid.session {

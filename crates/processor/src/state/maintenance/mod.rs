@@ -1,5 +1,6 @@
 //! Data maintenance: TTL cleanup and retention (`cleanup`), archive (`archive`), VACUUM
-//! (`vacuum`), table statistics (`table_stats`) and state checkpoints (`checkpoints`).
+//! (`vacuum`), table statistics (`table_stats`), state checkpoints (`checkpoints`) and the
+//! online conversion to a partitioned table (`repartition`).
 //!
 //! A cleanup *pass* runs the sweeps one after the other under a named lock of the state table
 //! (`pgstate cleanup of <schema>.<table>`), so that when several backends share a table their
@@ -12,6 +13,7 @@ mod archive;
 mod checkpoints;
 mod cleanup;
 mod floor;
+mod repartition;
 mod table_stats;
 mod vacuum;
 
@@ -24,12 +26,15 @@ pub(crate) use checkpoints::{
 };
 pub use checkpoints::{CheckpointInfo, MAX_CHECKPOINT_NAME_LEN};
 pub(crate) use cleanup::{sweep, Sweep};
+use repartition::repartition;
+pub use repartition::RepartitionReport;
 pub(crate) use table_stats::table_statistics;
-pub use table_stats::{TableStatistics, EXACT_COUNT_LIMIT};
+pub use table_stats::{PartitionStatistics, TableStatistics, EXACT_COUNT_LIMIT};
 pub(crate) use vacuum::vacuum_analyze;
 
-use crate::state::coordination::{lock_key, Coordinator, LockMode};
-use crate::state::error::{ErrorKind, StateResult};
+use crate::state::coordination::{lock_key, Coordinator, HeldLock, LockMode};
+use crate::state::error::{ErrorKind, StateError, StateResult};
+use crate::state::partition_strategy::PartitionStrategy;
 use crate::state::store::Store;
 
 /// What a cleanup pass does.
@@ -53,11 +58,7 @@ pub(crate) async fn cleanup_pass(
     wait: Duration,
     progress: &(dyn Fn(u64) + Sync),
 ) -> StateResult<Option<u64>> {
-    let name = format!("pgstate cleanup of {}", store.names.qualified);
-    let held = match coordinator
-        .acquire(lock_key(&name), Some(&name), LockMode::Exclusive, wait)
-        .await
-    {
+    let held = match maintenance_lock(store, coordinator, wait).await {
         Ok(Some(held)) => Some(held),
         Ok(None) => return Ok(None),
         // No session for locks (PgBouncer's transaction pooling without a session URL).
@@ -83,9 +84,7 @@ pub(crate) async fn cleanup_pass(
     }
     .await;
     if let Some(held) = held {
-        if let Err(e) = coordinator.release(held).await {
-            tracing::debug!(error = %e, "releasing the cleanup lock");
-        }
+        release(coordinator, held).await;
     }
     if let Ok(n) = &result {
         if *n > 0 {
@@ -93,4 +92,46 @@ pub(crate) async fn cleanup_pass(
         }
     }
     result.map(Some)
+}
+
+/// The table's maintenance lock (`pgstate cleanup of <schema>.<table>`), held by cleanup
+/// passes and partitioning runs, waiting for it up to `wait`; `None` when another holds it.
+async fn maintenance_lock(
+    store: &Store,
+    coordinator: &Coordinator,
+    wait: Duration,
+) -> StateResult<Option<HeldLock>> {
+    let name = format!("pgstate cleanup of {}", store.names.qualified);
+    coordinator
+        .acquire(lock_key(&name), Some(&name), LockMode::Exclusive, wait)
+        .await
+}
+
+async fn release(coordinator: &Coordinator, held: HeldLock) {
+    if let Err(e) = coordinator.release(held).await {
+        tracing::debug!(error = %e, "releasing the table's maintenance lock");
+    }
+}
+
+/// Converts the state table to `strategy` online (see `repartition`), under the table's
+/// maintenance lock (so no cleanup pass and no other conversion runs meanwhile), waiting for
+/// it up to `wait`.
+pub(crate) async fn repartition_table(
+    store: &Store,
+    coordinator: &Coordinator,
+    strategy: &PartitionStrategy,
+    batch_size: usize,
+    wait: Duration,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> StateResult<RepartitionReport> {
+    let Some(held) = maintenance_lock(store, coordinator, wait).await? else {
+        return Err(StateError::Timeout(format!(
+            "partitioning {}: a cleanup pass or another conversion held the table's maintenance \
+             lock for {wait:?}",
+            store.names.qualified
+        )));
+    };
+    let result = repartition(store, strategy, batch_size, progress).await;
+    release(coordinator, held).await;
+    result
 }

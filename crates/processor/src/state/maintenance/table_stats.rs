@@ -1,5 +1,5 @@
 //! [`TableStatistics`]: sizes, row counts, dead tuples and maintenance times of the state
-//! table.
+//! table, and of each of its partitions when it is partitioned.
 
 use std::time::SystemTime;
 
@@ -44,64 +44,149 @@ pub struct TableStatistics {
     pub last_analyze: Option<SystemTime>,
     /// When autovacuum last analyzed it, if ever.
     pub last_autoanalyze: Option<SystemTime>,
+    /// Each partition's figures, in name order; empty when the table is not partitioned. For
+    /// a partitioned table the figures above are the partitions' sums, and each time above is
+    /// the least recent among the partitions (`None` when one of them never had it).
+    pub partitions: Vec<PartitionStatistics>,
+}
+
+/// One partition of the state table, in [`TableStatistics::partitions`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct PartitionStatistics {
+    /// The partition's table name (in the state table's schema).
+    pub name: String,
+    /// Its bound, as PostgreSQL prints it (`FOR VALUES WITH (modulus 16, remainder 3)`).
+    pub bound: String,
+    /// Its figures (with no partitions of its own).
+    pub statistics: TableStatistics,
 }
 
 pub(crate) async fn table_statistics(store: &Store) -> StateResult<TableStatistics> {
     let t = &store.names.qualified;
-    let sql = format!(
-        "SELECT c.reltuples::bigint,
+    // The table itself when it is not partitioned, else its leaf partitions.
+    let leaves_sql = "WITH leaves AS (
+             SELECT relid FROM pg_catalog.pg_partition_tree($1::text::regclass) WHERE isleaf
+             UNION ALL
+             SELECT $1::text::regclass WHERE NOT EXISTS
+                 (SELECT 1 FROM pg_catalog.pg_partitioned_table WHERE partrelid = $1::text::regclass))
+         SELECT c.oid, c.relname::text, coalesce(pg_get_expr(c.relpartbound, c.oid), ''),
+                greatest(c.reltuples, 0)::bigint,
                 pg_table_size(c.oid), pg_indexes_size(c.oid),
                 CASE WHEN c.reltoastrelid = 0 THEN 0 ELSE pg_total_relation_size(c.reltoastrelid) END,
                 coalesce(s.n_live_tup, 0), coalesce(s.n_dead_tup, 0),
                 s.last_vacuum, s.last_autovacuum, s.last_analyze, s.last_autoanalyze,
-                (SELECT count(*) FROM {t} WHERE expires_at <= now())
-         FROM pg_catalog.pg_class c
+                c.relispartition
+         FROM leaves l
+         JOIN pg_catalog.pg_class c ON c.oid = l.relid
          LEFT JOIN pg_catalog.pg_stat_user_tables s ON s.relid = c.oid
-         WHERE c.oid = $1::text::regclass"
-    );
-    let exact = format!("SELECT count(*) FROM {t}");
+         ORDER BY c.relname";
+    let expired_sql =
+        format!("SELECT tableoid, count(*) FROM {t} WHERE expires_at <= now() GROUP BY tableoid");
+    let exact_sql = format!("SELECT tableoid, count(*) FROM {t} GROUP BY tableoid");
     let qualified = t.clone();
-    let (row, counted) = store
+    let (leaves, expired, counted) = store
         .on_primary(async |c| {
             use tokio_postgres::types::Type;
-            let row = c
+            let leaves = c
                 .client
-                .query_typed_one(&sql, &[(&qualified.as_str(), Type::TEXT)])
+                .query_typed(leaves_sql, &[(&qualified.as_str(), Type::TEXT)])
                 .await?;
-            let estimate: i64 = row.try_get(0)?;
-            let counted: Option<i64> = if estimate < EXACT_COUNT_LIMIT {
-                Some(c.client.query_typed_one(&exact, &[]).await?.try_get(0)?)
+            let mut estimate = 0i64;
+            for row in &leaves {
+                estimate = estimate.saturating_add(row.try_get(3)?);
+            }
+            let expired = c.client.query_typed(&expired_sql, &[]).await?;
+            let counted = if estimate < EXACT_COUNT_LIMIT {
+                Some(c.client.query_typed(&exact_sql, &[]).await?)
             } else {
                 None
             };
-            Ok((row, counted))
+            Ok((leaves, expired, counted))
         })
         .await?;
-    let n = |v: i64| u64::try_from(v).unwrap_or(0);
-    let estimate: i64 = row.try_get(0)?;
-    let table_size = n(row.try_get(1)?);
-    let live_tup = n(row.try_get(4)?);
-    let dead = n(row.try_get(5)?);
-    let expired = n(row.try_get(10)?);
-    let total = counted.map_or(n(estimate), n);
-    let bloat = if live_tup + dead == 0 {
-        0
-    } else {
-        (table_size as f64 * dead as f64 / (live_tup + dead) as f64) as u64
+    let per_oid =
+        |rows: &[tokio_postgres::Row]| -> StateResult<std::collections::HashMap<u32, u64>> {
+            rows.iter()
+                .map(|r| Ok((r.try_get(0)?, n(r.try_get(1)?))))
+                .collect()
+        };
+    let expired = per_oid(&expired)?;
+    let counted = counted.as_deref().map(per_oid).transpose()?;
+    let mut parts = Vec::with_capacity(leaves.len());
+    let mut partitioned = false;
+    for row in &leaves {
+        let oid: u32 = row.try_get(0)?;
+        partitioned |= row.try_get::<_, bool>(13)?;
+        let table_size = n(row.try_get(4)?);
+        let live_tup = n(row.try_get(7)?);
+        let dead = n(row.try_get(8)?);
+        let expired = expired.get(&oid).copied().unwrap_or(0);
+        let total = match &counted {
+            Some(counts) => counts.get(&oid).copied().unwrap_or(0),
+            None => n(row.try_get(3)?),
+        };
+        let bloat = if live_tup + dead == 0 {
+            0
+        } else {
+            (table_size as f64 * dead as f64 / (live_tup + dead) as f64) as u64
+        };
+        parts.push(PartitionStatistics {
+            name: row.try_get(1)?,
+            bound: row.try_get(2)?,
+            statistics: TableStatistics {
+                total_rows: total,
+                active_rows: total.saturating_sub(expired),
+                expired_rows: expired,
+                counts_exact: counted.is_some(),
+                table_size,
+                indexes_size: n(row.try_get(5)?),
+                toast_size: n(row.try_get(6)?),
+                dead_tuples: dead,
+                estimated_bloat_bytes: bloat,
+                last_vacuum: row.try_get(9)?,
+                last_autovacuum: row.try_get(10)?,
+                last_analyze: row.try_get(11)?,
+                last_autoanalyze: row.try_get(12)?,
+                partitions: Vec::new(),
+            },
+        });
+    }
+    if !partitioned {
+        if let Some(only) = parts.pop() {
+            return Ok(only.statistics);
+        }
+    }
+    Ok(sum(parts, counted.is_some()))
+}
+
+fn n(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// A partitioned table's figures: its partitions' sums, and the least recent of their times.
+fn sum(parts: Vec<PartitionStatistics>, counts_exact: bool) -> TableStatistics {
+    let each = |f: fn(&TableStatistics) -> u64| parts.iter().map(|p| f(&p.statistics)).sum();
+    let least_recent = |f: fn(&TableStatistics) -> Option<SystemTime>| {
+        parts
+            .iter()
+            .map(|p| f(&p.statistics))
+            .collect::<Option<Vec<_>>>()
+            .and_then(|times| times.into_iter().min())
     };
-    Ok(TableStatistics {
-        total_rows: total,
-        active_rows: total.saturating_sub(expired),
-        expired_rows: expired,
-        counts_exact: counted.is_some(),
-        table_size,
-        indexes_size: n(row.try_get(2)?),
-        toast_size: n(row.try_get(3)?),
-        dead_tuples: dead,
-        estimated_bloat_bytes: bloat,
-        last_vacuum: row.try_get(6)?,
-        last_autovacuum: row.try_get(7)?,
-        last_analyze: row.try_get(8)?,
-        last_autoanalyze: row.try_get(9)?,
-    })
+    TableStatistics {
+        total_rows: each(|s| s.total_rows),
+        active_rows: each(|s| s.active_rows),
+        expired_rows: each(|s| s.expired_rows),
+        counts_exact,
+        table_size: each(|s| s.table_size),
+        indexes_size: each(|s| s.indexes_size),
+        toast_size: each(|s| s.toast_size),
+        dead_tuples: each(|s| s.dead_tuples),
+        estimated_bloat_bytes: each(|s| s.estimated_bloat_bytes),
+        last_vacuum: least_recent(|s| s.last_vacuum),
+        last_autovacuum: least_recent(|s| s.last_autovacuum),
+        last_analyze: least_recent(|s| s.last_analyze),
+        last_autoanalyze: least_recent(|s| s.last_autoanalyze),
+        partitions: parts,
+    }
 }

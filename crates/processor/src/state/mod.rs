@@ -36,6 +36,7 @@ mod stats;
 mod store;
 mod tls;
 mod transaction;
+mod windows;
 
 pub use backend::StateBackend;
 pub use basic::{PostgresConfig, PostgresStateBackend};
@@ -54,12 +55,14 @@ pub use enhanced::EnhancedPostgresBackend;
 pub use error::{sqlstate, ErrorKind, StateError, StateResult};
 pub use ident::{Ident, MAX_IDENT_LEN, MAX_TABLE_NAME_LEN};
 pub use maintenance::{
-    CheckpointInfo, PartitionStatistics, RepartitionReport, TableStatistics, EXACT_COUNT_LIMIT,
-    MAX_CHECKPOINT_NAME_LEN,
+    CheckpointInfo, DroppedPartition, PartitionStatistics, RepartitionReport, RetentionReport,
+    TableStatistics, EXACT_COUNT_LIMIT, MAX_CHECKPOINT_NAME_LEN,
 };
 pub use memory::MemoryStateBackend;
 pub use ops::StateEntry;
-pub use partition_strategy::{PartitionStrategy, MAX_HASH_PARTITIONS, MAX_LIST_PREFIXES};
+pub use partition_strategy::{
+    PartitionStrategy, MAX_HASH_PARTITIONS, MAX_LIST_PREFIXES, MAX_WINDOW,
+};
 pub use pool::PoolStats;
 pub use router::{ReplicaStatus, ReplicationStatus};
 pub use schema::{Migration, MIGRATIONS, TRACKING_TABLE};

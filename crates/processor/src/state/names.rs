@@ -31,6 +31,17 @@ pub(crate) struct TableNames {
     /// batches exclusively. (Two-integer keys never collide with the `bigint` keys of the
     /// lock API.)
     pub floor_lock: (i32, i32),
+    /// Time-range partitioning's write windows (`<table>_windows`), the sequence naming the
+    /// transaction that last changed the current window, and the function giving a write its
+    /// window (see `sql/write_windows.sql`).
+    pub windows: String,
+    pub window_advance: String,
+    pub write_window: String,
+    /// Whether the table is partitioned by write window: rows carry `write_window`, the
+    /// primary key is `(key, write_window)`, and writes move an entry into the current
+    /// window (see [`statements`](crate::state::statements)). Read from the catalog when the
+    /// backend starts.
+    pub windowed: bool,
 }
 
 impl TableNames {
@@ -44,6 +55,10 @@ impl TableNames {
         );
         TableNames {
             version_floor: format!("{schema}.{}", table.suffixed("_version_floor")),
+            windows: format!("{schema}.{}", table.suffixed("_windows")),
+            window_advance: format!("{schema}.{}", table.suffixed("_window_advance")),
+            write_window: format!("{schema}.{}", table.suffixed("_write_window")),
+            windowed: false,
             next_version: format!("{schema}.{}", table.suffixed("_next_version")),
             floor_lock,
             locks: in_schema("state_advisory_locks"),
@@ -87,6 +102,9 @@ impl TableNames {
             ),
             ("{{version_floor}}", self.version_floor.clone()),
             ("{{next_version}}", self.next_version.clone()),
+            ("{{windows}}", self.windows.clone()),
+            ("{{window_advance}}", self.window_advance.clone()),
+            ("{{write_window}}", self.write_window.clone()),
             ("{{floor_lock}}", {
                 let (class, object) = self.floor_lock;
                 format!("{class}, {object}")

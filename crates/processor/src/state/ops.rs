@@ -17,7 +17,7 @@ use crate::state::connection::PgConn;
 use crate::state::error::{StateError, StateResult};
 use crate::state::limits::{check_entry, check_metadata, json_type, prefix_upper_bound};
 use crate::state::names::TableNames;
-use crate::state::statements::ON_CONFLICT_REPLACE;
+use crate::state::statements::{upsert, REPLACE};
 
 /// Rows per UNNEST statement in `batch_put`.
 const BATCH_CHUNK_ROWS: usize = 5_000;
@@ -364,11 +364,13 @@ impl PgConn {
         names: &TableNames,
         entries: &[(&[u8], &[u8])],
     ) -> StateResult<u64> {
-        let merge = format!(
-            "INSERT INTO {} AS e (key, value) \
-             SELECT DISTINCT ON (key) key, value FROM pg_temp.pgstate_copy_stage ORDER BY key, seq DESC \
-             {ON_CONFLICT_REPLACE}",
-            names.qualified
+        let merge = upsert(
+            names,
+            "SELECT DISTINCT ON (key) key, value FROM pg_temp.pgstate_copy_stage ORDER BY key, seq DESC",
+            &["key", "value"],
+            false,
+            REPLACE,
+            "",
         );
         let stage_ready = self.copy_stage_ready;
         // Behind PgBouncer's transaction pooling the next transaction may run on another

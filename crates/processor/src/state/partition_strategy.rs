@@ -2,6 +2,7 @@
 //! `partitions`).
 
 use std::fmt;
+use std::time::Duration;
 
 use crate::state::error::{StateError, StateResult};
 use crate::state::limits::MAX_KEY_LEN;
@@ -17,10 +18,9 @@ pub const MAX_HASH_PARTITIONS: u32 = 1024;
 /// key on `key`, the same results. Partitions are ordinary tables named `<table>_p<i>` in the
 /// same schema, each vacuumed and analyzed on its own.
 ///
-/// Both strategies partition by `key` itself, so `key` stays the primary key: PostgreSQL
-/// enforces a unique key across partitions only when the partition key is part of it.
-/// Time-range partitioning is not implemented yet (a row's time changes with every write,
-/// so it cannot be part of a key that must stay unique).
+/// Hash and list partition by `key` itself, so `key` stays the primary key. Time-range
+/// partitions by the window of time in which an entry was last written; see
+/// [`TimeRange`](Self::TimeRange) for how `key` stays unique there.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum PartitionStrategy {
@@ -46,10 +46,35 @@ pub enum PartitionStrategy {
         /// The key prefixes, one partition each.
         prefixes: Vec<Vec<u8>>,
     },
+    /// One partition per *write window*: consecutive spans of `interval` (aligned to the Unix
+    /// epoch), each holding the entries last written while it was the current window.
+    /// Every write puts its entry in the current window's partition (moving it there from an
+    /// older one), so a partition whose window ended more than the retention policy's
+    /// `max_age` ago holds only entries not written since: retention drops it whole instead
+    /// of deleting its rows, and so does expired-entry cleanup once none of its entries is
+    /// live. Partitions are named `<table>_w<YYYYMMDDHH24MISS>` (the window's start, UTC).
+    ///
+    /// The table gets a column `write_window` (the window's start) and the primary key
+    /// `(key, write_window)`. `key` stays unique because a write first moves the key's
+    /// entry out of any older window, and the current window changes only under a lock every
+    /// write takes shared: a statement whose snapshot predates a change of window fails with a
+    /// serialization failure (`40001`), which single operations and
+    /// [`transaction`](crate::state::EnhancedPostgresBackend::transaction) retry. Reads of a
+    /// key look in every partition (one index probe each). The background cleanup task
+    /// starts new windows and creates `premake` partitions ahead of the current one.
+    TimeRange {
+        /// Length of each window: whole seconds, from 1 second to 366 days.
+        interval: Duration,
+        /// Windows whose partitions are created ahead of the current one (1 to 100).
+        premake: u32,
+    },
 }
 
 /// Most key prefixes accepted by [`PartitionStrategy::List`].
 pub const MAX_LIST_PREFIXES: usize = 1024;
+
+/// Longest window of [`PartitionStrategy::TimeRange`].
+pub const MAX_WINDOW: Duration = Duration::from_secs(366 * 24 * 3600);
 
 impl PartitionStrategy {
     /// Checks the strategy's numbers.
@@ -90,6 +115,21 @@ impl PartitionStrategy {
                     }
                 }
             }
+            PartitionStrategy::TimeRange { interval, premake } => {
+                if interval.subsec_nanos() != 0
+                    || *interval < Duration::from_secs(1)
+                    || *interval > MAX_WINDOW
+                {
+                    return Err(StateError::config(format!(
+                        "a time-range window must be whole seconds from 1 s to 366 days, not {interval:?}"
+                    )));
+                }
+                if !(1..=100).contains(premake) {
+                    return Err(StateError::config(format!(
+                        "time-range premake must be 1 to 100 windows, not {premake}"
+                    )));
+                }
+            }
         }
         Ok(())
     }
@@ -99,12 +139,20 @@ impl PartitionStrategy {
         match self {
             PartitionStrategy::Hash { .. } => "HASH (key)",
             PartitionStrategy::List { .. } => "RANGE (key)",
+            PartitionStrategy::TimeRange { .. } => "RANGE (write_window)",
         }
     }
 
-    /// Each partition: its name suffix and its bound clause (numbers only).
+    /// Whether rows carry a write window (time-range partitioning).
+    pub(crate) fn windowed(&self) -> bool {
+        matches!(self, PartitionStrategy::TimeRange { .. })
+    }
+
+    /// Each partition: its name suffix and its bound clause (numbers only). None for
+    /// time-range partitioning, whose partitions come and go with the windows.
     pub(crate) fn partitions(&self) -> Vec<(String, String)> {
         match self {
+            PartitionStrategy::TimeRange { .. } => Vec::new(),
             PartitionStrategy::Hash { partitions } => (0..*partitions)
                 .map(|i| {
                     (
@@ -135,6 +183,7 @@ impl PartitionStrategy {
     /// The bounds of [`partitions`](Self::partitions) as `pg_get_expr` prints them, sorted.
     fn printed_bounds(&self) -> Vec<String> {
         let mut bounds: Vec<String> = match self {
+            PartitionStrategy::TimeRange { .. } => Vec::new(),
             PartitionStrategy::Hash { partitions } => (0..*partitions)
                 .map(|i| format!("FOR VALUES WITH (modulus {partitions}, remainder {i})"))
                 .collect(),
@@ -153,9 +202,14 @@ impl PartitionStrategy {
     }
 
     /// Whether a partitioned table whose key is `partkeydef` (as `pg_get_partkeydef` prints
-    /// it) with partitions bounded by `bounds` (as `pg_get_expr` prints them) has this
-    /// strategy.
-    pub(crate) fn matches(&self, partkeydef: &str, bounds: &[String]) -> bool {
+    /// it) with partitions bounded by `bounds` (as `pg_get_expr` prints them), spanning
+    /// `spans` seconds each when they are time ranges, has this strategy.
+    pub(crate) fn matches(&self, partkeydef: &str, bounds: &[String], spans: &[f64]) -> bool {
+        if let PartitionStrategy::TimeRange { interval, .. } = self {
+            return partkeydef == self.partition_by()
+                && spans.len() == bounds.len()
+                && spans.iter().all(|s| *s == interval.as_secs_f64());
+        }
         let mut bounds = bounds.to_vec();
         bounds.sort();
         partkeydef == self.partition_by() && bounds == self.printed_bounds()
@@ -172,6 +226,11 @@ impl fmt::Display for PartitionStrategy {
                 f,
                 "list partitioning by key prefix into {} partitions",
                 prefixes.len() + 1
+            ),
+            PartitionStrategy::TimeRange { interval, .. } => write!(
+                f,
+                "time-range partitioning by write window of {} s",
+                interval.as_secs()
             ),
         }
     }
@@ -225,10 +284,10 @@ mod tests {
                 .map(|r| format!("FOR VALUES WITH (modulus {m}, remainder {r})"))
                 .collect()
         };
-        assert!(s.matches("HASH (key)", &bounds(2)));
-        assert!(!s.matches("HASH (key)", &bounds(4)));
-        assert!(!s.matches("LIST (key)", &bounds(2)));
-        assert!(!s.matches("HASH (key)", &bounds(2)[..1]));
+        assert!(s.matches("HASH (key)", &bounds(2), &[]));
+        assert!(!s.matches("HASH (key)", &bounds(4), &[]));
+        assert!(!s.matches("LIST (key)", &bounds(2), &[]));
+        assert!(!s.matches("HASH (key)", &bounds(2)[..1], &[]));
         let l = PartitionStrategy::List {
             prefixes: vec![b"or".to_vec(), vec![0xFF, 0xFF]],
         };
@@ -239,9 +298,26 @@ mod tests {
                 "DEFAULT",
                 "FOR VALUES FROM ('\\xffff') TO (MAXVALUE)",
                 "FOR VALUES FROM ('\\x6f72') TO ('\\x6f73')",
-            ])
+            ]),
+            &[]
         ));
-        assert!(!l.matches("RANGE (key)", &printed(&["DEFAULT"])));
+        assert!(!l.matches("RANGE (key)", &printed(&["DEFAULT"]), &[]));
+        let t = PartitionStrategy::TimeRange {
+            interval: Duration::from_secs(3600),
+            premake: 2,
+        };
+        t.validate().unwrap();
+        let two = printed(&["a", "b"]);
+        assert!(t.matches("RANGE (write_window)", &two, &[3600.0, 3600.0]));
+        assert!(!t.matches("RANGE (write_window)", &two, &[3600.0, 60.0]));
+        assert!(!t.matches("RANGE (key)", &two, &[3600.0, 3600.0]));
+        for (interval, premake) in [(0.5, 2), (0.0, 2), (3600.0, 0), (3600.0, 101), (1e9, 2)] {
+            let bad = PartitionStrategy::TimeRange {
+                interval: Duration::from_secs_f64(interval),
+                premake,
+            };
+            assert!(bad.validate().is_err(), "{interval} {premake}");
+        }
     }
 
     #[test]

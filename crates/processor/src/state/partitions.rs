@@ -20,15 +20,21 @@ use crate::state::error::{StateError, StateResult};
 use crate::state::ident::Ident;
 use crate::state::names::TableNames;
 use crate::state::partition_strategy::PartitionStrategy;
+use crate::state::windows;
 
 /// How the state table is laid out now.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub(crate) enum Layout {
     /// An ordinary table.
     Plain,
-    /// A partitioned table: its partition key (`pg_get_partkeydef`) and its partitions'
-    /// bounds (`pg_get_expr`).
-    Partitioned { key: String, bounds: Vec<String> },
+    /// A partitioned table: its partition key (`pg_get_partkeydef`), its partitions'
+    /// bounds (`pg_get_expr`) and, when they are ranges of write windows, their lengths in
+    /// seconds.
+    Partitioned {
+        key: String,
+        bounds: Vec<String>,
+        spans: Vec<f64>,
+    },
 }
 
 impl Layout {
@@ -36,15 +42,20 @@ impl Layout {
     pub fn is(&self, strategy: &PartitionStrategy) -> bool {
         match self {
             Layout::Plain => false,
-            Layout::Partitioned { key, bounds } => strategy.matches(key, bounds),
+            Layout::Partitioned { key, bounds, spans } => strategy.matches(key, bounds, spans),
         }
+    }
+
+    /// Whether rows carry a write window (time-range partitioning).
+    pub fn windowed(&self) -> bool {
+        matches!(self, Layout::Partitioned { key, .. } if key == "RANGE (write_window)")
     }
 
     /// For error messages.
     pub fn describe(&self) -> String {
         match self {
             Layout::Plain => "no partitioning".to_string(),
-            Layout::Partitioned { key, bounds } => {
+            Layout::Partitioned { key, bounds, .. } => {
                 format!("partitioning by {key} into {} partitions", bounds.len())
             }
         }
@@ -58,7 +69,14 @@ pub(crate) async fn layout<C: GenericClient>(c: &C, qualified: &str) -> StateRes
             "SELECT pt.partrelid IS NOT NULL, coalesce(pg_get_partkeydef(c.oid), ''),
                     coalesce((SELECT array_agg(pg_get_expr(p.relpartbound, p.oid) ORDER BY p.relname)
                               FROM pg_catalog.pg_inherits i JOIN pg_catalog.pg_class p ON p.oid = i.inhrelid
-                              WHERE i.inhparent = c.oid), '{}')
+                              WHERE i.inhparent = c.oid), '{}'),
+                    coalesce((SELECT array_agg(extract(epoch FROM m[2]::timestamptz - m[1]::timestamptz)::float8
+                                               ORDER BY p.relname)
+                              FROM pg_catalog.pg_inherits i JOIN pg_catalog.pg_class p ON p.oid = i.inhrelid,
+                                   regexp_match(pg_get_expr(p.relpartbound, p.oid),
+                                                '^FOR VALUES FROM \\(''([^'']*)''\\) TO \\(''([^'']*)''\\)$') m
+                              WHERE i.inhparent = c.oid AND pg_get_partkeydef(c.oid) = 'RANGE (write_window)'),
+                             '{}')
              FROM pg_catalog.pg_class c
              LEFT JOIN pg_catalog.pg_partitioned_table pt ON pt.partrelid = c.oid
              WHERE c.oid = $1::text::regclass",
@@ -71,6 +89,7 @@ pub(crate) async fn layout<C: GenericClient>(c: &C, qualified: &str) -> StateRes
     Ok(Layout::Partitioned {
         key: row.try_get(1)?,
         bounds: row.try_get(2)?,
+        spans: row.try_get(3)?,
     })
 }
 
@@ -121,21 +140,43 @@ pub(crate) async fn create_twin<C: GenericClient>(
     twin: &Ident,
 ) -> StateResult<()> {
     let (t, s) = (&names.qualified, &names.schema);
+    let with = windows::storage_options(c, t).await?;
+    if let PartitionStrategy::TimeRange { interval, premake } = strategy {
+        // The primary key gains the partition column; the other indexes are the table's.
+        windows::create_controls(c, names).await?;
+        c.batch_execute(&format!(
+            "CREATE TABLE {s}.{twin} (
+                 LIKE {t} INCLUDING ALL EXCLUDING INDEXES,
+                 write_window timestamptz NOT NULL DEFAULT {ww}(),
+                 PRIMARY KEY (key, write_window)
+             ) PARTITION BY {by}",
+            by = strategy.partition_by(),
+            ww = names.write_window
+        ))
+        .await?;
+        let twin_q = format!("{s}.{twin}");
+        let indexes = c
+            .query_typed(
+                "SELECT regexp_replace(pg_get_indexdef(i.indexrelid),
+                                       '^CREATE (UNIQUE )?INDEX \\S+ ON (ONLY )?\\S+ ',
+                                       'CREATE \\1INDEX ON ' || $2 || ' ')
+                 FROM pg_catalog.pg_index i
+                 WHERE i.indrelid = $1::text::regclass AND NOT i.indisprimary",
+                &[(&t.as_str(), Type::TEXT), (&twin_q.as_str(), Type::TEXT)],
+            )
+            .await?;
+        for row in &indexes {
+            c.batch_execute(&row.try_get::<_, String>(0)?).await?;
+        }
+        windows::premake(c, names, &twin_q, *interval, *premake, &with).await?;
+        windows::advance(c, names, *interval).await?;
+        return Ok(());
+    }
     c.batch_execute(&format!(
         "CREATE TABLE {s}.{twin} (LIKE {t} INCLUDING ALL) PARTITION BY {}",
         strategy.partition_by()
     ))
     .await?;
-    let options: Option<String> = c
-        .query_typed_one(
-            "SELECT string_agg(quote_ident(option_name) || ' = ' || quote_literal(option_value), ', ')
-             FROM pg_catalog.pg_options_to_table(
-                 (SELECT reloptions FROM pg_catalog.pg_class WHERE oid = $1::text::regclass))",
-            &[(&t.as_str(), Type::TEXT)],
-        )
-        .await?
-        .try_get(0)?;
-    let with = options.map(|o| format!(" WITH ({o})")).unwrap_or_default();
     for (suffix, bound) in strategy.partitions() {
         let part = names.table.suffixed(&suffix);
         c.batch_execute(&format!(
@@ -211,17 +252,19 @@ pub(crate) async fn swap_in<C: GenericClient>(
          WHERE obj_description($1::text::regclass, 'pg_class') IS NOT NULL",
     )
     .await?;
-    // Each index of the twin takes the name of the table's index with the same definition.
+    // Each index of the twin takes the name of the table's index with the same definition
+    // (the primary key's, whatever its columns: time-range adds one).
     let index_names = c
         .query_typed(
             "WITH defs AS (
-                 SELECT i.indrelid, x.relname, x.oid,
+                 SELECT i.indrelid, x.relname, x.oid, i.indisprimary,
                         regexp_replace(pg_get_indexdef(i.indexrelid),
                                        '^CREATE (UNIQUE )?INDEX \\S+ ON (ONLY )?\\S+ ', 'CREATE \\1INDEX ON ') AS def
                  FROM pg_index i JOIN pg_class x ON x.oid = i.indexrelid
                  WHERE i.indrelid IN ($1::text::regclass, $2::text::regclass))
              SELECT format('ALTER INDEX %s RENAME TO %I', n.oid::regclass, o.relname), o.relname, n.relname
-             FROM defs o LEFT JOIN defs n ON n.def = o.def AND n.indrelid = $2::text::regclass
+             FROM defs o LEFT JOIN defs n
+               ON (n.def = o.def OR (n.indisprimary AND o.indisprimary)) AND n.indrelid = $2::text::regclass
              WHERE o.indrelid = $1::text::regclass",
             &[(&t, Type::TEXT), (&twin_q, Type::TEXT)],
         )

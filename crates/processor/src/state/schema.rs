@@ -105,12 +105,12 @@ pub(crate) fn checksum(sql: &str) -> String {
 
 /// Applies the missing migrations for `names` on a connection of its own (closed afterwards),
 /// then checks the table's partitioning against `partitioning` (a table created by this run
-/// is created partitioned that way).
+/// is created partitioned that way). Returns the table's layout.
 pub(crate) async fn migrate(
     connector: &Connector,
     names: &TableNames,
     partitioning: Option<&PartitionStrategy>,
-) -> StateResult<()> {
+) -> StateResult<partitions::Layout> {
     let mut client = connector.connect().await?;
     let result = migrate_on(&mut client, names, partitioning).await;
     drop(client);
@@ -127,7 +127,7 @@ async fn migrate_on(
     client: &mut Client,
     names: &TableNames,
     partitioning: Option<&PartitionStrategy>,
-) -> StateResult<()> {
+) -> StateResult<partitions::Layout> {
     let tx = client.transaction().await?;
     // Waiting for another instance's migration must not trip a configured statement_timeout.
     tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
@@ -218,8 +218,9 @@ async fn migrate_on(
         }
     }
     partitions::ensure(&tx, names, partitioning, created_now).await?;
+    let layout = partitions::layout(&tx, &names.qualified).await?;
     tx.commit().await?;
-    Ok(())
+    Ok(layout)
 }
 
 #[cfg(test)]

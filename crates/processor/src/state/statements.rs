@@ -106,11 +106,80 @@ impl Stmt {
     }
 }
 
-/// What an upsert does to an existing row. An entry that had expired counts as new again.
-pub(crate) const ON_CONFLICT_REPLACE: &str = "ON CONFLICT (key) DO UPDATE SET \
-    value = EXCLUDED.value, metadata = EXCLUDED.metadata, expires_at = EXCLUDED.expires_at, \
-    updated_at = now(), version = e.version + 1, \
+/// What an upsert does to an existing row (`e`). An entry that had expired counts as new again.
+pub(crate) const REPLACE: &str = "value = EXCLUDED.value, metadata = EXCLUDED.metadata, \
+    expires_at = EXCLUDED.expires_at, updated_at = now(), version = e.version + 1, \
     created_at = CASE WHEN e.expires_at <= now() THEN now() ELSE e.created_at END";
+
+/// An upsert of the rows of `input` (a query whose columns are `columns`, `key` first): on a
+/// plain (or hash or list partitioned) table, `INSERT ... ON CONFLICT (key) DO UPDATE SET
+/// {set}{tail}`; `absent_only` then must be expressed by the caller's `set`/`tail`.
+///
+/// On a table partitioned by write window, first each key's entry in an older window moves
+/// out (with `absent_only`, only one that is not live, and a key with a live one there is
+/// skipped): the new row, in the current window, carries its version on (plus one) and its
+/// creation time (unless it had expired); a key with no entry anywhere takes its version from
+/// the version floor. A key whose entry is already in the current window merges as on a plain
+/// table.
+pub(crate) fn upsert(
+    names: &TableNames,
+    input: &str,
+    columns: &[&str],
+    absent_only: bool,
+    set: &str,
+    tail: &str,
+) -> String {
+    let t = &names.qualified;
+    let cols = columns.join(", ");
+    if !names.windowed {
+        return format!(
+            "INSERT INTO {t} AS e ({cols}) {input} ON CONFLICT (key) DO UPDATE SET {set}{tail}"
+        );
+    }
+    let window = format!("{}()", names.write_window);
+    let picked: Vec<String> = columns.iter().map(|c| format!("i.{c}")).collect();
+    let (created_col, created) = if columns.contains(&"created_at") {
+        ("", String::new())
+    } else {
+        (
+            ", created_at",
+            ", CASE WHEN m.key IS NULL OR m.expires_at <= now() THEN now() ELSE m.created_at END"
+                .to_string(),
+        )
+    };
+    let (moved_filter, skip_live) = if absent_only {
+        (
+            format!(" AND NOT {LIVE}"),
+            format!(
+                " WHERE NOT EXISTS (SELECT 1 FROM {t} x WHERE x.key = i.key \
+                 AND x.write_window < {window} AND (x.expires_at IS NULL OR x.expires_at > now()))"
+            ),
+        )
+    } else {
+        (String::new(), String::new())
+    };
+    format!(
+        "WITH i ({cols}) AS ({input}), \
+              m AS (DELETE FROM {t} WHERE key IN (SELECT key FROM i) AND write_window < {window}{moved_filter} \
+                    RETURNING key, version, created_at, expires_at) \
+         INSERT INTO {t} AS e ({cols}, version{created_col}) \
+         SELECT {}, coalesce(m.version + 1, {}()){created} \
+         FROM i LEFT JOIN m ON m.key = i.key{skip_live} \
+         ON CONFLICT (key, write_window) DO UPDATE SET {set}{tail}",
+        picked.join(", "),
+        names.next_version
+    )
+}
+
+/// What an update of an entry's value also sets: on a table partitioned by write window, the
+/// current window (the row moves there).
+pub(crate) fn rewindow(names: &TableNames) -> &'static str {
+    if names.windowed {
+        ", write_window = DEFAULT"
+    } else {
+        ""
+    }
+}
 
 /// What a delete does to a row: it becomes a tombstone, expired since the beginning of time
 /// (so every read skips it), with its value and metadata dropped and its version bumped. A
@@ -142,31 +211,33 @@ impl Statements {
         const NONE: &[Type] = &[];
         const ENTRY: &[Type] = &[T::BYTEA, T::BYTEA, T::JSONB, T::INT8];
         let t = &names.qualified;
+        let rewindow = rewindow(names);
+        let one_entry = format!("VALUES ($1::bytea, $2::bytea, $3::jsonb, {})", expiry(4));
+        const ENTRY_INPUT: &[&str] = &["key", "value", "metadata", "expires_at"];
         let specs: [(String, &'static [Type]); 18] = [
             (format!("SELECT value FROM {t} WHERE key = $1 AND {LIVE}"), BYTEA),
             (format!("SELECT {ENTRY_COLUMNS} FROM {t} WHERE key = $1 AND {LIVE}"), BYTEA),
             (format!("SELECT EXISTS (SELECT 1 FROM {t} WHERE key = $1 AND {LIVE})"), BYTEA),
             (format!("SELECT count(*) FROM {t} WHERE {LIVE}"), NONE),
             (
-                format!(
-                    "INSERT INTO {t} AS e (key, value, metadata, expires_at) VALUES ($1, $2, $3, {}) \
-                     {ON_CONFLICT_REPLACE} RETURNING version",
-                    expiry(4)
-                ),
+                upsert(names, &one_entry, ENTRY_INPUT, false, REPLACE, " RETURNING version"),
                 ENTRY,
             ),
             (
-                format!(
-                    "INSERT INTO {t} AS e (key, value, metadata, expires_at) VALUES ($1, $2, $3, {}) \
-                     {ON_CONFLICT_REPLACE} WHERE e.expires_at <= now() RETURNING version",
-                    expiry(4)
+                upsert(
+                    names,
+                    &one_entry,
+                    ENTRY_INPUT,
+                    true,
+                    REPLACE,
+                    " WHERE e.expires_at <= now() RETURNING version",
                 ),
                 ENTRY,
             ),
             (
                 format!(
                     "UPDATE {t} SET value = $2, metadata = $4, expires_at = {}, updated_at = now(), \
-                     version = version + 1 WHERE key = $1 AND version = $3 AND {LIVE} RETURNING version",
+                     version = version + 1{rewindow} WHERE key = $1 AND version = $3 AND {LIVE} RETURNING version",
                     expiry(5)
                 ),
                 &[T::BYTEA, T::BYTEA, T::INT8, T::JSONB, T::INT8],
@@ -179,9 +250,13 @@ impl Statements {
             (format!("SELECT key FROM {t} WHERE key >= $1 AND {LIVE} ORDER BY key"), BYTEA),
             (format!("UPDATE {t} SET {TOMBSTONE} WHERE {LIVE}"), NONE),
             (
-                format!(
-                    "INSERT INTO {t} AS e (key, value) SELECT * FROM unnest($1::bytea[], $2::bytea[]) \
-                     {ON_CONFLICT_REPLACE}"
+                upsert(
+                    names,
+                    "SELECT * FROM unnest($1::bytea[], $2::bytea[])",
+                    &["key", "value"],
+                    false,
+                    REPLACE,
+                    "",
                 ),
                 &[T::BYTEA_ARRAY, T::BYTEA_ARRAY],
             ),
@@ -203,7 +278,7 @@ impl Statements {
             (
                 format!(
                     "UPDATE {t} SET value = $2, metadata = '{{}}'::jsonb, expires_at = NULL, updated_at = now(), \
-                     version = version + 1 WHERE key = $1 AND value = $3 AND {LIVE} RETURNING version"
+                     version = version + 1{rewindow} WHERE key = $1 AND value = $3 AND {LIVE} RETURNING version"
                 ),
                 &[T::BYTEA, T::BYTEA, T::BYTEA],
             ),

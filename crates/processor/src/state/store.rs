@@ -41,6 +41,9 @@ fn replica_failure(e: &StateError) -> ReplicaFailure {
     }
 }
 
+/// Runs of a single write that failed with a serialization failure, after the first.
+const WRITE_RETRIES: u32 = 20;
+
 /// The operations over the primary's pool and the replicas; the backends are thin handles
 /// around this.
 pub(crate) struct Store {
@@ -169,9 +172,13 @@ impl Store {
     /// A write on the primary, bounded by the operation timeout. With read-your-writes, the
     /// WAL position after it (also after a version conflict: what the refused write saw) is
     /// raised into `session`'s floor before the connection goes back.
+    ///
+    /// A write that fails with a serialization failure (possible only on a table partitioned
+    /// by write window: an entry moved by a concurrent write, or a window changed after the
+    /// statement's snapshot) wrote nothing and runs again, up to [`WRITE_RETRIES`] times.
     async fn write<T, F>(&self, session: &Session, op: Op, rows: u64, f: F) -> StateResult<T>
     where
-        F: AsyncFnOnce(&mut PgConn) -> StateResult<T>,
+        F: AsyncFnOnce(&mut PgConn) -> StateResult<T> + Clone,
     {
         bounded(self.op_timeout, async {
             let mut conn = self.primary.get().await?;
@@ -179,7 +186,17 @@ impl Store {
             // unsure: its next read takes the primary's position.
             let mark = self.router.tracks_writes().then(|| session.write());
             let start = Instant::now();
-            let result = conn.run(|c| f(c)).await;
+            let first = f.clone();
+            let mut result = conn.run(|c| first(c)).await;
+            let mut retries = 0;
+            while retries < WRITE_RETRIES
+                && matches!(&result, Err(e) if e.sqlstate() == Some(sqlstate::SERIALIZATION_FAILURE))
+            {
+                retries += 1;
+                tokio::time::sleep(Duration::from_millis(retries.into())).await;
+                let again = f.clone();
+                result = conn.run(|c| again(c)).await;
+            }
             self.stats.record(op, rows, start.elapsed(), result.is_ok());
             if let Some(mark) = mark {
                 match &result {

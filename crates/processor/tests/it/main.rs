@@ -21,5 +21,6 @@ mod schema;
 mod security;
 mod seed;
 mod support;
+mod time_partitions;
 mod tls;
 mod transactions;

@@ -9,10 +9,11 @@ use super::{EnhancedPostgresBackend, Inner};
 use crate::state::config::EnhancedPostgresConfig;
 use crate::state::error::StateResult;
 use crate::state::maintenance::{
-    self, CheckpointInfo, CleanupPlan, RepartitionReport, TableStatistics,
+    self, CheckpointInfo, CleanupPlan, RepartitionReport, RetentionReport, TableStatistics,
 };
 use crate::state::ops::StateEntry;
 use crate::state::partition_strategy::PartitionStrategy;
+use crate::state::store::Store;
 
 /// What the configuration asks cleanup passes to do, and how often.
 fn plan(config: &EnhancedPostgresConfig) -> (CleanupPlan, Duration) {
@@ -27,44 +28,92 @@ fn plan(config: &EnhancedPostgresConfig) -> (CleanupPlan, Duration) {
     )
 }
 
-/// Starts the background cleanup task when there is anything to clean: a pass every
+/// Windows created ahead of the current one when the table is partitioned by write window
+/// but the configuration does not say how.
+const DEFAULT_PREMAKE: u32 = 2;
+
+/// The write windows' length and how many to create ahead, when the table is partitioned by
+/// write window.
+pub(super) async fn window_settings(
+    store: &Store,
+    config: &EnhancedPostgresConfig,
+) -> StateResult<Option<(Duration, u32)>> {
+    if !store.names.windowed {
+        return Ok(None);
+    }
+    if let Some(PartitionStrategy::TimeRange { interval, premake }) = &config.partitioning {
+        return Ok(Some((*interval, *premake)));
+    }
+    Ok(maintenance::window_interval(store)
+        .await?
+        .map(|i| (i, DEFAULT_PREMAKE)))
+}
+
+/// Starts the background maintenance task when there is anything to do: a cleanup pass every
 /// `cleanup_interval` (the first one interval after start), skipped while another instance
-/// runs one. It ends when the backend is dropped (stopping a pass in progress between
-/// statements: the batch under way rolls back).
-pub(super) fn spawn_cleanup(inner: &Arc<Inner>) -> Option<tokio::task::JoinHandle<()>> {
+/// runs one, and, on a table partitioned by write window, the change to each new window (with
+/// partitions created ahead), checked every half window. It ends when the backend is dropped
+/// (stopping a pass in progress between statements: the batch under way rolls back).
+pub(super) fn spawn_cleanup(
+    inner: &Arc<Inner>,
+    windows: Option<(Duration, u32)>,
+) -> Option<tokio::task::JoinHandle<()>> {
     let (plan, interval) = plan(&inner.config);
-    if !plan.expired && plan.max_age.is_none() {
+    let cleans = plan.expired || plan.max_age.is_some();
+    if !cleans && windows.is_none() {
         return None;
     }
+    let tick = match windows {
+        Some((window, _)) => interval.min(window / 2),
+        None => interval,
+    };
     let weak = Arc::downgrade(inner);
     Some(tokio::spawn(async move {
-        let mut ticker = tokio::time::interval(interval);
+        let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticker.tick().await;
+        let mut last_pass = tokio::time::Instant::now();
         loop {
             ticker.tick().await;
             let Some(inner) = weak.upgrade() else { return };
-            let pass = maintenance::cleanup_pass(
-                &inner.store,
-                &inner.coordinator,
-                plan,
-                Duration::ZERO,
-                &|_| {},
-            );
+            let due = cleans && last_pass.elapsed() >= interval;
+            let work = async {
+                if let Some((window, premake)) = windows {
+                    if let Err(e) = maintenance::roll_windows(&inner.store, window, premake).await {
+                        tracing::warn!(error = %e, "starting a new write window failed; it is tried again");
+                    }
+                }
+                if !due {
+                    return;
+                }
+                let pass = maintenance::cleanup_pass(
+                    &inner.store,
+                    &inner.coordinator,
+                    plan,
+                    Duration::ZERO,
+                    &|_| {},
+                );
+                match pass.await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => tracing::debug!("cleanup pass skipped: another instance runs one"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cleanup pass failed; it runs again at the next interval")
+                    }
+                }
+            };
             // This task's reference keeps the backend alive: once it is the only one left,
-            // every handle is gone and the pass stops.
+            // every handle is gone and the work stops.
             let orphaned = async {
                 while Arc::strong_count(&inner) > 1 {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             };
             tokio::select! {
-                result = pass => match result {
-                    Ok(Some(_)) => {}
-                    Ok(None) => tracing::debug!("cleanup pass skipped: another instance runs one"),
-                    Err(e) => tracing::warn!(error = %e, "cleanup pass failed; it runs again at the next interval"),
-                },
+                () = work => {}
                 () = orphaned => return,
+            }
+            if due {
+                last_pass = tokio::time::Instant::now();
             }
         }
     }))
@@ -90,12 +139,29 @@ impl EnhancedPostgresBackend {
         progress: impl Fn(u64) + Sync,
     ) -> StateResult<u64> {
         let (plan, _) = plan(&self.inner.config);
+        let report = self
+            .pass(
+                CleanupPlan {
+                    expired: true,
+                    ..plan
+                },
+                &progress,
+            )
+            .await?;
+        Ok(report.rows_deleted)
+    }
+
+    /// [`apply_retention_policy`](Self::apply_retention_policy), reporting also the
+    /// partitions it dropped whole (on a table partitioned by time range: a window that ended
+    /// more than `max_age` ago, or whose entries have all expired).
+    pub async fn apply_retention_policy_report(&self) -> StateResult<RetentionReport> {
+        let (plan, _) = plan(&self.inner.config);
         self.pass(
             CleanupPlan {
                 expired: true,
                 ..plan
             },
-            &progress,
+            &|_| {},
         )
         .await
     }
@@ -104,18 +170,24 @@ impl EnhancedPostgresBackend {
     /// entries); returns how many.
     pub async fn cleanup_expired(&self) -> StateResult<u64> {
         let (plan, _) = plan(&self.inner.config);
-        self.pass(
-            CleanupPlan {
-                expired: true,
-                max_age: None,
-                ..plan
-            },
-            &|_| {},
-        )
-        .await
+        let report = self
+            .pass(
+                CleanupPlan {
+                    expired: true,
+                    max_age: None,
+                    ..plan
+                },
+                &|_| {},
+            )
+            .await?;
+        Ok(report.rows_deleted)
     }
 
-    async fn pass(&self, plan: CleanupPlan, progress: &(dyn Fn(u64) + Sync)) -> StateResult<u64> {
+    async fn pass(
+        &self,
+        plan: CleanupPlan,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> StateResult<RetentionReport> {
         let wait = self.store().op_timeout;
         let removed =
             maintenance::cleanup_pass(self.store(), self.coordinator(), plan, wait, progress)

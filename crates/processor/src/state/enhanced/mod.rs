@@ -76,7 +76,7 @@ impl EnhancedPostgresBackend {
     /// cannot be reached.
     pub async fn new(config: EnhancedPostgresConfig) -> StateResult<Self> {
         let valid = config.validate()?;
-        let names = TableNames::new(valid.schema, valid.table);
+        let mut names = TableNames::new(valid.schema, valid.table);
         let mut connector = Connector::new(
             &valid.primary,
             config.connect_timeout,
@@ -84,7 +84,8 @@ impl EnhancedPostgresBackend {
             &config.application_name,
         )?;
         connector.require_writable();
-        migrate(&connector, &names, config.partitioning.as_ref()).await?;
+        let layout = migrate(&connector, &names, config.partitioning.as_ref()).await?;
+        names.windowed = layout.windowed();
         // Session features: on the session URL when there is one, else on the primary's,
         // unless that goes through PgBouncer's transaction pooling.
         let lock_connector = match &valid.session {
@@ -162,6 +163,10 @@ impl EnhancedPostgresBackend {
             names,
             op_timeout,
         };
+        let windows = maintenance::window_settings(&store, &config).await?;
+        if let Some((window, premake)) = windows {
+            crate::state::maintenance::roll_windows(&store, window, premake).await?;
+        }
         tracing::info!(url = %config.redacted_url(), table = %store.names.qualified, replicas = store.router.replicas.len(), "state backend ready");
         let inner = Arc::new(Inner {
             store,
@@ -170,7 +175,7 @@ impl EnhancedPostgresBackend {
             monitor,
             cleanup: std::sync::OnceLock::new(),
         });
-        if let Some(task) = maintenance::spawn_cleanup(&inner) {
+        if let Some(task) = maintenance::spawn_cleanup(&inner, windows) {
             let _ = inner.cleanup.set(task);
         }
         Ok(Self {

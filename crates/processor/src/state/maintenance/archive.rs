@@ -15,7 +15,7 @@ use crate::state::error::{StateError, StateResult};
 use crate::state::ident::Ident;
 use crate::state::names::TableNames;
 use crate::state::ops::StateEntry;
-use crate::state::statements::ENTRY_COLUMNS;
+use crate::state::statements::{upsert, ENTRY_COLUMNS};
 use crate::state::store::Store;
 
 /// `archive_table` as a quoted name in the backend's schema: a plain identifier (letters,
@@ -109,18 +109,18 @@ pub(crate) async fn get_archived(
 /// archive in the same transaction.
 pub(crate) async fn restore(store: &Store, archive_table: &str, key: &[u8]) -> StateResult<bool> {
     let (archive, _) = archive_name(&store.names, archive_table)?;
-    let t = &store.names.qualified;
     let newest = format!(
         "SELECT value, metadata, created_at, expires_at, archived_at, version FROM {archive} \
          WHERE key = $1 ORDER BY version DESC LIMIT 1 FOR UPDATE"
     );
-    let insert = format!(
-        "INSERT INTO {t} AS e (key, value, metadata, created_at, expires_at) \
-         VALUES ($1, $2, $3, $4, $5) \
-         ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, metadata = EXCLUDED.metadata, \
-             created_at = EXCLUDED.created_at, expires_at = EXCLUDED.expires_at, \
-             updated_at = now(), version = e.version + 1 \
-         WHERE e.expires_at IS NOT NULL AND e.expires_at <= now() RETURNING version"
+    let insert = upsert(
+        &store.names,
+        "VALUES ($1::bytea, $2::bytea, $3::jsonb, $4::timestamptz, $5::timestamptz)",
+        &["key", "value", "metadata", "created_at", "expires_at"],
+        true,
+        "value = EXCLUDED.value, metadata = EXCLUDED.metadata, created_at = EXCLUDED.created_at, \
+         expires_at = EXCLUDED.expires_at, updated_at = now(), version = e.version + 1",
+        " WHERE e.expires_at IS NOT NULL AND e.expires_at <= now() RETURNING version",
     );
     let forget =
         format!("DELETE FROM {archive} WHERE key = $1 AND archived_at = $2 AND version = $3");

@@ -18,7 +18,7 @@ use tokio_postgres::IsolationLevel;
 use super::floor;
 use crate::state::error::{StateError, StateResult};
 use crate::state::pool::Checkout;
-use crate::state::statements::{LIVE, TOMBSTONE};
+use crate::state::statements::{rewindow, LIVE, TOMBSTONE};
 use crate::state::store::Store;
 
 /// Rows copied per statement while creating a checkpoint.
@@ -224,8 +224,9 @@ pub(crate) async fn restore(store: &Store, id: i64) -> StateResult<u64> {
     let highest = format!("SELECT coalesce(max(version), 0) FROM {t}");
     let update = format!(
         "UPDATE {t} s SET value = c.value, metadata = c.metadata, created_at = c.created_at, \
-             expires_at = c.expires_at, updated_at = now(), version = s.version + 1 \
-         FROM {e} c WHERE c.checkpoint_id = $1 AND c.key = s.key"
+             expires_at = c.expires_at, updated_at = now(), version = s.version + 1{} \
+         FROM {e} c WHERE c.checkpoint_id = $1 AND c.key = s.key",
+        rewindow(n)
     );
     let bury = format!(
         "UPDATE {t} s SET {TOMBSTONE} \

@@ -16,6 +16,7 @@ mod floor;
 mod repartition;
 mod table_stats;
 mod vacuum;
+mod window_partitions;
 
 use std::time::Duration;
 
@@ -31,6 +32,8 @@ pub use repartition::RepartitionReport;
 pub(crate) use table_stats::table_statistics;
 pub use table_stats::{PartitionStatistics, TableStatistics, EXACT_COUNT_LIMIT};
 pub(crate) use vacuum::vacuum_analyze;
+pub use window_partitions::DroppedPartition;
+pub(crate) use window_partitions::{interval as window_interval, roll as roll_windows};
 
 use crate::state::coordination::{lock_key, Coordinator, HeldLock, LockMode};
 use crate::state::error::{ErrorKind, StateError, StateResult};
@@ -48,16 +51,27 @@ pub(crate) struct CleanupPlan {
     pub batch_size: usize,
 }
 
+/// What a cleanup pass removed, from
+/// [`apply_retention_policy_report`](crate::state::EnhancedPostgresBackend::apply_retention_policy_report).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RetentionReport {
+    /// Entries (rows) removed, those in dropped partitions included.
+    pub rows_deleted: u64,
+    /// Partitions dropped whole (tables partitioned by write window only), oldest first.
+    pub partitions_dropped: Vec<DroppedPartition>,
+}
+
 /// One cleanup pass: the sweeps `plan` asks for, under the table's cleanup lock, waiting for it
-/// up to `wait` (zero: skip the pass when another instance is running one). Returns the rows
-/// removed, or `None` when the pass was skipped.
+/// up to `wait` (zero: skip the pass when another instance is running one). On a table
+/// partitioned by write window, whole partitions go first. Returns what was removed, or `None`
+/// when the pass was skipped.
 pub(crate) async fn cleanup_pass(
     store: &Store,
     coordinator: &Coordinator,
     plan: CleanupPlan,
     wait: Duration,
     progress: &(dyn Fn(u64) + Sync),
-) -> StateResult<Option<u64>> {
+) -> StateResult<Option<RetentionReport>> {
     let held = match maintenance_lock(store, coordinator, wait).await {
         Ok(Some(held)) => Some(held),
         Ok(None) => return Ok(None),
@@ -66,7 +80,14 @@ pub(crate) async fn cleanup_pass(
         Err(e) => return Err(e),
     };
     let result = async {
-        let mut total = 0;
+        let mut report = RetentionReport::default();
+        if store.names.windowed {
+            report.partitions_dropped =
+                window_partitions::drop_windows(store, plan.max_age, plan.expired).await?;
+            report.rows_deleted = report.partitions_dropped.iter().map(|p| p.rows).sum();
+            progress(report.rows_deleted);
+        }
+        let mut total = report.rows_deleted;
         if plan.expired {
             total += sweep(store, Sweep::Expired, plan.batch_size, &|n| {
                 progress(total + n)
@@ -80,15 +101,21 @@ pub(crate) async fn cleanup_pass(
             })
             .await?;
         }
-        Ok::<_, crate::state::StateError>(total)
+        report.rows_deleted = total;
+        Ok::<_, StateError>(report)
     }
     .await;
     if let Some(held) = held {
         release(coordinator, held).await;
     }
-    if let Ok(n) = &result {
-        if *n > 0 {
-            tracing::info!(table = %store.names.qualified, removed = n, "cleanup pass");
+    if let Ok(r) = &result {
+        if r.rows_deleted > 0 {
+            tracing::info!(
+                table = %store.names.qualified,
+                removed = r.rows_deleted,
+                partitions = r.partitions_dropped.len(),
+                "cleanup pass"
+            );
         }
     }
     result.map(Some)

@@ -51,17 +51,28 @@ pub(crate) async fn repartition(
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> StateResult<RepartitionReport> {
     strategy.validate()?;
+    if strategy.windowed() {
+        // Every backend on the table would keep sending writes for a table keyed by `key`
+        // alone: they need a restart with the new strategy, which an online change cannot do.
+        return Err(StateError::config(format!(
+            "{strategy} cannot be reached online: create a new table with it and copy the \
+             entries over (batch_copy), or convert to hash or list partitioning"
+        )));
+    }
     let names = &store.names;
     let client = store.primary.connect_unpooled().await?;
     client
         .batch_execute("SET statement_timeout = 0; SET lock_timeout = '5s'")
         .await?;
-    let parts = strategy.partitions().len();
+    let count = |l: &Layout| match l {
+        Layout::Plain => 0,
+        Layout::Partitioned { bounds, .. } => bounds.len(),
+    };
     match partitions::layout(&client, &names.qualified).await? {
         l if l.is(strategy) => {
             return Ok(RepartitionReport {
                 rows_copied: 0,
-                partitions: parts,
+                partitions: count(&l),
                 converted: false,
             })
         }
@@ -99,6 +110,7 @@ pub(crate) async fn repartition(
     client
         .batch_execute(&format!("ANALYZE {}", names.qualified))
         .await?;
+    let parts = count(&partitions::layout(&client, &names.qualified).await?);
     tracing::info!(table = %names.qualified, %strategy, rows = copied, "table partitioned");
     Ok(RepartitionReport {
         rows_copied: copied,

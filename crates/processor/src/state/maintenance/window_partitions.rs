@@ -1,0 +1,257 @@
+//! The partitions of a table partitioned by write window, over time: starting the window of
+//! now (its partition and `premake` more created ahead), and dropping whole partitions whose
+//! entries retention or expiry would delete anyway.
+
+use std::time::{Duration, SystemTime};
+
+use tokio_postgres::types::Type;
+
+use crate::state::error::{sqlstate, StateError, StateResult};
+use crate::state::maintenance::floor;
+use crate::state::store::Store;
+use crate::state::windows;
+
+/// A partition dropped whole by a cleanup pass.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DroppedPartition {
+    /// The partition's table name.
+    pub name: String,
+    /// Its window: entries last written from `window_start` until the window ended.
+    pub window_start: SystemTime,
+    /// When the next window became current (for a window that never became current, its
+    /// nominal end).
+    pub ended: SystemTime,
+    /// Rows it held (expired entries and tombstones included).
+    pub rows: u64,
+}
+
+/// How long a window change or a partition drop waits for the table's locks before it gives
+/// up for this round (writers would queue behind it meanwhile).
+const LOCK_WAIT_MS: u32 = 100;
+const ATTEMPTS: u32 = 20;
+
+/// The window length of a table partitioned by write window, from its windows.
+pub(crate) async fn interval(store: &Store) -> StateResult<Option<Duration>> {
+    let sql = format!(
+        "SELECT extract(epoch FROM window_end - window_start)::float8 FROM {} \
+         ORDER BY window_start DESC LIMIT 1",
+        store.names.windows
+    );
+    let seconds: Option<f64> = store
+        .on_primary(async |c| {
+            Ok(c.client
+                .query_typed_opt(&sql, &[])
+                .await?
+                .map(|r| r.try_get(0))
+                .transpose()?)
+        })
+        .await?;
+    Ok(seconds.map(Duration::from_secs_f64))
+}
+
+/// Creates the partitions of the window of now and `premake` after it, and makes the window
+/// of now current; returns whether the current window changed. The change, which needs only
+/// the floor lock, comes first (retried while it is busy), with partitions made at earlier
+/// rounds. Creating a partition waits for every transaction reading the table (PostgreSQL
+/// locks the parent): when one runs for long, it is left for a later round.
+pub(crate) async fn roll(store: &Store, interval: Duration, premake: u32) -> StateResult<bool> {
+    let names = &store.names;
+    // New partitions take the storage settings of the newest one.
+    let newest = "SELECT format('%s.%I', $1::text, c.relname) FROM pg_catalog.pg_inherits i \
+                  JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid \
+                  WHERE i.inhparent = $2::text::regclass ORDER BY c.relname DESC LIMIT 1";
+    let schema = names.schema.to_string();
+    let mut attempt = 0;
+    let changed = loop {
+        attempt += 1;
+        match advance(store, interval).await {
+            Err(e) if busy(&e) && attempt < ATTEMPTS => pause(attempt).await,
+            other => break other?,
+        }
+    };
+    if changed {
+        tracing::info!(table = %names.qualified, "a new write window started");
+    }
+    // One attempt: partitions made ahead can wait for the next round when the table is busy.
+    match make_ahead(store, newest, &schema, interval, premake).await {
+        Err(e) if busy(&e) => {
+            tracing::debug!(table = %names.qualified, "partitions ahead not created: the table is busy");
+        }
+        other => other?,
+    }
+    Ok(changed)
+}
+
+async fn pause(attempt: u32) {
+    tokio::time::sleep(Duration::from_millis(10 * u64::from(attempt))).await;
+}
+
+/// One attempt at creating the partitions ahead.
+async fn make_ahead(
+    store: &Store,
+    newest: &str,
+    schema: &str,
+    interval: Duration,
+    premake: u32,
+) -> StateResult<()> {
+    let names = &store.names;
+    store
+        .on_primary(async |c| {
+            let tx = c.client.transaction().await?;
+            tx.batch_execute(&format!("SET LOCAL lock_timeout = {LOCK_WAIT_MS}"))
+                .await?;
+            let model: Option<String> = tx
+                .query_typed_opt(
+                    newest,
+                    &[
+                        (&schema, Type::TEXT),
+                        (&names.qualified.as_str(), Type::TEXT),
+                    ],
+                )
+                .await?
+                .map(|r| r.try_get(0))
+                .transpose()?;
+            let options = match model {
+                Some(m) => windows::storage_options(&tx, &m).await?,
+                None => String::new(),
+            };
+            windows::premake(&tx, names, &names.qualified, interval, premake, &options).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
+}
+
+/// One attempt at changing to the window of now.
+async fn advance(store: &Store, interval: Duration) -> StateResult<bool> {
+    store
+        .on_primary(async |c| {
+            let tx = c.client.transaction().await?;
+            tx.batch_execute(&format!("SET LOCAL lock_timeout = {LOCK_WAIT_MS}"))
+                .await?;
+            let changed = windows::advance(&tx, &store.names, interval).await?;
+            tx.commit().await?;
+            Ok(changed)
+        })
+        .await
+}
+
+fn busy(e: &StateError) -> bool {
+    e.sqlstate() == Some(sqlstate::LOCK_NOT_AVAILABLE)
+}
+
+/// Drops the partitions of windows that ended, whose entries are all to be deleted: every
+/// one, when the window ended more than `max_age` ago (its entries were last written before
+/// that), or, with `expired`, when none of its entries is live. Each partition goes in a
+/// transaction of its own that takes the floor lock (so versions of the dropped entries are
+/// never reused) and waits for the table's locks at most 100 ms (a busy partition is left for
+/// the next pass). Returns the partitions dropped, oldest first.
+pub(crate) async fn drop_windows(
+    store: &Store,
+    max_age: Option<Duration>,
+    expired: bool,
+) -> StateResult<Vec<DroppedPartition>> {
+    let names = &store.names;
+    let w = &names.windows;
+    let max_age_s = max_age.map(|a| a.as_secs_f64());
+    // The partition of each window that ended (or never started and is past), oldest first.
+    let candidates_sql = format!(
+        "SELECT c.relname::text, w.window_start, coalesce(w.ended, w.window_end),
+                $2::float8 IS NOT NULL AND coalesce(w.ended, w.window_end) <= now() - $2 * interval '1 second'
+         FROM {w} w
+         JOIN pg_catalog.pg_inherits i ON i.inhparent = $1::text::regclass
+         JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid
+         WHERE c.relname = $3 || to_char(w.window_start AT TIME ZONE 'UTC', 'YYYYMMDDHH24MISS')
+           AND (w.ended IS NOT NULL OR (w.became_current IS NULL AND w.window_end <= now()))
+         ORDER BY w.window_start"
+    );
+    let prefix = format!("{}_w", names.table.as_str());
+    let candidates = store
+        .on_primary(async |c| {
+            Ok(c.client
+                .query_typed(
+                    &candidates_sql,
+                    &[
+                        (&names.qualified.as_str(), Type::TEXT),
+                        (&max_age_s, Type::FLOAT8),
+                        (&prefix.as_str(), Type::TEXT),
+                    ],
+                )
+                .await?)
+        })
+        .await?;
+    let mut dropped = Vec::new();
+    for row in &candidates {
+        let name: String = row.try_get(0)?;
+        let start: SystemTime = row.try_get(1)?;
+        let ended: SystemTime = row.try_get(2)?;
+        let past_max_age: bool = row.try_get(3)?;
+        if !past_max_age && !expired {
+            continue;
+        }
+        match drop_one(store, &name, start, past_max_age).await {
+            Ok(Some(rows)) => {
+                tracing::info!(table = %names.qualified, partition = %name, rows, "dropped a write window's partition");
+                dropped.push(DroppedPartition {
+                    name,
+                    window_start: start,
+                    ended,
+                    rows,
+                });
+            }
+            Ok(None) => {}
+            Err(e) if busy(&e) => {
+                tracing::debug!(partition = %name, "partition busy: left for the next pass");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(dropped)
+}
+
+/// Drops one window's partition (unless, `!unconditional`, it holds a live entry): returns
+/// the rows it held, or `None` when it was kept.
+async fn drop_one(
+    store: &Store,
+    name: &str,
+    start: SystemTime,
+    unconditional: bool,
+) -> StateResult<Option<u64>> {
+    let names = &store.names;
+    let s = &names.schema;
+    let part = crate::state::ident::Ident::new("partition", name)?;
+    let t = &names.qualified;
+    let contents = format!(
+        "SELECT count(*)::bigint, coalesce(max(version), 0)::bigint, \
+                count(*) FILTER (WHERE expires_at IS NULL OR expires_at > now())::bigint \
+         FROM {s}.{part}"
+    );
+    let forget = format!("DELETE FROM {} WHERE window_start = $1", names.windows);
+    store
+        .on_primary(async |c| {
+            let tx = c.client.transaction().await?;
+            tx.batch_execute(&format!("SET LOCAL lock_timeout = {LOCK_WAIT_MS}"))
+                .await?;
+            // No insert runs meanwhile (a dropped entry's key re-created now would start over).
+            floor::lock(&tx, names).await?;
+            tx.batch_execute(&format!("LOCK TABLE {s}.{part} IN ACCESS EXCLUSIVE MODE"))
+                .await?;
+            let row = tx.query_typed_one(&contents, &[]).await?;
+            let (rows, highest, live): (i64, i64, i64) =
+                (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+            if live > 0 && !unconditional {
+                tx.rollback().await?;
+                return Ok(None);
+            }
+            floor::raise(&tx, names, highest).await?;
+            tx.batch_execute(&format!(
+                "ALTER TABLE {t} DETACH PARTITION {s}.{part}; DROP TABLE {s}.{part}"
+            ))
+            .await?;
+            tx.execute_typed(&forget, &[(&start, Type::TIMESTAMPTZ)])
+                .await?;
+            tx.commit().await?;
+            Ok(Some(u64::try_from(rows).unwrap_or(0)))
+        })
+        .await
+}

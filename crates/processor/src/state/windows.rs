@@ -1,0 +1,170 @@
+//! Write windows of a table partitioned by time range
+//! ([`PartitionStrategy::TimeRange`](crate::state::PartitionStrategy::TimeRange)): the control
+//! objects (`sql/write_windows.sql`), partitions created ahead of time, and the change of the
+//! current window.
+//!
+//! Windows are aligned to the Unix epoch: the window of an instant starts at the last
+//! multiple of the interval before it. The current window changes only under the table's floor
+//! lock taken exclusively, which every write takes shared (in `<table>_write_window()`), so a
+//! change waits for the writes in flight and is seen by every write after it.
+
+use std::time::Duration;
+
+use tokio_postgres::types::Type;
+use tokio_postgres::GenericClient;
+
+use crate::state::error::StateResult;
+use crate::state::names::TableNames;
+
+/// The control objects' template.
+pub(crate) const WRITE_WINDOWS_SQL: &str = include_str!("../../sql/write_windows.sql");
+
+/// Creates the control objects (idempotent).
+pub(crate) async fn create_controls<C: GenericClient>(
+    c: &C,
+    names: &TableNames,
+) -> StateResult<()> {
+    c.batch_execute(&names.render(WRITE_WINDOWS_SQL)).await?;
+    Ok(())
+}
+
+/// Creates the partitions of `parent` (the state table, or the twin being built for it) for
+/// the window of now and the `premake` windows after it, where missing, each with `options`
+/// (a `WITH (...)` clause printed by the server, or empty). Returns how many it created.
+pub(crate) async fn premake<C: GenericClient>(
+    c: &C,
+    names: &TableNames,
+    parent: &str,
+    interval: Duration,
+    premake: u32,
+    options: &str,
+) -> StateResult<u64> {
+    let seconds = interval.as_secs() as f64;
+    let prefix = format!("{}_w", names.table.as_str());
+    // Names and bounds are printed by the server: the partition name from validated parts
+    // (%I quotes it), the bounds as literals (%L).
+    let ddl = c
+        .query_typed(
+            &format!(
+                "WITH cw AS (
+                     SELECT to_timestamp(floor(extract(epoch FROM now()) / $1) * $1) AS start)
+                 SELECT format('CREATE TABLE %s.%I PARTITION OF %s FOR VALUES FROM (%L) TO (%L)%s',
+                               $2::text, $3 || to_char(w AT TIME ZONE 'UTC', 'YYYYMMDDHH24MISS'),
+                               $4::text, w, w + $1 * interval '1 second', $5::text),
+                        w
+                 FROM cw, generate_series(0, $6) k,
+                      LATERAL (SELECT cw.start + k * $1 * interval '1 second' AS w) s
+                 WHERE NOT EXISTS (SELECT 1 FROM {} WHERE window_start = w)
+                 ORDER BY w",
+                names.windows
+            ),
+            &[
+                (&seconds, Type::FLOAT8),
+                (&names.schema.to_string(), Type::TEXT),
+                (&prefix, Type::TEXT),
+                (&parent, Type::TEXT),
+                (&options, Type::TEXT),
+                (&i32::try_from(premake).unwrap_or(i32::MAX), Type::INT4),
+            ],
+        )
+        .await?;
+    let record = format!(
+        "INSERT INTO {} (window_start, window_end) VALUES ($1, $1 + $2 * interval '1 second')",
+        names.windows
+    );
+    for row in &ddl {
+        let sql: String = row.try_get(0)?;
+        let start: std::time::SystemTime = row.try_get(1)?;
+        c.batch_execute(&sql).await?;
+        c.execute_typed(
+            &record,
+            &[(&start, Type::TIMESTAMPTZ), (&seconds, Type::FLOAT8)],
+        )
+        .await?;
+    }
+    Ok(ddl.len() as u64)
+}
+
+/// Makes the window of now the current one, if it is not already, in the caller's
+/// transaction: takes the floor lock exclusively (waiting as the transaction's `lock_timeout`
+/// allows), ends the current window, starts the new one and records this transaction as the
+/// last change. The new window's partition must exist ([`premake`]). Returns whether the
+/// window changed.
+pub(crate) async fn advance<C: GenericClient>(
+    c: &C,
+    names: &TableNames,
+    interval: Duration,
+) -> StateResult<bool> {
+    let seconds = interval.as_secs() as f64;
+    let due: bool = c
+        .query_typed_one(
+            &format!(
+                "SELECT coalesce(max(window_start) FILTER (WHERE became_current IS NOT NULL AND ended IS NULL)
+                                 < to_timestamp(floor(extract(epoch FROM now()) / $1) * $1), true)
+                 FROM {}",
+                names.windows
+            ),
+            &[(&seconds, Type::FLOAT8)],
+        )
+        .await?
+        .try_get(0)?;
+    if !due {
+        return Ok(false);
+    }
+    let (class, object) = names.floor_lock;
+    c.execute_typed(
+        "SELECT pg_advisory_xact_lock($1, $2)",
+        &[(&class, Type::INT4), (&object, Type::INT4)],
+    )
+    .await?;
+    let w = &names.windows;
+    let changed = c
+        .execute_typed(
+            &format!(
+                "WITH target AS (SELECT to_timestamp(floor(extract(epoch FROM now()) / $1) * $1) AS start),
+                      ended AS (UPDATE {w} SET ended = now()
+                                WHERE became_current IS NOT NULL AND ended IS NULL
+                                  AND window_start < (SELECT start FROM target))
+                 UPDATE {w} SET became_current = now()
+                 WHERE window_start = (SELECT start FROM target) AND became_current IS NULL"
+            ),
+            &[(&seconds, Type::FLOAT8)],
+        )
+        .await?;
+    if changed == 0 {
+        return Err(crate::state::error::StateError::StorageError {
+            message: format!(
+                "the write window of now has no partition of {}: it must be created ahead",
+                names.qualified
+            ),
+            sqlstate: None,
+        });
+    }
+    c.execute_typed(
+        &format!(
+            "SELECT setval('{}', pg_current_xact_id()::text::bigint)",
+            names.window_advance
+        ),
+        &[],
+    )
+    .await?;
+    Ok(true)
+}
+
+/// The storage settings of `relation` as a ` WITH (...)` clause printed by the server, or
+/// empty when it has none.
+pub(crate) async fn storage_options<C: GenericClient>(
+    c: &C,
+    relation: &str,
+) -> StateResult<String> {
+    let options: Option<String> = c
+        .query_typed_one(
+            "SELECT string_agg(quote_ident(option_name) || ' = ' || quote_literal(option_value), ', ')
+             FROM pg_catalog.pg_options_to_table(
+                 (SELECT reloptions FROM pg_catalog.pg_class WHERE oid = $1::text::regclass))",
+            &[(&relation, Type::TEXT)],
+        )
+        .await?
+        .try_get(0)?;
+    Ok(options.map(|o| format!(" WITH ({o})")).unwrap_or_default())
+}

@@ -1,0 +1,349 @@
+//! Time-range partitioning by write window: every operation behaves as on a plain table, keys
+//! stay unique while windows change under concurrent writers, and retention drops whole
+//! partitions and reports them.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use processor::state::{
+    EnhancedPostgresBackend, EnhancedPostgresConfig, ErrorKind, IsolationLevel, PartitionStrategy,
+    RetentionPolicy, StateBackend,
+};
+
+use crate::partitioning::every_operation;
+use crate::support;
+
+fn windows(seconds: u64) -> PartitionStrategy {
+    PartitionStrategy::TimeRange {
+        interval: Duration::from_secs(seconds),
+        premake: 2,
+    }
+}
+
+/// Windows of `b`'s table that ended.
+async fn ended_windows(b: &EnhancedPostgresBackend) -> i64 {
+    let admin = support::raw(&support::url()).await;
+    let windows = b
+        .table()
+        .replace("\"state_entries\"", "\"state_entries_windows\"");
+    admin
+        .query_one(
+            &format!("SELECT count(*) FROM {windows} WHERE ended IS NOT NULL"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Waits (up to 30 s) until more than `seen` windows of `b`'s table ended; returns how many.
+async fn next_window(b: &EnhancedPostgresBackend, seen: i64) -> i64 {
+    let start = Instant::now();
+    loop {
+        let n = ended_windows(b).await;
+        if n > seen {
+            return n;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no new write window"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Keys that appear more than once in `b`'s table.
+async fn duplicate_keys(b: &EnhancedPostgresBackend) -> i64 {
+    let admin = support::raw(&support::url()).await;
+    admin
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM (SELECT key FROM {} GROUP BY key HAVING count(*) > 1) d",
+                b.table()
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn a_time_range_partitioned_table_passes_the_conformance_suite_and_every_operation() {
+    let b = every_operation(windows(3600), "part_time").await;
+    let admin = support::raw(&support::url()).await;
+    let row = admin
+        .query_one(
+            "SELECT pg_get_partkeydef($1::text::regclass),
+                    (SELECT count(*) FROM pg_inherits WHERE inhparent = $1::text::regclass),
+                    (SELECT array_agg(a.attname::text ORDER BY k.n)
+                     FROM pg_index i, unnest(i.indkey) WITH ORDINALITY k(attnum, n)
+                     JOIN pg_attribute a ON a.attnum = k.attnum
+                     WHERE i.indrelid = $1::text::regclass AND i.indisprimary
+                       AND a.attrelid = $1::text::regclass)",
+            &[&b.table()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "RANGE (write_window)");
+    assert_eq!(row.get::<_, i64>(1), 3, "the current window and two ahead");
+    assert_eq!(
+        row.get::<_, Vec<String>>(2),
+        vec!["key".to_string(), "write_window".to_string()]
+    );
+    assert_eq!(duplicate_keys(&b).await, 0);
+    // Another window length on the same table is refused.
+    let cfg = EnhancedPostgresConfig::new(support::url())
+        .with_schema(b.table().split('.').next().unwrap().trim_matches('"'))
+        .with_pool_config(support::small_pool());
+    let e = EnhancedPostgresBackend::new(cfg.clone().with_partitioning(windows(60)))
+        .await
+        .expect_err("refused");
+    assert_eq!(e.kind(), ErrorKind::Configuration, "{e}");
+    // No setting: the backend finds the windows in the catalog and writes as it must.
+    let plain = EnhancedPostgresBackend::new(cfg).await.unwrap();
+    plain.put(b"key2", b"again").await.unwrap();
+    assert_eq!(b.get(b"key2").await.unwrap(), Some(b"again".to_vec()));
+    // Converting a table to time ranges online is refused (its writers would need a restart).
+    let other = support::backend("part_time_online").await;
+    let e = other
+        .migrate_to_partitioned(windows(3600))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Configuration, "{e}");
+}
+
+#[tokio::test]
+async fn keys_stay_unique_and_versions_count_every_write_while_windows_change() {
+    const TASKS: usize = 8;
+    const KEYS: usize = 20;
+    let cfg = support::config("part_time_race").with_partitioning(windows(1));
+    let b = EnhancedPostgresBackend::new(cfg).await.unwrap();
+    let counts: Arc<Vec<AtomicU64>> = Arc::new((0..KEYS).map(|_| AtomicU64::new(0)).collect());
+    let deadline = Instant::now() + Duration::from_millis(3500);
+    let tasks = (0..TASKS).map(|t| {
+        let (b, counts) = (b.clone_handle(), counts.clone());
+        tokio::spawn(async move {
+            let mut i = t;
+            while Instant::now() < deadline {
+                let k = i % KEYS;
+                b.put(format!("k{k}").as_bytes(), format!("{t}:{i}").as_bytes())
+                    .await
+                    .unwrap_or_else(|e| panic!("put failed: {e}"));
+                counts[k].fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+        })
+    });
+    for t in futures_util::future::join_all(tasks).await {
+        t.unwrap();
+    }
+    assert!(
+        ended_windows(&b).await >= 2,
+        "the writes spanned window changes"
+    );
+    assert_eq!(duplicate_keys(&b).await, 0);
+    let mut total = 0;
+    for (k, n) in counts.iter().enumerate() {
+        let n = n.load(Ordering::Relaxed);
+        total += n;
+        let entry = b
+            .get_entry(format!("k{k}").as_bytes())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(entry.version, n as i64, "k{k}: one version per write");
+    }
+    assert!(total > 100, "{total} writes");
+}
+
+#[tokio::test]
+async fn a_transaction_whose_snapshot_predates_a_new_window_is_retried() {
+    let cfg = support::config("part_time_tx").with_partitioning(windows(1));
+    let b = EnhancedPostgresBackend::new(cfg).await.unwrap();
+    b.put(b"k", b"1").await.unwrap();
+    let seen = ended_windows(&b).await;
+    let mut tx = b
+        .begin_transaction(IsolationLevel::RepeatableRead)
+        .await
+        .unwrap();
+    assert_eq!(tx.get(b"k").await.unwrap(), Some(b"1".to_vec()));
+    next_window(&b, seen).await;
+    let e = tx.put(b"k", b"2").await.unwrap_err();
+    assert_eq!(e.sqlstate(), Some("40001"), "{e}");
+    assert!(e.is_retryable(), "{e}");
+    drop(tx);
+    // The retry loop runs it again with a new snapshot.
+    b.transaction(IsolationLevel::RepeatableRead, |tx| {
+        Box::pin(async move { tx.put(b"k", b"3").await })
+    })
+    .await
+    .unwrap();
+    assert_eq!(b.get(b"k").await.unwrap(), Some(b"3".to_vec()));
+    assert_eq!(b.get_entry(b"k").await.unwrap().unwrap().version, 2);
+    assert_eq!(duplicate_keys(&b).await, 0);
+}
+
+#[tokio::test]
+async fn retention_drops_whole_windows_and_reports_them() {
+    let cfg = support::config("part_time_drop")
+        .with_partitioning(windows(1))
+        .with_retention_policy(RetentionPolicy {
+            enabled: true,
+            max_age: Duration::from_secs(2),
+            // Passes run when the test asks.
+            cleanup_interval: Duration::from_secs(3600),
+            ..RetentionPolicy::default()
+        });
+    let b = EnhancedPostgresBackend::new(cfg).await.unwrap();
+    for i in 0..50 {
+        b.put(format!("old{i}").as_bytes(), b"v").await.unwrap();
+    }
+    b.put(b"moved", b"v").await.unwrap();
+    let old_version = b.get_entry(b"old0").await.unwrap().unwrap().version;
+    for _ in 0..3 {
+        b.put(b"old0", b"v").await.unwrap();
+    }
+    next_window(&b, ended_windows(&b).await).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    // Written again now: it moves to the current window and survives the drop.
+    b.put(b"moved", b"again").await.unwrap();
+    b.put(b"fresh", b"v").await.unwrap();
+    let report = b.apply_retention_policy_report().await.unwrap();
+    let dropped_rows: u64 = report.partitions_dropped.iter().map(|p| p.rows).sum();
+    assert!(!report.partitions_dropped.is_empty(), "{report:?}");
+    assert_eq!(dropped_rows, 50, "{report:?}");
+    assert!(report.rows_deleted >= 50, "{report:?}");
+    assert!(report
+        .partitions_dropped
+        .iter()
+        .all(|p| p.name.starts_with("state_entries_w")));
+    assert_eq!(b.get(b"old1").await.unwrap(), None);
+    assert_eq!(b.get(b"moved").await.unwrap(), Some(b"again".to_vec()));
+    assert_eq!(b.get(b"fresh").await.unwrap(), Some(b"v".to_vec()));
+    // The dropped entries' versions are never reused.
+    b.put(b"old0", b"back").await.unwrap();
+    assert!(b.get_entry(b"old0").await.unwrap().unwrap().version > old_version + 3);
+    // Their partitions and windows are gone.
+    let stats = b.get_table_statistics().await.unwrap();
+    assert!(stats
+        .partitions
+        .iter()
+        .all(|p| report.partitions_dropped.iter().all(|d| d.name != p.name)));
+    assert_eq!(duplicate_keys(&b).await, 0);
+}
+
+#[tokio::test]
+async fn expired_cleanup_drops_windows_whose_entries_all_expired() {
+    let cfg = support::config("part_time_ttl").with_partitioning(windows(1));
+    let b = EnhancedPostgresBackend::new(cfg).await.unwrap();
+    for i in 0..20 {
+        b.put_with_ttl(format!("t{i}").as_bytes(), b"v", Duration::from_millis(200))
+            .await
+            .unwrap();
+    }
+    b.put(b"kept", b"v").await.unwrap();
+    let seen = next_window(&b, ended_windows(&b).await).await;
+    // A window whose entries all expired goes whole; the one holding a live entry stays.
+    b.put_with_ttl(b"late", b"v", Duration::from_millis(200))
+        .await
+        .unwrap();
+    next_window(&b, seen).await;
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let report = b.apply_retention_policy_report().await.unwrap();
+    let dropped_rows: u64 = report.partitions_dropped.iter().map(|p| p.rows).sum();
+    assert_eq!(dropped_rows, 1, "only the window of 'late': {report:?}");
+    assert_eq!(
+        report.rows_deleted, 21,
+        "the 20 expired rows beside 'kept' by row"
+    );
+    assert_eq!(b.get(b"kept").await.unwrap(), Some(b"v".to_vec()));
+    assert_eq!(b.count().await.unwrap(), 1);
+}
+
+/// The partition `key`'s entry is in.
+async fn partition_of(b: &EnhancedPostgresBackend, key: &[u8]) -> String {
+    let admin = support::raw(&support::url()).await;
+    admin
+        .query_one(
+            &format!(
+                "SELECT c.relname::text FROM {} t JOIN pg_class c ON c.oid = t.tableoid WHERE key = $1",
+                b.table()
+            ),
+            &[&key],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn conditional_writes_and_restores_see_entries_in_older_windows() {
+    let cfg = support::config("part_time_cond").with_partitioning(windows(1));
+    let b = EnhancedPostgresBackend::new(cfg).await.unwrap();
+    let live = b.put_with_version(b"live", b"1", None).await.unwrap();
+    let gone = b
+        .put_with_version(b"gone", b"1", None)
+        .await
+        .and(
+            b.put_with_ttl(b"gone", b"2", Duration::from_millis(100))
+                .await,
+        )
+        .map(|_| 2)
+        .unwrap();
+    b.put(b"deleted", b"1").await.unwrap();
+    b.delete(b"deleted").await.unwrap();
+    b.put(b"cas", b"a").await.unwrap();
+    b.put(b"archived", b"kept").await.unwrap();
+    let archived_version = b.get_entry(b"archived").await.unwrap().unwrap().version;
+    let old_window = partition_of(&b, b"live").await;
+    next_window(&b, ended_windows(&b).await).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+
+    // Create-if-absent: refused for a live entry in an older window, allowed for an expired
+    // or deleted one, whose version it continues.
+    let e = b.put_with_version(b"live", b"x", None).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+    assert_eq!(
+        b.put_with_version(b"gone", b"3", None).await.unwrap(),
+        gone + 1
+    );
+    assert_eq!(b.put_with_version(b"deleted", b"2", None).await.unwrap(), 3);
+    // Version and value checks find the entry where it is, and move it to the current window.
+    assert_eq!(
+        b.put_with_version(b"live", b"2", Some(live)).await.unwrap(),
+        live + 1
+    );
+    assert_ne!(partition_of(&b, b"live").await, old_window);
+    assert!(b.compare_and_set(b"cas", Some(b"a"), b"b").await.unwrap());
+    assert_ne!(partition_of(&b, b"cas").await, old_window);
+    assert!(!b.compare_and_set(b"cas", Some(b"a"), b"c").await.unwrap());
+    // Archive and restore.
+    let admin = support::raw(&support::url()).await;
+    admin
+        .execute(
+            &format!(
+                "UPDATE {} SET updated_at = now() - interval '2 days' WHERE key = 'archived'",
+                b.table()
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        b.archive_old_data("old_entries", Duration::from_secs(86_400))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(b.get(b"archived").await.unwrap(), None);
+    assert!(b
+        .restore_archived("old_entries", b"archived")
+        .await
+        .unwrap());
+    let back = b.get_entry(b"archived").await.unwrap().unwrap();
+    assert_eq!(back.value, b"kept");
+    assert!(back.version > archived_version);
+    assert_eq!(duplicate_keys(&b).await, 0);
+}

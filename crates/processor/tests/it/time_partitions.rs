@@ -183,6 +183,22 @@ async fn a_transaction_whose_snapshot_predates_a_new_window_is_retried() {
     assert_eq!(b.get(b"k").await.unwrap(), Some(b"3".to_vec()));
     assert_eq!(b.get_entry(b"k").await.unwrap().unwrap().version, 2);
     assert_eq!(duplicate_keys(&b).await, 0);
+
+    // A restored dump carries the last change's transaction id from another cluster, maybe
+    // one this cluster has not reached: writes go on.
+    let admin = support::raw(&support::url()).await;
+    let advance = b
+        .table()
+        .replace("\"state_entries\"", "\"state_entries_window_advance\"");
+    admin
+        .execute(
+            &format!("SELECT setval('{advance}', pg_current_xact_id()::text::bigint + 1000000)"),
+            &[],
+        )
+        .await
+        .unwrap();
+    b.put(b"k", b"4").await.unwrap();
+    assert_eq!(b.get_entry(b"k").await.unwrap().unwrap().version, 3);
 }
 
 #[tokio::test]

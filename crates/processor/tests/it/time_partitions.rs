@@ -174,6 +174,18 @@ async fn a_transaction_whose_snapshot_predates_a_new_window_is_retried() {
     assert_eq!(e.sqlstate(), Some("40001"), "{e}");
     assert!(e.is_retryable(), "{e}");
     drop(tx);
+    // Also when the transaction had its id before the window changed (an earlier write that
+    // takes no window).
+    let seen = ended_windows(&b).await;
+    let mut tx = b
+        .begin_transaction(IsolationLevel::RepeatableRead)
+        .await
+        .unwrap();
+    tx.notify_durable("windows", "x").await.unwrap();
+    next_window(&b, seen).await;
+    let e = tx.put(b"k", b"2").await.unwrap_err();
+    assert_eq!(e.sqlstate(), Some("40001"), "{e}");
+    drop(tx);
     // The retry loop runs it again with a new snapshot.
     b.transaction(IsolationLevel::RepeatableRead, |tx| {
         Box::pin(async move { tx.put(b"k", b"3").await })

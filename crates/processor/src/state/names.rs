@@ -37,6 +37,9 @@ pub(crate) struct TableNames {
     pub windows: String,
     pub window_advance: String,
     pub write_window: String,
+    /// The two-integer advisory lock that serialises creating window partitions (so two
+    /// instances never create the same one).
+    pub windows_lock: (i32, i32),
     /// Whether the table is partitioned by write window: rows carry `write_window`, the
     /// primary key is `(key, write_window)`, and writes move an entry into the current
     /// window (see [`statements`](crate::state::statements)). Read from the catalog when the
@@ -58,6 +61,7 @@ impl TableNames {
             windows: format!("{schema}.{}", table.suffixed("_windows")),
             window_advance: format!("{schema}.{}", table.suffixed("_window_advance")),
             write_window: format!("{schema}.{}", table.suffixed("_write_window")),
+            windows_lock: (hash32(b"pgstate.write_windows"), floor_lock.1),
             windowed: false,
             next_version: format!("{schema}.{}", table.suffixed("_next_version")),
             floor_lock,

@@ -169,7 +169,12 @@ pub(crate) async fn create_twin<C: GenericClient>(
             c.batch_execute(&row.try_get::<_, String>(0)?).await?;
         }
         windows::premake(c, names, &twin_q, *interval, *premake, &with).await?;
-        windows::advance(c, names, *interval).await?;
+        if windows::advance(c, names, *interval).await? == windows::Advance::NoPartition {
+            return Err(StateError::StorageError {
+                message: format!("no partition for the write window of now in {twin_q}"),
+                sqlstate: None,
+            });
+        }
         return Ok(());
     }
     c.batch_execute(&format!(

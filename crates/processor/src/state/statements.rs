@@ -171,8 +171,9 @@ pub(crate) fn upsert(
     )
 }
 
-/// What an update of an entry's value also sets: on a table partitioned by write window, the
-/// current window (the row moves there).
+/// What every update of an entry (value, version, tombstone) also sets: on a table partitioned
+/// by write window, the current window (the row moves there). So a window that ended only ever
+/// loses rows, and no version in it grows after it ended.
 pub(crate) fn rewindow(names: &TableNames) -> &'static str {
     if names.windowed {
         ", write_window = DEFAULT"
@@ -242,13 +243,13 @@ impl Statements {
                 ),
                 &[T::BYTEA, T::BYTEA, T::INT8, T::JSONB, T::INT8],
             ),
-            (format!("UPDATE {t} SET {TOMBSTONE} WHERE key = $1 AND {LIVE}"), BYTEA),
+            (format!("UPDATE {t} SET {TOMBSTONE}{rewindow} WHERE key = $1 AND {LIVE}"), BYTEA),
             (
                 format!("SELECT key FROM {t} WHERE key >= $1 AND key < $2 AND {LIVE} ORDER BY key"),
                 &[T::BYTEA, T::BYTEA],
             ),
             (format!("SELECT key FROM {t} WHERE key >= $1 AND {LIVE} ORDER BY key"), BYTEA),
-            (format!("UPDATE {t} SET {TOMBSTONE} WHERE {LIVE}"), NONE),
+            (format!("UPDATE {t} SET {TOMBSTONE}{rewindow} WHERE {LIVE}"), NONE),
             (
                 upsert(
                     names,
@@ -272,7 +273,7 @@ impl Statements {
                 &[T::JSONB, T::TEXT_ARRAY, T::JSONB],
             ),
             (
-                format!("UPDATE {t} SET {TOMBSTONE} WHERE key = $1 AND version = $2 AND {LIVE}"),
+                format!("UPDATE {t} SET {TOMBSTONE}{rewindow} WHERE key = $1 AND version = $2 AND {LIVE}"),
                 &[T::BYTEA, T::INT8],
             ),
             (

@@ -30,7 +30,9 @@ pub(crate) async fn create_controls<C: GenericClient>(
 
 /// Creates the partitions of `parent` (the state table, or the twin being built for it) for
 /// the window of now and the `premake` windows after it, where missing, each with `options`
-/// (a `WITH (...)` clause printed by the server, or empty). Returns how many it created.
+/// (a `WITH (...)` clause printed by the server, or empty), under the windows lock for the rest
+/// of the transaction (instances never create the same partition twice). Returns how many it
+/// created.
 pub(crate) async fn premake<C: GenericClient>(
     c: &C,
     names: &TableNames,
@@ -41,6 +43,12 @@ pub(crate) async fn premake<C: GenericClient>(
 ) -> StateResult<u64> {
     let seconds = interval.as_secs() as f64;
     let prefix = format!("{}_w", names.table.as_str());
+    let (class, object) = names.windows_lock;
+    c.execute_typed(
+        "SELECT pg_advisory_xact_lock($1, $2)",
+        &[(&class, Type::INT4), (&object, Type::INT4)],
+    )
+    .await?;
     // Names and bounds are printed by the server: the partition name from validated parts
     // (%I quotes it), the bounds as literals (%L).
     let ddl = c
@@ -87,15 +95,22 @@ pub(crate) async fn premake<C: GenericClient>(
 
 /// Makes the window of now the current one, if it is not already, in the caller's
 /// transaction: takes the floor lock exclusively (waiting as the transaction's `lock_timeout`
-/// allows), ends the current window, starts the new one and records this transaction as the
-/// last change. The new window's partition must exist ([`premake`]). Returns whether the
-/// window changed.
+/// allows), ends the current window (at the clock time it got the lock: every write into it
+/// started before), starts the new one and records this transaction as the last change. The
+/// new window's partition must exist ([`premake`]).
 pub(crate) async fn advance<C: GenericClient>(
     c: &C,
     names: &TableNames,
     interval: Duration,
-) -> StateResult<bool> {
+) -> StateResult<Advance> {
     let seconds = interval.as_secs() as f64;
+    // Decided under the lock: another instance may have changed the window meanwhile.
+    let (class, object) = names.floor_lock;
+    c.execute_typed(
+        "SELECT pg_advisory_xact_lock($1, $2)",
+        &[(&class, Type::INT4), (&object, Type::INT4)],
+    )
+    .await?;
     let due: bool = c
         .query_typed_one(
             &format!(
@@ -109,36 +124,26 @@ pub(crate) async fn advance<C: GenericClient>(
         .await?
         .try_get(0)?;
     if !due {
-        return Ok(false);
+        return Ok(Advance::Current);
     }
-    let (class, object) = names.floor_lock;
-    c.execute_typed(
-        "SELECT pg_advisory_xact_lock($1, $2)",
-        &[(&class, Type::INT4), (&object, Type::INT4)],
-    )
-    .await?;
     let w = &names.windows;
     let changed = c
         .execute_typed(
             &format!(
                 "WITH target AS (SELECT to_timestamp(floor(extract(epoch FROM now()) / $1) * $1) AS start),
-                      ended AS (UPDATE {w} SET ended = now()
+                      ended AS (UPDATE {w} SET ended = clock_timestamp()
                                 WHERE became_current IS NOT NULL AND ended IS NULL
                                   AND window_start < (SELECT start FROM target))
-                 UPDATE {w} SET became_current = now()
+                 UPDATE {w} SET became_current = clock_timestamp()
                  WHERE window_start = (SELECT start FROM target) AND became_current IS NULL"
             ),
             &[(&seconds, Type::FLOAT8)],
         )
         .await?;
     if changed == 0 {
-        return Err(crate::state::error::StateError::StorageError {
-            message: format!(
-                "the write window of now has no partition of {}: it must be created ahead",
-                names.qualified
-            ),
-            sqlstate: None,
-        });
+        // The window of now has no partition yet: the caller must roll back (the current
+        // window was marked ended above).
+        return Ok(Advance::NoPartition);
     }
     c.execute_typed(
         &format!(
@@ -148,7 +153,18 @@ pub(crate) async fn advance<C: GenericClient>(
         &[],
     )
     .await?;
-    Ok(true)
+    Ok(Advance::Changed)
+}
+
+/// What [`advance`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Advance {
+    /// The window of now became current.
+    Changed,
+    /// It already was.
+    Current,
+    /// It has no partition yet ([`premake`] first).
+    NoPartition,
 }
 
 /// The storage settings of `relation` as a ` WITH (...)` clause printed by the server, or

@@ -165,7 +165,12 @@ impl EnhancedPostgresBackend {
         };
         let windows = maintenance::window_settings(&store, &config).await?;
         if let Some((window, premake)) = windows {
-            crate::state::maintenance::roll_windows(&store, window, premake).await?;
+            // Best effort: a table busy or a role without rights to create partitions must
+            // not stop the backend; writes go on into the current window meanwhile, and the
+            // background task tries again.
+            if let Err(e) = crate::state::maintenance::roll_windows(&store, window, premake).await {
+                tracing::warn!(table = %store.names.qualified, error = %e, "starting the write window of now failed");
+            }
         }
         tracing::info!(url = %config.redacted_url(), table = %store.names.qualified, replicas = store.router.replicas.len(), "state backend ready");
         let inner = Arc::new(Inner {

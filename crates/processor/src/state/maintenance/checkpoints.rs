@@ -229,8 +229,9 @@ pub(crate) async fn restore(store: &Store, id: i64) -> StateResult<u64> {
         rewindow(n)
     );
     let bury = format!(
-        "UPDATE {t} s SET {TOMBSTONE} \
-         WHERE {LIVE} AND NOT EXISTS (SELECT 1 FROM {e} c WHERE c.checkpoint_id = $1 AND c.key = s.key)"
+        "UPDATE {t} s SET {TOMBSTONE}{} \
+         WHERE {LIVE} AND NOT EXISTS (SELECT 1 FROM {e} c WHERE c.checkpoint_id = $1 AND c.key = s.key)",
+        rewindow(n)
     );
     let insert = format!(
         "INSERT INTO {t} (key, value, metadata, created_at, expires_at) \

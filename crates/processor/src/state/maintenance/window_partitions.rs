@@ -9,7 +9,7 @@ use tokio_postgres::types::Type;
 use crate::state::error::{sqlstate, StateError, StateResult};
 use crate::state::maintenance::floor;
 use crate::state::store::Store;
-use crate::state::windows;
+use crate::state::windows::{self, Advance};
 
 /// A partition dropped whole by a cleanup pass.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -21,7 +21,8 @@ pub struct DroppedPartition {
     /// When the next window became current (for a window that never became current, its
     /// nominal end).
     pub ended: SystemTime,
-    /// Rows it held (expired entries and tombstones included).
+    /// Rows it held (expired entries and tombstones included), counted just before the drop
+    /// (an entry a write moved out meanwhile is counted but kept).
     pub rows: u64,
 }
 
@@ -49,11 +50,13 @@ pub(crate) async fn interval(store: &Store) -> StateResult<Option<Duration>> {
     Ok(seconds.map(Duration::from_secs_f64))
 }
 
-/// Creates the partitions of the window of now and `premake` after it, and makes the window
-/// of now current; returns whether the current window changed. The change, which needs only
-/// the floor lock, comes first (retried while it is busy), with partitions made at earlier
-/// rounds. Creating a partition waits for every transaction reading the table (PostgreSQL
-/// locks the parent): when one runs for long, it is left for a later round.
+/// Makes the window of now current and creates the partitions of the `premake` windows after
+/// it, where missing; returns whether the current window changed. Each step is retried while
+/// the locks it needs are busy. The change needs only the floor lock and uses partitions made
+/// at earlier rounds; creating a partition waits for every transaction using the table
+/// (PostgreSQL locks the parent), so while one runs for long the partitions wait for a later
+/// round. After a downtime longer than `premake` windows the window of now has no partition:
+/// it is created, then the change is made.
 pub(crate) async fn roll(store: &Store, interval: Duration, premake: u32) -> StateResult<bool> {
     let names = &store.names;
     // New partitions take the storage settings of the newest one.
@@ -61,25 +64,50 @@ pub(crate) async fn roll(store: &Store, interval: Duration, premake: u32) -> Sta
                   JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid \
                   WHERE i.inhparent = $2::text::regclass ORDER BY c.relname DESC LIMIT 1";
     let schema = names.schema.to_string();
+    // The change first, with partitions made at earlier rounds; when the window of now has
+    // none (after a downtime), again once they are made.
+    let mut outcome = advance_retrying(store, interval).await?;
     let mut attempt = 0;
-    let changed = loop {
+    loop {
+        attempt += 1;
+        match make_ahead(store, newest, &schema, interval, premake).await {
+            Err(e) if busy(&e) && attempt < ATTEMPTS => pause(attempt).await,
+            Err(e) if busy(&e) => {
+                tracing::debug!(table = %names.qualified, "partitions ahead not created: the table is busy");
+                break;
+            }
+            other => break other?,
+        }
+    }
+    if outcome == Advance::NoPartition {
+        outcome = advance_retrying(store, interval).await?;
+    }
+    match outcome {
+        Advance::Changed => {
+            tracing::info!(table = %names.qualified, "a new write window started");
+            Ok(true)
+        }
+        Advance::Current => Ok(false),
+        Advance::NoPartition => Err(StateError::StorageError {
+            message: format!(
+                "the write window of now has no partition of {} yet: the table was too busy \
+                 to create it; writes go on into the previous window",
+                names.qualified
+            ),
+            sqlstate: Some(sqlstate::LOCK_NOT_AVAILABLE.to_string()),
+        }),
+    }
+}
+
+async fn advance_retrying(store: &Store, interval: Duration) -> StateResult<Advance> {
+    let mut attempt = 0;
+    loop {
         attempt += 1;
         match advance(store, interval).await {
             Err(e) if busy(&e) && attempt < ATTEMPTS => pause(attempt).await,
-            other => break other?,
+            other => return other,
         }
-    };
-    if changed {
-        tracing::info!(table = %names.qualified, "a new write window started");
     }
-    // One attempt: partitions made ahead can wait for the next round when the table is busy.
-    match make_ahead(store, newest, &schema, interval, premake).await {
-        Err(e) if busy(&e) => {
-            tracing::debug!(table = %names.qualified, "partitions ahead not created: the table is busy");
-        }
-        other => other?,
-    }
-    Ok(changed)
 }
 
 async fn pause(attempt: u32) {
@@ -123,15 +151,20 @@ async fn make_ahead(
 }
 
 /// One attempt at changing to the window of now.
-async fn advance(store: &Store, interval: Duration) -> StateResult<bool> {
+async fn advance(store: &Store, interval: Duration) -> StateResult<Advance> {
     store
         .on_primary(async |c| {
             let tx = c.client.transaction().await?;
             tx.batch_execute(&format!("SET LOCAL lock_timeout = {LOCK_WAIT_MS}"))
                 .await?;
-            let changed = windows::advance(&tx, &store.names, interval).await?;
-            tx.commit().await?;
-            Ok(changed)
+            let outcome = windows::advance(&tx, &store.names, interval).await?;
+            // Without a partition for the window of now, the current window stays as it was.
+            if outcome == Advance::Changed {
+                tx.commit().await?;
+            } else {
+                tx.rollback().await?;
+            }
+            Ok(outcome)
         })
         .await
 }
@@ -211,6 +244,12 @@ pub(crate) async fn drop_windows(
 
 /// Drops one window's partition (unless, `!unconditional`, it holds a live entry): returns
 /// the rows it held, or `None` when it was kept.
+///
+/// A window that ended only loses rows (every write moves its entry to the current window), so
+/// what is read before taking any lock stays true: a live entry stays live until a write moves
+/// it out, and no version grows. The drop itself then holds the table exclusively for a moment
+/// only (after waiting at most 100 ms for statements in flight), and takes the locks in the
+/// order writers do (the table first, then the floor lock).
 async fn drop_one(
     store: &Store,
     name: &str,
@@ -221,33 +260,28 @@ async fn drop_one(
     let s = &names.schema;
     let part = crate::state::ident::Ident::new("partition", name)?;
     let t = &names.qualified;
-    let contents = format!(
-        "SELECT count(*)::bigint, coalesce(max(version), 0)::bigint, \
-                count(*) FILTER (WHERE expires_at IS NULL OR expires_at > now())::bigint \
-         FROM {s}.{part}"
+    let any_live = format!(
+        "SELECT EXISTS (SELECT 1 FROM {s}.{part} WHERE expires_at IS NULL OR expires_at > now())"
     );
+    let contents =
+        format!("SELECT count(*)::bigint, coalesce(max(version), 0)::bigint FROM {s}.{part}");
     let forget = format!("DELETE FROM {} WHERE window_start = $1", names.windows);
     store
         .on_primary(async |c| {
-            let tx = c.client.transaction().await?;
-            tx.batch_execute(&format!("SET LOCAL lock_timeout = {LOCK_WAIT_MS}"))
-                .await?;
-            // No insert runs meanwhile (a dropped entry's key re-created now would start over).
-            floor::lock(&tx, names).await?;
-            tx.batch_execute(&format!("LOCK TABLE {s}.{part} IN ACCESS EXCLUSIVE MODE"))
-                .await?;
-            let row = tx.query_typed_one(&contents, &[]).await?;
-            let (rows, highest, live): (i64, i64, i64) =
-                (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
-            if live > 0 && !unconditional {
-                tx.rollback().await?;
+            if !unconditional && c.client.query_typed_one(&any_live, &[]).await?.try_get(0)? {
                 return Ok(None);
             }
-            floor::raise(&tx, names, highest).await?;
+            let row = c.client.query_typed_one(&contents, &[]).await?;
+            let (rows, highest): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+            let tx = c.client.transaction().await?;
             tx.batch_execute(&format!(
-                "ALTER TABLE {t} DETACH PARTITION {s}.{part}; DROP TABLE {s}.{part}"
+                "SET LOCAL lock_timeout = {LOCK_WAIT_MS}; LOCK TABLE {t} IN ACCESS EXCLUSIVE MODE"
             ))
             .await?;
+            // No insert runs meanwhile: a dropped entry's key created again starts above.
+            floor::lock(&tx, names).await?;
+            floor::raise(&tx, names, highest).await?;
+            tx.batch_execute(&format!("DROP TABLE {s}.{part}")).await?;
             tx.execute_typed(&forget, &[(&start, Type::TIMESTAMPTZ)])
                 .await?;
             tx.commit().await?;

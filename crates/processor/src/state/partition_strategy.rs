@@ -48,8 +48,8 @@ pub enum PartitionStrategy {
     },
     /// One partition per *write window*: consecutive spans of `interval` (aligned to the Unix
     /// epoch), each holding the entries last written while it was the current window.
-    /// Every write puts its entry in the current window's partition (moving it there from an
-    /// older one), so a partition whose window ended more than the retention policy's
+    /// Every write, deletes and `clear()` included, puts its entry in the current window's
+    /// partition (moving it there from an older one; `clear()` so moves every live entry), so a partition whose window ended more than the retention policy's
     /// `max_age` ago holds only entries not written since: retention drops it whole instead
     /// of deleting its rows, and so does expired-entry cleanup once none of its entries is
     /// live. Partitions are named `<table>_w<YYYYMMDDHH24MISS>` (the window's start, UTC).
@@ -61,7 +61,8 @@ pub enum PartitionStrategy {
     /// serialization failure (`40001`), which single operations and
     /// [`transaction`](crate::state::EnhancedPostgresBackend::transaction) retry. Reads of a
     /// key look in every partition (one index probe each). The background cleanup task
-    /// starts new windows and creates `premake` partitions ahead of the current one.
+    /// starts new windows and creates `premake` partitions ahead of the current one. An
+    /// existing table cannot be converted to it online.
     TimeRange {
         /// Length of each window: whole seconds, from 1 second to 366 days.
         interval: Duration,

@@ -308,8 +308,8 @@ pub(crate) async fn swap_in<C: GenericClient>(
     Ok(())
 }
 
-/// Refuses a swap that would lose something attached to the table.
-async fn refuse_what_cannot_move<C: GenericClient>(c: &C, t: &str) -> StateResult<()> {
+/// Refuses a conversion that would lose something attached to the table.
+pub(crate) async fn refuse_what_cannot_move<C: GenericClient>(c: &C, t: &str) -> StateResult<()> {
     let found: Vec<String> = c
         .query_typed(
             "SELECT 'trigger ' || quote_ident(tgname) FROM pg_trigger
@@ -320,6 +320,26 @@ async fn refuse_what_cannot_move<C: GenericClient>(c: &C, t: &str) -> StateResul
              UNION ALL
              SELECT 'foreign key ' || quote_ident(conname) || ' of ' || conrelid::regclass::text
                FROM pg_constraint WHERE confrelid = $1::text::regclass AND contype = 'f'
+             UNION ALL
+             SELECT 'foreign key ' || quote_ident(conname) || ' to ' || confrelid::regclass::text
+               FROM pg_constraint WHERE conrelid = $1::text::regclass AND contype = 'f'
+             UNION ALL
+             SELECT 'identity column ' || quote_ident(attname) FROM pg_attribute
+              WHERE attrelid = $1::text::regclass AND attidentity <> '' AND NOT attisdropped
+             UNION ALL
+             SELECT 'column privileges on ' || quote_ident(attname) FROM pg_attribute
+              WHERE attrelid = $1::text::regclass AND attacl IS NOT NULL AND NOT attisdropped
+             UNION ALL
+             SELECT 'row level security' FROM pg_class
+              WHERE oid = $1::text::regclass AND (relrowsecurity OR relforcerowsecurity)
+             UNION ALL
+             SELECT 'publication ' || quote_ident(p.pubname) FROM pg_publication_rel r
+               JOIN pg_publication p ON p.oid = r.prpubid WHERE r.prrelid = $1::text::regclass
+             UNION ALL
+             SELECT DISTINCT 'view with options ' || v.oid::regclass::text
+               FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid JOIN pg_class v ON v.oid = r.ev_class
+              WHERE d.classid = 'pg_rewrite'::regclass AND d.refobjid = $1::text::regclass
+                AND v.relkind = 'v' AND v.reloptions IS NOT NULL
              UNION ALL
              SELECT DISTINCT 'materialized view ' || v.oid::regclass::text
                FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid JOIN pg_class v ON v.oid = r.ev_class

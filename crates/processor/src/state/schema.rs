@@ -10,7 +10,7 @@
 //! that asks for partitioning is then converted in the same transaction (`partitions`). So
 //! every migration from 008 on must run on a partitioned table as well: no storage
 //! parameters on the table itself (set them on its partitions), no unique index without
-//! `key`.
+//! `key` (and, on a time-range table, without `write_window`).
 
 use sha2::{Digest, Sha256};
 use tokio_postgres::types::Type;
@@ -217,6 +217,9 @@ async fn migrate_on(
             }
         }
     }
+    // Partition bounds are compared in the server's default text forms.
+    tx.batch_execute("SET LOCAL bytea_output = hex; SET LOCAL standard_conforming_strings = on")
+        .await?;
     partitions::ensure(&tx, names, partitioning, created_now).await?;
     let layout = partitions::layout(&tx, &names.qualified).await?;
     tx.commit().await?;

@@ -110,7 +110,8 @@ async fn a_time_range_partitioned_table_passes_the_conformance_suite_and_every_o
         .await
         .unwrap();
     assert_eq!(row.get::<_, String>(0), "RANGE (write_window)");
-    assert_eq!(row.get::<_, i64>(1), 3, "the current window and two ahead");
+    // The current window and two ahead (one more if the test crossed an hour's end).
+    assert!(row.get::<_, i64>(1) >= 3);
     assert_eq!(
         row.get::<_, Vec<String>>(2),
         vec!["key".to_string(), "write_window".to_string()]
@@ -304,11 +305,12 @@ async fn expired_cleanup_drops_windows_whose_entries_all_expired() {
     tokio::time::sleep(Duration::from_millis(250)).await;
     let report = b.apply_retention_policy_report().await.unwrap();
     let dropped_rows: u64 = report.partitions_dropped.iter().map(|p| p.rows).sum();
-    assert_eq!(dropped_rows, 1, "only the window of 'late': {report:?}");
-    assert_eq!(
-        report.rows_deleted, 21,
-        "the 20 expired rows beside 'kept' by row"
-    );
+    // The window of 'late' holds nothing else; the expired entries written beside 'kept' go
+    // row by row (or whole, those written in a window of their own if the writes crossed a
+    // window's end).
+    assert!(dropped_rows >= 1, "the window of 'late': {report:?}");
+    assert_eq!(report.rows_deleted, 21, "{report:?}");
+    assert_eq!(b.get(b"late").await.unwrap(), None);
     assert_eq!(b.get(b"kept").await.unwrap(), Some(b"v".to_vec()));
     assert_eq!(b.count().await.unwrap(), 1);
 }

@@ -304,15 +304,18 @@ impl EnhancedPostgresBackend {
     /// Converts this backend's state table, unpartitioned, to `strategy` while every backend
     /// on it keeps reading and writing: a partitioned copy is filled in batches of 10 000 rows
     /// (later writes reach it through a trigger), checked to hold exactly the table's rows, and
-    /// swapped in under a lock held for a moment. Views on the table, its privileges and
+    /// swapped in under a lock held for a moment. Views on the table, its table privileges and
     /// owner, index names and the version floor carry over; backends started afterwards may
     /// say [`with_partitioning(strategy)`](crate::state::EnhancedPostgresConfig::with_partitioning).
     ///
-    /// Does nothing (`converted: false`) when the table already has `strategy`; refuses a table
-    /// partitioned another way, and one with triggers, row security policies, materialized
-    /// views or foreign keys pointing at it (they would not carry over). A failure before the
-    /// swap leaves the table as it was. Waits up to the operation timeout for a cleanup pass
-    /// on the table to finish.
+    /// Does nothing (`converted: false`) when the table already has `strategy`. Refuses, before
+    /// building anything: a table partitioned another way; time-range partitioning (running
+    /// backends would need a restart); a table with what would not carry over (triggers, row
+    /// level security, column privileges, identity columns, publications, views with options,
+    /// materialized views, foreign keys to or from it); a connection through PgBouncer's
+    /// transaction pooling. A failure before the swap leaves the table as it was; a cancelled
+    /// run leaves its copy and trigger to the next run, which starts over. Waits up to the
+    /// operation timeout for a cleanup pass on the table to finish.
     pub async fn migrate_to_partitioned(
         &self,
         strategy: PartitionStrategy,

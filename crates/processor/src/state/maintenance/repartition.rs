@@ -60,9 +60,20 @@ pub(crate) async fn repartition(
         )));
     }
     let names = &store.names;
+    if store.primary.transaction_pooling() {
+        // Its session settings would outlive it on a server connection PgBouncer shares.
+        return Err(StateError::config(
+            "converting a table to partitions needs a direct connection, not PgBouncer's \
+             transaction pooling: run it from a backend whose URL reaches the server directly",
+        ));
+    }
     let client = store.primary.connect_unpooled().await?;
+    // Bounds are compared in the server's default text forms.
     client
-        .batch_execute("SET statement_timeout = 0; SET lock_timeout = '5s'")
+        .batch_execute(
+            "SET statement_timeout = 0; SET lock_timeout = '5s'; SET bytea_output = hex; \
+             SET standard_conforming_strings = on",
+        )
         .await?;
     let count = |l: &Layout| match l {
         Layout::Plain => 0,
@@ -85,9 +96,11 @@ pub(crate) async fn repartition(
             )))
         }
     }
+    // What could not move to the new table is refused before anything is built.
+    partitions::refuse_what_cannot_move(&client, &names.qualified).await?;
     let twin = partitions::twin_name(names);
     let sync = names.table.suffixed("_repartition_sync");
-    // A run that died half-way left its twin and trigger: start over.
+    // A run that died half-way (or was cancelled) left its twin and trigger: start over.
     undo(&client, store, &twin, &sync).await?;
     let result = async {
         set_up(&client, store, strategy, &twin, &sync).await?;
@@ -119,13 +132,33 @@ pub(crate) async fn repartition(
     })
 }
 
-/// Drops the twin, the trigger and its function, if they exist.
+/// What the twin's comment says, so that only a twin this code built is ever dropped.
+const TWIN_MARK: &str = "pgstate: partitioned copy being built";
+
+/// Drops the twin, the trigger and its function, if they exist. A table with the twin's name
+/// that does not carry [`TWIN_MARK`] is someone else's: refused, nothing dropped.
 async fn undo(client: &Client, store: &Store, twin: &Ident, sync: &Ident) -> StateResult<()> {
     let (t, s) = (&store.names.qualified, &store.names.schema);
+    let twin_q = format!("{s}.{twin}");
+    let found: Option<Option<String>> = client
+        .query_typed_opt(
+            "SELECT obj_description(to_regclass($1), 'pg_class') WHERE to_regclass($1) IS NOT NULL",
+            &[(&twin_q.as_str(), Type::TEXT)],
+        )
+        .await?
+        .map(|r| r.try_get(0))
+        .transpose()?;
+    if let Some(mark) = &found {
+        if mark.as_deref() != Some(TWIN_MARK) {
+            return Err(StateError::config(format!(
+                "{twin_q} exists and was not built by pgstate: rename or drop it first"
+            )));
+        }
+    }
     client
         .batch_execute(&format!(
             "DROP TRIGGER IF EXISTS {sync} ON {t}; DROP FUNCTION IF EXISTS {s}.{sync}(); \
-             DROP TABLE IF EXISTS {s}.{twin}"
+             DROP TABLE IF EXISTS {twin_q}"
         ))
         .await?;
     Ok(())
@@ -140,19 +173,33 @@ async fn set_up(
     sync: &Ident,
 ) -> StateResult<()> {
     let (t, s) = (&store.names.qualified, &store.names.schema);
+    // Every column but the key, as the upsert of the trigger sets it (names quoted by the
+    // server).
+    let set: String = client
+        .query_typed_one(
+            "SELECT string_agg(format('%I = EXCLUDED.%I', attname, attname), ', ' ORDER BY attnum)
+             FROM pg_catalog.pg_attribute
+             WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped AND attname <> 'key'",
+            &[(&t.as_str(), Type::TEXT)],
+        )
+        .await?
+        .try_get(0)?;
     locked_retrying(client, async |tx| {
         partitions::create_twin(tx, &store.names, strategy, twin).await?;
         // The twin has the table's columns in the table's order (LIKE), so a row of one is a
-        // row of the other.
+        // row of the other. The function runs with its owner's rights (a writer needs none on
+        // the twin). Under REPEATABLE READ a twin row a copy batch committed after the
+        // writer's snapshot makes the upsert fail with a serialization failure, to be retried.
         tx.batch_execute(&format!(
-            "CREATE FUNCTION {s}.{sync}() RETURNS trigger LANGUAGE plpgsql
+            "COMMENT ON TABLE {s}.{twin} IS '{TWIN_MARK}';
+             CREATE FUNCTION {s}.{sync}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER
                  SET search_path = pg_catalog, pg_temp AS $body$
                  BEGIN
-                     IF TG_OP IN ('UPDATE', 'DELETE') THEN
+                     IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND OLD.key <> NEW.key) THEN
                          DELETE FROM {s}.{twin} WHERE key = OLD.key;
                      END IF;
                      IF TG_OP IN ('INSERT', 'UPDATE') THEN
-                         INSERT INTO {s}.{twin} SELECT NEW.*;
+                         INSERT INTO {s}.{twin} SELECT NEW.* ON CONFLICT (key) DO UPDATE SET {set};
                      END IF;
                      RETURN NULL;
                  END

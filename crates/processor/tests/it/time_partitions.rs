@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use processor::state::{
     EnhancedPostgresBackend, EnhancedPostgresConfig, ErrorKind, IsolationLevel, PartitionStrategy,
-    RetentionPolicy, StateBackend,
+    RetentionPolicy, RetentionReport, StateBackend,
 };
 
 use crate::partitioning::every_operation;
@@ -73,6 +73,25 @@ async fn next_window(b: &EnhancedPostgresBackend, seen: i64) -> i64 {
             panic!("no new write window: {state:#?} {waits:#?}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Retention passes on `b` until they dropped partitions holding at least `rows` rows (a pass
+/// leaves a partition whose table is busy for the next one), for up to 30 s; what they removed
+/// in all.
+async fn retention_until(b: &EnhancedPostgresBackend, rows: u64) -> RetentionReport {
+    let start = Instant::now();
+    let mut all = RetentionReport::default();
+    loop {
+        let report = b.apply_retention_policy_report().await.unwrap();
+        all.rows_deleted += report.rows_deleted;
+        all.partitions_dropped.extend(report.partitions_dropped);
+        if all.partitions_dropped.iter().map(|p| p.rows).sum::<u64>() >= rows
+            || start.elapsed() > Duration::from_secs(30)
+        {
+            return all;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -262,7 +281,7 @@ async fn retention_drops_whole_windows_and_reports_them() {
     // Written again now: it moves to the current window and survives the drop.
     b.put(b"moved", b"again").await.unwrap();
     b.put(b"fresh", b"v").await.unwrap();
-    let report = b.apply_retention_policy_report().await.unwrap();
+    let report = retention_until(&b, 50).await;
     let dropped_rows: u64 = report.partitions_dropped.iter().map(|p| p.rows).sum();
     assert!(!report.partitions_dropped.is_empty(), "{report:?}");
     assert_eq!(dropped_rows, 50, "{report:?}");
@@ -303,7 +322,7 @@ async fn expired_cleanup_drops_windows_whose_entries_all_expired() {
         .unwrap();
     next_window(&b, seen).await;
     tokio::time::sleep(Duration::from_millis(250)).await;
-    let report = b.apply_retention_policy_report().await.unwrap();
+    let report = retention_until(&b, 1).await;
     let dropped_rows: u64 = report.partitions_dropped.iter().map(|p| p.rows).sum();
     // The window of 'late' holds nothing else; the expired entries written beside 'kept' go
     // row by row (or whole, those written in a window of their own if the writes crossed a
@@ -474,14 +493,7 @@ async fn whole_windows_are_dropped_while_writers_keep_writing() {
         .collect();
     let seen = next_window(&b, ended_windows(&b).await).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let mut dropped = Vec::new();
-    for _ in 0..5 {
-        let report = b.apply_retention_policy_report().await.unwrap();
-        dropped.extend(report.partitions_dropped);
-        if dropped.iter().map(|p| p.rows).sum::<u64>() >= 100 {
-            break;
-        }
-    }
+    let dropped = retention_until(&b, 100).await.partitions_dropped;
     stop.store(true, Ordering::Relaxed);
     for w in writers {
         w.await.unwrap();

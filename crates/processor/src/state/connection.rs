@@ -329,7 +329,8 @@ impl PgConn {
     /// generic plan that prunes partitions only when it runs looks as dear as reading all of
     /// them (measured: point reads on 16 hash partitions at 0.54x a plain table's rate, 0.92x
     /// with generic plans; BENCHMARKS.md). Behind PgBouncer's transaction pooling statements
-    /// are unnamed and planned with their values each time anyway.
+    /// are unnamed and planned with their values each time anyway. Maintenance batches, whose
+    /// `LIMIT` a generic plan would guess, set `plan_cache_mode = auto` for their transaction.
     pub async fn open(connector: &Connector, names: &TableNames) -> StateResult<Self> {
         let client = connector.connect().await?;
         if !connector.transaction_pooling {

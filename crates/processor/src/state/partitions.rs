@@ -168,8 +168,14 @@ pub(crate) async fn create_twin<C: GenericClient>(
         for row in &indexes {
             c.batch_execute(&row.try_get::<_, String>(0)?).await?;
         }
+        // Windows left by an earlier table of this name belong to no partition of this one.
+        c.batch_execute(&format!(
+            "DELETE FROM {}; SELECT setval('{}', 0)",
+            names.windows, names.window_advance
+        ))
+        .await?;
         windows::premake(c, names, &twin_q, *interval, *premake, &with).await?;
-        if windows::advance(c, names, *interval).await? == windows::Advance::NoPartition {
+        if windows::advance(c, names, *interval).await? != windows::Advance::Changed {
             return Err(StateError::StorageError {
                 message: format!("no partition for the write window of now in {twin_q}"),
                 sqlstate: None,
@@ -253,8 +259,9 @@ pub(crate) async fn swap_in<C: GenericClient>(
          FROM pg_class c, pg_partition_tree($2::text::regclass) p
          WHERE c.oid = $1::text::regclass AND c.relowner <> (SELECT relowner FROM pg_class WHERE oid = p.relid)
          UNION ALL
-         SELECT format('COMMENT ON TABLE %s IS %L', $1, obj_description($1::text::regclass, 'pg_class'))
-         WHERE obj_description($1::text::regclass, 'pg_class') IS NOT NULL",
+         SELECT format('COMMENT ON TABLE %s IS %s', $1,
+                       coalesce(quote_literal(obj_description($1::text::regclass, 'pg_class')), 'NULL'))
+         WHERE $2 IS NOT NULL",
     )
     .await?;
     // Each index of the twin takes the name of the table's index with the same definition
@@ -340,6 +347,19 @@ pub(crate) async fn refuse_what_cannot_move<C: GenericClient>(c: &C, t: &str) ->
                FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid JOIN pg_class v ON v.oid = r.ev_class
               WHERE d.classid = 'pg_rewrite'::regclass AND d.refobjid = $1::text::regclass
                 AND v.relkind = 'v' AND v.reloptions IS NOT NULL
+             UNION ALL
+             SELECT 'rule ' || quote_ident(rulename) FROM pg_rewrite
+              WHERE ev_class = $1::text::regclass AND rulename <> '_RETURN'
+             UNION ALL
+             SELECT 'inheritance ' || inhparent::regclass::text || ' -> ' || inhrelid::regclass::text
+               FROM pg_inherits WHERE inhrelid = $1::text::regclass OR inhparent = $1::text::regclass
+             UNION ALL
+             SELECT 'generated column ' || quote_ident(attname) FROM pg_attribute
+              WHERE attrelid = $1::text::regclass AND attgenerated <> '' AND NOT attisdropped
+             UNION ALL
+             SELECT 'a table named ' || c.oid::regclass::text || ' (the name the old table takes)'
+               FROM pg_class c JOIN pg_class t ON t.oid = $1::text::regclass
+              WHERE c.relnamespace = t.relnamespace AND c.relname = t.relname || '_unpartitioned'
              UNION ALL
              SELECT DISTINCT 'materialized view ' || v.oid::regclass::text
                FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid JOIN pg_class v ON v.oid = r.ev_class

@@ -104,33 +104,36 @@ pub(crate) async fn advance<C: GenericClient>(
     interval: Duration,
 ) -> StateResult<Advance> {
     let seconds = interval.as_secs() as f64;
-    // Decided under the lock: another instance may have changed the window meanwhile.
+    let due_sql = format!(
+        "SELECT coalesce(max(window_start) FILTER (WHERE became_current IS NOT NULL AND ended IS NULL)
+                         < to_timestamp(floor(extract(epoch FROM clock_timestamp()) / $1) * $1), true)
+         FROM {}",
+        names.windows
+    );
+    let due = async || -> StateResult<bool> {
+        Ok(c.query_typed_one(&due_sql, &[(&seconds, Type::FLOAT8)])
+            .await?
+            .try_get(0)?)
+    };
+    // Checked without the lock first: a round with nothing to change never holds writers up.
+    if !due().await? {
+        return Ok(Advance::Current);
+    }
+    // Then again under the lock: another instance may have changed the window meanwhile.
     let (class, object) = names.floor_lock;
     c.execute_typed(
         "SELECT pg_advisory_xact_lock($1, $2)",
         &[(&class, Type::INT4), (&object, Type::INT4)],
     )
     .await?;
-    let due: bool = c
-        .query_typed_one(
-            &format!(
-                "SELECT coalesce(max(window_start) FILTER (WHERE became_current IS NOT NULL AND ended IS NULL)
-                                 < to_timestamp(floor(extract(epoch FROM now()) / $1) * $1), true)
-                 FROM {}",
-                names.windows
-            ),
-            &[(&seconds, Type::FLOAT8)],
-        )
-        .await?
-        .try_get(0)?;
-    if !due {
+    if !due().await? {
         return Ok(Advance::Current);
     }
     let w = &names.windows;
     let changed = c
         .execute_typed(
             &format!(
-                "WITH target AS (SELECT to_timestamp(floor(extract(epoch FROM now()) / $1) * $1) AS start),
+                "WITH target AS (SELECT to_timestamp(floor(extract(epoch FROM clock_timestamp()) / $1) * $1) AS start),
                       ended AS (UPDATE {w} SET ended = clock_timestamp()
                                 WHERE became_current IS NOT NULL AND ended IS NULL
                                   AND window_start < (SELECT start FROM target))

@@ -590,3 +590,41 @@ async fn a_table_named_like_the_twin_is_never_dropped() {
     assert_eq!(kept, 1);
     assert_eq!(catalog_layout(b.table()).await.0, None);
 }
+
+#[tokio::test]
+async fn a_conversion_left_half_way_is_started_over() {
+    let b = support::backend("part_rerun").await;
+    for i in 0..100 {
+        b.put(format!("k{i}").as_bytes(), b"v").await.unwrap();
+    }
+    let table = b.table().to_string();
+    let schema = format!("\"{}\"", cfg_schema(&table));
+    // What a cancelled run leaves: its marked copy, its function and its trigger. And a table
+    // without a comment (the copy's mark must not end up on it).
+    let admin = support::raw(&support::url()).await;
+    admin
+        .batch_execute(&format!(
+            "CREATE TABLE {schema}.state_entries_repartition (LIKE {table} INCLUDING ALL) PARTITION BY HASH (key);
+             COMMENT ON TABLE {schema}.state_entries_repartition IS 'pgstate: partitioned copy being built';
+             CREATE FUNCTION {schema}.state_entries_repartition_sync() RETURNS trigger LANGUAGE plpgsql
+                 AS $$BEGIN RETURN NULL; END$$;
+             CREATE TRIGGER state_entries_repartition_sync AFTER INSERT ON {table}
+                 FOR EACH ROW EXECUTE FUNCTION {schema}.state_entries_repartition_sync();
+             COMMENT ON TABLE {table} IS NULL"
+        ))
+        .await
+        .unwrap();
+    let report = b.migrate_to_partitioned(HASH16).await.unwrap();
+    assert!(report.converted);
+    assert_eq!(b.count().await.unwrap(), 100);
+    let row = admin
+        .query_one(
+            "SELECT obj_description($1::text::regclass, 'pg_class'),
+                    (SELECT count(*) FROM pg_trigger WHERE tgrelid = $1::text::regclass AND NOT tgisinternal)",
+            &[&table],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, Option<String>>(0), None);
+    assert_eq!(row.get::<_, i64>(1), 0);
+}

@@ -98,7 +98,7 @@ pub(crate) async fn create(
     let mut conn = store.primary.get().await?;
     conn.set_in_transaction(true);
     step(&mut conn, limit, async |c| {
-        c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SET LOCAL plan_cache_mode = auto")
             .await
     })
     .await?;

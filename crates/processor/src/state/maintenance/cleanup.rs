@@ -176,6 +176,9 @@ async fn batch(
                 .isolation_level(IsolationLevel::ReadCommitted)
                 .start()
                 .await?;
+            // Planned with this batch's values (pooled sessions plan generically, which would
+            // guess the LIMIT).
+            tx.batch_execute("SET LOCAL plan_cache_mode = auto").await?;
             let window_end: Option<Vec<u8>> = match &plan.window {
                 Some(sql) => tx
                     .query_typed_opt(

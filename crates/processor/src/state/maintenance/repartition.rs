@@ -96,12 +96,12 @@ pub(crate) async fn repartition(
             )))
         }
     }
-    // What could not move to the new table is refused before anything is built.
-    partitions::refuse_what_cannot_move(&client, &names.qualified).await?;
     let twin = partitions::twin_name(names);
     let sync = names.table.suffixed("_repartition_sync");
     // A run that died half-way (or was cancelled) left its twin and trigger: start over.
     undo(&client, store, &twin, &sync).await?;
+    // What could not move to the new table is refused before anything is built.
+    partitions::refuse_what_cannot_move(&client, &names.qualified).await?;
     let result = async {
         set_up(&client, store, strategy, &twin, &sync).await?;
         let copied = copy_rows(&client, store, &twin, batch_size, progress).await?;

@@ -30,6 +30,8 @@ pub struct DroppedPartition {
 /// up for this round (writers would queue behind it meanwhile).
 const LOCK_WAIT_MS: u32 = 100;
 const ATTEMPTS: u32 = 20;
+/// Attempts at dropping one window's partition in a pass.
+const DROP_ATTEMPTS: u32 = 10;
 
 /// The window length of a table partitioned by write window, from its windows.
 pub(crate) async fn interval(store: &Store) -> StateResult<Option<Duration>> {
@@ -51,8 +53,9 @@ pub(crate) async fn interval(store: &Store) -> StateResult<Option<Duration>> {
 }
 
 /// Makes the window of now current and creates the partitions of the `premake` windows after
-/// it, where missing; returns whether the current window changed. Each step is retried while
-/// the locks it needs are busy. The change needs only the floor lock and uses partitions made
+/// it, where missing; returns whether the current window changed. The change is retried while
+/// the floor lock is busy; the partitions ahead get one attempt a round (more when the window
+/// of now has none). The change needs only the floor lock and uses partitions made
 /// at earlier rounds; creating a partition waits for every transaction using the table
 /// (PostgreSQL locks the parent), so while one runs for long the partitions wait for a later
 /// round. After a downtime longer than `premake` windows the window of now has no partition:
@@ -67,11 +70,18 @@ pub(crate) async fn roll(store: &Store, interval: Duration, premake: u32) -> Sta
     // The change first, with partitions made at earlier rounds; when the window of now has
     // none (after a downtime), again once they are made.
     let mut outcome = advance_retrying(store, interval).await?;
+    // Partitions ahead get one attempt a round (each waits for the table's users), unless the
+    // window of now needs one.
+    let attempts = if outcome == Advance::NoPartition {
+        ATTEMPTS
+    } else {
+        1
+    };
     let mut attempt = 0;
     loop {
         attempt += 1;
         match make_ahead(store, newest, &schema, interval, premake).await {
-            Err(e) if busy(&e) && attempt < ATTEMPTS => pause(attempt).await,
+            Err(e) if busy(&e) && attempt < attempts => pause(attempt).await,
             Err(e) if busy(&e) => {
                 tracing::debug!(table = %names.qualified, "partitions ahead not created: the table is busy");
                 break;
@@ -222,7 +232,17 @@ pub(crate) async fn drop_windows(
         if !past_max_age && !expired {
             continue;
         }
-        match drop_one(store, &name, start, past_max_age).await {
+        // A busy table is tried a few times: the row sweeps of this pass would otherwise
+        // delete the window's entries one by one.
+        let mut attempt = 0;
+        let outcome = loop {
+            attempt += 1;
+            match drop_one(store, &name, start, past_max_age).await {
+                Err(e) if busy(&e) && attempt < DROP_ATTEMPTS => pause(attempt).await,
+                other => break other,
+            }
+        };
+        match outcome {
             Ok(Some(rows)) => {
                 tracing::info!(table = %names.qualified, partition = %name, rows, "dropped a write window's partition");
                 dropped.push(DroppedPartition {
@@ -266,6 +286,11 @@ async fn drop_one(
     let contents =
         format!("SELECT count(*)::bigint, coalesce(max(version), 0)::bigint FROM {s}.{part}");
     let forget = format!("DELETE FROM {} WHERE window_start = $1", names.windows);
+    let recheck = format!(
+        "SELECT EXISTS (SELECT 1 FROM {} WHERE window_start = $1 \
+         AND (ended IS NOT NULL OR (became_current IS NULL AND window_end <= clock_timestamp())))",
+        names.windows
+    );
     store
         .on_primary(async |c| {
             if !unconditional && c.client.query_typed_one(&any_live, &[]).await?.try_get(0)? {
@@ -280,6 +305,16 @@ async fn drop_one(
             .await?;
             // No insert runs meanwhile: a dropped entry's key created again starts above.
             floor::lock(&tx, names).await?;
+            // A window that became current meanwhile (a change of window waiting for the floor
+            // lock when the candidates were read) stays.
+            let still_droppable: bool = tx
+                .query_typed_one(&recheck, &[(&start, Type::TIMESTAMPTZ)])
+                .await?
+                .try_get(0)?;
+            if !still_droppable {
+                tx.rollback().await?;
+                return Ok(None);
+            }
             floor::raise(&tx, names, highest).await?;
             tx.batch_execute(&format!("DROP TABLE {s}.{part}")).await?;
             tx.execute_typed(&forget, &[(&start, Type::TIMESTAMPTZ)])

@@ -95,6 +95,24 @@ async fn retention_until(b: &EnhancedPostgresBackend, rows: u64) -> RetentionRep
     }
 }
 
+/// A backend on 1 s windows with retention by `max_age` (passes run when the test asks) and
+/// `n` entries `old0`, `old1`, ...
+async fn with_old_entries(tag: &str, max_age: Duration, n: usize) -> EnhancedPostgresBackend {
+    let cfg = support::config(tag)
+        .with_partitioning(windows(1))
+        .with_retention_policy(RetentionPolicy {
+            enabled: true,
+            max_age,
+            cleanup_interval: Duration::from_secs(3600),
+            ..RetentionPolicy::default()
+        });
+    let b = EnhancedPostgresBackend::new(cfg).await.unwrap();
+    for i in 0..n {
+        b.put(format!("old{i}").as_bytes(), b"v").await.unwrap();
+    }
+    b
+}
+
 /// Keys that appear more than once in `b`'s table.
 async fn duplicate_keys(b: &EnhancedPostgresBackend) -> i64 {
     let admin = support::raw(&support::url()).await;
@@ -258,19 +276,7 @@ async fn a_transaction_whose_snapshot_predates_a_new_window_is_retried() {
 
 #[tokio::test]
 async fn retention_drops_whole_windows_and_reports_them() {
-    let cfg = support::config("part_time_drop")
-        .with_partitioning(windows(1))
-        .with_retention_policy(RetentionPolicy {
-            enabled: true,
-            max_age: Duration::from_secs(2),
-            // Passes run when the test asks.
-            cleanup_interval: Duration::from_secs(3600),
-            ..RetentionPolicy::default()
-        });
-    let b = EnhancedPostgresBackend::new(cfg).await.unwrap();
-    for i in 0..50 {
-        b.put(format!("old{i}").as_bytes(), b"v").await.unwrap();
-    }
+    let b = with_old_entries("part_time_drop", Duration::from_secs(2), 50).await;
     b.put(b"moved", b"v").await.unwrap();
     let old_version = b.get_entry(b"old0").await.unwrap().unwrap().version;
     for _ in 0..3 {
@@ -462,18 +468,7 @@ async fn a_backend_starts_after_a_downtime_longer_than_the_windows_made_ahead() 
 
 #[tokio::test]
 async fn whole_windows_are_dropped_while_writers_keep_writing() {
-    let cfg = support::config("part_time_busy")
-        .with_partitioning(windows(1))
-        .with_retention_policy(RetentionPolicy {
-            enabled: true,
-            max_age: Duration::from_secs(1),
-            cleanup_interval: Duration::from_secs(3600),
-            ..RetentionPolicy::default()
-        });
-    let b = EnhancedPostgresBackend::new(cfg).await.unwrap();
-    for i in 0..100 {
-        b.put(format!("old{i}").as_bytes(), b"v").await.unwrap();
-    }
+    let b = with_old_entries("part_time_busy", Duration::from_secs(1), 100).await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writes = Arc::new(AtomicU64::new(0));
     let writers: Vec<_> = (0..4)

@@ -19,6 +19,10 @@ pub const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// Longest accepted metadata document, in bytes of JSON text.
 pub const MAX_METADATA_LEN: usize = 32 * 1024 * 1024;
 
+/// Most keys one [`get_many`](crate::state::EnhancedPostgresBackend::get_many) takes (their
+/// values come back in one response).
+pub const MAX_GET_MANY: usize = 10_000;
+
 /// Checks a key: non-empty and at most [`MAX_KEY_LEN`] bytes.
 pub fn check_key(key: &[u8]) -> StateResult<()> {
     if key.is_empty() {

@@ -200,6 +200,14 @@ impl PgConn {
         Ok(row.map(|r| r.try_get(0)).transpose()?)
     }
 
+    /// The live entries among `keys`, as (key, value), in no order.
+    pub(crate) async fn get_many(&self, keys: &[&[u8]]) -> StateResult<Vec<(Vec<u8>, Vec<u8>)>> {
+        let rows = self.stmts.get_many.query(&self.client, &[&keys]).await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect()
+    }
+
     pub(crate) async fn get_entry(&self, key: &[u8]) -> StateResult<Option<StateEntry>> {
         let row = self
             .stmts

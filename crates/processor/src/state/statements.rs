@@ -39,6 +39,7 @@ pub(crate) struct Statements {
     pub cas_update: Stmt,
     pub insert_lsn: Stmt,
     pub replay_lsn: Stmt,
+    pub get_many: Stmt,
 }
 
 /// One statement: its SQL and parameter types, and its prepared form on this connection
@@ -215,7 +216,7 @@ impl Statements {
         let rewindow = rewindow(names);
         let one_entry = format!("VALUES ($1::bytea, $2::bytea, $3::jsonb, {})", expiry(4));
         const ENTRY_INPUT: &[&str] = &["key", "value", "metadata", "expires_at"];
-        let specs: [(String, &'static [Type]); 18] = [
+        let specs: [(String, &'static [Type]); 19] = [
             (format!("SELECT value FROM {t} WHERE key = $1 AND {LIVE}"), BYTEA),
             (format!("SELECT {ENTRY_COLUMNS} FROM {t} WHERE key = $1 AND {LIVE}"), BYTEA),
             (format!("SELECT EXISTS (SELECT 1 FROM {t} WHERE key = $1 AND {LIVE})"), BYTEA),
@@ -295,6 +296,10 @@ impl Statements {
                     .to_string(),
                 NONE,
             ),
+            (
+                format!("SELECT key, value FROM {t} WHERE key = ANY($1) AND {LIVE}"),
+                &[T::BYTEA_ARRAY],
+            ),
         ];
         let prepared: Vec<Option<Statement>> = if unnamed {
             specs.iter().map(|_| None).collect()
@@ -342,6 +347,7 @@ impl Statements {
             cas_update: next()?,
             insert_lsn: next()?,
             replay_lsn: next()?,
+            get_many: next()?,
         })
     }
 }

@@ -2,6 +2,7 @@
 //! by the operation timeout, counted in the statistics, with reads routed (replicas, failover,
 //! read-your-writes) and writes recorded in their session.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,7 +11,7 @@ use futures_util::future::join;
 use crate::state::causal::{Scope, Session};
 use crate::state::connection::PgConn;
 use crate::state::error::{sqlstate, ErrorKind, StateError, StateResult};
-use crate::state::limits::{check_entry, check_key, check_metadata};
+use crate::state::limits::{check_entry, check_key, check_metadata, MAX_GET_MANY};
 use crate::state::names::TableNames;
 use crate::state::ops::{check_batch, MetadataQuery, StateEntry};
 use crate::state::pool::{bounded, ConnPool};
@@ -242,6 +243,33 @@ impl Store {
     pub async fn count(&self, scope: Scope<'_>) -> StateResult<usize> {
         self.read(scope, Op::Count, &(), |c, ()| Box::pin(c.count()))
             .await
+    }
+
+    /// The values of `keys` (at most [`MAX_GET_MANY`]) in their order, `None` for a key with
+    /// no live entry, from one statement on one node.
+    pub async fn get_many(
+        &self,
+        keys: &[&[u8]],
+        scope: Scope<'_>,
+    ) -> StateResult<Vec<Option<Vec<u8>>>> {
+        if keys.len() > MAX_GET_MANY {
+            return Err(StateError::invalid(format!(
+                "get_many takes at most {MAX_GET_MANY} keys, not {}",
+                keys.len()
+            )));
+        }
+        for key in keys {
+            check_key(key)?;
+        }
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let found: HashMap<Vec<u8>, Vec<u8>> = self
+            .read(scope, Op::Get, keys, |c, k| Box::pin(c.get_many(k)))
+            .await?
+            .into_iter()
+            .collect();
+        Ok(keys.iter().map(|k| found.get(*k).cloned()).collect())
     }
 
     pub async fn list_keys(&self, prefix: &[u8], scope: Scope<'_>) -> StateResult<Vec<Vec<u8>>> {

@@ -253,6 +253,43 @@ pub async fn run_enhanced(b: &EnhancedPostgresBackend) {
     }
     assert_eq!(b.list_keys(b"batch:").await.unwrap().len(), 12_000);
     assert_eq!(b.get_entry(b"batch:7").await.unwrap().unwrap().version, 3);
+
+    // Many keys in one read: order kept, duplicates answered twice, absent, deleted and
+    // expired keys `None`; bad input refused.
+    b.put(b"gm:deleted", b"x").await.unwrap();
+    b.delete(b"gm:deleted").await.unwrap();
+    b.put_with_ttl(b"gm:expired", b"x", Duration::from_millis(1))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let keys: Vec<&[u8]> = vec![
+        b"batch:2",
+        b"gm:absent",
+        b"gm:deleted",
+        b"batch:11999",
+        b"gm:expired",
+        b"batch:2",
+    ];
+    assert_eq!(
+        b.get_many(&keys).await.unwrap(),
+        vec![
+            Some(2u32.to_be_bytes().to_vec()),
+            None,
+            None,
+            Some(11_999u32.to_be_bytes().to_vec()),
+            None,
+            Some(2u32.to_be_bytes().to_vec()),
+        ]
+    );
+    assert!(b.get_many(&[]).await.unwrap().is_empty());
+    let many: Vec<&[u8]> = refs.iter().map(|(k, _)| *k).take(10_000).collect();
+    let values = b.get_many(&many).await.unwrap();
+    assert!(values.iter().all(Option::is_some) && values.len() == 10_000);
+    let too_many: Vec<&[u8]> = vec![b"k"; processor::state::limits::MAX_GET_MANY + 1];
+    for bad in [too_many, vec![&b""[..]]] {
+        let e = b.get_many(&bad).await.unwrap_err();
+        assert_eq!(e.kind(), processor::state::ErrorKind::InvalidInput, "{e}");
+    }
 }
 
 #[tokio::test]

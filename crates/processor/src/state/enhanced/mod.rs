@@ -281,6 +281,15 @@ impl EnhancedPostgresBackend {
         self.store().batch_copy(&self.session, entries).await
     }
 
+    /// The values of `keys`, in their order (`None` for a key with no live entry; a key given
+    /// twice gets its value twice), read by one statement in one round trip, on a replica when
+    /// one may serve the read (as [`get`](StateBackend::get)). At most
+    /// [`MAX_GET_MANY`](crate::state::limits::MAX_GET_MANY) keys; more, or an invalid key, is
+    /// [`StateError::InvalidInput`](crate::state::StateError::InvalidInput).
+    pub async fn get_many(&self, keys: &[&[u8]]) -> StateResult<Vec<Option<Vec<u8>>>> {
+        self.store().get_many(keys, self.scope()).await
+    }
+
     /// Optimistic write. `None`: create the entry, failing with
     /// [`StateError::ConcurrentModification`](crate::state::StateError::ConcurrentModification)
     /// if a live entry exists. `Some(v)`: replace the entry only if its version is still `v`

@@ -23,6 +23,10 @@ pub const MAX_METADATA_LEN: usize = 32 * 1024 * 1024;
 /// values come back in one response).
 pub const MAX_GET_MANY: usize = 10_000;
 
+/// Most keys one page of
+/// [`list_keys_page`](crate::state::EnhancedPostgresBackend::list_keys_page) holds.
+pub const MAX_PAGE: usize = 100_000;
+
 /// Checks a key: non-empty and at most [`MAX_KEY_LEN`] bytes.
 pub fn check_key(key: &[u8]) -> StateResult<()> {
     if key.is_empty() {

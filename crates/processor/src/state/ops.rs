@@ -330,6 +330,33 @@ impl PgConn {
             .collect()
     }
 
+    /// Up to `limit` live keys starting with `prefix` and after `after` (the empty string: from
+    /// the first), in key order.
+    pub(crate) async fn list_keys_page(
+        &self,
+        prefix: &[u8],
+        after: &[u8],
+        limit: i64,
+    ) -> StateResult<Vec<Vec<u8>>> {
+        let rows = match prefix_upper_bound(prefix) {
+            Some(u) => {
+                self.stmts
+                    .page_range
+                    .query(&self.client, &[&prefix, &after, &u.as_slice(), &limit])
+                    .await?
+            }
+            None => {
+                self.stmts
+                    .page_from
+                    .query(&self.client, &[&prefix, &after, &limit])
+                    .await?
+            }
+        };
+        rows.iter()
+            .map(|r| r.try_get(0).map_err(StateError::from))
+            .collect()
+    }
+
     pub(crate) async fn clear(&self) -> StateResult<()> {
         self.stmts.clear.execute(&self.client, &[]).await?;
         Ok(())

@@ -40,6 +40,8 @@ pub(crate) struct Statements {
     pub insert_lsn: Stmt,
     pub replay_lsn: Stmt,
     pub get_many: Stmt,
+    pub page_range: Stmt,
+    pub page_from: Stmt,
 }
 
 /// One statement: its SQL and parameter types, and its prepared form on this connection
@@ -216,7 +218,7 @@ impl Statements {
         let rewindow = rewindow(names);
         let one_entry = format!("VALUES ($1::bytea, $2::bytea, $3::jsonb, {})", expiry(4));
         const ENTRY_INPUT: &[&str] = &["key", "value", "metadata", "expires_at"];
-        let specs: [(String, &'static [Type]); 19] = [
+        let specs: [(String, &'static [Type]); 21] = [
             (format!("SELECT value FROM {t} WHERE key = $1 AND {LIVE}"), BYTEA),
             (format!("SELECT {ENTRY_COLUMNS} FROM {t} WHERE key = $1 AND {LIVE}"), BYTEA),
             (format!("SELECT EXISTS (SELECT 1 FROM {t} WHERE key = $1 AND {LIVE})"), BYTEA),
@@ -300,6 +302,19 @@ impl Statements {
                 format!("SELECT key, value FROM {t} WHERE key = ANY($1) AND {LIVE}"),
                 &[T::BYTEA_ARRAY],
             ),
+            (
+                format!(
+                    "SELECT key FROM {t} WHERE key >= $1 AND key > $2 AND key < $3 AND {LIVE} \
+                     ORDER BY key LIMIT $4"
+                ),
+                &[T::BYTEA, T::BYTEA, T::BYTEA, T::INT8],
+            ),
+            (
+                format!(
+                    "SELECT key FROM {t} WHERE key >= $1 AND key > $2 AND {LIVE} ORDER BY key LIMIT $3"
+                ),
+                &[T::BYTEA, T::BYTEA, T::INT8],
+            ),
         ];
         let prepared: Vec<Option<Statement>> = if unnamed {
             specs.iter().map(|_| None).collect()
@@ -348,6 +363,8 @@ impl Statements {
             insert_lsn: next()?,
             replay_lsn: next()?,
             get_many: next()?,
+            page_range: next()?,
+            page_from: next()?,
         })
     }
 }

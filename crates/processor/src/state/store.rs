@@ -11,7 +11,9 @@ use futures_util::future::join;
 use crate::state::causal::{Scope, Session};
 use crate::state::connection::PgConn;
 use crate::state::error::{sqlstate, ErrorKind, StateError, StateResult};
-use crate::state::limits::{check_entry, check_key, check_metadata, MAX_GET_MANY};
+use crate::state::limits::{
+    check_entry, check_key, check_metadata, MAX_GET_MANY, MAX_KEY_LEN, MAX_PAGE,
+};
 use crate::state::names::TableNames;
 use crate::state::ops::{check_batch, MetadataQuery, StateEntry};
 use crate::state::pool::{bounded, ConnPool};
@@ -270,6 +272,37 @@ impl Store {
             .into_iter()
             .collect();
         Ok(keys.iter().map(|k| found.get(*k).cloned()).collect())
+    }
+
+    /// One page of [`list_keys`](Self::list_keys): at most `limit` (1 to [`MAX_PAGE`]) keys
+    /// after `start_after`, in key order.
+    pub async fn list_keys_page(
+        &self,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+        scope: Scope<'_>,
+    ) -> StateResult<Vec<Vec<u8>>> {
+        if !(1..=MAX_PAGE).contains(&limit) {
+            return Err(StateError::invalid(format!(
+                "a page holds 1 to {MAX_PAGE} keys, not {limit}"
+            )));
+        }
+        if prefix.len() > MAX_KEY_LEN {
+            return Err(StateError::invalid(format!(
+                "prefix is {} bytes; at most {MAX_KEY_LEN} allowed",
+                prefix.len()
+            )));
+        }
+        if let Some(after) = start_after {
+            check_key(after)?;
+        }
+        // Every key is longer than the empty string: no lower bound beyond the prefix.
+        let page = (prefix, start_after.unwrap_or_default(), limit as i64);
+        self.read(scope, Op::Scan, &page, |c, (p, a, l)| {
+            Box::pin(c.list_keys_page(p, a, *l))
+        })
+        .await
     }
 
     pub async fn list_keys(&self, prefix: &[u8], scope: Scope<'_>) -> StateResult<Vec<Vec<u8>>> {

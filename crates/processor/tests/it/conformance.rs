@@ -254,6 +254,39 @@ pub async fn run_enhanced(b: &EnhancedPostgresBackend) {
     assert_eq!(b.list_keys(b"batch:").await.unwrap().len(), 12_000);
     assert_eq!(b.get_entry(b"batch:7").await.unwrap().unwrap().version, 3);
 
+    // Pages of a prefix scan: together exactly the scan, in order; an open-ended prefix; a
+    // cursor before the prefix starts at its first key; bad limits refused.
+    let all = b.list_keys(b"batch:").await.unwrap();
+    let mut paged: Vec<Vec<u8>> = Vec::new();
+    let mut cursor: Option<Vec<u8>> = Some(b"a".to_vec());
+    loop {
+        let page = b
+            .list_keys_page(b"batch:", cursor.as_deref(), 5000)
+            .await
+            .unwrap();
+        let done = page.len() < 5000;
+        cursor = page.last().cloned();
+        paged.extend(page);
+        if done {
+            break;
+        }
+    }
+    assert_eq!(paged, all);
+    b.put(&[0xFF], b"x").await.unwrap();
+    b.put(&[0xFF, 0xFF, 1], b"x").await.unwrap();
+    assert_eq!(
+        b.list_keys_page(&[0xFF], None, 1).await.unwrap(),
+        vec![vec![0xFF]]
+    );
+    assert_eq!(
+        b.list_keys_page(&[0xFF], Some(&[0xFF]), 10).await.unwrap(),
+        vec![vec![0xFF, 0xFF, 1]]
+    );
+    for limit in [0, processor::state::limits::MAX_PAGE + 1] {
+        let e = b.list_keys_page(b"", None, limit).await.unwrap_err();
+        assert_eq!(e.kind(), processor::state::ErrorKind::InvalidInput, "{e}");
+    }
+
     // Many keys in one read: order kept, duplicates answered twice, absent, deleted and
     // expired keys `None`; bad input refused.
     b.put(b"gm:deleted", b"x").await.unwrap();

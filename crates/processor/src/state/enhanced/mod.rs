@@ -281,6 +281,23 @@ impl EnhancedPostgresBackend {
         self.store().batch_copy(&self.session, entries).await
     }
 
+    /// One page of [`list_keys`](StateBackend::list_keys): at most `limit` (1 to
+    /// [`MAX_PAGE`](crate::state::limits::MAX_PAGE)) live keys starting with `prefix`, after
+    /// `start_after` (`None`: from the first), in byte order. Pass the last key of a page as the
+    /// next page's `start_after`; a page shorter than `limit` is the last. Each page is one
+    /// statement, so memory stays bounded by the page whatever the number of keys; pages are
+    /// not one snapshot (a key written between pages shows up if it sorts after the cursor).
+    pub async fn list_keys_page(
+        &self,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> StateResult<Vec<Vec<u8>>> {
+        self.store()
+            .list_keys_page(prefix, start_after, limit, self.scope())
+            .await
+    }
+
     /// The values of `keys`, in their order (`None` for a key with no live entry; a key given
     /// twice gets its value twice), read by one statement in one round trip, on a replica when
     /// one may serve the read (as [`get`](StateBackend::get)). At most

@@ -1,8 +1,38 @@
 //! Jittered exponential backoff and the small random source behind it, shared by the retry
-//! loop of transactions, leader campaigns and listener reconnects.
+//! loop of transactions, leader campaigns and listener reconnects; and the retry of a step
+//! whose bounded lock wait ran out (maintenance DDL and batches).
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::state::error::{sqlstate, StateError, StateResult};
+
+/// Whether `e` is a lock wait that ran out (`lock_timeout`, SQLSTATE `55P03`).
+pub(crate) fn lock_busy(e: &StateError) -> bool {
+    e.sqlstate() == Some(sqlstate::LOCK_NOT_AVAILABLE)
+}
+
+/// Runs `step` until it succeeds, fails otherwise than on a lock wait running out, or has run
+/// `attempts` times (its last error is returned); waits 10 ms times the attempt's number
+/// between runs. (A plain closure returning a future, not an async closure: the future of
+/// the caller stays `Send`.)
+pub(crate) async fn while_lock_busy<T, F, Fut>(attempts: u32, mut step: F) -> StateResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = StateResult<T>>,
+{
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match step().await {
+            Err(e) if lock_busy(&e) && attempt < attempts => {
+                tokio::time::sleep(Duration::from_millis(10 * u64::from(attempt))).await;
+            }
+            other => return other,
+        }
+    }
+}
 
 /// Exponential backoff with jitter: uniform in [d/2, d] for d = base * 2^attempt, at most 5 s.
 pub(crate) fn backoff(base: Duration, attempt: u32) -> Duration {

@@ -628,3 +628,18 @@ async fn a_conversion_left_half_way_is_started_over() {
     assert_eq!(row.get::<_, Option<String>>(0), None);
     assert_eq!(row.get::<_, i64>(1), 0);
 }
+
+/// The futures of the partitioning and maintenance calls can be spawned on a multi-threaded
+/// runtime (a command-line tool runs them as tasks). Checked when this file compiles.
+#[test]
+fn their_futures_are_send() {
+    fn send<T: Send>(_: &T) {}
+    let _ = |b: &'static EnhancedPostgresBackend| {
+        send(&b.migrate_to_partitioned(HASH16));
+        send(&b.migrate_to_partitioned_with_progress(HASH16, |_, _| {}));
+        send(&b.apply_retention_policy_report());
+        send(&b.get_table_statistics());
+        send(&b.get_many(&[]));
+        send(&b.list_keys_page(b"", None, 1));
+    };
+}

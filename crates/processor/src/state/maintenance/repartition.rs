@@ -19,10 +19,11 @@ use std::time::Duration;
 use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 
-use crate::state::error::{sqlstate, StateError, StateResult};
+use crate::state::error::{StateError, StateResult};
 use crate::state::ident::Ident;
 use crate::state::partition_strategy::PartitionStrategy;
 use crate::state::partitions::{self, Layout};
+use crate::state::retry::while_lock_busy;
 use crate::state::store::Store;
 
 /// What [`repartition`] did.
@@ -184,31 +185,36 @@ async fn set_up(
         )
         .await?
         .try_get(0)?;
-    locked_retrying(client, async |tx| {
-        partitions::create_twin(tx, &store.names, strategy, twin).await?;
-        // The twin has the table's columns in the table's order (LIKE), so a row of one is a
-        // row of the other. The function runs with its owner's rights (a writer needs none on
-        // the twin). Under REPEATABLE READ a twin row a copy batch committed after the
-        // writer's snapshot makes the upsert fail with a serialization failure, to be retried.
-        tx.batch_execute(&format!(
-            "COMMENT ON TABLE {s}.{twin} IS '{TWIN_MARK}';
-             CREATE FUNCTION {s}.{sync}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER
-                 SET search_path = pg_catalog, pg_temp AS $body$
-                 BEGIN
-                     IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND OLD.key <> NEW.key) THEN
-                         DELETE FROM {s}.{twin} WHERE key = OLD.key;
-                     END IF;
-                     IF TG_OP IN ('INSERT', 'UPDATE') THEN
-                         INSERT INTO {s}.{twin} SELECT NEW.* ON CONFLICT (key) DO UPDATE SET {set};
-                     END IF;
-                     RETURN NULL;
-                 END
-                 $body$;
-                 CREATE TRIGGER {sync} AFTER INSERT OR UPDATE OR DELETE ON {t}
-                     FOR EACH ROW EXECUTE FUNCTION {s}.{sync}()"
-        ))
-        .await?;
-        Ok(())
+    let (names, set) = (&store.names, &set);
+    while_lock_busy(LOCK_ATTEMPTS, || {
+        in_transaction(client, async move {
+            partitions::create_twin(client, names, strategy, twin).await?;
+            // The twin has the table's columns in the table's order (LIKE), so a row of one is
+            // a row of the other. The function runs with its owner's rights (a writer needs
+            // none on the twin). Under REPEATABLE READ a twin row a copy batch committed after
+            // the writer's snapshot makes the upsert fail with a serialization failure, to be
+            // retried.
+            client
+                .batch_execute(&format!(
+                    "COMMENT ON TABLE {s}.{twin} IS '{TWIN_MARK}';
+                     CREATE FUNCTION {s}.{sync}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER
+                         SET search_path = pg_catalog, pg_temp AS $body$
+                         BEGIN
+                             IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND OLD.key <> NEW.key) THEN
+                                 DELETE FROM {s}.{twin} WHERE key = OLD.key;
+                             END IF;
+                             IF TG_OP IN ('INSERT', 'UPDATE') THEN
+                                 INSERT INTO {s}.{twin} SELECT NEW.* ON CONFLICT (key) DO UPDATE SET {set};
+                             END IF;
+                             RETURN NULL;
+                         END
+                         $body$;
+                         CREATE TRIGGER {sync} AFTER INSERT OR UPDATE OR DELETE ON {t}
+                             FOR EACH ROW EXECUTE FUNCTION {s}.{sync}()"
+                ))
+                .await?;
+            Ok(())
+        })
     })
     .await
 }
@@ -241,10 +247,12 @@ async fn copy_rows(
     let mut after: Vec<u8> = Vec::new();
     let mut copied = 0u64;
     loop {
-        let row = retry_lock_timeouts(async || {
-            client
-                .query_typed_one(&batch, &[(&after, Type::BYTEA), (&limit, Type::INT8)])
-                .await
+        // A writer holding one of the batch's rows for long makes the batch wait again.
+        let (batch, after_key, limit_ref) = (&batch, &after, &limit);
+        let row = while_lock_busy(LOCK_ATTEMPTS, || async move {
+            Ok(client
+                .query_typed_one(batch, &[(after_key, Type::BYTEA), (limit_ref, Type::INT8)])
+                .await?)
         })
         .await?;
         let n: i64 = row.try_get(0)?;
@@ -291,59 +299,38 @@ async fn verify(client: &Client, store: &Store, twin: &Ident) -> StateResult<()>
 /// Takes the table exclusively, drops the trigger and swaps the twin in.
 async fn swap(client: &Client, store: &Store, twin: &Ident, sync: &Ident) -> StateResult<()> {
     let (t, s) = (&store.names.qualified, &store.names.schema);
-    locked_retrying(client, async |tx| {
-        tx.batch_execute(&format!(
-            "LOCK TABLE {t} IN ACCESS EXCLUSIVE MODE; DROP TRIGGER {sync} ON {t}; \
-             DROP FUNCTION {s}.{sync}()"
-        ))
-        .await?;
-        partitions::swap_in(tx, &store.names, twin).await
+    let names = &store.names;
+    while_lock_busy(LOCK_ATTEMPTS, || {
+        in_transaction(client, async move {
+            client
+                .batch_execute(&format!(
+                    "LOCK TABLE {t} IN ACCESS EXCLUSIVE MODE; DROP TRIGGER {sync} ON {t}; \
+                     DROP FUNCTION {s}.{sync}()"
+                ))
+                .await?;
+            partitions::swap_in(client, names, twin).await
+        })
     })
     .await
 }
 
-/// Runs `work` in a transaction whose lock waits are bounded by [`LOCK_WAIT`], starting over
-/// when a lock wait runs out, up to [`LOCK_ATTEMPTS`] times.
-async fn locked_retrying(
+/// Runs `work` (statements on `client`) in a transaction whose lock waits are bounded by
+/// [`LOCK_WAIT`]: committed when it succeeds, rolled back when it fails.
+async fn in_transaction(
     client: &Client,
-    work: impl AsyncFn(&Client) -> StateResult<()>,
+    work: impl std::future::Future<Output = StateResult<()>>,
 ) -> StateResult<()> {
-    let begin = format!("BEGIN; SET LOCAL lock_timeout = {}", LOCK_WAIT.as_millis());
-    let mut tries = 0;
-    loop {
-        client.batch_execute(&begin).await?;
-        match work(client).await {
-            Ok(()) => {
-                client.batch_execute("COMMIT").await?;
-                return Ok(());
-            }
-            Err(e) => {
-                client.batch_execute("ROLLBACK").await?;
-                tries += 1;
-                if e.sqlstate() != Some(sqlstate::LOCK_NOT_AVAILABLE) || tries >= LOCK_ATTEMPTS {
-                    return Err(e);
-                }
-            }
-        }
-    }
-}
-
-/// Runs `attempt` again while it fails on a lock wait running out (a writer holding one of
-/// the batch's rows for long), up to [`LOCK_ATTEMPTS`] times.
-async fn retry_lock_timeouts<T>(
-    attempt: impl AsyncFn() -> Result<T, tokio_postgres::Error>,
-) -> StateResult<T> {
-    let mut tries = 0;
-    loop {
-        match attempt().await {
-            Ok(v) => return Ok(v),
-            Err(e) => {
-                let e = StateError::from(e);
-                tries += 1;
-                if e.sqlstate() != Some(sqlstate::LOCK_NOT_AVAILABLE) || tries >= LOCK_ATTEMPTS {
-                    return Err(e);
-                }
-            }
+    client
+        .batch_execute(&format!(
+            "BEGIN; SET LOCAL lock_timeout = {}",
+            LOCK_WAIT.as_millis()
+        ))
+        .await?;
+    match work.await {
+        Ok(()) => Ok(client.batch_execute("COMMIT").await?),
+        Err(e) => {
+            client.batch_execute("ROLLBACK").await?;
+            Err(e)
         }
     }
 }

@@ -8,6 +8,7 @@ use tokio_postgres::types::Type;
 
 use crate::state::error::{sqlstate, StateError, StateResult};
 use crate::state::maintenance::floor;
+use crate::state::retry::{lock_busy, while_lock_busy};
 use crate::state::store::Store;
 use crate::state::windows::{self, Advance};
 
@@ -77,17 +78,15 @@ pub(crate) async fn roll(store: &Store, interval: Duration, premake: u32) -> Sta
     } else {
         1
     };
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match make_ahead(store, newest, &schema, interval, premake).await {
-            Err(e) if busy(&e) && attempt < attempts => pause(attempt).await,
-            Err(e) if busy(&e) => {
-                tracing::debug!(table = %names.qualified, "partitions ahead not created: the table is busy");
-                break;
-            }
-            other => break other?,
+    match while_lock_busy(attempts, || {
+        make_ahead(store, newest, &schema, interval, premake)
+    })
+    .await
+    {
+        Err(e) if lock_busy(&e) => {
+            tracing::debug!(table = %names.qualified, "partitions ahead not created: the table is busy");
         }
+        other => other?,
     }
     if outcome == Advance::NoPartition {
         outcome = advance_retrying(store, interval).await?;
@@ -110,18 +109,7 @@ pub(crate) async fn roll(store: &Store, interval: Duration, premake: u32) -> Sta
 }
 
 async fn advance_retrying(store: &Store, interval: Duration) -> StateResult<Advance> {
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match advance(store, interval).await {
-            Err(e) if busy(&e) && attempt < ATTEMPTS => pause(attempt).await,
-            other => return other,
-        }
-    }
-}
-
-async fn pause(attempt: u32) {
-    tokio::time::sleep(Duration::from_millis(10 * u64::from(attempt))).await;
+    while_lock_busy(ATTEMPTS, || advance(store, interval)).await
 }
 
 /// One attempt at creating the partitions ahead.
@@ -179,10 +167,6 @@ async fn advance(store: &Store, interval: Duration) -> StateResult<Advance> {
         .await
 }
 
-fn busy(e: &StateError) -> bool {
-    e.sqlstate() == Some(sqlstate::LOCK_NOT_AVAILABLE)
-}
-
 /// Drops the partitions of windows that ended, whose entries are all to be deleted: every
 /// one, when the window ended more than `max_age` ago (its entries were last written before
 /// that), or, with `expired`, when none of its entries is live. Each partition goes in a
@@ -234,14 +218,10 @@ pub(crate) async fn drop_windows(
         }
         // A busy table is tried a few times: the row sweeps of this pass would otherwise
         // delete the window's entries one by one.
-        let mut attempt = 0;
-        let outcome = loop {
-            attempt += 1;
-            match drop_one(store, &name, start, past_max_age).await {
-                Err(e) if busy(&e) && attempt < DROP_ATTEMPTS => pause(attempt).await,
-                other => break other,
-            }
-        };
+        let outcome = while_lock_busy(DROP_ATTEMPTS, || {
+            drop_one(store, &name, start, past_max_age)
+        })
+        .await;
         match outcome {
             Ok(Some(rows)) => {
                 tracing::info!(table = %names.qualified, partition = %name, rows, "dropped a write window's partition");
@@ -253,7 +233,7 @@ pub(crate) async fn drop_windows(
                 });
             }
             Ok(None) => {}
-            Err(e) if busy(&e) => {
+            Err(e) if lock_busy(&e) => {
                 tracing::debug!(partition = %name, "partition busy: left for the next pass");
             }
             Err(e) => return Err(e),

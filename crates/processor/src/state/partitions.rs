@@ -140,7 +140,7 @@ pub(crate) async fn create_twin<C: GenericClient>(
     twin: &Ident,
 ) -> StateResult<()> {
     let (t, s) = (&names.qualified, &names.schema);
-    let with = windows::storage_options(c, t).await?;
+    let with = storage_options(c, t).await?;
     if let PartitionStrategy::TimeRange { interval, premake } = strategy {
         // The primary key gains the partition column; the other indexes are the table's.
         windows::create_controls(c, names).await?;
@@ -379,4 +379,22 @@ pub(crate) async fn refuse_what_cannot_move<C: GenericClient>(c: &C, t: &str) ->
          then re-create them)",
         found.join(", ")
     )))
+}
+
+/// The storage settings of `relation` as a ` WITH (...)` clause printed by the server, or
+/// empty when it has none.
+pub(crate) async fn storage_options<C: GenericClient>(
+    c: &C,
+    relation: &str,
+) -> StateResult<String> {
+    let options: Option<String> = c
+        .query_typed_one(
+            "SELECT string_agg(quote_ident(option_name) || ' = ' || quote_literal(option_value), ', ')
+             FROM pg_catalog.pg_options_to_table(
+                 (SELECT reloptions FROM pg_catalog.pg_class WHERE oid = $1::text::regclass))",
+            &[(&relation, Type::TEXT)],
+        )
+        .await?
+        .try_get(0)?;
+    Ok(options.map(|o| format!(" WITH ({o})")).unwrap_or_default())
 }

@@ -43,12 +43,7 @@ pub(crate) async fn premake<C: GenericClient>(
 ) -> StateResult<u64> {
     let seconds = interval.as_secs() as f64;
     let prefix = format!("{}_w", names.table.as_str());
-    let (class, object) = names.windows_lock;
-    c.execute_typed(
-        "SELECT pg_advisory_xact_lock($1, $2)",
-        &[(&class, Type::INT4), (&object, Type::INT4)],
-    )
-    .await?;
+    xact_lock(c, names.windows_lock).await?;
     // Names and bounds are printed by the server: the partition name from validated parts
     // (%I quotes it), the bounds as literals (%L).
     let ddl = c
@@ -120,12 +115,7 @@ pub(crate) async fn advance<C: GenericClient>(
         return Ok(Advance::Current);
     }
     // Then again under the lock: another instance may have changed the window meanwhile.
-    let (class, object) = names.floor_lock;
-    c.execute_typed(
-        "SELECT pg_advisory_xact_lock($1, $2)",
-        &[(&class, Type::INT4), (&object, Type::INT4)],
-    )
-    .await?;
+    xact_lock(c, names.floor_lock).await?;
     if !due().await? {
         return Ok(Advance::Current);
     }
@@ -170,20 +160,12 @@ pub(crate) enum Advance {
     NoPartition,
 }
 
-/// The storage settings of `relation` as a ` WITH (...)` clause printed by the server, or
-/// empty when it has none.
-pub(crate) async fn storage_options<C: GenericClient>(
-    c: &C,
-    relation: &str,
-) -> StateResult<String> {
-    let options: Option<String> = c
-        .query_typed_one(
-            "SELECT string_agg(quote_ident(option_name) || ' = ' || quote_literal(option_value), ', ')
-             FROM pg_catalog.pg_options_to_table(
-                 (SELECT reloptions FROM pg_catalog.pg_class WHERE oid = $1::text::regclass))",
-            &[(&relation, Type::TEXT)],
-        )
-        .await?
-        .try_get(0)?;
-    Ok(options.map(|o| format!(" WITH ({o})")).unwrap_or_default())
+/// Takes the two-integer advisory lock `key` exclusively for the rest of the transaction.
+async fn xact_lock<C: GenericClient>(c: &C, (class, object): (i32, i32)) -> StateResult<()> {
+    c.execute_typed(
+        "SELECT pg_advisory_xact_lock($1, $2)",
+        &[(&class, Type::INT4), (&object, Type::INT4)],
+    )
+    .await?;
+    Ok(())
 }

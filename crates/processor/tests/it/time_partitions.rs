@@ -21,12 +21,17 @@ fn windows(seconds: u64) -> PartitionStrategy {
     }
 }
 
+/// The name of one of the control objects of `b`'s time-range table (`_windows`,
+/// `_window_advance`), quoted and qualified like the table.
+fn control(b: &EnhancedPostgresBackend, suffix: &str) -> String {
+    b.table()
+        .replace("\"state_entries\"", &format!("\"state_entries{suffix}\""))
+}
+
 /// Windows of `b`'s table that ended.
 async fn ended_windows(b: &EnhancedPostgresBackend) -> i64 {
     let admin = support::raw(&support::url()).await;
-    let windows = b
-        .table()
-        .replace("\"state_entries\"", "\"state_entries_windows\"");
+    let windows = control(b, "_windows");
     admin
         .query_one(
             &format!("SELECT count(*) FROM {windows} WHERE ended IS NOT NULL"),
@@ -47,9 +52,7 @@ async fn next_window(b: &EnhancedPostgresBackend, seen: i64) -> i64 {
         }
         if start.elapsed() > Duration::from_secs(30) {
             let admin = support::raw(&support::url()).await;
-            let windows = b
-                .table()
-                .replace("\"state_entries\"", "\"state_entries_windows\"");
+            let windows = control(b, "_windows");
             let state: Vec<String> = admin
                 .query(
                     &format!("SELECT row({windows}.*)::text FROM {windows} ORDER BY 1"),
@@ -260,9 +263,7 @@ async fn a_transaction_whose_snapshot_predates_a_new_window_is_retried() {
     // A restored dump carries the last change's transaction id from another cluster, maybe
     // one this cluster has not reached: writes go on.
     let admin = support::raw(&support::url()).await;
-    let advance = b
-        .table()
-        .replace("\"state_entries\"", "\"state_entries_window_advance\"");
+    let advance = control(&b, "_window_advance");
     admin
         .execute(
             &format!("SELECT setval('{advance}', pg_current_xact_id()::text::bigint + 1000000)"),
@@ -442,9 +443,7 @@ async fn a_backend_starts_after_a_downtime_longer_than_the_windows_made_ahead() 
     b.put(b"after", b"v").await.unwrap();
     assert_eq!(b.get(b"before").await.unwrap(), Some(b"v".to_vec()));
     let admin = support::raw(&support::url()).await;
-    let windows = b
-        .table()
-        .replace("\"state_entries\"", "\"state_entries_windows\"");
+    let windows = control(&b, "_windows");
     let lag: f64 = admin
         .query_one(
             &format!(

@@ -8,6 +8,7 @@ use tokio_postgres::types::Type;
 
 use crate::state::error::{sqlstate, StateError, StateResult};
 use crate::state::maintenance::floor;
+use crate::state::partitions;
 use crate::state::retry::{lock_busy, while_lock_busy};
 use crate::state::store::Store;
 use crate::state::windows::{self, Advance};
@@ -138,7 +139,7 @@ async fn make_ahead(
                 .map(|r| r.try_get(0))
                 .transpose()?;
             let options = match model {
-                Some(m) => windows::storage_options(&tx, &m).await?,
+                Some(m) => partitions::storage_options(&tx, &m).await?,
                 None => String::new(),
             };
             windows::premake(&tx, names, &names.qualified, interval, premake, &options).await?;

@@ -100,21 +100,23 @@ impl MetadataQuery {
 /// Keys and values of one UNNEST statement.
 type Chunk<'a> = (Vec<&'a [u8]>, Vec<&'a [u8]>);
 
-/// Keeps the last occurrence of each key, in the order of those last occurrences.
+/// Keeps the last occurrence of each key, in key order (bytes, as PostgreSQL orders `bytea`).
+///
+/// Key order is the order the rows are then written and locked in: two batches over the same
+/// keys, whatever order their callers gave, lock them in one order and so never deadlock with
+/// each other (also across the chunks of one batch).
 fn last_wins<'a>(entries: &'a [(&'a [u8], &'a [u8])]) -> Vec<(&'a [u8], &'a [u8])> {
-    let mut last: HashMap<&[u8], usize> = HashMap::with_capacity(entries.len());
-    for (i, (k, _)) in entries.iter().enumerate() {
-        last.insert(k, i);
+    let mut sorted: Vec<(&[u8], &[u8])> = entries.to_vec();
+    // Stable: equal keys keep their order, so the last of each run is the last given.
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    let mut out: Vec<(&[u8], &[u8])> = Vec::with_capacity(sorted.len());
+    for e in sorted {
+        match out.last_mut() {
+            Some(last) if last.0 == e.0 => *last = e,
+            _ => out.push(e),
+        }
     }
-    if last.len() == entries.len() {
-        return entries.to_vec();
-    }
-    entries
-        .iter()
-        .enumerate()
-        .filter(|(i, (k, _))| last.get(k) == Some(i))
-        .map(|(_, e)| *e)
-        .collect()
+    out
 }
 
 pub(crate) fn check_batch(entries: &[(&[u8], &[u8])]) -> StateResult<()> {
@@ -480,11 +482,18 @@ mod tests {
     }
 
     #[test]
-    fn last_occurrence_wins() {
-        let e: Vec<(&[u8], &[u8])> = vec![(b"a", b"1"), (b"b", b"2"), (b"a", b"3")];
+    fn last_occurrence_wins_in_key_order() {
+        let e: Vec<(&[u8], &[u8])> = vec![
+            (b"b", b"1"),
+            (b"a", b"1"),
+            (b"b", b"2"),
+            (b"ab", b"1"),
+            (b"a", b"3"),
+        ];
+        let v = |k: &'static [u8], v: &'static [u8]| (k, v);
         assert_eq!(
             last_wins(&e),
-            vec![(&b"b"[..], &b"2"[..]), (&b"a"[..], &b"3"[..])]
+            vec![v(b"a", b"3"), v(b"ab", b"1"), v(b"b", b"2")]
         );
     }
 

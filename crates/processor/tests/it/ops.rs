@@ -54,6 +54,49 @@ async fn large_batches_are_chunked_and_complete() {
     assert!(stats.batch_rows >= 24_690, "{stats:?}");
 }
 
+/// Concurrent batches over the same keys in different orders lock their rows in one order
+/// (the keys'), so they never deadlock (SQLSTATE 40P01) with each other: by UNNEST in chunks
+/// in a transaction of their own, by COPY, or in chunks inside a caller's transaction.
+#[tokio::test]
+async fn concurrent_batches_of_the_same_keys_do_not_deadlock() {
+    let b = support::backend("batch_deadlock").await;
+    // More than one UNNEST chunk (5 000 rows).
+    let keys: Vec<Vec<u8>> = (0..6_000u32)
+        .map(|i| format!("k{i:05}").into_bytes())
+        .collect();
+    let keys = Arc::new(keys);
+    let mut tasks = Vec::new();
+    for t in 0..4u64 {
+        let (b, keys) = (b.clone_handle(), keys.clone());
+        tasks.push(tokio::spawn(async move {
+            for round in 0..3u64 {
+                // Each task and round visits the keys in its own order.
+                let mut order: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+                let step = (t * 1_709 + round * 2_003) as usize % order.len();
+                order.rotate_left(step);
+                if (t + round) % 2 == 0 {
+                    order.reverse();
+                }
+                let entries: Vec<(&[u8], &[u8])> = order.iter().map(|k| (*k, *k)).collect();
+                match (t + round) % 3 {
+                    0 => b.batch_put(&entries).await?,
+                    1 => b.batch_copy(&entries).await.map(|_| ())?,
+                    _ => {
+                        let mut tx = b.begin().await?;
+                        tx.batch_put(&entries).await?;
+                        tx.commit().await?
+                    }
+                }
+            }
+            Ok::<_, StateError>(())
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().expect("no batch deadlocks");
+    }
+    assert_eq!(b.count().await.unwrap(), 6_000);
+}
+
 #[tokio::test]
 async fn every_write_path_bumps_the_version() {
     let b = support::backend("versions").await;

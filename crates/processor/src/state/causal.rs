@@ -25,7 +25,7 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::state::error::StateError;
-use crate::state::pool::Checkout;
+use crate::state::pipeline::Point;
 
 /// A WAL position that a read must see: the position of a write, taken from the handle that
 /// made it ([`causal_token`](crate::state::EnhancedPostgresBackend::causal_token)) and handed
@@ -147,7 +147,7 @@ pub(crate) struct WriteMark<'a> {
 impl WriteMark<'_> {
     /// Reads the WAL insert position on `conn` (the primary connection that just committed
     /// the write) and raises the session's floor to it.
-    pub async fn record(mut self, conn: &mut Checkout) {
+    pub async fn record(mut self, conn: &mut Point) {
         match conn.run(|c| c.insert_lsn()).await {
             Ok(lsn) => {
                 self.session.observe(lsn);

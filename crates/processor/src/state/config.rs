@@ -26,7 +26,12 @@ pub struct PostgresPoolConfig {
     pub max_lifetime: Option<Duration>,
     /// How often the background task probes idle connections.
     pub health_check_interval: Duration,
-    /// Probe each connection with a round trip before handing it out.
+    /// Probe a connection that sat idle in the pool for more than a second with a round trip
+    /// (an empty query) before handing it out, and replace it if the probe fails. A
+    /// connection in steady use is handed out without one (its last operation just proved
+    /// it; a connection the server or network closed is never handed out either way), so
+    /// under load this costs nothing, and at most one round trip per second per connection
+    /// when idle.
     pub test_on_acquire: bool,
 }
 

@@ -318,7 +318,7 @@ pub(crate) struct PgConn {
     pub client: Client,
     pub stmts: Statements,
     /// Whether this session's COPY staging table exists.
-    pub copy_stage_ready: bool,
+    pub copy_stage_ready: AtomicBool,
 }
 
 impl PgConn {
@@ -342,7 +342,7 @@ impl PgConn {
         Ok(PgConn {
             client,
             stmts,
-            copy_stage_ready: false,
+            copy_stage_ready: AtomicBool::new(false),
         })
     }
 

@@ -27,6 +27,7 @@ mod names;
 mod ops;
 mod partition_strategy;
 mod partitions;
+mod pipeline;
 mod pool;
 mod retry;
 mod router;

@@ -4,9 +4,9 @@
 //! Every read filters `expires_at IS NULL OR expires_at > now()` (the server's clock), so an
 //! expired entry is invisible before any cleanup runs. Every write bumps `version`.
 
-use std::collections::HashMap;
-
+use std::future::Future;
 use std::pin::pin;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::SystemTime;
 
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
@@ -364,40 +364,58 @@ impl PgConn {
         Ok(())
     }
 
+    /// Runs `body` in a transaction of its own: `BEGIN`, then `COMMIT` if it succeeded, else
+    /// `ROLLBACK`. Only on a connection held exclusively (a checkout, never a shared lane):
+    /// if this future is dropped midway, the checkout discards the connection.
+    async fn in_transaction<T>(
+        &self,
+        body: impl Future<Output = StateResult<T>>,
+    ) -> StateResult<T> {
+        self.client.batch_execute("BEGIN").await?;
+        match body.await {
+            Ok(v) => {
+                self.client.batch_execute("COMMIT").await?;
+                Ok(v)
+            }
+            Err(e) => {
+                // A failed ROLLBACK means the connection is gone (and with it the transaction).
+                let _ = self.client.batch_execute("ROLLBACK").await;
+                Err(e)
+            }
+        }
+    }
+
     /// Runs UNNEST chunks. With `atomic` and more than one chunk they run in a transaction of
-    /// their own; inside a caller's transaction pass `false`.
+    /// their own (on an exclusively held connection); inside a caller's transaction pass
+    /// `false`.
     pub(crate) async fn batch_put(
-        &mut self,
+        &self,
         entries: &[(&[u8], &[u8])],
         atomic: bool,
     ) -> StateResult<()> {
         let entries = last_wins(entries);
         let chunks = chunk(&entries);
-        if chunks.len() > 1 && atomic {
-            // tokio-postgres's Transaction rolls back when dropped on an error path.
-            let tx = self.client.transaction().await?;
-            for (keys, values) in &chunks {
-                self.stmts
-                    .batch_upsert
-                    .execute(&tx, &[keys, values])
-                    .await?;
-            }
-            tx.commit().await?;
-        } else {
+        let all = async {
             for (keys, values) in &chunks {
                 self.stmts
                     .batch_upsert
                     .execute(&self.client, &[keys, values])
                     .await?;
             }
+            Ok(())
+        };
+        if chunks.len() > 1 && atomic {
+            self.in_transaction(all).await
+        } else {
+            all.await
         }
-        Ok(())
     }
 
     /// Binary COPY into a session-local staging table, then one upsert from it (last occurrence
-    /// of a key wins), in one transaction. Returns the number of distinct keys written.
+    /// of a key wins), in one transaction (on an exclusively held connection). Returns the
+    /// number of distinct keys written.
     pub(crate) async fn batch_copy(
-        &mut self,
+        &self,
         names: &TableNames,
         entries: &[(&[u8], &[u8])],
     ) -> StateResult<u64> {
@@ -409,40 +427,43 @@ impl PgConn {
             REPLACE,
             "",
         );
-        let stage_ready = self.copy_stage_ready;
+        let stage_ready = self.copy_stage_ready.load(Relaxed);
         // Behind PgBouncer's transaction pooling the next transaction may run on another
         // server session: the staging table lives for this transaction only.
         let per_transaction = self.stmts.unnamed();
-        let tx = self.client.transaction().await?;
-        if per_transaction {
-            tx.batch_execute(
-                "CREATE TEMP TABLE pgstate_copy_stage \
+        let tx = &self.client;
+        let written = self
+            .in_transaction(async {
+                if per_transaction {
+                    tx.batch_execute(
+                        "CREATE TEMP TABLE pgstate_copy_stage \
                  (seq bigint NOT NULL, key bytea NOT NULL, value bytea NOT NULL) \
                  ON COMMIT DROP",
-            )
-            .await?;
-        } else if !stage_ready {
-            tx.batch_execute(
-                "CREATE TEMP TABLE IF NOT EXISTS pgstate_copy_stage \
+                    )
+                    .await?;
+                } else if !stage_ready {
+                    tx.batch_execute(
+                        "CREATE TEMP TABLE IF NOT EXISTS pgstate_copy_stage \
                  (seq bigint NOT NULL, key bytea NOT NULL, value bytea NOT NULL) \
                  ON COMMIT DELETE ROWS",
-            )
-            .await?;
-        }
-        let sink = tx
+                    )
+                    .await?;
+                }
+                let sink = tx
             .copy_in("COPY pg_temp.pgstate_copy_stage (seq, key, value) FROM STDIN (FORMAT binary)")
             .await?;
-        let mut writer = pin!(BinaryCopyInWriter::new(
-            sink,
-            &[Type::INT8, Type::BYTEA, Type::BYTEA]
-        ));
-        for (seq, (k, v)) in (0i64..).zip(entries) {
-            writer.as_mut().write(&[&seq, k, v]).await?;
-        }
-        writer.finish().await?;
-        let written = tx.execute_typed(merge.as_str(), &[]).await?;
-        tx.commit().await?;
-        self.copy_stage_ready = !per_transaction;
+                let mut writer = pin!(BinaryCopyInWriter::new(
+                    sink,
+                    &[Type::INT8, Type::BYTEA, Type::BYTEA]
+                ));
+                for (seq, (k, v)) in (0i64..).zip(entries) {
+                    writer.as_mut().write(&[&seq, k, v]).await?;
+                }
+                writer.finish().await?;
+                Ok(tx.execute_typed(merge.as_str(), &[]).await?)
+            })
+            .await?;
+        self.copy_stage_ready.store(!per_transaction, Relaxed);
         Ok(written)
     }
 

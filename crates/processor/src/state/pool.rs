@@ -12,12 +12,18 @@
 //! - otherwise it goes back **clean**. A closed connection is always discarded.
 //!
 //! Session state is never left behind: operations change no session settings, and
-//! transactions always end before the connection returns. With `test_on_acquire` each
-//! checkout also costs one round trip (an empty query).
+//! transactions always end before the connection returns. With `test_on_acquire` a
+//! connection that sat idle in the pool for more than [`TEST_AFTER_IDLE`] is probed (one
+//! round trip, an empty query) before it is handed out; one in steady use is not (its last
+//! operation just proved it, and a closed connection is never handed out either way).
+//!
+//! Point operations share checked-out connections through the `pipeline` module's lanes
+//! ([`ConnPool::point`]); everything else takes a checkout of its own ([`ConnPool::get`]).
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bb8::{ErrorSink, ManageConnection, Pool, PooledConnection, RunError};
 
@@ -25,6 +31,11 @@ use crate::state::config::PostgresPoolConfig;
 use crate::state::connection::{Connector, PgConn};
 use crate::state::error::{StateError, StateResult};
 use crate::state::names::TableNames;
+use crate::state::pipeline::{Joined, Lanes, Point, LINGER};
+
+/// With `test_on_acquire`, a connection idle in the pool for longer than this is probed
+/// before it is handed out.
+pub(crate) const TEST_AFTER_IDLE: Duration = Duration::from_secs(1);
 
 /// Opens [`PgConn`]s for bb8.
 pub(crate) struct Manager {
@@ -49,6 +60,8 @@ pub(crate) struct Pooled {
     busy: bool,
     /// A transaction was begun and has not ended.
     in_transaction: bool,
+    /// When it last went back to the pool (or was opened).
+    idle_since: Instant,
 }
 
 impl Pooled {
@@ -68,6 +81,7 @@ impl ManageConnection for Manager {
                 conn,
                 busy: false,
                 in_transaction: false,
+                idle_since: Instant::now(),
             });
         if let Err(e) = &result {
             if let Ok(mut last) = self.failures.last.lock() {
@@ -182,6 +196,17 @@ impl Checkout {
     pub fn is_closed(&self) -> bool {
         self.pooled_ref().conn.client.is_closed()
     }
+
+    /// The connection, shared: for the users of a lane (see the `pipeline` module), which
+    /// track their own calls.
+    pub fn conn(&self) -> &PgConn {
+        &self.pooled_ref().conn
+    }
+
+    /// Makes the connection be discarded, not reused, when the checkout ends.
+    pub fn discard(&mut self) {
+        self.pooled().busy = true;
+    }
 }
 
 impl Drop for Checkout {
@@ -189,6 +214,7 @@ impl Drop for Checkout {
         let Some(mut pooled) = self.pooled.take() else {
             return;
         };
+        pooled.idle_since = Instant::now();
         if !pooled.in_transaction || pooled.conn.client.is_closed() {
             // Clean, or discarded by bb8 (busy or closed).
             return;
@@ -206,6 +232,7 @@ impl Drop for Checkout {
             if let Ok(Ok(())) = tokio::time::timeout(limit, rollback).await {
                 pooled.busy = false;
                 pooled.in_transaction = false;
+                pooled.idle_since = Instant::now();
             }
             drop(pooled);
         });
@@ -257,6 +284,11 @@ pub struct PoolStats {
     pub connections_closed_max_lifetime: u64,
     /// Connections closed for idling past `idle_timeout`.
     pub connections_closed_idle_timeout: u64,
+    /// Connections in use as lanes now: shared, pipelined, by point operations (counted in
+    /// `active`).
+    pub lanes: u32,
+    /// Point operations running on lanes now.
+    pub lane_users: u32,
 }
 
 /// The pool with its settings and background health task.
@@ -274,6 +306,14 @@ pub(crate) struct ConnPool {
     turns: Arc<tokio::sync::Semaphore>,
     /// Waits for a turn.
     waits: TurnWaits,
+    /// Checkouts waiting for a turn now.
+    waiting: AtomicUsize,
+    /// Probe connections idle for longer than [`TEST_AFTER_IDLE`] before handing them out.
+    test_on_acquire: bool,
+    /// Connections shared by point operations.
+    lanes: Lanes,
+    /// Gives back the connections of lanes that lingered without users.
+    lane_task: tokio::task::JoinHandle<()>,
 }
 
 /// Counts the checkouts that had to wait for their turn, how long, and how many gave up.
@@ -317,7 +357,8 @@ impl ConnPool {
             .connection_timeout(cfg.acquire_timeout)
             .idle_timeout(cfg.idle_timeout)
             .max_lifetime(cfg.max_lifetime)
-            .test_on_check_out(cfg.test_on_acquire)
+            // Our own, cheaper test on acquire: see `get_pooled`.
+            .test_on_check_out(false)
             .reaper_rate(reaper)
             .error_sink(Box::new(last_error.clone()));
         let failures = Arc::new(ConnectFailures::default());
@@ -336,6 +377,16 @@ impl ConnPool {
         };
         let interval = cfg.health_check_interval;
         let this = Arc::new_cyclic(|weak: &Weak<ConnPool>| {
+            let lanes = weak.clone();
+            let lane_task = tokio::spawn(async move {
+                let mut ticker = tokio::time::interval(LINGER);
+                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    ticker.tick().await;
+                    let Some(pool) = lanes.upgrade() else { return };
+                    pool.lanes.release_idle(LINGER);
+                }
+            });
             let weak = weak.clone();
             let health_task = tokio::spawn(async move {
                 let mut ticker = tokio::time::interval(interval);
@@ -358,6 +409,10 @@ impl ConnPool {
                 connector: unpooled,
                 turns: Arc::new(tokio::sync::Semaphore::new(cfg.max_connections as usize)),
                 waits: TurnWaits::default(),
+                waiting: AtomicUsize::new(0),
+                test_on_acquire: cfg.test_on_acquire,
+                lanes: Lanes::new(cfg.max_lifetime),
+                lane_task,
             }
         });
         Ok(this)
@@ -381,13 +436,20 @@ impl ConnPool {
     /// connection comes first. (bb8 alone hands a returned connection to whoever asks next,
     /// so a task that returns and asks again at once could starve every waiter.)
     pub async fn get(&self) -> StateResult<Checkout> {
-        let turn = match self.turns.clone().try_acquire_owned() {
+        let mut turn = self.turns.clone().try_acquire_owned();
+        if turn.is_err() && self.lanes.yield_one() {
+            // A lingering lane gave its connection back (to us, unless others wait first).
+            turn = self.turns.clone().try_acquire_owned();
+        }
+        let turn = match turn {
             Ok(turn) => turn,
             Err(_) => {
                 let start = std::time::Instant::now();
+                self.waiting.fetch_add(1, Relaxed);
                 let waited =
                     tokio::time::timeout(self.acquire_timeout, self.turns.clone().acquire_owned())
                         .await;
+                self.waiting.fetch_sub(1, Relaxed);
                 self.waits.record(start.elapsed(), waited.is_err());
                 match waited {
                     Ok(Ok(turn)) => turn,
@@ -395,9 +457,36 @@ impl ConnPool {
                 }
             }
         };
+        self.with_turn(turn).await
+    }
+
+    async fn with_turn(&self, turn: tokio::sync::OwnedSemaphorePermit) -> StateResult<Checkout> {
         let mut checkout = self.checkout(self.get_pooled().await?);
         checkout.turn = Some(turn);
         Ok(checkout)
+    }
+
+    /// A connection for a point operation (one autocommit statement): a lane shared with
+    /// other point operations, pipelined (see the `pipeline` module), or, behind PgBouncer's
+    /// transaction pooling, a checkout of its own.
+    pub async fn point(&self) -> StateResult<Point> {
+        if self.transaction_pooling() {
+            return Ok(Point::Own(Box::new(self.get().await?)));
+        }
+        let waiters = self.waiting.load(Relaxed) > 0;
+        let free_now = self.turns.available_permits() > 0;
+        if let Joined::Lane(lane) = self.lanes.join(free_now, waiters) {
+            return Ok(Point::Lane(lane));
+        }
+        let checkout = match self.turns.clone().try_acquire_owned() {
+            Ok(turn) => self.with_turn(turn).await?,
+            // Taken meanwhile: join a lane after all, if there is one.
+            Err(_) => match self.lanes.join(false, false) {
+                Joined::Lane(lane) => return Ok(Point::Lane(lane)),
+                Joined::TakeOwn => self.get().await?,
+            },
+        };
+        Ok(Point::Lane(self.lanes.add(checkout)))
     }
 
     fn acquire_timed_out(&self) -> StateError {
@@ -439,11 +528,32 @@ impl ConnPool {
         // The server may have closed a connection while it sat idle (terminated backend,
         // restart): bb8 discards it when it comes back, and we take another. Every attempt is
         // bounded by the acquire timeout, and there are at most max_size + 1 of them.
+        // With `test_on_acquire`, one idle for a while is probed first, and discarded (with
+        // another taken) if the probe fails.
         let mut attempts = self.pool.state().connections + 1;
         let result = loop {
             attempts = attempts.saturating_sub(1);
             match self.get_or_fail_fast().await? {
                 Ok(pooled) if pooled.conn.client.is_closed() && attempts > 0 => continue,
+                Ok(mut pooled)
+                    if self.test_on_acquire
+                        && pooled.idle_since.elapsed() > TEST_AFTER_IDLE
+                        && attempts > 0 =>
+                {
+                    // Busy while the probe runs: a probe cut short or failed leaves the
+                    // connection discarded.
+                    pooled.busy = true;
+                    match pooled.conn.probe().await {
+                        Ok(()) => {
+                            pooled.busy = false;
+                            break Ok(pooled);
+                        }
+                        Err(e) => {
+                            tracing::info!(target = %self.target, error = %e, "test on acquire discarded a connection");
+                            continue;
+                        }
+                    }
+                }
                 other => break other,
             }
         };
@@ -522,7 +632,10 @@ impl ConnPool {
         let state = self.pool.state();
         let s = &state.statistics;
         let config = self.pool.config();
+        let (lanes, lane_users) = self.lanes.load();
         PoolStats {
+            lanes: u32::try_from(lanes).unwrap_or(u32::MAX),
+            lane_users: u32::try_from(lane_users).unwrap_or(u32::MAX),
             size: state.connections,
             idle: state.idle_connections,
             active: state.connections.saturating_sub(state.idle_connections),
@@ -554,5 +667,6 @@ impl Drop for ConnPool {
     fn drop(&mut self) {
         // abort() only flags the task; it is safe outside a runtime.
         self.health_task.abort();
+        self.lane_task.abort();
     }
 }

@@ -16,6 +16,7 @@ use crate::state::limits::{
 };
 use crate::state::names::TableNames;
 use crate::state::ops::{check_batch, MetadataQuery, StateEntry};
+use crate::state::pipeline::Point;
 use crate::state::pool::{bounded, ConnPool};
 use crate::state::router::{current_lsn, ReadTarget, Router};
 use crate::state::stats::{Op, Stats};
@@ -46,6 +47,24 @@ fn replica_failure(e: &StateError) -> ReplicaFailure {
 
 /// Runs of a single write that failed with a serialization failure, after the first.
 const WRITE_RETRIES: u32 = 20;
+
+/// How an operation uses its connection.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Use {
+    /// One autocommit statement (or a few, each on its own): on a lane shared with other
+    /// point operations, pipelined (see the `pipeline` module).
+    Point,
+    /// Anything else (a transaction, COPY, a scan): a connection of its own.
+    Own,
+}
+
+/// A connection from `pool` for an operation of kind `how`.
+async fn connection(pool: &ConnPool, how: Use) -> StateResult<Point> {
+    match how {
+        Use::Point => pool.point().await,
+        Use::Own => Ok(Point::Own(Box::new(pool.get().await?))),
+    }
+}
 
 /// The operations over the primary's pool and the replicas; the backends are thin handles
 /// around this.
@@ -104,14 +123,20 @@ impl Store {
             let floor = self.floor(scope).await;
             let force_primary = scope.primary_only || floor.is_none();
             let floor = floor.unwrap_or(0);
-            let pipelined = matches!(op, Op::Get);
+            // Point reads share pipelined connections; scans, counts and queries (which
+            // would stall the point reads queued behind them) take their own.
+            let (pipelined, how) = if matches!(op, Op::Get) {
+                (true, Use::Point)
+            } else {
+                (false, Use::Own)
+            };
             let mut tried: Vec<usize> = Vec::new();
             loop {
                 let (index, replica, verify) =
                     match self.router.pick(&tried, force_primary, floor)? {
                         ReadTarget::Primary => {
                             let start = Instant::now();
-                            let result = match self.primary.get().await {
+                            let result = match connection(&self.primary, how).await {
                                 Ok(mut conn) => conn.run(|c| f(c, arg)).await,
                                 Err(e) => Err(e),
                             };
@@ -126,11 +151,10 @@ impl Store {
                     };
                 let start = Instant::now();
                 let f = &f;
-                let attempt = match replica.pool.get().await {
+                let attempt = match connection(&replica.pool, how).await {
                     Err(e) => Err(e),
                     Ok(mut conn) => {
                         conn.run(|c| async move {
-                            let c = &*c;
                             if !verify {
                                 return Ok(Some(f(c, arg).await?));
                             }
@@ -172,19 +196,27 @@ impl Store {
         .await
     }
 
-    /// A write on the primary, bounded by the operation timeout. With read-your-writes, the
+    /// A write on the primary, bounded by the operation timeout, on a connection of kind
+    /// `how` (`Use::Point` only for a single autocommit statement). With read-your-writes, the
     /// WAL position after it (also after a version conflict: what the refused write saw) is
     /// raised into `session`'s floor before the connection goes back.
     ///
     /// A write that fails with a serialization failure (possible only on a table partitioned
     /// by write window: an entry moved by a concurrent write, or a window changed after the
     /// statement's snapshot) wrote nothing and runs again, up to [`WRITE_RETRIES`] times.
-    async fn write<T, F>(&self, session: &Session, op: Op, rows: u64, f: F) -> StateResult<T>
+    async fn write<T, F>(
+        &self,
+        session: &Session,
+        op: Op,
+        rows: u64,
+        how: Use,
+        f: F,
+    ) -> StateResult<T>
     where
-        F: AsyncFnOnce(&mut PgConn) -> StateResult<T> + Clone,
+        F: AsyncFnOnce(&PgConn) -> StateResult<T> + Clone,
     {
         bounded(self.op_timeout, async {
-            let mut conn = self.primary.get().await?;
+            let mut conn = connection(&self.primary, how).await?;
             // Dropped before its position is known (also with this future), the session is
             // unsure: its next read takes the primary's position.
             let mark = self.router.tracks_writes().then(|| session.write());
@@ -334,7 +366,7 @@ impl Store {
     ) -> StateResult<i64> {
         check_entry(key, value)?;
         check_metadata(metadata)?;
-        self.write(session, Op::Put, 1, async |c| {
+        self.write(session, Op::Put, 1, Use::Point, async |c| {
             c.upsert(key, value, metadata, ttl_us).await
         })
         .await
@@ -348,7 +380,7 @@ impl Store {
         expected: Option<i64>,
     ) -> StateResult<i64> {
         check_entry(key, value)?;
-        self.write(session, Op::Put, 1, async |c| {
+        self.write(session, Op::Put, 1, Use::Point, async |c| {
             c.put_with_version(key, value, expected).await
         })
         .await
@@ -365,7 +397,7 @@ impl Store {
         if let Some(old) = expected {
             check_entry(key, old)?;
         }
-        self.write(session, Op::Put, 1, async |c| {
+        self.write(session, Op::Put, 1, Use::Point, async |c| {
             c.compare_and_set(key, expected, value).await
         })
         .await
@@ -373,8 +405,10 @@ impl Store {
 
     pub async fn delete(&self, session: &Session, key: &[u8]) -> StateResult<()> {
         check_key(key)?;
-        self.write(session, Op::Delete, 1, async |c| c.delete(key).await)
-            .await
+        self.write(session, Op::Delete, 1, Use::Point, async |c| {
+            c.delete(key).await
+        })
+        .await
     }
 
     pub async fn delete_with_version(
@@ -384,14 +418,14 @@ impl Store {
         expected: i64,
     ) -> StateResult<()> {
         check_key(key)?;
-        self.write(session, Op::Delete, 1, async |c| {
+        self.write(session, Op::Delete, 1, Use::Point, async |c| {
             c.delete_with_version(key, expected).await
         })
         .await
     }
 
     pub async fn clear(&self, session: &Session) -> StateResult<()> {
-        self.write(session, Op::Clear, 1, async |c| c.clear().await)
+        self.write(session, Op::Clear, 1, Use::Own, async |c| c.clear().await)
             .await
     }
 
@@ -406,9 +440,13 @@ impl Store {
         if entries.is_empty() {
             return Ok(());
         }
-        self.write(session, Op::Batch, entries.len() as u64, async |c| {
-            c.batch_put(entries, true).await
-        })
+        self.write(
+            session,
+            Op::Batch,
+            entries.len() as u64,
+            Use::Own,
+            async |c| c.batch_put(entries, true).await,
+        )
         .await
     }
 
@@ -422,9 +460,13 @@ impl Store {
             return Ok(0);
         }
         let names = &self.names;
-        self.write(session, Op::Copy, entries.len() as u64, async |c| {
-            c.batch_copy(names, entries).await
-        })
+        self.write(
+            session,
+            Op::Copy,
+            entries.len() as u64,
+            Use::Own,
+            async |c| c.batch_copy(names, entries).await,
+        )
         .await
     }
 

@@ -23,6 +23,7 @@ use crate::state::ident::Ident;
 use crate::state::limits::{check_entry, check_key, check_metadata, check_ttl};
 use crate::state::names::TableNames;
 use crate::state::ops::{check_batch, empty_object, MetadataQuery, StateEntry};
+use crate::state::pipeline::Point;
 use crate::state::pool::{bounded, Checkout, ConnPool};
 use crate::state::stats::{Op, Stats, TxEvent};
 
@@ -219,6 +220,7 @@ impl PostgresTransaction {
                 conn.set_in_transaction(false);
                 self.stats.tx(TxEvent::Committed);
                 if let Some(mark) = mark {
+                    let mut conn = Point::Own(Box::new(conn));
                     let _ = tokio::time::timeout(self.op_timeout, mark.record(&mut conn)).await;
                 }
                 Ok(())

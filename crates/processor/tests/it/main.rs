@@ -15,6 +15,7 @@ mod maintenance;
 mod ops;
 mod partitioning;
 mod pgbouncer;
+mod pipelining;
 mod pool;
 mod replication;
 mod schema;

@@ -157,6 +157,13 @@ impl WriteMark<'_> {
         }
     }
 
+    /// The write committed at or before WAL position `lsn` (read after it on the primary):
+    /// raises the session's floor to it.
+    pub fn learned(mut self, lsn: u64) {
+        self.session.observe(lsn);
+        self.known = true;
+    }
+
     /// The write did not happen (it failed before changing anything): nothing to record.
     pub fn nothing_written(mut self) {
         self.known = true;

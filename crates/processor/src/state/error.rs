@@ -198,6 +198,33 @@ impl StateError {
         }
     }
 
+    /// The same error again, for each of several callers that share one outcome (a group of
+    /// coalesced puts): the same variant and text where they can be copied, else a storage
+    /// error with this error's text and SQLSTATE.
+    pub(crate) fn shared(&self) -> StateError {
+        match self {
+            StateError::Timeout(m) => StateError::Timeout(m.clone()),
+            StateError::Connection { message, sqlstate } => StateError::Connection {
+                message: message.clone(),
+                sqlstate: sqlstate.clone(),
+            },
+            StateError::TransactionFailed { message, sqlstate } => StateError::TransactionFailed {
+                message: message.clone(),
+                sqlstate: sqlstate.clone(),
+            },
+            StateError::PermissionDenied { message, sqlstate } => StateError::PermissionDenied {
+                message: message.clone(),
+                sqlstate: sqlstate.clone(),
+            },
+            StateError::Tls(m) => StateError::Tls(m.clone()),
+            StateError::CommitOutcomeUnknown(m) => StateError::CommitOutcomeUnknown(m.clone()),
+            other => StateError::StorageError {
+                message: other.to_string(),
+                sqlstate: other.sqlstate().map(str::to_string),
+            },
+        }
+    }
+
     /// The five-character SQLSTATE the server reported, if any.
     pub fn sqlstate(&self) -> Option<&str> {
         match self {

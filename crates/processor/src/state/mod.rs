@@ -12,6 +12,7 @@
 mod backend;
 mod basic;
 mod causal;
+mod coalesce;
 mod config;
 mod connection;
 mod connspec;

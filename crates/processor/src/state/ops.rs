@@ -243,6 +243,22 @@ impl PgConn {
         Ok(row.try_get(0)?)
     }
 
+    /// Writes whole entries (distinct keys, in key order) in one statement; returns each
+    /// key's new version, in no order.
+    pub(crate) async fn upsert_many(
+        &self,
+        keys: &[&[u8]],
+        values: &[&[u8]],
+        metadata: &[&serde_json::Value],
+        ttl_us: &[Option<i64>],
+    ) -> StateResult<Vec<(Vec<u8>, i64)>> {
+        let params: [&(dyn ToSql + Sync); 4] = [&keys, &values, &metadata, &ttl_us];
+        let rows = self.stmts.upsert_many.query(&self.client, &params).await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect()
+    }
+
     /// Creates the entry only if no live one exists; returns its version, or `None`.
     async fn insert_if_absent(&self, key: &[u8], value: &[u8]) -> StateResult<Option<i64>> {
         let (empty, no_ttl) = (empty_object(), None::<i64>);

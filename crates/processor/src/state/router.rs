@@ -323,6 +323,11 @@ impl Router {
             .collect()
     }
 
+    /// Counts `n` reads the primary served outside [`pick`](Self::pick) (coalesced gets).
+    pub fn primary_read(&self, n: u64) {
+        self.primary_reads.fetch_add(n, Relaxed);
+    }
+
     pub fn primary_reads(&self) -> u64 {
         self.primary_reads.load(Relaxed)
     }

@@ -42,6 +42,7 @@ pub(crate) struct Statements {
     pub get_many: Stmt,
     pub page_range: Stmt,
     pub page_from: Stmt,
+    pub upsert_many: Stmt,
 }
 
 /// One statement: its SQL and parameter types, and its prepared form on this connection
@@ -218,7 +219,7 @@ impl Statements {
         let rewindow = rewindow(names);
         let one_entry = format!("VALUES ($1::bytea, $2::bytea, $3::jsonb, {})", expiry(4));
         const ENTRY_INPUT: &[&str] = &["key", "value", "metadata", "expires_at"];
-        let specs: [(String, &'static [Type]); 21] = [
+        let specs: [(String, &'static [Type]); 22] = [
             (format!("SELECT value FROM {t} WHERE key = $1 AND {LIVE}"), BYTEA),
             (format!("SELECT {ENTRY_COLUMNS} FROM {t} WHERE key = $1 AND {LIVE}"), BYTEA),
             (format!("SELECT EXISTS (SELECT 1 FROM {t} WHERE key = $1 AND {LIVE})"), BYTEA),
@@ -315,6 +316,21 @@ impl Statements {
                 ),
                 &[T::BYTEA, T::BYTEA, T::INT8],
             ),
+            (
+                upsert(
+                    names,
+                    &format!(
+                        "SELECT k, v, m, {} FROM unnest($1::bytea[], $2::bytea[], $3::jsonb[], \
+                         $4::bigint[]) AS u (k, v, m, t)",
+                        "statement_timestamp() + t * interval '1 microsecond'"
+                    ),
+                    ENTRY_INPUT,
+                    false,
+                    REPLACE,
+                    " RETURNING key, version",
+                ),
+                &[T::BYTEA_ARRAY, T::BYTEA_ARRAY, T::JSONB_ARRAY, T::INT8_ARRAY],
+            ),
         ];
         let prepared: Vec<Option<Statement>> = if unnamed {
             specs.iter().map(|_| None).collect()
@@ -365,6 +381,7 @@ impl Statements {
             get_many: next()?,
             page_range: next()?,
             page_from: next()?,
+            upsert_many: next()?,
         })
     }
 }

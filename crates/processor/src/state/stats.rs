@@ -59,6 +59,8 @@ pub(crate) struct Stats {
     leader_changes: AtomicU64,
     leadership_losses: AtomicU64,
     notifications_sent: AtomicU64,
+    coalesced_puts: AtomicU64,
+    coalesced_gets: AtomicU64,
 }
 
 /// Coordination events the backend counts.
@@ -127,6 +129,14 @@ impl Stats {
                 "slow query"
             );
         }
+    }
+
+    /// Records a put written, or a get answered, by a combined statement.
+    pub fn coalesced(&self, op: Op) {
+        match op {
+            Op::Get => self.coalesced_gets.fetch_add(1, Relaxed),
+            _ => self.coalesced_puts.fetch_add(1, Relaxed),
+        };
     }
 
     pub fn tx(&self, event: TxEvent) {
@@ -201,6 +211,10 @@ impl Stats {
             leader_changes: self.leader_changes.load(Relaxed),
             leadership_losses: self.leadership_losses.load(Relaxed),
             notifications_sent: self.notifications_sent.load(Relaxed),
+            coalesced_puts: self.coalesced_puts.load(Relaxed),
+            puts_queued: 0,
+            coalesced_gets: self.coalesced_gets.load(Relaxed),
+            gets_queued: 0,
             primary_reads: 0,
             replica_reads: 0,
             read_failovers: 0,
@@ -257,6 +271,16 @@ pub struct BackendStats {
     pub leadership_losses: u64,
     /// Notifications sent (`notify` and `notify_durable`).
     pub notifications_sent: u64,
+    /// Puts written together with concurrent ones in one combined statement (see
+    /// `EnhancedPostgresBackend::put`); also counted in `put_count`.
+    pub coalesced_puts: u64,
+    /// Puts waiting now to be combined into the next statement.
+    pub puts_queued: u64,
+    /// Gets answered together with concurrent ones by one lookup (see
+    /// `EnhancedPostgresBackend::get`); also counted in `get_count`.
+    pub coalesced_gets: u64,
+    /// Gets waiting now to be combined into the next lookup.
+    pub gets_queued: u64,
     /// Reads served by the primary.
     pub primary_reads: u64,
     /// Reads served by replicas.

@@ -4,6 +4,7 @@
 
 mod bad_input;
 mod checkpoints;
+mod coalescing;
 mod conformance;
 mod consistency;
 mod coordination;

@@ -32,11 +32,24 @@ use crate::state::transaction::{worth_retrying, PostgresTransaction, TxFuture};
 /// versions.
 ///
 /// Cheap to clone ([`clone_handle`](Self::clone_handle)): every handle shares one pool and one
-/// set of statistics. What works today: the [`StateBackend`] methods, metadata, TTL, batches
-/// (UNNEST and binary COPY), optimistic versions, metadata queries, pool and operation
-/// statistics, transactions, read replicas, coordination (advisory locks, lock guards, leader
-/// election, LISTEN/NOTIFY). Not yet implemented (configuration is accepted and
-/// validated, nothing more): the retention policy.
+/// set of statistics. It offers the [`StateBackend`] methods, metadata, TTL, batches (UNNEST
+/// and binary COPY), optimistic versions, metadata queries, pool and operation statistics,
+/// transactions, read replicas, coordination (advisory locks, lock guards, leader election,
+/// LISTEN/NOTIFY), retention, archive, checkpoints and partitioning.
+///
+/// # Many tasks at once
+/// - Point operations (get, contains, get_many, the puts, deletes and versioned writes) share
+///   pooled connections, pipelined: when every connection is in use, a call joins the
+///   least-loaded one instead of waiting for the pool. Transactions, batches, COPY and scans
+///   take a connection of their own.
+/// - Puts (`put`, `put_with_metadata`, `put_with_ttl`, `put_entry`) that find two put
+///   statements already running queue, and the queued ones are written by one statement,
+///   with one commit: each caller still gets its own result (a put whose neighbour the server
+///   refuses is run again alone), and a key queued twice is written in arrival order. A put
+///   that finds room runs alone at once. `get_stats()` counts `coalesced_puts`.
+/// - Gets likewise, where every read goes to the primary: queued gets are answered by one
+///   `key = ANY($1)` lookup (`coalesced_gets`). With read replicas, gets are pipelined but not
+///   combined (each carries its own read-your-writes floor).
 #[derive(Clone)]
 pub struct EnhancedPostgresBackend {
     inner: Arc<Inner>,
@@ -162,6 +175,8 @@ impl EnhancedPostgresBackend {
             stats,
             names,
             op_timeout,
+            coalescer: Arc::default(),
+            lookups: Arc::default(),
         };
         let windows = maintenance::window_settings(&store, &config).await?;
         if let Some((window, premake)) = windows {
@@ -497,6 +512,8 @@ impl EnhancedPostgresBackend {
         stats.primary_reads = s.router.primary_reads();
         stats.replica_reads = s.router.status().iter().map(|r| r.reads).sum();
         stats.read_failovers = s.router.failovers();
+        stats.puts_queued = u64::try_from(s.coalescer.waiting()).unwrap_or(u64::MAX);
+        stats.gets_queued = u64::try_from(s.lookups.waiting()).unwrap_or(u64::MAX);
         stats
     }
 

@@ -13,7 +13,8 @@
 //! - `BENCH_TASKS` (default `1,8,32,128`): the task counts. The pool has 8 connections;
 //!   pgbench runs `-c 1` for one task and `-c 8` otherwise.
 //! - `BENCH_BIG=1`: also compares get latency on a 10 000 000-row table with the 100 000-row one.
-//! - `BENCH_ONLY=get,put`: only these workloads, no bulk load; implies `BENCH_NO_WRITE=1`.
+//! - `BENCH_ONLY=get,put,bulk`: only these workloads (`bulk`: the bulk load); implies
+//!   `BENCH_NO_WRITE=1`.
 //! - `BENCH_NO_WRITE=1`: print only.
 //!
 //! The server runs with `fsync = on` and `synchronous_commit = on` for both sides.
@@ -140,11 +141,13 @@ async fn main() -> anyhow::Result<()> {
             });
         }
     }
-    if only.is_none() {
+    if only.as_ref().is_none_or(|o| o.iter().any(|n| n == "bulk")) {
         report.bulk = Some(bulk(&backend, &cluster, &url, &table).await?);
     }
     if big {
-        report.big = Some(big_table(&backend, &cluster, &url).await?);
+        let (gets, scan) = big_table(&backend, &cluster, &url).await?;
+        report.big = Some(gets);
+        report.big_scan = Some(scan);
     }
     report.print_and_write(only.is_none())?;
     Ok(())
@@ -238,12 +241,13 @@ async fn bulk(
     })
 }
 
-/// Get latency at one task on a 10 000 000-row table and on the 100 000-row one.
+/// Get latency at one task on a 10 000 000-row table and on the 100 000-row one; then a
+/// `scan` of the whole large table: rows per second and the client's highest RSS meanwhile.
 async fn big_table(
     small: &EnhancedPostgresBackend,
     cluster: &Cluster,
     url: &str,
-) -> anyhow::Result<(Sample, Sample)> {
+) -> anyhow::Result<((Sample, Sample), (f64, f64))> {
     eprintln!("loading {BIG_ROWS} rows into a second table ...");
     let big = EnhancedPostgresBackend::new(
         EnhancedPostgresConfig::new(url.to_string()).with_schema("bench_big"),
@@ -265,5 +269,21 @@ async fn big_table(
     load(small, cluster, small.table()).await?;
     let on_big = drive(1, 3.0, workloads::op(&big, "get", keys)).await?;
     let on_small = drive(1, 3.0, workloads::op(small, "get", KEYS)).await?;
-    Ok((on_small, on_big))
+    eprintln!("scanning {BIG_ROWS} rows ...");
+    let start = Instant::now();
+    let mut rows = 0u64;
+    let mut rss = drive::rss_mib();
+    let mut scan = std::pin::pin!(big.scan(b""));
+    while let Some(entry) = futures_util::StreamExt::next(&mut scan).await {
+        entry?;
+        rows += 1;
+        if rows % 100_000 == 0 {
+            rss = rss.max(drive::rss_mib());
+        }
+    }
+    anyhow::ensure!(rows == BIG_ROWS, "the scan saw {rows} rows, not {BIG_ROWS}");
+    Ok((
+        (on_small, on_big),
+        (rows as f64 / start.elapsed().as_secs_f64(), rss),
+    ))
 }

@@ -36,6 +36,8 @@ pub struct Report {
     pub bulk: Option<Bulk>,
     /// Get at one task: on the 100 000-row table, on the 10 000 000-row one.
     pub big: Option<(Sample, Sample)>,
+    /// The scan of the 10 000 000-row table: rows per second, highest client RSS (MiB).
+    pub big_scan: Option<(f64, f64)>,
 }
 
 const BEGIN: &str = "<!-- perf:begin (written by `cargo run --release --example perf`) -->";
@@ -68,6 +70,7 @@ impl Report {
             rows: Vec::new(),
             bulk: None,
             big: None,
+            big_scan: None,
         })
     }
 
@@ -192,6 +195,15 @@ impl Report {
             self.big.map(|(small, big)| big.p50_us / small.p50_us),
             |v| v <= 1.3,
         );
+        goal(
+            "client RSS while `scan` reads a 10M-row table, MiB",
+            "< 64",
+            self.big_scan.map(|(_, rss)| rss),
+            |v| v < 64.0,
+        );
+        if let Some((rate, _)) = self.big_scan {
+            let _ = writeln!(s, "\nScan of the 10M-row table: {rate:.0} rows/s.");
+        }
         if let Some(b) = bulk {
             let _ = writeln!(
                 s,

@@ -11,7 +11,9 @@
 
 mod backend;
 mod basic;
+mod batch;
 mod causal;
+mod checkout;
 mod coalesce;
 mod config;
 mod connection;
@@ -20,6 +22,7 @@ mod connstr;
 pub mod coordination;
 mod enhanced;
 mod error;
+mod groups;
 mod ident;
 pub mod limits;
 mod maintenance;

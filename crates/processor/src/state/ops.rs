@@ -1,28 +1,17 @@
-//! The key/value operations: single-key reads and writes, batches (UNNEST and binary COPY),
-//! optimistic versions, metadata queries, prefix scans and TTL.
+//! The key/value operations: single-key reads and writes, optimistic versions, metadata
+//! queries, prefix scans and TTL (batches are in the `batch` module).
 //!
 //! Every read filters `expires_at IS NULL OR expires_at > now()` (the server's clock), so an
 //! expired entry is invisible before any cleanup runs. Every write bumps `version`.
 
-use std::future::Future;
-use std::pin::pin;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::SystemTime;
 
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
 use crate::state::connection::PgConn;
 use crate::state::error::{StateError, StateResult};
 use crate::state::limits::{check_entry, check_metadata, json_type, prefix_upper_bound};
-use crate::state::names::TableNames;
-use crate::state::statements::{upsert, REPLACE};
-
-/// Rows per UNNEST statement in `batch_put`.
-const BATCH_CHUNK_ROWS: usize = 5_000;
-/// Payload bytes per UNNEST statement in `batch_put`.
-const BATCH_CHUNK_BYTES: usize = 32 * 1024 * 1024;
 
 /// One stored entry with its bookkeeping columns.
 #[derive(Clone, Debug, PartialEq)]
@@ -97,28 +86,6 @@ impl MetadataQuery {
     }
 }
 
-/// Keys and values of one UNNEST statement.
-type Chunk<'a> = (Vec<&'a [u8]>, Vec<&'a [u8]>);
-
-/// Keeps the last occurrence of each key, in key order (bytes, as PostgreSQL orders `bytea`).
-///
-/// Key order is the order the rows are then written and locked in: two batches over the same
-/// keys, whatever order their callers gave, lock them in one order and so never deadlock with
-/// each other (also across the chunks of one batch).
-fn last_wins<'a>(entries: &'a [(&'a [u8], &'a [u8])]) -> Vec<(&'a [u8], &'a [u8])> {
-    let mut sorted: Vec<(&[u8], &[u8])> = entries.to_vec();
-    // Stable: equal keys keep their order, so the last of each run is the last given.
-    sorted.sort_by(|a, b| a.0.cmp(b.0));
-    let mut out: Vec<(&[u8], &[u8])> = Vec::with_capacity(sorted.len());
-    for e in sorted {
-        match out.last_mut() {
-            Some(last) if last.0 == e.0 => *last = e,
-            _ => out.push(e),
-        }
-    }
-    out
-}
-
 pub(crate) fn check_batch(entries: &[(&[u8], &[u8])]) -> StateResult<()> {
     for (i, (k, v)) in entries.iter().enumerate() {
         check_entry(k, v).map_err(|e| match e {
@@ -131,29 +98,6 @@ pub(crate) fn check_batch(entries: &[(&[u8], &[u8])]) -> StateResult<()> {
 
 fn rows_to_entries(rows: &[Row]) -> StateResult<Vec<StateEntry>> {
     rows.iter().map(StateEntry::from_row).collect()
-}
-
-/// Splits a batch (already deduplicated) into UNNEST chunks.
-fn chunk<'a>(entries: &[(&'a [u8], &'a [u8])]) -> Vec<Chunk<'a>> {
-    let mut chunks: Vec<Chunk<'a>> = Vec::new();
-    let mut bytes = 0usize;
-    for (k, v) in entries {
-        let size = k.len() + v.len();
-        match chunks.last_mut() {
-            Some((keys, values))
-                if keys.len() < BATCH_CHUNK_ROWS && bytes + size <= BATCH_CHUNK_BYTES =>
-            {
-                keys.push(k);
-                values.push(v);
-                bytes += size;
-            }
-            _ => {
-                chunks.push((vec![*k], vec![*v]));
-                bytes = size;
-            }
-        }
-    }
-    chunks
 }
 
 /// The end of the last record before WAL insert position `lsn`. When the last record ended
@@ -375,112 +319,33 @@ impl PgConn {
             .collect()
     }
 
+    /// Like [`list_keys_page`](Self::list_keys_page), whole entries.
+    pub(crate) async fn entries_page(
+        &self,
+        prefix: &[u8],
+        after: &[u8],
+        limit: i64,
+    ) -> StateResult<Vec<StateEntry>> {
+        let rows = match prefix_upper_bound(prefix) {
+            Some(u) => {
+                self.stmts
+                    .entries_range
+                    .query(&self.client, &[&prefix, &after, &u.as_slice(), &limit])
+                    .await?
+            }
+            None => {
+                self.stmts
+                    .entries_from
+                    .query(&self.client, &[&prefix, &after, &limit])
+                    .await?
+            }
+        };
+        rows_to_entries(&rows)
+    }
+
     pub(crate) async fn clear(&self) -> StateResult<()> {
         self.stmts.clear.execute(&self.client, &[]).await?;
         Ok(())
-    }
-
-    /// Runs `body` in a transaction of its own: `BEGIN`, then `COMMIT` if it succeeded, else
-    /// `ROLLBACK`. Only on a connection held exclusively (a checkout, never a shared lane):
-    /// if this future is dropped midway, the checkout discards the connection.
-    async fn in_transaction<T>(
-        &self,
-        body: impl Future<Output = StateResult<T>>,
-    ) -> StateResult<T> {
-        self.client.batch_execute("BEGIN").await?;
-        match body.await {
-            Ok(v) => {
-                self.client.batch_execute("COMMIT").await?;
-                Ok(v)
-            }
-            Err(e) => {
-                // A failed ROLLBACK means the connection is gone (and with it the transaction).
-                let _ = self.client.batch_execute("ROLLBACK").await;
-                Err(e)
-            }
-        }
-    }
-
-    /// Runs UNNEST chunks. With `atomic` and more than one chunk they run in a transaction of
-    /// their own (on an exclusively held connection); inside a caller's transaction pass
-    /// `false`.
-    pub(crate) async fn batch_put(
-        &self,
-        entries: &[(&[u8], &[u8])],
-        atomic: bool,
-    ) -> StateResult<()> {
-        let entries = last_wins(entries);
-        let chunks = chunk(&entries);
-        let all = async {
-            for (keys, values) in &chunks {
-                self.stmts
-                    .batch_upsert
-                    .execute(&self.client, &[keys, values])
-                    .await?;
-            }
-            Ok(())
-        };
-        if chunks.len() > 1 && atomic {
-            self.in_transaction(all).await
-        } else {
-            all.await
-        }
-    }
-
-    /// Binary COPY into a session-local staging table, then one upsert from it (last occurrence
-    /// of a key wins), in one transaction (on an exclusively held connection). Returns the
-    /// number of distinct keys written.
-    pub(crate) async fn batch_copy(
-        &self,
-        names: &TableNames,
-        entries: &[(&[u8], &[u8])],
-    ) -> StateResult<u64> {
-        let merge = upsert(
-            names,
-            "SELECT DISTINCT ON (key) key, value FROM pg_temp.pgstate_copy_stage ORDER BY key, seq DESC",
-            &["key", "value"],
-            false,
-            REPLACE,
-            "",
-        );
-        let stage_ready = self.copy_stage_ready.load(Relaxed);
-        // Behind PgBouncer's transaction pooling the next transaction may run on another
-        // server session: the staging table lives for this transaction only.
-        let per_transaction = self.stmts.unnamed();
-        let tx = &self.client;
-        let written = self
-            .in_transaction(async {
-                if per_transaction {
-                    tx.batch_execute(
-                        "CREATE TEMP TABLE pgstate_copy_stage \
-                 (seq bigint NOT NULL, key bytea NOT NULL, value bytea NOT NULL) \
-                 ON COMMIT DROP",
-                    )
-                    .await?;
-                } else if !stage_ready {
-                    tx.batch_execute(
-                        "CREATE TEMP TABLE IF NOT EXISTS pgstate_copy_stage \
-                 (seq bigint NOT NULL, key bytea NOT NULL, value bytea NOT NULL) \
-                 ON COMMIT DELETE ROWS",
-                    )
-                    .await?;
-                }
-                let sink = tx
-            .copy_in("COPY pg_temp.pgstate_copy_stage (seq, key, value) FROM STDIN (FORMAT binary)")
-            .await?;
-                let mut writer = pin!(BinaryCopyInWriter::new(
-                    sink,
-                    &[Type::INT8, Type::BYTEA, Type::BYTEA]
-                ));
-                for (seq, (k, v)) in (0i64..).zip(entries) {
-                    writer.as_mut().write(&[&seq, k, v]).await?;
-                }
-                writer.finish().await?;
-                Ok(tx.execute_typed(merge.as_str(), &[]).await?)
-            })
-            .await?;
-        self.copy_stage_ready.store(!per_transaction, Relaxed);
-        Ok(written)
     }
 
     pub(crate) async fn query_by_metadata(
@@ -516,22 +381,6 @@ mod tests {
         assert_eq!(record_end(5 * seg + 40, page, seg), 5 * seg);
         assert_eq!(record_end(3 * 8192 + 100, page, seg), 3 * 8192 + 100);
         assert_eq!(record_end(3 * 8192, page, seg), 3 * 8192);
-    }
-
-    #[test]
-    fn last_occurrence_wins_in_key_order() {
-        let e: Vec<(&[u8], &[u8])> = vec![
-            (b"b", b"1"),
-            (b"a", b"1"),
-            (b"b", b"2"),
-            (b"ab", b"1"),
-            (b"a", b"3"),
-        ];
-        let v = |k: &'static [u8], v: &'static [u8]| (k, v);
-        assert_eq!(
-            last_wins(&e),
-            vec![v(b"a", b"3"), v(b"ab", b"1"), v(b"b", b"2")]
-        );
     }
 
     #[test]

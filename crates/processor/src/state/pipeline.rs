@@ -39,8 +39,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::state::checkout::Checkout;
 use crate::state::connection::PgConn;
-use crate::state::pool::Checkout;
 
 /// How long a lane with no users keeps its connection.
 pub(crate) const LINGER: Duration = Duration::from_millis(100);

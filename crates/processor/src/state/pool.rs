@@ -1,15 +1,6 @@
-//! The connection pool: bb8 with our own connection manager, the one checkout type
-//! ([`Checkout`]), a background health check, and statistics.
-//!
-//! How a connection is treated before reuse is decided by its [`Checkout`] alone, when it is
-//! dropped:
-//! - every operation runs through [`Checkout::run`], which marks the connection busy until the
-//!   operation's future completes (with success or an error the server or driver reported): a
-//!   future dropped before that (cancelled by the caller, cut off by the operation timeout)
-//!   leaves the connection in an unknown protocol or transaction state, so it is **discarded**;
-//! - a connection inside a transaction that was never ended is **rolled back** (bounded) on
-//!   the runtime it was checked out on, and returned clean only if that worked;
-//! - otherwise it goes back **clean**. A closed connection is always discarded.
+//! The connection pool: bb8 with our connection manager and checkout type (the `checkout`
+//! module), first-come-first-served turns, test on acquire, a background health check, and
+//! statistics.
 //!
 //! Session state is never left behind: operations change no session settings, and
 //! transactions always end before the connection returns. With `test_on_acquire` a
@@ -23,10 +14,11 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bb8::{ErrorSink, ManageConnection, Pool, PooledConnection, RunError};
+use bb8::{ErrorSink, Pool, PooledConnection, RunError};
 
+use crate::state::checkout::{Checkout, ConnectFailures, Manager};
 use crate::state::config::PostgresPoolConfig;
 use crate::state::connection::{Connector, PgConn};
 use crate::state::error::{StateError, StateResult};
@@ -36,80 +28,6 @@ use crate::state::pipeline::{Joined, Lanes, Point, LINGER};
 /// With `test_on_acquire`, a connection idle in the pool for longer than this is probed
 /// before it is handed out.
 pub(crate) const TEST_AFTER_IDLE: Duration = Duration::from_secs(1);
-
-/// Opens [`PgConn`]s for bb8.
-pub(crate) struct Manager {
-    connector: Connector,
-    names: TableNames,
-    failures: Arc<ConnectFailures>,
-}
-
-/// Tells waiting acquires that opening a connection just failed, so that a pool with no
-/// connection at all can report the server unreachable at once instead of waiting out the
-/// acquire timeout.
-#[derive(Default)]
-struct ConnectFailures {
-    notify: tokio::sync::Notify,
-    last: Mutex<Option<String>>,
-}
-
-/// A pooled connection with what its checkout left it as.
-pub(crate) struct Pooled {
-    conn: PgConn,
-    /// An operation started and has not completed.
-    busy: bool,
-    /// A transaction was begun and has not ended.
-    in_transaction: bool,
-    /// When it last went back to the pool (or was opened).
-    idle_since: Instant,
-}
-
-impl Pooled {
-    fn reusable(&self) -> bool {
-        !self.busy && !self.in_transaction && !self.conn.client.is_closed()
-    }
-}
-
-impl ManageConnection for Manager {
-    type Connection = Pooled;
-    type Error = StateError;
-
-    async fn connect(&self) -> Result<Pooled, StateError> {
-        let result = PgConn::open(&self.connector, &self.names)
-            .await
-            .map(|conn| Pooled {
-                conn,
-                busy: false,
-                in_transaction: false,
-                idle_since: Instant::now(),
-            });
-        if let Err(e) = &result {
-            if let Ok(mut last) = self.failures.last.lock() {
-                *last = Some(e.to_string());
-            }
-            self.failures.notify.notify_waiters();
-        }
-        result
-    }
-
-    async fn is_valid(&self, pooled: &mut Pooled) -> Result<(), StateError> {
-        if !pooled.reusable() {
-            return Err(StateError::Connection {
-                message: "connection is closed or in an unknown state".to_string(),
-                sqlstate: None,
-            });
-        }
-        // Busy while the probe runs: a probe cut short leaves the connection discarded.
-        pooled.busy = true;
-        pooled.conn.probe().await?;
-        pooled.busy = false;
-        Ok(())
-    }
-
-    fn has_broken(&self, pooled: &mut Pooled) -> bool {
-        !pooled.reusable()
-    }
-}
 
 /// Keeps the last background connection error, so an acquire timeout can say why.
 #[derive(Debug, Clone, Default)]
@@ -131,111 +49,6 @@ impl ErrorSink<StateError> for LastError {
 
     fn boxed_clone(&self) -> Box<dyn ErrorSink<StateError>> {
         Box::new(self.clone())
-    }
-}
-
-/// A checked-out connection: the one way code outside the pool uses a pooled connection.
-/// Owned (it holds a reference to the pool), so a transaction can keep it. See the module
-/// documentation for how it decides, when dropped, what happens to the connection.
-pub(crate) struct Checkout {
-    /// `None` only while `drop` hands it to the rollback task.
-    pooled: Option<PooledConnection<'static, Manager>>,
-    /// The runtime the connection's I/O task runs on: a rollback owed on drop runs there.
-    runtime: tokio::runtime::Handle,
-    /// Bounds a rollback owed on drop.
-    rollback_limit: Duration,
-    /// This checkout's turn in the pool (see [`ConnPool::get`]); released after the
-    /// connection is back.
-    turn: Option<tokio::sync::OwnedSemaphorePermit>,
-}
-
-impl Checkout {
-    fn pooled(&mut self) -> &mut Pooled {
-        match self.pooled.as_mut() {
-            Some(p) => p,
-            // Only `drop` takes it.
-            None => unreachable!("a live checkout holds its connection"),
-        }
-    }
-
-    fn pooled_ref(&self) -> &Pooled {
-        match self.pooled.as_ref() {
-            Some(p) => p,
-            None => unreachable!("a live checkout holds its connection"),
-        }
-    }
-
-    /// Runs one operation on the connection. The connection counts as busy until `op`'s future
-    /// completes, whatever its result; if that future is dropped first, the connection is
-    /// discarded when the checkout ends (and [`abandoned`](Self::abandoned) says so meanwhile).
-    pub async fn run<'s, T, E, F, Fut>(&'s mut self, op: F) -> Result<T, E>
-    where
-        F: FnOnce(&'s mut PgConn) -> Fut,
-        Fut: Future<Output = Result<T, E>>,
-    {
-        let Pooled { conn, busy, .. } = self.pooled();
-        *busy = true;
-        let result = op(conn).await;
-        *busy = false;
-        result
-    }
-
-    /// Whether an operation started on this connection never completed (its future was
-    /// dropped): its effect is unknown.
-    pub fn abandoned(&self) -> bool {
-        self.pooled_ref().busy
-    }
-
-    /// Records that a transaction was begun (`true`) or ended (`false`) on this connection. A
-    /// checkout dropped inside a transaction rolls it back before the connection is reused.
-    pub fn set_in_transaction(&mut self, on: bool) {
-        self.pooled().in_transaction = on;
-    }
-
-    /// Whether the connection has closed.
-    pub fn is_closed(&self) -> bool {
-        self.pooled_ref().conn.client.is_closed()
-    }
-
-    /// The connection, shared: for the users of a lane (see the `pipeline` module), which
-    /// track their own calls.
-    pub fn conn(&self) -> &PgConn {
-        &self.pooled_ref().conn
-    }
-
-    /// Makes the connection be discarded, not reused, when the checkout ends.
-    pub fn discard(&mut self) {
-        self.pooled().busy = true;
-    }
-}
-
-impl Drop for Checkout {
-    fn drop(&mut self) {
-        let Some(mut pooled) = self.pooled.take() else {
-            return;
-        };
-        pooled.idle_since = Instant::now();
-        if !pooled.in_transaction || pooled.conn.client.is_closed() {
-            // Clean, or discarded by bb8 (busy or closed).
-            return;
-        }
-        // Roll back on the connection's runtime, whichever thread drops us; the connection
-        // returns to the pool only if that worked in time (a statement abandoned before it
-        // finishes first). If that runtime has shut down, the task (and with it the
-        // connection) is dropped there: the server ends the transaction with the connection.
-        // (`Handle::spawn` needs no `enter()`, which could panic during thread teardown.)
-        let limit = self.rollback_limit;
-        let turn = self.turn.take();
-        self.runtime.spawn(async move {
-            let _turn = turn;
-            let rollback = pooled.conn.client.batch_execute("ROLLBACK");
-            if let Ok(Ok(())) = tokio::time::timeout(limit, rollback).await {
-                pooled.busy = false;
-                pooled.in_transaction = false;
-                pooled.idle_since = Instant::now();
-            }
-            drop(pooled);
-        });
     }
 }
 

@@ -43,6 +43,8 @@ pub(crate) struct Statements {
     pub page_range: Stmt,
     pub page_from: Stmt,
     pub upsert_many: Stmt,
+    pub entries_range: Stmt,
+    pub entries_from: Stmt,
 }
 
 /// One statement: its SQL and parameter types, and its prepared form on this connection
@@ -219,7 +221,7 @@ impl Statements {
         let rewindow = rewindow(names);
         let one_entry = format!("VALUES ($1::bytea, $2::bytea, $3::jsonb, {})", expiry(4));
         const ENTRY_INPUT: &[&str] = &["key", "value", "metadata", "expires_at"];
-        let specs: [(String, &'static [Type]); 22] = [
+        let specs: [(String, &'static [Type]); 24] = [
             (format!("SELECT value FROM {t} WHERE key = $1 AND {LIVE}"), BYTEA),
             (format!("SELECT {ENTRY_COLUMNS} FROM {t} WHERE key = $1 AND {LIVE}"), BYTEA),
             (format!("SELECT EXISTS (SELECT 1 FROM {t} WHERE key = $1 AND {LIVE})"), BYTEA),
@@ -331,6 +333,20 @@ impl Statements {
                 ),
                 &[T::BYTEA_ARRAY, T::BYTEA_ARRAY, T::JSONB_ARRAY, T::INT8_ARRAY],
             ),
+            (
+                format!(
+                    "SELECT {ENTRY_COLUMNS} FROM {t} WHERE key >= $1 AND key > $2 AND key < $3 \
+                     AND {LIVE} ORDER BY key LIMIT $4"
+                ),
+                &[T::BYTEA, T::BYTEA, T::BYTEA, T::INT8],
+            ),
+            (
+                format!(
+                    "SELECT {ENTRY_COLUMNS} FROM {t} WHERE key >= $1 AND key > $2 AND {LIVE} \
+                     ORDER BY key LIMIT $3"
+                ),
+                &[T::BYTEA, T::BYTEA, T::INT8],
+            ),
         ];
         let prepared: Vec<Option<Statement>> = if unnamed {
             specs.iter().map(|_| None).collect()
@@ -382,6 +398,8 @@ impl Statements {
             page_range: next()?,
             page_from: next()?,
             upsert_many: next()?,
+            entries_range: next()?,
+            entries_from: next()?,
         })
     }
 }

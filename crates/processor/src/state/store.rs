@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::join;
 
 use crate::state::causal::{Scope, Session};
-use crate::state::coalesce::{Admission, Coalescer, Entry, Found, Lookup, Reply, Waiting};
+use crate::state::coalesce::{Admission, Coalescer, Entry, Found, Lookup, Reply};
 use crate::state::connection::PgConn;
 use crate::state::error::{sqlstate, ErrorKind, StateError, StateResult};
 use crate::state::limits::{
@@ -46,12 +46,37 @@ fn replica_failure(e: &StateError) -> ReplicaFailure {
     }
 }
 
+/// Checks a page request: `limit` 1 to [`MAX_PAGE`], a prefix no longer than a key, a valid
+/// `start_after`. Returns the statement's (prefix, after, limit).
+fn check_page<'a>(
+    prefix: &'a [u8],
+    start_after: Option<&'a [u8]>,
+    limit: usize,
+) -> StateResult<(&'a [u8], &'a [u8], i64)> {
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(StateError::invalid(format!(
+            "a page holds 1 to {MAX_PAGE} keys, not {limit}"
+        )));
+    }
+    if prefix.len() > MAX_KEY_LEN {
+        return Err(StateError::invalid(format!(
+            "prefix is {} bytes; at most {MAX_KEY_LEN} allowed",
+            prefix.len()
+        )));
+    }
+    if let Some(after) = start_after {
+        check_key(after)?;
+    }
+    // Every key is longer than the empty string: no lower bound beyond the prefix.
+    Ok((prefix, start_after.unwrap_or_default(), limit as i64))
+}
+
 /// Runs of a single write that failed with a serialization failure, after the first.
 const WRITE_RETRIES: u32 = 20;
 
 /// How an operation uses its connection.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Use {
+pub(crate) enum Use {
     /// One autocommit statement (or a few, each on its own): on a lane shared with other
     /// point operations, pipelined (see the `pipeline` module).
     Point,
@@ -60,7 +85,7 @@ enum Use {
 }
 
 /// A connection from `pool` for an operation of kind `how`.
-async fn connection(pool: &ConnPool, how: Use) -> StateResult<Point> {
+pub(crate) async fn connection(pool: &ConnPool, how: Use) -> StateResult<Point> {
     match how {
         Use::Point => pool.point().await,
         Use::Own => Ok(Point::Own(Box::new(pool.get().await?))),
@@ -270,63 +295,13 @@ impl Store {
         if self.router.splits_reads() {
             return alone().await;
         }
-        let (reply, lead) = match self.lookups.admit(|| Lookup(key.to_vec())) {
+        match self.lookups.admit(|| Lookup(key.to_vec())) {
             Admission::Alone(slot) => {
                 let result = alone().await;
                 drop(slot);
-                return result;
+                result
             }
-            Admission::Queued { reply, lead } => (reply, lead),
-        };
-        if lead {
-            tokio::spawn(self.clone().lead_gets());
-        }
-        let start = Instant::now();
-        if let Ok(Ok(Found::Value(value))) = tokio::time::timeout(self.op_timeout, reply).await {
-            self.stats.record(Op::Get, 1, start.elapsed(), true);
-            self.stats.coalesced(Op::Get);
-            return Ok(value);
-        }
-        // The group's lookup failed or never ran: a read runs again safely, within what is
-        // left of the operation timeout.
-        let left = self.op_timeout.saturating_sub(start.elapsed());
-        bounded(left, alone()).await
-    }
-
-    /// The leader of the get queue (see [`lead_puts`](Self::lead_puts)).
-    async fn lead_gets(self) {
-        while let Some((slot, group)) = self.lookups.next_group().await {
-            let store = self.clone();
-            tokio::spawn(async move {
-                store.read_group(group).await;
-                drop(slot);
-            });
-        }
-    }
-
-    /// Answers a group of gets with one lookup on the primary (each asks again alone if it
-    /// fails).
-    async fn read_group(&self, group: Vec<Waiting<Lookup, Found>>) {
-        let keys: Vec<&[u8]> = group.iter().map(|w| w.item.0.as_slice()).collect();
-        let found = bounded(self.op_timeout, async {
-            let mut conn = connection(&self.primary, Use::Point).await?;
-            conn.run(|c| c.get_many(&keys)).await
-        })
-        .await;
-        let values: HashMap<Vec<u8>, Vec<u8>> = match found {
-            Ok(rows) => rows.into_iter().collect(),
-            Err(e) => {
-                tracing::debug!(error = %e, gets = group.len(), "a get group failed; its gets run alone");
-                for w in group {
-                    w.answer(Found::RunAlone);
-                }
-                return;
-            }
-        };
-        self.router.primary_read(group.len() as u64);
-        for w in group {
-            let value = values.get(&w.item.0).cloned();
-            w.answer(Found::Value(value));
+            Admission::Queued { reply, lead } => self.get_queued(reply, lead, alone).await,
         }
     }
 
@@ -383,24 +358,24 @@ impl Store {
         limit: usize,
         scope: Scope<'_>,
     ) -> StateResult<Vec<Vec<u8>>> {
-        if !(1..=MAX_PAGE).contains(&limit) {
-            return Err(StateError::invalid(format!(
-                "a page holds 1 to {MAX_PAGE} keys, not {limit}"
-            )));
-        }
-        if prefix.len() > MAX_KEY_LEN {
-            return Err(StateError::invalid(format!(
-                "prefix is {} bytes; at most {MAX_KEY_LEN} allowed",
-                prefix.len()
-            )));
-        }
-        if let Some(after) = start_after {
-            check_key(after)?;
-        }
-        // Every key is longer than the empty string: no lower bound beyond the prefix.
-        let page = (prefix, start_after.unwrap_or_default(), limit as i64);
+        let page = check_page(prefix, start_after, limit)?;
         self.read(scope, Op::Scan, &page, |c, (p, a, l)| {
             Box::pin(c.list_keys_page(p, a, *l))
+        })
+        .await
+    }
+
+    /// Like [`list_keys_page`](Self::list_keys_page), whole live entries.
+    pub async fn entries_page(
+        &self,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+        scope: Scope<'_>,
+    ) -> StateResult<Vec<StateEntry>> {
+        let page = check_page(prefix, start_after, limit)?;
+        self.read(scope, Op::Scan, &page, |c, (p, a, l)| {
+            Box::pin(c.entries_page(p, a, *l))
         })
         .await
     }
@@ -441,121 +416,19 @@ impl Store {
             })
             .await
         };
-        let (reply, lead) = match self.coalescer.admit(|| Entry {
+        let entry = || Entry {
             key: key.to_vec(),
             value: value.to_vec(),
             metadata: metadata.clone(),
             ttl_us,
-        }) {
+        };
+        match self.coalescer.admit(entry) {
             Admission::Alone(slot) => {
                 let result = alone().await;
                 drop(slot);
-                return result;
+                result
             }
-            Admission::Queued { reply, lead } => (reply, lead),
-        };
-        if lead {
-            tokio::spawn(self.clone().lead_puts());
-        }
-        let mark = self.router.tracks_writes().then(|| session.write());
-        let start = Instant::now();
-        let reply = match tokio::time::timeout(self.op_timeout, reply).await {
-            Ok(Ok(reply)) => reply,
-            Ok(Err(_)) => Reply::Failed(StateError::Connection {
-                message: "the put's group ended without a result".into(),
-                sqlstate: None,
-            }),
-            Err(_) => Reply::Failed(StateError::Timeout(format!(
-                "the put did not complete within the operation timeout ({:?})",
-                self.op_timeout
-            ))),
-        };
-        match reply {
-            Reply::Written { version, lsn } => {
-                self.stats.record(Op::Put, 1, start.elapsed(), true);
-                self.stats.coalesced(Op::Put);
-                if let (Some(mark), Some(lsn)) = (mark, lsn) {
-                    mark.learned(lsn);
-                }
-                Ok(version)
-            }
-            Reply::RunAlone => {
-                if let Some(mark) = mark {
-                    mark.nothing_written();
-                }
-                // Within what is left of the operation timeout.
-                let left = self.op_timeout.saturating_sub(start.elapsed());
-                bounded(left, alone()).await
-            }
-            Reply::Failed(e) => {
-                self.stats.record(Op::Put, 1, start.elapsed(), false);
-                Err(e)
-            }
-        }
-    }
-
-    /// The leader of the put queue: sends its groups until it is empty, each as one
-    /// statement on a task of its own holding a statement slot.
-    async fn lead_puts(self) {
-        while let Some((slot, group)) = self.coalescer.next_group().await {
-            let store = self.clone();
-            tokio::spawn(async move {
-                store.write_group(group).await;
-                drop(slot);
-            });
-        }
-    }
-
-    /// Writes a group of puts in one statement and answers each (see [`Reply`]).
-    async fn write_group(&self, mut group: Vec<Waiting<Entry, Reply>>) {
-        // Key order: the lock order of every batch.
-        group.sort_by(|a, b| a.item.key.cmp(&b.item.key));
-        let keys: Vec<&[u8]> = group.iter().map(|w| w.item.key.as_slice()).collect();
-        let values: Vec<&[u8]> = group.iter().map(|w| w.item.value.as_slice()).collect();
-        let metadata: Vec<&serde_json::Value> = group.iter().map(|w| &w.item.metadata).collect();
-        let ttls: Vec<Option<i64>> = group.iter().map(|w| w.item.ttl_us).collect();
-        let tracks = self.router.tracks_writes();
-        let outcome = bounded(self.op_timeout, async {
-            let mut conn = connection(&self.primary, Use::Point).await?;
-            let written = conn
-                .run(|c| c.upsert_many(&keys, &values, &metadata, &ttls))
-                .await;
-            let lsn = match (&written, tracks) {
-                (Ok(_), true) => conn.run(|c| c.insert_lsn()).await.ok(),
-                _ => None,
-            };
-            Ok((written, lsn, conn.is_closed()))
-        })
-        .await;
-        let (written, lsn) = match outcome {
-            Ok((Ok(rows), lsn, _)) => (rows, lsn),
-            // Refused by the server on an open connection: nothing was written.
-            Ok((Err(e), _, false))
-                if e.sqlstate().is_some() && e.kind() != ErrorKind::Connection =>
-            {
-                tracing::debug!(error = %e, puts = group.len(), "a put group was refused; its puts run alone");
-                for w in group {
-                    w.answer(Reply::RunAlone);
-                }
-                return;
-            }
-            Ok((Err(e), _, _)) | Err(e) => {
-                for w in group {
-                    w.answer(Reply::Failed(e.shared()));
-                }
-                return;
-            }
-        };
-        let versions: HashMap<Vec<u8>, i64> = written.into_iter().collect();
-        for w in group {
-            let reply = match versions.get(&w.item.key) {
-                Some(&version) => Reply::Written { version, lsn },
-                None => Reply::Failed(StateError::StorageError {
-                    message: "the put's group returned no version for its key".into(),
-                    sqlstate: None,
-                }),
-            };
-            w.answer(reply);
+            Admission::Queued { reply, lead } => self.put_queued(session, reply, lead, alone).await,
         }
     }
 

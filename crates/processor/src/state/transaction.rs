@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::state::causal::Session;
+use crate::state::checkout::Checkout;
 use crate::state::config::IsolationLevel;
 use crate::state::connection::PgConn;
 use crate::state::error::{sqlstate, ErrorKind, StateError, StateResult};
@@ -24,7 +25,7 @@ use crate::state::limits::{check_entry, check_key, check_metadata, check_ttl};
 use crate::state::names::TableNames;
 use crate::state::ops::{check_batch, empty_object, MetadataQuery, StateEntry};
 use crate::state::pipeline::Point;
-use crate::state::pool::{bounded, Checkout, ConnPool};
+use crate::state::pool::{bounded, ConnPool};
 use crate::state::stats::{Op, Stats, TxEvent};
 
 /// The future a [`transaction`](crate::state::EnhancedPostgresBackend::transaction) closure

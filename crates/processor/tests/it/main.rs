@@ -22,6 +22,7 @@ mod replication;
 mod schema;
 mod security;
 mod seed;
+mod streams;
 mod support;
 mod time_partitions;
 mod tls;

@@ -35,6 +35,19 @@ async fn batch_put_and_copy_last_write_wins() {
     let again: Vec<(&[u8], &[u8])> = vec![(b"e", b"1")];
     assert_eq!(b.batch_copy(&again).await.unwrap(), 1);
     assert_eq!(b.count().await.unwrap(), 5);
+    // Keys none of which exists are copied straight into the table: the same entries as an
+    // upsert would make, duplicates resolved the same way.
+    let new: Vec<(&[u8], &[u8])> = vec![(b"g", b"1"), (b"f", b"1"), (b"g", b"2")];
+    assert_eq!(b.batch_copy(&new).await.unwrap(), 2);
+    let g = b.get_entry(b"g").await.unwrap().unwrap();
+    assert_eq!((g.value.as_slice(), g.version), (&b"2"[..], 1));
+    assert_eq!(g.metadata, json!({}));
+    assert_eq!(g.expires_at, None);
+    assert_eq!(b.get(b"f").await.unwrap(), Some(b"1".to_vec()));
+    // A deleted key is a tombstone: copying it again continues its version.
+    b.delete(b"g").await.unwrap();
+    assert_eq!(b.batch_copy(&new[..1]).await.unwrap(), 1);
+    assert_eq!(b.get_entry(b"g").await.unwrap().unwrap().version, 3);
 }
 
 #[tokio::test]

@@ -4,6 +4,7 @@
 mod coordination;
 mod maintenance;
 mod replication;
+mod streams;
 
 use std::sync::Arc;
 use std::time::Duration;

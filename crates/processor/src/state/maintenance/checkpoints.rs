@@ -16,8 +16,8 @@ use tokio_postgres::types::Type;
 use tokio_postgres::IsolationLevel;
 
 use super::floor;
+use crate::state::checkout::Checkout;
 use crate::state::error::{StateError, StateResult};
-use crate::state::pool::Checkout;
 use crate::state::statements::{rewindow, LIVE, TOMBSTONE};
 use crate::state::store::Store;
 

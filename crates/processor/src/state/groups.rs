@@ -1,0 +1,199 @@
+//! Running coalesced calls (see the `coalesce` module for the queues): the waiting side of
+//! a queued put or get, the queues' leaders, and the combined statements.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::Instant;
+
+use tokio::sync::oneshot;
+
+use crate::state::causal::Session;
+use crate::state::coalesce::{Entry, Found, Lookup, Reply, Waiting};
+use crate::state::error::{ErrorKind, StateError, StateResult};
+use crate::state::pool::bounded;
+use crate::state::stats::Op;
+use crate::state::store::{connection, Store, Use};
+
+impl Store {
+    /// Waits for a queued get's answer (starting the queue's leader if `lead`); runs the get
+    /// alone (`alone`) if its group's lookup failed.
+    pub(crate) async fn get_queued<F, Fut>(
+        &self,
+        reply: oneshot::Receiver<Found>,
+        lead: bool,
+        alone: F,
+    ) -> StateResult<Option<Vec<u8>>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = StateResult<Option<Vec<u8>>>>,
+    {
+        if lead {
+            tokio::spawn(self.clone().lead_gets());
+        }
+        let start = Instant::now();
+        if let Ok(Ok(Found::Value(value))) = tokio::time::timeout(self.op_timeout, reply).await {
+            self.stats.record(Op::Get, 1, start.elapsed(), true);
+            self.stats.coalesced(Op::Get);
+            return Ok(value);
+        }
+        // The group's lookup failed or never ran: a read runs again safely, within what is
+        // left of the operation timeout.
+        let left = self.op_timeout.saturating_sub(start.elapsed());
+        bounded(left, alone()).await
+    }
+
+    /// The leader of the get queue (see [`lead_puts`](Self::lead_puts)).
+    async fn lead_gets(self) {
+        while let Some((slot, group)) = self.lookups.next_group().await {
+            let store = self.clone();
+            tokio::spawn(async move {
+                store.read_group(group).await;
+                drop(slot);
+            });
+        }
+    }
+
+    /// Answers a group of gets with one lookup on the primary (each asks again alone if it
+    /// fails).
+    async fn read_group(&self, group: Vec<Waiting<Lookup, Found>>) {
+        let keys: Vec<&[u8]> = group.iter().map(|w| w.item.0.as_slice()).collect();
+        let found = bounded(self.op_timeout, async {
+            let mut conn = connection(&self.primary, Use::Point).await?;
+            conn.run(|c| c.get_many(&keys)).await
+        })
+        .await;
+        let values: HashMap<Vec<u8>, Vec<u8>> = match found {
+            Ok(rows) => rows.into_iter().collect(),
+            Err(e) => {
+                tracing::debug!(error = %e, gets = group.len(), "a get group failed; its gets run alone");
+                for w in group {
+                    w.answer(Found::RunAlone);
+                }
+                return;
+            }
+        };
+        self.router.primary_read(group.len() as u64);
+        for w in group {
+            let value = values.get(&w.item.0).cloned();
+            w.answer(Found::Value(value));
+        }
+    }
+
+    /// Waits for a queued put's result (starting the queue's leader if `lead`), recording its
+    /// WAL position in `session`; runs the put alone (`alone`) if the server refused its group.
+    pub(crate) async fn put_queued<F, Fut>(
+        &self,
+        session: &Session,
+        reply: oneshot::Receiver<Reply>,
+        lead: bool,
+        alone: F,
+    ) -> StateResult<i64>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = StateResult<i64>>,
+    {
+        if lead {
+            tokio::spawn(self.clone().lead_puts());
+        }
+        let mark = self.router.tracks_writes().then(|| session.write());
+        let start = Instant::now();
+        let reply = match tokio::time::timeout(self.op_timeout, reply).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(_)) => Reply::Failed(StateError::Connection {
+                message: "the put's group ended without a result".into(),
+                sqlstate: None,
+            }),
+            Err(_) => Reply::Failed(StateError::Timeout(format!(
+                "the put did not complete within the operation timeout ({:?})",
+                self.op_timeout
+            ))),
+        };
+        match reply {
+            Reply::Written { version, lsn } => {
+                self.stats.record(Op::Put, 1, start.elapsed(), true);
+                self.stats.coalesced(Op::Put);
+                if let (Some(mark), Some(lsn)) = (mark, lsn) {
+                    mark.learned(lsn);
+                }
+                Ok(version)
+            }
+            Reply::RunAlone => {
+                if let Some(mark) = mark {
+                    mark.nothing_written();
+                }
+                // Within what is left of the operation timeout.
+                let left = self.op_timeout.saturating_sub(start.elapsed());
+                bounded(left, alone()).await
+            }
+            Reply::Failed(e) => {
+                self.stats.record(Op::Put, 1, start.elapsed(), false);
+                Err(e)
+            }
+        }
+    }
+
+    /// The leader of the put queue: sends its groups until it is empty, each as one
+    /// statement on a task of its own holding a statement slot.
+    async fn lead_puts(self) {
+        while let Some((slot, group)) = self.coalescer.next_group().await {
+            let store = self.clone();
+            tokio::spawn(async move {
+                store.write_group(group).await;
+                drop(slot);
+            });
+        }
+    }
+
+    /// Writes a group of puts in one statement and answers each (see [`Reply`]).
+    async fn write_group(&self, mut group: Vec<Waiting<Entry, Reply>>) {
+        // Key order: the lock order of every batch.
+        group.sort_by(|a, b| a.item.key.cmp(&b.item.key));
+        let keys: Vec<&[u8]> = group.iter().map(|w| w.item.key.as_slice()).collect();
+        let values: Vec<&[u8]> = group.iter().map(|w| w.item.value.as_slice()).collect();
+        let metadata: Vec<&serde_json::Value> = group.iter().map(|w| &w.item.metadata).collect();
+        let ttls: Vec<Option<i64>> = group.iter().map(|w| w.item.ttl_us).collect();
+        let tracks = self.router.tracks_writes();
+        let outcome = bounded(self.op_timeout, async {
+            let mut conn = connection(&self.primary, Use::Point).await?;
+            let written = conn
+                .run(|c| c.upsert_many(&keys, &values, &metadata, &ttls))
+                .await;
+            let lsn = match (&written, tracks) {
+                (Ok(_), true) => conn.run(|c| c.insert_lsn()).await.ok(),
+                _ => None,
+            };
+            Ok((written, lsn, conn.is_closed()))
+        })
+        .await;
+        let (written, lsn) = match outcome {
+            Ok((Ok(rows), lsn, _)) => (rows, lsn),
+            // Refused by the server on an open connection: nothing was written.
+            Ok((Err(e), _, false))
+                if e.sqlstate().is_some() && e.kind() != ErrorKind::Connection =>
+            {
+                tracing::debug!(error = %e, puts = group.len(), "a put group was refused; its puts run alone");
+                for w in group {
+                    w.answer(Reply::RunAlone);
+                }
+                return;
+            }
+            Ok((Err(e), _, _)) | Err(e) => {
+                for w in group {
+                    w.answer(Reply::Failed(e.shared()));
+                }
+                return;
+            }
+        };
+        let versions: HashMap<Vec<u8>, i64> = written.into_iter().collect();
+        for w in group {
+            let reply = match versions.get(&w.item.key) {
+                Some(&version) => Reply::Written { version, lsn },
+                None => Reply::Failed(StateError::StorageError {
+                    message: "the put's group returned no version for its key".into(),
+                    sqlstate: None,
+                }),
+            };
+            w.answer(reply);
+        }
+    }
+}

@@ -163,7 +163,8 @@ impl<T: Item, R> Coalescer<T, R> {
 
     /// For the leader: waits for a statement slot, then takes the next group (in arrival
     /// order, at most [`MAX_GROUP`], each key once for [`Item::DISTINCT`] items, without
-    /// calls whose callers gave up). `None` when nothing is left: the leader's work is done.
+    /// calls whose callers gave up). `None` when nothing is left: the leader's work is done,
+    /// and the next call to queue starts a new one.
     pub async fn next_group(&self) -> Option<(OwnedSemaphorePermit, Vec<Waiting<T, R>>)> {
         // The semaphore is never closed.
         let slot = self.slots.clone().acquire_owned().await.ok()?;
@@ -186,11 +187,14 @@ impl<T: Item, R> Coalescer<T, R> {
             }
         }
         q.waiting = rest;
-        if q.waiting.is_empty() {
+        // The leader leads until it finds nothing to send: only then may the next queued call
+        // start another (one leader at a time; a leader that handed its queue over at every
+        // pause while calls kept coming would leave leaders piling up behind the slots).
+        if group.is_empty() {
             q.led = false;
+            return None;
         }
-        // Empty only when every waiting caller gave up, and then nothing is left.
-        (!group.is_empty()).then_some((slot, group))
+        Some((slot, group))
     }
 
     /// Puts waiting in the queue now.
@@ -250,8 +254,20 @@ mod tests {
         );
         assert_eq!(group[0].item.key, b"a");
         assert_eq!(c.waiting(), 0);
-        // Nothing waits and nobody leads: a put with a free slot runs alone again.
-        drop((_slot, _slot2));
+        // Queued while the slots are busy: the running leader takes it (no second leader).
+        let _e = match c.admit(|| entry("e")) {
+            Admission::Queued { lead, reply } => {
+                assert!(!lead, "one leader at a time");
+                reply
+            }
+            Admission::Alone(_) => panic!("a put waits behind the queue's leader"),
+        };
+        drop(_slot);
+        let (_slot3, group) = c.next_group().await.unwrap();
+        assert_eq!(group.len(), 1);
+        drop((_slot2, _slot3));
+        // Nothing left: the leader's work ends, and a put with a free slot runs alone again.
+        assert!(c.next_group().await.is_none());
         assert!(matches!(c.admit(|| entry("d")), Admission::Alone(_)));
     }
 }

@@ -37,7 +37,7 @@ pub async fn drive(tasks: usize, seconds: f64, op: Op) -> anyhow::Result<Sample>
         let (op, stop, measuring) = (op.clone(), stop.clone(), measuring.clone());
         handles.push(tokio::spawn(async move {
             let mut rng = 0x9E37_79B9_7F4A_7C15_u64.wrapping_mul(t as u64 + 1) | 1;
-            let mut lat: Vec<u32> = Vec::with_capacity(1 << 16);
+            let mut lat: Vec<u32> = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 rng ^= rng << 13;
                 rng ^= rng >> 7;

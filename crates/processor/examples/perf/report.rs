@@ -111,13 +111,14 @@ impl Report {
             };
             let _ = writeln!(
                 s,
-                "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {pb} | {pb_ratio} | {pb_p50} | {dp} | {dp_ratio} |",
+                "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {pb} | {pb_ratio} | {pb_p50} | {dp} | {dp_ratio} |",
                 r.name,
                 r.tasks,
                 r.ours.calls_per_s,
                 r.ours.calls_per_s * f64::from(r.rows_per_call),
                 r.ours.p50_us,
                 r.ours.p99_us,
+                r.ours.rss_mib,
             );
         }
         s

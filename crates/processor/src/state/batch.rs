@@ -135,8 +135,7 @@ impl PgConn {
                 names.qualified
             );
             let row = self
-                .client
-                .query_typed_one(probe.as_str(), &[(&keys, Type::BYTEA_ARRAY)])
+                .query_one_cached(probe.as_str(), &[(&keys, Type::BYTEA_ARRAY)])
                 .await?;
             let any_exists: bool = row.try_get(0)?;
             if !any_exists {
@@ -215,7 +214,7 @@ impl PgConn {
                     entries,
                 )
                 .await?;
-                Ok(self.client.execute_typed(merge.as_str(), &[]).await?)
+                Ok(self.execute_cached(merge.as_str(), &[]).await?)
             })
             .await?;
         self.copy_stage_ready.store(!per_transaction, Relaxed);

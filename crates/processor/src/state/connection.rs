@@ -13,7 +13,7 @@ use tokio_postgres::{AsyncMessage, Client, NoTls, Notification, Socket};
 use crate::state::connspec::{ConnectionSpec, SslMode};
 use crate::state::error::{classify, StateError, StateResult};
 use crate::state::names::TableNames;
-use crate::state::statements::Statements;
+use crate::state::statements::{StatementCache, Statements};
 use crate::state::tls::TlsSetup;
 
 /// Opens connections to one server.
@@ -319,6 +319,8 @@ pub(crate) struct PgConn {
     pub stmts: Statements,
     /// Whether this session's COPY staging table exists.
     pub copy_stage_ready: AtomicBool,
+    /// Ad-hoc statements prepared on first use.
+    pub cache: StatementCache,
 }
 
 impl PgConn {
@@ -343,6 +345,7 @@ impl PgConn {
             client,
             stmts,
             copy_stage_ready: AtomicBool::new(false),
+            cache: StatementCache::default(),
         })
     }
 

@@ -112,6 +112,124 @@ impl Stmt {
     }
 }
 
+/// Ad-hoc statements (coordination, batches, notifications) at most kept prepared per
+/// connection; past it, further ones are sent unnamed.
+const CACHED_MAX: usize = 64;
+
+/// Statements prepared on a connection the first time they run, by their SQL text: the
+/// ad-hoc SQL of coordination and batch calls, which would otherwise be parsed and planned on
+/// every call. (Behind PgBouncer's transaction pooling nothing is cached: every statement is
+/// sent unnamed.)
+#[derive(Default)]
+pub(crate) struct StatementCache(std::sync::Mutex<std::collections::HashMap<String, Statement>>);
+
+impl StatementCache {
+    /// `sql` prepared on `client` (once), or `None` when statements are sent unnamed or the
+    /// cache is full.
+    async fn get(
+        &self,
+        client: &Client,
+        unnamed: bool,
+        sql: &str,
+        types: &[Type],
+    ) -> Result<Option<Statement>, Error> {
+        if unnamed {
+            return Ok(None);
+        }
+        let found = {
+            let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(stmt) = map.get(sql) {
+                return Ok(Some(stmt.clone()));
+            }
+            map.len() < CACHED_MAX
+        };
+        if !found {
+            return Ok(None);
+        }
+        let stmt = client.prepare_typed(sql, types).await?;
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(sql.to_string(), stmt.clone());
+        Ok(Some(stmt))
+    }
+}
+
+/// The parameters without their types, for a prepared statement.
+fn values<'a>(params: &[(Param<'a>, Type)]) -> (Vec<Param<'a>>, Vec<Type>) {
+    params.iter().map(|(p, t)| (*p, t.clone())).unzip()
+}
+
+impl crate::state::connection::PgConn {
+    /// Like `Client::query_typed`, prepared once on this connection (see [`StatementCache`]).
+    pub async fn query_cached(
+        &self,
+        sql: &str,
+        params: &[(Param<'_>, Type)],
+    ) -> Result<Vec<Row>, Error> {
+        let (vals, types) = values(params);
+        match self
+            .cache
+            .get(&self.client, self.stmts.unnamed(), sql, &types)
+            .await?
+        {
+            Some(stmt) => self.client.query(&stmt, &vals).await,
+            None => self.client.query_typed(sql, params).await,
+        }
+    }
+
+    /// Like `Client::query_typed_opt`, prepared once on this connection.
+    pub async fn query_opt_cached(
+        &self,
+        sql: &str,
+        params: &[(Param<'_>, Type)],
+    ) -> Result<Option<Row>, Error> {
+        let (vals, types) = values(params);
+        match self
+            .cache
+            .get(&self.client, self.stmts.unnamed(), sql, &types)
+            .await?
+        {
+            Some(stmt) => self.client.query_opt(&stmt, &vals).await,
+            None => self.client.query_typed_opt(sql, params).await,
+        }
+    }
+
+    /// Like `Client::query_typed_one`, prepared once on this connection.
+    pub async fn query_one_cached(
+        &self,
+        sql: &str,
+        params: &[(Param<'_>, Type)],
+    ) -> Result<Row, Error> {
+        let (vals, types) = values(params);
+        match self
+            .cache
+            .get(&self.client, self.stmts.unnamed(), sql, &types)
+            .await?
+        {
+            Some(stmt) => self.client.query_one(&stmt, &vals).await,
+            None => self.client.query_typed_one(sql, params).await,
+        }
+    }
+
+    /// Like `Client::execute_typed`, prepared once on this connection.
+    pub async fn execute_cached(
+        &self,
+        sql: &str,
+        params: &[(Param<'_>, Type)],
+    ) -> Result<u64, Error> {
+        let (vals, types) = values(params);
+        match self
+            .cache
+            .get(&self.client, self.stmts.unnamed(), sql, &types)
+            .await?
+        {
+            Some(stmt) => self.client.execute(&stmt, &vals).await,
+            None => self.client.execute_typed(sql, params).await,
+        }
+    }
+}
+
 /// What an upsert does to an existing row (`e`). An entry that had expired counts as new again.
 pub(crate) const REPLACE: &str = "value = EXCLUDED.value, metadata = EXCLUDED.metadata, \
     expires_at = EXCLUDED.expires_at, updated_at = now(), version = e.version + 1, \

@@ -253,7 +253,24 @@ impl Store {
             let mark = self.router.tracks_writes().then(|| session.write());
             let start = Instant::now();
             let first = f.clone();
-            let mut result = conn.run(|c| first(c)).await;
+            // A single statement's WAL position is read by a query sent right behind it on
+            // the same connection: it runs after the statement committed, and costs no round
+            // trip of its own. (Not behind PgBouncer's transaction pooling, which could run
+            // it on another server connection before the write.)
+            let fold = mark.is_some() && how == Use::Point && !self.primary.transaction_pooling();
+            let (mut result, mut lsn) = if fold {
+                let both = conn
+                    .run(|c| async move {
+                        Ok::<_, StateError>(join(first(c), c.insert_lsn()).await)
+                    })
+                    .await;
+                match both {
+                    Ok((result, lsn)) => (result, lsn.ok()),
+                    Err(e) => (Err(e), None),
+                }
+            } else {
+                (conn.run(|c| first(c)).await, None)
+            };
             let mut retries = 0;
             while retries < WRITE_RETRIES
                 && matches!(&result, Err(e) if e.sqlstate() == Some(sqlstate::SERIALIZATION_FAILURE))
@@ -262,13 +279,15 @@ impl Store {
                 tokio::time::sleep(Duration::from_millis(retries.into())).await;
                 let again = f.clone();
                 result = conn.run(|c| again(c)).await;
+                lsn = None;
             }
             self.stats.record(op, rows, start.elapsed(), result.is_ok());
             if let Some(mark) = mark {
                 match &result {
-                    Ok(_) | Err(StateError::ConcurrentModification { .. }) => {
-                        mark.record(&mut conn).await
-                    }
+                    Ok(_) | Err(StateError::ConcurrentModification { .. }) => match lsn {
+                        Some(lsn) => mark.learned(lsn),
+                        None => mark.record(&mut conn).await,
+                    },
                     // The server refused the statement: nothing was written. (Not a FATAL
                     // connection error such as 57P01 or PgBouncer's 08P01: the statement may
                     // have committed before it.)

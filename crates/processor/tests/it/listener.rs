@@ -341,3 +341,26 @@ async fn a_listener_far_behind_is_told_and_never_stalls() {
     assert!(got.len() < 10_000 && got.len() >= 8000, "{}", got.len());
     assert!(got.windows(2).all(|w| w[0] < w[1]));
 }
+
+/// A durable listener reads a backlog in pages bounded in bytes (about 8 MiB of payloads per
+/// query): a backlog of 24 MiB in 3 MiB events arrives whole, in order, over several pages.
+#[tokio::test]
+async fn a_durable_backlog_of_large_events_arrives_whole_in_pages_bounded_in_bytes() {
+    let b = support::backend("big_events").await;
+    let channel = support::unique("big_events");
+    let payload = |i: usize| format!("{i:02}{}", "x".repeat(3 * 1024 * 1024));
+    for i in 0..8 {
+        b.notify_durable(&channel, &payload(i)).await.unwrap();
+    }
+    let mut l = PostgresListener::durable_from(&b, &[(&channel, Some(0))])
+        .await
+        .unwrap();
+    for i in 0..8 {
+        let got = tokio::time::timeout(Duration::from_secs(30), l.recv())
+            .await
+            .expect("every page of the backlog is read")
+            .unwrap();
+        assert!(got == payload(i), "event {i} whole and in order");
+    }
+    assert_eq!(l.position(&channel), Some(8));
+}

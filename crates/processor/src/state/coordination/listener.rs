@@ -62,20 +62,6 @@ fn check_text(payload: &str) -> StateResult<()> {
 /// `pg_notify` for a plain notification: channel and payload as parameters.
 pub(crate) const NOTIFY_SQL: &str = "SELECT pg_notify($1, $2)";
 
-/// Runs [`durable_notify_sql`] for one event (unnamed: also behind transaction pooling);
-/// the row holds its sequence number.
-pub(crate) async fn append_event(
-    client: &tokio_postgres::Client,
-    sql: &str,
-    channel: &str,
-    payload: &str,
-) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
-    use tokio_postgres::types::Type;
-    client
-        .query_typed_one(sql, &[(&channel, Type::TEXT), (&payload, Type::TEXT)])
-        .await
-}
-
 /// One statement that appends a durable event to `channel` ($1) with `payload` ($2), taking the
 /// channel's next sequence number, and wakes listeners with that number as the payload. The
 /// channel row stays locked until commit, so events of one channel commit in sequence order.
@@ -118,10 +104,15 @@ struct Durable {
     stale: HashSet<String>,
     /// Fetched, not yet delivered.
     buffer: VecDeque<Notification>,
+    /// `fetch_sql` prepared on the current session (prepared again after a reconnect).
+    fetch: Option<tokio_postgres::Statement>,
 }
 
-/// Rows fetched per catch-up query.
+/// Rows fetched per catch-up query, at most.
 const FETCH: i64 = 500;
+/// Payload bytes fetched per catch-up query: rows stop at the first that would start past
+/// it (so one query holds at most this much plus one payload).
+const FETCH_BYTES: i64 = 8 * 1024 * 1024;
 
 /// Receives notifications on a dedicated connection.
 ///
@@ -204,8 +195,14 @@ impl PostgresListener {
         let coordinator = backend.into().0;
         let names = &coordinator.names;
         let durable = Durable {
+            // The running total of payload bytes is computed on the (at most FETCH) rows the
+            // inner query reads in order; the outer one keeps those that start within
+            // FETCH_BYTES (always the first). Rows left out are never read out of storage.
             fetch_sql: format!(
-                "SELECT seq, payload FROM {} WHERE channel = $1 AND seq > $2 ORDER BY seq LIMIT {FETCH}",
+                "SELECT seq, payload FROM (SELECT seq, payload, \
+                 sum(octet_length(payload)) OVER (ORDER BY seq) - octet_length(payload) AS before \
+                 FROM {} WHERE channel = $1 AND seq > $2 ORDER BY seq LIMIT {FETCH}) page \
+                 WHERE before < {FETCH_BYTES} ORDER BY seq",
                 names.events
             ),
             end_sql: format!(
@@ -215,6 +212,7 @@ impl PostgresListener {
             positions: HashMap::new(),
             stale: HashSet::new(),
             buffer: VecDeque::new(),
+            fetch: None,
         };
         let connector = coordinator.connector()?.clone();
         let names: Vec<&str> = channels.iter().map(|(c, _)| *c).collect();
@@ -461,6 +459,10 @@ impl PostgresListener {
             match self.try_reconnect().await {
                 Ok((session, pid)) => {
                     self.session = Some(session);
+                    // Statements prepared on the old session are gone with it.
+                    if let Some(d) = &mut self.durable {
+                        d.fetch = None;
+                    }
                     self.pid = Some(pid);
                     self.reconnects += 1;
                     match &mut self.durable {
@@ -500,11 +502,22 @@ impl PostgresListener {
             return Ok(());
         };
         let after = d.positions.get(channel).copied().unwrap_or(0);
-        let rows = s
-            .client
-            .query(d.fetch_sql.as_str(), &[&channel, &after])
-            .await?;
-        if (rows.len() as i64) < FETCH {
+        let fetch = match &d.fetch {
+            Some(stmt) => stmt.clone(),
+            None => {
+                let stmt = s.client.prepare(&d.fetch_sql).await?;
+                d.fetch = Some(stmt.clone());
+                stmt
+            }
+        };
+        let rows = s.client.query(&fetch, &[&channel, &after]).await?;
+        // Caught up only if neither bound cut the page short: fewer rows than FETCH, and
+        // fewer bytes than FETCH_BYTES (a row left out would have started past them).
+        let bytes: usize = rows
+            .iter()
+            .map(|r| r.try_get::<_, &str>(1).map_or(0, str::len))
+            .sum();
+        if (rows.len() as i64) < FETCH && (bytes as i64) < FETCH_BYTES {
             d.stale.remove(channel);
         }
         let mut expected = after + 1;

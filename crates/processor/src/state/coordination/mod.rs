@@ -64,9 +64,7 @@ pub use sessions::MAX_LOCK_SESSIONS;
 
 pub use leadership::{LeaderInfo, Leadership};
 pub use list::AdvisoryLockInfo;
-pub(crate) use listener::{
-    append_event, check_durable_payload, check_payload, durable_notify_sql, NOTIFY_SQL,
-};
+pub(crate) use listener::{check_durable_payload, check_payload, durable_notify_sql, NOTIFY_SQL};
 pub use listener::{Notification, PostgresListener, MAX_NOTIFY_PAYLOAD};
 
 /// The advisory-lock key of a named lock: the first 8 bytes (big-endian) of

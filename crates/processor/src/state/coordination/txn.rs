@@ -4,8 +4,8 @@
 use tokio_postgres::types::{ToSql, Type};
 
 use crate::state::coordination::{
-    append_event, check_durable_payload, check_payload, durable_notify_sql, fence_sql, Fence,
-    LockMode, NOTIFY_SQL,
+    check_durable_payload, check_payload, durable_notify_sql, fence_sql, Fence, LockMode,
+    NOTIFY_SQL,
 };
 use crate::state::error::{StateError, StateResult};
 use crate::state::ident::check_channel;
@@ -46,7 +46,7 @@ impl PostgresTransaction {
                     (&fence.token, Type::INT8),
                     (&fence.acquisition, Type::TEXT),
                 ];
-                Ok(c.client.query_typed_opt(sql.as_str(), &params).await?)
+                Ok(c.query_opt_cached(sql.as_str(), &params).await?)
             })
             .await?;
         let (current, held) = match row {
@@ -72,7 +72,7 @@ impl PostgresTransaction {
             LockMode::Shared => "SELECT pg_advisory_xact_lock_shared($1)",
         };
         self.stmt(Op::Query, 1, async |c| {
-            Ok(c.client.execute_typed(sql, &[(&key, Type::INT8)]).await?)
+            Ok(c.execute_cached(sql, &[(&key, Type::INT8)]).await?)
         })
         .await
         .map(|_| ())
@@ -86,7 +86,7 @@ impl PostgresTransaction {
         };
         let row = self
             .stmt(Op::Query, 1, async |c| {
-                Ok(c.client.query_typed_one(sql, &[(&key, Type::INT8)]).await?)
+                Ok(c.query_one_cached(sql, &[(&key, Type::INT8)]).await?)
             })
             .await?;
         Ok(row.try_get(0)?)
@@ -98,12 +98,11 @@ impl PostgresTransaction {
         check_channel(channel)?;
         check_payload(payload)?;
         self.stmt(Op::Query, 1, async |c| {
-            Ok(c.client
-                .execute_typed(
-                    NOTIFY_SQL,
-                    &[(&channel, Type::TEXT), (&payload, Type::TEXT)],
-                )
-                .await?)
+            Ok(c.execute_cached(
+                NOTIFY_SQL,
+                &[(&channel, Type::TEXT), (&payload, Type::TEXT)],
+            )
+            .await?)
         })
         .await?;
         self.stats.lock(LockEvent::Notified);
@@ -119,7 +118,10 @@ impl PostgresTransaction {
         let sql = durable_notify_sql(&self.names);
         let row = self
             .stmt(Op::Query, 1, async |c| {
-                Ok(append_event(&c.client, &sql, channel, payload).await?)
+                Ok(
+                    c.query_one_cached(&sql, &[(&channel, Type::TEXT), (&payload, Type::TEXT)])
+                        .await?,
+                )
             })
             .await?;
         let seq = row.try_get(0)?;

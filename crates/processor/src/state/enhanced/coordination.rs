@@ -6,8 +6,8 @@ use tokio_postgres::types::Type;
 
 use super::EnhancedPostgresBackend;
 use crate::state::coordination::{
-    append_event, check_durable_payload, check_lock_name, check_payload, durable_notify_sql,
-    locked, AdvisoryLockInfo, CoordinationHandle, LeaderInfo, Leadership, LockMode, NOTIFY_SQL,
+    check_durable_payload, check_lock_name, check_payload, durable_notify_sql, locked,
+    AdvisoryLockInfo, CoordinationHandle, LeaderInfo, Leadership, LockMode, NOTIFY_SQL,
 };
 use crate::state::error::{StateError, StateResult};
 use crate::state::ident::check_channel;
@@ -148,8 +148,7 @@ impl EnhancedPostgresBackend {
         self.store()
             .on_primary(async |c| {
                 let text = tokio_postgres::types::Type::TEXT;
-                c.client
-                    .query_typed(NOTIFY_SQL, &[(&channel, text.clone()), (&payload, text)])
+                c.query_cached(NOTIFY_SQL, &[(&channel, text.clone()), (&payload, text)])
                     .await?;
                 Ok(())
             })
@@ -168,7 +167,12 @@ impl EnhancedPostgresBackend {
         let sql = durable_notify_sql(&self.store().names);
         let row = self
             .store()
-            .on_primary(async |c| Ok(append_event(&c.client, &sql, channel, payload).await?))
+            .on_primary(async |c| {
+                Ok(
+                    c.query_one_cached(&sql, &[(&channel, Type::TEXT), (&payload, Type::TEXT)])
+                        .await?,
+                )
+            })
             .await?;
         self.store().stats.lock(LockEvent::Notified);
         Ok(row.try_get(0)?)
@@ -185,8 +189,7 @@ impl EnhancedPostgresBackend {
         let secs = older_than.as_secs_f64();
         self.store()
             .on_primary(async |c| {
-                Ok(c.client
-                    .execute_typed(sql.as_str(), &[(&secs, Type::FLOAT8)])
+                Ok(c.execute_cached(sql.as_str(), &[(&secs, Type::FLOAT8)])
                     .await?)
             })
             .await

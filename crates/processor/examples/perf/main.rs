@@ -90,6 +90,18 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     let table = backend.table().to_string();
+    {
+        let k = key(0);
+        let v = [0u8; VALUE_LEN];
+        eprintln!(
+            "future sizes, bytes: get {}, put {}, get_many {}, batch_put {}, begin {}",
+            std::mem::size_of_val(&backend.get(&k)),
+            std::mem::size_of_val(&backend.put(&k, &v)),
+            std::mem::size_of_val(&backend.get_many(&[])),
+            std::mem::size_of_val(&backend.batch_put(&[])),
+            std::mem::size_of_val(&backend.begin()),
+        );
+    }
     load(&backend, &cluster, &table).await?;
 
     let mut report = Report::new(&cluster, seconds)?;

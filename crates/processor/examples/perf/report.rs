@@ -83,15 +83,20 @@ impl Report {
     fn markdown(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "{}\n", self.header);
+        let command = if self.big.is_some() {
+            "BENCH_BIG=1 cargo run --release --example perf"
+        } else {
+            "cargo run --release --example perf"
+        };
         let _ = writeln!(
             s,
-            "Command: `cargo run --release --example perf` (see its header for the settings).\n"
+            "Command: `{command}` (see its header for the settings).\n"
         );
         s.push_str(&self.goals());
         s.push_str("\n![throughput against tasks](benchmarks/throughput.svg)\n\n");
-        s.push_str("| workload | tasks | pgstate calls/s | rows/s | p50 µs | p99 µs | pgbench calls/s | ratio | pgbench p50 µs | deadpool calls/s | ratio |\n");
+        s.push_str("| workload | tasks | pgstate calls/s | rows/s | p50 µs | p99 µs | client RSS MiB | pgbench calls/s | ratio | pgbench p50 µs | deadpool calls/s | ratio |\n");
         s.push_str(
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         );
         for r in &self.rows {
             let (pb, pb_ratio, pb_p50) = match r.pgbench {

@@ -6,11 +6,12 @@ use std::future::Future;
 use std::pin::pin;
 use std::sync::atomic::Ordering::Relaxed;
 
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::SinkExt;
 use tokio_postgres::types::Type;
 
 use crate::state::connection::PgConn;
-use crate::state::error::{sqlstate, StateResult};
+use crate::state::error::{sqlstate, StateError, StateResult};
 use crate::state::names::TableNames;
 use crate::state::statements::{upsert, REPLACE};
 
@@ -18,6 +19,9 @@ use crate::state::statements::{upsert, REPLACE};
 const BATCH_CHUNK_ROWS: usize = 5_000;
 /// Payload bytes per UNNEST statement in `batch_put`.
 const BATCH_CHUNK_BYTES: usize = 32 * 1024 * 1024;
+
+/// Bytes of binary COPY data sent at a time.
+const COPY_SEND_BYTES: usize = 256 * 1024;
 
 /// Keys and values of one UNNEST statement.
 type Chunk<'a> = (Vec<&'a [u8]>, Vec<&'a [u8]>);
@@ -162,14 +166,34 @@ impl PgConn {
     }
 
     /// Streams `entries` (key, value) into the `COPY ... FROM STDIN (FORMAT binary)`
-    /// statement `copy`.
+    /// statement `copy`: PostgreSQL's binary COPY format, encoded here into chunks of about
+    /// [`COPY_SEND_BYTES`] (one send each, rather than one per row).
     async fn copy_rows(&self, copy: &str, entries: &[(&[u8], &[u8])]) -> StateResult<()> {
-        let sink = self.client.copy_in(copy).await?;
-        let mut writer = pin!(BinaryCopyInWriter::new(sink, &[Type::BYTEA, Type::BYTEA]));
+        let sink = self.client.copy_in::<_, Bytes>(copy).await?;
+        let mut sink = pin!(sink);
+        let mut buf = BytesMut::with_capacity(COPY_SEND_BYTES + 64);
+        // Header: signature, flags, header extension length.
+        buf.put_slice(b"PGCOPY\n\xff\r\n\0");
+        buf.put_i32(0);
+        buf.put_i32(0);
         for (k, v) in entries {
-            writer.as_mut().write(&[k, v]).await?;
+            buf.put_i16(2);
+            for field in [k, v] {
+                // Keys and values are checked far below 2 GiB before a batch gets here.
+                let len = i32::try_from(field.len()).map_err(|_| {
+                    StateError::invalid("a COPY field is larger than 2 GiB".to_string())
+                })?;
+                buf.put_i32(len);
+                buf.put_slice(field);
+            }
+            if buf.len() >= COPY_SEND_BYTES {
+                sink.send(buf.split().freeze()).await?;
+            }
         }
-        writer.finish().await?;
+        // Trailer.
+        buf.put_i16(-1);
+        sink.send(buf.split().freeze()).await?;
+        sink.finish().await?;
         Ok(())
     }
 

@@ -1,7 +1,7 @@
 //! Write coalescing: puts that find the statement slots taken queue and are written together
 //! in one statement, each with its own result.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use processor::state::{
     BackendStats, EnhancedPostgresBackend, PostgresPoolConfig, StateBackend, StateError,
@@ -12,15 +12,7 @@ use crate::support;
 
 /// Polls the backend's statistics until `ok` holds; fails the test after 10 s.
 async fn wait_stats(b: &EnhancedPostgresBackend, what: &str, ok: impl Fn(&BackendStats) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let stats = b.get_stats();
-        if ok(&stats) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "never saw {what}: {stats:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    support::wait_for(what, || b.get_stats(), ok).await;
 }
 
 fn put(b: &EnhancedPostgresBackend, key: &str, value: &str) -> JoinHandle<Result<i64, StateError>> {
@@ -53,11 +45,12 @@ async fn block_the_slots(
         .unwrap();
     assert_eq!(n, 2, "hot and hot2 exist");
     let blocked = vec![put(b, "hot", "1"), put(b, "hot2", "1")];
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while b.get_pool_stats().lane_users < 2 {
-        assert!(Instant::now() < deadline, "the two puts never started");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    support::wait_for(
+        "the two puts started",
+        || b.get_pool_stats(),
+        |p| p.lane_users >= 2,
+    )
+    .await;
     (locker, blocked)
 }
 
@@ -180,11 +173,12 @@ async fn queued_gets_are_answered_by_one_lookup_each_with_its_own_value() {
         tokio::spawn(async move { b.get(key).await })
     };
     let blocked = vec![get(b"a"), get(b"b")];
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while b.get_pool_stats().lane_users < 2 {
-        assert!(Instant::now() < deadline, "the two gets never started");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    support::wait_for(
+        "the two gets started",
+        || b.get_pool_stats(),
+        |p| p.lane_users >= 2,
+    )
+    .await;
     // Then gets queue, a key twice, an absent key and an expired one among them.
     let mut queued = Vec::new();
     for (i, key) in [&b"a"[..], b"missing", b"b", b"a", b"gone"]

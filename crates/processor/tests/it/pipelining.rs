@@ -2,7 +2,7 @@
 //! connection, exclusive checkouts still served, cancellation safe, lingering lanes given
 //! back.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use processor::state::{
     EnhancedPostgresBackend, PoolStats, PostgresPoolConfig, StateBackend, StateError,
@@ -23,15 +23,7 @@ async fn backend(tag: &str, max: u32, acquire: Duration) -> EnhancedPostgresBack
 
 /// Polls the pool's statistics until `ok` holds; fails the test after 10 s.
 async fn wait_pool(b: &EnhancedPostgresBackend, what: &str, ok: impl Fn(&PoolStats) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let stats = b.get_pool_stats();
-        if ok(&stats) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "never saw {what}: {stats:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    support::wait_for(what, || b.get_pool_stats(), ok).await;
 }
 
 /// Another session holding `key`'s row locked (a transaction that updated it) until it runs

@@ -216,3 +216,21 @@ pub async fn wait_status(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Reads `get()` every 10 ms until `ok` holds of it; fails the test after 10 s, naming `what`
+/// and showing the last value read.
+pub async fn wait_for<T: std::fmt::Debug>(
+    what: &str,
+    get: impl Fn() -> T,
+    ok: impl Fn(&T) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let value = get();
+        if ok(&value) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never saw {what}: {value:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -10,9 +10,12 @@
 //! latency does not change; throughput grows with concurrency.
 //!
 //! - Input errors are found before a put joins a queue (the caller checks its entry first).
-//! - A group holds each key once: a second put of a key waits for the next group, so
-//!   duplicate keys are written in arrival order. A group is written in key order (the lock
-//!   order of every batch).
+//! - A group holds each key once (a second put of a key waits for a later group), so one
+//!   statement never writes a row twice. Puts of one key waiting at the same time are
+//!   concurrent calls, and like any two concurrent puts they may be written in either order.
+//!   A group is written in key order (the lock order of every batch).
+//! - A leader waits at most [`SLOT_WAIT`] for a statement slot: if the running statements
+//!   are stuck (waiting for row locks), the group goes without one rather than wait for them.
 //! - Each caller gets its own result: its own version. If the server refuses the group's
 //!   statement (one entry broke a constraint, a serialization failure), nothing of it was
 //!   written, and every member runs its put alone, getting its own result or error. If the
@@ -27,6 +30,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
@@ -34,6 +38,11 @@ use crate::state::error::StateError;
 
 /// Put statements running at once before further puts queue and are combined.
 pub(crate) const IN_FLIGHT: usize = 2;
+/// How long a queue's leader waits for a statement slot before sending its group without one.
+/// Slots normally free within milliseconds; statements that hold them longer are waiting for
+/// row locks (perhaps held by a transaction whose own task is queued here), and the queue must
+/// not wait for them to the operation timeout.
+pub(crate) const SLOT_WAIT: Duration = Duration::from_secs(2);
 /// Entries in one combined statement, at most.
 pub(crate) const MAX_GROUP: usize = 1_000;
 
@@ -165,9 +174,12 @@ impl<T: Item, R> Coalescer<T, R> {
     /// order, at most [`MAX_GROUP`], each key once for [`Item::DISTINCT`] items, without
     /// calls whose callers gave up). `None` when nothing is left: the leader's work is done,
     /// and the next call to queue starts a new one.
-    pub async fn next_group(&self) -> Option<(OwnedSemaphorePermit, Vec<Waiting<T, R>>)> {
-        // The semaphore is never closed.
-        let slot = self.slots.clone().acquire_owned().await.ok()?;
+    pub async fn next_group(&self) -> Option<(Option<OwnedSemaphorePermit>, Vec<Waiting<T, R>>)> {
+        // A slot if one frees soon; else the group goes without (see SLOT_WAIT).
+        let slot = tokio::time::timeout(SLOT_WAIT, self.slots.clone().acquire_owned())
+            .await
+            .ok()
+            .and_then(Result::ok);
         let mut q = self.lock();
         let mut group: Vec<Waiting<T, R>> = Vec::new();
         let mut keys: HashSet<Vec<u8>> = HashSet::new();
@@ -197,9 +209,45 @@ impl<T: Item, R> Coalescer<T, R> {
         Some((slot, group))
     }
 
+    /// Marks the start of a leader's work; see [`Leading`].
+    pub fn leading(&self) -> Leading<'_, T, R> {
+        Leading {
+            coalescer: self,
+            finished: false,
+        }
+    }
+
     /// Puts waiting in the queue now.
     pub fn waiting(&self) -> usize {
         self.lock().waiting.len()
+    }
+}
+
+/// A leader at work. If it ends before [`next_group`](Coalescer::next_group) found nothing
+/// left (its task was cancelled, its runtime shut down), dropping this hands the queue over:
+/// the next call to queue starts a new leader.
+pub(crate) struct Leading<'a, T, R> {
+    coalescer: &'a Coalescer<T, R>,
+    finished: bool,
+}
+
+impl<T, R> Leading<'_, T, R> {
+    /// The leader's work ended normally (the queue was handed over then).
+    pub fn finished(mut self) {
+        self.finished = true;
+    }
+}
+
+impl<T, R> Drop for Leading<'_, T, R> {
+    fn drop(&mut self) {
+        if !self.finished {
+            let mut q = self
+                .coalescer
+                .queue
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            q.led = false;
+        }
     }
 }
 

@@ -44,6 +44,7 @@ impl Store {
 
     /// The leader of the get queue (see [`lead_puts`](Self::lead_puts)).
     async fn lead_gets(self) {
+        let leading = self.lookups.leading();
         while let Some((slot, group)) = self.lookups.next_group().await {
             let store = self.clone();
             tokio::spawn(async move {
@@ -51,6 +52,7 @@ impl Store {
                 drop(slot);
             });
         }
+        leading.finished();
     }
 
     /// Answers a group of gets with one lookup on the primary (each asks again alone if it
@@ -135,6 +137,7 @@ impl Store {
     /// The leader of the put queue: sends its groups until it is empty, each as one
     /// statement on a task of its own holding a statement slot.
     async fn lead_puts(self) {
+        let leading = self.coalescer.leading();
         while let Some((slot, group)) = self.coalescer.next_group().await {
             let store = self.clone();
             tokio::spawn(async move {
@@ -142,6 +145,7 @@ impl Store {
                 drop(slot);
             });
         }
+        leading.finished();
     }
 
     /// Writes a group of puts in one statement and answers each (see [`Reply`]).

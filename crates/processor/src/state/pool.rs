@@ -102,6 +102,8 @@ pub struct PoolStats {
     pub lanes: u32,
     /// Point operations running on lanes now.
     pub lane_users: u32,
+    /// Checkouts waiting for a connection now.
+    pub waiting: u32,
 }
 
 /// The pool with its settings and background health task.
@@ -127,6 +129,22 @@ pub(crate) struct ConnPool {
     lanes: Lanes,
     /// Gives back the connections of lanes that lingered without users.
     lane_task: tokio::task::JoinHandle<()>,
+}
+
+/// One checkout waiting for its turn, counted in [`ConnPool`]'s `waiting` until dropped.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Relaxed);
+        Waiting(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
 }
 
 /// Counts the checkouts that had to wait for their turn, how long, and how many gave up.
@@ -258,11 +276,12 @@ impl ConnPool {
             Ok(turn) => turn,
             Err(_) => {
                 let start = std::time::Instant::now();
-                self.waiting.fetch_add(1, Relaxed);
+                // Counted while waiting, also if this future is dropped mid-wait.
+                let waiting = Waiting::new(&self.waiting);
                 let waited =
                     tokio::time::timeout(self.acquire_timeout, self.turns.clone().acquire_owned())
                         .await;
-                self.waiting.fetch_sub(1, Relaxed);
+                drop(waiting);
                 self.waits.record(start.elapsed(), waited.is_err());
                 match waited {
                     Ok(Ok(turn)) => turn,
@@ -356,7 +375,12 @@ impl ConnPool {
                     // Busy while the probe runs: a probe cut short or failed leaves the
                     // connection discarded.
                     pooled.busy = true;
-                    match pooled.conn.probe().await {
+                    let probe = tokio::time::timeout(self.acquire_timeout, pooled.conn.probe());
+                    match probe.await.unwrap_or_else(|_| {
+                        Err(StateError::Timeout(
+                            "the test-on-acquire probe got no answer".into(),
+                        ))
+                    }) {
                         Ok(()) => {
                             pooled.busy = false;
                             break Ok(pooled);
@@ -449,6 +473,7 @@ impl ConnPool {
         PoolStats {
             lanes: u32::try_from(lanes).unwrap_or(u32::MAX),
             lane_users: u32::try_from(lane_users).unwrap_or(u32::MAX),
+            waiting: u32::try_from(self.waiting.load(Relaxed)).unwrap_or(u32::MAX),
             size: state.connections,
             idle: state.idle_connections,
             active: state.connections.saturating_sub(state.idle_connections),

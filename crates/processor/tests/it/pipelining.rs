@@ -183,3 +183,21 @@ async fn a_lingering_lane_gives_its_connection_back() {
     b.get(b"k").await.unwrap();
     wait_pool(&b, "no lane left", |s| s.lanes == 0 && s.idle == s.size).await;
 }
+
+#[tokio::test]
+async fn a_checkout_given_up_while_waiting_is_no_longer_counted_as_waiting() {
+    let b = backend("lanes_waiting", 1, Duration::from_secs(20)).await;
+    let tx = b.begin().await.unwrap();
+    // The only connection is taken: this one waits, and its caller gives up.
+    let gave_up = tokio::time::timeout(Duration::from_millis(200), b.begin()).await;
+    assert!(gave_up.is_err());
+    assert_eq!(
+        b.get_pool_stats().waiting,
+        0,
+        "the abandoned wait is not counted"
+    );
+    tx.rollback().await.unwrap();
+    // Lanes linger again (a wait counted forever would make every point call end them).
+    b.put(b"k", b"v").await.unwrap();
+    assert_eq!(b.get(b"k").await.unwrap(), Some(b"v".to_vec()));
+}

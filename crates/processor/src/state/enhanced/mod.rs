@@ -46,7 +46,7 @@ use crate::state::transaction::{worth_retrying, PostgresTransaction, TxFuture};
 /// - Puts (`put`, `put_with_metadata`, `put_with_ttl`, `put_entry`) that find two put
 ///   statements already running queue, and the queued ones are written by one statement,
 ///   with one commit: each caller still gets its own result (a put whose neighbour the server
-///   refuses is run again alone), and a key queued twice is written in arrival order. A put
+///   refuses is run again alone), and one statement holds each key once. A put
 ///   that finds room runs alone at once. `get_stats()` counts `coalesced_puts`.
 /// - Gets likewise, where every read goes to the primary: queued gets are answered by one
 ///   `key = ANY($1)` lookup (`coalesced_gets`). With read replicas, gets are pipelined but not

@@ -11,8 +11,8 @@ use crate::state::ops::StateEntry;
 
 use super::EnhancedPostgresBackend;
 
-/// Entries a scan asks for in its first page.
-const SCAN_PAGE: usize = 1_000;
+/// Entries a scan asks for in its first page (small: their size is not known yet).
+const SCAN_PAGE: usize = 100;
 /// Entries a scan page may grow to.
 const SCAN_PAGE_MAX: usize = 10_000;
 /// Bytes (keys, values, metadata) a scan page aims at: the next page's size follows the last
@@ -47,8 +47,9 @@ impl<T> Pages<T> {
 
 impl EnhancedPostgresBackend {
     /// The live entries whose keys start with `prefix`, in key order, as a stream that holds
-    /// one page at a time (about 4 MiB, at most 10 000 entries): a table of any size is
-    /// scanned in bounded memory.
+    /// one page at a time: a table of any size is scanned in bounded memory. The first page
+    /// holds 100 entries; each next one as many as make about 4 MiB of keys and values at the
+    /// last page's size per entry (at least 1, at most 10 000). Metadata is not counted.
     ///
     /// Each page is one statement, routed like [`list_keys`](crate::state::StateBackend::list_keys)
     /// (a replica may serve it). The scan is not one snapshot: an entry written while it runs

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what pgstate's tests and examples need on a fresh Debian machine, when missing:
 # the PostgreSQL server binaries (initdb, postgres, pg_basebackup), psql and pgbench, openssl,
-# PgBouncer.
+# PgBouncer, and pg_auto_failover (pg_autoctl) for the server's major version.
 # Idempotent and quiet when everything is there.
 set -euo pipefail
 
@@ -46,3 +46,27 @@ if [ ${#missing[@]} -gt 0 ]; then
   $sudo service pgbouncer stop >/dev/null 2>&1 || true
 fi
 have_server || { echo "setup: PostgreSQL server binaries still not found" >&2; exit 1; }
+
+# pg_auto_failover, built for the installed server's major version (Debian's
+# postgresql-<major>-auto-failover: the monitor's extension and pg_autoctl); its own service
+# is not used: the tests run pg_autoctl themselves.
+major=""
+if command -v pg_config >/dev/null 2>&1; then
+  major=$(pg_config --version 2>/dev/null | sed -n 's/^PostgreSQL \([0-9][0-9]*\).*/\1/p')
+fi
+if [ -z "$major" ]; then
+  major=$(ls /usr/lib/postgresql 2>/dev/null | sort -n | tail -1)
+fi
+if ! command -v pg_autoctl >/dev/null 2>&1 || [ ! -f "/usr/lib/postgresql/$major/lib/pgautofailover.so" ]; then
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then sudo="sudo"; else
+      echo "setup: need postgresql-$major-auto-failover but am not root and have no sudo" >&2
+      exit 1
+    fi
+  fi
+  echo "setup: installing postgresql-$major-auto-failover with apt-get" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+    "postgresql-$major-auto-failover" >/dev/null
+fi

@@ -13,8 +13,10 @@
 //! [`shared`] gives the one cluster of a test process (primary and two replicas, TLS on), or
 //! the server named by `PGSTATE_TEST_DATABASE_URL` when that is set.
 
+mod formation;
 mod pgbouncer;
 
+pub use formation::{find_pg_autoctl, Formation};
 pub use pgbouncer::{find_pgbouncer, PgBouncer, PoolMode};
 
 use std::fmt;

@@ -8,6 +8,7 @@ mod coalescing;
 mod conformance;
 mod consistency;
 mod coordination;
+mod failover;
 mod hostile;
 mod leader;
 mod listener;

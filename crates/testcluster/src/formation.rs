@@ -1,0 +1,483 @@
+//! A pg_auto_failover formation on loopback ports: a monitor and two data nodes (a primary and
+//! a synchronous secondary), run by the machine's `pg_autoctl` (Debian's
+//! `postgresql-15-auto-failover`) with the server binaries the clusters use.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{err, find_bindir, free_port, is_root, lookup_user, Error, Result, User};
+
+/// A running formation. Dropping it stops every process and removes its files; if the process
+/// that started it dies first, its watchdog does.
+pub struct Formation {
+    dir: PathBuf,
+    bindir: PathBuf,
+    run_as: Option<User>,
+    monitor_port: u16,
+    /// Data nodes: port, data directory, the `pg_autoctl ... --run` process (a session leader,
+    /// so its whole process group can be killed).
+    nodes: Vec<(u16, PathBuf, Option<Child>)>,
+    monitor: Option<Child>,
+    watchdog: Option<Child>,
+}
+
+/// The `pg_autoctl` binary: on the PATH, else Debian's `/usr/bin/pg_autoctl`.
+pub fn find_pg_autoctl() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("PATH") {
+        for d in std::env::split_paths(&path) {
+            let p = d.join("pg_autoctl");
+            if p.is_file() {
+                return Ok(p);
+            }
+        }
+    }
+    let debian = PathBuf::from("/usr/bin/pg_autoctl");
+    if debian.is_file() {
+        return Ok(debian);
+    }
+    err(
+        "pg_autoctl not found on the PATH or at /usr/bin/pg_autoctl: install the Debian package \
+         postgresql-15-auto-failover (scripts/setup.sh does)",
+    )
+}
+
+impl Formation {
+    /// Starts the monitor and two data nodes, with health checks tuned for tests (a node is
+    /// considered unhealthy after about 5 s instead of 20 s), and waits until one node is
+    /// primary and the other secondary.
+    pub fn start() -> Result<Formation> {
+        let bindir = find_bindir()?;
+        let pg_autoctl = find_pg_autoctl()?;
+        let run_as = if is_root() {
+            Some(lookup_user("postgres").ok_or_else(|| {
+                Error(
+                    "running as root, but there is no 'postgres' user to run pg_autoctl as".into(),
+                )
+            })?)
+        } else {
+            None
+        };
+        let dir = std::env::temp_dir().join(format!(
+            "pgstate-formation-{}-{}",
+            std::process::id(),
+            free_port()?
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).map_err(|e| Error(format!("creating {}: {e}", dir.display())))?;
+        let mut f = Formation {
+            dir,
+            bindir,
+            run_as,
+            monitor_port: free_port()?,
+            nodes: Vec::new(),
+            monitor: None,
+            watchdog: None,
+        };
+        f.chown(&f.dir)?;
+        f.spawn_watchdog()?;
+        let monitor_dir = f.dir.join("monitor");
+        let port = f.monitor_port.to_string();
+        f.monitor = Some(f.spawn(
+            &pg_autoctl,
+            &[
+                "create",
+                "monitor",
+                "--pgdata",
+                &monitor_dir.to_string_lossy(),
+            ],
+            &port,
+            "monitor.log",
+        )?);
+        f.wait_for(
+            Duration::from_secs(60),
+            "the monitor to accept connections",
+            |f| f.monitor_sql("SELECT 1").is_ok(),
+        )?;
+        // As the server user over the local socket (initdb's trust), one statement at a time.
+        let port = f.monitor_port.to_string();
+        for sql in [
+            "ALTER SYSTEM SET pgautofailover.health_check_period = 1000",
+            "ALTER SYSTEM SET pgautofailover.health_check_retry_delay = 500",
+            "ALTER SYSTEM SET pgautofailover.health_check_max_retries = 1",
+            "ALTER SYSTEM SET pgautofailover.node_considered_unhealthy_timeout = 5000",
+            // How long the monitor waits for a lost primary to demote itself before promoting
+            // the secondary (default 30 s).
+            "ALTER SYSTEM SET pgautofailover.primary_demote_timeout = 5000",
+            "SELECT pg_reload_conf()",
+        ] {
+            f.run_tool(
+                "psql",
+                &[
+                    "-X",
+                    "-q",
+                    "-p",
+                    &port,
+                    "-d",
+                    "pg_auto_failover",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-c",
+                    sql,
+                ],
+            )?;
+        }
+        let monitor_uri = format!(
+            "postgres://autoctl_node@127.0.0.1:{}/pg_auto_failover?sslmode=disable",
+            f.monitor_port
+        );
+        for i in 1..=2 {
+            let port = free_port()?;
+            let data = f.dir.join(format!("node{i}"));
+            let child = f.spawn(
+                &pg_autoctl,
+                &[
+                    "create",
+                    "postgres",
+                    "--pgdata",
+                    &data.to_string_lossy(),
+                    "--monitor",
+                    &monitor_uri,
+                ],
+                &port.to_string(),
+                &format!("node{i}.log"),
+            )?;
+            f.nodes.push((port, data, Some(child)));
+            // One at a time: the first is the only node ("single"), the second is cloned from
+            // it and then both settle as primary and secondary.
+            let want: &[&str] = if i == 1 {
+                &["single"]
+            } else {
+                &["primary", "secondary"]
+            };
+            f.wait_for(Duration::from_secs(120), &format!("states {want:?}"), |f| {
+                f.states().is_ok_and(|s| s == want)
+            })?;
+        }
+        Ok(f)
+    }
+
+    /// The formation's multi-host URL, as `pg_autoctl show uri` gives it, for the superuser
+    /// (trust authentication on loopback), without TLS.
+    pub fn uri(&self) -> String {
+        let hosts: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|(port, _, _)| format!("127.0.0.1:{port}"))
+            .collect();
+        format!(
+            "postgresql://postgres@{}/postgres?target_session_attrs=read-write&sslmode=disable",
+            hosts.join(",")
+        )
+    }
+
+    /// The URL of node `i` alone.
+    pub fn node_url(&self, i: usize) -> String {
+        format!(
+            "postgresql://postgres@127.0.0.1:{}/postgres?sslmode=disable",
+            self.nodes[i].0
+        )
+    }
+
+    /// Each node's reported state on the monitor (`primary`, `secondary`, `wait_primary`,
+    /// `demoted`, ...), in node order.
+    pub fn states(&self) -> Result<Vec<String>> {
+        let out = self.monitor_sql(
+            "SELECT string_agg(reportedstate::text, ',' ORDER BY nodeid) FROM pgautofailover.node",
+        )?;
+        Ok(out.split(',').map(str::to_string).collect())
+    }
+
+    /// The node that is primary now (or `wait_primary` or `single`: primary without a
+    /// standby): the monitor assigned it that state and the node reported reaching it. (A lost
+    /// node's last report stays as it was.)
+    pub fn primary(&self) -> Result<usize> {
+        let out = self.monitor_sql(
+            "SELECT string_agg(reportedstate::text || '/' || goalstate::text, ',' ORDER BY nodeid) \
+             FROM pgautofailover.node",
+        )?;
+        out.split(',')
+            .position(|s| {
+                matches!(
+                    s,
+                    "primary/primary" | "wait_primary/wait_primary" | "single/single"
+                )
+            })
+            .ok_or_else(|| Error(format!("no node is primary: {out}")))
+    }
+
+    /// Stops node `i` the hard way, as a crashed host would: its `pg_autoctl` and Postgres
+    /// (every process descending from the node's `pg_autoctl`) are killed with SIGKILL. The
+    /// server's backends exit when they see their postmaster gone.
+    pub fn kill_node(&mut self, i: usize) -> Result<()> {
+        if let Some(mut child) = self.nodes[i].2.take() {
+            kill_tree(child.id());
+            let _ = child.wait();
+        }
+        let port = self.nodes[i].0;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            if Instant::now() > deadline {
+                return err(format!("node {i} still accepts connections on {port}"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Polls `ok` every 200 ms until it holds, or fails after `limit` naming `what`.
+    pub fn wait_for(
+        &self,
+        limit: Duration,
+        what: &str,
+        ok: impl Fn(&Formation) -> bool,
+    ) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        while !ok(self) {
+            if Instant::now() > deadline {
+                let logs: String = ["monitor.log", "node1.log", "node2.log"]
+                    .iter()
+                    .map(|l| {
+                        let text = fs::read_to_string(self.dir.join(l)).unwrap_or_default();
+                        let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                        format!(
+                            "--- {l}\n{}\n",
+                            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                        )
+                    })
+                    .collect();
+                return err(format!(
+                    "waited {limit:?} for {what}; states {:?}\n{logs}",
+                    self.states()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(())
+    }
+
+    /// Runs `sql` on the monitor's database with psql; its unaligned output.
+    fn monitor_sql(&self, sql: &str) -> Result<String> {
+        let port = self.monitor_port.to_string();
+        let out = self.run_tool(
+            "psql",
+            &[
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "autoctl_node",
+                "-d",
+                "pg_auto_failover",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                sql,
+            ],
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// Starts `pg_autoctl <args> --pgport <port> ... --run` in a session of its own (as the
+    /// server user when root), logging to `log` in the formation's folder.
+    fn spawn(&self, pg_autoctl: &Path, args: &[&str], port: &str, log: &str) -> Result<Child> {
+        let log_path = self.dir.join(log);
+        let file = fs::File::create(&log_path)
+            .map_err(|e| Error(format!("creating {}: {e}", log_path.display())))?;
+        let file2 = file
+            .try_clone()
+            .map_err(|e| Error(format!("cloning {}: {e}", log_path.display())))?;
+        let mut cmd = Command::new("setsid");
+        if let Some(u) = &self.run_as {
+            cmd.arg("runuser").arg("-u").arg(&u.name).arg("--");
+        }
+        cmd.arg("env")
+            .arg(format!("PATH={}:/usr/bin:/bin", self.bindir.display()))
+            .arg(format!(
+                "XDG_CONFIG_HOME={}",
+                self.dir.join("config").display()
+            ))
+            .arg(format!("XDG_DATA_HOME={}", self.dir.join("data").display()))
+            .arg(format!("HOME={}", self.dir.display()))
+            .arg(pg_autoctl)
+            .args(args)
+            .args([
+                "--pgport",
+                port,
+                "--hostname",
+                "127.0.0.1",
+                "--auth",
+                "trust",
+                "--no-ssl",
+                "--run",
+            ])
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(file2);
+        cmd.spawn()
+            .map_err(|e| Error(format!("starting {}: {e}", pg_autoctl.display())))
+    }
+
+    fn run_tool(&self, tool: &str, args: &[&str]) -> Result<Output> {
+        let path = self.bindir.join(tool);
+        let mut cmd = match &self.run_as {
+            Some(u) => {
+                let mut c = Command::new("runuser");
+                c.arg("-u").arg(&u.name).arg("--").arg(&path);
+                c
+            }
+            None => Command::new(&path),
+        };
+        let out = cmd
+            .args(args)
+            .stdin(Stdio::null())
+            .current_dir(&self.dir)
+            .output()
+            .map_err(|e| Error(format!("running {}: {e}", path.display())))?;
+        if !out.status.success() {
+            return err(format!(
+                "{tool} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(out)
+    }
+
+    fn chown(&self, path: &Path) -> Result<()> {
+        if let Some(u) = &self.run_as {
+            std::os::unix::fs::chown(path, Some(u.uid), Some(u.gid))
+                .map_err(|e| Error(format!("chown {}: {e}", path.display())))?;
+        }
+        Ok(())
+    }
+
+    /// A process in its own session that, once this process is gone, kills every
+    /// `pg_autoctl` of the formation, stops its servers and removes its folder.
+    fn spawn_watchdog(&mut self) -> Result<()> {
+        let pg_ctl = self.bindir.join("pg_ctl");
+        let prefix = match &self.run_as {
+            Some(u) => format!("runuser -u {} -- ", u.name),
+            None => String::new(),
+        };
+        let dir = self.dir.to_string_lossy().to_string();
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
+             pkill -KILL -f 'pg_autoctl.*{dir}' 2>/dev/null; \
+             for d in '{dir}'/monitor '{dir}'/node*; do [ -f \"$d/postmaster.pid\" ] && {prefix}'{pg_ctl}' -D \"$d\" -m immediate -w stop >/dev/null 2>&1; done; \
+             rm -rf '{dir}'",
+            pid = std::process::id(),
+            pg_ctl = pg_ctl.display(),
+        );
+        let child = Command::new("setsid")
+            .arg("sh")
+            .arg("-c")
+            .arg(script)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| Error(format!("starting the clean-up watchdog (setsid sh): {e}")))?;
+        self.watchdog = Some(child);
+        Ok(())
+    }
+}
+
+/// Kills (SIGKILL) process `root` and every process descending from it (from `/proc`).
+fn kill_tree(root: u32) {
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    if let Ok(entries) = fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(stat) = fs::read_to_string(e.path().join("stat")) else {
+                continue;
+            };
+            // pid (comm) state ppid ...: comm may hold spaces, so read after the last ')'.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if let Some(ppid) = ppid {
+                parents.push((pid, ppid));
+            }
+        }
+    }
+    let mut tree = vec![root];
+    let mut i = 0;
+    while i < tree.len() {
+        let p = tree[i];
+        tree.extend(parents.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    let pids: Vec<String> = tree.iter().map(u32::to_string).collect();
+    let _ = Command::new("kill")
+        .arg("-KILL")
+        .args(&pids)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Kills (SIGKILL) every process whose command line matches `pattern`.
+fn kill_matching(pattern: &str) {
+    let _ = Command::new("pkill")
+        .arg("-KILL")
+        .arg("-f")
+        .arg(pattern)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Kills the process group `child` leads (it was started through `setsid`).
+fn kill_group(child: &Child) {
+    let _ = Command::new("kill")
+        .arg("-KILL")
+        .arg("--")
+        .arg(format!("-{}", child.id()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+impl Drop for Formation {
+    fn drop(&mut self) {
+        kill_matching(&format!("pg_autoctl.*{}", self.dir.display()));
+        let mut children: Vec<Child> = self.nodes.iter_mut().filter_map(|n| n.2.take()).collect();
+        children.extend(self.monitor.take());
+        for child in &children {
+            kill_tree(child.id());
+            kill_group(child);
+        }
+        for mut child in children {
+            let _ = child.wait();
+        }
+        let dirs: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| n.1.to_string_lossy().to_string())
+            .chain(std::iter::once(
+                self.dir.join("monitor").to_string_lossy().to_string(),
+            ))
+            .collect();
+        for d in dirs {
+            if Path::new(&d).join("postmaster.pid").exists() {
+                let _ = self.run_tool("pg_ctl", &["-D", &d, "-m", "immediate", "-w", "stop"]);
+            }
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+        if let Some(mut w) = self.watchdog.take() {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+    }
+}

@@ -17,6 +17,20 @@ have_server() {
   command -v initdb >/dev/null 2>&1 && command -v postgres >/dev/null 2>&1
 }
 
+# Installs the Debian packages "$@" with apt-get (through sudo when not root).
+apt_install() {
+  local sudo=""
+  if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then sudo="sudo"; else
+      echo "setup: need $* but am not root and have no sudo; install them and retry" >&2
+      exit 1
+    fi
+  fi
+  echo "setup: installing $* with apt-get" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
 missing=()
 have_server || missing+=(postgresql)
 command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
@@ -26,16 +40,9 @@ command -v setsid >/dev/null 2>&1 || missing+=(util-linux)
 command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)
 
 if [ ${#missing[@]} -gt 0 ]; then
+  apt_install "${missing[@]}"
   sudo=""
-  if [ "$(id -u)" -ne 0 ]; then
-    if command -v sudo >/dev/null 2>&1; then sudo="sudo"; else
-      echo "setup: need ${missing[*]} but am not root and have no sudo; install them and retry" >&2
-      exit 1
-    fi
-  fi
-  echo "setup: installing ${missing[*]} with apt-get" >&2
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
   # Debian's package starts a default cluster on port 5432; the project starts its own servers.
   if command -v pg_lsclusters >/dev/null 2>&1; then
     pg_lsclusters -h 2>/dev/null | while read -r ver name _; do
@@ -58,15 +65,5 @@ if [ -z "$major" ]; then
   major=$(ls /usr/lib/postgresql 2>/dev/null | sort -n | tail -1)
 fi
 if ! command -v pg_autoctl >/dev/null 2>&1 || [ ! -f "/usr/lib/postgresql/$major/lib/pgautofailover.so" ]; then
-  sudo=""
-  if [ "$(id -u)" -ne 0 ]; then
-    if command -v sudo >/dev/null 2>&1; then sudo="sudo"; else
-      echo "setup: need postgresql-$major-auto-failover but am not root and have no sudo" >&2
-      exit 1
-    fi
-  fi
-  echo "setup: installing postgresql-$major-auto-failover with apt-get" >&2
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
-    "postgresql-$major-auto-failover" >/dev/null
+  apt_install "postgresql-$major-auto-failover"
 fi

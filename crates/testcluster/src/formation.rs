@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{err, find_bindir, free_port, is_root, lookup_user, Error, Result, User};
+use crate::tools::{chown_to, run_server_tool, runuser_prefix, server_user, spawn_cleanup};
+use crate::{err, find_bindir, free_port, Error, Result, User};
 
 /// A running formation. Dropping it stops every process and removes its files; if the process
 /// that started it dies first, its watchdog does.
@@ -50,15 +51,7 @@ impl Formation {
     pub fn start() -> Result<Formation> {
         let bindir = find_bindir()?;
         let pg_autoctl = find_pg_autoctl()?;
-        let run_as = if is_root() {
-            Some(lookup_user("postgres").ok_or_else(|| {
-                Error(
-                    "running as root, but there is no 'postgres' user to run pg_autoctl as".into(),
-                )
-            })?)
-        } else {
-            None
-        };
+        let run_as = server_user()?;
         let dir = std::env::temp_dir().join(format!(
             "pgstate-formation-{}-{}",
             std::process::id(),
@@ -75,7 +68,7 @@ impl Formation {
             monitor: None,
             watchdog: None,
         };
-        f.chown(&f.dir)?;
+        chown_to(f.run_as.as_ref(), &f.dir)?;
         f.spawn_watchdog()?;
         let monitor_dir = f.dir.join("monitor");
         let port = f.monitor_port.to_string();
@@ -326,66 +319,21 @@ impl Formation {
     }
 
     fn run_tool(&self, tool: &str, args: &[&str]) -> Result<Output> {
-        let path = self.bindir.join(tool);
-        let mut cmd = match &self.run_as {
-            Some(u) => {
-                let mut c = Command::new("runuser");
-                c.arg("-u").arg(&u.name).arg("--").arg(&path);
-                c
-            }
-            None => Command::new(&path),
-        };
-        let out = cmd
-            .args(args)
-            .stdin(Stdio::null())
-            .current_dir(&self.dir)
-            .output()
-            .map_err(|e| Error(format!("running {}: {e}", path.display())))?;
-        if !out.status.success() {
-            return err(format!(
-                "{tool} failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        Ok(out)
-    }
-
-    fn chown(&self, path: &Path) -> Result<()> {
-        if let Some(u) = &self.run_as {
-            std::os::unix::fs::chown(path, Some(u.uid), Some(u.gid))
-                .map_err(|e| Error(format!("chown {}: {e}", path.display())))?;
-        }
-        Ok(())
+        run_server_tool(self.run_as.as_ref(), &self.bindir, &self.dir, tool, args)
     }
 
     /// A process in its own session that, once this process is gone, kills every
     /// `pg_autoctl` of the formation, stops its servers and removes its folder.
     fn spawn_watchdog(&mut self) -> Result<()> {
         let pg_ctl = self.bindir.join("pg_ctl");
-        let prefix = match &self.run_as {
-            Some(u) => format!("runuser -u {} -- ", u.name),
-            None => String::new(),
-        };
+        let prefix = runuser_prefix(self.run_as.as_ref());
         let dir = self.dir.to_string_lossy().to_string();
-        let script = format!(
-            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
-             pkill -KILL -f 'pg_autoctl.*{dir}' 2>/dev/null; \
+        self.watchdog = Some(spawn_cleanup(format!(
+            "pkill -KILL -f 'pg_autoctl.*{dir}' 2>/dev/null; \
              for d in '{dir}'/monitor '{dir}'/node*; do [ -f \"$d/postmaster.pid\" ] && {prefix}'{pg_ctl}' -D \"$d\" -m immediate -w stop >/dev/null 2>&1; done; \
              rm -rf '{dir}'",
-            pid = std::process::id(),
             pg_ctl = pg_ctl.display(),
-        );
-        let child = Command::new("setsid")
-            .arg("sh")
-            .arg("-c")
-            .arg(script)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| Error(format!("starting the clean-up watchdog (setsid sh): {e}")))?;
-        self.watchdog = Some(child);
+        ))?);
         Ok(())
     }
 }
@@ -418,32 +366,28 @@ fn kill_tree(root: u32) {
         tree.extend(parents.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
         i += 1;
     }
-    let pids: Vec<String> = tree.iter().map(u32::to_string).collect();
-    let _ = Command::new("kill")
-        .arg("-KILL")
-        .args(&pids)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
+    let mut args = vec!["-KILL".to_string()];
+    args.extend(tree.iter().map(u32::to_string));
+    quietly("kill", &args);
 }
 
 /// Kills (SIGKILL) every process whose command line matches `pattern`.
 fn kill_matching(pattern: &str) {
-    let _ = Command::new("pkill")
-        .arg("-KILL")
-        .arg("-f")
-        .arg(pattern)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
+    quietly("pkill", &["-KILL".into(), "-f".into(), pattern.into()]);
 }
 
 /// Kills the process group `child` leads (it was started through `setsid`).
 fn kill_group(child: &Child) {
-    let _ = Command::new("kill")
-        .arg("-KILL")
-        .arg("--")
-        .arg(format!("-{}", child.id()))
+    quietly(
+        "kill",
+        &["-KILL".into(), "--".into(), format!("-{}", child.id())],
+    );
+}
+
+/// Runs `program` with `args`, ignoring its output and outcome (best-effort clean-up).
+fn quietly(program: &str, args: &[String]) {
+    let _ = Command::new(program)
+        .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();

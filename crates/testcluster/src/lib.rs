@@ -15,9 +15,11 @@
 
 mod formation;
 mod pgbouncer;
+mod tools;
 
 pub use formation::{find_pg_autoctl, Formation};
 pub use pgbouncer::{find_pgbouncer, PgBouncer, PoolMode};
+use tools::{chown_to, run_server_tool, runuser_prefix, server_user, spawn_cleanup};
 
 use std::fmt;
 use std::fs;
@@ -131,17 +133,7 @@ impl Cluster {
     /// streams.
     pub fn start(opts: ClusterOptions) -> Result<Cluster> {
         let bindir = find_bindir()?;
-        let run_as = if is_root() {
-            Some(lookup_user("postgres").ok_or_else(|| {
-                Error(
-                    "running as root, but there is no 'postgres' user to run the servers as \
-                     (initdb refuses root): install the Debian package postgresql, which creates it"
-                        .into(),
-                )
-            })?)
-        } else {
-            None
-        };
+        let run_as = server_user()?;
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("pgstate-{}-{n}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
@@ -264,32 +256,7 @@ impl Cluster {
 
     /// Runs a server tool from the bindir (as the server user when root).
     fn run_tool(&self, tool: &str, args: &[&str]) -> Result<Output> {
-        let path = self.bindir.join(tool);
-        let mut cmd = match &self.run_as {
-            Some(u) => {
-                let mut c = Command::new("runuser");
-                c.arg("-u").arg(&u.name).arg("--").arg(&path);
-                c
-            }
-            None => Command::new(&path),
-        };
-        cmd.args(args).stdin(Stdio::null()).current_dir(&self.dir);
-        cmd.env_remove("PGHOST")
-            .env_remove("PGPORT")
-            .env_remove("PGDATABASE");
-        let out = cmd
-            .output()
-            .map_err(|e| Error(format!("running {}: {e}", path.display())))?;
-        if !out.status.success() {
-            return err(format!(
-                "{tool} {} failed ({}):\n{}{}",
-                args.join(" "),
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        Ok(out)
+        run_server_tool(self.run_as.as_ref(), &self.bindir, &self.dir, tool, args)
     }
 
     /// The user the servers run as, when not the current one.
@@ -298,39 +265,20 @@ impl Cluster {
     }
 
     fn chown(&self, path: &Path) -> Result<()> {
-        if let Some(u) = &self.run_as {
-            std::os::unix::fs::chown(path, Some(u.uid), Some(u.gid))
-                .map_err(|e| Error(format!("chown {}: {e}", path.display())))?;
-        }
-        Ok(())
+        chown_to(self.run_as.as_ref(), path)
     }
 
     /// A process in its own session that cleans up once this process is gone.
     fn spawn_watchdog(&mut self) -> Result<()> {
         let pg_ctl = self.bindir.join("pg_ctl");
-        let prefix = match &self.run_as {
-            Some(u) => format!("runuser -u {} -- ", u.name),
-            None => String::new(),
-        };
+        let prefix = runuser_prefix(self.run_as.as_ref());
         let dir = self.dir.to_string_lossy().to_string();
-        let script = format!(
-            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
-             for p in '{dir}'/pgbouncer-*.pid; do [ -f \"$p\" ] && kill \"$(cat \"$p\")\" 2>/dev/null; done; \
+        self.watchdog = Some(spawn_cleanup(format!(
+            "for p in '{dir}'/pgbouncer-*.pid; do [ -f \"$p\" ] && kill \"$(cat \"$p\")\" 2>/dev/null; done; \
              for d in '{dir}'/node*/; do [ -f \"$d/postmaster.pid\" ] && {prefix}'{pg_ctl}' -D \"$d\" -m immediate -w stop >/dev/null 2>&1; done; \
              rm -rf '{dir}'",
-            pid = std::process::id(),
             pg_ctl = pg_ctl.display(),
-        );
-        let child = Command::new("setsid")
-            .arg("sh")
-            .arg("-c")
-            .arg(script)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| Error(format!("starting the clean-up watchdog (setsid sh): {e}")))?;
-        self.watchdog = Some(child);
+        ))?);
         Ok(())
     }
 

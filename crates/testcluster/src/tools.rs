@@ -1,0 +1,91 @@
+//! Running the servers' tools as the server user (the `postgres` user when root), and the
+//! clean-up watchdogs of clusters and formations.
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+
+use crate::{err, is_root, lookup_user, Error, Result, User};
+
+/// The user to run servers and their tools as: the `postgres` user when running as root
+/// (initdb and pg_autoctl refuse root), else `None` (the current user).
+pub(crate) fn server_user() -> Result<Option<User>> {
+    if !is_root() {
+        return Ok(None);
+    }
+    lookup_user("postgres").map(Some).ok_or_else(|| {
+        Error(
+            "running as root, but there is no 'postgres' user to run the servers as \
+             (initdb refuses root): install the Debian package postgresql, which creates it"
+                .into(),
+        )
+    })
+}
+
+/// Runs `tool` from `bindir` in `dir` (as `run_as` when given), without the caller's
+/// PGHOST/PGPORT/PGDATABASE; its output, or an error with its output when it failed.
+pub(crate) fn run_server_tool(
+    run_as: Option<&User>,
+    bindir: &Path,
+    dir: &Path,
+    tool: &str,
+    args: &[&str],
+) -> Result<Output> {
+    let path = bindir.join(tool);
+    let mut cmd = match run_as {
+        Some(u) => {
+            let mut c = Command::new("runuser");
+            c.arg("-u").arg(&u.name).arg("--").arg(&path);
+            c
+        }
+        None => Command::new(&path),
+    };
+    cmd.args(args).stdin(Stdio::null()).current_dir(dir);
+    cmd.env_remove("PGHOST")
+        .env_remove("PGPORT")
+        .env_remove("PGDATABASE");
+    let out = cmd
+        .output()
+        .map_err(|e| Error(format!("running {}: {e}", path.display())))?;
+    if !out.status.success() {
+        return err(format!(
+            "{tool} {} failed ({}):\n{}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(out)
+}
+
+/// Gives `path` to `run_as`, when given.
+pub(crate) fn chown_to(run_as: Option<&User>, path: &Path) -> Result<()> {
+    if let Some(u) = run_as {
+        std::os::unix::fs::chown(path, Some(u.uid), Some(u.gid))
+            .map_err(|e| Error(format!("chown {}: {e}", path.display())))?;
+    }
+    Ok(())
+}
+
+/// `runuser -u <user> -- ` for a shell command run as `run_as`, or nothing.
+pub(crate) fn runuser_prefix(run_as: Option<&User>) -> String {
+    run_as.map_or_else(String::new, |u| format!("runuser -u {} -- ", u.name))
+}
+
+/// Starts a process in its own session that waits until this process is gone, then runs the
+/// shell command `cleanup`.
+pub(crate) fn spawn_cleanup(cleanup: String) -> Result<Child> {
+    let script = format!(
+        "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {cleanup}",
+        pid = std::process::id()
+    );
+    Command::new("setsid")
+        .arg("sh")
+        .arg("-c")
+        .arg(script)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| Error(format!("starting the clean-up watchdog (setsid sh): {e}")))
+}

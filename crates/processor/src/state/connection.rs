@@ -8,12 +8,13 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::config::SslMode as PgSslMode;
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
-use tokio_postgres::{AsyncMessage, Client, NoTls, Notification, Socket};
+use tokio_postgres::types::Type;
+use tokio_postgres::{AsyncMessage, Client, Error, NoTls, Notification, Row, Socket};
 
 use crate::state::connspec::{ConnectionSpec, SslMode};
 use crate::state::error::{classify, StateError, StateResult};
 use crate::state::names::TableNames;
-use crate::state::statements::{StatementCache, Statements};
+use crate::state::statements::{Param, StatementCache, Statements};
 use crate::state::tls::TlsSetup;
 
 /// Opens connections to one server.
@@ -353,5 +354,80 @@ impl PgConn {
     pub async fn probe(&self) -> StateResult<()> {
         self.client.simple_query("").await?;
         Ok(())
+    }
+}
+
+/// The parameters without their types, for a prepared statement.
+fn values<'a>(params: &[(Param<'a>, Type)]) -> (Vec<Param<'a>>, Vec<Type>) {
+    params.iter().map(|(p, t)| (*p, t.clone())).unzip()
+}
+
+impl PgConn {
+    /// Like `Client::query_typed`, prepared once on this connection (see [`StatementCache`]).
+    pub async fn query_cached(
+        &self,
+        sql: &str,
+        params: &[(Param<'_>, Type)],
+    ) -> Result<Vec<Row>, Error> {
+        let (vals, types) = values(params);
+        match self
+            .cache
+            .get(&self.client, self.stmts.unnamed(), sql, &types)
+            .await?
+        {
+            Some(stmt) => self.client.query(&stmt, &vals).await,
+            None => self.client.query_typed(sql, params).await,
+        }
+    }
+
+    /// Like `Client::query_typed_opt`, prepared once on this connection.
+    pub async fn query_opt_cached(
+        &self,
+        sql: &str,
+        params: &[(Param<'_>, Type)],
+    ) -> Result<Option<Row>, Error> {
+        let (vals, types) = values(params);
+        match self
+            .cache
+            .get(&self.client, self.stmts.unnamed(), sql, &types)
+            .await?
+        {
+            Some(stmt) => self.client.query_opt(&stmt, &vals).await,
+            None => self.client.query_typed_opt(sql, params).await,
+        }
+    }
+
+    /// Like `Client::query_typed_one`, prepared once on this connection.
+    pub async fn query_one_cached(
+        &self,
+        sql: &str,
+        params: &[(Param<'_>, Type)],
+    ) -> Result<Row, Error> {
+        let (vals, types) = values(params);
+        match self
+            .cache
+            .get(&self.client, self.stmts.unnamed(), sql, &types)
+            .await?
+        {
+            Some(stmt) => self.client.query_one(&stmt, &vals).await,
+            None => self.client.query_typed_one(sql, params).await,
+        }
+    }
+
+    /// Like `Client::execute_typed`, prepared once on this connection.
+    pub async fn execute_cached(
+        &self,
+        sql: &str,
+        params: &[(Param<'_>, Type)],
+    ) -> Result<u64, Error> {
+        let (vals, types) = values(params);
+        match self
+            .cache
+            .get(&self.client, self.stmts.unnamed(), sql, &types)
+            .await?
+        {
+            Some(stmt) => self.client.execute(&stmt, &vals).await,
+            None => self.client.execute_typed(sql, params).await,
+        }
     }
 }

@@ -126,7 +126,7 @@ pub(crate) struct StatementCache(std::sync::Mutex<std::collections::HashMap<Stri
 impl StatementCache {
     /// `sql` prepared on `client` (once), or `None` when statements are sent unnamed or the
     /// cache is full.
-    async fn get(
+    pub async fn get(
         &self,
         client: &Client,
         unnamed: bool,
@@ -152,81 +152,6 @@ impl StatementCache {
             .unwrap_or_else(|e| e.into_inner())
             .insert(sql.to_string(), stmt.clone());
         Ok(Some(stmt))
-    }
-}
-
-/// The parameters without their types, for a prepared statement.
-fn values<'a>(params: &[(Param<'a>, Type)]) -> (Vec<Param<'a>>, Vec<Type>) {
-    params.iter().map(|(p, t)| (*p, t.clone())).unzip()
-}
-
-impl crate::state::connection::PgConn {
-    /// Like `Client::query_typed`, prepared once on this connection (see [`StatementCache`]).
-    pub async fn query_cached(
-        &self,
-        sql: &str,
-        params: &[(Param<'_>, Type)],
-    ) -> Result<Vec<Row>, Error> {
-        let (vals, types) = values(params);
-        match self
-            .cache
-            .get(&self.client, self.stmts.unnamed(), sql, &types)
-            .await?
-        {
-            Some(stmt) => self.client.query(&stmt, &vals).await,
-            None => self.client.query_typed(sql, params).await,
-        }
-    }
-
-    /// Like `Client::query_typed_opt`, prepared once on this connection.
-    pub async fn query_opt_cached(
-        &self,
-        sql: &str,
-        params: &[(Param<'_>, Type)],
-    ) -> Result<Option<Row>, Error> {
-        let (vals, types) = values(params);
-        match self
-            .cache
-            .get(&self.client, self.stmts.unnamed(), sql, &types)
-            .await?
-        {
-            Some(stmt) => self.client.query_opt(&stmt, &vals).await,
-            None => self.client.query_typed_opt(sql, params).await,
-        }
-    }
-
-    /// Like `Client::query_typed_one`, prepared once on this connection.
-    pub async fn query_one_cached(
-        &self,
-        sql: &str,
-        params: &[(Param<'_>, Type)],
-    ) -> Result<Row, Error> {
-        let (vals, types) = values(params);
-        match self
-            .cache
-            .get(&self.client, self.stmts.unnamed(), sql, &types)
-            .await?
-        {
-            Some(stmt) => self.client.query_one(&stmt, &vals).await,
-            None => self.client.query_typed_one(sql, params).await,
-        }
-    }
-
-    /// Like `Client::execute_typed`, prepared once on this connection.
-    pub async fn execute_cached(
-        &self,
-        sql: &str,
-        params: &[(Param<'_>, Type)],
-    ) -> Result<u64, Error> {
-        let (vals, types) = values(params);
-        match self
-            .cache
-            .get(&self.client, self.stmts.unnamed(), sql, &types)
-            .await?
-        {
-            Some(stmt) => self.client.execute(&stmt, &vals).await,
-            None => self.client.execute_typed(sql, params).await,
-        }
     }
 }
 

@@ -15,6 +15,7 @@ use crate::{err, find_bindir, free_port, Error, Result, User};
 pub struct Formation {
     dir: PathBuf,
     bindir: PathBuf,
+    pg_autoctl: PathBuf,
     run_as: Option<User>,
     monitor_port: u16,
     /// Data nodes: port, data directory, the `pg_autoctl ... --run` process (a session leader,
@@ -62,6 +63,7 @@ impl Formation {
         let mut f = Formation {
             dir,
             bindir,
+            pg_autoctl,
             run_as,
             monitor_port: free_port()?,
             nodes: Vec::new(),
@@ -72,8 +74,7 @@ impl Formation {
         f.spawn_watchdog()?;
         let monitor_dir = f.dir.join("monitor");
         let port = f.monitor_port.to_string();
-        f.monitor = Some(f.spawn(
-            &pg_autoctl,
+        f.monitor = Some(f.create(
             &[
                 "create",
                 "monitor",
@@ -123,8 +124,7 @@ impl Formation {
         for i in 1..=2 {
             let port = free_port()?;
             let data = f.dir.join(format!("node{i}"));
-            let child = f.spawn(
-                &pg_autoctl,
+            let child = f.create(
                 &[
                     "create",
                     "postgres",
@@ -151,18 +151,29 @@ impl Formation {
         Ok(f)
     }
 
-    /// The formation's multi-host URL, as `pg_autoctl show uri` gives it, for the superuser
+    /// The formation's multi-host URL, as `pg_autoctl show uri` gives it
+    /// (`target_session_attrs=read-write`: whichever node is primary), for the superuser
     /// (trust authentication on loopback), without TLS.
     pub fn uri(&self) -> String {
-        let hosts: Vec<String> = self
-            .nodes
-            .iter()
-            .map(|(port, _, _)| format!("127.0.0.1:{port}"))
-            .collect();
+        self.uri_to("read-write")
+    }
+
+    /// The same hosts with `target_session_attrs=read-only`: whichever node is a standby now.
+    pub fn standby_uri(&self) -> String {
+        self.uri_to("read-only")
+    }
+
+    fn uri_to(&self, attrs: &str) -> String {
+        let hosts: Vec<String> = (0..self.nodes.len()).map(|i| self.address(i)).collect();
         format!(
-            "postgresql://postgres@{}/postgres?target_session_attrs=read-write&sslmode=disable",
+            "postgresql://postgres@{}/postgres?target_session_attrs={attrs}&sslmode=disable",
             hosts.join(",")
         )
+    }
+
+    /// Node `i`'s `address:port`, as the server names itself (`inet_server_addr()`).
+    pub fn address(&self, i: usize) -> String {
+        format!("127.0.0.1:{}", self.nodes[i].0)
     }
 
     /// The URL of node `i` alone.
@@ -215,6 +226,49 @@ impl Formation {
                 return err(format!("node {i} still accepts connections on {port}"));
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Starts node `i` again after [`kill_node`](Self::kill_node) (`pg_autoctl run`): it
+    /// asks the monitor what to be and, when another node was promoted meanwhile, rejoins
+    /// as a secondary (rewinding its data with `pg_rewind`).
+    pub fn restart_node(&mut self, i: usize) -> Result<()> {
+        if self.nodes[i].2.is_some() {
+            return err(format!("node {i} is running"));
+        }
+        let data = self.nodes[i].1.to_string_lossy().to_string();
+        let child = self.spawn(&["run", "--pgdata", &data], &format!("node{}.log", i + 1))?;
+        self.nodes[i].2 = Some(child);
+        Ok(())
+    }
+
+    /// A planned switchover: `pg_autoctl perform switchover`, which has the monitor demote
+    /// the primary and promote the secondary, and waits until it is done.
+    pub fn switchover(&self) -> Result<()> {
+        let monitor = self.dir.join("monitor").to_string_lossy().to_string();
+        let mut cmd = Command::new("timeout");
+        cmd.arg("150");
+        self.autoctl_command(&mut cmd);
+        let out = cmd
+            .args([
+                "perform",
+                "switchover",
+                "--pgdata",
+                &monitor,
+                "--wait",
+                "120",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| Error(format!("running pg_autoctl perform switchover: {e}")))?;
+        if !out.status.success() {
+            return err(format!(
+                "pg_autoctl perform switchover failed ({}):\n{}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
         }
         Ok(())
     }
@@ -277,16 +331,48 @@ impl Formation {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
-    /// Starts `pg_autoctl <args> --pgport <port> ... --run` in a session of its own (as the
-    /// server user when root), logging to `log` in the formation's folder.
-    fn spawn(&self, pg_autoctl: &Path, args: &[&str], port: &str, log: &str) -> Result<Child> {
+    /// Starts `pg_autoctl <args> --pgport <port> ... --run`: creates a monitor or node and
+    /// runs it.
+    fn create(&self, args: &[&str], port: &str, log: &str) -> Result<Child> {
+        let mut all = args.to_vec();
+        all.extend([
+            "--pgport",
+            port,
+            "--hostname",
+            "127.0.0.1",
+            "--auth",
+            "trust",
+            "--no-ssl",
+            "--run",
+        ]);
+        self.spawn(&all, log)
+    }
+
+    /// Starts `pg_autoctl <args>` in a session of its own (as the server user when root),
+    /// appending to `log` in the formation's folder.
+    fn spawn(&self, args: &[&str], log: &str) -> Result<Child> {
         let log_path = self.dir.join(log);
-        let file = fs::File::create(&log_path)
-            .map_err(|e| Error(format!("creating {}: {e}", log_path.display())))?;
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| Error(format!("opening {}: {e}", log_path.display())))?;
         let file2 = file
             .try_clone()
             .map_err(|e| Error(format!("cloning {}: {e}", log_path.display())))?;
         let mut cmd = Command::new("setsid");
+        self.autoctl_command(&mut cmd);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(file2);
+        cmd.spawn()
+            .map_err(|e| Error(format!("starting {}: {e}", self.pg_autoctl.display())))
+    }
+
+    /// Adds to `cmd` what runs `pg_autoctl` as the server user with the formation's own
+    /// configuration folders.
+    fn autoctl_command(&self, cmd: &mut Command) {
         if let Some(u) = &self.run_as {
             cmd.arg("runuser").arg("-u").arg(&u.name).arg("--");
         }
@@ -298,24 +384,8 @@ impl Formation {
             ))
             .arg(format!("XDG_DATA_HOME={}", self.dir.join("data").display()))
             .arg(format!("HOME={}", self.dir.display()))
-            .arg(pg_autoctl)
-            .args(args)
-            .args([
-                "--pgport",
-                port,
-                "--hostname",
-                "127.0.0.1",
-                "--auth",
-                "trust",
-                "--no-ssl",
-                "--run",
-            ])
-            .current_dir(&self.dir)
-            .stdin(Stdio::null())
-            .stdout(file)
-            .stderr(file2);
-        cmd.spawn()
-            .map_err(|e| Error(format!("starting {}: {e}", pg_autoctl.display())))
+            .arg(&self.pg_autoctl)
+            .current_dir(&self.dir);
     }
 
     fn run_tool(&self, tool: &str, args: &[&str]) -> Result<Output> {

@@ -9,6 +9,7 @@
 //! - otherwise it goes back **clean**. A closed connection is always discarded.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,6 +24,9 @@ pub(crate) struct Manager {
     pub(crate) connector: Connector,
     pub(crate) names: TableNames,
     pub(crate) failures: Arc<ConnectFailures>,
+    /// Connections opened before the current generation are discarded instead of reused
+    /// (see [`ConnPool::reopen`](crate::state::pool::ConnPool::reopen)).
+    pub(crate) generation: Arc<AtomicU64>,
 }
 
 /// Tells waiting acquires that opening a connection just failed, so that a pool with no
@@ -43,6 +47,8 @@ pub(crate) struct Pooled {
     pub(crate) in_transaction: bool,
     /// When it last went back to the pool (or was opened).
     pub(crate) idle_since: Instant,
+    /// The pool's generation when it was opened.
+    pub(crate) generation: u64,
 }
 
 impl Pooled {
@@ -56,6 +62,7 @@ impl ManageConnection for Manager {
     type Error = StateError;
 
     async fn connect(&self) -> Result<Pooled, StateError> {
+        let generation = self.generation.load(Relaxed);
         let result = PgConn::open(&self.connector, &self.names)
             .await
             .map(|conn| Pooled {
@@ -63,6 +70,7 @@ impl ManageConnection for Manager {
                 busy: false,
                 in_transaction: false,
                 idle_since: Instant::now(),
+                generation,
             });
         if let Err(e) = &result {
             if let Ok(mut last) = self.failures.last.lock() {
@@ -88,7 +96,7 @@ impl ManageConnection for Manager {
     }
 
     fn has_broken(&self, pooled: &mut Pooled) -> bool {
-        !pooled.reusable()
+        !pooled.reusable() || pooled.generation < self.generation.load(Relaxed)
     }
 }
 

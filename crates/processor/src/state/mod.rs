@@ -69,7 +69,7 @@ pub use partition_strategy::{
     PartitionStrategy, MAX_HASH_PARTITIONS, MAX_LIST_PREFIXES, MAX_WINDOW,
 };
 pub use pool::PoolStats;
-pub use router::{ReplicaStatus, ReplicationStatus};
+pub use router::{NodeRole, ReplicaStatus, ReplicationStatus};
 pub use schema::{Migration, MIGRATIONS, TRACKING_TABLE};
 pub use stats::BackendStats;
 pub use transaction::{PostgresTransaction, TxFuture};

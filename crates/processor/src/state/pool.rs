@@ -12,13 +12,13 @@
 //! ([`ConnPool::point`]); everything else takes a checkout of its own ([`ConnPool::get`]).
 
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bb8::{ErrorSink, Pool, PooledConnection, RunError};
 
-use crate::state::checkout::{Checkout, ConnectFailures, Manager};
+use crate::state::checkout::{Checkout, ConnectFailures, Manager, Pooled};
 use crate::state::config::PostgresPoolConfig;
 use crate::state::connection::{Connector, PgConn};
 use crate::state::error::{StateError, StateResult};
@@ -129,6 +129,8 @@ pub(crate) struct ConnPool {
     lanes: Lanes,
     /// Gives back the connections of lanes that lingered without users.
     lane_task: tokio::task::JoinHandle<()>,
+    /// See [`reopen`](Self::reopen).
+    generation: Arc<AtomicU64>,
 }
 
 /// One checkout waiting for its turn, counted in [`ConnPool`]'s `waiting` until dropped.
@@ -193,11 +195,13 @@ impl ConnPool {
             .reaper_rate(reaper)
             .error_sink(Box::new(last_error.clone()));
         let failures = Arc::new(ConnectFailures::default());
+        let generation = Arc::new(AtomicU64::new(0));
         let unpooled = connector.clone();
         let manager = Manager {
             connector,
             names,
             failures: failures.clone(),
+            generation: generation.clone(),
         };
         // A lazy pool (replicas) opens its connections in the background, so an unreachable
         // server does not fail `new()`; the primary's pool fails fast instead.
@@ -244,9 +248,18 @@ impl ConnPool {
                 test_on_acquire: cfg.test_on_acquire,
                 lanes: Lanes::new(cfg.max_lifetime),
                 lane_task,
+                generation,
             }
         });
         Ok(this)
+    }
+
+    /// Makes every connection open now be closed instead of reused: idle ones when next
+    /// taken, ones in use when they come back. New connections choose their server again,
+    /// which matters for a multi-host URL whose hosts changed roles (a replica URL with
+    /// `target_session_attrs=read-only` that reached a node since promoted).
+    pub fn reopen(&self) {
+        self.generation.fetch_add(1, Relaxed);
     }
 
     /// Whether its connections go through PgBouncer's transaction pooling.
@@ -366,7 +379,13 @@ impl ConnPool {
         let result = loop {
             attempts = attempts.saturating_sub(1);
             match self.get_or_fail_fast().await? {
-                Ok(pooled) if pooled.conn.client.is_closed() && attempts > 0 => continue,
+                // bb8 discards a stale one when it goes back (`Manager::has_broken`).
+                Ok(pooled)
+                    if (pooled.conn.client.is_closed() || self.pool_stale(&pooled))
+                        && attempts > 0 =>
+                {
+                    continue
+                }
                 Ok(mut pooled)
                     if self.test_on_acquire
                         && pooled.idle_since.elapsed() > TEST_AFTER_IDLE
@@ -399,6 +418,10 @@ impl ConnPool {
             Err(RunError::User(e)) => Err(e),
             Err(RunError::TimedOut) => Err(self.acquire_timed_out()),
         }
+    }
+
+    fn pool_stale(&self, pooled: &Pooled) -> bool {
+        pooled.generation < self.generation.load(Relaxed)
     }
 
     /// bb8's acquire, cut short with a connection error when opening a connection fails while

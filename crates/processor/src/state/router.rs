@@ -14,13 +14,20 @@
 //! at or below the lag threshold where that matters. The byte lag is exact at each check, and
 //! read-your-writes does not depend on either estimate.
 //!
+//! The monitor also notes which server writes reach (`inet_server_addr()`); a change there is
+//! a failover or switchover, counted and logged. A replica check that finds a primary (a
+//! promoted replica, or a multi-host replica URL that reached the primary) takes that replica
+//! out of rotation and, for a multi-host URL, reopens its connections, so that with
+//! `target_session_attrs=read-only` they find whichever node is a standby now: a demoted
+//! primary that rejoins as a standby serves reads again.
+//!
 //! A replica serves reads while its last check succeeded, it is still in recovery and its time
 //! lag is within `max_replication_lag_ms`. Read-your-writes (see the `causal` module) further
 //! asks, per read, that its replay position be at or past the reading session's floor: known
 //! from the monitor, or learned in the read's own round trip.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -49,6 +56,51 @@ pub(crate) struct Replica {
     paused: AtomicBool,
     reads: AtomicU64,
     last_error: Mutex<Option<String>>,
+    /// A [`NodeRole`] as a number.
+    role: AtomicU8,
+    /// The server its last check reached (`address:port`).
+    server: Mutex<Option<String>>,
+}
+
+/// The server a connection reached, `address:port` (`local socket` over a Unix socket).
+const SERVER_SQL: &str =
+    "SELECT coalesce(host(inet_server_addr()) || ':' || inet_server_port(), 'local socket')";
+
+/// What a configured replica URL reaches now, from its last check.
+///
+/// With a multi-host replica URL and `target_session_attrs=read-only`, the node behind it
+/// changes with the roles: after a failover the URL reaches whichever node is a standby then.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NodeRole {
+    /// Not checked yet.
+    Unknown,
+    /// In recovery: a standby, which may serve reads.
+    Standby,
+    /// Not in recovery: a primary (promoted, or listed among the replicas), serving no reads.
+    Primary,
+    /// The last check could not reach it (or, with `read-only`, no host is a standby now).
+    Unreachable,
+}
+
+impl NodeRole {
+    fn from_u8(n: u8) -> Self {
+        match n {
+            1 => NodeRole::Standby,
+            2 => NodeRole::Primary,
+            3 => NodeRole::Unreachable,
+            _ => NodeRole::Unknown,
+        }
+    }
+
+    fn as_u8(self) -> u8 {
+        match self {
+            NodeRole::Unknown => 0,
+            NodeRole::Standby => 1,
+            NodeRole::Primary => 2,
+            NodeRole::Unreachable => 3,
+        }
+    }
 }
 
 impl Replica {
@@ -65,6 +117,33 @@ impl Replica {
             paused: AtomicBool::new(false),
             reads: AtomicU64::new(0),
             last_error: Mutex::new(None),
+            role: AtomicU8::new(NodeRole::Unknown.as_u8()),
+            server: Mutex::new(None),
+        }
+    }
+
+    /// Records what the last check found: the role, and the server when it answered. Logs a
+    /// change of role (or of the server behind the URL).
+    fn observed(&self, role: NodeRole, server: Option<String>) {
+        let before = NodeRole::from_u8(self.role.swap(role.as_u8(), Relaxed));
+        let moved = match (&server, self.server.lock()) {
+            (Some(now), Ok(mut g)) => {
+                let moved = g.as_ref().is_some_and(|was| was != now);
+                *g = Some(now.clone());
+                moved
+            }
+            _ => false,
+        };
+        if before != role || moved {
+            let server = server.as_deref().unwrap_or("-");
+            match role {
+                NodeRole::Primary => {
+                    tracing::warn!(replica = %self.name, %server, "replica URL reaches a primary (promoted?): no reads go to it")
+                }
+                _ => {
+                    tracing::info!(replica = %self.name, %server, role = ?role, "replica role changed")
+                }
+            }
         }
     }
 
@@ -104,6 +183,10 @@ pub(crate) struct Router {
     history: Mutex<VecDeque<(Instant, u64)>>,
     primary_reads: AtomicU64,
     failovers: AtomicU64,
+    /// The server writes reached at the last check (`address:port`).
+    primary_server: Mutex<Option<String>>,
+    /// Changes of that server seen (failovers and switchovers).
+    primary_changes: AtomicU64,
 }
 
 impl Router {
@@ -120,6 +203,8 @@ impl Router {
             history: Mutex::new(VecDeque::new()),
             primary_reads: AtomicU64::new(0),
             failovers: AtomicU64::new(0),
+            primary_server: Mutex::new(None),
+            primary_changes: AtomicU64::new(0),
         }
     }
 
@@ -206,8 +291,9 @@ impl Router {
     /// One monitoring round: the primary's position, then every replica concurrently.
     pub async fn check(&self, primary: &ConnPool) {
         let now = Instant::now();
-        let primary_lsn = match current_lsn(primary).await {
-            Ok(lsn) => {
+        let primary_lsn = match primary_position(primary).await {
+            Ok((lsn, server)) => {
+                self.observe_primary(server);
                 if let Ok(mut h) = self.history.lock() {
                     if h.back().is_none_or(|(_, l)| *l != lsn) {
                         h.push_back((now, lsn));
@@ -244,7 +330,8 @@ impl Router {
                     c.client.query_typed_one(
                         "SELECT pg_is_in_recovery(), \
                          pg_wal_lsn_diff(coalesce(pg_last_wal_replay_lsn(), '0/0'), '0/0')::bigint, \
-                         coalesce(pg_is_wal_replay_paused(), false)",
+                         CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() ELSE false END, \
+                         coalesce(host(inet_server_addr()) || ':' || inet_server_port(), 'local socket')",
                         &[],
                     )
                 })
@@ -253,6 +340,7 @@ impl Router {
                 row.try_get::<_, bool>(0)?,
                 row.try_get::<_, i64>(1)?,
                 row.try_get::<_, bool>(2)?,
+                row.try_get::<_, String>(3)?,
             ))
         };
         let result = match tokio::time::timeout(timeout, probe).await {
@@ -262,7 +350,8 @@ impl Router {
             ))),
         };
         match result {
-            Ok((true, replay, paused)) => {
+            Ok((true, replay, paused, server)) => {
+                r.observed(NodeRole::Standby, Some(server));
                 let replay = u64::try_from(replay).unwrap_or(0);
                 r.replay_lsn.fetch_max(replay, Relaxed);
                 r.paused.store(paused, Relaxed);
@@ -278,14 +367,25 @@ impl Router {
                     tracing::info!(replica = %r.name, lag_ms = ms, "replica joined the read rotation");
                 }
             }
-            Ok((false, ..)) => r.mark_down(&StateError::Connection {
-                message: format!(
-                    "{} is not in recovery (promoted?): not used for reads",
-                    r.name
-                ),
-                sqlstate: None,
-            }),
-            Err(e) => r.mark_down(&e),
+            Ok((false, _, _, server)) => {
+                r.mark_down(&StateError::Connection {
+                    message: format!(
+                        "{} reached {server}, which is not in recovery (a primary): not used for reads",
+                        r.name
+                    ),
+                    sqlstate: None,
+                });
+                r.observed(NodeRole::Primary, Some(server));
+                if !r.single_server {
+                    // Let its next connections pick a host again: another may be a standby
+                    // now, or soon (a demoted primary that rejoins).
+                    r.pool.reopen();
+                }
+            }
+            Err(e) => {
+                r.mark_down(&e);
+                r.observed(NodeRole::Unreachable, None);
+            }
         }
     }
 
@@ -307,6 +407,28 @@ impl Router {
         u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
+    /// Records the server that writes reach now; a change is a failover or switchover seen.
+    fn observe_primary(&self, server: String) {
+        let Ok(mut g) = self.primary_server.lock() else {
+            return;
+        };
+        if let Some(was) = g.as_ref().filter(|was| **was != server) {
+            let n = self.primary_changes.fetch_add(1, Relaxed) + 1;
+            tracing::warn!(from = %was, to = %server, primary_changes = n, "the primary changed (failover or switchover): writes go to the new one");
+        }
+        *g = Some(server);
+    }
+
+    /// The server writes reached at the last check.
+    pub fn primary_server(&self) -> Option<String> {
+        self.primary_server.lock().ok().and_then(|g| g.clone())
+    }
+
+    /// Changes of primary seen.
+    pub fn primary_changes(&self) -> u64 {
+        self.primary_changes.load(Relaxed)
+    }
+
     pub fn status(&self) -> Vec<ReplicaStatus> {
         self.replicas
             .iter()
@@ -319,6 +441,8 @@ impl Router {
                 replay_paused: r.paused.load(Relaxed),
                 reads: r.reads.load(Relaxed),
                 last_error: r.last_error.lock().ok().and_then(|g| g.clone()),
+                role: NodeRole::from_u8(r.role.load(Relaxed)),
+                server: r.server.lock().ok().and_then(|g| g.clone()),
             })
             .collect()
     }
@@ -341,6 +465,21 @@ impl Router {
 pub(crate) async fn current_lsn(primary: &ConnPool) -> StateResult<u64> {
     let mut conn = primary.get().await?;
     conn.run(|c| c.insert_lsn()).await
+}
+
+/// The primary's current WAL insert position and the server that gave it.
+async fn primary_position(primary: &ConnPool) -> StateResult<(u64, String)> {
+    let mut conn = primary.get().await?;
+    conn.run(|c| async move {
+        let lsn = c.insert_lsn().await?;
+        let server: String = c
+            .client
+            .query_typed_one(SERVER_SQL, &[])
+            .await?
+            .try_get(0)?;
+        Ok((lsn, server))
+    })
+    .await
 }
 
 /// Runs the monitor until the router is dropped.
@@ -384,6 +523,11 @@ pub struct ReplicaStatus {
     pub reads: u64,
     /// The last error its checks or reads met, if it is unhealthy.
     pub last_error: Option<String>,
+    /// What its URL reached at the last check.
+    pub role: NodeRole,
+    /// The server its URL reached at the last check that got an answer (`address:port`):
+    /// with a multi-host URL, which node that was.
+    pub server: Option<String>,
 }
 
 /// Replication state, from
@@ -404,4 +548,9 @@ pub struct ReplicationStatus {
     pub failovers_to_primary: u64,
     /// Each configured replica as the router sees it.
     pub replicas: Vec<ReplicaStatus>,
+    /// The server writes go to (`address:port`), as last checked.
+    pub primary: Option<String>,
+    /// Changes of primary this backend has seen (failovers and switchovers), counted by the
+    /// replica monitor (which runs with replicas or a multi-host URL) and by this call.
+    pub primary_changes: u64,
 }

@@ -1,151 +1,289 @@
 //! Failover with pg_auto_failover: the backend, given the formation's multi-host URL, keeps
-//! writing through the loss of the primary, and loses no acknowledged write.
+//! writing through the loss of the primary and loses no acknowledged write; reads go to
+//! whichever node is the standby, found again when the old primary rejoins. The load and the
+//! checks here serve the switchover test too.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use pgstate_testcluster::Formation;
 use processor::state::{
-    EnhancedPostgresBackend, EnhancedPostgresConfig, PostgresPoolConfig, StateBackend,
+    EnhancedPostgresBackend, EnhancedPostgresConfig, NodeRole, PostgresPoolConfig,
+    PostgresReplicaConfig, StateBackend,
 };
 
 use crate::support;
 
 /// Writers running through the failover.
 const WRITERS: usize = 8;
-/// Acknowledged writes: key and when the acknowledgement came.
-type Acked = Vec<(Vec<u8>, Instant)>;
+/// Readers running through the failover.
+const READERS: usize = 2;
+/// Acknowledged writes: key, when the write started and when its acknowledgement came.
+type Acked = Vec<(Vec<u8>, Instant, Instant)>;
 /// Bounds every operation (and so how long one may hang on the dead primary).
-const OP_TIMEOUT: Duration = Duration::from_secs(10);
+pub const OP_TIMEOUT: Duration = Duration::from_secs(10);
+/// A standby further behind than this serves no reads.
+const MAX_LAG_MS: u64 = 2_000;
 
-#[tokio::test]
-async fn writes_go_on_through_the_loss_of_the_primary_and_none_acknowledged_is_lost() {
-    let _bulk = support::bulk().await;
-    let mut formation = tokio::task::spawn_blocking(pgstate_testcluster::Formation::start)
+/// Starts a formation (a monitor, a primary and its synchronous secondary).
+pub async fn formation() -> Formation {
+    tokio::task::spawn_blocking(Formation::start)
         .await
         .unwrap()
-        .expect("a pg_auto_failover formation (scripts/setup.sh installs it)");
+        .expect("a pg_auto_failover formation (scripts/setup.sh installs it)")
+}
+
+/// Runs `f` on the formation off the async threads (it blocks), and gives it back.
+pub async fn blocking<T: Send + 'static>(
+    mut formation: Formation,
+    f: impl FnOnce(&mut Formation) -> T + Send + 'static,
+) -> (Formation, T) {
+    tokio::task::spawn_blocking(move || {
+        let out = f(&mut formation);
+        (formation, out)
+    })
+    .await
+    .unwrap()
+}
+
+/// A backend writing through the formation's URL and reading from whichever node is the
+/// standby (the same hosts with `target_session_attrs=read-only`), in schema `schema`.
+pub async fn backend(formation: &Formation, schema: &str) -> EnhancedPostgresBackend {
     let cfg = EnhancedPostgresConfig::new(formation.uri())
-        .with_schema(support::unique("failover"))
+        .with_schema(schema)
         .with_operation_timeout(OP_TIMEOUT)
         .with_pool_config(PostgresPoolConfig {
             min_connections: 1,
             max_connections: 8,
             acquire_timeout: Duration::from_secs(5),
             ..PostgresPoolConfig::default()
+        })
+        .with_replicas(PostgresReplicaConfig {
+            replica_urls: vec![formation.standby_uri()],
+            enable_read_splitting: true,
+            max_replication_lag_ms: MAX_LAG_MS,
+            health_check_interval: Duration::from_millis(500),
+            enable_auto_failover: true,
         });
-    let b = EnhancedPostgresBackend::new(cfg).await.unwrap();
+    EnhancedPostgresBackend::new(cfg).await.unwrap()
+}
 
-    // Each writer writes keys of its own, one after the other; an acknowledged write is
-    // recorded with its time.
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked: Arc<Mutex<Acked>> = Arc::default();
-    let longest = Arc::new(Mutex::new(Duration::ZERO));
-    let mut writers = Vec::new();
-    for w in 0..WRITERS {
-        let (b, stop, acked, longest) = (
-            b.clone_handle(),
-            stop.clone(),
-            acked.clone(),
-            longest.clone(),
+/// Waits (up to `limit`) until the backend's replica URL reaches node `node` as a standby in
+/// the read rotation.
+pub async fn standby_serves_reads(
+    b: &EnhancedPostgresBackend,
+    formation: &Formation,
+    node: usize,
+    limit: Duration,
+) {
+    let want = formation.address(node);
+    let deadline = Instant::now() + limit;
+    loop {
+        let r = &b.replica_status()[0];
+        if r.role == NodeRole::Standby && r.in_rotation && r.server.as_deref() == Some(&want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {want} did not serve reads as a standby within {limit:?}: {r:?}"
         );
-        writers.push(tokio::spawn(async move {
-            let mut failures = 0u64;
-            let mut i = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let key = format!("w{w}:{i:08}").into_bytes();
-                let start = Instant::now();
-                let result = b.put(&key, &key).await;
-                let took = start.elapsed();
-                {
-                    let mut l = longest.lock().unwrap();
-                    *l = (*l).max(took);
-                }
-                match result {
-                    Ok(()) => acked.lock().unwrap().push((key, Instant::now())),
-                    Err(e) => {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Asserts that reads reach the standby: the replica's read count grows.
+pub async fn reads_reach_the_standby(b: &EnhancedPostgresBackend) {
+    let before = b.replica_status()[0].reads;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while b.replica_status()[0].reads <= before {
+        assert!(Instant::now() < deadline, "no read reached the standby");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The seed's Monitoring snippet, and what it must say of the formation: the backend writes to
+/// node `primary`, which is no replica, and the standby's lag is within the threshold.
+pub async fn monitoring_says(b: &EnhancedPostgresBackend, formation: &Formation, primary: usize) {
+    let repl_status = b.check_replication_status().await.unwrap();
+    println!("Is replica: {}", repl_status.is_replica);
+    println!("Replication lag: {}ms", repl_status.lag_ms);
+    assert!(!repl_status.is_replica, "the backend writes to a primary");
+    assert!(
+        repl_status.lag_ms <= MAX_LAG_MS,
+        "lag {} ms",
+        repl_status.lag_ms
+    );
+    assert_eq!(
+        repl_status.primary.as_deref(),
+        Some(formation.address(primary).as_str())
+    );
+    assert_eq!(repl_status.connected_replicas, 1, "{repl_status:?}");
+}
+
+/// Writers and readers running against a backend until [`Load::finish`].
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Acked>>,
+    longest: Arc<Mutex<Duration>>,
+    reads: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<u64>>,
+}
+
+/// What a load saw.
+pub struct Outcome {
+    pub acked: Acked,
+    pub failures: u64,
+    pub reads: u64,
+    pub longest: Duration,
+}
+
+impl Load {
+    /// [`WRITERS`] writers, each putting keys of its own one after the other, and [`READERS`]
+    /// readers getting the newest acknowledged key. Every failure must be retryable.
+    pub fn start(b: &EnhancedPostgresBackend) -> Load {
+        let load = Load {
+            stop: Arc::default(),
+            acked: Arc::default(),
+            longest: Arc::default(),
+            reads: Arc::default(),
+            tasks: Vec::new(),
+        };
+        let mut tasks = Vec::new();
+        for w in 0..WRITERS + READERS {
+            let (b, stop, acked, longest, reads) = (
+                b.clone_handle(),
+                load.stop.clone(),
+                load.acked.clone(),
+                load.longest.clone(),
+                load.reads.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                let mut failures = 0u64;
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let start = Instant::now();
+                    let result = if w < WRITERS {
+                        let key = format!("w{w}:{i:08}").into_bytes();
+                        let r = b.put(&key, &key).await;
+                        if r.is_ok() {
+                            acked.lock().unwrap().push((key, start, Instant::now()));
+                        }
+                        r
+                    } else {
+                        let key = acked.lock().unwrap().last().map(|(k, ..)| k.clone());
+                        match key {
+                            Some(key) => b.get(&key).await.map(|v| {
+                                // A standby may not have replayed it yet; if it has, it is right.
+                                if let Some(v) = v {
+                                    assert_eq!(v, key);
+                                }
+                                reads.fetch_add(1, Ordering::Relaxed);
+                            }),
+                            None => {
+                                // Nothing written yet (and a loop that never waits would
+                                // starve this single-threaded runtime).
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                                Ok(())
+                            }
+                        }
+                    };
+                    {
+                        let mut l = longest.lock().unwrap();
+                        *l = (*l).max(start.elapsed());
+                    }
+                    if let Err(e) = result {
                         assert!(e.is_retryable(), "a failover error is retryable: {e}");
                         failures += 1;
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
+                    i += 1;
                 }
-                i += 1;
-            }
-            failures
-        }));
+                failures
+            }));
+        }
+        Load { tasks, ..load }
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let before = acked.lock().unwrap().len();
-    assert!(before > 0, "writes before the failover");
 
-    let primary = formation.primary().unwrap();
-    formation = tokio::task::spawn_blocking(move || {
-        formation.kill_node(primary).unwrap();
-        formation
-    })
-    .await
-    .unwrap();
-    // The old primary no longer accepts connections: a write acknowledged from now on was
-    // made on the new one.
-    let killed = Instant::now();
-    // Writes resume once the secondary is promoted.
-    let deadline = killed + Duration::from_secs(120);
-    let resumed = loop {
-        let first_after = acked
+    /// Writes acknowledged so far.
+    pub fn acked(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    /// How long after `since` the first write started after it was acknowledged (waiting up
+    /// to 120 s for one). (A write started earlier may be acknowledged later from a reply
+    /// that was on its way.)
+    pub async fn resumed_after(&self, since: Instant) -> Duration {
+        let deadline = since + Duration::from_secs(120);
+        loop {
+            let first_after = self
+                .acked
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(_, started, _)| *started > since)
+                .map(|(.., at)| *at)
+                .min();
+            if let Some(at) = first_after {
+                return at - since;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "writes did not resume within 120 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The longest time between two acknowledged writes after `since`.
+    pub fn longest_pause_after(&self, since: Instant) -> Duration {
+        let mut times: Vec<Instant> = self
+            .acked
             .lock()
             .unwrap()
             .iter()
-            .map(|(_, at)| *at)
-            .find(|at| *at > killed + Duration::from_millis(1));
-        if let Some(at) = first_after {
-            break at - killed;
+            .map(|(.., at)| *at)
+            .filter(|at| *at >= since)
+            .collect();
+        times.sort();
+        let mut last = since;
+        let mut longest = Duration::ZERO;
+        for t in times {
+            longest = longest.max(t - last);
+            last = t;
         }
-        assert!(
-            Instant::now() < deadline,
-            "writes did not resume within 120 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    // Let every writer succeed again for a while on the new primary.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    formation = tokio::task::spawn_blocking(move || {
-        formation
-            .wait_for(
-                Duration::from_secs(60),
-                "the other node to be primary",
-                |f| f.primary().is_ok_and(|p| p != primary),
-            )
-            .unwrap();
-        formation
-    })
-    .await
-    .unwrap();
-    stop.store(true, Ordering::Relaxed);
-    let mut failures = 0;
-    for w in writers {
-        failures += w.await.unwrap();
+        longest
     }
-    let states = formation.states().unwrap();
-    eprintln!(
-        "failover: writes resumed {:.1} s after the primary was stopped; {} writes acknowledged, \
-         {failures} failed meanwhile; longest operation {:?}; states now {states:?}",
-        resumed.as_secs_f64(),
-        acked.lock().unwrap().len(),
-        *longest.lock().unwrap()
-    );
-    assert_ne!(
-        primary,
-        formation.primary().unwrap(),
-        "the other node is primary now"
-    );
-    // No operation waited past the operation timeout (plus the acquire timeout of its retry).
-    assert!(*longest.lock().unwrap() <= OP_TIMEOUT + Duration::from_secs(6));
-    // Every acknowledged write is on the new primary.
-    let acked = acked.lock().unwrap().clone();
-    for chunk in acked.chunks(5_000) {
-        let keys: Vec<&[u8]> = chunk.iter().map(|(k, _)| k.as_slice()).collect();
+
+    /// Stops the tasks and returns what they saw.
+    pub async fn finish(self) -> Outcome {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut failures = 0;
+        for t in self.tasks {
+            failures += t.await.unwrap();
+        }
+        let acked = self.acked.lock().unwrap().clone();
+        let longest = *self.longest.lock().unwrap();
+        Outcome {
+            acked,
+            failures,
+            reads: self.reads.load(Ordering::Relaxed),
+            longest,
+        }
+    }
+}
+
+/// Every acknowledged write is on the primary now (read there, by a backend without
+/// replicas), and no operation waited past the operation timeout (plus the acquire timeout
+/// of its retry).
+pub async fn nothing_lost(formation: &Formation, schema: &str, outcome: &Outcome) {
+    assert!(outcome.longest <= OP_TIMEOUT + Duration::from_secs(6));
+    let cfg = EnhancedPostgresConfig::new(formation.uri()).with_schema(schema);
+    let b = EnhancedPostgresBackend::new(cfg).await.unwrap();
+    for chunk in outcome.acked.chunks(5_000) {
+        let keys: Vec<&[u8]> = chunk.iter().map(|(k, ..)| k.as_slice()).collect();
         let values = b.get_many(&keys).await.unwrap();
-        for ((key, _), value) in chunk.iter().zip(values) {
+        for ((key, ..), value) in chunk.iter().zip(values) {
             assert_eq!(
                 value.as_deref(),
                 Some(key.as_slice()),
@@ -153,4 +291,83 @@ async fn writes_go_on_through_the_loss_of_the_primary_and_none_acknowledged_is_l
             );
         }
     }
+}
+
+#[tokio::test]
+async fn writes_go_on_through_the_loss_of_the_primary_and_none_acknowledged_is_lost() {
+    let _bulk = support::bulk().await;
+    let formation = formation().await;
+    let schema = support::unique("failover");
+    let b = backend(&formation, &schema).await;
+    let primary = formation.primary().unwrap();
+    let standby = 1 - primary;
+    // pg_auto_failover's synchronous standby: a commit returns once the standby has it.
+    let sync: bool = support::raw(&formation.uri())
+        .await
+        .query_one(
+            "SELECT current_setting('synchronous_standby_names') <> '' \
+             AND current_setting('synchronous_commit') = 'on'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(sync, "the formation's primary commits synchronously");
+    standby_serves_reads(&b, &formation, standby, Duration::from_secs(30)).await;
+    monitoring_says(&b, &formation, primary).await;
+
+    let load = Load::start(&b);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(load.acked() > 0, "writes before the failover");
+    reads_reach_the_standby(&b).await;
+
+    let (formation, killed) = blocking(formation, move |f| {
+        f.kill_node(primary).unwrap();
+        // The old primary no longer accepts connections: a write acknowledged from now on
+        // was made on the new one.
+        Instant::now()
+    })
+    .await;
+    let resumed = load.resumed_after(killed).await;
+    let (formation, ()) = blocking(formation, move |f| {
+        f.wait_for(Duration::from_secs(60), "the standby's promotion", |f| {
+            f.primary().is_ok_and(|p| p == standby)
+        })
+        .unwrap();
+    })
+    .await;
+    // With no standby left, reads go to the primary; once the old primary rejoins as a
+    // standby, the replica URL finds it and reads go there again.
+    let rejoin = Instant::now();
+    let (formation, ()) = blocking(formation, move |f| {
+        f.restart_node(primary).unwrap();
+        f.wait_for(Duration::from_secs(120), "the old primary to rejoin", |f| {
+            f.states()
+                .is_ok_and(|s| s.iter().filter(|s| *s == "secondary").count() == 1)
+                && f.primary().is_ok_and(|p| p == standby)
+        })
+        .unwrap();
+    })
+    .await;
+    standby_serves_reads(&b, &formation, primary, Duration::from_secs(60)).await;
+    let rejoined = rejoin.elapsed();
+    eprintln!("states after the rejoin: {:?}", formation.states());
+    reads_reach_the_standby(&b).await;
+    let outcome = load.finish().await;
+    monitoring_says(&b, &formation, standby).await;
+    let status = b.check_replication_status().await.unwrap();
+    assert_eq!(status.primary_changes, 1, "one failover seen: {status:?}");
+
+    eprintln!(
+        "failover: writes resumed {:.1} s after the primary was killed; the old primary served \
+         reads again {:.1} s after its restart; {} writes acknowledged, {} reads, {} operations \
+         failed meanwhile; longest operation {:?}",
+        resumed.as_secs_f64(),
+        rejoined.as_secs_f64(),
+        outcome.acked.len(),
+        outcome.reads,
+        outcome.failures,
+        outcome.longest
+    );
+    nothing_lost(&formation, &schema, &outcome).await;
 }

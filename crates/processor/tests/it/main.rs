@@ -25,6 +25,7 @@ mod security;
 mod seed;
 mod streams;
 mod support;
+mod switchover;
 mod time_partitions;
 mod tls;
 mod transactions;

@@ -5,7 +5,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use processor::state::{EnhancedPostgresBackend, EnhancedPostgresConfig, ErrorKind, StateBackend};
+use processor::state::{
+    EnhancedPostgresBackend, EnhancedPostgresConfig, ErrorKind, NodeRole, StateBackend,
+};
 
 use crate::support::{self, replicas, wait_status};
 
@@ -84,7 +86,14 @@ async fn reads_spread_over_both_replicas_and_status_is_correct() {
             r.healthy && !r.replay_paused && r.last_error.is_none(),
             "{r:?}"
         );
+        assert_eq!(r.role, NodeRole::Standby);
+        assert_eq!(r.server.as_deref(), Some(r.name.as_str()));
     }
+    assert_eq!(
+        status.primary,
+        Some(format!("127.0.0.1:{}", cluster.nodes()[0].port))
+    );
+    assert_eq!(status.primary_changes, 0);
     // The data may still be on its way to the replicas: wait until each has all of it.
     let table = writer.table().to_string();
     for url in cluster.replica_urls() {
@@ -216,6 +225,7 @@ async fn unreachable_replicas_do_not_stop_new_and_failover_decides_reads() {
         !s.replicas[0].healthy && s.replicas[0].last_error.is_some(),
         "{s:?}"
     );
+    assert_eq!(s.replicas[0].role, NodeRole::Unreachable);
     assert!(!s.replicas[0]
         .last_error
         .as_deref()
@@ -408,7 +418,11 @@ async fn writes_continue_after_the_primary_is_switched_over() {
             "acknowledged write {i} lost"
         );
     }
-    assert!(!b.check_replication_status().await.unwrap().is_replica);
+    // The backend saw the primary change (its URL names two hosts, so it watches).
+    let status = b.check_replication_status().await.unwrap();
+    assert!(!status.is_replica);
+    assert_eq!(status.primary_changes, 1, "{status:?}");
+    assert_eq!(status.primary, Some(format!("127.0.0.1:{}", nodes[1].port)));
 }
 
 #[tokio::test]

@@ -151,7 +151,8 @@ impl EnhancedPostgresBackend {
             settings.clone(),
             config.read_your_writes,
         ));
-        let monitor = if router.replicas.is_empty() {
+        // Also without replicas, a multi-host URL gets the monitor, which notes failovers.
+        let monitor = if router.replicas.is_empty() && valid.primary.pg.get_hosts().len() < 2 {
             None
         } else {
             // One round now, so healthy replicas serve reads from the start.

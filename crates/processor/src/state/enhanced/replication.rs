@@ -86,6 +86,8 @@ impl EnhancedPostgresBackend {
             primary_reads: s.router.primary_reads(),
             failovers_to_primary: s.router.failovers(),
             replicas,
+            primary: s.router.primary_server(),
+            primary_changes: s.router.primary_changes(),
         })
     }
 

@@ -1,0 +1,65 @@
+//! A planned switchover with pg_auto_failover (`pg_autoctl perform switchover`) under load:
+//! no acknowledged write is lost, and reads go to the new standby (the old primary).
+
+use std::time::{Duration, Instant};
+
+use crate::failover::{
+    backend, blocking, formation, monitoring_says, nothing_lost, reads_reach_the_standby,
+    standby_serves_reads, Load,
+};
+use crate::support;
+
+#[tokio::test]
+async fn a_switchover_under_load_loses_no_acknowledged_write_and_reads_follow_the_standby() {
+    let _bulk = support::bulk().await;
+    let formation = formation().await;
+    let schema = support::unique("switchover");
+    let b = backend(&formation, &schema).await;
+    let primary = formation.primary().unwrap();
+    let standby = 1 - primary;
+    standby_serves_reads(&b, &formation, standby, Duration::from_secs(30)).await;
+    monitoring_says(&b, &formation, primary).await;
+
+    let load = Load::start(&b);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(load.acked() > 0, "writes before the switchover");
+    reads_reach_the_standby(&b).await;
+
+    let started = Instant::now();
+    let (formation, ()) = blocking(formation, move |f| {
+        f.switchover().unwrap();
+        f.wait_for(Duration::from_secs(60), "the roles to swap", |f| {
+            f.primary().is_ok_and(|p| p == standby)
+                && f.states()
+                    .is_ok_and(|s| s.iter().filter(|s| *s == "secondary").count() == 1)
+        })
+        .unwrap();
+    })
+    .await;
+    let switched = started.elapsed();
+    standby_serves_reads(&b, &formation, primary, Duration::from_secs(60)).await;
+    reads_reach_the_standby(&b).await;
+    // Some writes on the new primary.
+    let since = Instant::now();
+    load.resumed_after(since).await;
+    let pause = load.longest_pause_after(started);
+    let outcome = load.finish().await;
+    monitoring_says(&b, &formation, standby).await;
+    let status = b.check_replication_status().await.unwrap();
+    assert!(
+        status.primary_changes >= 1,
+        "the switchover seen: {status:?}"
+    );
+
+    eprintln!(
+        "switchover: done in {:.1} s; longest pause between acknowledged writes {:.1} s; {} \
+         writes acknowledged, {} reads, {} operations failed meanwhile; longest operation {:?}",
+        switched.as_secs_f64(),
+        pause.as_secs_f64(),
+        outcome.acked.len(),
+        outcome.reads,
+        outcome.failures,
+        outcome.longest
+    );
+    nothing_lost(&formation, &schema, &outcome).await;
+}

@@ -13,10 +13,12 @@
 //! [`shared`] gives the one cluster of a test process (primary and two replicas, TLS on), or
 //! the server named by `PGSTATE_TEST_DATABASE_URL` when that is set.
 
+mod backup;
 mod formation;
 mod pgbouncer;
 mod tools;
 
+pub use backup::RecoveryTarget;
 pub use formation::{find_pg_autoctl, Formation};
 pub use pgbouncer::{find_pgbouncer, PgBouncer, PoolMode};
 use tools::{chown_to, run_server_tool, runuser_prefix, server_user, spawn_cleanup};
@@ -63,6 +65,8 @@ pub struct ClusterOptions {
     pub tls: bool,
     /// `max_connections` of every server.
     pub max_connections: u32,
+    /// Archive the primary's WAL (see [`Cluster::wal_archive`]), for point-in-time recovery.
+    pub wal_archive: bool,
 }
 
 impl Default for ClusterOptions {
@@ -71,6 +75,7 @@ impl Default for ClusterOptions {
             replicas: 0,
             tls: true,
             max_connections: 400,
+            wal_archive: false,
         }
     }
 }
@@ -394,6 +399,9 @@ impl Cluster {
             self.dir.display(),
             opts.max_connections
         );
+        if opts.wal_archive {
+            conf.push_str(&self.archive_settings()?);
+        }
         if let Some(c) = &self.certs {
             conf.push_str(&format!(
                 "ssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\nssl_ca_file = '{}'\n",
@@ -428,25 +436,7 @@ impl Cluster {
     }
 
     fn add_replica(&mut self, i: usize) -> Result<()> {
-        let data = self.dir.join(format!("node{i}"));
-        let conninfo = format!(
-            "host=127.0.0.1 port={} user=postgres password={PASSWORD} application_name=replica{i}",
-            self.nodes[0].port
-        );
-        self.run_tool(
-            "pg_basebackup",
-            &[
-                "-D",
-                &data.to_string_lossy(),
-                "-R",
-                "-X",
-                "stream",
-                "-c",
-                "fast",
-                "-d",
-                &conninfo,
-            ],
-        )?;
+        let data = self.basebackup(&format!("node{i}"), true)?;
         let port = free_port()?;
         append(&data.join("postgresql.conf"), &format!("\nport = {port}\n"))?;
         self.nodes.push(Node {

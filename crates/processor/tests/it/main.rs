@@ -2,6 +2,7 @@
 //! binary, so one cluster per `cargo test` process; each test works in its own schema or
 //! database, so the tests run in parallel.
 
+mod backup;
 mod bad_input;
 mod checkpoints;
 mod coalescing;

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use processor::state::{StateBackend, StateError};
+use processor::state::{EnhancedPostgresBackend, EnhancedPostgresConfig, StateBackend, StateError};
 use serde_json::json;
 
 use crate::support;
@@ -377,4 +377,30 @@ async fn a_version_never_repeats_after_delete_or_clear() {
     // A key never written still starts at 1, as the seed shows.
     assert_eq!(b.put_with_version(b"fresh", b"1", None).await.unwrap(), 1);
     assert_eq!(b.count().await.unwrap(), 2);
+}
+
+/// Session settings in the URL's `options` reach every connection (the README's way to choose
+/// `synchronous_commit` per backend): with `default_transaction_read_only` on, the server looks
+/// read-only to the backend's writable-server check; with `synchronous_commit` set, the backend
+/// works as usual.
+#[tokio::test]
+async fn session_settings_in_the_url_options_reach_the_server() {
+    let url = support::url();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let read_only = format!("{url}{sep}options=-c%20default_transaction_read_only%3Don");
+    let err = EnhancedPostgresBackend::new(
+        EnhancedPostgresConfig::new(read_only).with_schema(support::unique("opts_ro")),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("does not allow writes"), "{err}");
+
+    let local = format!("{url}{sep}options=-c%20synchronous_commit%3Dlocal");
+    let b = EnhancedPostgresBackend::new(
+        EnhancedPostgresConfig::new(local).with_schema(support::unique("opts_sc")),
+    )
+    .await
+    .unwrap();
+    b.put(b"k", b"v").await.unwrap();
+    assert_eq!(b.get(b"k").await.unwrap(), Some(b"v".to_vec()));
 }

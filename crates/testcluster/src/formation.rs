@@ -211,6 +211,32 @@ impl Formation {
             .ok_or_else(|| Error(format!("no node is primary: {out}")))
     }
 
+    /// Stops node `i`'s Postgres with `pg_ctl stop -m immediate` (as a crash of the server
+    /// would: no shutdown checkpoint, every session cut). Its `pg_autoctl` keeps running and
+    /// restarts it, unless the monitor fails over first.
+    /// Returns once that postmaster is gone (pg_ctl's own wait would see the restarted one).
+    pub fn stop_postgres_immediately(&self, i: usize) -> Result<()> {
+        let data = &self.nodes[i].1;
+        let pid_file = data.join("postmaster.pid");
+        let pid = fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|t| t.lines().next().map(str::to_string))
+            .ok_or_else(|| Error(format!("no {}: is node {i} running?", pid_file.display())))?;
+        let d = data.to_string_lossy().to_string();
+        self.run_tool("pg_ctl", &["-D", &d, "-m", "immediate", "-W", "stop"])?;
+        let proc_dir = Path::new("/proc").join(pid.trim());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while proc_dir.exists() {
+            if Instant::now() > deadline {
+                return err(format!(
+                    "postmaster {pid} of node {i} still runs 10 s after the stop"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
     /// Stops node `i` the hard way, as a crashed host would: its `pg_autoctl` and Postgres
     /// (every process descending from the node's `pg_autoctl`) are killed with SIGKILL. The
     /// server's backends exit when they see their postmaster gone.

@@ -127,6 +127,23 @@ impl Lanes {
         ended.len()
     }
 
+    /// Retires every lane (they take no new users; each ends when its users are done) and
+    /// ends the idle ones now: for [`ConnPool::reopen`](crate::state::pool::ConnPool::reopen).
+    pub fn retire_all(&self) {
+        let ended: Vec<Arc<Lane>> = {
+            let mut slots = self.lock();
+            for lane in slots.iter() {
+                lane.retired.store(true, Relaxed);
+            }
+            let (ended, kept) = std::mem::take(&mut *slots)
+                .into_iter()
+                .partition(|l| l.idle());
+            *slots = kept;
+            ended
+        };
+        drop(ended);
+    }
+
     /// Makes room for an exclusive checkout that would have to wait: ends one lane without
     /// users if there is one (true), else retires the least-loaded lane (unless one is
     /// retiring already), whose connection goes back once its users are done.

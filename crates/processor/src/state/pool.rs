@@ -89,7 +89,8 @@ pub struct PoolStats {
     pub wait_time_ms: u64,
     /// Connections opened since the pool started.
     pub connections_created: u64,
-    /// Connections discarded because they were closed or left in an unknown state.
+    /// Connections discarded because they were closed or left in an unknown state, or were
+    /// reopened (a replica URL found to reach a primary).
     pub connections_closed_broken: u64,
     /// Connections discarded because a health probe failed.
     pub connections_closed_invalid: u64,
@@ -254,12 +255,14 @@ impl ConnPool {
         Ok(this)
     }
 
-    /// Makes every connection open now be closed instead of reused: idle ones when next
-    /// taken, ones in use when they come back. New connections choose their server again,
-    /// which matters for a multi-host URL whose hosts changed roles (a replica URL with
+    /// Makes every connection open now be closed instead of reused: ones in use when they
+    /// come back (lanes take no new users), idle ones when next taken or probed by the
+    /// health check. New connections choose their server again, which matters for a
+    /// multi-host URL whose hosts changed roles (a replica URL with
     /// `target_session_attrs=read-only` that reached a node since promoted).
     pub fn reopen(&self) {
         self.generation.fetch_add(1, Relaxed);
+        self.lanes.retire_all();
     }
 
     /// Whether its connections go through PgBouncer's transaction pooling.

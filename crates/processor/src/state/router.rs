@@ -49,6 +49,9 @@ pub(crate) struct Replica {
     /// every connection, so its cached replay position says nothing about the next one: reads
     /// needing a floor always check it in their own round trip.
     single_server: bool,
+    /// Whether its URL names several hosts and asks for a read-only one
+    /// (`target_session_attrs=read-only`): new connections then find the current standby.
+    follows_standby: bool,
     healthy: AtomicBool,
     replay_lsn: AtomicU64,
     lag_bytes: AtomicU64,
@@ -62,9 +65,12 @@ pub(crate) struct Replica {
     server: Mutex<Option<String>>,
 }
 
-/// The server a connection reached, `address:port` (`local socket` over a Unix socket).
-const SERVER_SQL: &str =
-    "SELECT coalesce(host(inet_server_addr()) || ':' || inet_server_port(), 'local socket')";
+/// SQL for the server a connection reached, `address:port` (`local:port` over a Unix socket).
+macro_rules! server_sql {
+    () => {
+        "coalesce(host(inet_server_addr()), 'local') || ':' || current_setting('port')"
+    };
+}
 
 /// What a configured replica URL reaches now, from its last check.
 ///
@@ -104,11 +110,17 @@ impl NodeRole {
 }
 
 impl Replica {
-    pub fn new(pool: Arc<ConnPool>, name: String, single_server: bool) -> Self {
+    pub fn new(
+        pool: Arc<ConnPool>,
+        name: String,
+        single_server: bool,
+        follows_standby: bool,
+    ) -> Self {
         Replica {
             pool,
             name,
             single_server,
+            follows_standby,
             // Out of rotation until the first check says otherwise.
             healthy: AtomicBool::new(false),
             replay_lsn: AtomicU64::new(0),
@@ -134,7 +146,9 @@ impl Replica {
             }
             _ => false,
         };
-        if before != role || moved {
+        // A standby found by the first check is announced by "joined the read rotation".
+        let first_standby = before == NodeRole::Unknown && role == NodeRole::Standby;
+        if (before != role && !first_standby) || moved {
             let server = server.as_deref().unwrap_or("-");
             match role {
                 NodeRole::Primary => {
@@ -328,10 +342,12 @@ impl Router {
             let row = conn
                 .run(|c| {
                     c.client.query_typed_one(
-                        "SELECT pg_is_in_recovery(), \
-                         pg_wal_lsn_diff(coalesce(pg_last_wal_replay_lsn(), '0/0'), '0/0')::bigint, \
-                         CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() ELSE false END, \
-                         coalesce(host(inet_server_addr()) || ':' || inet_server_port(), 'local socket')",
+                        concat!(
+                            "SELECT pg_is_in_recovery(), \
+                             pg_wal_lsn_diff(coalesce(pg_last_wal_replay_lsn(), '0/0'), '0/0')::bigint, \
+                             CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() ELSE false END, ",
+                            server_sql!()
+                        ),
                         &[],
                     )
                 })
@@ -376,7 +392,7 @@ impl Router {
                     sqlstate: None,
                 });
                 r.observed(NodeRole::Primary, Some(server));
-                if !r.single_server {
+                if r.follows_standby {
                     // Let its next connections pick a host again: another may be a standby
                     // now, or soon (a demoted primary that rejoins).
                     r.pool.reopen();
@@ -474,7 +490,7 @@ async fn primary_position(primary: &ConnPool) -> StateResult<(u64, String)> {
         let lsn = c.insert_lsn().await?;
         let server: String = c
             .client
-            .query_typed_one(SERVER_SQL, &[])
+            .query_typed_one(concat!("SELECT ", server_sql!()), &[])
             .await?
             .try_get(0)?;
         Ok((lsn, server))

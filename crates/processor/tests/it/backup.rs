@@ -48,7 +48,13 @@ async fn a_restore_to_a_recovery_target_reads_exactly_the_state_at_that_target()
         .collect();
     b.batch_put(&refs).await.unwrap();
     let cluster_ref = &cluster;
-    let backup = tokio::task::block_in_place(|| cluster_ref.base_backup("backup")).unwrap();
+    let backups = tokio::task::block_in_place(|| {
+        Ok::<_, pgstate_testcluster::Error>((
+            cluster_ref.base_backup("backup1")?,
+            cluster_ref.base_backup("backup2")?,
+        ))
+    })
+    .unwrap();
 
     // After the backup, up to the target: updates, deletes, metadata, a TTL, new keys.
     b.put(b"k:0001", b"second").await.unwrap();
@@ -62,8 +68,10 @@ async fn a_restore_to_a_recovery_target_reads_exactly_the_state_at_that_target()
     b.put(b"new:a", b"first write").await.unwrap();
     let at_target = everything(&b).await;
     let target = "pgstate-pitr-test";
-    tokio::task::block_in_place(|| {
-        cluster_ref.psql(0, &format!("SELECT pg_create_restore_point('{target}')"))
+    let lsn = tokio::task::block_in_place(|| {
+        let lsn = cluster_ref.psql(0, "SELECT pg_current_wal_lsn()")?;
+        cluster_ref.psql(0, &format!("SELECT pg_create_restore_point('{target}')"))?;
+        Ok::<_, pgstate_testcluster::Error>(lsn)
     })
     .unwrap();
 
@@ -81,19 +89,29 @@ async fn a_restore_to_a_recovery_target_reads_exactly_the_state_at_that_target()
     );
     tokio::task::block_in_place(|| cluster_ref.archive_now()).unwrap();
 
-    let node = tokio::task::block_in_place(|| {
-        cluster.restore(&backup, &RecoveryTarget::Name(target.to_string()))
-    })
-    .unwrap();
-    let restored = backend(cluster.url(node), schema).await;
-    let state = everything(&restored).await;
-    assert_eq!(state.len(), 500, "500 written, 1 deleted, 1 added");
-    assert_eq!(state, at_target, "exactly the state at the recovery target");
-    assert_eq!(
-        restored.get(b"new:a").await.unwrap(),
-        Some(b"first write".to_vec())
-    );
-    assert_eq!(restored.get(b"new:b").await.unwrap(), None);
-    // The restored server is a primary of its own: it takes writes.
-    restored.put(b"after restore", b"ok").await.unwrap();
+    // The same moment, named by a restore point and by a WAL position.
+    for (backup, target) in [
+        (backups.0, RecoveryTarget::Name(target.to_string())),
+        (backups.1, RecoveryTarget::Lsn(lsn.clone())),
+    ] {
+        let node = tokio::task::block_in_place(|| cluster.restore(&backup, &target)).unwrap();
+        let restored = backend(cluster.url(node), schema).await;
+        let state = everything(&restored).await;
+        assert_eq!(
+            state.len(),
+            500,
+            "500 written, 1 deleted, 1 added ({target:?})"
+        );
+        assert_eq!(
+            state, at_target,
+            "exactly the state at the recovery target {target:?}"
+        );
+        assert_eq!(
+            restored.get(b"new:a").await.unwrap(),
+            Some(b"first write".to_vec())
+        );
+        assert_eq!(restored.get(b"new:b").await.unwrap(), None);
+        // The restored server is a primary of its own: it takes writes.
+        restored.put(b"after restore", b"ok").await.unwrap();
+    }
 }

@@ -381,8 +381,7 @@ async fn a_version_never_repeats_after_delete_or_clear() {
 
 /// Session settings in the URL's `options` reach every connection (the README's way to choose
 /// `synchronous_commit` per backend): with `default_transaction_read_only` on, the server looks
-/// read-only to the backend's writable-server check; with `synchronous_commit` set, the backend
-/// works as usual.
+/// read-only to the backend's writable-server check.
 #[tokio::test]
 async fn session_settings_in_the_url_options_reach_the_server() {
     let url = support::url();
@@ -394,13 +393,4 @@ async fn session_settings_in_the_url_options_reach_the_server() {
     .await
     .unwrap_err();
     assert!(err.to_string().contains("does not allow writes"), "{err}");
-
-    let local = format!("{url}{sep}options=-c%20synchronous_commit%3Dlocal");
-    let b = EnhancedPostgresBackend::new(
-        EnhancedPostgresConfig::new(local).with_schema(support::unique("opts_sc")),
-    )
-    .await
-    .unwrap();
-    b.put(b"k", b"v").await.unwrap();
-    assert_eq!(b.get(b"k").await.unwrap(), Some(b"v".to_vec()));
 }

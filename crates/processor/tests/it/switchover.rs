@@ -1,5 +1,7 @@
 //! A planned switchover with pg_auto_failover (`pg_autoctl perform switchover`) under load:
-//! no acknowledged write is lost, and reads go to the new standby (the old primary).
+//! no acknowledged write is lost, and reads go to the new standby (the old primary). Then a
+//! crash of the new primary's Postgres (`pg_ctl stop -m immediate`): writes resume, nothing
+//! acknowledged is lost.
 
 use std::time::{Duration, Instant};
 
@@ -43,8 +45,27 @@ async fn a_switchover_under_load_loses_no_acknowledged_write_and_reads_follow_th
     let since = Instant::now();
     load.resumed_after(since).await;
     let pause = load.longest_pause_after(started);
+
+    // Then the new primary's Postgres crashes (`pg_ctl stop -m immediate`): its pg_autoctl
+    // restarts it (or the monitor fails over); writes resume either way.
+    let (formation, crashed) = blocking(formation, move |f| {
+        f.stop_postgres_immediately(standby).unwrap();
+        Instant::now()
+    })
+    .await;
+    let after_crash = load.resumed_after(crashed).await;
+    let (formation, now_primary) = blocking(formation, move |f| {
+        f.wait_for(Duration::from_secs(60), "a primary and a secondary", |f| {
+            f.primary().is_ok()
+                && f.states()
+                    .is_ok_and(|s| s.iter().filter(|s| *s == "secondary").count() == 1)
+        })
+        .unwrap();
+        f.primary().unwrap()
+    })
+    .await;
     let outcome = load.finish().await;
-    monitoring_says(&b, &formation, standby).await;
+    monitoring_says(&b, &formation, now_primary).await;
     let status = b.check_replication_status().await.unwrap();
     assert!(
         status.primary_changes >= 1,
@@ -52,10 +73,13 @@ async fn a_switchover_under_load_loses_no_acknowledged_write_and_reads_follow_th
     );
 
     eprintln!(
-        "switchover: done in {:.1} s; longest pause between acknowledged writes {:.1} s; {} \
-         writes acknowledged, {} reads, {} operations failed meanwhile; longest operation {:?}",
+        "switchover: done in {:.1} s; longest pause between acknowledged writes {:.1} s; after \
+         an immediate stop of the new primary's Postgres writes resumed in {:.1} s (primary now \
+         node {now_primary}); {} writes acknowledged, {} reads, {} operations failed meanwhile; \
+         longest operation {:?}",
         switched.as_secs_f64(),
         pause.as_secs_f64(),
+        after_crash.as_secs_f64(),
         outcome.acked.len(),
         outcome.reads,
         outcome.failures,

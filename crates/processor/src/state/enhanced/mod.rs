@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use tokio_postgres::config::TargetSessionAttrs;
 
 use crate::state::backend::StateBackend;
 use crate::state::causal::{Scope, Session};
@@ -142,9 +143,14 @@ impl EnhancedPostgresBackend {
                 .unwrap_or_default()
                 .to_string();
             let single_server = spec.pg.get_hosts().len() == 1;
+            let follows_standby = !single_server
+                && spec.pg.get_target_session_attrs() == TargetSessionAttrs::ReadOnly;
+            if !single_server && !follows_standby {
+                tracing::warn!(replica = %name, "a multi-host replica URL without target_session_attrs=read-only reaches whichever host answers first, which may be the primary");
+            }
             let pool =
                 ConnPool::new(connector, names.clone(), &replica_pool, true, op_timeout).await?;
-            replicas.push(Replica::new(pool, name, single_server));
+            replicas.push(Replica::new(pool, name, single_server, follows_standby));
         }
         let router = Arc::new(Router::new(
             replicas,

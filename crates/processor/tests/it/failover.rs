@@ -293,14 +293,52 @@ pub async fn nothing_lost(formation: &Formation, schema: &str, outcome: &Outcome
     }
 }
 
-#[tokio::test]
-async fn writes_go_on_through_the_loss_of_the_primary_and_none_acknowledged_is_lost() {
-    let _bulk = support::bulk().await;
+/// A formation with a backend on it, the standby serving its reads, and the seed's
+/// Monitoring snippet saying so.
+pub struct Setup {
+    pub formation: Formation,
+    pub schema: String,
+    pub b: EnhancedPostgresBackend,
+    pub primary: usize,
+    pub standby: usize,
+}
+
+pub async fn setup(tag: &str) -> Setup {
     let formation = formation().await;
-    let schema = support::unique("failover");
+    let schema = support::unique(tag);
     let b = backend(&formation, &schema).await;
     let primary = formation.primary().unwrap();
     let standby = 1 - primary;
+    standby_serves_reads(&b, &formation, standby, Duration::from_secs(30)).await;
+    monitoring_says(&b, &formation, primary).await;
+    Setup {
+        formation,
+        schema,
+        b,
+        primary,
+        standby,
+    }
+}
+
+/// Starts a [`Load`] and waits until writes are acknowledged and reads reach the standby.
+pub async fn running_load(b: &EnhancedPostgresBackend) -> Load {
+    let load = Load::start(b);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(load.acked() > 0, "writes under way");
+    reads_reach_the_standby(b).await;
+    load
+}
+
+#[tokio::test]
+async fn writes_go_on_through_the_loss_of_the_primary_and_none_acknowledged_is_lost() {
+    let _bulk = support::bulk().await;
+    let Setup {
+        formation,
+        schema,
+        b,
+        primary,
+        standby,
+    } = setup("failover").await;
     // pg_auto_failover's synchronous standby: a commit returns once the standby has it.
     let sync: bool = support::raw(&formation.uri())
         .await
@@ -313,13 +351,8 @@ async fn writes_go_on_through_the_loss_of_the_primary_and_none_acknowledged_is_l
         .unwrap()
         .get(0);
     assert!(sync, "the formation's primary commits synchronously");
-    standby_serves_reads(&b, &formation, standby, Duration::from_secs(30)).await;
-    monitoring_says(&b, &formation, primary).await;
 
-    let load = Load::start(&b);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(load.acked() > 0, "writes before the failover");
-    reads_reach_the_standby(&b).await;
+    let load = running_load(&b).await;
 
     let (formation, killed) = blocking(formation, move |f| {
         f.kill_node(primary).unwrap();

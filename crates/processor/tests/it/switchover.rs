@@ -6,26 +6,22 @@
 use std::time::{Duration, Instant};
 
 use crate::failover::{
-    backend, blocking, formation, monitoring_says, nothing_lost, reads_reach_the_standby,
-    standby_serves_reads, Load,
+    blocking, monitoring_says, nothing_lost, reads_reach_the_standby, running_load, setup,
+    standby_serves_reads, Setup,
 };
 use crate::support;
 
 #[tokio::test]
 async fn a_switchover_under_load_loses_no_acknowledged_write_and_reads_follow_the_standby() {
     let _bulk = support::bulk().await;
-    let formation = formation().await;
-    let schema = support::unique("switchover");
-    let b = backend(&formation, &schema).await;
-    let primary = formation.primary().unwrap();
-    let standby = 1 - primary;
-    standby_serves_reads(&b, &formation, standby, Duration::from_secs(30)).await;
-    monitoring_says(&b, &formation, primary).await;
-
-    let load = Load::start(&b);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(load.acked() > 0, "writes before the switchover");
-    reads_reach_the_standby(&b).await;
+    let Setup {
+        formation,
+        schema,
+        b,
+        primary,
+        standby,
+    } = setup("switchover").await;
+    let load = running_load(&b).await;
 
     let started = Instant::now();
     let (formation, ()) = blocking(formation, move |f| {

@@ -14,11 +14,13 @@
 //! the server named by `PGSTATE_TEST_DATABASE_URL` when that is set.
 
 mod backup;
+mod citus;
 mod formation;
 mod pgbouncer;
 mod tools;
 
 pub use backup::RecoveryTarget;
+pub use citus::citus_installed;
 pub use formation::{find_pg_autoctl, Formation};
 pub use pgbouncer::{find_pgbouncer, PgBouncer, PoolMode};
 use tools::{chown_to, run_server_tool, runuser_prefix, server_user, spawn_cleanup};
@@ -67,6 +69,9 @@ pub struct ClusterOptions {
     pub max_connections: u32,
     /// Archive the primary's WAL (see [`Cluster::wal_archive`]), for point-in-time recovery.
     pub wal_archive: bool,
+    /// With more than 0: the primary is a Citus coordinator with this many workers (see
+    /// [`citus_installed`]); `replicas` must be 0.
+    pub citus_workers: usize,
 }
 
 impl Default for ClusterOptions {
@@ -76,6 +81,7 @@ impl Default for ClusterOptions {
             tls: true,
             max_connections: 400,
             wal_archive: false,
+            citus_workers: 0,
         }
     }
 }
@@ -159,6 +165,9 @@ impl Cluster {
         cluster.init_primary(&opts)?;
         for i in 0..opts.replicas {
             cluster.add_replica(i + 1)?;
+        }
+        if opts.citus_workers > 0 {
+            cluster.add_citus_workers(&opts)?;
         }
         cluster.wait_streaming(opts.replicas)?;
         Ok(cluster)
@@ -369,7 +378,20 @@ impl Cluster {
     }
 
     fn init_primary(&mut self, opts: &ClusterOptions) -> Result<()> {
-        let data = self.dir.join("node0");
+        self.init_server(0, opts)?;
+        if self.certs.is_some() {
+            self.psql(
+                0,
+                &format!("CREATE ROLE {CERT_USER} LOGIN; GRANT CREATE ON DATABASE postgres TO {CERT_USER}"),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Creates (initdb), configures and starts server `i` of its own (a primary, or a Citus
+    /// worker).
+    fn init_server(&mut self, i: usize, opts: &ClusterOptions) -> Result<()> {
+        let data = self.dir.join(format!("node{i}"));
         let pwfile = self.dir.join("pwfile");
         fs::write(&pwfile, PASSWORD).map_err(|e| Error(e.to_string()))?;
         self.chown(&pwfile)?;
@@ -399,8 +421,11 @@ impl Cluster {
             self.dir.display(),
             opts.max_connections
         );
-        if opts.wal_archive {
+        if opts.wal_archive && i == 0 {
             conf.push_str(&self.archive_settings()?);
+        }
+        if opts.citus_workers > 0 {
+            conf.push_str("shared_preload_libraries = 'citus'\n");
         }
         if let Some(c) = &self.certs {
             conf.push_str(&format!(
@@ -413,6 +438,10 @@ impl Cluster {
         append(&data.join("postgresql.conf"), &conf)?;
         // 127.0.0.2 reaches the same server under a name its certificate does not carry.
         let mut hba = String::from("local all all trust\n");
+        if opts.citus_workers > 0 {
+            // Citus nodes connect to each other as the user of the session.
+            hba.push_str("host all postgres 127.0.0.1/32 trust\n");
+        }
         if self.certs.is_some() {
             hba.push_str(&format!("hostssl all {CERT_USER} 127.0.0.0/8 cert\n"));
         }
@@ -425,14 +454,7 @@ impl Cluster {
             port,
             data_dir: data,
         });
-        self.start_node(0)?;
-        if self.certs.is_some() {
-            self.psql(
-                0,
-                &format!("CREATE ROLE {CERT_USER} LOGIN; GRANT CREATE ON DATABASE postgres TO {CERT_USER}"),
-            )?;
-        }
-        Ok(())
+        self.start_node(i)
     }
 
     fn add_replica(&mut self, i: usize) -> Result<()> {

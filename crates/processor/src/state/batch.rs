@@ -134,14 +134,15 @@ impl PgConn {
         let entries = last_wins(entries);
         if !names.windowed {
             let keys: Vec<&[u8]> = entries.iter().map(|(k, _)| *k).collect();
+            // Not `EXISTS (subquery)`: Citus cannot plan that generically.
             let probe = format!(
-                "SELECT EXISTS (SELECT 1 FROM {} WHERE key = ANY($1))",
+                "SELECT key FROM {} WHERE key = ANY($1) LIMIT 1",
                 names.qualified
             );
-            let row = self
-                .query_one_cached(probe.as_str(), &[(&keys, Type::BYTEA_ARRAY)])
-                .await?;
-            let any_exists: bool = row.try_get(0)?;
+            let any_exists = self
+                .query_opt_cached(probe.as_str(), &[(&keys, Type::BYTEA_ARRAY)])
+                .await?
+                .is_some();
             if !any_exists {
                 let copy = format!(
                     "COPY {} (key, value) FROM STDIN (FORMAT binary)",

@@ -5,6 +5,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::state::citus_layout::CitusLayout;
 use crate::state::connspec::{ConnectionSpec, SslSettings};
 use crate::state::connstr::redact;
 use crate::state::error::{StateError, StateResult};
@@ -190,6 +191,7 @@ pub struct EnhancedPostgresConfig {
     pub(crate) session_url: Option<String>,
     pub(crate) expired_cleanup: bool,
     pub(crate) partitioning: Option<PartitionStrategy>,
+    pub(crate) citus: Option<CitusLayout>,
 }
 
 impl EnhancedPostgresConfig {
@@ -217,6 +219,7 @@ impl EnhancedPostgresConfig {
             session_url: None,
             expired_cleanup: true,
             partitioning: None,
+            citus: None,
         }
     }
 
@@ -227,6 +230,16 @@ impl EnhancedPostgresConfig {
     /// Without this setting the backend uses the table as it finds it.
     pub fn with_partitioning(mut self, strategy: PartitionStrategy) -> Self {
         self.partitioning = Some(strategy);
+        self
+    }
+
+    /// Distributes the state table over a Citus cluster's workers by key (see [`CitusLayout`]):
+    /// give the coordinator's URL. `new()` checks for the `citus` extension, distributes a
+    /// table it creates (or finds undistributed), and refuses one distributed otherwise. Not
+    /// with [`with_partitioning`](Self::with_partitioning). Without this setting a table
+    /// found distributed is used as it is.
+    pub fn with_citus(mut self, layout: CitusLayout) -> Self {
+        self.citus = Some(layout);
         self
     }
 
@@ -452,6 +465,14 @@ impl EnhancedPostgresConfig {
         if let Some(p) = &self.partitioning {
             p.validate()?;
         }
+        if let Some(c) = &self.citus {
+            c.validate()?;
+            if self.partitioning.is_some() {
+                return Err(StateError::config(
+                    "with_citus and with_partitioning do not go together: Citus shards the table itself",
+                ));
+            }
+        }
         if let Some(r) = &self.retention {
             if r.batch_size == 0 {
                 return Err(StateError::config(
@@ -536,6 +557,7 @@ impl fmt::Debug for EnhancedPostgresConfig {
             .field("transaction_pooling", &self.transaction_pooling)
             .field("expired_cleanup", &self.expired_cleanup)
             .field("partitioning", &self.partitioning)
+            .field("citus", &self.citus)
             .field("session_url", &self.session_url.as_deref().map(redact))
             .finish()
     }

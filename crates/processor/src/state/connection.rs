@@ -336,7 +336,9 @@ impl PgConn {
     /// `LIMIT` a generic plan would guess, set `plan_cache_mode = auto` for their transaction.
     pub async fn open(connector: &Connector, names: &TableNames) -> StateResult<Self> {
         let client = connector.connect().await?;
-        if !connector.transaction_pooling {
+        // Citus makes its own choice (custom plans, so each statement reaches its shard; a
+        // generic plan of a multi-shard query cannot be distributed).
+        if !connector.transaction_pooling && !names.distributed {
             client
                 .batch_execute("SET plan_cache_mode = force_generic_plan")
                 .await?;

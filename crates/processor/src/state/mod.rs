@@ -14,12 +14,14 @@ mod basic;
 mod batch;
 mod causal;
 mod checkout;
+mod citus_layout;
 mod coalesce;
 mod config;
 mod connection;
 mod connspec;
 mod connstr;
 pub mod coordination;
+mod distribution;
 mod enhanced;
 mod error;
 mod groups;
@@ -46,6 +48,7 @@ mod windows;
 pub use backend::StateBackend;
 pub use basic::{PostgresConfig, PostgresStateBackend};
 pub use causal::CausalToken;
+pub use citus_layout::{CitusLayout, MAX_CITUS_SHARDS};
 pub use config::{
     EnhancedPostgresConfig, IsolationLevel, PostgresPoolConfig, PostgresReplicaConfig,
     PostgresSslConfig, RetentionPolicy, DEFAULT_OPERATION_TIMEOUT,

@@ -45,6 +45,10 @@ pub(crate) struct TableNames {
     /// window (see [`statements`](crate::state::statements)). Read from the catalog when the
     /// backend starts.
     pub windowed: bool,
+    /// Whether Citus distributes the table over workers: statements are then planned for
+    /// their parameters each time (Citus routes each to its shard), never generically. Read
+    /// from the catalog when the backend starts.
+    pub distributed: bool,
 }
 
 impl TableNames {
@@ -63,6 +67,7 @@ impl TableNames {
             write_window: format!("{schema}.{}", table.suffixed("_write_window")),
             windows_lock: (hash32(b"pgstate.write_windows"), floor_lock.1),
             windowed: false,
+            distributed: false,
             next_version: format!("{schema}.{}", table.suffixed("_next_version")),
             floor_lock,
             locks: in_schema("state_advisory_locks"),

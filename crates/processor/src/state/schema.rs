@@ -16,7 +16,9 @@ use sha2::{Digest, Sha256};
 use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 
+use crate::state::citus_layout::CitusLayout;
 use crate::state::connection::Connector;
+use crate::state::distribution;
 use crate::state::error::{StateError, StateResult};
 use crate::state::names::TableNames;
 use crate::state::partition_strategy::PartitionStrategy;
@@ -110,9 +112,10 @@ pub(crate) async fn migrate(
     connector: &Connector,
     names: &TableNames,
     partitioning: Option<&PartitionStrategy>,
-) -> StateResult<partitions::Layout> {
+    citus: Option<&CitusLayout>,
+) -> StateResult<Migrated> {
     let mut client = connector.connect().await?;
-    let result = migrate_on(&mut client, names, partitioning).await;
+    let result = migrate_on(&mut client, names, partitioning, citus).await;
     drop(client);
     result.map_err(|e| match e {
         StateError::StorageError { message, sqlstate } => StateError::StorageError {
@@ -123,11 +126,20 @@ pub(crate) async fn migrate(
     })
 }
 
+/// What the migrations found the state table to be.
+pub(crate) struct Migrated {
+    /// Its partitioning.
+    pub layout: partitions::Layout,
+    /// Whether Citus distributes it over workers.
+    pub distributed: bool,
+}
+
 async fn migrate_on(
     client: &mut Client,
     names: &TableNames,
     partitioning: Option<&PartitionStrategy>,
-) -> StateResult<partitions::Layout> {
+    citus: Option<&CitusLayout>,
+) -> StateResult<Migrated> {
     let tx = client.transaction().await?;
     // Waiting for another instance's migration must not trip a configured statement_timeout.
     tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
@@ -222,8 +234,15 @@ async fn migrate_on(
         .await?;
     partitions::ensure(&tx, names, partitioning, created_now).await?;
     let layout = partitions::layout(&tx, &names.qualified).await?;
+    distribution::ensure(&tx, names, citus).await?;
+    let distributed = distribution::distribution(&tx, &names.qualified)
+        .await?
+        .is_some();
     tx.commit().await?;
-    Ok(layout)
+    Ok(Migrated {
+        layout,
+        distributed,
+    })
 }
 
 #[cfg(test)]

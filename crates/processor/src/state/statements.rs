@@ -156,9 +156,19 @@ impl StatementCache {
 }
 
 /// What an upsert does to an existing row (`e`). An entry that had expired counts as new again.
+///
+/// The times come from the proposed row (`EXCLUDED`), whose `created_at` and `updated_at` are
+/// their column defaults, `now()`: the same instant as `now()` here, but Citus refuses any
+/// function that is not immutable in `DO UPDATE SET` on a distributed table, while it
+/// evaluates the proposed row's defaults on the coordinator. Inputs of upserts using this
+/// must leave both columns to their defaults.
 pub(crate) const REPLACE: &str = "value = EXCLUDED.value, metadata = EXCLUDED.metadata, \
-    expires_at = EXCLUDED.expires_at, updated_at = now(), version = e.version + 1, \
-    created_at = CASE WHEN e.expires_at <= now() THEN now() ELSE e.created_at END";
+    expires_at = EXCLUDED.expires_at, updated_at = EXCLUDED.updated_at, version = e.version + 1, \
+    created_at = CASE WHEN e.expires_at <= EXCLUDED.updated_at THEN EXCLUDED.created_at ELSE e.created_at END";
+
+/// The condition of a put-if-absent's `DO UPDATE`: the existing entry has expired (as of the
+/// proposed row's `updated_at`, which is `now()`; see [`REPLACE`]).
+pub(crate) const EXPIRED_NOW: &str = "e.expires_at <= EXCLUDED.updated_at";
 
 /// An upsert of the rows of `input` (a query whose columns are `columns`, `key` first): on a
 /// plain (or hash or list partitioned) table, `INSERT ... ON CONFLICT (key) DO UPDATE SET
@@ -267,7 +277,8 @@ impl Statements {
         let specs: [(String, &'static [Type]); 24] = [
             (format!("SELECT value FROM {t} WHERE key = $1 AND {LIVE}"), BYTEA),
             (format!("SELECT {ENTRY_COLUMNS} FROM {t} WHERE key = $1 AND {LIVE}"), BYTEA),
-            (format!("SELECT EXISTS (SELECT 1 FROM {t} WHERE key = $1 AND {LIVE})"), BYTEA),
+            // Not `EXISTS (subquery)`: Citus cannot route that with a generic plan.
+            (format!("SELECT count(*) > 0 FROM {t} WHERE key = $1 AND {LIVE}"), BYTEA),
             (format!("SELECT count(*) FROM {t} WHERE {LIVE}"), NONE),
             (
                 upsert(names, &one_entry, ENTRY_INPUT, false, REPLACE, " RETURNING version"),
@@ -280,7 +291,7 @@ impl Statements {
                     ENTRY_INPUT,
                     true,
                     REPLACE,
-                    " WHERE e.expires_at <= now() RETURNING version",
+                    &format!(" WHERE {EXPIRED_NOW} RETURNING version"),
                 ),
                 ENTRY,
             ),

@@ -14,9 +14,14 @@ use crate::support;
 /// Terminates one server session and waits until its process is gone (only then has the
 /// server released its locks; the client hears of the termination a little earlier).
 pub async fn terminate(pid: i32) {
-    let admin = support::raw(&support::url()).await;
+    terminate_on(&support::url(), pid).await;
+}
+
+/// Terminates session `pid` of the server at `url` and waits until it is gone.
+pub async fn terminate_on(url: &str, pid: i32) {
+    let admin = support::raw(url).await;
     let done: bool = admin
-        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .query_one("SELECT pg_terminate_backend($1::int4)", &[&pid])
         .await
         .unwrap()
         .get(0);

@@ -5,6 +5,7 @@
 mod backup;
 mod bad_input;
 mod checkpoints;
+mod citus;
 mod coalescing;
 mod conformance;
 mod consistency;

@@ -457,7 +457,7 @@ pub(crate) async fn check_listen_notify(backend: &EnhancedPostgresBackend, liste
     };
     assert_eq!(witness.recv().await.unwrap(), "new_data_available");
     // Wait until the snippet's listener is set up (its LISTEN answered), then notify it.
-    let admin = support::raw(&support::url()).await;
+    let admin = support::raw(listen_url).await;
     let start = std::time::Instant::now();
     let pid: i32 = loop {
         let row = admin
@@ -490,7 +490,7 @@ pub(crate) async fn check_listen_notify(backend: &EnhancedPostgresBackend, liste
     assert_eq!(witness.recv().await.unwrap(), "second");
     // Its loop runs until recv() reports an error: a dropped connection is one (reported
     // once after reconnecting), so terminating the session ends the snippet cleanly.
-    crate::coordination::terminate(pid).await;
+    crate::coordination::terminate_on(listen_url, pid).await;
     tokio::time::timeout(Duration::from_secs(30), snippet)
         .await
         .expect("the loop ends on the reported gap")

@@ -99,8 +99,15 @@ impl EnhancedPostgresBackend {
             &config.application_name,
         )?;
         connector.require_writable();
-        let layout = migrate(&connector, &names, config.partitioning.as_ref()).await?;
-        names.windowed = layout.windowed();
+        let migrated = migrate(
+            &connector,
+            &names,
+            config.partitioning.as_ref(),
+            config.citus.as_ref(),
+        )
+        .await?;
+        names.windowed = migrated.layout.windowed();
+        names.distributed = migrated.distributed;
         // Session features: on the session URL when there is one, else on the primary's,
         // unless that goes through PgBouncer's transaction pooling.
         let lock_connector = match &valid.session {

@@ -15,7 +15,7 @@ use crate::state::error::{StateError, StateResult};
 use crate::state::ident::Ident;
 use crate::state::names::TableNames;
 use crate::state::ops::StateEntry;
-use crate::state::statements::{upsert, ENTRY_COLUMNS};
+use crate::state::statements::{upsert, ENTRY_COLUMNS, EXPIRED_NOW};
 use crate::state::store::Store;
 
 /// `archive_table` as a quoted name in the backend's schema: a plain identifier (letters,
@@ -119,8 +119,8 @@ pub(crate) async fn restore(store: &Store, archive_table: &str, key: &[u8]) -> S
         &["key", "value", "metadata", "created_at", "expires_at"],
         true,
         "value = EXCLUDED.value, metadata = EXCLUDED.metadata, created_at = EXCLUDED.created_at, \
-         expires_at = EXCLUDED.expires_at, updated_at = now(), version = e.version + 1",
-        " WHERE e.expires_at IS NOT NULL AND e.expires_at <= now() RETURNING version",
+         expires_at = EXCLUDED.expires_at, updated_at = EXCLUDED.updated_at, version = e.version + 1",
+        &format!(" WHERE e.expires_at IS NOT NULL AND {EXPIRED_NOW} RETURNING version"),
     );
     let forget =
         format!("DELETE FROM {archive} WHERE key = $1 AND archived_at = $2 AND version = $3");

@@ -57,55 +57,70 @@ struct Cursor {
 struct Plan {
     /// `$1` limit, `$2` cursor key, `$3` cursor expiry (text), `$4` window end (bytea or
     /// NULL), `$5` age in seconds: returns `key` and, for expired rows, `expires_at::text`, in
-    /// walk order, row-locked.
+    /// walk order, row-locked (unless the table is distributed).
     victims: String,
     /// Walks by key first find the end of the next window: `$1` cursor key, `$2` window size.
     window: Option<String>,
-    /// `$1` the victims' keys: removes them, returns (count, highest version).
+    /// `$1` the victims' keys, `$2` age in seconds: removes those that still qualify, returns
+    /// (count, highest version).
     remove: String,
     age: f64,
 }
 
 fn plan(names: &TableNames, sweep: &Sweep) -> Plan {
     let t = &names.qualified;
+    // Citus cannot lock rows of a multi-shard query: on a distributed table the victims are
+    // picked unlocked, and the removal checks each one again (a row written meanwhile no
+    // longer qualifies and stays).
+    let lock = if names.distributed {
+        ""
+    } else {
+        " FOR UPDATE SKIP LOCKED"
+    };
+    let aged = "updated_at < now() - $5::float8 * interval '1 second'";
+    let live = "(expires_at IS NULL OR expires_at > now())";
     let by_key = |extra: &str| {
         format!(
             "SELECT key, NULL::text FROM {t} WHERE key > $2 AND ($4::bytea IS NULL OR key <= $4) \
-             AND updated_at < now() - $5::float8 * interval '1 second' {extra} \
-             ORDER BY key LIMIT $1 FOR UPDATE SKIP LOCKED"
+             AND {aged} {extra} ORDER BY key LIMIT $1{lock}"
         )
     };
     let window = format!("SELECT key FROM {t} WHERE key > $1 ORDER BY key OFFSET $2 - 1 LIMIT 1");
-    let delete = format!(
-        "WITH gone AS (DELETE FROM {t} WHERE key = ANY($1) RETURNING version) \
-         SELECT count(*)::bigint, coalesce(max(version), 0)::bigint FROM gone"
-    );
+    // `$1` the victims' keys, `$2` the age in seconds (for the check again).
+    let delete = |recheck: &str| {
+        format!(
+            "WITH gone AS (DELETE FROM {t} WHERE key = ANY($1) AND {} RETURNING version) \
+             SELECT count(*)::bigint, coalesce(max(version), 0)::bigint FROM gone",
+            recheck.replace("$5", "$2")
+        )
+    };
     match sweep {
         Sweep::Expired => Plan {
             victims: format!(
                 "SELECT key, expires_at::text AS expiry FROM {t} WHERE expires_at <= now() \
                  AND (expires_at, key) > (coalesce($3::text::timestamptz, '-infinity'), $2) \
-                 ORDER BY expires_at, key LIMIT $1 FOR UPDATE SKIP LOCKED"
+                 ORDER BY expires_at, key LIMIT $1{lock}"
             ),
             window: None,
-            remove: delete,
+            remove: delete("expires_at <= now() AND $2::float8 IS NOT NULL"),
             age: 0.0,
         },
         Sweep::OlderThan(age) => Plan {
             victims: by_key(""),
             window: Some(window),
-            remove: delete,
+            remove: delete(aged),
             age: age.as_secs_f64(),
         },
         Sweep::Archive(age, archive) => Plan {
             // Only live entries are archived: expired ones and tombstones are cleanup's.
-            victims: by_key("AND (expires_at IS NULL OR expires_at > now())"),
+            victims: by_key(&format!("AND {live}")),
             window: Some(window),
             remove: format!(
-                "WITH moved AS (DELETE FROM {t} WHERE key = ANY($1) RETURNING *), \
+                "WITH moved AS (DELETE FROM {t} WHERE key = ANY($1) AND {} AND {live} RETURNING *), \
                  kept AS (INSERT INTO {archive} ({COLUMNS}) SELECT {COLUMNS} FROM moved \
                           RETURNING version) \
-                 SELECT count(*)::bigint, coalesce(max(version), 0)::bigint FROM kept"
+                 SELECT count(*)::bigint, coalesce(max(version), 0)::bigint FROM kept",
+                aged.replace("$5", "$2")
             ),
             age: age.as_secs_f64(),
         },
@@ -246,7 +261,10 @@ async fn batch(
                 Err(e) => return Err(e.into()),
             }
             let row = tx
-                .query_typed_one(&plan.remove, &[(&keys, Type::BYTEA_ARRAY)])
+                .query_typed_one(
+                    &plan.remove,
+                    &[(&keys, Type::BYTEA_ARRAY), (&plan.age, Type::FLOAT8)],
+                )
                 .await?;
             let removed: i64 = row.try_get(0)?;
             let highest: i64 = row.try_get(1)?;

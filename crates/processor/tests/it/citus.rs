@@ -1,0 +1,221 @@
+//! Scale-out on Citus: the state table distributed by key over a coordinator's workers. Runs
+//! when the `citus` extension is installed (README: Scaling out); reported as skipped
+//! otherwise.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgstate_testcluster::{citus_installed, Cluster, ClusterOptions};
+use processor::state::{
+    CitusLayout, EnhancedPostgresBackend, EnhancedPostgresConfig, ErrorKind, IsolationLevel,
+    PartitionStrategy, StateBackend,
+};
+
+use crate::{conformance, seed, support};
+
+const SHARDS: u32 = 8;
+
+/// A coordinator with two workers, or `None` (the test reported as skipped) without Citus.
+async fn citus(test: &str) -> Option<Cluster> {
+    if !citus_installed() {
+        support::skip(
+            test,
+            "the citus extension is not installed (README: Scaling out)",
+        );
+        return None;
+    }
+    let cluster = tokio::task::spawn_blocking(|| {
+        Cluster::start(ClusterOptions {
+            replicas: 0,
+            tls: false,
+            citus_workers: 2,
+            ..ClusterOptions::default()
+        })
+    })
+    .await
+    .unwrap()
+    .expect("a Citus coordinator and two workers");
+    Some(cluster)
+}
+
+fn config(cluster: &Cluster, schema: &str, shards: u32) -> EnhancedPostgresConfig {
+    EnhancedPostgresConfig::new(format!("{}?sslmode=disable", cluster.primary_url()))
+        .with_schema(schema)
+        .with_citus(CitusLayout {
+            shard_count: shards,
+        })
+}
+
+#[tokio::test]
+async fn every_operation_works_on_a_table_distributed_over_two_workers() {
+    let Some(cluster) =
+        citus("citus::every_operation_works_on_a_table_distributed_over_two_workers").await
+    else {
+        return;
+    };
+    let cfg = config(&cluster, "citus_state", SHARDS);
+    let b = Arc::new(EnhancedPostgresBackend::new(cfg.clone()).await.unwrap());
+    let table = b.table().to_string();
+    let admin = support::raw(&format!("{}?sslmode=disable", cluster.primary_url())).await;
+    let shards: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM citus_shards WHERE table_name = $1::text::regclass",
+            &[&table],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(shards, i64::from(SHARDS));
+
+    conformance::run(b.clone(), b.as_ref()).await;
+    b.clear().await.unwrap();
+    conformance::run_enhanced(&b).await;
+    b.clear().await.unwrap();
+    seed::key_value_snippets(&b).await;
+    let (acquired, got_guard, is_leader) = seed::distributed_coordination(&b).await.unwrap();
+    assert!(acquired && got_guard && is_leader);
+    seed::check_listen_notify(&b, &format!("{}?sslmode=disable", cluster.primary_url())).await;
+
+    // A version is never reused: not after a delete, nor after cleanup removed the tombstone.
+    b.put(b"v", b"1").await.unwrap();
+    let (_, first) = b.get_with_version(b"v").await.unwrap().unwrap();
+    b.delete(b"v").await.unwrap();
+    b.cleanup_expired().await.unwrap();
+    b.put(b"v", b"2").await.unwrap();
+    let (_, again) = b.get_with_version(b"v").await.unwrap().unwrap();
+    assert!(again > first + 1, "{again} after {first}");
+
+    // Transactions, with a savepoint, at every isolation level.
+    for level in [
+        IsolationLevel::ReadCommitted,
+        IsolationLevel::RepeatableRead,
+        IsolationLevel::Serializable,
+    ] {
+        let mut tx = b.begin_transaction(level).await.unwrap();
+        tx.put(b"tx:a", b"1").await.unwrap();
+        tx.savepoint("s").await.unwrap();
+        tx.put(b"tx:b", b"1").await.unwrap();
+        tx.rollback_to_savepoint("s").await.unwrap();
+        assert_eq!(tx.get(b"tx:a").await.unwrap(), Some(b"1".to_vec()));
+        tx.commit().await.unwrap();
+        assert!(b.contains(b"tx:a").await.unwrap());
+        assert!(!b.contains(b"tx:b").await.unwrap());
+        b.delete(b"tx:a").await.unwrap();
+    }
+
+    // Batches and COPY: into keys none of which exist (direct COPY), then over them.
+    let rows: Vec<(Vec<u8>, Vec<u8>)> = (0..2_000)
+        .map(|i| {
+            (
+                format!("row:{i:05}").into_bytes(),
+                format!("{i}").into_bytes(),
+            )
+        })
+        .collect();
+    let refs: Vec<(&[u8], &[u8])> = rows
+        .iter()
+        .map(|(k, v)| (k.as_slice(), v.as_slice()))
+        .collect();
+    assert_eq!(b.batch_copy(&refs).await.unwrap(), 2_000);
+    assert_eq!(b.batch_copy(&refs[..500]).await.unwrap(), 500);
+    b.batch_put(&refs[1_000..]).await.unwrap();
+    assert_eq!(b.list_keys(b"row:").await.unwrap().len(), 2_000);
+    assert_eq!(b.get(b"row:01999").await.unwrap(), Some(b"1999".to_vec()));
+
+    // Rows on both workers; a single-key read is one task on one shard.
+    let per_worker = admin
+        .query(
+            &format!(
+                "SELECT s.nodeport, sum(r.result::bigint)::bigint \
+                 FROM run_command_on_shards('{table}', 'SELECT count(*) FROM %s') r \
+                 JOIN citus_shards s ON s.shardid = r.shardid GROUP BY s.nodeport"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(per_worker.len(), 2, "shards on two workers");
+    for row in &per_worker {
+        let rows: i64 = row.get(1);
+        assert!(rows > 100, "every worker holds rows: {rows}");
+    }
+    let plan: Vec<String> = admin
+        .query(
+            &format!("EXPLAIN SELECT value FROM {table} WHERE key = 'row:00042'"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let plan = plan.join("\n");
+    assert!(plan.contains("Task Count: 1"), "{plan}");
+
+    // Checkpoints, retention and archive.
+    let checkpoint = b.create_checkpoint("before").await.unwrap();
+    b.put(b"row:00001", b"changed").await.unwrap();
+    b.restore_checkpoint(checkpoint.id).await.unwrap();
+    assert_eq!(b.get(b"row:00001").await.unwrap(), Some(b"1".to_vec()));
+    seed::data_management(&b).await.unwrap();
+    b.put_with_ttl(b"short", b"x", Duration::from_millis(1))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(b.apply_retention_policy().await.unwrap() >= 1);
+    let live = u64::try_from(b.count().await.unwrap()).unwrap();
+    assert!(live >= 2_000);
+    assert_eq!(
+        b.archive_old_data("old_rows", Duration::ZERO)
+            .await
+            .unwrap(),
+        live
+    );
+    assert_eq!(b.count().await.unwrap(), 0);
+    assert!(b.restore_archived("old_rows", b"row:00007").await.unwrap());
+    assert_eq!(b.get(b"row:00007").await.unwrap(), Some(b"7".to_vec()));
+
+    // A second backend with the same layout starts on the table; another shard count is refused.
+    EnhancedPostgresBackend::new(cfg).await.unwrap();
+    let err = EnhancedPostgresBackend::new(config(&cluster, "citus_state", SHARDS * 2))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Configuration, "{err}");
+    assert!(err.to_string().contains("8 shards"), "{err}");
+}
+
+/// Without the extension, `with_citus` is a clear configuration error and nothing is created;
+/// with partitioning, it is refused before connecting.
+#[tokio::test]
+async fn with_citus_needs_the_extension_and_no_partitioning() {
+    let cfg = support::config("nocitus").with_citus(CitusLayout::default());
+    let schema = cfg.schema().to_string();
+    let err = EnhancedPostgresBackend::new(cfg).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Configuration, "{err}");
+    assert!(err.to_string().contains("no citus extension"), "{err}");
+    let admin = support::raw(&support::url()).await;
+    let exists: bool = admin
+        .query_one(
+            "SELECT count(*) > 0 FROM pg_namespace WHERE nspname = $1",
+            &[&schema],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!exists, "the failed start left nothing behind");
+
+    let err = EnhancedPostgresBackend::new(
+        support::config("citus_parts")
+            .with_citus(CitusLayout::default())
+            .with_partitioning(PartitionStrategy::Hash { partitions: 4 }),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Configuration, "{err}");
+    let err = EnhancedPostgresBackend::new(
+        support::config("citus_zero").with_citus(CitusLayout { shard_count: 0 }),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Configuration, "{err}");
+}

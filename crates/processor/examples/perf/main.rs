@@ -16,6 +16,8 @@
 //! - `BENCH_ONLY=get,put,bulk`: only these workloads (`bulk`: the bulk load); implies
 //!   `BENCH_NO_WRITE=1`.
 //! - `BENCH_NO_WRITE=1`: print only.
+//! - `BENCH_CITUS=1`: on a Citus coordinator with two workers (the `citus` extension must be
+//!   installed), the state table distributed by key; implies `BENCH_NO_WRITE=1`.
 //!
 //! The server runs with `fsync = on` and `synchronous_commit = on` for both sides.
 
@@ -29,7 +31,7 @@ use std::time::Instant;
 
 use pgstate_testcluster::{Cluster, ClusterOptions};
 use processor::state::{
-    EnhancedPostgresBackend, EnhancedPostgresConfig, PostgresPoolConfig, StateBackend,
+    CitusLayout, EnhancedPostgresBackend, EnhancedPostgresConfig, PostgresPoolConfig, StateBackend,
 };
 
 use crate::drive::{drive, Sample};
@@ -70,25 +72,30 @@ async fn main() -> anyhow::Result<()> {
         .ok()
         .map(|s| s.split(',').map(|w| w.trim().to_string()).collect());
 
+    let citus = std::env::var("BENCH_CITUS").is_ok_and(|v| v == "1");
     eprintln!("starting a throwaway PostgreSQL ...");
     let cluster = Cluster::start(ClusterOptions {
         replicas: 0,
         tls: false,
+        citus_workers: if citus { 2 } else { 0 },
         ..ClusterOptions::default()
     })?;
-    cluster.psql(0, "ALTER SYSTEM SET fsync = on")?;
-    cluster.psql(0, "SELECT pg_reload_conf()")?;
+    for node in 0..cluster.nodes().len() {
+        cluster.psql(node, "ALTER SYSTEM SET fsync = on")?;
+        cluster.psql(node, "SELECT pg_reload_conf()")?;
+    }
     let url = format!("{}?sslmode=disable", cluster.primary_url());
-    let backend = EnhancedPostgresBackend::new(
-        EnhancedPostgresConfig::new(url.clone())
-            .with_schema("bench")
-            .with_pool_config(PostgresPoolConfig {
-                min_connections: CONNECTIONS,
-                max_connections: CONNECTIONS,
-                ..PostgresPoolConfig::default()
-            }),
-    )
-    .await?;
+    let mut config = EnhancedPostgresConfig::new(url.clone())
+        .with_schema("bench")
+        .with_pool_config(PostgresPoolConfig {
+            min_connections: CONNECTIONS,
+            max_connections: CONNECTIONS,
+            ..PostgresPoolConfig::default()
+        });
+    if citus {
+        config = config.with_citus(CitusLayout::default());
+    }
+    let backend = EnhancedPostgresBackend::new(config).await?;
     let table = backend.table().to_string();
     {
         let k = key(0);
@@ -162,7 +169,7 @@ async fn main() -> anyhow::Result<()> {
     if only.as_ref().is_none_or(|o| o.iter().any(|n| n == "bulk")) {
         report.bulk = Some(bulk(&backend, &cluster, &url, &table).await?);
     }
-    report.print_and_write(only.is_none())?;
+    report.print_and_write(only.is_none() && !citus)?;
     Ok(())
 }
 
@@ -188,8 +195,9 @@ async fn load(
     cluster.psql(
         0,
         &format!(
-            "UPDATE {table} SET metadata = jsonb_build_object('group', \
-             right(convert_from(key, 'UTF8'), 8)::int % {}) \
+            // Immutable functions only (Citus refuses others with column references).
+            "UPDATE {table} SET metadata = ('{{\"group\": ' || \
+             (right(encode(key, 'escape'), 8)::int % {})::text || '}}')::jsonb \
              WHERE key >= 'meta:'::bytea AND key < 'meta;'::bytea",
             META_KEYS / 10
         ),

@@ -17,8 +17,8 @@ const PGBENCH_KEY: &str = "convert_to('key:' || lpad(:k::text, 8, '0'), 'UTF8')"
 const LIVE: &str = "(expires_at IS NULL OR expires_at > now())";
 /// What the backend's upsert sets on an existing row.
 const REPLACE: &str = "value = EXCLUDED.value, metadata = EXCLUDED.metadata, \
-    expires_at = EXCLUDED.expires_at, updated_at = now(), version = e.version + 1, \
-    created_at = CASE WHEN e.expires_at <= now() THEN now() ELSE e.created_at END";
+    expires_at = EXCLUDED.expires_at, updated_at = EXCLUDED.updated_at, version = e.version + 1, \
+    created_at = CASE WHEN e.expires_at <= EXCLUDED.updated_at THEN EXCLUDED.created_at ELSE e.created_at END";
 
 /// The backend's get, with `$1` the key.
 pub fn get_sql(table: &str) -> String {

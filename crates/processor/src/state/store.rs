@@ -441,6 +441,12 @@ impl Store {
             metadata: metadata.clone(),
             ttl_us,
         };
+        // On a Citus table a multi-row upsert goes through the coordinator (measured: 182
+        // puts/s at 32 tasks against 2514 for plain single-row upserts); each put goes to
+        // its shard on its own.
+        if self.names.distributed {
+            return alone().await;
+        }
         match self.coalescer.admit(entry) {
             Admission::Alone(slot) => {
                 let result = alone().await;

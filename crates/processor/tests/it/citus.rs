@@ -3,6 +3,8 @@
 //! otherwise.
 
 use std::sync::Arc;
+
+use futures_util::TryStreamExt;
 use std::time::Duration;
 
 use pgstate_testcluster::{citus_installed, Cluster, ClusterOptions};
@@ -120,7 +122,31 @@ async fn every_operation_works_on_a_table_distributed_over_two_workers() {
     assert_eq!(b.batch_copy(&refs[..500]).await.unwrap(), 500);
     b.batch_put(&refs[1_000..]).await.unwrap();
     assert_eq!(b.list_keys(b"row:").await.unwrap().len(), 2_000);
+    // A scan over every shard comes back whole and in key order.
+    let scanned: Vec<Vec<u8>> = b
+        .scan(b"row:")
+        .map_ok(|e| e.key)
+        .try_collect()
+        .await
+        .unwrap();
+    let expected: Vec<Vec<u8>> = rows.iter().map(|(k, _)| k.clone()).collect();
+    assert_eq!(scanned, expected);
     assert_eq!(b.get(b"row:01999").await.unwrap(), Some(b"1999".to_vec()));
+
+    // Concurrent puts each go to their shard: none is coalesced into a multi-row upsert
+    // (which Citus would run through the coordinator).
+    let puts = (0..64).map(|i| {
+        let b = b.clone();
+        tokio::spawn(async move {
+            let k = format!("burst:{i:03}");
+            b.put(k.as_bytes(), k.as_bytes()).await.unwrap();
+        })
+    });
+    for p in futures_util::future::join_all(puts).await {
+        p.unwrap();
+    }
+    assert_eq!(b.get_stats().coalesced_puts, 0);
+    assert_eq!(b.list_keys(b"burst:").await.unwrap().len(), 64);
 
     // Rows on both workers; a single-key read is one task on one shard.
     let per_worker = admin
@@ -174,6 +200,14 @@ async fn every_operation_works_on_a_table_distributed_over_two_workers() {
     assert_eq!(b.count().await.unwrap(), 0);
     assert!(b.restore_archived("old_rows", b"row:00007").await.unwrap());
     assert_eq!(b.get(b"row:00007").await.unwrap(), Some(b"7".to_vec()));
+
+    // Partitioning does not apply to a distributed table: refused, nothing touched.
+    let err = b
+        .migrate_to_partitioned(PartitionStrategy::Hash { partitions: 4 })
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Configuration, "{err}");
+    assert!(err.to_string().contains("distributed by Citus"), "{err}");
 
     // A second backend with the same layout starts on the table; another shard count is refused.
     EnhancedPostgresBackend::new(cfg).await.unwrap();

@@ -313,7 +313,7 @@ impl EnhancedPostgresBackend {
     /// backends would need a restart); a table with what would not carry over (triggers, rules,
     /// row level security, column privileges, identity or generated columns, inheritance,
     /// publications, views with options, materialized views, foreign keys to or from it); a
-    /// connection through PgBouncer's
+    /// table Citus distributes; a connection through PgBouncer's
     /// transaction pooling. A failure before the swap leaves the table as it was; a cancelled
     /// run leaves its copy and trigger to the next run, which starts over. Waits up to the
     /// operation timeout for a cleanup pass on the table to finish.

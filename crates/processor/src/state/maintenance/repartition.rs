@@ -61,6 +61,12 @@ pub(crate) async fn repartition(
         )));
     }
     let names = &store.names;
+    if names.distributed {
+        return Err(StateError::config(format!(
+            "{} is distributed by Citus, which shards it already: partitioning does not apply",
+            names.qualified
+        )));
+    }
     if store.primary.transaction_pooling() {
         // Its session settings would outlive it on a server connection PgBouncer shares.
         return Err(StateError::config(

@@ -143,6 +143,9 @@ impl Cluster {
     /// Starts a primary and `opts.replicas` streaming replicas, and waits until every replica
     /// streams.
     pub fn start(opts: ClusterOptions) -> Result<Cluster> {
+        if opts.citus_workers > 0 && opts.replicas > 0 {
+            return err("a Citus cluster (citus_workers) takes no streaming replicas");
+        }
         let bindir = find_bindir()?;
         let run_as = server_user()?;
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -206,7 +209,7 @@ impl Cluster {
         self.url(0)
     }
 
-    /// URLs of the replicas.
+    /// URLs of the nodes after the primary: its replicas (a Citus cluster's workers).
     pub fn replica_urls(&self) -> Vec<String> {
         (1..self.nodes.len()).map(|i| self.url(i)).collect()
     }

@@ -38,6 +38,7 @@ mod pool;
 mod retry;
 mod router;
 mod schema;
+mod settings;
 mod statements;
 mod stats;
 mod store;

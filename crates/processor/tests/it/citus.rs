@@ -20,6 +20,11 @@ const SHARDS: u32 = 8;
 /// A coordinator with two workers, or `None` (the test reported as skipped) without Citus.
 async fn citus(test: &str) -> Option<Cluster> {
     if !citus_installed() {
+        assert_ne!(
+            std::env::var("PGSTATE_REQUIRE_CITUS").as_deref(),
+            Ok("1"),
+            "PGSTATE_REQUIRE_CITUS=1, but the citus extension is not installed"
+        );
         support::skip(
             test,
             "the citus extension is not installed (README: Scaling out)",
@@ -43,6 +48,7 @@ async fn citus(test: &str) -> Option<Cluster> {
 fn config(cluster: &Cluster, schema: &str, shards: u32) -> EnhancedPostgresConfig {
     EnhancedPostgresConfig::new(format!("{}?sslmode=disable", cluster.primary_url()))
         .with_schema(schema)
+        .with_operation_timeout(Duration::from_secs(10))
         .with_citus(CitusLayout {
             shard_count: shards,
         })
@@ -178,11 +184,38 @@ async fn every_operation_works_on_a_table_distributed_over_two_workers() {
     let plan = plan.join("\n");
     assert!(plan.contains("Task Count: 1"), "{plan}");
 
+    // A row held by a writer that takes no floor lock (put_with_version in an open
+    // transaction) does not stall the table: the archive's delete on the worker gives up
+    // after its lock timeout and lets go of the floor lock, so a put of a new key (which
+    // takes the floor lock shared) goes through while the transaction is still open.
+    let (_, held) = b.get_with_version(b"row:00003").await.unwrap().unwrap();
+    let mut tx = b.begin().await.unwrap();
+    tx.put_with_version(b"row:00003", b"held", Some(held))
+        .await
+        .unwrap();
+    let archiving = {
+        let b = b.clone();
+        tokio::spawn(async move { b.archive_old_data("held_rows", Duration::ZERO).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    b.put(b"fresh:key", b"1")
+        .await
+        .expect("a put goes through while cleanup meets a held row");
+    tx.commit().await.unwrap();
+    let moved = archiving.await.unwrap().unwrap();
+    assert!(moved >= 2_000, "{moved}");
+    assert!(b.restore_archived("held_rows", b"row:00003").await.unwrap());
+    assert_eq!(b.get(b"row:00003").await.unwrap(), Some(b"held".to_vec()));
+    for (k, v) in &rows[5..15] {
+        assert!(b.restore_archived("held_rows", k).await.unwrap());
+        assert_eq!(b.get(k).await.unwrap().as_deref(), Some(v.as_slice()));
+    }
+
     // Checkpoints, retention and archive.
     let checkpoint = b.create_checkpoint("before").await.unwrap();
-    b.put(b"row:00001", b"changed").await.unwrap();
+    b.put(b"row:00005", b"changed").await.unwrap();
     b.restore_checkpoint(checkpoint.id).await.unwrap();
-    assert_eq!(b.get(b"row:00001").await.unwrap(), Some(b"1".to_vec()));
+    assert_eq!(b.get(b"row:00005").await.unwrap(), Some(b"5".to_vec()));
     seed::data_management(&b).await.unwrap();
     b.put_with_ttl(b"short", b"x", Duration::from_millis(1))
         .await
@@ -190,7 +223,7 @@ async fn every_operation_works_on_a_table_distributed_over_two_workers() {
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert!(b.apply_retention_policy().await.unwrap() >= 1);
     let live = u64::try_from(b.count().await.unwrap()).unwrap();
-    assert!(live >= 2_000);
+    assert!(live >= 10);
     assert_eq!(
         b.archive_old_data("old_rows", Duration::ZERO)
             .await

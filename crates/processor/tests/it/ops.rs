@@ -394,3 +394,32 @@ async fn session_settings_in_the_url_options_reach_the_server() {
     .unwrap_err();
     assert!(err.to_string().contains("does not allow writes"), "{err}");
 }
+
+/// An overwrite keeps the entry's creation time and moves its update time; a write after the
+/// entry expired starts it over (both times new). (Upserts take these times from the proposed
+/// row's defaults, as Citus needs.)
+#[tokio::test]
+async fn creation_time_is_kept_on_overwrite_and_new_after_expiry() {
+    let b = support::backend("created").await;
+    b.put(b"k", b"1").await.unwrap();
+    let first = b.get_entry(b"k").await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    b.put(b"k", b"2").await.unwrap();
+    let second = b.get_entry(b"k").await.unwrap().unwrap();
+    assert_eq!(second.created_at, first.created_at);
+    assert!(second.updated_at > first.updated_at);
+
+    b.put_with_ttl(b"k", b"3", Duration::from_millis(1))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(b.get(b"k").await.unwrap(), None, "expired");
+    b.put(b"k", b"4").await.unwrap();
+    let again = b.get_entry(b"k").await.unwrap().unwrap();
+    assert!(
+        again.created_at > second.updated_at,
+        "started over after expiry"
+    );
+    assert_eq!(again.created_at, again.updated_at);
+    assert!(again.version > second.version);
+}

@@ -17,6 +17,13 @@
 //!
 //! Writers wait at most for step 2's queueing and step 3 of a batch: one statement over at
 //! most `batch_size` rows.
+//!
+//! On a table Citus distributes, step 1 cannot lock rows (Citus refuses row locks in a
+//! multi-shard query): the victims are picked unlocked, and step 3's delete checks each again
+//! (a row written meanwhile no longer qualifies and stays). That delete runs on the workers,
+//! where the batch's 100 ms `lock_timeout` applies too (`citus.propagate_set_commands`): a
+//! victim row held by a writer makes the batch roll back and start over, as in step 2, so
+//! cleanup never holds the floor lock while it waits for a row.
 
 use std::time::Duration;
 
@@ -26,6 +33,7 @@ use tokio_postgres::IsolationLevel;
 use super::floor;
 use crate::state::error::{sqlstate, StateError, StateResult};
 use crate::state::names::TableNames;
+use crate::state::statements::LIVE;
 use crate::state::store::Store;
 
 /// What a sweep removes.
@@ -77,21 +85,21 @@ fn plan(names: &TableNames, sweep: &Sweep) -> Plan {
     } else {
         " FOR UPDATE SKIP LOCKED"
     };
-    let aged = "updated_at < now() - $5::float8 * interval '1 second'";
-    let live = "(expires_at IS NULL OR expires_at > now())";
+    // Not written for the age in parameter `$n` (seconds).
+    let aged = |n: usize| format!("updated_at < now() - ${n}::float8 * interval '1 second'");
     let by_key = |extra: &str| {
         format!(
             "SELECT key, NULL::text FROM {t} WHERE key > $2 AND ($4::bytea IS NULL OR key <= $4) \
-             AND {aged} {extra} ORDER BY key LIMIT $1{lock}"
+             AND {} {extra} ORDER BY key LIMIT $1{lock}",
+            aged(5)
         )
     };
     let window = format!("SELECT key FROM {t} WHERE key > $1 ORDER BY key OFFSET $2 - 1 LIMIT 1");
     // `$1` the victims' keys, `$2` the age in seconds (for the check again).
     let delete = |recheck: &str| {
         format!(
-            "WITH gone AS (DELETE FROM {t} WHERE key = ANY($1) AND {} RETURNING version) \
-             SELECT count(*)::bigint, coalesce(max(version), 0)::bigint FROM gone",
-            recheck.replace("$5", "$2")
+            "WITH gone AS (DELETE FROM {t} WHERE key = ANY($1) AND {recheck} RETURNING version) \
+             SELECT count(*)::bigint, coalesce(max(version), 0)::bigint FROM gone"
         )
     };
     match sweep {
@@ -102,25 +110,26 @@ fn plan(names: &TableNames, sweep: &Sweep) -> Plan {
                  ORDER BY expires_at, key LIMIT $1{lock}"
             ),
             window: None,
+            // (`$2` unused: no age.)
             remove: delete("expires_at <= now() AND $2::float8 IS NOT NULL"),
             age: 0.0,
         },
         Sweep::OlderThan(age) => Plan {
             victims: by_key(""),
             window: Some(window),
-            remove: delete(aged),
+            remove: delete(&aged(2)),
             age: age.as_secs_f64(),
         },
         Sweep::Archive(age, archive) => Plan {
             // Only live entries are archived: expired ones and tombstones are cleanup's.
-            victims: by_key(&format!("AND {live}")),
+            victims: by_key(&format!("AND {LIVE}")),
             window: Some(window),
             remove: format!(
-                "WITH moved AS (DELETE FROM {t} WHERE key = ANY($1) AND {} AND {live} RETURNING *), \
+                "WITH moved AS (DELETE FROM {t} WHERE key = ANY($1) AND {} AND {LIVE} RETURNING *), \
                  kept AS (INSERT INTO {archive} ({COLUMNS}) SELECT {COLUMNS} FROM moved \
                           RETURNING version) \
                  SELECT count(*)::bigint, coalesce(max(version), 0)::bigint FROM kept",
-                aged.replace("$5", "$2")
+                aged(2)
             ),
             age: age.as_secs_f64(),
         },
@@ -245,6 +254,11 @@ async fn batch(
                 .collect::<Result<_, _>>()?;
             // Queued, but only for a moment: writers arriving meanwhile wait behind this
             // request, for at most FLOOR_LOCK_WAIT plus the batch's one statement.
+            if names.distributed {
+                // The delete runs on the workers: let the lock timeout reach them.
+                tx.batch_execute("SET LOCAL citus.propagate_set_commands = 'local'")
+                    .await?;
+            }
             tx.batch_execute(&format!(
                 "SET LOCAL lock_timeout = {}",
                 FLOOR_LOCK_WAIT.as_millis()
@@ -260,12 +274,22 @@ async fn batch(
                 }
                 Err(e) => return Err(e.into()),
             }
-            let row = tx
+            let removed = tx
                 .query_typed_one(
                     &plan.remove,
                     &[(&keys, Type::BYTEA_ARRAY), (&plan.age, Type::FLOAT8)],
                 )
-                .await?;
+                .await;
+            let row = match removed {
+                Ok(row) => row,
+                // Unlocked victims (a distributed table): a writer holds one of them. Let go
+                // of the floor lock and pick again.
+                Err(e) if e.code().map(|c| c.code()) == Some(sqlstate::LOCK_NOT_AVAILABLE) => {
+                    tx.rollback().await?;
+                    return Ok(None);
+                }
+                Err(e) => return Err(e.into()),
+            };
             let removed: i64 = row.try_get(0)?;
             let highest: i64 = row.try_get(1)?;
             if removed > 0 {

@@ -83,6 +83,10 @@ async fn every_operation_works_on_a_table_distributed_over_two_workers() {
     let (acquired, got_guard, is_leader) = seed::distributed_coordination(&b).await.unwrap();
     assert!(acquired && got_guard && is_leader);
     seed::check_listen_notify(&b, &format!("{}?sslmode=disable", cluster.primary_url())).await;
+    // The quick start, verbatim, on the coordinator (its own table, in `public`).
+    seed::quick_start(format!("{}?sslmode=disable", cluster.primary_url()))
+        .await
+        .unwrap();
 
     // A version is never reused: not after a delete, nor after cleanup removed the tombstone.
     b.put(b"v", b"1").await.unwrap();

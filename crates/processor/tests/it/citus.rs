@@ -175,17 +175,11 @@ async fn every_operation_works_on_a_table_distributed_over_two_workers() {
         let rows: i64 = row.get(1);
         assert!(rows > 100, "every worker holds rows: {rows}");
     }
-    let plan: Vec<String> = admin
-        .query(
-            &format!("EXPLAIN SELECT value FROM {table} WHERE key = 'row:00042'"),
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let plan = plan.join("\n");
+    let plan = support::text_lines(
+        &admin,
+        &format!("EXPLAIN SELECT value FROM {table} WHERE key = 'row:00042'"),
+    )
+    .await;
     assert!(plan.contains("Task Count: 1"), "{plan}");
 
     // A row held by a writer that takes no floor lock (put_with_version in an open

@@ -89,20 +89,14 @@ async fn a_list_partitioned_table_passes_the_conformance_suite_and_every_operati
     let users = b.list_keys(b"user:").await.unwrap();
     assert!(users.contains(&b"user:7".to_vec()) && users.iter().all(|k| k.starts_with(b"user:")));
     // A prefix scan of a listed prefix reads its partition only.
-    let plan: Vec<String> = admin
-        .query(
-            &format!(
-                "EXPLAIN (COSTS OFF) SELECT key FROM {} WHERE key >= 'user:' AND key < 'user;'",
-                b.table()
-            ),
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let plan = plan.join("\n");
+    let plan = support::text_lines(
+        &admin,
+        &format!(
+            "EXPLAIN (COSTS OFF) SELECT key FROM {} WHERE key >= 'user:' AND key < 'user;'",
+            b.table()
+        ),
+    )
+    .await;
     assert!(plan.contains("state_entries_p2"), "{plan}");
     assert!(
         !plan.contains("state_entries_p0") && !plan.contains("pdefault"),

@@ -114,6 +114,18 @@ pub async fn raw(url: &str) -> tokio_postgres::Client {
     client
 }
 
+/// The first column of every row `sql` returns, one line each (EXPLAIN output).
+pub async fn text_lines(client: &tokio_postgres::Client, sql: &str) -> String {
+    client
+        .query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Creates an empty database and returns its URL.
 pub async fn fresh_database(tag: &str) -> String {
     let name = unique(tag);

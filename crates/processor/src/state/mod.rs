@@ -26,6 +26,7 @@ mod enhanced;
 mod error;
 mod groups;
 mod ident;
+mod latency;
 pub mod limits;
 mod maintenance;
 mod memory;
@@ -63,6 +64,7 @@ pub use coordination::{
 pub use enhanced::EnhancedPostgresBackend;
 pub use error::{sqlstate, ErrorKind, StateError, StateResult};
 pub use ident::{Ident, MAX_IDENT_LEN, MAX_TABLE_NAME_LEN};
+pub use latency::OpLatency;
 pub use maintenance::{
     CheckpointInfo, DroppedPartition, PartitionStatistics, RepartitionReport, RetentionReport,
     TableStatistics, EXACT_COUNT_LIMIT, MAX_CHECKPOINT_NAME_LEN,

@@ -3,6 +3,8 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use crate::state::latency::{Histogram, OpLatency};
+
 /// The operations the backend counts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Op {
@@ -18,6 +20,23 @@ pub(crate) enum Op {
 }
 
 impl Op {
+    /// Every kind, in the order of [`Stats`]'s histograms.
+    const ALL: [Op; 9] = [
+        Op::Get,
+        Op::Put,
+        Op::Delete,
+        Op::Scan,
+        Op::Count,
+        Op::Clear,
+        Op::Batch,
+        Op::Copy,
+        Op::Query,
+    ];
+
+    fn index(self) -> usize {
+        Op::ALL.iter().position(|o| *o == self).unwrap_or(0)
+    }
+
     fn name(self) -> &'static str {
         match self {
             Op::Get => "get",
@@ -61,6 +80,8 @@ pub(crate) struct Stats {
     notifications_sent: AtomicU64,
     coalesced_puts: AtomicU64,
     coalesced_gets: AtomicU64,
+    /// Durations by operation kind (indexed by `Op::index`).
+    latency: [Histogram; 9],
 }
 
 /// Coordination events the backend counts.
@@ -119,6 +140,7 @@ impl Stats {
         let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         self.total_query_us.fetch_add(us, Relaxed);
         self.max_query_us.fetch_max(us, Relaxed);
+        self.latency[op.index()].record(us);
         if us >= self.slow_threshold_us {
             self.slow_queries.fetch_add(1, Relaxed);
             tracing::warn!(
@@ -218,7 +240,30 @@ impl Stats {
             primary_reads: 0,
             replica_reads: 0,
             read_failovers: 0,
+            latencies: self.latencies(),
         }
+    }
+
+    /// Percentiles of every kind of operation timed at least once.
+    fn latencies(&self) -> Vec<OpLatency> {
+        Op::ALL
+            .iter()
+            .filter_map(|op| {
+                let h = &self.latency[op.index()];
+                let count = h.count();
+                if count == 0 {
+                    return None;
+                }
+                let q = h.quantiles(&[0.5, 0.95, 0.99]);
+                Some(OpLatency {
+                    operation: op.name().to_string(),
+                    count,
+                    p50_us: q[0],
+                    p95_us: q[1],
+                    p99_us: q[2],
+                })
+            })
+            .collect()
     }
 }
 
@@ -287,4 +332,7 @@ pub struct BackendStats {
     pub replica_reads: u64,
     /// Reads that fell back to the primary because no replica qualified.
     pub read_failovers: u64,
+    /// Latency percentiles per kind of operation (only kinds that ran), timed from after the
+    /// connection was acquired, like `avg_query_duration_ms`.
+    pub latencies: Vec<OpLatency>,
 }

@@ -423,3 +423,35 @@ async fn creation_time_is_kept_on_overwrite_and_new_after_expiry() {
     assert_eq!(again.created_at, again.updated_at);
     assert!(again.version > second.version);
 }
+
+/// After N gets and M puts the statistics say N and M, and each kind has its latency
+/// percentiles, in order.
+#[tokio::test]
+async fn statistics_count_gets_and_puts_with_latency_percentiles() {
+    let b = support::backend("stats_counts").await;
+    let before = b.get_stats();
+    let timed = |s: &processor::state::BackendStats, op: &str| {
+        s.latencies
+            .iter()
+            .find(|l| l.operation == op)
+            .cloned()
+            .unwrap_or_default()
+    };
+    for i in 0..7 {
+        b.put(format!("k{i}").as_bytes(), b"v").await.unwrap();
+    }
+    for i in 0..11 {
+        b.get(format!("k{i}").as_bytes()).await.unwrap();
+    }
+    let after = b.get_stats();
+    assert_eq!(after.put_count - before.put_count, 7);
+    assert_eq!(after.get_count - before.get_count, 11);
+    for (op, n) in [("put", 7), ("get", 11)] {
+        let (was, now) = (timed(&before, op), timed(&after, op));
+        assert_eq!(now.count - was.count, n, "{op}");
+        assert!(
+            now.p50_us > 0 && now.p50_us <= now.p95_us && now.p95_us <= now.p99_us,
+            "{op}: {now:?}"
+        );
+    }
+}

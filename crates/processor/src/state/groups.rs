@@ -32,7 +32,7 @@ impl Store {
         }
         let start = Instant::now();
         if let Ok(Ok(Found::Value(value))) = tokio::time::timeout(self.op_timeout, reply).await {
-            self.stats.record(Op::Get, 1, start.elapsed(), true);
+            self.stats.record(Op::Get, 1, start.elapsed(), None);
             self.stats.coalesced(Op::Get);
             return Ok(value);
         }
@@ -112,7 +112,7 @@ impl Store {
         };
         match reply {
             Reply::Written { version, lsn } => {
-                self.stats.record(Op::Put, 1, start.elapsed(), true);
+                self.stats.record(Op::Put, 1, start.elapsed(), None);
                 self.stats.coalesced(Op::Put);
                 if let (Some(mark), Some(lsn)) = (mark, lsn) {
                     mark.learned(lsn);
@@ -128,7 +128,8 @@ impl Store {
                 bounded(left, alone()).await
             }
             Reply::Failed(e) => {
-                self.stats.record(Op::Put, 1, start.elapsed(), false);
+                self.stats
+                    .record(Op::Put, 1, start.elapsed(), Some(e.kind()));
                 Err(e)
             }
         }

@@ -3,7 +3,29 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use crate::state::error::{ErrorKind, StateError};
 use crate::state::latency::{Histogram, OpLatency};
+
+/// Every error kind, in the order of [`Stats`]'s error counters.
+const KINDS: [ErrorKind; 12] = [
+    ErrorKind::InvalidInput,
+    ErrorKind::Configuration,
+    ErrorKind::NotFound,
+    ErrorKind::Conflict,
+    ErrorKind::Transaction,
+    ErrorKind::Timeout,
+    ErrorKind::Connection,
+    ErrorKind::Tls,
+    ErrorKind::Permission,
+    ErrorKind::Serialization,
+    ErrorKind::Coordination,
+    ErrorKind::Storage,
+];
+
+/// The error kind of an operation's result, if it failed.
+pub(crate) fn failure<T>(result: &Result<T, StateError>) -> Option<ErrorKind> {
+    result.as_ref().err().map(StateError::kind)
+}
 
 /// The operations the backend counts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,6 +104,8 @@ pub(crate) struct Stats {
     coalesced_gets: AtomicU64,
     /// Durations by operation kind (indexed by `Op::index`).
     latency: [Histogram; 9],
+    /// Failed operations by error kind (in the order of `KINDS`).
+    errors_by_kind: [AtomicU64; 12],
 }
 
 /// Coordination events the backend counts.
@@ -121,8 +145,8 @@ impl Stats {
     }
 
     /// Records one finished operation: `rows` entries written for batches, `elapsed` measured
-    /// from after the connection was acquired.
-    pub fn record(&self, op: Op, rows: u64, elapsed: Duration, ok: bool) {
+    /// from after the connection was acquired, `error` its error's kind if it failed.
+    pub fn record(&self, op: Op, rows: u64, elapsed: Duration, error: Option<ErrorKind>) {
         match op {
             Op::Get => self.gets.fetch_add(1, Relaxed),
             Op::Put => self.puts.fetch_add(1, Relaxed),
@@ -134,8 +158,11 @@ impl Stats {
             Op::Scan | Op::Count | Op::Clear | Op::Query => 0,
         };
         self.queries.fetch_add(1, Relaxed);
-        if !ok {
+        if let Some(kind) = error {
             self.errors.fetch_add(1, Relaxed);
+            if let Some(i) = KINDS.iter().position(|k| *k == kind) {
+                self.errors_by_kind[i].fetch_add(1, Relaxed);
+            }
         }
         let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         self.total_query_us.fetch_add(us, Relaxed);
@@ -241,6 +268,12 @@ impl Stats {
             replica_reads: 0,
             read_failovers: 0,
             latencies: self.latencies(),
+            errors_by_kind: KINDS
+                .iter()
+                .zip(&self.errors_by_kind)
+                .map(|(k, n)| (*k, n.load(Relaxed)))
+                .filter(|(_, n)| *n > 0)
+                .collect(),
         }
     }
 
@@ -335,4 +368,6 @@ pub struct BackendStats {
     /// Latency percentiles per kind of operation (only kinds that ran), timed from after the
     /// connection was acquired, like `avg_query_duration_ms`.
     pub latencies: Vec<OpLatency>,
+    /// Failed operations by kind of error (only kinds seen); they add up to `error_count`.
+    pub errors_by_kind: Vec<(ErrorKind, u64)>,
 }

@@ -20,7 +20,7 @@ use crate::state::ops::{check_batch, MetadataQuery, StateEntry};
 use crate::state::pipeline::Point;
 use crate::state::pool::{bounded, ConnPool};
 use crate::state::router::{current_lsn, ReadTarget, Router};
-use crate::state::stats::{Op, Stats};
+use crate::state::stats::{failure, Op, Stats};
 
 /// The future of one read attempt (boxed: see [`Store::read`]).
 type ReadFuture<'a, T> =
@@ -171,7 +171,7 @@ impl Store {
                                 Ok(mut conn) => conn.run(|c| f(c, arg)).await,
                                 Err(e) => Err(e),
                             };
-                            self.stats.record(op, 1, start.elapsed(), result.is_ok());
+                            self.stats.record(op, 1, start.elapsed(), failure(&result));
                             return result;
                         }
                         ReadTarget::Replica {
@@ -209,7 +209,7 @@ impl Store {
                         .await
                     }
                 };
-                self.stats.record(op, 1, start.elapsed(), attempt.is_ok());
+                self.stats.record(op, 1, start.elapsed(), failure(&attempt));
                 match attempt {
                     Ok(Some(value)) => return Ok(value),
                     // Behind the session's floor: not a failure, the read goes elsewhere.
@@ -281,7 +281,7 @@ impl Store {
                 result = conn.run(|c| again(c)).await;
                 lsn = None;
             }
-            self.stats.record(op, rows, start.elapsed(), result.is_ok());
+            self.stats.record(op, rows, start.elapsed(), failure(&result));
             if let Some(mark) = mark {
                 match &result {
                     Ok(_) | Err(StateError::ConcurrentModification { .. }) => match lsn {

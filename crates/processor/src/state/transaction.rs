@@ -26,7 +26,7 @@ use crate::state::names::TableNames;
 use crate::state::ops::{check_batch, empty_object, MetadataQuery, StateEntry};
 use crate::state::pipeline::Point;
 use crate::state::pool::{bounded, ConnPool};
-use crate::state::stats::{Op, Stats, TxEvent};
+use crate::state::stats::{failure, Op, Stats, TxEvent};
 
 /// The future a [`transaction`](crate::state::EnhancedPostgresBackend::transaction) closure
 /// returns: boxed and `Send`, borrowing the transaction for its lifetime.
@@ -142,7 +142,7 @@ impl PostgresTransaction {
         }
         let start = Instant::now();
         let r = bounded(self.op_timeout, conn.run(|c| f(c))).await;
-        self.stats.record(op, rows, start.elapsed(), r.is_ok());
+        self.stats.record(op, rows, start.elapsed(), failure(&r));
         if let Err(e) = &r {
             self.note_error(e);
         }

@@ -455,3 +455,31 @@ async fn statistics_count_gets_and_puts_with_latency_percentiles() {
         );
     }
 }
+
+/// Failed operations are counted by kind of error, adding up to the error count.
+#[tokio::test]
+async fn statistics_count_errors_by_kind() {
+    let b = support::backend("stats_errors").await;
+    b.put(b"k", b"v").await.unwrap();
+    let (_, version) = b.get_with_version(b"k").await.unwrap().unwrap();
+    let before = b.get_stats();
+    for _ in 0..3 {
+        let e = b
+            .put_with_version(b"k", b"w", Some(version + 100))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), processor::state::ErrorKind::Conflict, "{e}");
+    }
+    let after = b.get_stats();
+    let conflicts = |s: &processor::state::BackendStats| {
+        s.errors_by_kind
+            .iter()
+            .find(|(k, _)| *k == processor::state::ErrorKind::Conflict)
+            .map_or(0, |(_, n)| *n)
+    };
+    assert_eq!(conflicts(&after) - conflicts(&before), 3);
+    assert_eq!(
+        after.errors_by_kind.iter().map(|(_, n)| n).sum::<u64>(),
+        after.error_count
+    );
+}

@@ -22,6 +22,24 @@ const KINDS: [ErrorKind; 12] = [
     ErrorKind::Storage,
 ];
 
+/// `kind`'s place in [`KINDS`] (a match, so a new kind cannot be left out).
+fn kind_index(kind: ErrorKind) -> usize {
+    match kind {
+        ErrorKind::InvalidInput => 0,
+        ErrorKind::Configuration => 1,
+        ErrorKind::NotFound => 2,
+        ErrorKind::Conflict => 3,
+        ErrorKind::Transaction => 4,
+        ErrorKind::Timeout => 5,
+        ErrorKind::Connection => 6,
+        ErrorKind::Tls => 7,
+        ErrorKind::Permission => 8,
+        ErrorKind::Serialization => 9,
+        ErrorKind::Coordination => 10,
+        ErrorKind::Storage => 11,
+    }
+}
+
 /// The error kind of an operation's result, if it failed.
 pub(crate) fn failure<T>(result: &Result<T, StateError>) -> Option<ErrorKind> {
     result.as_ref().err().map(StateError::kind)
@@ -160,9 +178,7 @@ impl Stats {
         self.queries.fetch_add(1, Relaxed);
         if let Some(kind) = error {
             self.errors.fetch_add(1, Relaxed);
-            if let Some(i) = KINDS.iter().position(|k| *k == kind) {
-                self.errors_by_kind[i].fetch_add(1, Relaxed);
-            }
+            self.errors_by_kind[kind_index(kind)].fetch_add(1, Relaxed);
         }
         let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         self.total_query_us.fetch_add(us, Relaxed);
@@ -370,4 +386,16 @@ pub struct BackendStats {
     pub latencies: Vec<OpLatency>,
     /// Failed operations by kind of error (only kinds seen); they add up to `error_count`.
     pub errors_by_kind: Vec<(ErrorKind, u64)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_kind_has_its_own_counter() {
+        for (i, k) in KINDS.iter().enumerate() {
+            assert_eq!(kind_index(*k), i, "{k:?}");
+        }
+    }
 }

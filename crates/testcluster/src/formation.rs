@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::tools::{chown_to, run_server_tool, runuser_prefix, server_user, spawn_cleanup};
+use crate::tools::{chown_to, psql, run_server_tool, runuser_prefix, server_user, spawn_cleanup};
 use crate::{err, find_bindir, free_port, Error, Result, User};
 
 /// A running formation. Dropping it stops every process and removes its files; if the process
@@ -101,20 +101,12 @@ impl Formation {
             "ALTER SYSTEM SET pgautofailover.primary_demote_timeout = 5000",
             "SELECT pg_reload_conf()",
         ] {
-            f.run_tool(
-                "psql",
-                &[
-                    "-X",
-                    "-q",
-                    "-p",
-                    &port,
-                    "-d",
-                    "pg_auto_failover",
-                    "-v",
-                    "ON_ERROR_STOP=1",
-                    "-c",
-                    sql,
-                ],
+            psql(
+                f.run_as.as_ref(),
+                &f.bindir,
+                &f.dir,
+                &["-p", &port, "-d", "pg_auto_failover"],
+                sql,
             )?;
         }
         let monitor_uri = format!(
@@ -333,13 +325,11 @@ impl Formation {
     /// Runs `sql` on the monitor's database with psql; its unaligned output.
     fn monitor_sql(&self, sql: &str) -> Result<String> {
         let port = self.monitor_port.to_string();
-        let out = self.run_tool(
-            "psql",
+        psql(
+            self.run_as.as_ref(),
+            &self.bindir,
+            &self.dir,
             &[
-                "-X",
-                "-q",
-                "-A",
-                "-t",
                 "-h",
                 "127.0.0.1",
                 "-p",
@@ -348,13 +338,9 @@ impl Formation {
                 "autoctl_node",
                 "-d",
                 "pg_auto_failover",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-c",
-                sql,
             ],
-        )?;
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+            sql,
+        )
     }
 
     /// Starts `pg_autoctl <args> --pgport <port> ... --run`: creates a monitor or node and

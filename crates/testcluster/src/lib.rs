@@ -221,28 +221,17 @@ impl Cluster {
 
     /// Runs SQL with `psql` on node `i` over its Unix socket and returns the unaligned output.
     pub fn psql(&self, i: usize, sql: &str) -> Result<String> {
-        let out = self.run_tool(
-            "psql",
+        let socket = self.dir.to_string_lossy();
+        let port = self.nodes[i].port.to_string();
+        tools::psql(
+            self.run_as.as_ref(),
+            &self.bindir,
+            &self.dir,
             &[
-                "-X",
-                "-q",
-                "-A",
-                "-t",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-h",
-                &self.dir.to_string_lossy(),
-                "-p",
-                &self.nodes[i].port.to_string(),
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-                "-c",
-                sql,
+                "-h", &socket, "-p", &port, "-U", "postgres", "-d", "postgres",
             ],
-        )?;
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+            sql,
+        )
     }
 
     /// Stops node `i` (fast shutdown: connections are terminated).

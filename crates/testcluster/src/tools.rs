@@ -58,6 +58,23 @@ pub(crate) fn run_server_tool(
     Ok(out)
 }
 
+/// Runs one SQL statement with `psql` (from `bindir`, as `run_as`) on the server `target`
+/// names (`-h`, `-p`, `-U`, `-d` arguments), stopping at the first error; its unaligned,
+/// trimmed output.
+pub(crate) fn psql(
+    run_as: Option<&User>,
+    bindir: &Path,
+    dir: &Path,
+    target: &[&str],
+    sql: &str,
+) -> Result<String> {
+    let mut args = vec!["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"];
+    args.extend_from_slice(target);
+    args.extend(["-c", sql]);
+    let out = run_server_tool(run_as, bindir, dir, "psql", &args)?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
 /// Gives `path` to `run_as`, when given.
 pub(crate) fn chown_to(run_as: Option<&User>, path: &Path) -> Result<()> {
     if let Some(u) = run_as {

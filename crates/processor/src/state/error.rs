@@ -168,6 +168,26 @@ pub enum ErrorKind {
     Storage,
 }
 
+impl ErrorKind {
+    /// The kind's name in `snake_case` (as in metric labels and the CLI's JSON).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidInput => "invalid_input",
+            ErrorKind::Configuration => "configuration",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::Transaction => "transaction",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Connection => "connection",
+            ErrorKind::Tls => "tls",
+            ErrorKind::Permission => "permission",
+            ErrorKind::Serialization => "serialization",
+            ErrorKind::Coordination => "coordination",
+            ErrorKind::Storage => "storage",
+        }
+    }
+}
+
 impl StateError {
     /// The broad class of this error.
     pub fn kind(&self) -> ErrorKind {

@@ -10,8 +10,8 @@ use tokio::sync::oneshot;
 use crate::state::causal::Session;
 use crate::state::coalesce::{Entry, Found, Lookup, Reply, Waiting};
 use crate::state::error::{ErrorKind, StateError, StateResult};
+use crate::state::operation::{Kind, Op};
 use crate::state::pool::bounded;
-use crate::state::stats::Op;
 use crate::state::store::{connection, Store, Use};
 
 impl Store {
@@ -33,7 +33,7 @@ impl Store {
         let start = Instant::now();
         if let Ok(Ok(Found::Value(value))) = tokio::time::timeout(self.op_timeout, reply).await {
             self.stats.record(Op::Get, 1, start.elapsed(), None);
-            self.stats.coalesced(Op::Get);
+            self.stats.coalesced(Kind::Get);
             return Ok(value);
         }
         // The group's lookup failed or never ran: a read runs again safely, within what is
@@ -112,8 +112,8 @@ impl Store {
         };
         match reply {
             Reply::Written { version, lsn } => {
-                self.stats.record(Op::Put, 1, start.elapsed(), None);
-                self.stats.coalesced(Op::Put);
+                self.stats.record(Op::Upsert, 1, start.elapsed(), None);
+                self.stats.coalesced(Kind::Put);
                 if let (Some(mark), Some(lsn)) = (mark, lsn) {
                     mark.learned(lsn);
                 }
@@ -129,7 +129,7 @@ impl Store {
             }
             Reply::Failed(e) => {
                 self.stats
-                    .record(Op::Put, 1, start.elapsed(), Some(e.kind()));
+                    .record(Op::Upsert, 1, start.elapsed(), Some(e.kind()));
                 Err(e)
             }
         }

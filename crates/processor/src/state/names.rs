@@ -11,6 +11,8 @@ pub(crate) struct TableNames {
     pub table: Ident,
     /// `"schema"."table"`.
     pub qualified: String,
+    /// `schema.table`, unquoted: the table in spans, logs and metric labels.
+    pub label: String,
     /// `"schema"."table_archive"`.
     pub archive: String,
     /// The schema's coordination tables, qualified: lock bookkeeping, fencing tokens, leader
@@ -61,6 +63,7 @@ impl TableNames {
             hash32(format!("{}.{}", schema.as_str(), table.as_str()).as_bytes()),
         );
         TableNames {
+            label: format!("{}.{}", schema.as_str(), table.as_str()),
             version_floor: format!("{schema}.{}", table.suffixed("_version_floor")),
             windows: format!("{schema}.{}", table.suffixed("_windows")),
             window_advance: format!("{schema}.{}", table.suffixed("_window_advance")),

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use crate::state::error::{ErrorKind, StateError};
 use crate::state::latency::{Histogram, OpLatency};
+use crate::state::operation::{Kind, Op};
+use crate::state::published::Published;
 
 /// Every error kind, in the order of [`Stats`]'s error counters.
 const KINDS: [ErrorKind; 12] = [
@@ -45,55 +47,7 @@ pub(crate) fn failure<T>(result: &Result<T, StateError>) -> Option<ErrorKind> {
     result.as_ref().err().map(StateError::kind)
 }
 
-/// The operations the backend counts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Op {
-    Get,
-    Put,
-    Delete,
-    Scan,
-    Count,
-    Clear,
-    Batch,
-    Copy,
-    Query,
-}
-
-impl Op {
-    /// Every kind, in the order of [`Stats`]'s histograms.
-    const ALL: [Op; 9] = [
-        Op::Get,
-        Op::Put,
-        Op::Delete,
-        Op::Scan,
-        Op::Count,
-        Op::Clear,
-        Op::Batch,
-        Op::Copy,
-        Op::Query,
-    ];
-
-    fn index(self) -> usize {
-        Op::ALL.iter().position(|o| *o == self).unwrap_or(0)
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Op::Get => "get",
-            Op::Put => "put",
-            Op::Delete => "delete",
-            Op::Scan => "scan",
-            Op::Count => "count",
-            Op::Clear => "clear",
-            Op::Batch => "batch_put",
-            Op::Copy => "batch_copy",
-            Op::Query => "query",
-        }
-    }
-}
-
 /// Live counters, shared by every handle of a backend.
-#[derive(Debug, Default)]
 pub(crate) struct Stats {
     gets: AtomicU64,
     puts: AtomicU64,
@@ -120,10 +74,18 @@ pub(crate) struct Stats {
     notifications_sent: AtomicU64,
     coalesced_puts: AtomicU64,
     coalesced_gets: AtomicU64,
-    /// Durations by operation kind (indexed by `Op::index`).
+    /// Durations by operation kind (indexed by `Kind::index`).
     latency: [Histogram; 9],
     /// Failed operations by error kind (in the order of `KINDS`).
     errors_by_kind: [AtomicU64; 12],
+    /// The same figures through the `metrics` facade.
+    published: Published,
+}
+
+impl std::fmt::Debug for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stats").finish_non_exhaustive()
+    }
 }
 
 /// Coordination events the backend counts.
@@ -155,65 +117,115 @@ pub(crate) enum TxEvent {
 }
 
 impl Stats {
-    pub fn new(slow_threshold: Duration) -> Self {
+    /// Counters for the backend of `table`, registering its metrics with the recorder
+    /// installed now.
+    pub fn new(slow_threshold: Duration, table: &str) -> Self {
+        let zero = || AtomicU64::new(0);
         Stats {
+            gets: zero(),
+            puts: zero(),
+            deletes: zero(),
+            batch_rows: zero(),
+            queries: zero(),
+            errors: zero(),
+            total_query_us: zero(),
+            max_query_us: zero(),
+            slow_queries: zero(),
             slow_threshold_us: u64::try_from(slow_threshold.as_micros()).unwrap_or(u64::MAX),
-            ..Default::default()
+            tx_begun: zero(),
+            tx_committed: zero(),
+            tx_rolled_back: zero(),
+            tx_retries: zero(),
+            serialization_failures: zero(),
+            deadlocks: zero(),
+            lock_wait_us: zero(),
+            lock_acquisitions: zero(),
+            lock_failures: zero(),
+            locks_held: zero(),
+            leader_changes: zero(),
+            leadership_losses: zero(),
+            notifications_sent: zero(),
+            coalesced_puts: zero(),
+            coalesced_gets: zero(),
+            latency: Default::default(),
+            errors_by_kind: Default::default(),
+            published: Published::new(table, &KINDS),
         }
     }
 
     /// Records one finished operation: `rows` entries written for batches, `elapsed` measured
-    /// from after the connection was acquired, `error` its error's kind if it failed.
+    /// from after the connection was acquired, `error` its error's kind if it failed. A failure
+    /// is also recorded as the current span's `error.type` (the operation's span, see
+    /// [`Op::span`]); a slow operation is logged at `warn` with its statement's name, never a
+    /// key or value.
     pub fn record(&self, op: Op, rows: u64, elapsed: Duration, error: Option<ErrorKind>) {
-        match op {
-            Op::Get => self.gets.fetch_add(1, Relaxed),
-            Op::Put => self.puts.fetch_add(1, Relaxed),
-            Op::Delete => self.deletes.fetch_add(1, Relaxed),
-            Op::Batch | Op::Copy => {
+        let kind = op.kind();
+        match kind {
+            Kind::Get => self.gets.fetch_add(1, Relaxed),
+            Kind::Put => self.puts.fetch_add(1, Relaxed),
+            Kind::Delete => self.deletes.fetch_add(1, Relaxed),
+            Kind::Batch | Kind::Copy => {
                 self.batch_rows.fetch_add(rows, Relaxed);
+                self.published.batch_rows.increment(rows);
                 self.puts.fetch_add(rows, Relaxed)
             }
-            Op::Scan | Op::Count | Op::Clear | Op::Query => 0,
+            Kind::Scan | Kind::Count | Kind::Clear | Kind::Query => 0,
         };
+        let i = kind.index();
         self.queries.fetch_add(1, Relaxed);
-        if let Some(kind) = error {
+        self.published.operations[i].increment(1);
+        if let Some(error) = error {
             self.errors.fetch_add(1, Relaxed);
-            self.errors_by_kind[kind_index(kind)].fetch_add(1, Relaxed);
+            self.errors_by_kind[kind_index(error)].fetch_add(1, Relaxed);
+            self.published.errors[kind_index(error)].increment(1);
+            tracing::Span::current().record("error.type", error.as_str());
         }
         let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         self.total_query_us.fetch_add(us, Relaxed);
         self.max_query_us.fetch_max(us, Relaxed);
-        self.latency[op.index()].record(us);
+        self.latency[i].record(us);
+        self.published.durations[i].record(elapsed.as_secs_f64());
         if us >= self.slow_threshold_us {
             self.slow_queries.fetch_add(1, Relaxed);
+            self.published.slow[i].increment(1);
             tracing::warn!(
-                operation = op.name(),
+                target: "pgstate",
+                statement = op.name(),
+                operation = kind.name(),
                 elapsed_ms = elapsed.as_secs_f64() * 1000.0,
                 threshold_ms = self.slow_threshold_us as f64 / 1000.0,
                 rows,
-                "slow query"
+                failed = error.is_some(),
+                "slow operation"
             );
         }
     }
 
     /// Records a put written, or a get answered, by a combined statement.
-    pub fn coalesced(&self, op: Op) {
-        match op {
-            Op::Get => self.coalesced_gets.fetch_add(1, Relaxed),
-            _ => self.coalesced_puts.fetch_add(1, Relaxed),
-        };
+    pub fn coalesced(&self, kind: Kind) {
+        match kind {
+            Kind::Get => {
+                self.coalesced_gets.fetch_add(1, Relaxed);
+                self.published.coalesced_gets.increment(1);
+            }
+            _ => {
+                self.coalesced_puts.fetch_add(1, Relaxed);
+                self.published.coalesced_puts.increment(1);
+            }
+        }
     }
 
     pub fn tx(&self, event: TxEvent) {
-        let counter = match event {
-            TxEvent::Begun => &self.tx_begun,
-            TxEvent::Committed => &self.tx_committed,
-            TxEvent::RolledBack => &self.tx_rolled_back,
-            TxEvent::Retried => &self.tx_retries,
-            TxEvent::SerializationFailure => &self.serialization_failures,
-            TxEvent::Deadlock => &self.deadlocks,
+        let (counter, i) = match event {
+            TxEvent::Begun => (&self.tx_begun, 0),
+            TxEvent::Committed => (&self.tx_committed, 1),
+            TxEvent::RolledBack => (&self.tx_rolled_back, 2),
+            TxEvent::Retried => (&self.tx_retries, 3),
+            TxEvent::SerializationFailure => (&self.serialization_failures, 4),
+            TxEvent::Deadlock => (&self.deadlocks, 5),
         };
         counter.fetch_add(1, Relaxed);
+        self.published.transactions[i].increment(1);
     }
 
     pub fn lock(&self, event: LockEvent) {
@@ -223,25 +235,37 @@ impl Stats {
                 self.lock_wait_us.fetch_add(micros(waited), Relaxed);
                 self.lock_acquisitions.fetch_add(1, Relaxed);
                 self.locks_held.fetch_add(1, Relaxed);
+                self.published.lock_wait.record(waited.as_secs_f64());
+                self.published.locks_acquired.increment(1);
+                self.published.locks_held.increment(1.0);
             }
             LockEvent::Failed(waited) => {
                 self.lock_wait_us.fetch_add(micros(waited), Relaxed);
                 self.lock_failures.fetch_add(1, Relaxed);
+                self.published.lock_wait.record(waited.as_secs_f64());
+                self.published.locks_failed.increment(1);
             }
             LockEvent::Released => {
                 // Never below zero, whatever the order of events.
-                let _ = self
+                if self
                     .locks_held
-                    .fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_sub(1)));
+                    .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    self.published.locks_held.decrement(1.0);
+                }
             }
             LockEvent::BecameLeader => {
                 self.leader_changes.fetch_add(1, Relaxed);
+                self.published.became_leader.increment(1);
             }
             LockEvent::LeadershipEnded => {
                 self.leadership_losses.fetch_add(1, Relaxed);
+                self.published.leadership_ended.increment(1);
             }
             LockEvent::Notified => {
                 self.notifications_sent.fetch_add(1, Relaxed);
+                self.published.notifications.increment(1);
             }
         }
     }
@@ -290,12 +314,16 @@ impl Stats {
                 .map(|(k, n)| (*k, n.load(Relaxed)))
                 .filter(|(_, n)| *n > 0)
                 .collect(),
+            connections_created: 0,
+            connections_closed: 0,
+            connections_broken: 0,
+            reads_by_node: Vec::new(),
         }
     }
 
     /// Percentiles of every kind of operation timed at least once.
     fn latencies(&self) -> Vec<OpLatency> {
-        Op::ALL
+        Kind::ALL
             .iter()
             .filter_map(|op| {
                 let h = &self.latency[op.index()];
@@ -386,6 +414,27 @@ pub struct BackendStats {
     pub latencies: Vec<OpLatency>,
     /// Failed operations by kind of error (only kinds seen); they add up to `error_count`.
     pub errors_by_kind: Vec<(ErrorKind, u64)>,
+    /// Connections opened, over the primary's and every replica's pool.
+    pub connections_created: u64,
+    /// Connections closed in the normal course (idle past `idle_timeout`, or past
+    /// `max_lifetime`).
+    pub connections_closed: u64,
+    /// Connections discarded as broken: closed by the server or the network, left in an
+    /// unknown state by a caller that gave up, or failing a health probe.
+    pub connections_broken: u64,
+    /// Reads each node served: the primary first, then every replica.
+    pub reads_by_node: Vec<NodeReads>,
+}
+
+/// The reads one node served, in [`BackendStats::reads_by_node`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeReads {
+    /// `primary`, or the replica's name (`host:port` of its URL).
+    pub node: String,
+    /// Whether this is the primary.
+    pub primary: bool,
+    /// Reads served (get, contains, count, scans, queries).
+    pub reads: u64,
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join;
+use tracing::Instrument;
 
 use crate::state::causal::{Scope, Session};
 use crate::state::coalesce::{Admission, Coalescer, Entry, Found, Lookup, Reply};
@@ -16,11 +17,12 @@ use crate::state::limits::{
     check_entry, check_key, check_metadata, MAX_GET_MANY, MAX_KEY_LEN, MAX_PAGE,
 };
 use crate::state::names::TableNames;
+use crate::state::operation::{Kind, Op};
 use crate::state::ops::{check_batch, MetadataQuery, StateEntry};
 use crate::state::pipeline::Point;
 use crate::state::pool::{bounded, ConnPool};
 use crate::state::router::{current_lsn, ReadTarget, Router};
-use crate::state::stats::{failure, Op, Stats};
+use crate::state::stats::{failure, Stats};
 
 /// The future of one read attempt (boxed: see [`Store::read`]).
 type ReadFuture<'a, T> =
@@ -156,7 +158,7 @@ impl Store {
             let floor = floor.unwrap_or(0);
             // Point reads share pipelined connections; scans, counts and queries (which
             // would stall the point reads queued behind them) take their own.
-            let (pipelined, how) = if matches!(op, Op::Get) {
+            let (pipelined, how) = if op.kind() == Kind::Get {
                 (true, Use::Point)
             } else {
                 (false, Use::Own)
@@ -224,6 +226,7 @@ impl Store {
                 tried.push(index);
             }
         })
+        .instrument(op.span(&self.names.label))
         .await
     }
 
@@ -303,6 +306,7 @@ impl Store {
             }
             result
         })
+        .instrument(op.span(&self.names.label))
         .await
     }
 
@@ -320,19 +324,23 @@ impl Store {
                 drop(slot);
                 result
             }
-            Admission::Queued { reply, lead } => self.get_queued(reply, lead, alone).await,
+            Admission::Queued { reply, lead } => {
+                self.get_queued(reply, lead, alone)
+                    .instrument(Op::Get.span(&self.names.label))
+                    .await
+            }
         }
     }
 
     pub async fn get_entry(&self, key: &[u8], scope: Scope<'_>) -> StateResult<Option<StateEntry>> {
         check_key(key)?;
-        self.read(scope, Op::Get, key, |c, k| Box::pin(c.get_entry(k)))
+        self.read(scope, Op::GetEntry, key, |c, k| Box::pin(c.get_entry(k)))
             .await
     }
 
     pub async fn contains(&self, key: &[u8], scope: Scope<'_>) -> StateResult<bool> {
         check_key(key)?;
-        self.read(scope, Op::Get, key, |c, k| Box::pin(c.contains(k)))
+        self.read(scope, Op::Contains, key, |c, k| Box::pin(c.contains(k)))
             .await
     }
 
@@ -361,7 +369,7 @@ impl Store {
             return Ok(Vec::new());
         }
         let found: HashMap<Vec<u8>, Vec<u8>> = self
-            .read(scope, Op::Get, keys, |c, k| Box::pin(c.get_many(k)))
+            .read(scope, Op::GetMany, keys, |c, k| Box::pin(c.get_many(k)))
             .await?
             .into_iter()
             .collect();
@@ -378,7 +386,7 @@ impl Store {
         scope: Scope<'_>,
     ) -> StateResult<Vec<Vec<u8>>> {
         let page = check_page(prefix, start_after, limit)?;
-        self.read(scope, Op::Scan, &page, |c, (p, a, l)| {
+        self.read(scope, Op::KeysPage, &page, |c, (p, a, l)| {
             Box::pin(c.list_keys_page(p, a, *l))
         })
         .await
@@ -393,14 +401,14 @@ impl Store {
         scope: Scope<'_>,
     ) -> StateResult<Vec<StateEntry>> {
         let page = check_page(prefix, start_after, limit)?;
-        self.read(scope, Op::Scan, &page, |c, (p, a, l)| {
+        self.read(scope, Op::EntriesPage, &page, |c, (p, a, l)| {
             Box::pin(c.entries_page(p, a, *l))
         })
         .await
     }
 
     pub async fn list_keys(&self, prefix: &[u8], scope: Scope<'_>) -> StateResult<Vec<Vec<u8>>> {
-        self.read(scope, Op::Scan, prefix, |c, p| Box::pin(c.list_keys(p)))
+        self.read(scope, Op::ListKeys, prefix, |c, p| Box::pin(c.list_keys(p)))
             .await
     }
 
@@ -411,7 +419,7 @@ impl Store {
         scope: Scope<'_>,
     ) -> StateResult<Vec<StateEntry>> {
         let q = MetadataQuery::new(path, value)?;
-        self.read(scope, Op::Query, &q, |c, q| {
+        self.read(scope, Op::QueryByMetadata, &q, |c, q| {
             Box::pin(c.query_by_metadata(q))
         })
         .await
@@ -430,7 +438,7 @@ impl Store {
         check_entry(key, value)?;
         check_metadata(metadata)?;
         let alone = async || {
-            self.write(session, Op::Put, 1, Use::Point, async |c| {
+            self.write(session, Op::Upsert, 1, Use::Point, async |c| {
                 c.upsert(key, value, metadata, ttl_us).await
             })
             .await
@@ -453,7 +461,11 @@ impl Store {
                 drop(slot);
                 result
             }
-            Admission::Queued { reply, lead } => self.put_queued(session, reply, lead, alone).await,
+            Admission::Queued { reply, lead } => {
+                self.put_queued(session, reply, lead, alone)
+                    .instrument(Op::Upsert.span(&self.names.label))
+                    .await
+            }
         }
     }
 
@@ -465,7 +477,7 @@ impl Store {
         expected: Option<i64>,
     ) -> StateResult<i64> {
         check_entry(key, value)?;
-        self.write(session, Op::Put, 1, Use::Point, async |c| {
+        self.write(session, Op::PutWithVersion, 1, Use::Point, async |c| {
             c.put_with_version(key, value, expected).await
         })
         .await
@@ -482,7 +494,7 @@ impl Store {
         if let Some(old) = expected {
             check_entry(key, old)?;
         }
-        self.write(session, Op::Put, 1, Use::Point, async |c| {
+        self.write(session, Op::CompareAndSet, 1, Use::Point, async |c| {
             c.compare_and_set(key, expected, value).await
         })
         .await
@@ -503,7 +515,7 @@ impl Store {
         expected: i64,
     ) -> StateResult<()> {
         check_key(key)?;
-        self.write(session, Op::Delete, 1, Use::Point, async |c| {
+        self.write(session, Op::DeleteWithVersion, 1, Use::Point, async |c| {
             c.delete_with_version(key, expected).await
         })
         .await
@@ -527,7 +539,7 @@ impl Store {
         }
         self.write(
             session,
-            Op::Batch,
+            Op::BatchPut,
             entries.len() as u64,
             Use::Own,
             async |c| c.batch_put(entries, true).await,
@@ -547,7 +559,7 @@ impl Store {
         let names = &self.names;
         self.write(
             session,
-            Op::Copy,
+            Op::BatchCopy,
             entries.len() as u64,
             Use::Own,
             async |c| c.batch_copy(names, entries).await,

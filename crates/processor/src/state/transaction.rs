@@ -15,6 +15,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tracing::Instrument;
+
 use crate::state::causal::Session;
 use crate::state::checkout::Checkout;
 use crate::state::config::IsolationLevel;
@@ -23,10 +25,11 @@ use crate::state::error::{sqlstate, ErrorKind, StateError, StateResult};
 use crate::state::ident::Ident;
 use crate::state::limits::{check_entry, check_key, check_metadata, check_ttl};
 use crate::state::names::TableNames;
+use crate::state::operation::Op;
 use crate::state::ops::{check_batch, empty_object, MetadataQuery, StateEntry};
 use crate::state::pipeline::Point;
 use crate::state::pool::{bounded, ConnPool};
-use crate::state::stats::{failure, Op, Stats, TxEvent};
+use crate::state::stats::{failure, Stats, TxEvent};
 
 /// The future a [`transaction`](crate::state::EnhancedPostgresBackend::transaction) closure
 /// returns: boxed and `Send`, borrowing the transaction for its lifetime.
@@ -141,7 +144,9 @@ impl PostgresTransaction {
             self.abandoned = Some(self.savepoints.len());
         }
         let start = Instant::now();
-        let r = bounded(self.op_timeout, conn.run(|c| f(c))).await;
+        let r = bounded(self.op_timeout, conn.run(|c| f(c)))
+            .instrument(op.span(&self.names.label))
+            .await;
         self.stats.record(op, rows, start.elapsed(), failure(&r));
         if let Err(e) = &r {
             self.note_error(e);
@@ -308,7 +313,7 @@ impl PostgresTransaction {
 
     /// Runs a savepoint command built from a validated, quoted identifier.
     async fn savepoint_command(&mut self, sql: String) -> StateResult<()> {
-        self.stmt(Op::Query, 1, async |c| {
+        self.stmt(Op::Savepoint, 1, async |c| {
             Ok(c.client.batch_execute(&sql).await?)
         })
         .await
@@ -324,7 +329,7 @@ impl PostgresTransaction {
     /// The whole entry under `key`.
     pub async fn get_entry(&mut self, key: &[u8]) -> StateResult<Option<StateEntry>> {
         check_key(key)?;
-        self.stmt(Op::Get, 1, async |c| c.get_entry(key).await)
+        self.stmt(Op::GetEntry, 1, async |c| c.get_entry(key).await)
             .await
     }
 
@@ -336,7 +341,8 @@ impl PostgresTransaction {
     /// Whether a live entry exists under `key`.
     pub async fn contains(&mut self, key: &[u8]) -> StateResult<bool> {
         check_key(key)?;
-        self.stmt(Op::Get, 1, async |c| c.contains(key).await).await
+        self.stmt(Op::Contains, 1, async |c| c.contains(key).await)
+            .await
     }
 
     /// The number of live entries.
@@ -346,7 +352,7 @@ impl PostgresTransaction {
 
     /// The live keys starting with `prefix`, in byte order.
     pub async fn list_keys(&mut self, prefix: &[u8]) -> StateResult<Vec<Vec<u8>>> {
-        self.stmt(Op::Scan, 1, async |c| c.list_keys(prefix).await)
+        self.stmt(Op::ListKeys, 1, async |c| c.list_keys(prefix).await)
             .await
     }
 
@@ -390,7 +396,7 @@ impl PostgresTransaction {
         check_entry(key, value)?;
         check_metadata(&metadata)?;
         let micros = ttl.map(check_ttl).transpose()?;
-        self.stmt(Op::Put, 1, async |c| {
+        self.stmt(Op::Upsert, 1, async |c| {
             c.upsert(key, value, &metadata, micros).await
         })
         .await
@@ -404,7 +410,7 @@ impl PostgresTransaction {
         expected: Option<i64>,
     ) -> StateResult<i64> {
         check_entry(key, value)?;
-        self.stmt(Op::Put, 1, async |c| {
+        self.stmt(Op::PutWithVersion, 1, async |c| {
             c.put_with_version(key, value, expected).await
         })
         .await
@@ -414,7 +420,7 @@ impl PostgresTransaction {
     /// ([`StateError::ConcurrentModification`] otherwise).
     pub async fn delete_with_version(&mut self, key: &[u8], expected: i64) -> StateResult<()> {
         check_key(key)?;
-        self.stmt(Op::Delete, 1, async |c| {
+        self.stmt(Op::DeleteWithVersion, 1, async |c| {
             c.delete_with_version(key, expected).await
         })
         .await
@@ -429,7 +435,7 @@ impl PostgresTransaction {
         value: &[u8],
     ) -> StateResult<bool> {
         check_entry(key, value)?;
-        self.stmt(Op::Put, 1, async |c| {
+        self.stmt(Op::CompareAndSet, 1, async |c| {
             c.compare_and_set(key, expected, value).await
         })
         .await
@@ -449,7 +455,7 @@ impl PostgresTransaction {
         if entries.is_empty() {
             return Ok(());
         }
-        self.stmt(Op::Batch, entries.len() as u64, async |c| {
+        self.stmt(Op::BatchPut, entries.len() as u64, async |c| {
             c.batch_put(entries, false).await
         })
         .await
@@ -462,8 +468,10 @@ impl PostgresTransaction {
         value: &serde_json::Value,
     ) -> StateResult<Vec<StateEntry>> {
         let q = MetadataQuery::new(path, value)?;
-        self.stmt(Op::Query, 1, async |c| c.query_by_metadata(&q).await)
-            .await
+        self.stmt(Op::QueryByMetadata, 1, async |c| {
+            c.query_by_metadata(&q).await
+        })
+        .await
     }
 }
 

@@ -16,6 +16,7 @@ mod leader;
 mod listener;
 mod lock_sessions;
 mod maintenance;
+mod observability;
 mod ops;
 mod partitioning;
 mod pgbouncer;

@@ -9,7 +9,8 @@ use crate::state::coordination::{
 };
 use crate::state::error::{StateError, StateResult};
 use crate::state::ident::check_channel;
-use crate::state::stats::{LockEvent, Op};
+use crate::state::operation::Op;
+use crate::state::stats::LockEvent;
 use crate::state::transaction::PostgresTransaction;
 
 impl PostgresTransaction {
@@ -39,7 +40,7 @@ impl PostgresTransaction {
     pub async fn check_fence(&mut self, fence: &Fence) -> StateResult<()> {
         let sql = fence_sql(&self.names);
         let row = self
-            .stmt(Op::Query, 1, async |c| {
+            .stmt(Op::CheckFence, 1, async |c| {
                 let params: [(&(dyn ToSql + Sync), Type); 4] = [
                     (&fence.key, Type::INT8),
                     (&fence.backend_pid, Type::INT4),
@@ -71,7 +72,7 @@ impl PostgresTransaction {
             LockMode::Exclusive => "SELECT pg_advisory_xact_lock($1)",
             LockMode::Shared => "SELECT pg_advisory_xact_lock_shared($1)",
         };
-        self.stmt(Op::Query, 1, async |c| {
+        self.stmt(Op::TransactionLock, 1, async |c| {
             Ok(c.execute_cached(sql, &[(&key, Type::INT8)]).await?)
         })
         .await
@@ -85,7 +86,7 @@ impl PostgresTransaction {
             LockMode::Shared => "SELECT pg_try_advisory_xact_lock_shared($1)",
         };
         let row = self
-            .stmt(Op::Query, 1, async |c| {
+            .stmt(Op::TransactionLock, 1, async |c| {
                 Ok(c.query_one_cached(sql, &[(&key, Type::INT8)]).await?)
             })
             .await?;
@@ -97,7 +98,7 @@ impl PostgresTransaction {
     pub async fn notify(&mut self, channel: &str, payload: &str) -> StateResult<()> {
         check_channel(channel)?;
         check_payload(payload)?;
-        self.stmt(Op::Query, 1, async |c| {
+        self.stmt(Op::Notify, 1, async |c| {
             Ok(c.execute_cached(
                 NOTIFY_SQL,
                 &[(&channel, Type::TEXT), (&payload, Type::TEXT)],
@@ -117,7 +118,7 @@ impl PostgresTransaction {
         check_durable_payload(payload)?;
         let sql = durable_notify_sql(&self.names);
         let row = self
-            .stmt(Op::Query, 1, async |c| {
+            .stmt(Op::Notify, 1, async |c| {
                 Ok(
                     c.query_one_cached(&sql, &[(&channel, Type::TEXT), (&payload, Type::TEXT)])
                         .await?,

@@ -3,6 +3,7 @@
 
 mod coordination;
 mod maintenance;
+mod published;
 mod replication;
 mod streams;
 
@@ -176,7 +177,7 @@ impl EnhancedPostgresBackend {
                 settings.health_check_interval,
             ))
         };
-        let stats = Arc::new(Stats::new(config.slow_query_threshold));
+        let stats = Arc::new(Stats::new(config.slow_query_threshold, &names.label));
         let coordinator = Arc::new(Coordinator::new(
             lock_connector.as_ref(),
             names.clone(),
@@ -210,6 +211,7 @@ impl EnhancedPostgresBackend {
             monitor,
             cleanup: std::sync::OnceLock::new(),
         });
+        published::spawn_publisher(Arc::downgrade(&inner), inner.store.names.label.clone());
         if let Some(task) = maintenance::spawn_cleanup(&inner, windows) {
             let _ = inner.cleanup.set(task);
         }
@@ -524,8 +526,15 @@ impl EnhancedPostgresBackend {
     pub fn get_stats(&self) -> BackendStats {
         let s = self.store();
         let mut stats = s.stats.snapshot();
+        let nodes = published::nodes(s);
         stats.primary_reads = s.router.primary_reads();
-        stats.replica_reads = s.router.status().iter().map(|r| r.reads).sum();
+        stats.replica_reads = nodes.iter().filter(|n| !n.primary).map(|n| n.reads).sum();
+        (
+            stats.connections_created,
+            stats.connections_closed,
+            stats.connections_broken,
+            stats.reads_by_node,
+        ) = published::connections_and_reads(&nodes);
         stats.read_failovers = s.router.failovers();
         stats.puts_queued = u64::try_from(s.coalescer.waiting()).unwrap_or(u64::MAX);
         stats.gets_queued = u64::try_from(s.lookups.waiting()).unwrap_or(u64::MAX);

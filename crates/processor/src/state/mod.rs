@@ -69,7 +69,7 @@ pub use ident::{Ident, MAX_IDENT_LEN, MAX_TABLE_NAME_LEN};
 pub use latency::OpLatency;
 pub use maintenance::{
     CheckpointInfo, DroppedPartition, PartitionStatistics, RepartitionReport, RetentionReport,
-    TableStatistics, EXACT_COUNT_LIMIT, MAX_CHECKPOINT_NAME_LEN,
+    TableActivity, TableStatistics, EXACT_COUNT_LIMIT, MAX_CHECKPOINT_NAME_LEN,
 };
 pub use memory::MemoryStateBackend;
 pub use ops::StateEntry;

@@ -453,3 +453,41 @@ async fn a_pg_dump_round_trip_reads_back_identically() {
         3
     );
 }
+
+/// `get_table_activity` reads the server's counters of the table: every client's inserts,
+/// updates (puts of existing keys, deletes' tombstones) and deletes (cleanup).
+#[tokio::test]
+async fn table_activity_counts_every_clients_writes() {
+    let b = support::backend("activity").await;
+    let start = b.get_table_activity().await.unwrap();
+    assert_eq!(start.rows_inserted, 0, "{start:?}");
+    // Another backend on the same table: the counters are the server's, not this handle's.
+    let other = EnhancedPostgresBackend::new(b.config().clone())
+        .await
+        .unwrap();
+    for i in 0..10 {
+        other.put(format!("k{i}").as_bytes(), b"v").await.unwrap();
+    }
+    for i in 0..4 {
+        other.put(format!("k{i}").as_bytes(), b"w").await.unwrap();
+    }
+    other.delete(b"k9").await.unwrap();
+    assert_eq!(b.cleanup_expired().await.unwrap(), 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let a = b.get_table_activity().await.unwrap();
+        // PostgreSQL publishes a session's counters when it goes idle, within about a second.
+        if a.rows_inserted >= 10 && a.rows_updated >= 5 && a.rows_deleted >= 1 {
+            assert_eq!(a.rows_inserted, 10, "{a:?}");
+            assert_eq!(a.rows_updated, 5, "{a:?}");
+            assert_eq!(a.rows_deleted, 1, "{a:?}");
+            assert!(a.index_scans > 0, "{a:?}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the counters never showed the writes: {a:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

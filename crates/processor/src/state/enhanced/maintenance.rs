@@ -9,7 +9,8 @@ use super::{EnhancedPostgresBackend, Inner};
 use crate::state::config::EnhancedPostgresConfig;
 use crate::state::error::StateResult;
 use crate::state::maintenance::{
-    self, CheckpointInfo, CleanupPlan, RepartitionReport, RetentionReport, TableStatistics,
+    self, CheckpointInfo, CleanupPlan, RepartitionReport, RetentionReport, TableActivity,
+    TableStatistics,
 };
 use crate::state::ops::StateEntry;
 use crate::state::partition_strategy::PartitionStrategy;
@@ -260,6 +261,13 @@ impl EnhancedPostgresBackend {
     /// Sizes, row counts, dead tuples and maintenance times of the state table.
     pub async fn get_table_statistics(&self) -> StateResult<TableStatistics> {
         maintenance::table_statistics(self.store()).await
+    }
+
+    /// The server's activity counters of the state table: rows inserted, updated and deleted,
+    /// index and sequential scans, by every client (see [`TableActivity`]). One cheap query on
+    /// the statistics views, with no count of the rows: for a live view that polls.
+    pub async fn get_table_activity(&self) -> StateResult<TableActivity> {
+        maintenance::table_activity(self.store()).await
     }
 
     /// Takes a named checkpoint of every live entry: one database snapshot (the state at one

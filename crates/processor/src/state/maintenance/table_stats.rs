@@ -61,14 +61,73 @@ pub struct PartitionStatistics {
     pub statistics: TableStatistics,
 }
 
-pub(crate) async fn table_statistics(store: &Store) -> StateResult<TableStatistics> {
-    let t = &store.names.qualified;
-    // The table itself when it is not partitioned, else its leaf partitions.
-    let leaves_sql = "WITH leaves AS (
+/// The table itself when it is not partitioned, else its leaf partitions (`$1` the table).
+const LEAVES: &str = "WITH leaves AS (
              SELECT relid FROM pg_catalog.pg_partition_tree($1::text::regclass) WHERE isleaf
              UNION ALL
              SELECT $1::text::regclass WHERE NOT EXISTS
-                 (SELECT 1 FROM pg_catalog.pg_partitioned_table WHERE partrelid = $1::text::regclass))
+                 (SELECT 1 FROM pg_catalog.pg_partitioned_table WHERE partrelid = $1::text::regclass))";
+
+/// The server's activity counters of the state table (over all its partitions), from
+/// [`get_table_activity`](crate::state::EnhancedPostgresBackend::get_table_activity): every
+/// client's work, not only this backend's. Cumulative since the server's statistics were last
+/// reset; PostgreSQL updates them when transactions end (a busy session reports about once a
+/// second), so a rate is the difference of two readings over their interval.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TableActivity {
+    /// Rows inserted (`n_tup_ins`): puts of new keys, batch and COPY rows.
+    pub rows_inserted: u64,
+    /// Rows updated (`n_tup_upd`): puts of existing keys, deletes (which leave tombstones).
+    pub rows_updated: u64,
+    /// Rows deleted (`n_tup_del`): cleanup, archive, retention.
+    pub rows_deleted: u64,
+    /// Index scans (`idx_scan`): point reads, range scans, conflict checks.
+    pub index_scans: u64,
+    /// Sequential scans (`seq_scan`).
+    pub sequential_scans: u64,
+    /// Live rows as the server estimates them (`n_live_tup`).
+    pub live_rows_estimate: u64,
+    /// Dead row versions not yet vacuumed (`n_dead_tup`).
+    pub dead_tuples: u64,
+}
+
+/// One statement over `pg_stat_user_tables`: cheap enough to call every second.
+pub(crate) async fn table_activity(store: &Store) -> StateResult<TableActivity> {
+    let sql = format!(
+        "{LEAVES}
+         SELECT coalesce(sum(s.n_tup_ins), 0)::bigint, coalesce(sum(s.n_tup_upd), 0)::bigint,
+                coalesce(sum(s.n_tup_del), 0)::bigint, coalesce(sum(s.idx_scan), 0)::bigint,
+                coalesce(sum(s.seq_scan), 0)::bigint, coalesce(sum(s.n_live_tup), 0)::bigint,
+                coalesce(sum(s.n_dead_tup), 0)::bigint
+         FROM leaves l LEFT JOIN pg_catalog.pg_stat_user_tables s ON s.relid = l.relid"
+    );
+    let qualified = store.names.qualified.clone();
+    let row = store
+        .on_primary(async |c| {
+            use tokio_postgres::types::Type;
+            Ok(c.client
+                .query_typed(&sql, &[(&qualified.as_str(), Type::TEXT)])
+                .await?)
+        })
+        .await?;
+    let Some(row) = row.first() else {
+        return Ok(TableActivity::default());
+    };
+    Ok(TableActivity {
+        rows_inserted: n(row.try_get(0)?),
+        rows_updated: n(row.try_get(1)?),
+        rows_deleted: n(row.try_get(2)?),
+        index_scans: n(row.try_get(3)?),
+        sequential_scans: n(row.try_get(4)?),
+        live_rows_estimate: n(row.try_get(5)?),
+        dead_tuples: n(row.try_get(6)?),
+    })
+}
+
+pub(crate) async fn table_statistics(store: &Store) -> StateResult<TableStatistics> {
+    let t = &store.names.qualified;
+    let leaves_sql = &format!(
+        "{LEAVES}
          SELECT c.oid, c.relname::text, coalesce(pg_get_expr(c.relpartbound, c.oid), ''),
                 greatest(c.reltuples, 0)::bigint,
                 pg_table_size(c.oid), pg_indexes_size(c.oid),
@@ -79,7 +138,8 @@ pub(crate) async fn table_statistics(store: &Store) -> StateResult<TableStatisti
          FROM leaves l
          JOIN pg_catalog.pg_class c ON c.oid = l.relid
          LEFT JOIN pg_catalog.pg_stat_user_tables s ON s.relid = c.oid
-         ORDER BY c.relname";
+         ORDER BY c.relname"
+    );
     let expired_sql =
         format!("SELECT tableoid, count(*) FROM {t} WHERE expires_at <= now() GROUP BY tableoid");
     let exact_sql = format!("SELECT tableoid, count(*) FROM {t} GROUP BY tableoid");

@@ -120,6 +120,28 @@ impl Store {
         self.primary.with(self.op_timeout, f).await
     }
 
+    /// Runs `f`, a write made outside [`write`](Self::write) (checkpoint restore, archive,
+    /// retention, cleanup), for `session`: with read-your-writes, the primary's WAL position
+    /// after it (also after a failure: batches before it may have committed) is raised into
+    /// the session's floor, so the session's later reads see it. When that position cannot be
+    /// read, the session's next read takes the primary's.
+    pub async fn tracked<T>(
+        &self,
+        session: &Session,
+        f: impl std::future::Future<Output = StateResult<T>>,
+    ) -> StateResult<T> {
+        let mark = self.router.tracks_writes().then(|| session.write());
+        let result = f.await;
+        if let Some(mark) = mark {
+            match bounded(self.op_timeout, current_lsn(&self.primary)).await {
+                Ok(lsn) => mark.learned(lsn),
+                // Dropped unknown: the session is unsure.
+                Err(e) => tracing::debug!(error = %e, "cannot read the WAL position after a write"),
+            }
+        }
+        result
+    }
+
     /// The WAL position a read of `scope` must see (see the `causal` module); `None` when only
     /// the primary will do (the session is unsure and the primary's position cannot be read).
     async fn floor(&self, scope: Scope<'_>) -> Option<u64> {

@@ -380,3 +380,48 @@ async fn a_version_conflict_or_an_abandoned_write_moves_the_sessions_reads_past_
     );
     p.resume();
 }
+
+/// Read-your-writes covers the maintenance writes too: after `restore_checkpoint`,
+/// `archive_old_data` and `restore_archived`, the session reads what they did, not the older
+/// state of a replica whose replay is paused.
+#[tokio::test]
+async fn read_your_writes_covers_checkpoint_restore_and_archive() {
+    let p = Paused::start().await;
+    let w = &p.writer;
+    w.put(b"kept", b"1").await.unwrap();
+    let checkpoint = w.create_checkpoint("before").await.unwrap();
+    w.put(b"experiment", b"x").await.unwrap();
+    p.caught_up().await;
+    p.in_rotation(w).await;
+    p.pause();
+    w.restore_checkpoint(checkpoint.id).await.unwrap();
+    assert!(
+        !w.contains(b"experiment").await.unwrap(),
+        "the session reads the restored state"
+    );
+    p.resume();
+    p.caught_up().await;
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    p.in_rotation(w).await;
+    p.pause();
+    assert_eq!(
+        w.archive_old_data("archived", Duration::from_millis(200))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(w.get(b"kept").await.unwrap(), None, "archived away");
+    p.resume();
+    p.caught_up().await;
+
+    p.in_rotation(w).await;
+    p.pause();
+    assert!(w.restore_archived("archived", b"kept").await.unwrap());
+    assert_eq!(
+        w.get(b"kept").await.unwrap(),
+        Some(b"1".to_vec()),
+        "restored"
+    );
+    p.resume();
+}

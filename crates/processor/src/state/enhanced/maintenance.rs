@@ -190,9 +190,13 @@ impl EnhancedPostgresBackend {
         progress: &(dyn Fn(u64) + Sync),
     ) -> StateResult<RetentionReport> {
         let wait = self.store().op_timeout;
-        let removed =
-            maintenance::cleanup_pass(self.store(), self.coordinator(), plan, wait, progress)
-                .await?;
+        let removed = self
+            .store()
+            .tracked(
+                &self.session,
+                maintenance::cleanup_pass(self.store(), self.coordinator(), plan, wait, progress),
+            )
+            .await?;
         removed.ok_or_else(|| {
             crate::state::StateError::Timeout(format!(
                 "another instance's cleanup pass on {} did not finish within {wait:?}",
@@ -224,14 +228,13 @@ impl EnhancedPostgresBackend {
         progress: impl Fn(u64) + Sync,
     ) -> StateResult<u64> {
         let (plan, _) = plan(&self.inner.config);
-        maintenance::archive(
-            self.store(),
-            archive_table,
-            older_than,
-            plan.batch_size,
-            &progress,
-        )
-        .await
+        let store = self.store();
+        store
+            .tracked(
+                &self.session,
+                maintenance::archive(store, archive_table, older_than, plan.batch_size, &progress),
+            )
+            .await
     }
 
     /// The newest entry archived under `key` in `archive_table`, if any.
@@ -248,7 +251,13 @@ impl EnhancedPostgresBackend {
     /// has a live entry; whether it did. The restored entry gets a new version.
     pub async fn restore_archived(&self, archive_table: &str, key: &[u8]) -> StateResult<bool> {
         crate::state::limits::check_key(key)?;
-        maintenance::restore(self.store(), archive_table, key).await
+        let store = self.store();
+        store
+            .tracked(
+                &self.session,
+                maintenance::restore(store, archive_table, key),
+            )
+            .await
     }
 
     /// `VACUUM (ANALYZE)` of the state table; with `full`, `VACUUM (FULL, ANALYZE)`, which
@@ -296,7 +305,10 @@ impl EnhancedPostgresBackend {
     /// Restored entries get new versions (a version never repeats); keys the checkpoint does
     /// not have are deleted (tombstones). Returns the entries restored.
     pub async fn restore_checkpoint(&self, id: i64) -> StateResult<u64> {
-        maintenance::restore_checkpoint(self.store(), id).await
+        let store = self.store();
+        store
+            .tracked(&self.session, maintenance::restore_checkpoint(store, id))
+            .await
     }
 
     /// Deletes checkpoint `id`; whether it existed.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what pgstate's tests and examples need on a fresh Debian machine, when missing:
 # the PostgreSQL server binaries (initdb, postgres, pg_basebackup), psql and pgbench, openssl,
-# PgBouncer, and pg_auto_failover (pg_autoctl) for the server's major version.
+# PgBouncer, tmux (the test of `pgstate watch`), and pg_auto_failover (pg_autoctl) for the
+# server's major version.
 # Idempotent and quiet when everything is there.
 set -euo pipefail
 
@@ -38,6 +39,8 @@ command -v pgbench >/dev/null 2>&1 || missing+=(postgresql-client)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v setsid >/dev/null 2>&1 || missing+=(util-linux)
 command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)
+# A real terminal for the test of `pgstate watch`.
+command -v tmux >/dev/null 2>&1 || missing+=(tmux)
 
 if [ ${#missing[@]} -gt 0 ]; then
   apt_install "${missing[@]}"

@@ -16,12 +16,14 @@
 mod backup;
 mod citus;
 mod formation;
+mod kept;
 mod pgbouncer;
 mod tools;
 
 pub use backup::RecoveryTarget;
 pub use citus::citus_installed;
 pub use formation::{find_pg_autoctl, Formation};
+pub use kept::stop_kept;
 pub use pgbouncer::{find_pgbouncer, PgBouncer, PoolMode};
 use tools::{chown_to, run_server_tool, runuser_prefix, server_user, spawn_cleanup};
 

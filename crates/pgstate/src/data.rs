@@ -1,0 +1,193 @@
+//! `put`, `get`, `delete`, `list`, `import` and `export`.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use futures_util::StreamExt;
+use processor::state::limits::{check_entry, check_metadata, check_ttl};
+use processor::state::{EnhancedPostgresBackend, StateBackend};
+
+use crate::exit::CliError;
+use crate::jsonl::{self, Line};
+use crate::progress;
+use crate::target::Target;
+
+/// Entries written per bulk statement by `import`.
+const IMPORT_CHUNK: usize = 10_000;
+
+/// `pgstate put KEY VALUE [--ttl S] [--metadata JSON]`.
+pub async fn put(
+    target: &Target,
+    key: &str,
+    value: &str,
+    ttl: Option<f64>,
+    metadata: Option<&str>,
+) -> Result<(), CliError> {
+    let metadata = match metadata {
+        Some(text) => serde_json::from_str(text)
+            .map_err(|e| CliError::usage(format!("--metadata is not JSON: {e}")))?,
+        None => serde_json::json!({}),
+    };
+    let ttl = ttl
+        .map(|s| {
+            Duration::try_from_secs_f64(s)
+                .map_err(|_| CliError::usage("--ttl is a positive number of seconds"))
+        })
+        .transpose()?;
+    // Checked before connecting: bad input never reaches the server.
+    check_entry(key.as_bytes(), value.as_bytes())?;
+    check_metadata(&metadata)?;
+    if let Some(ttl) = ttl {
+        check_ttl(ttl)?;
+    }
+    let backend = target.backend().await?;
+    let version = backend
+        .put_entry(key.as_bytes(), value.as_bytes(), metadata, ttl)
+        .await?;
+    eprintln!("version {version}");
+    Ok(())
+}
+
+/// `pgstate get KEY`: the value on stdout; exit code 1 and nothing on stdout when absent.
+pub async fn get(target: &Target, key: &str) -> Result<(), CliError> {
+    let backend = target.backend().await?;
+    match backend.get(key.as_bytes()).await? {
+        Some(value) => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(&value)?;
+            out.write_all(b"\n")?;
+            Ok(())
+        }
+        None => Err(CliError::silent_not_found()),
+    }
+}
+
+/// `pgstate delete KEY`.
+pub async fn delete(target: &Target, key: &str) -> Result<(), CliError> {
+    let backend = target.backend().await?;
+    backend.delete(key.as_bytes()).await?;
+    Ok(())
+}
+
+/// `pgstate list [PREFIX]`: keys in order, one per line, in bounded memory.
+pub async fn list(target: &Target, prefix: &str) -> Result<(), CliError> {
+    let backend = target.backend().await?;
+    let keys = backend.scan_keys(prefix.as_bytes());
+    let mut keys = std::pin::pin!(keys);
+    let mut out = BufWriter::new(std::io::stdout().lock());
+    while let Some(key) = keys.next().await {
+        out.write_all(&key?)?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Reads every line of `path` and checks it, writing nothing; returns the number of entries.
+fn check_file(path: &Path) -> Result<u64, CliError> {
+    let file = File::open(path)
+        .map_err(|e| CliError::usage(format!("cannot open {}: {e}", path.display())))?;
+    let mut entries = 0;
+    for (i, line) in BufReader::new(file).lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |why: String| CliError::usage(format!("{}:{}: {why}", path.display(), i + 1));
+        let entry = jsonl::decode(&line).map_err(bad)?;
+        check_entry(&entry.key, &entry.value).map_err(|e| bad(e.to_string()))?;
+        check_metadata(&entry.metadata).map_err(|e| bad(e.to_string()))?;
+        if let Some(ttl) = entry.ttl {
+            check_ttl(ttl).map_err(|e| bad(e.to_string()))?;
+        }
+        entries += 1;
+    }
+    Ok(entries)
+}
+
+/// Writes one chunk in its order: each run of plain entries with one binary COPY, the others
+/// (metadata, TTL) one by one, so that a key that comes twice ends with its last line.
+async fn write_chunk(backend: &EnhancedPostgresBackend, chunk: &[Line]) -> Result<(), CliError> {
+    for run in chunk.chunk_by(|a, b| a.is_plain() == b.is_plain()) {
+        if run[0].is_plain() {
+            let plain: Vec<(&[u8], &[u8])> = run
+                .iter()
+                .map(|l| (l.key.as_slice(), l.value.as_slice()))
+                .collect();
+            backend.batch_copy(&plain).await?;
+        } else {
+            for l in run {
+                backend
+                    .put_entry(&l.key, &l.value, l.metadata.clone(), l.ttl)
+                    .await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `pgstate import FILE`: checks the whole file first (a bad line: exit code 2, nothing
+/// written), then loads it in chunks of 10 000 entries, each by one binary COPY. Not one
+/// transaction: a failure part way leaves the chunks before it; importing again is safe (a key
+/// ends with its last value).
+pub async fn import(target: &Target, path: &Path) -> Result<(), CliError> {
+    let total = check_file(path)?;
+    let backend = target.backend().await?;
+    let bar = progress::bar(total, "importing");
+    let file = File::open(path)?;
+    let mut chunk: Vec<Line> = Vec::with_capacity(IMPORT_CHUNK);
+    let mut written = 0u64;
+    for line in BufReader::new(file).lines() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        chunk.push(jsonl::decode(&line).map_err(CliError::usage)?);
+        if chunk.len() == IMPORT_CHUNK {
+            write_chunk(&backend, &chunk).await?;
+            written += chunk.len() as u64;
+            bar.set_position(written);
+            chunk.clear();
+        }
+    }
+    write_chunk(&backend, &chunk).await?;
+    written += chunk.len() as u64;
+    bar.finish_and_clear();
+    eprintln!("imported {written} entries into {}", backend.table());
+    Ok(())
+}
+
+/// `pgstate export FILE [--prefix P]`: the live entries in key order, scanned page by page.
+pub async fn export(target: &Target, path: &Path, prefix: &str) -> Result<(), CliError> {
+    let backend = target.backend().await?;
+    let bar = if prefix.is_empty() {
+        progress::bar(backend.count().await? as u64, "exporting")
+    } else {
+        progress::counter("exporting")
+    };
+    let mut out: Box<dyn Write> = if path == Path::new("-") {
+        Box::new(BufWriter::new(std::io::stdout().lock()))
+    } else {
+        let file = File::create(path)
+            .map_err(|e| CliError::usage(format!("cannot create {}: {e}", path.display())))?;
+        Box::new(BufWriter::new(file))
+    };
+    let entries = backend.scan(prefix.as_bytes());
+    let mut entries = std::pin::pin!(entries);
+    let mut written = 0u64;
+    while let Some(entry) = entries.next().await {
+        let line = jsonl::encode(&entry?, SystemTime::now());
+        out.write_all(line.as_bytes())?;
+        out.write_all(b"\n")?;
+        written += 1;
+        if written % 1000 == 0 {
+            bar.set_position(written);
+        }
+    }
+    out.flush()?;
+    bar.finish_and_clear();
+    eprintln!("exported {written} entries from {}", backend.table());
+    Ok(())
+}

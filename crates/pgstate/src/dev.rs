@@ -1,0 +1,229 @@
+//! `pgstate dev up | down | status`: a local primary, two streaming replicas and TLS, started
+//! from the installed server binaries by the machinery the tests use, and kept running until
+//! `dev down`.
+//!
+//! The state lives in the dev directory (`--dev-dir`, `$PGSTATE_DEV_DIR`, or `pgstate-dev`
+//! in the temporary directory): `cluster.json` (the cluster's directory and URLs) and `env`
+//! (`DATABASE_URL=...` for a shell), both readable by their owner only, since the URLs hold
+//! the password. Other commands use that cluster when neither `--url` nor `$DATABASE_URL` is
+//! given. Printed URLs never show the password.
+
+use std::fs;
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Subcommand;
+use pgstate_testcluster::{Cluster, ClusterOptions};
+use processor::state::redact;
+use serde_json::json;
+
+use crate::exit::{CliError, NOT_FOUND, UNREACHABLE};
+use crate::target::Target;
+
+/// What `pgstate dev` does.
+#[derive(Subcommand, Debug)]
+pub enum DevAction {
+    /// Start the cluster (or say where the running one is) and print its URLs.
+    Up,
+    /// Stop the cluster and remove its files.
+    Down,
+    /// Say whether the cluster runs, with its URLs (exit code 1 when there is none, 3 when a
+    /// server does not answer).
+    Status,
+}
+
+/// A kept cluster, as `cluster.json` records it.
+pub struct DevState {
+    /// The cluster's directory (data directories, certificates, logs).
+    pub dir: PathBuf,
+    /// The primary's URL (TLS, verify-full).
+    pub primary: String,
+    /// The replicas' URLs.
+    pub replicas: Vec<String>,
+}
+
+const STATE_FILE: &str = "cluster.json";
+const ENV_FILE: &str = "env";
+
+impl DevState {
+    /// The state in `dev_dir`, if a cluster was kept there.
+    pub fn load(dev_dir: &Path) -> Result<Option<DevState>, CliError> {
+        let path = dev_dir.join(STATE_FILE);
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(CliError::failed(format!("reading {}: {e}", path.display()))),
+        };
+        let bad = || {
+            CliError::failed(format!(
+                "{} is not a pgstate dev state file",
+                path.display()
+            ))
+        };
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|_| bad())?;
+        let text_of = |v: &serde_json::Value| v.as_str().map(str::to_string).ok_or_else(bad);
+        Ok(Some(DevState {
+            dir: PathBuf::from(text_of(&v["dir"])?),
+            primary: text_of(&v["primary"])?,
+            replicas: v["replicas"]
+                .as_array()
+                .ok_or_else(bad)?
+                .iter()
+                .map(text_of)
+                .collect::<Result<_, _>>()?,
+        }))
+    }
+
+    fn save(&self, dev_dir: &Path) -> Result<(), CliError> {
+        fs::create_dir_all(dev_dir)?;
+        let state = json!({
+            "dir": self.dir.to_string_lossy(),
+            "primary": self.primary,
+            "replicas": self.replicas,
+        });
+        private_file(&dev_dir.join(STATE_FILE), &format!("{state:#}\n"))?;
+        let env = format!(
+            "DATABASE_URL='{}'\nPGSTATE_REPLICA_URLS='{}'\n",
+            self.primary,
+            self.replicas.join(",")
+        );
+        private_file(&dev_dir.join(ENV_FILE), &env)
+    }
+
+    fn print(&self, dev_dir: &Path) {
+        println!("primary:   {}", redact(&self.primary));
+        for (i, r) in self.replicas.iter().enumerate() {
+            println!("replica {}: {}", i + 1, redact(r));
+        }
+        println!("files:     {}", self.dir.display());
+        println!(
+            "URLs with the password: {} (`set -a; . {0}` exports DATABASE_URL)",
+            dev_dir.join(ENV_FILE).display()
+        );
+    }
+}
+
+/// Writes `text` to a new file at `path` that only its owner can read.
+fn private_file(path: &Path, text: &str) -> Result<(), CliError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = fs::remove_file(path);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| CliError::failed(format!("writing {}: {e}", path.display())))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+/// Whether the server of `url` accepts TCP connections on 127.0.0.1.
+fn answers(url: &str) -> bool {
+    let port = url
+        .split("127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|p| p.parse::<u16>().ok());
+    port.is_some_and(|port| {
+        TcpStream::connect_timeout(
+            &SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_secs(2),
+        )
+        .is_ok()
+    })
+}
+
+/// Starts a primary with two replicas and TLS, and keeps it running after this process ends.
+pub fn start_cluster(replicas: usize) -> Result<Cluster, CliError> {
+    Ok(Cluster::start(ClusterOptions {
+        replicas,
+        tls: true,
+        ..ClusterOptions::default()
+    })?)
+}
+
+/// The URL of `cluster`'s node `i` over TLS, checking the server's certificate and name.
+pub fn tls_url(cluster: &Cluster, i: usize) -> String {
+    match cluster.certs() {
+        Some(certs) => format!(
+            "{}?sslmode=verify-full&sslrootcert={}",
+            cluster.url(i),
+            certs.ca_cert.display()
+        ),
+        None => cluster.url(i),
+    }
+}
+
+/// Runs `pgstate dev ACTION`.
+pub async fn run(action: DevAction, target: &Target) -> Result<(), CliError> {
+    let dev_dir = target.dev_dir().to_path_buf();
+    match action {
+        DevAction::Up => {
+            if let Some(state) = DevState::load(&dev_dir)? {
+                if answers(&state.primary) {
+                    println!("the dev cluster is already running");
+                    state.print(&dev_dir);
+                    return Ok(());
+                }
+                // Left over from a machine restart: its servers are gone.
+                let _ = pgstate_testcluster::stop_kept(&state.dir);
+            }
+            eprintln!("starting a primary, two streaming replicas and TLS ...");
+            let cluster = tokio::task::spawn_blocking(|| start_cluster(2))
+                .await
+                .map_err(|e| CliError::failed(format!("starting the cluster: {e}")))??;
+            let state = DevState {
+                primary: tls_url(&cluster, 0),
+                replicas: (1..cluster.nodes().len())
+                    .map(|i| tls_url(&cluster, i))
+                    .collect(),
+                dir: cluster.keep(),
+            };
+            state.save(&dev_dir)?;
+            println!("the dev cluster is running (stop it with `pgstate dev down`)");
+            state.print(&dev_dir);
+            Ok(())
+        }
+        DevAction::Down => {
+            let Some(state) = DevState::load(&dev_dir)? else {
+                println!("no dev cluster is running");
+                return Ok(());
+            };
+            let dir = state.dir.clone();
+            tokio::task::spawn_blocking(move || pgstate_testcluster::stop_kept(&dir))
+                .await
+                .map_err(|e| CliError::failed(format!("stopping the cluster: {e}")))??;
+            fs::remove_file(dev_dir.join(STATE_FILE))?;
+            let _ = fs::remove_file(dev_dir.join(ENV_FILE));
+            println!("the dev cluster is stopped and its files removed");
+            Ok(())
+        }
+        DevAction::Status => {
+            let Some(state) = DevState::load(&dev_dir)? else {
+                println!("no dev cluster is running");
+                return Err(CliError::new(NOT_FOUND, ""));
+            };
+            let mut down = 0;
+            for (name, url) in std::iter::once(("primary", &state.primary))
+                .chain(state.replicas.iter().map(|r| ("replica", r)))
+            {
+                let up = answers(url);
+                down += usize::from(!up);
+                println!(
+                    "{name:8} {} {}",
+                    if up { "up  " } else { "DOWN" },
+                    redact(url)
+                );
+            }
+            if down > 0 {
+                return Err(CliError::new(
+                    UNREACHABLE,
+                    format!("{down} server(s) of the dev cluster do not answer"),
+                ));
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! `pgstate`: look at and operate a `processor::state` backend in PostgreSQL, and try it on a
+//! throwaway local cluster.
+//!
+//! Each module is one group of commands: `dev` (a local cluster kept running), `demo` (the
+//! guided tour), `data` (put, get, delete, list, import, export), `admin` (migrate, stats,
+//! retention, archive, vacuum, checkpoints, locks, leaders), `events` (listen, notify),
+//! `bench`, `serve` (metrics over HTTP), `watch` (the live view). `target` finds the server,
+//! `exit` maps errors to exit codes, `prometheus` renders metrics as Prometheus text.
+
+mod admin;
+mod bench;
+mod data;
+mod demo;
+mod dev;
+mod events;
+mod exit;
+mod jsonl;
+mod progress;
+mod prometheus;
+mod serve;
+mod target;
+mod watch;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::exit::CliError;
+use crate::target::Target;
+
+/// Exit codes, for scripts.
+const AFTER_HELP: &str = "\
+Exit codes:
+  0  success
+  1  not found: `get` of an absent key (nothing on stdout), a checkpoint id that does not exist
+  2  bad usage or invalid input (nothing was written)
+  3  cannot reach or use the server: connection, TLS, configuration, permission, timeout
+  4  any other failure (the message on stderr says what)
+
+The server: --url, else $DATABASE_URL, else the cluster `pgstate dev up` keeps running.
+Passwords are never printed: URLs are shown with the password replaced by ***.";
+
+/// Look at and operate a pgstate state backend in PostgreSQL.
+#[derive(Parser, Debug)]
+#[command(name = "pgstate", version, about, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// The server's URL (or libpq keyword string). Default: $DATABASE_URL, else the cluster
+    /// `pgstate dev up` keeps running.
+    #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
+    url: Option<String>,
+    /// The state table's schema.
+    #[arg(long, global = true, default_value = "public")]
+    schema: String,
+    /// The state table.
+    #[arg(long, global = true, default_value = "state_entries")]
+    table: String,
+    /// A replica's URL, for reads and replication figures (repeat for several). Default: the
+    /// dev cluster's replicas when it is the server.
+    #[arg(long = "replica", global = true)]
+    replicas: Vec<String>,
+    /// Where `pgstate dev` keeps its cluster's state.
+    #[arg(long, global = true, env = "PGSTATE_DEV_DIR")]
+    dev_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// A local primary, two streaming replicas and TLS, kept running until `dev down`.
+    Dev {
+        #[command(subcommand)]
+        action: dev::DevAction,
+    },
+    /// A guided tour of every feature group, against --url, or else a throwaway cluster it
+    /// starts and stops itself.
+    Demo,
+    /// Store VALUE under KEY.
+    Put {
+        /// The key (UTF-8).
+        key: String,
+        /// The value (UTF-8).
+        value: String,
+        /// Expire the entry after this many seconds.
+        #[arg(long)]
+        ttl: Option<f64>,
+        /// A JSON object stored as the entry's metadata.
+        #[arg(long)]
+        metadata: Option<String>,
+    },
+    /// Print KEY's value; exit code 1 and nothing on stdout when it is absent.
+    Get {
+        /// The key.
+        key: String,
+    },
+    /// Delete KEY (no error when it is absent).
+    Delete {
+        /// The key.
+        key: String,
+    },
+    /// Print the live keys starting with PREFIX, in key order, one per line.
+    List {
+        /// The key prefix (all keys when absent).
+        prefix: Option<String>,
+    },
+    /// Load entries from a JSON lines file (`-` for stdin) through the bulk paths.
+    Import {
+        /// The file: one object per line, as `export` writes them.
+        file: PathBuf,
+    },
+    /// Write the live entries (starting with --prefix) to a JSON lines file (`-` for stdout).
+    Export {
+        /// The file.
+        file: PathBuf,
+        /// Only keys starting with this.
+        #[arg(long, default_value = "")]
+        prefix: String,
+    },
+    /// Create or upgrade the schema (the embedded migrations) and say what is applied.
+    Migrate,
+    /// Table, pool, replication and operation figures (a table for people, --json for
+    /// scripts).
+    Stats {
+        /// One JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Retention policy.
+    Retention {
+        #[command(subcommand)]
+        action: admin::RetentionAction,
+    },
+    /// Move live entries not written for --older-than seconds into an archive table.
+    Archive {
+        /// The archive table.
+        #[arg(long, default_value = "state_entries_archive")]
+        name: String,
+        /// Age in seconds.
+        #[arg(long)]
+        older_than: f64,
+    },
+    /// VACUUM ANALYZE the state table.
+    Vacuum {
+        /// VACUUM FULL (rewrites the table under an exclusive lock).
+        #[arg(long)]
+        full: bool,
+    },
+    /// Named state checkpoints.
+    Checkpoint {
+        #[command(subcommand)]
+        action: admin::CheckpointAction,
+    },
+    /// The advisory locks held now, with holders and waiters.
+    Locks,
+    /// Leader election.
+    Leader {
+        #[command(subcommand)]
+        action: admin::LeaderAction,
+    },
+    /// Print each notification's payload on CHANNEL, one per line.
+    Listen {
+        /// The channel.
+        channel: String,
+        /// Exit after this many notifications.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Send PAYLOAD on CHANNEL.
+    Notify {
+        /// The channel.
+        channel: String,
+        /// The payload (at most 7999 bytes).
+        payload: String,
+    },
+    /// Puts and gets from concurrent tasks for a while, with throughput and latencies.
+    Bench(bench::BenchArgs),
+    /// Serve the pgstate_ metrics in Prometheus' text format over HTTP.
+    Metrics {
+        /// The address to listen on (port 0 picks a free one; the address is printed).
+        #[arg(long)]
+        listen: String,
+    },
+    /// A live view refreshed each second: ops/s, latencies, connections, replicas, locks and
+    /// leaders (q to quit).
+    Watch {
+        /// Leaderships to show (repeat for several).
+        #[arg(long = "leader")]
+        leaders: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("pgstate: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::FAILED);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if !e.message.is_empty() {
+                eprintln!("pgstate: {}", e.message);
+            }
+            ExitCode::from(e.code)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), CliError> {
+    let target = Target::new(&cli);
+    match cli.command {
+        Command::Dev { action } => dev::run(action, &target).await,
+        Command::Demo => demo::run(&target).await,
+        Command::Put {
+            key,
+            value,
+            ttl,
+            metadata,
+        } => data::put(&target, &key, &value, ttl, metadata.as_deref()).await,
+        Command::Get { key } => data::get(&target, &key).await,
+        Command::Delete { key } => data::delete(&target, &key).await,
+        Command::List { prefix } => data::list(&target, prefix.as_deref().unwrap_or("")).await,
+        Command::Import { file } => data::import(&target, &file).await,
+        Command::Export { file, prefix } => data::export(&target, &file, &prefix).await,
+        Command::Migrate => admin::migrate(&target).await,
+        Command::Stats { json } => admin::stats(&target, json).await,
+        Command::Retention { action } => admin::retention(&target, action).await,
+        Command::Archive { name, older_than } => admin::archive(&target, &name, older_than).await,
+        Command::Vacuum { full } => admin::vacuum(&target, full).await,
+        Command::Checkpoint { action } => admin::checkpoint(&target, action).await,
+        Command::Locks => admin::locks(&target).await,
+        Command::Leader { action } => admin::leader(&target, action).await,
+        Command::Listen { channel, count } => events::listen(&target, &channel, count).await,
+        Command::Notify { channel, payload } => events::notify(&target, &channel, &payload).await,
+        Command::Bench(args) => bench::run(&target, args).await,
+        Command::Metrics { listen } => serve::run(&target, &listen).await,
+        Command::Watch { leaders } => watch::run(&target, leaders).await,
+    }
+}

@@ -6,7 +6,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::{append, err, free_port, Cluster, Error, Node, Result, PASSWORD};
+use crate::{append, err, free_port, Cluster, Error, Node, Result};
 
 /// Where a restore stops replaying archived WAL (PostgreSQL's `recovery_target_*` settings).
 #[derive(Clone, Debug)]
@@ -58,9 +58,12 @@ impl Cluster {
     /// the WAL it needs), as a replica (`-R`) or as a backup; returns the folder.
     pub(crate) fn basebackup(&self, name: &str, replica: bool) -> Result<PathBuf> {
         let data = self.dir.join(name);
+        // The password comes from the cluster's passfile (also for a replica's walreceiver,
+        // which keeps this conninfo): never on a command line.
         let conninfo = format!(
-            "host=127.0.0.1 port={} user=postgres password={PASSWORD} application_name={name}",
-            self.nodes[0].port
+            "host=127.0.0.1 port={} user=postgres passfile={} application_name={name}",
+            self.nodes[0].port,
+            self.dir.join(crate::tools::PASSFILE).display()
         );
         let data_arg = data.to_string_lossy().to_string();
         let mut args = vec![

@@ -22,14 +22,21 @@ impl Cluster {
     }
 }
 
-/// Stops the servers of a cluster kept with [`Cluster::keep`] (fast shutdown) and removes its
-/// directory. Refuses a directory that does not hold a cluster's primary (`node0` with a
-/// `PG_VERSION`), so a wrong path removes nothing.
+/// Stops the servers of a cluster kept with [`Cluster::keep`] (fast shutdown; a server that
+/// is not running, e.g. after a reboot, counts as stopped) and removes its directory. Refuses
+/// anything but a cluster's directory (`pgstate-*` in the temporary directory, holding a
+/// primary's `node0/PG_VERSION`), so a wrong path removes nothing.
 pub fn stop_kept(dir: &Path) -> Result<()> {
-    if !dir.join("node0").join("PG_VERSION").is_file() {
+    let ours = dir.parent() == Some(std::env::temp_dir().as_path())
+        && dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("pgstate-"));
+    if !ours || !dir.join("node0").join("PG_VERSION").is_file() {
         return err(format!(
-            "{} does not hold a pgstate cluster (no node0/PG_VERSION)",
-            dir.display()
+            "{} is not a pgstate cluster's directory (pgstate-* in {}, with node0/PG_VERSION)",
+            dir.display(),
+            std::env::temp_dir().display()
         ));
     }
     let bindir = find_bindir()?;
@@ -50,6 +57,17 @@ pub fn stop_kept(dir: &Path) -> Result<()> {
     nodes.reverse();
     for node in nodes {
         let data = node.to_string_lossy().to_string();
+        // Exit status 3: no server runs on it (a stale pid file).
+        let status = run_server_tool(
+            run_as.as_ref(),
+            &bindir,
+            dir,
+            "pg_ctl",
+            &["-D", &data, "status"],
+        );
+        if status.is_err() {
+            continue;
+        }
         run_server_tool(
             run_as.as_ref(),
             &bindir,

@@ -14,6 +14,7 @@
 //! the server named by `PGSTATE_TEST_DATABASE_URL` when that is set.
 
 mod backup;
+mod certs;
 mod citus;
 mod formation;
 mod kept;
@@ -21,6 +22,7 @@ mod pgbouncer;
 mod tools;
 
 pub use backup::RecoveryTarget;
+pub use certs::Certs;
 pub use citus::citus_installed;
 pub use formation::{find_pg_autoctl, Formation};
 pub use kept::stop_kept;
@@ -31,7 +33,7 @@ use std::fmt;
 use std::fs;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -74,6 +76,11 @@ pub struct ClusterOptions {
     /// With more than 0: the primary is a Citus coordinator with this many workers (see
     /// [`citus_installed`]); `replicas` must be 0.
     pub citus_workers: usize,
+    /// For a cluster that outlives a test (`pgstate dev up`, the demo): a random superuser
+    /// password instead of [`PASSWORD`], and no `trust` at all (Unix-socket connections need
+    /// the password too), so other local users cannot log in. The password is in the URLs and
+    /// in the cluster's `pgpass` file, readable by its owner only.
+    pub private: bool,
 }
 
 impl Default for ClusterOptions {
@@ -84,30 +91,9 @@ impl Default for ClusterOptions {
             max_connections: 400,
             wal_archive: false,
             citus_workers: 0,
+            private: false,
         }
     }
-}
-
-/// Certificate files generated for a TLS cluster (PEM).
-#[derive(Clone, Debug)]
-pub struct Certs {
-    /// The CA certificate that signed the server and client certificates (the server trusts it
-    /// for client certificates too).
-    pub ca_cert: PathBuf,
-    /// A CA that signed nothing the server uses: "untrusted" from the server's side.
-    pub other_ca_cert: PathBuf,
-    /// Server certificate, valid for `localhost` and `127.0.0.1` only (not `127.0.0.2`).
-    pub server_cert: PathBuf,
-    /// Server key.
-    pub server_key: PathBuf,
-    /// Client certificate for [`CERT_USER`], signed by the trusted CA.
-    pub client_cert: PathBuf,
-    /// Its key.
-    pub client_key: PathBuf,
-    /// Client certificate for [`CERT_USER`] signed by the other CA: the server refuses it.
-    pub untrusted_client_cert: PathBuf,
-    /// Its key.
-    pub untrusted_client_key: PathBuf,
 }
 
 /// Role that logs in with a client certificate (`hostssl ... cert`) on TLS clusters.
@@ -130,6 +116,8 @@ pub struct Cluster {
     nodes: Vec<Node>,
     certs: Option<Certs>,
     watchdog: Option<std::process::Child>,
+    /// The superuser's password ([`PASSWORD`], or a random one for a private cluster).
+    password: String,
 }
 
 #[derive(Clone, Debug)]
@@ -148,6 +136,9 @@ impl Cluster {
         if opts.citus_workers > 0 && opts.replicas > 0 {
             return err("a Citus cluster (citus_workers) takes no streaming replicas");
         }
+        if opts.citus_workers > 0 && opts.private {
+            return err("a Citus cluster's nodes trust each other: it cannot be private");
+        }
         let bindir = find_bindir()?;
         let run_as = server_user()?;
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -161,8 +152,17 @@ impl Cluster {
             nodes: Vec::new(),
             certs: None,
             watchdog: None,
+            password: if opts.private {
+                tools::random_password()?
+            } else {
+                PASSWORD.to_string()
+            },
         };
+        // Only its owner (the server user) enters it: data, certificates, the socket.
+        fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(|e| Error(format!("chmod {}: {e}", dir.display())))?;
         cluster.chown(&dir)?;
+        cluster.write_passfile()?;
         cluster.spawn_watchdog()?;
         if opts.tls {
             cluster.certs = Some(cluster.make_certs()?);
@@ -201,9 +201,31 @@ impl Cluster {
     /// URL of node `i` as the superuser, for database `db`.
     pub fn url_for_db(&self, i: usize, db: &str) -> String {
         format!(
-            "postgresql://postgres:{PASSWORD}@127.0.0.1:{}/{db}",
-            self.nodes[i].port
+            "postgresql://postgres:{}@127.0.0.1:{}/{db}",
+            self.password, self.nodes[i].port
         )
+    }
+
+    /// The superuser's password: [`PASSWORD`], or a private cluster's own.
+    pub fn password(&self) -> &str {
+        &self.password
+    }
+
+    /// Writes `<dir>/pgpass` (mode 0600, the server user's): the password for the tools the
+    /// cluster runs (`pg_basebackup`, `psql`, replicas' walreceivers), never on a command line.
+    fn write_passfile(&self) -> Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.dir.join(tools::PASSFILE);
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| Error(format!("creating {}: {e}", path.display())))?;
+        f.write_all(format!("*:*:*:postgres:{}\n", self.password).as_bytes())
+            .map_err(|e| Error(format!("writing {}: {e}", path.display())))?;
+        self.chown(&path)
     }
 
     /// URL of the primary.
@@ -290,87 +312,6 @@ impl Cluster {
         Ok(())
     }
 
-    fn make_certs(&self) -> Result<Certs> {
-        let d = self.dir.join("certs");
-        fs::create_dir_all(&d).map_err(|e| Error(format!("creating {}: {e}", d.display())))?;
-        let p = |name: &str| d.join(name).to_string_lossy().to_string();
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ];
-        for (name, cn) in [("ca", "pgstate test CA"), ("other_ca", "untrusted test CA")] {
-            let subj = format!("/CN={cn}");
-            let (key, crt) = (p(&format!("{name}.key")), p(&format!("{name}.crt")));
-            let mut args = vec!["req", "-x509", "-days", "3650", "-subj", &subj];
-            args.extend_from_slice(&ec);
-            args.extend_from_slice(&["-keyout", &key, "-out", &crt]);
-            args.extend_from_slice(&[
-                "-addext",
-                "basicConstraints=critical,CA:TRUE",
-                "-addext",
-                "keyUsage=critical,keyCertSign,cRLSign",
-            ]);
-            openssl(&args)?;
-        }
-        let client_ext = "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n";
-        for (name, cn, ca, ext) in [
-            (
-                "server",
-                "localhost",
-                "ca",
-                "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n",
-            ),
-            ("client", CERT_USER, "ca", client_ext),
-            ("untrusted_client", CERT_USER, "other_ca", client_ext),
-        ] {
-            let (key, csr, crt, extf) = (
-                p(&format!("{name}.key")),
-                p(&format!("{name}.csr")),
-                p(&format!("{name}.crt")),
-                p(&format!("{name}.ext")),
-            );
-            let (ca_crt, ca_key) = (p(&format!("{ca}.crt")), p(&format!("{ca}.key")));
-            fs::write(&extf, ext).map_err(|e| Error(format!("writing {extf}: {e}")))?;
-            let subj = format!("/CN={cn}");
-            let mut req = vec!["req", "-new", "-subj", &subj, "-keyout", &key, "-out", &csr];
-            req.extend_from_slice(&ec);
-            openssl(&req)?;
-            openssl(&[
-                "x509", "-req", "-in", &csr, "-CA", &ca_crt, "-CAkey", &ca_key, "-CAcreateserial",
-                "-days", "3650", "-out", &crt, "-extfile", &extf,
-            ])?;
-        }
-        // Keys are 0600. The server's files belong to the server user; the client's stay with
-        // the user running the tests (libpq refuses a key owned by someone else).
-        for entry in fs::read_dir(&d).map_err(|e| Error(e.to_string()))? {
-            let path = entry.map_err(|e| Error(e.to_string()))?.path();
-            let name = path
-                .file_name()
-                .map(|n| n.to_string_lossy().to_string())
-                .unwrap_or_default();
-            if name.starts_with("server") || name.starts_with("ca.") {
-                self.chown(&path)?;
-            }
-            use std::os::unix::fs::PermissionsExt;
-            let mode = if name.ends_with(".key") { 0o600 } else { 0o644 };
-            fs::set_permissions(&path, fs::Permissions::from_mode(mode))
-                .map_err(|e| Error(format!("chmod {}: {e}", path.display())))?;
-        }
-        Ok(Certs {
-            ca_cert: d.join("ca.crt"),
-            other_ca_cert: d.join("other_ca.crt"),
-            server_cert: d.join("server.crt"),
-            server_key: d.join("server.key"),
-            client_cert: d.join("client.crt"),
-            client_key: d.join("client.key"),
-            untrusted_client_cert: d.join("untrusted_client.crt"),
-            untrusted_client_key: d.join("untrusted_client.key"),
-        })
-    }
-
     fn init_primary(&mut self, opts: &ClusterOptions) -> Result<()> {
         self.init_server(0, opts)?;
         if self.certs.is_some() {
@@ -387,8 +328,13 @@ impl Cluster {
     fn init_server(&mut self, i: usize, opts: &ClusterOptions) -> Result<()> {
         let data = self.dir.join(format!("node{i}"));
         let pwfile = self.dir.join("pwfile");
-        fs::write(&pwfile, PASSWORD).map_err(|e| Error(e.to_string()))?;
+        fs::write(&pwfile, &self.password).map_err(|e| Error(e.to_string()))?;
         self.chown(&pwfile)?;
+        let local_auth = if opts.private {
+            "--auth-local=scram-sha-256"
+        } else {
+            "--auth-local=trust"
+        };
         self.run_tool(
             "initdb",
             &[
@@ -396,7 +342,7 @@ impl Cluster {
                 &data.to_string_lossy(),
                 "-U",
                 "postgres",
-                "--auth-local=trust",
+                local_auth,
                 "--auth-host=scram-sha-256",
                 &format!("--pwfile={}", pwfile.display()),
                 "-E",
@@ -431,7 +377,11 @@ impl Cluster {
         }
         append(&data.join("postgresql.conf"), &conf)?;
         // 127.0.0.2 reaches the same server under a name its certificate does not carry.
-        let mut hba = String::from("local all all trust\n");
+        let mut hba = String::from(if opts.private {
+            "local all all scram-sha-256\n"
+        } else {
+            "local all all trust\n"
+        });
         if opts.citus_workers > 0 {
             // Citus nodes connect to each other as the user of the session.
             hba.push_str("host all postgres 127.0.0.1/32 trust\n");
@@ -498,26 +448,6 @@ impl Drop for Cluster {
             let _ = w.wait();
         }
     }
-}
-
-fn openssl(args: &[&str]) -> Result<()> {
-    let out = Command::new("openssl")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| {
-            Error(format!(
-                "running openssl (install the Debian package openssl): {e}"
-            ))
-        })?;
-    if !out.status.success() {
-        return err(format!(
-            "openssl {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(())
 }
 
 fn append(path: &Path, text: &str) -> Result<()> {

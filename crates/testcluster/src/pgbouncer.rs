@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{err, free_port, Cluster, Error, Result, PASSWORD};
+use crate::{err, free_port, Cluster, Error, Result};
 
 /// How PgBouncer hands server connections to clients.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,6 +33,7 @@ pub struct PgBouncer {
     pidfile: PathBuf,
     port: u16,
     mode: PoolMode,
+    password: String,
 }
 
 impl PgBouncer {
@@ -40,8 +41,8 @@ impl PgBouncer {
     /// without TLS (PgBouncer serves plaintext here) and without `pgbouncer=true`.
     pub fn url(&self) -> String {
         format!(
-            "postgresql://postgres:{PASSWORD}@127.0.0.1:{}/postgres?sslmode=disable",
-            self.port
+            "postgresql://postgres:{}@127.0.0.1:{}/postgres?sslmode=disable",
+            self.password, self.port
         )
     }
 
@@ -94,7 +95,7 @@ pub fn find_pgbouncer() -> Result<PathBuf> {
 
 impl Cluster {
     /// Starts PgBouncer in `mode` in front of the primary and waits until it accepts
-    /// connections. Clients log in as `postgres` with [`PASSWORD`] (SCRAM); PgBouncer logs in
+    /// connections. Clients log in as `postgres` with the cluster's password (SCRAM); PgBouncer logs in
     /// to the server with the same.
     pub fn start_pgbouncer(&self, mode: PoolMode) -> Result<PgBouncer> {
         let binary = find_pgbouncer()?;
@@ -103,7 +104,7 @@ impl Cluster {
         let dir = self.dir();
         let users = dir.join(format!("{tag}.users"));
         let ini = dir.join(format!("{tag}.ini"));
-        fs::write(&users, format!("\"postgres\" \"{PASSWORD}\"\n"))
+        fs::write(&users, format!("\"postgres\" \"{}\"\n", self.password()))
             .map_err(|e| Error(format!("writing {}: {e}", users.display())))?;
         let config = format!(
             "[databases]\n* = host=127.0.0.1 port={primary}\n\n[pgbouncer]\n\
@@ -143,6 +144,7 @@ impl Cluster {
             pidfile: dir.join(format!("{tag}.pid")),
             port,
             mode,
+            password: self.password().to_string(),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {

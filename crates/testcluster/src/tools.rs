@@ -43,6 +43,11 @@ pub(crate) fn run_server_tool(
     cmd.env_remove("PGHOST")
         .env_remove("PGPORT")
         .env_remove("PGDATABASE");
+    // The cluster's password, for the tools that connect (never on their command line).
+    let passfile = dir.join(PASSFILE);
+    if passfile.is_file() {
+        cmd.env("PGPASSFILE", passfile);
+    }
     let out = cmd
         .output()
         .map_err(|e| Error(format!("running {}: {e}", path.display())))?;
@@ -73,6 +78,19 @@ pub(crate) fn psql(
     args.extend(["-c", sql]);
     let out = run_server_tool(run_as, bindir, dir, "psql", &args)?;
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The file in a cluster's directory that holds its password for libpq (`PGPASSFILE`).
+pub(crate) const PASSFILE: &str = "pgpass";
+
+/// 32 random hexadecimal digits from the operating system.
+pub(crate) fn random_password() -> Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| Error(format!("reading /dev/urandom: {e}")))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Gives `path` to `run_as`, when given.

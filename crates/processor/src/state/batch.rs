@@ -341,5 +341,9 @@ mod probe_plan {
             !plan.contains("ANY"),
             "a row filter against the array: {plan}"
         );
+        assert!(
+            !plan.contains("Join Filter"),
+            "a join filtering pairs: {plan}"
+        );
     }
 }

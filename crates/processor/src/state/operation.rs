@@ -136,10 +136,11 @@ impl Op {
 
     /// The operation's `tracing` span, following OpenTelemetry's database conventions: the
     /// system, the operation's name and the table (never keys, values or connection secrets).
-    /// Its `error.type` is recorded when the operation fails. A span no subscriber wants costs
-    /// one check of the subscriber's interest.
+    /// Its `error.type` is recorded when the operation fails. At DEBUG level (target
+    /// `pgstate`), so an application logging at INFO pays one check of the subscriber's
+    /// interest per operation and no formatting.
     pub fn span(self, table: &str) -> tracing::Span {
-        tracing::info_span!(
+        tracing::debug_span!(
             target: "pgstate",
             "pgstate.operation",
             "otel.name" = tracing::field::display(format_args!("{} {table}", self.name())),

@@ -88,6 +88,44 @@ impl std::fmt::Debug for Stats {
     }
 }
 
+/// One operation's record, however it ends: attempts record themselves, and
+/// [`finish`](Self::finish) records the result when none did (a failure to get a connection,
+/// or the operation timeout cutting the work short).
+pub(crate) struct OpRecord<'a> {
+    stats: &'a Stats,
+    op: Op,
+    rows: u64,
+    start: std::time::Instant,
+    done: std::sync::atomic::AtomicBool,
+}
+
+impl<'a> OpRecord<'a> {
+    pub fn new(stats: &'a Stats, op: Op, rows: u64) -> Self {
+        OpRecord {
+            stats,
+            op,
+            rows,
+            start: std::time::Instant::now(),
+            done: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Records one attempt, timed from `start`.
+    pub fn attempt(&self, start: std::time::Instant, error: Option<ErrorKind>) {
+        self.done.store(true, Relaxed);
+        self.stats
+            .record(self.op, self.rows, start.elapsed(), error);
+    }
+
+    /// Records `result` unless an attempt was recorded.
+    pub fn finish<T>(&self, result: &Result<T, StateError>) {
+        if !self.done.load(Relaxed) {
+            self.stats
+                .record(self.op, self.rows, self.start.elapsed(), failure(result));
+        }
+    }
+}
+
 /// Coordination events the backend counts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum LockEvent {

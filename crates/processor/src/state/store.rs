@@ -22,7 +22,7 @@ use crate::state::ops::{check_batch, MetadataQuery, StateEntry};
 use crate::state::pipeline::Point;
 use crate::state::pool::{bounded, ConnPool};
 use crate::state::router::{current_lsn, ReadTarget, Router};
-use crate::state::stats::{failure, Stats};
+use crate::state::stats::{failure, OpRecord, Stats};
 
 /// The future of one read attempt (boxed: see [`Store::read`]).
 type ReadFuture<'a, T> =
@@ -174,7 +174,9 @@ impl Store {
         A: ?Sized + Sync,
         F: for<'a> Fn(&'a PgConn, &'a A) -> ReadFuture<'a, T>,
     {
-        bounded(self.op_timeout, async {
+        let record = OpRecord::new(&self.stats, op, 1);
+        let record = &record;
+        let work = bounded(self.op_timeout, async {
             let floor = self.floor(scope).await;
             let force_primary = scope.primary_only || floor.is_none();
             let floor = floor.unwrap_or(0);
@@ -195,7 +197,7 @@ impl Store {
                                 Ok(mut conn) => conn.run(|c| f(c, arg)).await,
                                 Err(e) => Err(e),
                             };
-                            self.stats.record(op, 1, start.elapsed(), failure(&result));
+                            record.attempt(start, failure(&result));
                             return result;
                         }
                         ReadTarget::Replica {
@@ -233,7 +235,7 @@ impl Store {
                         .await
                     }
                 };
-                self.stats.record(op, 1, start.elapsed(), failure(&attempt));
+                record.attempt(start, failure(&attempt));
                 match attempt {
                     Ok(Some(value)) => return Ok(value),
                     // Behind the session's floor: not a failure, the read goes elsewhere.
@@ -247,7 +249,12 @@ impl Store {
                 self.router.undo_read(index);
                 tried.push(index);
             }
-        })
+        });
+        async {
+            let result = work.await;
+            record.finish(&result);
+            result
+        }
         .instrument(op.span(&self.names.label))
         .await
     }
@@ -271,7 +278,9 @@ impl Store {
     where
         F: AsyncFnOnce(&PgConn) -> StateResult<T> + Clone,
     {
-        bounded(self.op_timeout, async {
+        let record = OpRecord::new(&self.stats, op, rows);
+        let record = &record;
+        let work = bounded(self.op_timeout, async {
             let mut conn = connection(&self.primary, how).await?;
             // Dropped before its position is known (also with this future), the session is
             // unsure: its next read takes the primary's position.
@@ -284,8 +293,8 @@ impl Store {
             // it on another server connection before the write.)
             let fold = mark.is_some() && how == Use::Point && !self.primary.transaction_pooling();
             let (mut result, mut lsn) = if fold {
-                let both = conn
-                    .run(|c| async move {
+                let both =
+                    conn.run(|c| async move {
                         Ok::<_, StateError>(join(first(c), c.insert_lsn()).await)
                     })
                     .await;
@@ -306,7 +315,7 @@ impl Store {
                 result = conn.run(|c| again(c)).await;
                 lsn = None;
             }
-            self.stats.record(op, rows, start.elapsed(), failure(&result));
+            record.attempt(start, failure(&result));
             if let Some(mark) = mark {
                 match &result {
                     Ok(_) | Err(StateError::ConcurrentModification { .. }) => match lsn {
@@ -327,7 +336,12 @@ impl Store {
                 }
             }
             result
-        })
+        });
+        async {
+            let result = work.await;
+            record.finish(&result);
+            result
+        }
         .instrument(op.span(&self.names.label))
         .await
     }

@@ -143,11 +143,17 @@ impl PostgresTransaction {
         if conn.abandoned() && self.abandoned.is_none() {
             self.abandoned = Some(self.savepoints.len());
         }
-        let start = Instant::now();
-        let r = bounded(self.op_timeout, conn.run(|c| f(c)))
-            .instrument(op.span(&self.names.label))
-            .await;
-        self.stats.record(op, rows, start.elapsed(), failure(&r));
+        let (stats, op_timeout) = (&self.stats, self.op_timeout);
+        let span = op.span(&self.names.label);
+        // Recorded inside the span, so a failure is the span's `error.type`.
+        let r = async {
+            let start = Instant::now();
+            let r = bounded(op_timeout, conn.run(|c| f(c))).await;
+            stats.record(op, rows, start.elapsed(), failure(&r));
+            r
+        }
+        .instrument(span)
+        .await;
         if let Err(e) = &r {
             self.note_error(e);
         }

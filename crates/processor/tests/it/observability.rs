@@ -262,7 +262,13 @@ async fn every_operation_has_a_span_with_database_attributes_and_never_a_value()
     b.delete(b"span-key-5c1e").await.unwrap();
     let mut tx = b.begin().await.unwrap();
     tx.put(b"span-key-5c1f", b"span-value-5c1f").await.unwrap();
-    tx.commit().await.unwrap();
+    // A statement failing inside a transaction marks its own span.
+    let refused = tx
+        .put_with_version(b"span-key-5c1f", b"span-value-5c1f", Some(999))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.kind(), processor::state::ErrorKind::Conflict);
+    tx.rollback().await.unwrap();
 
     let ops: Vec<Captured> = capture
         .spans()
@@ -290,12 +296,11 @@ async fn every_operation_has_a_span_with_database_attributes_and_never_a_value()
         .iter()
         .filter(|s| s.field("error.type").is_some())
         .collect();
-    assert_eq!(failed.len(), 1, "{ops:#?}");
-    assert_eq!(
-        failed[0].field("db.operation.name"),
-        Some("put_with_version")
-    );
-    assert_eq!(failed[0].field("error.type"), Some("conflict"));
+    assert_eq!(failed.len(), 2, "{ops:#?}");
+    for f in failed {
+        assert_eq!(f.field("db.operation.name"), Some("put_with_version"));
+        assert_eq!(f.field("error.type"), Some("conflict"));
+    }
     capture.assert_never_shows(&["5c1e", "5c1f", pgstate_testcluster::PASSWORD]);
 }
 
@@ -367,6 +372,45 @@ async fn a_slow_operation_is_counted_and_logged_by_statement_without_values() {
     assert!(ms >= 300.0, "{logged:?}");
     assert_eq!(logged.field("operation"), Some("put"));
     capture.assert_never_shows(&["9d2b", "9d2c", pgstate_testcluster::PASSWORD]);
+}
+
+/// An operation cut short by the operation timeout (its statement waits on a row lock) is
+/// counted as a timeout, in the statistics and as its span's `error.type`.
+#[tokio::test]
+async fn an_operation_cut_short_by_the_timeout_is_counted_as_a_timeout() {
+    let capture = Capture::default();
+    let _guard = tracing::subscriber::set_default(capture.clone());
+    let b = EnhancedPostgresBackend::new(
+        support::config("op_timeout").with_operation_timeout(Duration::from_millis(500)),
+    )
+    .await
+    .unwrap();
+    b.put(b"held", b"1").await.unwrap();
+    let locker = support::raw(&support::url()).await;
+    locker
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM {} WHERE key = 'held'::bytea FOR UPDATE",
+            b.table()
+        ))
+        .await
+        .unwrap();
+    let e = b.put(b"held", b"2").await.unwrap_err();
+    assert_eq!(e.kind(), processor::state::ErrorKind::Timeout, "{e}");
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    let stats = b.get_stats();
+    assert!(
+        stats
+            .errors_by_kind
+            .contains(&(processor::state::ErrorKind::Timeout, 1)),
+        "{stats:?}"
+    );
+    assert_eq!(stats.error_count, 1);
+    let timed_out = capture
+        .spans()
+        .into_iter()
+        .filter(|s| s.field("error.type") == Some("timeout"))
+        .count();
+    assert_eq!(timed_out, 1);
 }
 
 /// With a recorder installed, the `pgstate_` metrics move with the operations: counters and

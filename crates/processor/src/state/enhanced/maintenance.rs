@@ -352,15 +352,16 @@ impl EnhancedPostgresBackend {
         strategy: PartitionStrategy,
         progress: impl Fn(u64, u64) + Sync,
     ) -> StateResult<RepartitionReport> {
-        maintenance::repartition_table(
-            self.store(),
+        let store = self.store();
+        let work = maintenance::repartition_table(
+            store,
             self.coordinator(),
             &strategy,
             MIGRATION_BATCH,
-            self.store().op_timeout,
+            store.op_timeout,
             &progress,
-        )
-        .await
+        );
+        store.tracked(&self.session, work).await
     }
 }
 

@@ -3,12 +3,14 @@
 //! `metrics` facade (see the `published` module for the operation counters, which are
 //! published as they happen).
 //!
-//! Counters are published as the increase since the last round and gauges as their change, so
-//! that several backends of one process add up in a recorder; a backend that is dropped takes
-//! its gauges back out.
+//! Each round sets every series to the total over the backends of the process (counters with
+//! `absolute`, gauges with `set`), so several backends add up, a recorder installed late still
+//! gets every value, and series are refreshed each second; a backend that is dropped takes its
+//! gauges back out and leaves what its counters counted.
 
-use std::collections::HashMap;
-use std::sync::Weak;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, Weak};
 use std::time::Duration;
 
 use super::Inner;
@@ -78,11 +80,47 @@ pub(super) fn connections_and_reads(nodes: &[NodeFigures]) -> (u64, u64, u64, Ve
 
 type Labels = Vec<(&'static str, String)>;
 
-/// What was last published, to publish changes.
+/// One published series: each live backend's share, and what dropped backends counted.
+struct Series {
+    name: &'static str,
+    labels: Labels,
+    counter: bool,
+    shares: HashMap<u64, f64>,
+    retired: f64,
+}
+
+impl Series {
+    fn total(&self) -> f64 {
+        self.retired + self.shares.values().sum::<f64>()
+    }
+
+    /// Sets the series to the total of every backend of the process (so a recorder installed
+    /// late, or one that drops series not updated for a while, still has every value).
+    fn emit(&self) {
+        let total = self.total();
+        if self.counter {
+            metrics::counter!(self.name, &self.labels).absolute(total as u64);
+        } else {
+            metrics::gauge!(self.name, &self.labels).set(total);
+        }
+    }
+}
+
+/// Every series of the process, by name and labels.
+static SERIES: Mutex<BTreeMap<String, Series>> = Mutex::new(BTreeMap::new());
+
+/// Tells each backend's publisher apart.
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+/// One backend's publisher.
 struct Publisher {
+    id: u64,
     table: String,
-    counters: HashMap<String, u64>,
-    gauges: HashMap<String, (&'static str, Labels, f64)>,
+    /// Each counter's last raw reading and what this backend has counted in all (a pool
+    /// that was reopened counts from zero again: its new counts add to the total).
+    counters: HashMap<String, (u64, u64)>,
+    /// This round's figures: (name, labels, counter, value).
+    round: Vec<(&'static str, Labels, bool, f64)>,
 }
 
 impl Publisher {
@@ -93,24 +131,49 @@ impl Publisher {
     }
 
     fn counter(&mut self, name: &'static str, labels: Labels, value: u64) {
-        let last = self.counters.insert(format!("{name}{labels:?}"), value);
-        // A pool that was reopened counts from zero again: its new counts are all new.
-        let increase = match last {
-            Some(last) if last <= value => value - last,
-            _ => value,
-        };
-        if increase > 0 {
-            metrics::counter!(name, &labels).increment(increase);
-        }
+        let (last, total) = self
+            .counters
+            .entry(format!("{name}{labels:?}"))
+            .or_insert((0, 0));
+        *total += if value >= *last { value - *last } else { value };
+        *last = value;
+        let total = *total as f64;
+        self.round.push((name, labels, true, total));
     }
 
     fn gauge(&mut self, name: &'static str, labels: Labels, value: f64) {
-        let key = format!("{name}{labels:?}");
-        let last = self.gauges.get(&key).map_or(0.0, |g| g.2);
-        if value != last {
-            metrics::gauge!(name, &labels).increment(value - last);
+        self.round.push((name, labels, false, value));
+    }
+
+    /// Records this round's figures as this backend's shares and sets every series it touched.
+    fn flush(&mut self) {
+        let mut all = SERIES.lock().unwrap_or_else(|p| p.into_inner());
+        for (name, labels, counter, value) in self.round.drain(..) {
+            let series = all
+                .entry(format!("{name}{labels:?}"))
+                .or_insert_with(|| Series {
+                    name,
+                    labels,
+                    counter,
+                    shares: HashMap::new(),
+                    retired: 0.0,
+                });
+            series.shares.insert(self.id, value);
+            series.emit();
         }
-        self.gauges.insert(key, (name, labels, value));
+    }
+
+    /// Takes this backend's shares out: gauges lose them, counters keep what it counted.
+    fn retire(&self) {
+        let mut all = SERIES.lock().unwrap_or_else(|p| p.into_inner());
+        for series in all.values_mut() {
+            if let Some(value) = series.shares.remove(&self.id) {
+                if series.counter {
+                    series.retired += value;
+                }
+                series.emit();
+            }
+        }
     }
 
     fn publish(&mut self, inner: &Inner) {
@@ -191,15 +254,7 @@ impl Publisher {
         };
         queued("put", store.coalescer.waiting());
         queued("get", store.lookups.waiting());
-    }
-
-    /// Takes this backend's gauges back out of the recorder.
-    fn retire(self) {
-        for (_, (name, labels, value)) in self.gauges {
-            if value != 0.0 {
-                metrics::gauge!(name, &labels).decrement(value);
-            }
-        }
+        self.flush();
     }
 }
 
@@ -207,9 +262,10 @@ impl Publisher {
 pub(super) fn spawn_publisher(inner: Weak<Inner>, table: String) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut publisher = Publisher {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             table,
             counters: HashMap::new(),
-            gauges: HashMap::new(),
+            round: Vec::new(),
         };
         let mut ticker = tokio::time::interval(PUBLISH_INTERVAL);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

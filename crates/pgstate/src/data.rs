@@ -85,17 +85,37 @@ pub async fn list(target: &Target, prefix: &str) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Reads every line of `path` and checks it, writing nothing; returns the number of entries.
-fn check_file(path: &Path) -> Result<u64, CliError> {
+/// The lines of `path` with their numbers (from 1), skipping blank ones; a line that is not
+/// UTF-8 is bad input naming its number.
+fn lines(path: &Path) -> Result<impl Iterator<Item = Result<(usize, String), CliError>>, CliError> {
     let file = File::open(path)
         .map_err(|e| CliError::usage(format!("cannot open {}: {e}", path.display())))?;
+    let shown = path.display().to_string();
+    Ok(BufReader::new(file)
+        .split(b'\n')
+        .enumerate()
+        .filter_map(move |(i, line)| {
+            let line = match line {
+                Ok(l) => l,
+                Err(e) => return Some(Err(CliError::from(e))),
+            };
+            match String::from_utf8(line) {
+                Ok(text) if text.trim().is_empty() => None,
+                Ok(text) => Some(Ok((i + 1, text))),
+                Err(_) => Some(Err(CliError::usage(format!(
+                    "{shown}:{}: not UTF-8 (JSON lines are UTF-8; bytes go in key_hex/value_hex)",
+                    i + 1
+                )))),
+            }
+        }))
+}
+
+/// Reads every line of `path` and checks it, writing nothing; returns the number of entries.
+fn check_file(path: &Path) -> Result<u64, CliError> {
     let mut entries = 0;
-    for (i, line) in BufReader::new(file).lines().enumerate() {
-        let line = line?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let bad = |why: String| CliError::usage(format!("{}:{}: {why}", path.display(), i + 1));
+    for line in lines(path)? {
+        let (n, line) = line?;
+        let bad = |why: String| CliError::usage(format!("{}:{n}: {why}", path.display()));
         let entry = jsonl::decode(&line).map_err(bad)?;
         check_entry(&entry.key, &entry.value).map_err(|e| bad(e.to_string()))?;
         check_metadata(&entry.metadata).map_err(|e| bad(e.to_string()))?;
@@ -136,14 +156,10 @@ pub async fn import(target: &Target, path: &Path) -> Result<(), CliError> {
     let total = check_file(path)?;
     let backend = target.backend().await?;
     let bar = progress::bar(total, "importing");
-    let file = File::open(path)?;
     let mut chunk: Vec<Line> = Vec::with_capacity(IMPORT_CHUNK);
     let mut written = 0u64;
-    for line in BufReader::new(file).lines() {
-        let line = line?;
-        if line.trim().is_empty() {
-            continue;
-        }
+    for line in lines(path)? {
+        let (_, line) = line?;
         chunk.push(jsonl::decode(&line).map_err(CliError::usage)?);
         if chunk.len() == IMPORT_CHUNK {
             write_chunk(&backend, &chunk).await?;

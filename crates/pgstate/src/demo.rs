@@ -234,7 +234,9 @@ async fn tour(url: &str, replica_urls: Vec<String>) -> Result<(), CliError> {
         leadership.is_leader()
     );
     leadership.resign().await?;
-    let event = listener.recv_notification().await?;
+    let event = tokio::time::timeout(Duration::from_secs(30), listener.recv_notification())
+        .await
+        .map_err(|_| CliError::failed("the durable notification did not arrive within 30 s"))??;
     println!(
         "  durable notification #{} on {:?}: {:?}",
         event.seq.unwrap_or_default(),

@@ -2,11 +2,14 @@
 //! from the installed server binaries by the machinery the tests use, and kept running until
 //! `dev down`.
 //!
-//! The state lives in the dev directory (`--dev-dir`, `$PGSTATE_DEV_DIR`, or `pgstate-dev`
-//! in the temporary directory): `cluster.json` (the cluster's directory and URLs) and `env`
-//! (`DATABASE_URL=...` for a shell), both readable by their owner only, since the URLs hold
-//! the password. Other commands use that cluster when neither `--url` nor `$DATABASE_URL` is
-//! given. Printed URLs never show the password.
+//! The cluster is private: a random superuser password, no `trust` (also not on the Unix
+//! socket), its directory readable by its owner only. Its state lives in the dev directory
+//! (`--dev-dir`, `$PGSTATE_DEV_DIR`, else per user: `$XDG_RUNTIME_DIR/pgstate-dev` or
+//! `pgstate-dev-<uid>` in the temporary directory), which must belong to the user and is kept
+//! at mode 0700: `cluster.json` (the cluster's directory and URLs) and `env` (`DATABASE_URL`
+//! and `PGSTATE_REPLICA_URLS` for a shell), both 0600, since the URLs hold the password. Other
+//! commands use that cluster when neither `--url` nor `$DATABASE_URL` is given. Printed URLs
+//! never show the password.
 
 use std::fs;
 use std::io::Write;
@@ -47,9 +50,31 @@ pub struct DevState {
 const STATE_FILE: &str = "cluster.json";
 const ENV_FILE: &str = "env";
 
+/// Checks that `dev_dir` (when it exists) belongs to this user, and makes it 0700: another
+/// user's folder could name a server of theirs, or a folder for `dev down` to remove.
+fn check_dir(dev_dir: &Path) -> Result<(), CliError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = match fs::metadata(dev_dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(CliError::failed(format!("{}: {e}", dev_dir.display()))),
+    };
+    if !meta.is_dir() || Some(meta.uid()) != crate::target::my_uid() {
+        return Err(CliError::failed(format!(
+            "refusing the dev directory {}: not a directory of yours",
+            dev_dir.display()
+        )));
+    }
+    if meta.mode() & 0o077 != 0 {
+        fs::set_permissions(dev_dir, fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
 impl DevState {
     /// The state in `dev_dir`, if a cluster was kept there.
     pub fn load(dev_dir: &Path) -> Result<Option<DevState>, CliError> {
+        check_dir(dev_dir)?;
         let path = dev_dir.join(STATE_FILE);
         let text = match fs::read_to_string(&path) {
             Ok(t) => t,
@@ -77,7 +102,14 @@ impl DevState {
     }
 
     fn save(&self, dev_dir: &Path) -> Result<(), CliError> {
-        fs::create_dir_all(dev_dir)?;
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dev_dir)?;
+        }
+        check_dir(dev_dir)?;
         let state = json!({
             "dir": self.dir.to_string_lossy(),
             "primary": self.primary,
@@ -135,11 +167,13 @@ fn answers(url: &str) -> bool {
     })
 }
 
-/// Starts a primary with two replicas and TLS, and keeps it running after this process ends.
+/// Starts a private cluster (random password, no `trust`): a primary, `replicas` streaming
+/// replicas and TLS.
 pub fn start_cluster(replicas: usize) -> Result<Cluster, CliError> {
     Ok(Cluster::start(ClusterOptions {
         replicas,
         tls: true,
+        private: true,
         ..ClusterOptions::default()
     })?)
 }
@@ -179,9 +213,11 @@ pub async fn run(action: DevAction, target: &Target) -> Result<(), CliError> {
                 replicas: (1..cluster.nodes().len())
                     .map(|i| tls_url(&cluster, i))
                     .collect(),
-                dir: cluster.keep(),
+                dir: cluster.dir().to_path_buf(),
             };
+            // Kept only once its state is saved: else dropping it stops it.
             state.save(&dev_dir)?;
+            cluster.keep();
             println!("the dev cluster is running (stop it with `pgstate dev down`)");
             state.print(&dev_dir);
             Ok(())

@@ -64,6 +64,10 @@ impl From<StateError> for CliError {
 
 impl From<std::io::Error> for CliError {
     fn from(e: std::io::Error) -> Self {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            // The reader (`head`, `grep -q`) has what it wanted.
+            return CliError::new(0, "");
+        }
         CliError::failed(e.to_string())
     }
 }

@@ -32,10 +32,12 @@ use crate::target::Target;
 /// Exit codes, for scripts.
 const AFTER_HELP: &str = "\
 Exit codes:
-  0  success
-  1  not found: `get` of an absent key (nothing on stdout), a checkpoint id that does not exist
-  2  bad usage or invalid input (nothing was written)
-  3  cannot reach or use the server: connection, TLS, configuration, permission, timeout
+  0  success (also when a reader of the output, e.g. `head`, closed the pipe early)
+  1  not found: `get` of an absent key (nothing on stdout), a checkpoint id that does not
+     exist, nobody leading (`leader status`), no dev cluster (`dev status`)
+  2  bad usage or invalid input (nothing was written; `import` names the bad line)
+  3  cannot reach or use the server: connection, TLS, configuration, permission, timeout;
+     a dev cluster server that does not answer (`dev status`)
   4  any other failure (the message on stderr says what)
 
 The server: --url, else $DATABASE_URL, else the cluster `pgstate dev up` keeps running.
@@ -55,10 +57,20 @@ pub struct Cli {
     /// The state table.
     #[arg(long, global = true, default_value = "state_entries")]
     table: String,
-    /// A replica's URL, for reads and replication figures (repeat for several). Default: the
-    /// dev cluster's replicas when it is the server.
-    #[arg(long = "replica", global = true)]
+    /// A replica's URL, for replication figures and, with --read-replicas, reads (repeat, or
+    /// separate with commas). Default: the dev cluster's replicas when it is the server.
+    #[arg(
+        long = "replica",
+        global = true,
+        env = "PGSTATE_REPLICA_URLS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     replicas: Vec<String>,
+    /// Send reads to the replicas (they may not have replayed the previous command's writes
+    /// yet: each command is a session of its own).
+    #[arg(long, global = true)]
+    read_replicas: bool,
     /// Where `pgstate dev` keeps its cluster's state.
     #[arg(long, global = true, env = "PGSTATE_DEV_DIR")]
     dev_dir: Option<PathBuf>,
@@ -104,7 +116,7 @@ enum Command {
         /// The key prefix (all keys when absent).
         prefix: Option<String>,
     },
-    /// Load entries from a JSON lines file (`-` for stdin) through the bulk paths.
+    /// Load entries from a JSON lines file through the bulk paths (checked whole first).
     Import {
         /// The file: one object per line, as `export` writes them.
         file: PathBuf,

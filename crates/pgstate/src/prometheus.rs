@@ -26,7 +26,8 @@ impl CounterFn for Series {
         self.counter.fetch_add(n, Relaxed);
     }
     fn absolute(&self, n: u64) {
-        self.counter.fetch_max(n, Relaxed);
+        // The source's own total (it may have been reset: Prometheus handles counter resets).
+        self.counter.store(n, Relaxed);
     }
 }
 

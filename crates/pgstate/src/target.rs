@@ -16,6 +16,7 @@ use crate::Cli;
 pub struct Target {
     url: Option<String>,
     replicas: Vec<String>,
+    read_replicas: bool,
     /// The state table's schema.
     pub schema: String,
     /// The state table.
@@ -23,9 +24,23 @@ pub struct Target {
     dev_dir: PathBuf,
 }
 
-/// Where `pgstate dev` keeps its state when neither `--dev-dir` nor `$PGSTATE_DEV_DIR` says.
+/// This process's user id (the owner of `/proc/self`).
+pub fn my_uid() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").ok().map(|m| m.uid())
+}
+
+/// Where `pgstate dev` keeps its state when neither `--dev-dir` nor `$PGSTATE_DEV_DIR` says:
+/// per user (`$XDG_RUNTIME_DIR/pgstate-dev`, else `pgstate-dev-<uid>` in the temporary
+/// directory), never a folder other users share.
 fn default_dev_dir() -> PathBuf {
-    std::env::temp_dir().join("pgstate-dev")
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        Some(dir) => PathBuf::from(dir).join("pgstate-dev"),
+        None => std::env::temp_dir().join(format!(
+            "pgstate-dev-{}",
+            my_uid().map_or_else(|| "unknown".to_string(), |u| u.to_string())
+        )),
+    }
 }
 
 impl Target {
@@ -34,6 +49,7 @@ impl Target {
         Target {
             url: cli.url.clone().filter(|u| !u.trim().is_empty()),
             replicas: cli.replicas.clone(),
+            read_replicas: cli.read_replicas,
             schema: cli.schema.clone(),
             table: cli.table.clone(),
             dev_dir: cli.dev_dir.clone().unwrap_or_else(default_dev_dir),
@@ -98,9 +114,16 @@ impl Target {
         config
     }
 
-    /// A backend on the resolved server (this creates or upgrades the schema).
+    /// A backend on the resolved server (this creates or upgrades the schema). Its reads go
+    /// to the primary unless `--read-replicas` was given: each command is a session of its
+    /// own, so a read from a replica might not see what the previous command wrote.
     pub async fn backend(&self) -> Result<EnhancedPostgresBackend, CliError> {
         let (url, replicas) = self.resolve()?;
-        Ok(EnhancedPostgresBackend::new(self.config(&url, &replicas)).await?)
+        let backend = EnhancedPostgresBackend::new(self.config(&url, &replicas)).await?;
+        Ok(if self.read_replicas {
+            backend
+        } else {
+            backend.reading_from_primary()
+        })
     }
 }

@@ -276,7 +276,12 @@ pub async fn run(target: &Target, leaders: Vec<String>) -> Result<(), CliError> 
             _ = ticker.tick() => {}
             _ = quit.recv() => break Ok(()),
         }
-        let snapshot = refresh(&backend, &leaders, last.as_ref()).await;
+        // A refresh against a frozen server may take until the operation timeout: q still
+        // quits at once.
+        let snapshot = tokio::select! {
+            s = refresh(&backend, &leaders, last.as_ref()) => s,
+            _ = quit.recv() => break Ok(()),
+        };
         if let Err(e) = terminal.draw(|f| draw(f, &title, &snapshot)) {
             break Err(CliError::failed(format!("drawing: {e}")));
         }

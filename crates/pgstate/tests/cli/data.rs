@@ -105,6 +105,25 @@ fn entries(text: &str) -> BTreeMap<String, (String, Value)> {
         .collect()
 }
 
+/// The keys of a JSON lines export as bytes, in the order of its lines.
+fn key_order(text: &str) -> Vec<Vec<u8>> {
+    text.lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            match v.get("key").and_then(Value::as_str) {
+                Some(k) => k.as_bytes().to_vec(),
+                None => {
+                    let hex = v["key_hex"].as_str().unwrap();
+                    (0..hex.len())
+                        .step_by(2)
+                        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                        .collect()
+                }
+            }
+        })
+        .collect()
+}
+
 /// 100 000 entries (plain, with metadata, with a TTL, and keys and values that are not
 /// UTF-8) go out and back in through the bulk paths, unchanged.
 #[test]
@@ -141,13 +160,49 @@ fn import_and_export_round_trip_100000_entries() {
     }
     assert_eq!(exported.matches("ttl_ms").count(), 100);
 
-    // Into another schema and out again: the same lines, in the same (key) order.
+    // In key order (bytes: the hex keys, 0xff..., come last).
+    let order = key_order(&exported);
+    let mut sorted = order.clone();
+    sorted.sort();
+    assert_eq!(order, sorted);
+    assert_eq!(order.last().map(|k| k[0]), Some(0xff));
+
+    // Into another schema and out again: the same lines, in the same order.
     let t = unique("reimport");
     ok(&mut pgstate(&t, &["import", out.to_str().unwrap()]));
     let again = ok(&mut pgstate(&t, &["export", "-"]));
     assert_eq!(entries(&again), entries(&exported));
-    let keys = |text: &str| -> Vec<String> { entries(text).into_keys().collect() };
-    assert_eq!(keys(&again), keys(&exported));
+    assert_eq!(key_order(&again), order);
+
+    // A reader that stops early (`| head -1`): exit code 0, no error.
+    let mut list = pgstate(&t, &["list"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(list.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    assert_eq!(first, "e:000000\n");
+    let done = list.wait_with_output().unwrap();
+    assert!(done.status.success(), "{done:?}");
+
+    // A line that is not UTF-8: exit code 2, naming it.
+    let binary = dir.join("binary.jsonl");
+    std::fs::write(
+        &binary,
+        b"{\"key\":\"a\",\"value\":\"1\"}\n{\"key\":\"\xff\"}\n",
+    )
+    .unwrap();
+    let out = run(&mut pgstate(&t, &["import", binary.to_str().unwrap()]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("binary.jsonl:2: not UTF-8"),
+        "{out:?}"
+    );
 
     // A bad line anywhere: exit code 2 naming the line, nothing written.
     let bad = dir.join("bad.jsonl");
@@ -190,13 +245,14 @@ fn retention_archive_vacuum_locks_and_leader() {
     let s = unique("admin");
     ok(&mut pgstate(&s, &["put", "old", "1"]));
     ok(&mut pgstate(&s, &["put", "brief", "1", "--ttl", "0.001"]));
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // "old" is 4 s old or more when archived, "new" far less than 3 s on any machine.
+    std::thread::sleep(std::time::Duration::from_secs(4));
     ok(&mut pgstate(&s, &["put", "new", "2"]));
     let applied = ok(&mut pgstate(&s, &["retention", "apply"]));
     assert!(applied.starts_with("deleted 1 entries"), "{applied}");
     let archived = ok(&mut pgstate(
         &s,
-        &["archive", "--name", "attic", "--older-than", "1"],
+        &["archive", "--name", "attic", "--older-than", "3"],
     ));
     assert!(
         archived.starts_with("moved 1 entries into attic"),

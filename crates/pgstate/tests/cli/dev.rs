@@ -11,9 +11,20 @@ fn with_dev(dir: &std::path::Path, args: &[&str]) -> Command {
     cmd
 }
 
+/// Runs `dev down` when the test ends, however it ends: a kept cluster has no watchdog.
+struct Down(std::path::PathBuf);
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        let _ = with_dev(&self.0, &["dev", "down"]).output();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 #[test]
 fn dev_up_keeps_a_cluster_that_other_commands_use_until_dev_down() {
     let dir = scratch("dev");
+    let _down = Down(dir.clone());
     expect(&mut with_dev(&dir, &["dev", "status"]), 1);
     let up = ok(&mut with_dev(&dir, &["dev", "up"]));
     assert!(
@@ -29,26 +40,77 @@ fn dev_up_keeps_a_cluster_that_other_commands_use_until_dev_down() {
         );
         assert_eq!(mode & 0o077, 0, "{file} is {mode:o}");
     }
+    // A private cluster: a random password of its own, never printed.
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cluster.json")).unwrap()).unwrap();
+    let primary = state["primary"].as_str().unwrap().to_string();
+    let password = primary
+        .split("postgres:")
+        .nth(1)
+        .and_then(|rest| rest.split('@').next())
+        .unwrap()
+        .to_string();
+    assert_eq!(password.len(), 32, "{password}");
+    assert_ne!(password, crate::PASSWORD);
+    assert!(!up.contains(&password));
+    let files = std::path::PathBuf::from(state["dir"].as_str().unwrap());
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&files).unwrap().permissions());
+    assert_eq!(mode & 0o077, 0, "the cluster's files are {mode:o}");
+    // Nobody gets in without the password, not even over the Unix socket.
+    let port = primary
+        .split("127.0.0.1:")
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap();
+    let socket = Command::new("psql")
+        .args([
+            "-X",
+            "-w",
+            "-h",
+            files.to_str().unwrap(),
+            "-p",
+            port,
+            "-U",
+            "postgres",
+        ])
+        .args(["-c", "SELECT 1"])
+        .env_remove("PGPASSWORD")
+        .env_remove("PGPASSFILE")
+        .output()
+        .unwrap();
+    assert!(!socket.status.success(), "trust on the socket: {socket:?}");
+
     // The process that started it has ended: the servers still run.
     let status = ok(&mut with_dev(&dir, &["dev", "status"]));
     assert_eq!(status.matches(" up ").count(), 3, "{status}");
-    // Without --url or DATABASE_URL, commands use it (reads go to its replicas too).
+    for out in [&up, &status] {
+        assert!(!out.contains(&password));
+    }
+    // Without --url or DATABASE_URL, commands use it.
     ok(&mut with_dev(&dir, &["put", "dev-key", "dev-value"]));
     assert_eq!(ok(&mut with_dev(&dir, &["get", "dev-key"])), "dev-value\n");
+    // Its replicas come with it: the replication figures name both.
+    let stats: serde_json::Value =
+        serde_json::from_str(&ok(&mut with_dev(&dir, &["stats", "--json"]))).unwrap();
+    assert_eq!(
+        stats["replication"]["replicas"].as_array().unwrap().len(),
+        2,
+        "{stats:#}"
+    );
+    assert_eq!(stats["replication"]["connected_replicas"], 2, "{stats:#}");
     // Again: it says where the running one is.
     let again = ok(&mut with_dev(&dir, &["dev", "up"]));
     assert!(again.contains("already running"), "{again}");
 
-    let state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("cluster.json")).unwrap()).unwrap();
-    let files = std::path::PathBuf::from(state["dir"].as_str().unwrap());
     assert!(files.is_dir());
     let down = ok(&mut with_dev(&dir, &["dev", "down"]));
     assert!(down.contains("stopped"), "{down}");
     assert!(!files.exists(), "its files are removed");
     expect(&mut with_dev(&dir, &["dev", "status"]), 1);
     expect(&mut with_dev(&dir, &["get", "dev-key"]), 3);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// The README's main command: with no server given, the demo starts its own cluster, runs

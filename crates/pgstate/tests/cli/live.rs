@@ -21,6 +21,19 @@ impl Drop for Running {
     }
 }
 
+/// The first line `from` gives within 60 s (a thread reads it, so a silent child cannot hang
+/// the test).
+fn first_line(from: impl Read + Send + 'static) -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(from).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("no line from the child within 60 s")
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -46,9 +59,7 @@ fn listen_and_notify_between_two_processes() {
             .expect("pgstate listen"),
     );
     // Notifications sent before the LISTEN is registered would be lost: wait for it.
-    let mut err = BufReader::new(listener.0.stderr.take().unwrap());
-    let mut line = String::new();
-    err.read_line(&mut line).unwrap();
+    let line = first_line(listener.0.stderr.take().unwrap());
     assert_eq!(line.trim(), "listening on cli_events");
     ok(&mut pgstate(&s, &["notify", "cli_events", "first payload"]));
     ok(&mut pgstate(&s, &["notify", "cli_events", "second"]));
@@ -125,9 +136,7 @@ fn metrics_listen_serves_prometheus_text_over_http() {
             .spawn()
             .expect("pgstate metrics"),
     );
-    let mut out = BufReader::new(server.0.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
+    let line = first_line(server.0.stdout.take().unwrap());
     let addr = line
         .trim()
         .strip_prefix("serving metrics on http://")
@@ -136,14 +145,24 @@ fn metrics_listen_serves_prometheus_text_over_http() {
         .to_string();
     let table = format!("table=\"{s}.state_entries\"");
     // The pool figures arrive with the backend's first publication (each second).
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
     let body = loop {
         let (status, body) = http_get(&addr, "/metrics");
         assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
-        if body.contains("pgstate_connections_created_total") {
+        // The server publishes a session's counters when it goes idle, within seconds.
+        let written = samples(&body).iter().any(|(n, l, v)| {
+            n == "pgstate_table_rows_written_total"
+                && l.contains(&table)
+                && l.contains("inserted")
+                && *v >= 5.0
+        });
+        if body.contains("pgstate_connections_created_total") && written {
             break body;
         }
-        assert!(Instant::now() < deadline, "no pool figures: {body}");
+        assert!(
+            Instant::now() < deadline,
+            "no pool figures or server counters: {body}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     };
     assert!(!body.contains(PASSWORD));
@@ -169,12 +188,13 @@ fn metrics_listen_serves_prometheus_text_over_http() {
             &[&table, "node=\"primary\""]
         ) >= 1.0
     );
-    assert!(
+    assert_eq!(
         find(
             "pgstate_table_rows_written_total",
             &[&table, "change=\"inserted\""]
-        ) >= 0.0,
-        "the server's counters are there"
+        ),
+        5.0,
+        "the server's counter of the five puts by other processes"
     );
     // Another client writes: the table's figures follow at the next scrape.
     ok(&mut pgstate(&s, &["put", "k9", "v"]));
@@ -222,9 +242,13 @@ fn locks_and_leader_status_show_another_process_holder() {
     crate::expect(&mut pgstate(&s, &["leader", "status", "cli-leader"]), 1);
 }
 
-fn tmux(args: &[&str]) -> std::process::Output {
+/// Runs tmux on the server of `socket` (one per test, not the user's), with `DATABASE_URL`
+/// in its environment (so the password is on no command line).
+fn tmux(socket: &str, args: &[&str]) -> std::process::Output {
     Command::new("tmux")
+        .args(["-L", socket])
         .args(args)
+        .env("DATABASE_URL", url())
         .output()
         .unwrap_or_else(|e| {
             panic!("running tmux (scripts/setup.sh installs the Debian package tmux): {e}")
@@ -246,31 +270,34 @@ fn watch_shows_moving_figures_in_a_real_terminal() {
     let b = rt.block_on(backend(&s));
     let session = unique("tmux");
     let command = format!(
-        "{} --url '{}' --schema {s} watch --leader cli-watch",
-        env!("CARGO_BIN_EXE_pgstate"),
-        url()
+        "{} --schema {s} watch --leader cli-watch",
+        env!("CARGO_BIN_EXE_pgstate")
     );
-    let started = tmux(&[
-        "new-session",
-        "-d",
-        "-s",
+    let started = tmux(
         &session,
-        "-x",
-        "120",
-        "-y",
-        "40",
-        &command,
-    ]);
+        &[
+            "new-session",
+            "-d",
+            "-s",
+            &session,
+            "-x",
+            "120",
+            "-y",
+            "40",
+            &command,
+        ],
+    );
     assert!(started.status.success(), "{started:?}");
     struct Kill(String);
     impl Drop for Kill {
         fn drop(&mut self) {
-            let _ = tmux(&["kill-session", "-t", &self.0]);
+            let _ = tmux(&self.0, &["kill-server"]);
         }
     }
     let _kill = Kill(session.clone());
     let capture = || {
-        String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", &session]).stdout).to_string()
+        let screen = tmux(&session, &["capture-pane", "-p", "-t", &session]);
+        String::from_utf8_lossy(&screen.stdout).to_string()
     };
     let wait_for = |what: &str, ok: &dyn Fn(&str) -> bool| -> String {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -304,9 +331,12 @@ fn watch_shows_moving_figures_in_a_real_terminal() {
     assert!(figure(&moving, "probe reads").unwrap() > probes, "{moving}");
     assert!(moving.contains("leader cli-watch: none"), "{moving}");
     writer.abort();
-    tmux(&["send-keys", "-t", &session, "q"]);
+    tmux(&session, &["send-keys", "-t", &session, "q"]);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while tmux(&["has-session", "-t", &session]).status.success() {
+    while tmux(&session, &["has-session", "-t", &session])
+        .status
+        .success()
+    {
         assert!(Instant::now() < deadline, "q did not end the view");
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -176,82 +176,83 @@ impl Store {
     {
         let record = OpRecord::new(&self.stats, op, 1);
         let record = &record;
-        let work = bounded(self.op_timeout, async {
-            let floor = self.floor(scope).await;
-            let force_primary = scope.primary_only || floor.is_none();
-            let floor = floor.unwrap_or(0);
-            // Point reads share pipelined connections; scans, counts and queries (which
-            // would stall the point reads queued behind them) take their own.
-            let (pipelined, how) = if op.kind() == Kind::Get {
-                (true, Use::Point)
-            } else {
-                (false, Use::Own)
-            };
-            let mut tried: Vec<usize> = Vec::new();
-            loop {
-                let (index, replica, verify) =
-                    match self.router.pick(&tried, force_primary, floor)? {
-                        ReadTarget::Primary => {
-                            let start = Instant::now();
-                            let result = match connection(&self.primary, how).await {
-                                Ok(mut conn) => conn.run(|c| f(c, arg)).await,
-                                Err(e) => Err(e),
-                            };
-                            record.attempt(start, failure(&result));
-                            return result;
-                        }
-                        ReadTarget::Replica {
-                            index,
-                            replica,
-                            verify,
-                        } => (index, replica, verify),
-                    };
-                let start = Instant::now();
-                let f = &f;
-                let attempt = match connection(&replica.pool, how).await {
-                    Err(e) => Err(e),
-                    Ok(mut conn) => {
-                        conn.run(|c| async move {
-                            if !verify {
-                                return Ok(Some(f(c, arg).await?));
-                            }
-                            let (replay, read) = if pipelined {
-                                let (replay, read) = join(c.replay_lsn(), f(c, arg)).await;
-                                (replay?, Some(read))
-                            } else {
-                                let replay = c.replay_lsn().await?;
-                                let read = if replay >= floor {
-                                    Some(f(c, arg).await)
-                                } else {
-                                    None
-                                };
-                                (replay, read)
-                            };
-                            if !self.router.learned(index, replay, floor) {
-                                return Ok(None);
-                            }
-                            read.map_or(Ok(None), |r| r.map(Some))
-                        })
-                        .await
-                    }
+        // One future (not one built, then moved into another: rustc would keep room for both).
+        async move {
+            let result = bounded(self.op_timeout, async {
+                let floor = self.floor(scope).await;
+                let force_primary = scope.primary_only || floor.is_none();
+                let floor = floor.unwrap_or(0);
+                // Point reads share pipelined connections; scans, counts and queries (which
+                // would stall the point reads queued behind them) take their own.
+                let (pipelined, how) = if op.kind() == Kind::Get {
+                    (true, Use::Point)
+                } else {
+                    (false, Use::Own)
                 };
-                record.attempt(start, failure(&attempt));
-                match attempt {
-                    Ok(Some(value)) => return Ok(value),
-                    // Behind the session's floor: not a failure, the read goes elsewhere.
-                    Ok(None) => {}
-                    Err(e) => match replica_failure(&e) {
-                        ReplicaFailure::Down => self.router.replicas[index].mark_down(&e),
-                        ReplicaFailure::Conflict => {}
-                        ReplicaFailure::Caller => return Err(e),
-                    },
+                let mut tried: Vec<usize> = Vec::new();
+                loop {
+                    let (index, replica, verify) =
+                        match self.router.pick(&tried, force_primary, floor)? {
+                            ReadTarget::Primary => {
+                                let start = Instant::now();
+                                let result = match connection(&self.primary, how).await {
+                                    Ok(mut conn) => conn.run(|c| f(c, arg)).await,
+                                    Err(e) => Err(e),
+                                };
+                                record.attempt(start, failure(&result));
+                                return result;
+                            }
+                            ReadTarget::Replica {
+                                index,
+                                replica,
+                                verify,
+                            } => (index, replica, verify),
+                        };
+                    let start = Instant::now();
+                    let f = &f;
+                    let attempt = match connection(&replica.pool, how).await {
+                        Err(e) => Err(e),
+                        Ok(mut conn) => {
+                            conn.run(|c| async move {
+                                if !verify {
+                                    return Ok(Some(f(c, arg).await?));
+                                }
+                                let (replay, read) = if pipelined {
+                                    let (replay, read) = join(c.replay_lsn(), f(c, arg)).await;
+                                    (replay?, Some(read))
+                                } else {
+                                    let replay = c.replay_lsn().await?;
+                                    let read = if replay >= floor {
+                                        Some(f(c, arg).await)
+                                    } else {
+                                        None
+                                    };
+                                    (replay, read)
+                                };
+                                if !self.router.learned(index, replay, floor) {
+                                    return Ok(None);
+                                }
+                                read.map_or(Ok(None), |r| r.map(Some))
+                            })
+                            .await
+                        }
+                    };
+                    record.attempt(start, failure(&attempt));
+                    match attempt {
+                        Ok(Some(value)) => return Ok(value),
+                        // Behind the session's floor: not a failure, the read goes elsewhere.
+                        Ok(None) => {}
+                        Err(e) => match replica_failure(&e) {
+                            ReplicaFailure::Down => self.router.replicas[index].mark_down(&e),
+                            ReplicaFailure::Conflict => {}
+                            ReplicaFailure::Caller => return Err(e),
+                        },
+                    }
+                    self.router.undo_read(index);
+                    tried.push(index);
                 }
-                self.router.undo_read(index);
-                tried.push(index);
-            }
-        });
-        async {
-            let result = work.await;
+            })
+            .await;
             record.finish(&result);
             result
         }
@@ -280,7 +281,9 @@ impl Store {
     {
         let record = OpRecord::new(&self.stats, op, rows);
         let record = &record;
-        let work = bounded(self.op_timeout, async {
+        // One future (not one built, then moved into another: rustc would keep room for both).
+        async move {
+        let result = bounded(self.op_timeout, async {
             let mut conn = connection(&self.primary, how).await?;
             // Dropped before its position is known (also with this future), the session is
             // unsure: its next read takes the primary's position.
@@ -336,11 +339,10 @@ impl Store {
                 }
             }
             result
-        });
-        async {
-            let result = work.await;
-            record.finish(&result);
-            result
+        })
+        .await;
+        record.finish(&result);
+        result
         }
         .instrument(op.span(&self.names.label))
         .await

@@ -137,6 +137,31 @@ pub fn prefix_upper_bound(prefix: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
+/// Checks a page request: `limit` 1 to [`MAX_PAGE`], a prefix no longer than a key, a valid
+/// `start_after`. Returns the statement's (prefix, after, limit).
+pub(crate) fn check_page<'a>(
+    prefix: &'a [u8],
+    start_after: Option<&'a [u8]>,
+    limit: usize,
+) -> StateResult<(&'a [u8], &'a [u8], i64)> {
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(StateError::invalid(format!(
+            "a page holds 1 to {MAX_PAGE} keys, not {limit}"
+        )));
+    }
+    if prefix.len() > MAX_KEY_LEN {
+        return Err(StateError::invalid(format!(
+            "prefix is {} bytes; at most {MAX_KEY_LEN} allowed",
+            prefix.len()
+        )));
+    }
+    if let Some(after) = start_after {
+        check_key(after)?;
+    }
+    // Every key is longer than the empty string: no lower bound beyond the prefix.
+    Ok((prefix, start_after.unwrap_or_default(), limit as i64))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

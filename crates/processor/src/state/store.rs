@@ -13,9 +13,7 @@ use crate::state::causal::{Scope, Session};
 use crate::state::coalesce::{Admission, Coalescer, Entry, Found, Lookup, Reply};
 use crate::state::connection::PgConn;
 use crate::state::error::{sqlstate, ErrorKind, StateError, StateResult};
-use crate::state::limits::{
-    check_entry, check_key, check_metadata, MAX_GET_MANY, MAX_KEY_LEN, MAX_PAGE,
-};
+use crate::state::limits::{check_entry, check_key, check_metadata, check_page, MAX_GET_MANY};
 use crate::state::names::TableNames;
 use crate::state::operation::{Kind, Op};
 use crate::state::ops::{check_batch, MetadataQuery, StateEntry};
@@ -46,31 +44,6 @@ fn replica_failure(e: &StateError) -> ReplicaFailure {
     } else {
         ReplicaFailure::Caller
     }
-}
-
-/// Checks a page request: `limit` 1 to [`MAX_PAGE`], a prefix no longer than a key, a valid
-/// `start_after`. Returns the statement's (prefix, after, limit).
-fn check_page<'a>(
-    prefix: &'a [u8],
-    start_after: Option<&'a [u8]>,
-    limit: usize,
-) -> StateResult<(&'a [u8], &'a [u8], i64)> {
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(StateError::invalid(format!(
-            "a page holds 1 to {MAX_PAGE} keys, not {limit}"
-        )));
-    }
-    if prefix.len() > MAX_KEY_LEN {
-        return Err(StateError::invalid(format!(
-            "prefix is {} bytes; at most {MAX_KEY_LEN} allowed",
-            prefix.len()
-        )));
-    }
-    if let Some(after) = start_after {
-        check_key(after)?;
-    }
-    // Every key is longer than the empty string: no lower bound beyond the prefix.
-    Ok((prefix, start_after.unwrap_or_default(), limit as i64))
 }
 
 /// Runs of a single write that failed with a serialization failure, after the first.

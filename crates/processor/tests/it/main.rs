@@ -4,6 +4,7 @@
 
 mod backup;
 mod bad_input;
+mod capture;
 mod checkpoints;
 mod citus;
 mod coalescing;

@@ -68,6 +68,13 @@ pub(crate) async fn ensure<C: GenericClient>(
              shared_preload_libraries = 'citus' and run CREATE EXTENSION citus on the coordinator)",
         ));
     }
+    if let Some(what) = other_placement(c, &names.qualified).await? {
+        return Err(StateError::config(format!(
+            "{} is {what}; with_citus needs it hash-distributed by key (make it a plain table \
+             again with Citus's undistribute_table, or leave with_citus out)",
+            names.qualified
+        )));
+    }
     let want = Distribution {
         column: "key".to_string(),
         shards: layout.shard_count,
@@ -92,6 +99,31 @@ pub(crate) async fn ensure<C: GenericClient>(
             colocate_checkpoints(c, names).await
         }
     }
+}
+
+/// What Citus has made of `qualified` when that is not hash distribution: a reference table, a
+/// Citus local table, or an append or range distribution; `None` for a hash-distributed table
+/// or one Citus does not know.
+async fn other_placement<C: GenericClient>(
+    c: &C,
+    qualified: &str,
+) -> StateResult<Option<&'static str>> {
+    let row = c
+        .query_typed_opt(
+            "SELECT partmethod::text, repmodel::text FROM pg_catalog.pg_dist_partition \
+             WHERE logicalrelid = $1::text::regclass",
+            &[(&qualified, Type::TEXT)],
+        )
+        .await?;
+    let Some(row) = row else { return Ok(None) };
+    let method: String = row.try_get(0)?;
+    let model: String = row.try_get(1)?;
+    Ok(match (method.as_str(), model.as_str()) {
+        ("h", _) => None,
+        ("n", "t") => Some("a Citus reference table (a copy on every node)"),
+        ("n", _) => Some("a Citus local table (kept on the coordinator)"),
+        _ => Some("distributed by append or range"),
+    })
 }
 
 /// Whether Citus has `qualified` as a reference table (`reference`) or hash-distributed.

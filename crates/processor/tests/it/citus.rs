@@ -247,6 +247,36 @@ async fn every_operation_works_on_a_table_distributed_over_two_workers() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Configuration, "{err}");
     assert!(err.to_string().contains("8 shards"), "{err}");
+
+    // A state table Citus keeps as a reference table (a copy on every node): a configuration
+    // error that says so, and the table stays as it is.
+    let url = format!("{}?sslmode=disable", cluster.primary_url());
+    let local = EnhancedPostgresBackend::new(
+        EnhancedPostgresConfig::new(url.clone()).with_schema("citus_ref"),
+    )
+    .await
+    .unwrap();
+    local.put(b"r", b"1").await.unwrap();
+    drop(local);
+    admin
+        .batch_execute("SELECT create_reference_table('citus_ref.state_entries')")
+        .await
+        .unwrap();
+    let err = EnhancedPostgresBackend::new(config(&cluster, "citus_ref", SHARDS))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Configuration, "{err}");
+    assert!(err.to_string().contains("reference table"), "{err}");
+    let still: bool = admin
+        .query_one(
+            "SELECT partmethod = 'n' FROM pg_dist_partition \
+             WHERE logicalrelid = 'citus_ref.state_entries'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(still, "the reference table is left as it was");
 }
 
 /// Without the extension, `with_citus` is a clear configuration error and nothing is created;

@@ -118,6 +118,7 @@ pub async fn stats_json(backend: &EnhancedPostgresBackend) -> Result<Value, CliE
         backend.get(b"pgstate-cli:probe").await?;
     }
     let table = backend.get_table_statistics().await?;
+    let activity = backend.get_table_activity().await?;
     let count = backend.count().await?;
     let repl = backend.check_replication_status().await?;
     let pool = backend.get_pool_stats();
@@ -126,6 +127,13 @@ pub async fn stats_json(backend: &EnhancedPostgresBackend) -> Result<Value, CliE
         "table_name": backend.table(),
         "entries": count,
         "table": table_json(&table),
+        "activity": {
+            "rows_inserted": activity.rows_inserted,
+            "rows_updated": activity.rows_updated,
+            "rows_deleted": activity.rows_deleted,
+            "index_scans": activity.index_scans,
+            "sequential_scans": activity.sequential_scans,
+        },
         "pool": {
             "size": pool.size, "idle": pool.idle, "active": pool.active,
             "max_size": pool.max_size, "min_idle": pool.min_idle, "waits": pool.waits,
@@ -207,6 +215,14 @@ pub async fn stats(target: &Target, as_json: bool) -> Result<(), CliError> {
         size(n(&t["toast_size_bytes"])),
         n(&t["dead_tuples"]),
         size(n(&t["estimated_bloat_bytes"])),
+    );
+    let a = &s["activity"];
+    println!(
+        "activity     {} rows inserted, {} updated, {} deleted; {} index scans (every client, since the server's statistics were reset)",
+        n(&a["rows_inserted"]),
+        n(&a["rows_updated"]),
+        n(&a["rows_deleted"]),
+        n(&a["index_scans"])
     );
     let p = &s["pool"];
     println!(

@@ -58,6 +58,24 @@ fn stats_json_reports_the_table_pool_replication_and_latencies() {
     assert_eq!(stats["pool"]["max_size"], 8);
     assert!(stats["pool"]["connections_created"].as_u64().unwrap() >= 1);
     assert_eq!(stats["replication"]["is_replica"], false);
+    // The server's counters show the four inserts once PostgreSQL has published them (when
+    // the writing sessions went idle: within seconds).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let again: Value =
+            serde_json::from_str(&ok(&mut pgstate(&s, &["stats", "--json"]))).unwrap();
+        let inserted = again["activity"]["rows_inserted"].as_u64().unwrap();
+        assert!(inserted <= 4, "{again:#}");
+        if inserted == 4 {
+            assert!(
+                again["activity"]["index_scans"].as_u64().unwrap() > 0,
+                "{again:#}"
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{again:#}");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
     let gets = stats["operations"]["latencies"]
         .as_array()
         .unwrap()

@@ -228,9 +228,12 @@ pub async fn run(action: DevAction, target: &Target) -> Result<(), CliError> {
                 return Ok(());
             };
             let dir = state.dir.clone();
-            tokio::task::spawn_blocking(move || pgstate_testcluster::stop_kept(&dir))
-                .await
-                .map_err(|e| CliError::failed(format!("stopping the cluster: {e}")))??;
+            // Its files may be gone already (a temporary directory emptied at boot).
+            if dir.exists() {
+                tokio::task::spawn_blocking(move || pgstate_testcluster::stop_kept(&dir))
+                    .await
+                    .map_err(|e| CliError::failed(format!("stopping the cluster: {e}")))??;
+            }
             fs::remove_file(dev_dir.join(STATE_FILE))?;
             let _ = fs::remove_file(dev_dir.join(ENV_FILE));
             println!("the dev cluster is stopped and its files removed");

@@ -176,6 +176,16 @@ impl Formation {
         )
     }
 
+    /// The monitor's events (`pgautofailover.event`), one per line: time, node, reported and
+    /// goal state, reported LSN, description. For diagnosing a failed test.
+    pub fn events(&self) -> Result<String> {
+        self.monitor_sql(
+            "SELECT string_agg(format('%s node %s %s->%s lsn %s: %s', eventtime::time, nodeid, \
+             reportedstate, goalstate, reportedlsn, description), E'\\n' ORDER BY eventid) \
+             FROM pgautofailover.event",
+        )
+    }
+
     /// Each node's reported state on the monitor (`primary`, `secondary`, `wait_primary`,
     /// `demoted`, ...), in node order.
     pub fn states(&self) -> Result<Vec<String>> {

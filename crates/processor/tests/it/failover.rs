@@ -280,17 +280,31 @@ pub async fn nothing_lost(formation: &Formation, schema: &str, outcome: &Outcome
     assert!(outcome.longest <= OP_TIMEOUT + Duration::from_secs(6));
     let cfg = EnhancedPostgresConfig::new(formation.uri()).with_schema(schema);
     let b = EnhancedPostgresBackend::new(cfg).await.unwrap();
+    let first = outcome.acked.iter().map(|(_, s, _)| *s).min();
+    let mut lost = Vec::new();
     for chunk in outcome.acked.chunks(5_000) {
         let keys: Vec<&[u8]> = chunk.iter().map(|(k, ..)| k.as_slice()).collect();
         let values = b.get_many(&keys).await.unwrap();
-        for ((key, ..), value) in chunk.iter().zip(values) {
-            assert_eq!(
-                value.as_deref(),
-                Some(key.as_slice()),
-                "acknowledged write lost"
-            );
+        for ((key, start, acked), value) in chunk.iter().zip(values) {
+            if value.as_deref() != Some(key.as_slice()) {
+                let at = |t: &Instant| first.map_or(0.0, |f| t.duration_since(f).as_secs_f64());
+                lost.push(format!(
+                    "{} (started {:.3} s, acknowledged {:.3} s into the load)",
+                    String::from_utf8_lossy(key),
+                    at(start),
+                    at(acked)
+                ));
+            }
         }
     }
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged writes lost of {}: {:?}; the formation's events: {}",
+        lost.len(),
+        outcome.acked.len(),
+        &lost[..lost.len().min(10)],
+        formation.events().unwrap_or_else(|e| e.to_string())
+    );
 }
 
 /// A formation with a backend on it, the standby serving its reads, and the seed's

@@ -81,5 +81,7 @@ async fn a_switchover_under_load_loses_no_acknowledged_write_and_reads_follow_th
         outcome.failures,
         outcome.longest
     );
+    // The monitor's events, shown with the test's output when it fails (or with --nocapture).
+    eprintln!("{}", formation.events().unwrap_or_else(|e| e.to_string()));
     nothing_lost(&formation, &schema, &outcome).await;
 }

@@ -526,9 +526,17 @@ impl EnhancedPostgresBackend {
     pub fn get_stats(&self) -> BackendStats {
         let s = self.store();
         let mut stats = s.stats.snapshot();
+        // One reading of every node, so the read counts add up to `reads_by_node`.
         let nodes = published::nodes(s);
-        stats.primary_reads = s.router.primary_reads();
-        stats.replica_reads = nodes.iter().filter(|n| !n.primary).map(|n| n.reads).sum();
+        let reads = |primary: bool| -> u64 {
+            nodes
+                .iter()
+                .filter(|n| n.primary == primary)
+                .map(|n| n.reads)
+                .sum()
+        };
+        stats.primary_reads = reads(true);
+        stats.replica_reads = reads(false);
         (
             stats.connections_created,
             stats.connections_closed,

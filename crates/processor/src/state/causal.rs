@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::state::error::StateError;
 use crate::state::pipeline::Point;
+use crate::state::settle::Fence;
 
 /// A WAL position that a read must see: the position of a write, taken from the handle that
 /// made it ([`causal_token`](crate::state::EnhancedPostgresBackend::causal_token)) and handed
@@ -96,6 +97,9 @@ pub(crate) struct Session {
     /// observed, so a read whose position query is dropped or fails leaves the session
     /// unsure, and concurrent reads each take a position of their own.
     covered: AtomicU64,
+    /// Writes whose outcome their callers did not learn, not settled yet: the session's next
+    /// write waits for them (see the `settle` module).
+    pub settling: Fence,
 }
 
 impl Session {

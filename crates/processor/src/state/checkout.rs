@@ -3,7 +3,11 @@
 //! - every operation runs through [`Checkout::run`], which marks the connection busy until the
 //!   operation's future completes (with success or an error the server or driver reported): a
 //!   future dropped before that (cancelled by the caller, cut off by the operation timeout)
-//!   leaves the connection in an unknown protocol or transaction state, so it is **discarded**;
+//!   leaves a statement that may still run, so the connection is **settled** before anything
+//!   else happens to it (see the `settle` module: a probe behind the statement, cancel
+//!   requests while it waits, and for a closed connection its server process gone); then it
+//!   goes back clean if the probe came back, else it is discarded. A later operation on the
+//!   same checkout that completes settles it too (replies come in order);
 //! - a connection inside a transaction that was never ended is **rolled back** (bounded) on
 //!   the runtime it was checked out on, and returned clean only if that worked;
 //! - otherwise it goes back **clean**. A closed connection is always discarded.
@@ -18,6 +22,7 @@ use bb8::{ManageConnection, PooledConnection};
 use crate::state::connection::{Connector, PgConn};
 use crate::state::error::StateError;
 use crate::state::names::TableNames;
+use crate::state::settle::{drain, Drained, Settled, Watch};
 
 /// Opens [`PgConn`]s for bb8.
 pub(crate) struct Manager {
@@ -113,6 +118,8 @@ pub(crate) struct Checkout {
     /// This checkout's turn in the pool (see [`ConnPool::get`]); released after the
     /// connection is back.
     pub(crate) turn: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Abandoned statements on this connection, fired once it is settled.
+    pub(crate) unsettled: Vec<Arc<Settled>>,
 }
 
 impl Checkout {
@@ -133,17 +140,62 @@ impl Checkout {
 
     /// Runs one operation on the connection. The connection counts as busy until `op`'s future
     /// completes, whatever its result; if that future is dropped first, the connection is
-    /// discarded when the checkout ends (and [`abandoned`](Self::abandoned) says so meanwhile).
+    /// settled when the checkout ends (and [`abandoned`](Self::abandoned) says so meanwhile).
     pub async fn run<'s, T, E, F, Fut>(&'s mut self, op: F) -> Result<T, E>
     where
         F: FnOnce(&'s mut PgConn) -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let Pooled { conn, busy, .. } = self.pooled();
+        self.run_watched(None, op).await
+    }
+
+    /// [`run`](Self::run) for a write: `watch` learns that its statement was sent, and, if
+    /// the future is dropped first or the connection fails while it runs, holds the write
+    /// until the connection is settled.
+    pub async fn run_watched<'s, T, E, F, Fut>(
+        &'s mut self,
+        watch: Option<&Watch<'_>>,
+        op: F,
+    ) -> Result<T, E>
+    where
+        F: FnOnce(&'s mut PgConn) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let Checkout {
+            pooled, unsettled, ..
+        } = self;
+        let Some(pooled) = pooled.as_mut() else {
+            unreachable!("a live checkout holds its connection")
+        };
+        let Pooled { conn, busy, .. } = &mut **pooled;
+        // Statements abandoned earlier on this connection: settled once this one completes.
+        let earlier = std::mem::take(unsettled);
         *busy = true;
+        let mut guard = InFlight {
+            unsettled,
+            earlier,
+            watch,
+            done: false,
+        };
+        if let Some(w) = watch {
+            w.sent();
+        }
         let result = op(conn).await;
+        guard.done = true;
+        for s in guard.earlier.drain(..) {
+            s.fire();
+        }
         *busy = false;
         result
+    }
+
+    /// The connection failed while a statement watched by `watch` ran: the write is held until
+    /// the connection's server process is gone, and the connection is discarded.
+    pub fn lost(&mut self, watch: &Watch<'_>) {
+        let settled = Settled::new();
+        self.unsettled.push(settled.clone());
+        watch.unsettled(settled);
+        self.pooled().busy = true;
     }
 
     /// Whether an operation started on this connection never completed (its future was
@@ -175,12 +227,64 @@ impl Checkout {
     }
 }
 
+/// An operation under way on a checkout; dropped before it completes, it records the
+/// abandonment (see [`Checkout::run_watched`]).
+struct InFlight<'a, 'w> {
+    unsettled: &'a mut Vec<Arc<Settled>>,
+    earlier: Vec<Arc<Settled>>,
+    watch: Option<&'a Watch<'w>>,
+    done: bool,
+}
+
+impl Drop for InFlight<'_, '_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let settled = Settled::new();
+        self.unsettled.append(&mut self.earlier);
+        self.unsettled.push(settled.clone());
+        if let Some(w) = self.watch {
+            w.unsettled(settled);
+        }
+    }
+}
+
 impl Drop for Checkout {
     fn drop(&mut self) {
         let Some(mut pooled) = self.pooled.take() else {
             return;
         };
         pooled.idle_since = Instant::now();
+        let unsettled = std::mem::take(&mut self.unsettled);
+        if pooled.busy && !unsettled.is_empty() {
+            // A statement was abandoned: settle the connection on its runtime (see the
+            // `settle` module); it goes back clean only if its probe came back.
+            let turn = self.turn.take();
+            self.runtime.spawn(async move {
+                // Held while the connection is (the pool's fair turn; see `turn`).
+                let turn = turn;
+                match drain(&pooled.conn, pooled.in_transaction).await {
+                    Drained::Clean => {
+                        pooled.busy = false;
+                        pooled.in_transaction = false;
+                        pooled.idle_since = Instant::now();
+                        drop(pooled);
+                    }
+                    Drained::Unfit => drop(pooled),
+                    Drained::Lost(gone) => {
+                        // Discarded (still busy) before the wait, which may be long.
+                        drop(pooled);
+                        drop(turn);
+                        gone.wait().await;
+                    }
+                }
+                for s in unsettled {
+                    s.fire();
+                }
+            });
+            return;
+        }
         if !pooled.in_transaction || pooled.conn.client.is_closed() {
             // Clean, or discarded by bb8 (busy or closed).
             return;

@@ -322,6 +322,14 @@ pub(crate) struct PgConn {
     pub copy_stage_ready: AtomicBool,
     /// Ad-hoc statements prepared on first use.
     pub cache: StatementCache,
+    /// Opens connections to the same server: for cancel requests and for looking up this
+    /// connection's server process (see the `settle` module).
+    pub origin: Connector,
+    /// Cancels the statement running on this connection.
+    pub cancel: tokio_postgres::CancelToken,
+    /// The server process: its id and start time in microseconds since the epoch (none
+    /// behind PgBouncer's transaction pooling, where it changes per transaction).
+    pub backend: Option<(i32, i64)>,
 }
 
 impl PgConn {
@@ -336,19 +344,38 @@ impl PgConn {
     /// `LIMIT` a generic plan would guess, set `plan_cache_mode = auto` for their transaction.
     pub async fn open(connector: &Connector, names: &TableNames) -> StateResult<Self> {
         let client = connector.connect().await?;
-        // Citus makes its own choice (custom plans, so each statement reaches its shard; a
-        // generic plan of a multi-shard query cannot be distributed).
-        if !connector.transaction_pooling && !names.distributed {
-            client
-                .batch_execute("SET plan_cache_mode = force_generic_plan")
-                .await?;
+        let mut backend = None;
+        if !connector.transaction_pooling {
+            // Citus makes its own choice (custom plans, so each statement reaches its shard;
+            // a generic plan of a multi-shard query cannot be distributed).
+            let plans = if names.distributed {
+                ""
+            } else {
+                "SET plan_cache_mode = force_generic_plan; "
+            };
+            // The server process, identified for settling (see the `settle` module).
+            let sql = format!(
+                "{plans}SELECT pg_backend_pid()::text, \
+                 ((extract(epoch FROM backend_start) * 1000000)::int8)::text \
+                 FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+            );
+            for msg in client.simple_query(&sql).await? {
+                if let tokio_postgres::SimpleQueryMessage::Row(row) = msg {
+                    let pid = row.get(0).and_then(|v| v.parse().ok());
+                    let started = row.get(1).and_then(|v| v.parse().ok());
+                    backend = pid.zip(started);
+                }
+            }
         }
         let stmts = Statements::prepare(&client, names, connector.transaction_pooling).await?;
         Ok(PgConn {
+            cancel: client.cancel_token(),
             client,
             stmts,
             copy_stage_ready: AtomicBool::new(false),
             cache: StatementCache::default(),
+            origin: connector.clone(),
+            backend,
         })
     }
 

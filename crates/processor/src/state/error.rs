@@ -74,9 +74,20 @@ pub enum StateError {
     /// The configuration is invalid (malformed URL, unknown sslmode, bad pool sizes...).
     #[error("invalid configuration: {0}")]
     Configuration(String),
-    /// An operation did not finish in time (pool acquire timeout, statement timeout, connect timeout).
+    /// An operation did not finish in time (pool acquire timeout, statement timeout, connect
+    /// timeout, the operation timeout before its statement was sent). Nothing was written: a
+    /// write that may have reached the server is [`StateError::OutcomeUnknown`] instead.
     #[error("timed out: {0}")]
     Timeout(String),
+    /// A write was sent to the server but its caller learned no outcome (it outlasted the
+    /// operation timeout, or its connection failed while it ran): it may or may not have been
+    /// applied. Either way it is settled (applied, or never to be) before anything the same
+    /// session does next is sent, so it never lands after the session's next acknowledged
+    /// write. Not retried automatically, and [`is_retryable`](StateError::is_retryable) is
+    /// false: read the state before doing the work again (a put of the same value may simply
+    /// be repeated).
+    #[error("outcome unknown: {0}")]
+    OutcomeUnknown(String),
     /// The connection to the server failed or was lost.
     #[error("connection error: {message}{}", SqlStateSuffix(.sqlstate))]
     Connection {
@@ -151,8 +162,11 @@ pub enum ErrorKind {
     Conflict,
     /// A transaction was aborted by the server (serialization failure, deadlock); retry it.
     Transaction,
-    /// A pool, connect or statement timeout.
+    /// A pool, connect or statement timeout: nothing was written.
     Timeout,
+    /// A write may or may not have been applied ([`StateError::OutcomeUnknown`],
+    /// [`StateError::CommitOutcomeUnknown`]); it is settled before the session's next write is sent.
+    OutcomeUnknown,
     /// The connection failed or was lost.
     Connection,
     /// TLS setup or verification failed.
@@ -178,6 +192,7 @@ impl ErrorKind {
             ErrorKind::Conflict => "conflict",
             ErrorKind::Transaction => "transaction",
             ErrorKind::Timeout => "timeout",
+            ErrorKind::OutcomeUnknown => "outcome_unknown",
             ErrorKind::Connection => "connection",
             ErrorKind::Tls => "tls",
             ErrorKind::Permission => "permission",
@@ -196,8 +211,9 @@ impl StateError {
             StateError::Configuration(_) => ErrorKind::Configuration,
             StateError::KeyNotFound { .. } | StateError::StateExpired { .. } => ErrorKind::NotFound,
             StateError::ConcurrentModification { .. } => ErrorKind::Conflict,
-            StateError::TransactionFailed { .. } | StateError::CommitOutcomeUnknown(_) => {
-                ErrorKind::Transaction
+            StateError::TransactionFailed { .. } => ErrorKind::Transaction,
+            StateError::CommitOutcomeUnknown(_) | StateError::OutcomeUnknown(_) => {
+                ErrorKind::OutcomeUnknown
             }
             StateError::Timeout(_) => ErrorKind::Timeout,
             StateError::Connection { .. } => ErrorKind::Connection,
@@ -216,6 +232,13 @@ impl StateError {
             | StateError::RestoreFailed(_)
             | StateError::BackendFull(_) => ErrorKind::Storage,
         }
+    }
+
+    /// Whether the server refused the statement, so nothing of it was written: an error with
+    /// a SQLSTATE that is not a connection's (a FATAL error such as 57P01 or PgBouncer's
+    /// 08P01 may follow a commit). The caller checks the connection is still open too.
+    pub(crate) fn is_refusal(&self) -> bool {
+        self.sqlstate().is_some() && self.kind() != ErrorKind::Connection
     }
 
     /// The same error again, for each of several callers that share one outcome (a group of
@@ -238,6 +261,7 @@ impl StateError {
             },
             StateError::Tls(m) => StateError::Tls(m.clone()),
             StateError::CommitOutcomeUnknown(m) => StateError::CommitOutcomeUnknown(m.clone()),
+            StateError::OutcomeUnknown(m) => StateError::OutcomeUnknown(m.clone()),
             other => StateError::StorageError {
                 message: other.to_string(),
                 sqlstate: other.sqlstate().map(str::to_string),
@@ -259,11 +283,9 @@ impl StateError {
     /// Whether running the same operation again may succeed: timeouts, lost connections,
     /// serialization failures, deadlocks, optimistic-locking conflicts (after a re-read) and
     /// server-side resource exhaustion. Input, configuration, TLS and permission errors are not,
-    /// and neither is [`StateError::CommitOutcomeUnknown`].
+    /// and neither is an unknown outcome ([`StateError::OutcomeUnknown`],
+    /// [`StateError::CommitOutcomeUnknown`]).
     pub fn is_retryable(&self) -> bool {
-        if matches!(self, StateError::CommitOutcomeUnknown(_)) {
-            return false;
-        }
         match self.kind() {
             ErrorKind::Timeout | ErrorKind::Connection | ErrorKind::Conflict => true,
             // Only serialization failures and deadlocks; not 40002 (integrity violation at
@@ -447,7 +469,7 @@ mod tests {
     #[test]
     fn unknown_commit_outcome_is_not_retryable() {
         let e = StateError::CommitOutcomeUnknown("x".into());
-        assert_eq!(e.kind(), ErrorKind::Transaction);
+        assert_eq!(e.kind(), ErrorKind::OutcomeUnknown);
         assert!(!e.is_retryable());
     }
 

@@ -3,15 +3,17 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
 use crate::state::causal::Session;
-use crate::state::coalesce::{Entry, Found, Lookup, Reply, Waiting};
-use crate::state::error::{ErrorKind, StateError, StateResult};
+use crate::state::coalesce::{Claim, Entry, Found, Lookup, Reply, Waiting};
+use crate::state::error::{StateError, StateResult};
 use crate::state::operation::{Kind, Op};
 use crate::state::pool::bounded;
+use crate::state::settle::{Fence, Settled, Watch};
 use crate::state::store::{connection, Store, Use};
 
 impl Store {
@@ -82,34 +84,66 @@ impl Store {
     }
 
     /// Waits for a queued put's result (starting the queue's leader if `lead`), recording its
-    /// WAL position in `session`; runs the put alone (`alone`) if the server refused its group.
+    /// WAL position in `session`; runs the put alone (`alone`, given what is left of the
+    /// operation timeout) if the server refused its group.
+    ///
+    /// Given up (its deadline passed, or this future dropped) before its group's leader
+    /// claimed it, the put is never sent: a plain timeout. Given up after, its outcome is
+    /// unknown: it is held in `session` until the group's statement is settled (see the
+    /// `coalesce` and `settle` modules).
     pub(crate) async fn put_queued<F, Fut>(
         &self,
         session: &Session,
-        reply: oneshot::Receiver<Reply>,
+        mut reply: oneshot::Receiver<Reply>,
         lead: bool,
+        claim: Arc<Claim>,
         alone: F,
     ) -> StateResult<i64>
     where
-        F: FnOnce() -> Fut,
+        F: FnOnce(Duration) -> Fut,
         Fut: Future<Output = StateResult<i64>>,
     {
         if lead {
             tokio::spawn(self.clone().lead_puts());
         }
+        let mut waiting = GiveUp {
+            claim: &claim,
+            session,
+            armed: true,
+        };
         let mark = self.router.tracks_writes().then(|| session.write());
         let start = Instant::now();
-        let reply = match tokio::time::timeout(self.op_timeout, reply).await {
+        let reply = match tokio::time::timeout(self.op_timeout, &mut reply).await {
             Ok(Ok(reply)) => reply,
+            // The leader's task ended without answering (its runtime is shutting down).
             Ok(Err(_)) => Reply::Failed(StateError::Connection {
                 message: "the put's group ended without a result".into(),
                 sqlstate: None,
             }),
-            Err(_) => Reply::Failed(StateError::Timeout(format!(
-                "the put did not complete within the operation timeout ({:?})",
-                self.op_timeout
-            ))),
+            Err(_) => match claim.give_up() {
+                None => Reply::Failed(StateError::Timeout(format!(
+                    "the put did not complete within the operation timeout ({:?}); it was \
+                     not sent: nothing was written",
+                    self.op_timeout
+                ))),
+                // Settled meanwhile: the answer is on its way.
+                Some(s) if s.is_done() => reply.try_recv().unwrap_or_else(|_| {
+                    Reply::Failed(StateError::OutcomeUnknown(
+                        "the put's group ended without a result".into(),
+                    ))
+                }),
+                Some(s) => {
+                    session.settling.hold(s);
+                    Reply::Failed(StateError::OutcomeUnknown(format!(
+                        "the put was sent in a group that did not complete within the \
+                         operation timeout ({:?}); it may or may not have been applied, and is \
+                         settled before this session's next write is sent",
+                        self.op_timeout
+                    )))
+                }
+            },
         };
+        waiting.armed = false;
         match reply {
             Reply::Written { version, lsn } => {
                 self.stats.record(Op::Upsert, 1, start.elapsed(), None);
@@ -123,11 +157,13 @@ impl Store {
                 if let Some(mark) = mark {
                     mark.nothing_written();
                 }
-                // Within what is left of the operation timeout.
-                let left = self.op_timeout.saturating_sub(start.elapsed());
-                bounded(left, alone()).await
+                alone(self.op_timeout.saturating_sub(start.elapsed())).await
             }
             Reply::Failed(e) => {
+                // Sent and not settled: held (see above).
+                if let Some(s) = claim.settled() {
+                    session.settling.hold(s);
+                }
                 self.stats
                     .record(Op::Upsert, 1, start.elapsed(), Some(e.kind()));
                 Err(e)
@@ -149,56 +185,107 @@ impl Store {
         leading.finished();
     }
 
-    /// Writes a group of puts in one statement and answers each (see [`Reply`]).
+    /// Writes a group of puts in one statement and answers each (see [`Reply`]); its members
+    /// are claimed once the connection is there, right before sending, and the group's
+    /// [`Settled`] fires once its statement is settled.
     async fn write_group(&self, mut group: Vec<Waiting<Entry, Reply>>) {
         // Key order: the lock order of every batch.
         group.sort_by(|a, b| a.item.key.cmp(&b.item.key));
-        let keys: Vec<&[u8]> = group.iter().map(|w| w.item.key.as_slice()).collect();
-        let values: Vec<&[u8]> = group.iter().map(|w| w.item.value.as_slice()).collect();
-        let metadata: Vec<&serde_json::Value> = group.iter().map(|w| &w.item.metadata).collect();
-        let ttls: Vec<Option<i64>> = group.iter().map(|w| w.item.ttl_us).collect();
         let tracks = self.router.tracks_writes();
+        let settled = Settled::new();
+        let fence = Fence::default();
+        let watch = Watch::new(&fence);
         let outcome = bounded(self.op_timeout, async {
             let mut conn = connection(&self.primary, Use::Point).await?;
+            // Those whose callers gave up meanwhile are left out: nothing is sent for them.
+            group.retain(|w| w.claim.send(&settled));
+            if group.is_empty() {
+                return Ok(None);
+            }
+            let keys: Vec<&[u8]> = group.iter().map(|w| w.item.key.as_slice()).collect();
+            let values: Vec<&[u8]> = group.iter().map(|w| w.item.value.as_slice()).collect();
+            let metadata: Vec<&serde_json::Value> =
+                group.iter().map(|w| &w.item.metadata).collect();
+            let ttls: Vec<Option<i64>> = group.iter().map(|w| w.item.ttl_us).collect();
             let written = conn
-                .run(|c| c.upsert_many(&keys, &values, &metadata, &ttls))
+                .run_watched(Some(&watch), |c| {
+                    c.upsert_many(&keys, &values, &metadata, &ttls)
+                })
                 .await;
+            if written.is_err() && conn.is_closed() {
+                conn.lost(&watch);
+            }
             let lsn = match (&written, tracks) {
                 (Ok(_), true) => conn.run(|c| c.insert_lsn()).await.ok(),
                 _ => None,
             };
-            Ok((written, lsn, conn.is_closed()))
+            Ok(Some((written, lsn)))
         })
         .await;
-        let (written, lsn) = match outcome {
-            Ok((Ok(rows), lsn, _)) => (rows, lsn),
-            // Refused by the server on an open connection: nothing was written.
-            Ok((Err(e), _, false))
-                if e.sqlstate().is_some() && e.kind() != ErrorKind::Connection =>
-            {
+        let outcome = match outcome {
+            Ok(None) => return settled.fire(),
+            Ok(Some((written, lsn))) => written.map(|rows| (rows, lsn)),
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok((written, lsn)) => {
+                let versions: HashMap<Vec<u8>, i64> = written.into_iter().collect();
+                for w in group {
+                    let reply = match versions.get(&w.item.key) {
+                        Some(&version) => Reply::Written { version, lsn },
+                        None => Reply::Failed(StateError::StorageError {
+                            message: "the put's group returned no version for its key".into(),
+                            sqlstate: None,
+                        }),
+                    };
+                    w.answer(reply);
+                }
+            }
+            // Refused by the server: nothing was written (a member's row locked past the
+            // group's lock_timeout, a constraint, a serialization failure).
+            Err(e) if !watch.is_unsettled() && e.is_refusal() => {
                 tracing::debug!(error = %e, puts = group.len(), "a put group was refused; its puts run alone");
                 for w in group {
                     w.answer(Reply::RunAlone);
                 }
-                return;
             }
-            Ok((Err(e), _, _)) | Err(e) => {
+            Err(e) => {
+                let unknown = watch.is_unsettled();
                 for w in group {
-                    w.answer(Reply::Failed(e.shared()));
+                    let e = if unknown {
+                        StateError::OutcomeUnknown(format!(
+                            "the put was sent in a group, then {e}; it may or may not have been \
+                             applied, and is settled before this session's next write is sent"
+                        ))
+                    } else {
+                        e.shared()
+                    };
+                    w.answer(Reply::Failed(e));
                 }
-                return;
             }
-        };
-        let versions: HashMap<Vec<u8>, i64> = written.into_iter().collect();
-        for w in group {
-            let reply = match versions.get(&w.item.key) {
-                Some(&version) => Reply::Written { version, lsn },
-                None => Reply::Failed(StateError::StorageError {
-                    message: "the put's group returned no version for its key".into(),
-                    sqlstate: None,
-                }),
-            };
-            w.answer(reply);
+        }
+        // Answered; now the group's statement must be settled before its members' sessions
+        // send their next writes.
+        fence.wait().await;
+        settled.fire();
+    }
+}
+
+/// A queued put's caller waiting for its reply; dropped while armed (the caller gave up), it
+/// leaves the put out of its group if it was not sent yet, else holds it in the session until
+/// the group's statement is settled.
+struct GiveUp<'a> {
+    claim: &'a Claim,
+    session: &'a Session,
+    armed: bool,
+}
+
+impl Drop for GiveUp<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Some(s) = self.claim.give_up() {
+                self.session.settling.hold(s);
+            }
         }
     }
 }

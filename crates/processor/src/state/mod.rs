@@ -42,6 +42,7 @@ mod retry;
 mod router;
 mod schema;
 mod settings;
+mod settle;
 mod statements;
 mod stats;
 mod store;

@@ -21,8 +21,11 @@
 //!   first waiter, the pool being first come, first served) once its users are done.
 //! - Cancellation is safe: the driver finishes every exchange it started whether or not its
 //!   caller still waits, so a dropped call never leaves a shared connection mid-protocol.
-//!   But a call dropped mid-statement may have been cut off by the operation timeout on a
-//!   frozen server, so its lane is retired and its connection discarded, not reused.
+//!   But the server still runs a statement whose call was dropped (or cut off by the
+//!   operation timeout), so its lane is retired (no new users) and *settled* (see the
+//!   `settle` module): a probe sent behind the statement, cancel requests while it waits, and
+//!   the abandoned writes held in their sessions until the probe is back. A lane whose probe
+//!   came back returns its connection to the pool clean; otherwise it is discarded.
 //! - A closed connection's lane takes no new users; its connection is discarded.
 //! - The cost: a statement that waits on the server (for a row lock another transaction
 //!   holds) delays the statements pipelined behind it on its lane until it proceeds, bounded
@@ -41,6 +44,7 @@ use std::time::{Duration, Instant};
 
 use crate::state::checkout::Checkout;
 use crate::state::connection::PgConn;
+use crate::state::settle::{drain, Drained, Settled, Watch};
 
 /// How long a lane with no users keeps its connection.
 pub(crate) const LINGER: Duration = Duration::from_millis(100);
@@ -56,8 +60,84 @@ struct Lane {
     idle_since: Mutex<Instant>,
     /// Takes no new users.
     retired: AtomicBool,
-    /// A call was dropped mid-statement: discard the connection when the lane ends.
+    /// Settling found the connection unfit (closed, or its probe failed): discard it when
+    /// the lane ends.
     poisoned: AtomicBool,
+    /// Abandoned statements and the settling under way (see [`Lane::abandon`]).
+    settling: Mutex<Settling>,
+}
+
+/// The settling of a lane's abandoned statements.
+#[derive(Default)]
+struct Settling {
+    /// Statements abandoned so far.
+    abandoned: u64,
+    /// Fires when the statements abandoned so far are settled; `None` or fired when no
+    /// settling is under way.
+    current: Option<Arc<Settled>>,
+}
+
+impl Lane {
+    /// Records a statement abandoned on this lane (dropped, or failed with its connection)
+    /// and returns what fires once it is settled: the lane takes no new users, and a task
+    /// (started if none is running) probes its connection until everything sent so far is
+    /// done.
+    fn abandon(self: &Arc<Self>) -> Arc<Settled> {
+        self.retired.store(true, Relaxed);
+        let mut s = self.settling.lock().unwrap_or_else(|e| e.into_inner());
+        s.abandoned += 1;
+        if let Some(current) = &s.current {
+            if !current.is_done() {
+                return current.clone();
+            }
+        }
+        let settled = Settled::new();
+        s.current = Some(settled.clone());
+        drop(s);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(self.clone().settle(settled.clone()));
+            }
+            // No runtime: the connection's I/O task is gone with it; nothing more is sent.
+            Err(_) => {
+                self.poisoned.store(true, Relaxed);
+                settled.fire();
+            }
+        }
+        settled
+    }
+
+    /// Probes the connection until no statement was abandoned since the last probe was sent,
+    /// then fires `settled`.
+    async fn settle(self: Arc<Self>, settled: Arc<Settled>) {
+        loop {
+            let seen = self.abandoned();
+            match drain(self.checkout.conn(), false).await {
+                Drained::Clean if self.abandoned() == seen => break,
+                Drained::Clean => {}
+                Drained::Unfit => {
+                    self.poisoned.store(true, Relaxed);
+                    break;
+                }
+                Drained::Lost(gone) => {
+                    // The lane lets its connection go (discarded) before the wait, which
+                    // may be long, once its last user leaves.
+                    self.poisoned.store(true, Relaxed);
+                    drop(self);
+                    gone.wait().await;
+                    break;
+                }
+            }
+        }
+        settled.fire();
+    }
+
+    fn abandoned(&self) -> u64 {
+        self.settling
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .abandoned
+    }
 }
 
 impl Lane {
@@ -186,6 +266,7 @@ impl Lanes {
             idle_since: Mutex::new(Instant::now()),
             retired: AtomicBool::new(false),
             poisoned: AtomicBool::new(false),
+            settling: Mutex::default(),
         });
         self.lock().push(lane.clone());
         self.user(lane)
@@ -195,7 +276,6 @@ impl Lanes {
         LaneUse {
             lane: Some(lane),
             slots: self.slots.clone(),
-            in_flight: false,
         }
     }
 
@@ -243,8 +323,6 @@ pub(crate) struct LaneUse {
     /// `None` only during drop.
     lane: Option<Arc<Lane>>,
     slots: Arc<Mutex<Vec<Arc<Lane>>>>,
-    /// A statement started and has not completed.
-    in_flight: bool,
 }
 
 impl LaneUse {
@@ -256,23 +334,40 @@ impl LaneUse {
     }
 
     /// Runs one operation on the lane's connection. If its future is dropped before it
-    /// completes, the lane is retired and its connection discarded (see the module notes).
-    pub async fn run<'s, T, E, F, Fut>(&'s mut self, op: F) -> Result<T, E>
+    /// completes, the lane is retired and settled (see the module notes), and `watch` (a
+    /// write's) holds the write until then.
+    pub async fn run<'s, T, E, F, Fut>(
+        &'s mut self,
+        watch: Option<&Watch<'_>>,
+        op: F,
+    ) -> Result<T, E>
     where
         F: FnOnce(&'s PgConn) -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let LaneUse {
-            lane, in_flight, ..
-        } = self;
-        let lane: &'s Lane = match lane {
+        let lane: &'s Arc<Lane> = match &self.lane {
             Some(l) => l,
             None => unreachable!("a live lane use holds its lane"),
         };
-        *in_flight = true;
+        let mut guard = LaneFlight {
+            lane,
+            watch,
+            done: false,
+        };
+        if let Some(w) = watch {
+            w.sent();
+        }
         let result = op(lane.checkout.conn()).await;
-        *in_flight = false;
+        guard.done = true;
         result
+    }
+
+    /// The connection failed while a statement watched by `watch` ran: the write is held
+    /// until the connection's server process is gone.
+    pub fn lost(&self, watch: &Watch<'_>) {
+        if let Some(lane) = &self.lane {
+            watch.unsettled(lane.abandon());
+        }
     }
 
     /// Whether the connection has closed.
@@ -281,13 +376,27 @@ impl LaneUse {
     }
 }
 
+/// A statement under way on a lane; dropped before it completes, it abandons it.
+struct LaneFlight<'a, 'w> {
+    lane: &'a Arc<Lane>,
+    watch: Option<&'a Watch<'w>>,
+    done: bool,
+}
+
+impl Drop for LaneFlight<'_, '_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let settled = self.lane.abandon();
+            if let Some(w) = self.watch {
+                w.unsettled(settled);
+            }
+        }
+    }
+}
+
 impl Drop for LaneUse {
     fn drop(&mut self) {
         let Some(lane) = self.lane.take() else { return };
-        if self.in_flight {
-            lane.poisoned.store(true, Relaxed);
-            lane.retired.store(true, Relaxed);
-        }
         let mut slots = lock(&self.slots);
         if lane.users.fetch_sub(1, Relaxed) == 1 {
             if lane.open() {
@@ -319,9 +428,32 @@ impl Point {
         F: FnOnce(&'s PgConn) -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
+        self.run_watched(None, op).await
+    }
+
+    /// [`run`](Self::run) for a write, which `watch` follows (see
+    /// [`Checkout::run_watched`]).
+    pub async fn run_watched<'s, T, E, F, Fut>(
+        &'s mut self,
+        watch: Option<&Watch<'_>>,
+        op: F,
+    ) -> Result<T, E>
+    where
+        F: FnOnce(&'s PgConn) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
         match self {
-            Point::Lane(lane) => lane.run(op).await,
-            Point::Own(own) => own.run(|c| op(c)).await,
+            Point::Lane(lane) => lane.run(watch, op).await,
+            Point::Own(own) => own.run_watched(watch, |c| op(c)).await,
+        }
+    }
+
+    /// The connection failed while a statement watched by `watch` ran (see
+    /// [`Checkout::lost`]).
+    pub fn lost(&mut self, watch: &Watch<'_>) {
+        match self {
+            Point::Lane(lane) => lane.lost(watch),
+            Point::Own(own) => own.lost(watch),
         }
     }
 

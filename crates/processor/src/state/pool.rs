@@ -52,9 +52,10 @@ impl ErrorSink<StateError> for LastError {
     }
 }
 
-/// Runs `fut` for at most `limit`. Past it, the future is dropped (a connection it had checked
-/// out and was using is then discarded, see [`Checkout`]) and the call fails with
-/// [`StateError::Timeout`].
+/// Runs `fut` for at most `limit`. Past it, the future is dropped (a statement it had sent is
+/// settled before its connection is reused, see [`Checkout`]) and the call fails with
+/// [`StateError::Timeout`] (which a write turns into an unknown outcome if its statement was
+/// sent).
 pub(crate) async fn bounded<T>(
     limit: Duration,
     fut: impl Future<Output = StateResult<T>>,
@@ -62,8 +63,7 @@ pub(crate) async fn bounded<T>(
     match tokio::time::timeout(limit, fut).await {
         Ok(result) => result,
         Err(_) => Err(StateError::Timeout(format!(
-            "the operation did not complete within the operation timeout ({limit:?}); \
-             its connection was discarded"
+            "the operation did not complete within the operation timeout ({limit:?})"
         ))),
     }
 }
@@ -369,6 +369,7 @@ impl ConnPool {
             runtime: tokio::runtime::Handle::current(),
             rollback_limit: self.rollback_limit,
             turn: None,
+            unsettled: Vec::new(),
         }
     }
 

@@ -13,6 +13,13 @@ use tokio_postgres::{Client, Error, GenericClient, Row, Statement};
 use crate::state::error::{StateError, StateResult};
 use crate::state::names::TableNames;
 
+/// The longest a coalesced group's statement waits for a row lock (its `lock_timeout`, set
+/// for its own transaction as its input is read, before any row is written): a member's row
+/// locked by another transaction must not hold the other members, so the server refuses the
+/// group and each member runs alone (see the `coalesce` module). Longer than a commit's
+/// flush, which is what a concurrent put of the same key makes it wait for.
+pub(crate) const GROUP_LOCK_WAIT: &str = "200ms";
+
 /// The filter of live entries: not expired on the server's clock.
 pub(crate) const LIVE: &str = "(expires_at IS NULL OR expires_at > now())";
 /// The columns of a [`StateEntry`](crate::state::StateEntry), in its order.
@@ -377,7 +384,8 @@ impl Statements {
                     names,
                     &format!(
                         "SELECT k, v, m, {} FROM unnest($1::bytea[], $2::bytea[], $3::jsonb[], \
-                         $4::bigint[]) AS u (k, v, m, t)",
+                         $4::bigint[]) AS u (k, v, m, t) \
+                         WHERE set_config('lock_timeout', '{GROUP_LOCK_WAIT}', true) IS NOT NULL",
                         "statement_timestamp() + t * interval '1 microsecond'"
                     ),
                     ENTRY_INPUT,

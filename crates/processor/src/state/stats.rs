@@ -9,7 +9,7 @@ use crate::state::operation::{Kind, Op};
 use crate::state::published::Published;
 
 /// Every error kind, in the order of [`Stats`]'s error counters.
-const KINDS: [ErrorKind; 12] = [
+const KINDS: [ErrorKind; 13] = [
     ErrorKind::InvalidInput,
     ErrorKind::Configuration,
     ErrorKind::NotFound,
@@ -22,6 +22,7 @@ const KINDS: [ErrorKind; 12] = [
     ErrorKind::Serialization,
     ErrorKind::Coordination,
     ErrorKind::Storage,
+    ErrorKind::OutcomeUnknown,
 ];
 
 /// `kind`'s place in [`KINDS`] (a match, so a new kind cannot be left out).
@@ -39,6 +40,7 @@ fn kind_index(kind: ErrorKind) -> usize {
         ErrorKind::Serialization => 9,
         ErrorKind::Coordination => 10,
         ErrorKind::Storage => 11,
+        ErrorKind::OutcomeUnknown => 12,
     }
 }
 
@@ -77,7 +79,7 @@ pub(crate) struct Stats {
     /// Durations by operation kind (indexed by `Kind::index`).
     latency: [Histogram; 9],
     /// Failed operations by error kind (in the order of `KINDS`).
-    errors_by_kind: [AtomicU64; 12],
+    errors_by_kind: [AtomicU64; 13],
     /// The same figures through the `metrics` facade.
     published: Published,
 }

@@ -10,7 +10,7 @@ use futures_util::future::join;
 use tracing::Instrument;
 
 use crate::state::causal::{Scope, Session};
-use crate::state::coalesce::{Admission, Coalescer, Entry, Found, Lookup, Reply};
+use crate::state::coalesce::{Admission, Coalescer, Entry, Found, Lookup, Reply, ALONE_BYTES};
 use crate::state::connection::PgConn;
 use crate::state::error::{sqlstate, ErrorKind, StateError, StateResult};
 use crate::state::limits::{check_entry, check_key, check_metadata, check_page, MAX_GET_MANY};
@@ -20,6 +20,7 @@ use crate::state::ops::{check_batch, MetadataQuery, StateEntry};
 use crate::state::pipeline::Point;
 use crate::state::pool::{bounded, ConnPool};
 use crate::state::router::{current_lsn, ReadTarget, Router};
+use crate::state::settle::Watch;
 use crate::state::stats::{failure, OpRecord, Stats};
 
 /// The future of one read attempt (boxed: see [`Store::read`]).
@@ -238,6 +239,13 @@ impl Store {
     /// WAL position after it (also after a version conflict: what the refused write saw) is
     /// raised into `session`'s floor before the connection goes back.
     ///
+    /// The outcome contract (see the `settle` module): the write first waits for the
+    /// session's unsettled writes; a write cut off before its statement was sent fails with
+    /// [`StateError::Timeout`] having written nothing; one whose statement was sent and whose
+    /// outcome its caller did not learn (timeout, dropped future, connection lost while it
+    /// ran) is held in the session until settled, and fails with
+    /// [`StateError::OutcomeUnknown`].
+    ///
     /// A write that fails with a serialization failure (possible only on a table partitioned
     /// by write window: an entry moved by a concurrent write, or a window changed after the
     /// statement's snapshot) wrote nothing and runs again, up to [`WRITE_RETRIES`] times.
@@ -252,11 +260,32 @@ impl Store {
     where
         F: AsyncFnOnce(&PgConn) -> StateResult<T> + Clone,
     {
+        self.write_within(self.op_timeout, session, op, rows, how, f)
+            .await
+    }
+
+    /// [`write`](Self::write) bounded by `limit` instead of the operation timeout (what is
+    /// left of it).
+    async fn write_within<T, F>(
+        &self,
+        limit: Duration,
+        session: &Session,
+        op: Op,
+        rows: u64,
+        how: Use,
+        f: F,
+    ) -> StateResult<T>
+    where
+        F: AsyncFnOnce(&PgConn) -> StateResult<T> + Clone,
+    {
         let record = OpRecord::new(&self.stats, op, rows);
         let record = &record;
+        let watch = Watch::new(&session.settling);
+        let watch = &watch;
         // One future (not one built, then moved into another: rustc would keep room for both).
         async move {
-        let result = bounded(self.op_timeout, async {
+        let result = bounded(limit, async {
+            session.settling.wait().await;
             let mut conn = connection(&self.primary, how).await?;
             // Dropped before its position is known (also with this future), the session is
             // unsure: its next read takes the primary's position.
@@ -270,7 +299,7 @@ impl Store {
             let fold = mark.is_some() && how == Use::Point && !self.primary.transaction_pooling();
             let (mut result, mut lsn) = if fold {
                 let both =
-                    conn.run(|c| async move {
+                    conn.run_watched(Some(watch), |c| async move {
                         Ok::<_, StateError>(join(first(c), c.insert_lsn()).await)
                     })
                     .await;
@@ -279,7 +308,7 @@ impl Store {
                     Err(e) => (Err(e), None),
                 }
             } else {
-                (conn.run(|c| first(c)).await, None)
+                (conn.run_watched(Some(watch), |c| first(c)).await, None)
             };
             let mut retries = 0;
             while retries < WRITE_RETRIES
@@ -288,8 +317,12 @@ impl Store {
                 retries += 1;
                 tokio::time::sleep(Duration::from_millis(retries.into())).await;
                 let again = f.clone();
-                result = conn.run(|c| again(c)).await;
+                result = conn.run_watched(Some(watch), |c| again(c)).await;
                 lsn = None;
+            }
+            if result.is_err() && conn.is_closed() {
+                // Lost while it ran: it may have committed.
+                conn.lost(watch);
             }
             record.attempt(start, failure(&result));
             if let Some(mark) = mark {
@@ -301,19 +334,14 @@ impl Store {
                     // The server refused the statement: nothing was written. (Not a FATAL
                     // connection error such as 57P01 or PgBouncer's 08P01: the statement may
                     // have committed before it.)
-                    Err(e)
-                        if e.sqlstate().is_some()
-                            && e.kind() != ErrorKind::Connection
-                            && !conn.is_closed() =>
-                    {
-                        mark.nothing_written()
-                    }
+                    Err(e) if e.is_refusal() && !conn.is_closed() => mark.nothing_written(),
                     Err(_) => {}
                 }
             }
             result
         })
         .await;
+        let result = outcome(op, watch, result);
         record.finish(&result);
         result
         }
@@ -335,7 +363,7 @@ impl Store {
                 drop(slot);
                 result
             }
-            Admission::Queued { reply, lead } => {
+            Admission::Queued { reply, lead, .. } => {
                 self.get_queued(reply, lead, alone)
                     .instrument(Op::Get.span(&self.names.label))
                     .await
@@ -448,8 +476,8 @@ impl Store {
     ) -> StateResult<i64> {
         check_entry(key, value)?;
         check_metadata(metadata)?;
-        let alone = async || {
-            self.write(session, Op::Upsert, 1, Use::Point, async |c| {
+        let alone = async |limit| {
+            self.write_within(limit, session, Op::Upsert, 1, Use::Point, async |c| {
                 c.upsert(key, value, metadata, ttl_us).await
             })
             .await
@@ -462,18 +490,22 @@ impl Store {
         };
         // On a Citus table a multi-row upsert goes through the coordinator (measured: 182
         // puts/s at 32 tasks against 2514 for plain single-row upserts); each put goes to
-        // its shard on its own.
-        if self.names.distributed {
-            return alone().await;
+        // its shard on its own. A large put runs alone (see the `coalesce` module), and so
+        // does one whose session must first wait for an unsettled write (`write` waits).
+        if self.names.distributed
+            || key.len() + value.len() > ALONE_BYTES
+            || !session.settling.is_open()
+        {
+            return alone(self.op_timeout).await;
         }
         match self.coalescer.admit(entry) {
             Admission::Alone(slot) => {
-                let result = alone().await;
+                let result = alone(self.op_timeout).await;
                 drop(slot);
                 result
             }
-            Admission::Queued { reply, lead } => {
-                self.put_queued(session, reply, lead, alone)
+            Admission::Queued { reply, lead, claim } => {
+                self.put_queued(session, reply, lead, claim, alone)
                     .instrument(Op::Upsert.span(&self.names.label))
                     .await
             }
@@ -581,5 +613,26 @@ impl Store {
     /// One round trip on a pooled primary connection.
     pub async fn ping(&self) -> StateResult<()> {
         self.on_primary(async |c| c.probe().await).await
+    }
+}
+
+/// A write's result as its caller must see it: an error after its statement was sent, with
+/// the write still unsettled, is [`StateError::OutcomeUnknown`] (the write is held in the
+/// session until it settles); a timeout before anything was sent says so.
+pub(crate) fn outcome<T>(op: Op, watch: &Watch<'_>, result: StateResult<T>) -> StateResult<T> {
+    match result {
+        Err(e) if watch.is_unsettled() => Err(match e {
+            StateError::OutcomeUnknown(_) | StateError::CommitOutcomeUnknown(_) => e,
+            e => StateError::OutcomeUnknown(format!(
+                "the {} was sent, then {e}; it may or may not have been applied, and is settled \
+                 before this session's next write is sent",
+                op.name()
+            )),
+        }),
+        Err(StateError::Timeout(m)) if !watch.was_sent() => Err(StateError::Timeout(format!(
+            "{m}; the {} was not sent: nothing was written",
+            op.name()
+        ))),
+        other => other,
     }
 }

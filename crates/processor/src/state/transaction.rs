@@ -29,6 +29,7 @@ use crate::state::operation::Op;
 use crate::state::ops::{check_batch, empty_object, MetadataQuery, StateEntry};
 use crate::state::pipeline::Point;
 use crate::state::pool::{bounded, ConnPool};
+use crate::state::settle::Watch;
 use crate::state::stats::{failure, Stats, TxEvent};
 
 /// The future a [`transaction`](crate::state::EnhancedPostgresBackend::transaction) closure
@@ -51,6 +52,9 @@ pub struct PostgresTransaction {
     /// The read-your-writes session its commit is recorded in (none when writes are not
     /// tracked, or the transaction is read-only).
     session: Option<Arc<Session>>,
+    /// The handle's session: `begin` waits for its unsettled writes, and a COMMIT whose
+    /// outcome is unknown is held in it until settled (see the `settle` module).
+    owner: Arc<Session>,
     /// Bounds every statement, COMMIT and ROLLBACK.
     op_timeout: Duration,
     savepoints: Vec<String>,
@@ -80,10 +84,12 @@ const ABANDONED: &str = "an operation was cancelled before it finished, so its e
      the transaction was rolled back instead of committed";
 
 impl PostgresTransaction {
+    /// Begins on a connection of `pool`. `session`: the handle's session, and whether the
+    /// commit's WAL position is recorded in it (read-your-writes).
     pub(crate) async fn begin(
         pool: &ConnPool,
         stats: Arc<Stats>,
-        session: Option<Arc<Session>>,
+        (owner, records): (Arc<Session>, bool),
         names: TableNames,
         level: IsolationLevel,
         read_only: bool,
@@ -95,6 +101,8 @@ impl PostgresTransaction {
             if read_only { " READ ONLY" } else { "" }
         );
         let conn = bounded(op_timeout, async {
+            // After the session's abandoned writes have settled (nothing is sent before).
+            owner.settling.wait().await;
             let mut conn = pool.get().await?;
             conn.set_in_transaction(true);
             conn.run(|c| c.client.batch_execute(&sql)).await?;
@@ -105,7 +113,8 @@ impl PostgresTransaction {
         Ok(PostgresTransaction {
             conn: Some(conn),
             stats,
-            session,
+            session: records.then(|| owner.clone()),
+            owner,
             op_timeout,
             savepoints: Vec::new(),
             abandoned: None,
@@ -222,9 +231,12 @@ impl PostgresTransaction {
         // future is dropped half-way, or COMMIT's outcome is unknown).
         let session = self.session.clone();
         let mark = session.as_deref().map(Session::write);
+        // Dropped or timed out after COMMIT was sent, the checkout settles the connection
+        // (probe, cancel requests) and the session's next write waits for that.
+        let watch = Watch::new(&self.owner.settling);
         let committed = tokio::time::timeout(
             self.op_timeout,
-            conn.run(|c| c.client.batch_execute("COMMIT")),
+            conn.run_watched(Some(&watch), |c| c.client.batch_execute("COMMIT")),
         )
         .await;
         match committed {
@@ -250,12 +262,19 @@ impl PostgresTransaction {
                 self.stats.tx(TxEvent::RolledBack);
                 Err(err)
             }
-            Ok(Err(e)) => Err(StateError::CommitOutcomeUnknown(format!(
-                "the connection failed after COMMIT was sent: {}",
-                StateError::from(e)
-            ))),
+            Ok(Err(e)) => {
+                if conn.is_closed() {
+                    // Held until the server process is gone.
+                    conn.lost(&watch);
+                }
+                Err(StateError::CommitOutcomeUnknown(format!(
+                    "the connection failed after COMMIT was sent: {}",
+                    StateError::from(e)
+                )))
+            }
             Err(_) => Err(StateError::CommitOutcomeUnknown(format!(
-                "COMMIT did not complete within the operation timeout ({:?}); the connection was discarded",
+                "COMMIT did not complete within the operation timeout ({:?}); it either \
+                 commits before the session's next write is sent, or not at all",
                 self.op_timeout
             ))),
         }

@@ -4,6 +4,7 @@
 
 mod backup;
 mod bad_input;
+mod cancellation;
 mod capture;
 mod checkpoints;
 mod citus;

@@ -139,10 +139,13 @@ async fn a_slow_operation_is_counted_and_logged_by_statement_without_values() {
     capture.assert_never_shows(&["9d2b", "9d2c", pgstate_testcluster::PASSWORD]);
 }
 
-/// An operation cut short by the operation timeout (its statement waits on a row lock) is
-/// counted as a timeout, in the statistics and as its span's `error.type`.
+/// Operations cut short by the operation timeout are counted by what the caller was told, in
+/// the statistics and as their spans' `error.type`: a read blocked by a table lock is a
+/// timeout; a write whose statement was sent and then waited on a row lock is an unknown
+/// outcome (it may still be applied, before the session's next write).
 #[tokio::test]
-async fn an_operation_cut_short_by_the_timeout_is_counted_as_a_timeout() {
+async fn operations_cut_short_by_the_timeout_are_counted_by_their_outcome() {
+    use processor::state::ErrorKind;
     let capture = Capture::default();
     let _guard = tracing::subscriber::set_default(capture.clone());
     let b = EnhancedPostgresBackend::new(
@@ -160,22 +163,26 @@ async fn an_operation_cut_short_by_the_timeout_is_counted_as_a_timeout() {
         .await
         .unwrap();
     let e = b.put(b"held", b"2").await.unwrap_err();
-    assert_eq!(e.kind(), processor::state::ErrorKind::Timeout, "{e}");
+    assert_eq!(e.kind(), ErrorKind::OutcomeUnknown, "{e}");
+    assert!(!e.is_retryable(), "{e}");
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    let locker = support::lock_table(b.table()).await;
+    let e = b.count().await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
     locker.batch_execute("ROLLBACK").await.unwrap();
     let stats = b.get_stats();
-    assert!(
-        stats
-            .errors_by_kind
-            .contains(&(processor::state::ErrorKind::Timeout, 1)),
-        "{stats:?}"
-    );
-    assert_eq!(stats.error_count, 1);
-    let timed_out = capture
-        .spans()
-        .into_iter()
-        .filter(|s| s.field("error.type") == Some("timeout"))
-        .count();
-    assert_eq!(timed_out, 1);
+    for kind in [ErrorKind::Timeout, ErrorKind::OutcomeUnknown] {
+        assert!(stats.errors_by_kind.contains(&(kind, 1)), "{stats:?}");
+    }
+    assert_eq!(stats.error_count, 2);
+    let typed = |t: &str| {
+        capture
+            .spans()
+            .into_iter()
+            .filter(|s| s.field("error.type") == Some(t))
+            .count()
+    };
+    assert_eq!((typed("timeout"), typed("outcome_unknown")), (1, 1));
 }
 
 /// With a recorder installed, the `pgstate_` metrics move with the operations: counters and

@@ -150,12 +150,19 @@ async fn a_dropped_point_operation_leaves_its_lane_neighbours_correct() {
         Some(b"o".to_vec()),
         "the neighbour gets its own reply, not the abandoned call's"
     );
-    // The lane's connection is not reused (its call was cut off, as by a timeout on a frozen
-    // server): it is discarded once its last user is gone.
-    wait_pool(&b, "the abandoned lane's connection discarded", |s| {
-        s.connections_closed_broken >= 1
+    // The lane takes no new users; it is settled (a probe behind the abandoned call, a cancel
+    // request while the call waits on the lock) and its connection goes back to the pool
+    // clean, not reopened.
+    wait_pool(&b, "the settled lane's connection back in the pool", |s| {
+        s.lanes == 0 && s.idle == 1
     })
     .await;
+    let stats = b.get_pool_stats();
+    assert_eq!(
+        (stats.connections_created, stats.connections_closed_broken),
+        (1, 0),
+        "{stats:?}"
+    );
     assert_eq!(b.get(b"other").await.unwrap(), Some(b"o".to_vec()));
     let hot = b.get(b"hot").await.unwrap();
     assert!(

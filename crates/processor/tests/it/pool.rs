@@ -182,14 +182,19 @@ async fn a_cancelled_operation_does_not_leave_its_connection_in_the_pool() {
     assert!(cancelled.is_err(), "the count should still be blocked");
     locker.batch_execute("ROLLBACK").await.unwrap();
 
-    // The next operation runs on a fresh connection and sees the right data.
+    // The abandoned count is settled before the connection is reused (a probe behind it, a
+    // cancel request while it waits on the lock): the next operations get their own replies
+    // on the same connection, which was not reopened.
     assert_eq!(b.get(b"k").await.unwrap(), Some(b"v".to_vec()));
     assert_eq!(b.count().await.unwrap(), 1);
     let stats = b.get_pool_stats();
-    assert!(stats.connections_closed_broken >= 1, "{stats:?}");
+    assert_eq!(
+        (stats.connections_created, stats.connections_closed_broken),
+        (1, 0),
+        "{stats:?}"
+    );
     let after: Vec<i32> = support::sessions(&app).await.iter().map(|s| s.0).collect();
-    assert_eq!(after.len(), 1);
-    assert_ne!(after, before);
+    assert_eq!(after, before);
 }
 
 #[tokio::test]
@@ -302,8 +307,13 @@ async fn a_get_against_a_frozen_server_backend_times_out_and_the_pool_serves_on(
         timed_out, 1,
         "the frozen connection was discarded, not reused"
     );
-    let stats = b.get_pool_stats();
-    assert!(stats.connections_closed_broken >= 1, "{stats:?}");
+    // Its probe never comes back: discarded within the drain's probe limit.
+    support::wait_for(
+        "the frozen connection discarded",
+        || b.get_pool_stats(),
+        |s| s.connections_closed_broken >= 1,
+    )
+    .await;
 }
 
 /// Review defect: bb8 hands a returned connection to whoever asks next, so tasks that give a

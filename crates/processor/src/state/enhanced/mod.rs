@@ -416,8 +416,11 @@ impl EnhancedPostgresBackend {
         PostgresTransaction::begin(
             &s.primary,
             s.stats.clone(),
-            // A read-only transaction writes nothing whose position a read must wait for.
-            (s.router.tracks_writes() && !read_only).then(|| self.session.clone()),
+            (
+                self.session.clone(),
+                // A read-only transaction writes nothing whose position a read must wait for.
+                s.router.tracks_writes() && !read_only,
+            ),
             s.names.clone(),
             level,
             read_only,

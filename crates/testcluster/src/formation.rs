@@ -1,6 +1,7 @@
 //! A pg_auto_failover formation on loopback ports: a monitor and two data nodes (a primary and
 //! a synchronous secondary), run by the machine's `pg_autoctl` (Debian's
-//! `postgresql-15-auto-failover`) with the server binaries the clusters use.
+//! `postgresql-15-auto-failover`) with the server binaries the clusters use. Every server
+//! listens on 127.0.0.1 only.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -361,6 +362,9 @@ impl Formation {
             "--pgport",
             port,
             "--hostname",
+            "127.0.0.1",
+            // pg_autoctl's default is '*' (every interface).
+            "--listen",
             "127.0.0.1",
             "--auth",
             "trust",

@@ -1,6 +1,21 @@
-//! A pg_auto_failover formation on loopback ports: a monitor and two data nodes (a primary and
-//! a synchronous secondary), run by the machine's `pg_autoctl` (Debian's
-//! `postgresql-15-auto-failover`) with the server binaries the clusters use.
+//! A pg_auto_failover formation on loopback: a monitor and three data nodes (a primary and two
+//! secondaries, `number_sync_standbys` 1), run by the machine's `pg_autoctl` (Debian's
+//! `postgresql-15-auto-failover`) with the server binaries the clusters use. Every server
+//! listens on 127.0.0.1 only.
+//!
+//! Why three: with one secondary, pg_auto_failover keeps the primary writable when that
+//! secondary looks unhealthy (health checks missed on a loaded machine) or while a new primary
+//! waits for the old one to rejoin: the primary goes to `wait_primary`, which empties
+//! `synchronous_standby_names`. Commits then are acknowledged from the primary alone (those
+//! already waiting for the standby are released as if it had answered), and they are lost if
+//! that node is lost, or demoted and rewound, before the standby has them. With two
+//! secondaries and `number_sync_standbys` 1, the primary (`synchronous_standby_names =
+//! 'ANY 1 (...)'`) stays `primary` even while both standbys look unhealthy (seen in the
+//! switchover test's events), so it never acknowledges a commit that no standby has flushed,
+//! and a failover promotes the most advanced standby, which has every acknowledged commit.
+//! (After a promotion, the new primary is `wait_primary` until another node follows it, about
+//! 1.4 s in the switchover test: what it acknowledges then exists on it alone until a standby
+//! has it, as README's Durability section says.)
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -9,6 +24,11 @@ use std::time::{Duration, Instant};
 
 use crate::tools::{chown_to, psql, run_server_tool, runuser_prefix, server_user, spawn_cleanup};
 use crate::{err, find_bindir, free_port, Error, Result, User};
+
+/// Data nodes in a formation: a primary and two secondaries.
+pub const DATA_NODES: usize = 3;
+/// The formation's `number_sync_standbys`: a commit is acknowledged once one standby has it.
+pub const NUMBER_SYNC_STANDBYS: u32 = 1;
 
 /// A running formation. Dropping it stops every process and removes its files; if the process
 /// that started it dies first, its watchdog does.
@@ -46,9 +66,10 @@ pub fn find_pg_autoctl() -> Result<PathBuf> {
 }
 
 impl Formation {
-    /// Starts the monitor and two data nodes, with health checks tuned for tests (a node is
-    /// considered unhealthy after about 5 s instead of 20 s), and waits until one node is
-    /// primary and the other secondary.
+    /// Starts the monitor and [`DATA_NODES`] data nodes, with health checks tuned for tests (a
+    /// node is considered unhealthy after about 5 s instead of 20 s), sets the formation's
+    /// `number_sync_standbys` to [`NUMBER_SYNC_STANDBYS`], and waits until node 0 is primary,
+    /// the others secondaries, and the primary has applied the setting.
     pub fn start() -> Result<Formation> {
         let bindir = find_bindir()?;
         let pg_autoctl = find_pg_autoctl()?;
@@ -113,7 +134,7 @@ impl Formation {
             "postgres://autoctl_node@127.0.0.1:{}/pg_auto_failover?sslmode=disable",
             f.monitor_port
         );
-        for i in 1..=2 {
+        for i in 1..=DATA_NODES {
             let port = free_port()?;
             let data = f.dir.join(format!("node{i}"));
             let child = f.create(
@@ -129,18 +150,86 @@ impl Formation {
                 &format!("node{i}.log"),
             )?;
             f.nodes.push((port, data, Some(child)));
-            // One at a time: the first is the only node ("single"), the second is cloned from
-            // it and then both settle as primary and secondary.
-            let want: &[&str] = if i == 1 {
-                &["single"]
+            // One at a time (so node i is the monitor's node i + 1): the first is the only
+            // node ("single"), each next one is cloned from the primary and settles as a
+            // secondary.
+            let want: Vec<&str> = if i == 1 {
+                vec!["single"]
             } else {
-                &["primary", "secondary"]
+                std::iter::once("primary")
+                    .chain(std::iter::repeat_n("secondary", i - 1))
+                    .collect()
             };
             f.wait_for(Duration::from_secs(120), &format!("states {want:?}"), |f| {
                 f.states().is_ok_and(|s| s == want)
             })?;
         }
+        // The monitor refuses N unless N + 1 standbys can be candidates, hence after the
+        // last node joined. The primary applies it (apply_settings, then primary again).
+        f.monitor_sql(&format!(
+            "SELECT pgautofailover.set_formation_number_sync_standbys('default', \
+             {NUMBER_SYNC_STANDBYS})"
+        ))?;
+        let want = format!("ANY {NUMBER_SYNC_STANDBYS} (");
+        f.wait_for(
+            Duration::from_secs(60),
+            &format!("the primary to apply number_sync_standbys {NUMBER_SYNC_STANDBYS}"),
+            |f| {
+                f.settled()
+                    && f.primary().is_ok_and(|p| {
+                        f.synchronous_standby_names(p)
+                            .is_ok_and(|s| s.starts_with(&want))
+                    })
+            },
+        )?;
         Ok(f)
+    }
+
+    /// Whether every node reports the state the monitor assigned it, one is primary and the
+    /// others secondaries.
+    pub fn settled(&self) -> bool {
+        self.monitor_sql(
+            "SELECT count(*) FILTER (WHERE reportedstate = goalstate AND goalstate = 'primary') = 1 \
+             AND count(*) FILTER (WHERE reportedstate = goalstate AND goalstate = 'secondary') \
+             = count(*) - 1 FROM pgautofailover.node",
+        )
+        .is_ok_and(|out| out == "t")
+    }
+
+    /// The formation's `number_sync_standbys` on the monitor.
+    pub fn number_sync_standbys(&self) -> Result<u32> {
+        let out = self.monitor_sql(
+            "SELECT number_sync_standbys FROM pgautofailover.formation \
+             WHERE formationid = 'default'",
+        )?;
+        out.parse()
+            .map_err(|e| Error(format!("number_sync_standbys {out:?}: {e}")))
+    }
+
+    /// Node `i`'s `synchronous_standby_names` (as pg_auto_failover set it), read on the node.
+    pub fn synchronous_standby_names(&self, i: usize) -> Result<String> {
+        let port = self.nodes[i].0.to_string();
+        psql(
+            self.run_as.as_ref(),
+            &self.bindir,
+            &self.dir,
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+            ],
+            "SHOW synchronous_standby_names",
+        )
+    }
+
+    /// How many data nodes the formation has.
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
     }
 
     /// The formation's multi-host URL, as `pg_autoctl show uri` gives it
@@ -311,10 +400,10 @@ impl Formation {
         let deadline = Instant::now() + limit;
         while !ok(self) {
             if Instant::now() > deadline {
-                let logs: String = ["monitor.log", "node1.log", "node2.log"]
-                    .iter()
+                let logs: String = std::iter::once("monitor.log".to_string())
+                    .chain((1..=self.nodes.len()).map(|i| format!("node{i}.log")))
                     .map(|l| {
-                        let text = fs::read_to_string(self.dir.join(l)).unwrap_or_default();
+                        let text = fs::read_to_string(self.dir.join(&l)).unwrap_or_default();
                         let tail: Vec<&str> = text.lines().rev().take(15).collect();
                         format!(
                             "--- {l}\n{}\n",
@@ -361,6 +450,9 @@ impl Formation {
             "--pgport",
             port,
             "--hostname",
+            "127.0.0.1",
+            // pg_autoctl's default is '*' (every interface).
+            "--listen",
             "127.0.0.1",
             "--auth",
             "trust",

@@ -24,7 +24,7 @@ mod tools;
 pub use backup::RecoveryTarget;
 pub use certs::Certs;
 pub use citus::citus_installed;
-pub use formation::{find_pg_autoctl, Formation};
+pub use formation::{find_pg_autoctl, Formation, DATA_NODES, NUMBER_SYNC_STANDBYS};
 pub use kept::stop_kept;
 pub use pgbouncer::{find_pgbouncer, PgBouncer, PoolMode};
 use tools::{chown_to, run_server_tool, runuser_prefix, server_user, spawn_cleanup};

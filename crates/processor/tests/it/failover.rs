@@ -1,7 +1,9 @@
 //! Failover with pg_auto_failover: the backend, given the formation's multi-host URL, keeps
-//! writing through the loss of the primary and loses no acknowledged write; reads go to
-//! whichever node is the standby, found again when the old primary rejoins. The load and the
-//! checks here serve the switchover test too.
+//! writing through the loss of the primary and loses no acknowledged write; reads go to a
+//! node that is a standby, and the old primary rejoins as one. The formation has a primary and
+//! two secondaries with `number_sync_standbys` 1: the configuration in which pg_auto_failover
+//! never acknowledges a write that no standby has (with one secondary it does, in
+//! `wait_primary`). The load and the checks here serve the switchover test too.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,7 +28,7 @@ pub const OP_TIMEOUT: Duration = Duration::from_secs(10);
 /// A standby further behind than this serves no reads.
 const MAX_LAG_MS: u64 = 2_000;
 
-/// Starts a formation (a monitor, a primary and its synchronous secondary).
+/// Starts a formation (a monitor, a primary and two secondaries, `number_sync_standbys` 1).
 pub async fn formation() -> Formation {
     tokio::task::spawn_blocking(Formation::start)
         .await
@@ -47,8 +49,9 @@ pub async fn blocking<T: Send + 'static>(
     .unwrap()
 }
 
-/// A backend writing through the formation's URL and reading from whichever node is the
-/// standby (the same hosts with `target_session_attrs=read-only`), in schema `schema`.
+/// A backend writing through the formation's URL and reading from a node that is a standby
+/// (the same hosts with `target_session_attrs=read-only`: the first standby in host order when
+/// its connections open), in schema `schema`.
 pub async fn backend(formation: &Formation, schema: &str) -> EnhancedPostgresBackend {
     let cfg = EnhancedPostgresConfig::new(formation.uri())
         .with_schema(schema)
@@ -69,26 +72,99 @@ pub async fn backend(formation: &Formation, schema: &str) -> EnhancedPostgresBac
     EnhancedPostgresBackend::new(cfg).await.unwrap()
 }
 
-/// Waits (up to `limit`) until the backend's replica URL reaches node `node` as a standby in
-/// the read rotation.
-pub async fn standby_serves_reads(
+/// Waits (up to `limit`) until the backend's replica URL reaches, as a standby in the read
+/// rotation, a node other than `primary`; returns that node.
+pub async fn a_standby_serves_reads(
     b: &EnhancedPostgresBackend,
     formation: &Formation,
-    node: usize,
+    primary: usize,
     limit: Duration,
-) {
-    let want = formation.address(node);
+) -> usize {
     let deadline = Instant::now() + limit;
     loop {
         let r = &b.replica_status()[0];
-        if r.role == NodeRole::Standby && r.in_rotation && r.server.as_deref() == Some(&want) {
+        let node = (0..formation.node_count())
+            .find(|&i| r.server.as_deref() == Some(formation.address(i).as_str()));
+        if let Some(node) = node {
+            if node != primary && r.role == NodeRole::Standby && r.in_rotation {
+                return node;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no standby (primary: node {primary}) served reads within {limit:?}: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Node `node` is a standby streaming from the primary (`pg_stat_wal_receiver`), waiting up to
+/// `limit` for it.
+pub async fn streams_as_a_standby(formation: &Formation, node: usize, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let state =
+            match tokio_postgres::connect(&formation.node_url(node), tokio_postgres::NoTls).await {
+                Ok((client, conn)) => {
+                    tokio::spawn(conn);
+                    client
+                        .query_one(
+                            "SELECT pg_is_in_recovery(), \
+                         (SELECT status FROM pg_stat_wal_receiver)",
+                            &[],
+                        )
+                        .await
+                        .map(|row| (row.get::<_, bool>(0), row.get::<_, Option<String>>(1)))
+                        .map_err(|e| e.to_string())
+                }
+                Err(e) => Err(e.to_string()),
+            };
+        if matches!(&state, Ok((true, Some(s))) if s == "streaming") {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "node {want} did not serve reads as a standby within {limit:?}: {r:?}"
+            "node {node} does not stream as a standby after {limit:?}: (in recovery, \
+             wal receiver) {state:?}"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// What makes an acknowledged write survive the loss of any one node, checked on node
+/// `primary`: the formation's `number_sync_standbys` is 1, the primary waits for any one of
+/// its standbys (`synchronous_standby_names = 'ANY 1 (...)'`, `synchronous_commit = on`), and
+/// every other node streams to it as a quorum standby (waiting up to 60 s for them).
+pub async fn commits_wait_for_a_standby(formation: &Formation, primary: usize) {
+    assert_eq!(formation.number_sync_standbys().unwrap(), 1);
+    let client = support::raw(&formation.node_url(primary)).await;
+    let want = formation.node_count() as i64 - 1;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let row = client
+            .query_one(
+                "SELECT current_setting('synchronous_standby_names'), \
+                 current_setting('synchronous_commit'), \
+                 (SELECT count(*) FROM pg_stat_replication \
+                  WHERE state = 'streaming' AND sync_state = 'quorum')",
+                &[],
+            )
+            .await
+            .unwrap();
+        let (names, commit, quorum): (String, String, i64) = (row.get(0), row.get(1), row.get(2));
+        if names.starts_with("ANY 1 (") && commit == "on" && quorum == want {
+            eprintln!(
+                "node {primary}: synchronous_standby_names = '{names}', {quorum} quorum standbys"
+            );
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {primary} does not wait for one of {want} standbys: \
+             synchronous_standby_names = '{names}', synchronous_commit = {commit}, \
+             {quorum} streaming quorum standbys"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -103,9 +179,16 @@ pub async fn reads_reach_the_standby(b: &EnhancedPostgresBackend) {
 }
 
 /// The seed's Monitoring snippet, and what it must say of the formation: the backend writes to
-/// node `primary`, which is no replica, and the standby's lag is within the threshold.
+/// node `primary`, which is no replica, every other node streams from it (waiting up to 30 s
+/// for a standby that is reconnecting), and the standby's lag is within the threshold.
 pub async fn monitoring_says(b: &EnhancedPostgresBackend, formation: &Formation, primary: usize) {
-    let repl_status = b.check_replication_status().await.unwrap();
+    let standbys = u32::try_from(formation.node_count() - 1).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut repl_status = b.check_replication_status().await.unwrap();
+    while repl_status.connected_replicas != standbys && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        repl_status = b.check_replication_status().await.unwrap();
+    }
     println!("Is replica: {}", repl_status.is_replica);
     println!("Replication lag: {}ms", repl_status.lag_ms);
     assert!(!repl_status.is_replica, "the backend writes to a primary");
@@ -118,7 +201,7 @@ pub async fn monitoring_says(b: &EnhancedPostgresBackend, formation: &Formation,
         repl_status.primary.as_deref(),
         Some(formation.address(primary).as_str())
     );
-    assert_eq!(repl_status.connected_replicas, 1, "{repl_status:?}");
+    assert_eq!(repl_status.connected_replicas, standbys, "{repl_status:?}");
 }
 
 /// Writers and readers running against a backend until [`Load::finish`].
@@ -307,14 +390,13 @@ pub async fn nothing_lost(formation: &Formation, schema: &str, outcome: &Outcome
     );
 }
 
-/// A formation with a backend on it, the standby serving its reads, and the seed's
-/// Monitoring snippet saying so.
+/// A formation with a backend on it, a standby serving its reads, commits waiting for a
+/// standby, and the seed's Monitoring snippet saying so.
 pub struct Setup {
     pub formation: Formation,
     pub schema: String,
     pub b: EnhancedPostgresBackend,
     pub primary: usize,
-    pub standby: usize,
 }
 
 pub async fn setup(tag: &str) -> Setup {
@@ -322,15 +404,14 @@ pub async fn setup(tag: &str) -> Setup {
     let schema = support::unique(tag);
     let b = backend(&formation, &schema).await;
     let primary = formation.primary().unwrap();
-    let standby = 1 - primary;
-    standby_serves_reads(&b, &formation, standby, Duration::from_secs(30)).await;
+    a_standby_serves_reads(&b, &formation, primary, Duration::from_secs(30)).await;
+    commits_wait_for_a_standby(&formation, primary).await;
     monitoring_says(&b, &formation, primary).await;
     Setup {
         formation,
         schema,
         b,
         primary,
-        standby,
     }
 }
 
@@ -351,21 +432,7 @@ async fn writes_go_on_through_the_loss_of_the_primary_and_none_acknowledged_is_l
         schema,
         b,
         primary,
-        standby,
     } = setup("failover").await;
-    // pg_auto_failover's synchronous standby: a commit returns once the standby has it.
-    let sync: bool = support::raw(&formation.uri())
-        .await
-        .query_one(
-            "SELECT current_setting('synchronous_standby_names') <> '' \
-             AND current_setting('synchronous_commit') = 'on'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert!(sync, "the formation's primary commits synchronously");
-
     let load = running_load(&b).await;
 
     let (formation, killed) = blocking(formation, move |f| {
@@ -376,39 +443,41 @@ async fn writes_go_on_through_the_loss_of_the_primary_and_none_acknowledged_is_l
     })
     .await;
     let resumed = load.resumed_after(killed).await;
-    let (formation, ()) = blocking(formation, move |f| {
-        f.wait_for(Duration::from_secs(60), "the standby's promotion", |f| {
-            f.primary().is_ok_and(|p| p == standby)
+    let (formation, promoted) = blocking(formation, move |f| {
+        f.wait_for(Duration::from_secs(60), "a standby's promotion", |f| {
+            f.primary().is_ok_and(|p| p != primary)
         })
         .unwrap();
+        f.primary().unwrap()
     })
     .await;
-    // With no standby left, reads go to the primary; once the old primary rejoins as a
-    // standby, the replica URL finds it and reads go there again.
+    // The other standby follows the new primary; the old primary, restarted, rejoins as a
+    // standby (rewound with pg_rewind).
     let rejoin = Instant::now();
     let (formation, ()) = blocking(formation, move |f| {
         f.restart_node(primary).unwrap();
         f.wait_for(Duration::from_secs(120), "the old primary to rejoin", |f| {
-            f.states()
-                .is_ok_and(|s| s.iter().filter(|s| *s == "secondary").count() == 1)
-                && f.primary().is_ok_and(|p| p == standby)
+            f.settled() && f.primary().is_ok_and(|p| p == promoted)
         })
         .unwrap();
     })
     .await;
-    standby_serves_reads(&b, &formation, primary, Duration::from_secs(60)).await;
+    streams_as_a_standby(&formation, primary, Duration::from_secs(60)).await;
     let rejoined = rejoin.elapsed();
     eprintln!("states after the rejoin: {:?}", formation.states());
+    let reader = a_standby_serves_reads(&b, &formation, promoted, Duration::from_secs(60)).await;
     reads_reach_the_standby(&b).await;
     let outcome = load.finish().await;
-    monitoring_says(&b, &formation, standby).await;
+    commits_wait_for_a_standby(&formation, promoted).await;
+    monitoring_says(&b, &formation, promoted).await;
     let status = b.check_replication_status().await.unwrap();
     assert_eq!(status.primary_changes, 1, "one failover seen: {status:?}");
 
     eprintln!(
-        "failover: writes resumed {:.1} s after the primary was killed; the old primary served \
-         reads again {:.1} s after its restart; {} writes acknowledged, {} reads, {} operations \
-         failed meanwhile; longest operation {:?}",
+        "failover: node {primary} killed, node {promoted} promoted; writes resumed {:.1} s after \
+         the kill; the old primary streamed as a standby {:.1} s after its restart; reads from \
+         node {reader}; {} writes acknowledged, {} reads, {} operations failed meanwhile; \
+         longest operation {:?}",
         resumed.as_secs_f64(),
         rejoined.as_secs_f64(),
         outcome.acked.len(),
@@ -416,5 +485,7 @@ async fn writes_go_on_through_the_loss_of_the_primary_and_none_acknowledged_is_l
         outcome.failures,
         outcome.longest
     );
+    // The monitor's events, shown with the test's output when it fails (or with --nocapture).
+    eprintln!("{}", formation.events().unwrap_or_else(|e| e.to_string()));
     nothing_lost(&formation, &schema, &outcome).await;
 }

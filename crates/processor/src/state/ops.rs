@@ -1,8 +1,9 @@
 //! The key/value operations: single-key reads and writes, optimistic versions, metadata
 //! queries, prefix scans and TTL (batches are in the `batch` module).
 //!
-//! Every read filters `expires_at IS NULL OR expires_at > now()` (the server's clock), so an
-//! expired entry is invisible before any cleanup runs. Every write bumps `version`.
+//! Every read filters `expires_at IS NULL OR expires_at > statement_timestamp()` (the server's
+//! clock at the statement, in and out of transactions), so an expired entry is invisible
+//! before any cleanup runs. Every write bumps `version`.
 
 use std::time::SystemTime;
 

@@ -82,6 +82,12 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../migrations/007_checkpoint_entries.sql"),
         per_schema: true,
     },
+    Migration {
+        version: 8,
+        name: "008_statement_clock.sql",
+        sql: include_str!("../../migrations/008_statement_clock.sql"),
+        per_schema: false,
+    },
 ];
 
 /// Name of the tracking table, in the configured schema.

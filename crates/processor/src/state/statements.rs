@@ -20,8 +20,10 @@ use crate::state::names::TableNames;
 /// flush, which is what a concurrent put of the same key makes it wait for.
 pub(crate) const GROUP_LOCK_WAIT: &str = "200ms";
 
-/// The filter of live entries: not expired on the server's clock.
-pub(crate) const LIVE: &str = "(expires_at IS NULL OR expires_at > now())";
+/// The filter of live entries: not expired on the server's clock at the statement's start
+/// (`statement_timestamp()`, not `now()`, which is the transaction's start: one clock for expiry,
+/// in and out of transactions).
+pub(crate) const LIVE: &str = "(expires_at IS NULL OR expires_at > statement_timestamp())";
 /// The columns of a [`StateEntry`](crate::state::StateEntry), in its order.
 pub(crate) const ENTRY_COLUMNS: &str =
     "key, value, metadata, version, created_at, updated_at, expires_at";
@@ -165,7 +167,8 @@ impl StatementCache {
 /// What an upsert does to an existing row (`e`). An entry that had expired counts as new again.
 ///
 /// The times come from the proposed row (`EXCLUDED`), whose `created_at` and `updated_at` are
-/// their column defaults, `now()`: the same instant as `now()` here, but Citus refuses any
+/// their column defaults, `statement_timestamp()` (migration 008): the statement's clock, which
+/// judges expiry everywhere (see [`LIVE`]); Citus refuses any
 /// function that is not immutable in `DO UPDATE SET` on a distributed table, while it
 /// evaluates the proposed row's defaults on the coordinator. Inputs of upserts using this
 /// must leave both columns to their defaults.
@@ -174,7 +177,7 @@ pub(crate) const REPLACE: &str = "value = EXCLUDED.value, metadata = EXCLUDED.me
     created_at = CASE WHEN e.expires_at <= EXCLUDED.updated_at THEN EXCLUDED.created_at ELSE e.created_at END";
 
 /// The condition of a put-if-absent's `DO UPDATE`: the existing entry has expired (as of the
-/// proposed row's `updated_at`, which is `now()`; see [`REPLACE`]).
+/// proposed row's `updated_at`, which is `statement_timestamp()`; see [`REPLACE`]).
 pub(crate) const EXPIRED_NOW: &str = "e.expires_at <= EXCLUDED.updated_at";
 
 /// An upsert of the rows of `input` (a query whose columns are `columns`, `key` first): on a
@@ -209,7 +212,8 @@ pub(crate) fn upsert(
     } else {
         (
             ", created_at",
-            ", CASE WHEN m.key IS NULL OR m.expires_at <= now() THEN now() ELSE m.created_at END"
+            ", CASE WHEN m.key IS NULL OR m.expires_at <= statement_timestamp() \
+                 THEN statement_timestamp() ELSE m.created_at END"
                 .to_string(),
         )
     };
@@ -218,7 +222,7 @@ pub(crate) fn upsert(
             format!(" AND NOT {LIVE}"),
             format!(
                 " WHERE NOT EXISTS (SELECT 1 FROM {t} x WHERE x.key = i.key \
-                 AND x.write_window < {window} AND (x.expires_at IS NULL OR x.expires_at > now()))"
+                 AND x.write_window < {window} AND (x.expires_at IS NULL OR x.expires_at > statement_timestamp()))"
             ),
         )
     } else {
@@ -255,7 +259,7 @@ pub(crate) fn rewindow(names: &TableNames) -> &'static str {
 /// way) stay in the table: nothing removes rows yet, and a cleanup that does must not let a
 /// removed key's version start over.
 pub(crate) const TOMBSTONE: &str = "value = '\\x'::bytea, metadata = '{}'::jsonb, \
-    expires_at = '-infinity', updated_at = now(), version = version + 1";
+    expires_at = '-infinity', updated_at = statement_timestamp(), version = version + 1";
 
 /// The statement's start time plus `$n` µs, or NULL when the parameter is NULL (no TTL).
 /// `statement_timestamp()`, not `now()`: inside a long transaction, `now()` is the
@@ -304,7 +308,7 @@ impl Statements {
             ),
             (
                 format!(
-                    "UPDATE {t} SET value = $2, metadata = $4, expires_at = {}, updated_at = now(), \
+                    "UPDATE {t} SET value = $2, metadata = $4, expires_at = {}, updated_at = statement_timestamp(), \
                      version = version + 1{rewindow} WHERE key = $1 AND version = $3 AND {LIVE} RETURNING version",
                     expiry(5)
                 ),
@@ -345,7 +349,7 @@ impl Statements {
             ),
             (
                 format!(
-                    "UPDATE {t} SET value = $2, metadata = '{{}}'::jsonb, expires_at = NULL, updated_at = now(), \
+                    "UPDATE {t} SET value = $2, metadata = '{{}}'::jsonb, expires_at = NULL, updated_at = statement_timestamp(), \
                      version = version + 1{rewindow} WHERE key = $1 AND value = $3 AND {LIVE} RETURNING version"
                 ),
                 &[T::BYTEA, T::BYTEA, T::BYTEA],

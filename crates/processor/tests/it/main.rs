@@ -12,6 +12,7 @@ mod coalescing;
 mod conformance;
 mod consistency;
 mod coordination;
+mod expiry;
 mod failover;
 mod hostile;
 mod leader;

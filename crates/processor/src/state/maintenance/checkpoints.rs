@@ -224,7 +224,7 @@ pub(crate) async fn restore(store: &Store, id: i64) -> StateResult<u64> {
     let highest = format!("SELECT coalesce(max(version), 0) FROM {t}");
     let update = format!(
         "UPDATE {t} s SET value = c.value, metadata = c.metadata, created_at = c.created_at, \
-             expires_at = c.expires_at, updated_at = now(), version = s.version + 1{} \
+             expires_at = c.expires_at, updated_at = statement_timestamp(), version = s.version + 1{} \
          FROM {e} c WHERE c.checkpoint_id = $1 AND c.key = s.key",
         rewindow(n)
     );

@@ -39,7 +39,7 @@ use crate::state::store::Store;
 /// What a sweep removes.
 #[derive(Clone, Debug)]
 pub(crate) enum Sweep {
-    /// Expired entries and delete tombstones (`expires_at <= now()`).
+    /// Expired entries and delete tombstones (`expires_at <= statement_timestamp()`).
     Expired,
     /// Entries whose `updated_at` is older than this.
     OlderThan(Duration),
@@ -86,7 +86,9 @@ fn plan(names: &TableNames, sweep: &Sweep) -> Plan {
         " FOR UPDATE SKIP LOCKED"
     };
     // Not written for the age in parameter `$n` (seconds).
-    let aged = |n: usize| format!("updated_at < now() - ${n}::float8 * interval '1 second'");
+    let aged = |n: usize| {
+        format!("updated_at < statement_timestamp() - ${n}::float8 * interval '1 second'")
+    };
     let by_key = |extra: &str| {
         format!(
             "SELECT key, NULL::text FROM {t} WHERE key > $2 AND ($4::bytea IS NULL OR key <= $4) \
@@ -105,13 +107,13 @@ fn plan(names: &TableNames, sweep: &Sweep) -> Plan {
     match sweep {
         Sweep::Expired => Plan {
             victims: format!(
-                "SELECT key, expires_at::text AS expiry FROM {t} WHERE expires_at <= now() \
+                "SELECT key, expires_at::text AS expiry FROM {t} WHERE expires_at <= statement_timestamp() \
                  AND (expires_at, key) > (coalesce($3::text::timestamptz, '-infinity'), $2) \
                  ORDER BY expires_at, key LIMIT $1{lock}"
             ),
             window: None,
             // (`$2` unused: no age.)
-            remove: delete("expires_at <= now() AND $2::float8 IS NOT NULL"),
+            remove: delete("expires_at <= statement_timestamp() AND $2::float8 IS NOT NULL"),
             age: 0.0,
         },
         Sweep::OlderThan(age) => Plan {

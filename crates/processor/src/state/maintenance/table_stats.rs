@@ -141,7 +141,7 @@ pub(crate) async fn table_statistics(store: &Store) -> StateResult<TableStatisti
          ORDER BY c.relname"
     );
     let expired_sql =
-        format!("SELECT tableoid, count(*) FROM {t} WHERE expires_at <= now() GROUP BY tableoid");
+        format!("SELECT tableoid, count(*) FROM {t} WHERE expires_at <= statement_timestamp() GROUP BY tableoid");
     let exact_sql = format!("SELECT tableoid, count(*) FROM {t} GROUP BY tableoid");
     let qualified = t.clone();
     let (leaves, expired, counted) = store

@@ -262,7 +262,7 @@ async fn drop_one(
     let part = crate::state::ident::Ident::new("partition", name)?;
     let t = &names.qualified;
     let any_live = format!(
-        "SELECT EXISTS (SELECT 1 FROM {s}.{part} WHERE expires_at IS NULL OR expires_at > now())"
+        "SELECT EXISTS (SELECT 1 FROM {s}.{part} WHERE expires_at IS NULL OR expires_at > statement_timestamp())"
     );
     let contents =
         format!("SELECT count(*)::bigint, coalesce(max(version), 0)::bigint FROM {s}.{part}");

@@ -247,7 +247,7 @@ async fn tour(url: &str, replica_urls: Vec<String>) -> Result<(), CliError> {
     section(6, "Data management: cleanup, archive, checkpoints, VACUUM");
     backend.delete(b"bulk:000000").await?;
     let cleaned = backend.cleanup_expired().await?;
-    println!("  cleanup_expired(): {cleaned} expired entries and tombstones removed");
+    println!("  cleanup_expired(): {cleaned} expired entries removed (and the delete tombstones, not counted)");
     let checkpoint = backend.create_checkpoint("before-experiment").await?;
     backend.put(b"experiment", b"changes").await?;
     let restored = backend.restore_checkpoint(checkpoint.id).await?;

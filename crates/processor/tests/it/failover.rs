@@ -365,7 +365,12 @@ impl Load {
 /// replicas), and no operation waited past the operation timeout (plus the acquire timeout
 /// of its retry).
 pub async fn nothing_lost(formation: &Formation, schema: &str, outcome: &Outcome) {
-    assert!(outcome.longest <= OP_TIMEOUT + Duration::from_secs(6));
+    assert!(
+        outcome.longest <= OP_TIMEOUT + Duration::from_secs(6),
+        "an operation took {:?}, past the operation timeout ({OP_TIMEOUT:?}) and the acquire \
+         timeout of its retry",
+        outcome.longest
+    );
     let cfg = EnhancedPostgresConfig::new(formation.uri()).with_schema(schema);
     let b = EnhancedPostgresBackend::new(cfg).await.unwrap();
     let first = outcome.acked.iter().map(|(_, s, _)| *s).min();

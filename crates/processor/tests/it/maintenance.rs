@@ -292,6 +292,69 @@ async fn archive_survives_a_killed_connection_without_losing_or_duplicating_rows
     assert_eq!(count(&b, "true").await, 101);
 }
 
+/// Cleanup and retention count what a user could see (issue 23, case 7): entries that expired,
+/// or aged out under an enabled policy. Delete tombstones are internal rows: the report form
+/// counts them apart.
+#[tokio::test]
+async fn cleanup_counts_the_entries_that_expired_and_tombstones_apart() {
+    let b =
+        EnhancedPostgresBackend::new(support::config("cleanup_counts").with_expired_cleanup(false))
+            .await
+            .unwrap();
+    for i in 0..20u32 {
+        b.put(format!("k{i}").as_bytes(), b"v").await.unwrap();
+    }
+    for i in 0..10u32 {
+        b.delete(format!("k{i}").as_bytes()).await.unwrap();
+    }
+    b.put_with_ttl(b"short", b"v", Duration::from_millis(1))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(b.cleanup_expired().await.unwrap(), 1, "one entry expired");
+    assert_eq!(count(&b, "true").await, 10, "the tombstones went too");
+
+    // After clear() and one put, the default (disabled) policy ages nothing out.
+    b.clear().await.unwrap();
+    b.put(b"after", b"v").await.unwrap();
+    assert_eq!(b.apply_retention_policy().await.unwrap(), 0);
+    assert_eq!(count(&b, "true").await, 1);
+
+    b.delete(b"after").await.unwrap();
+    b.put_with_ttl(b"short", b"v", Duration::from_millis(1))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let report = b.apply_retention_policy_report().await.unwrap();
+    assert_eq!(
+        (report.entries_deleted, report.tombstones_removed),
+        (1, 1),
+        "{report:?}"
+    );
+
+    // An enabled policy counts the entries it ages out, and tombstones apart.
+    let policy = RetentionPolicy {
+        enabled: true,
+        max_age: Duration::from_secs(1),
+        ..RetentionPolicy::default()
+    };
+    let aged = EnhancedPostgresBackend::new(b.config().clone().with_retention_policy(policy))
+        .await
+        .unwrap();
+    aged.put(b"old", b"v").await.unwrap();
+    aged.put(b"gone", b"v").await.unwrap();
+    aged.delete(b"gone").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    aged.put(b"new", b"v").await.unwrap();
+    let report = aged.apply_retention_policy_report().await.unwrap();
+    assert_eq!(
+        (report.entries_deleted, report.tombstones_removed),
+        (1, 1),
+        "{report:?}"
+    );
+    assert_eq!(aged.list_keys(b"").await.unwrap(), vec![b"new".to_vec()]);
+}
+
 #[tokio::test]
 async fn vacuum_and_table_statistics() {
     let b = support::backend("vacuum").await;
@@ -317,7 +380,8 @@ async fn vacuum_and_table_statistics() {
     b.vacuum_analyze(false).await.unwrap();
     let s = b.get_table_statistics().await.unwrap();
     assert!(s.last_vacuum.is_some() && s.last_analyze.is_some(), "{s:?}");
-    assert_eq!(b.cleanup_expired().await.unwrap(), 101);
+    // The 100 tombstones go too, but only the expired entry is counted.
+    assert_eq!(b.cleanup_expired().await.unwrap(), 1);
     let before = s.table_size;
     b.vacuum_analyze(true).await.unwrap();
     let s = b.get_table_statistics().await.unwrap();
@@ -406,7 +470,8 @@ async fn a_pg_dump_round_trip_reads_back_identically() {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(10)).await;
-    assert_eq!(b.cleanup_expired().await.unwrap(), 2);
+    // 'short' expired ('gone''s tombstone goes too, uncounted).
+    assert_eq!(b.cleanup_expired().await.unwrap(), 1);
     let before: Vec<_> = {
         let mut v = Vec::new();
         for k in b.list_keys(b"").await.unwrap() {
@@ -472,7 +537,9 @@ async fn table_activity_counts_every_clients_writes() {
         other.put(format!("k{i}").as_bytes(), b"w").await.unwrap();
     }
     other.delete(b"k9").await.unwrap();
-    assert_eq!(b.cleanup_expired().await.unwrap(), 1);
+    // Removes k9's tombstone, which is no entry of the user's.
+    let report = b.apply_retention_policy_report().await.unwrap();
+    assert_eq!((report.entries_deleted, report.tombstones_removed), (0, 1));
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let a = b.get_table_activity().await.unwrap();

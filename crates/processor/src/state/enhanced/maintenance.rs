@@ -123,9 +123,12 @@ pub(super) fn spawn_cleanup(
 /// Data management: TTL cleanup and retention, archive, VACUUM, table statistics.
 impl EnhancedPostgresBackend {
     /// Runs one retention pass now: deletes expired entries and delete tombstones and, when
-    /// the [`RetentionPolicy`](crate::state::RetentionPolicy) is enabled, entries not written for its `max_age`, in batches of
-    /// its `batch_size`. Waits (up to the operation timeout) while another instance runs a
-    /// pass on the same table. Returns how many entries were deleted.
+    /// the [`RetentionPolicy`](crate::state::RetentionPolicy) is enabled, entries not written
+    /// for its `max_age`, in batches of its `batch_size`. Waits (up to the operation timeout)
+    /// while another instance runs a pass on the same table. Returns how many entries were
+    /// deleted: those that had expired and those the policy aged out. Delete tombstones (the
+    /// internal rows `delete` and `clear` leave) are removed too but not counted; the
+    /// [`_report`](Self::apply_retention_policy_report) form counts them apart.
     ///
     /// Versions stay monotonic: a key re-created after its row was deleted starts above every
     /// version cleanup removed from the table.
@@ -134,7 +137,7 @@ impl EnhancedPostgresBackend {
     }
 
     /// [`apply_retention_policy`](Self::apply_retention_policy), calling `progress` with the
-    /// entries deleted so far after each batch (for a progress bar).
+    /// rows removed so far (tombstones included) after each batch (for a progress bar).
     pub async fn apply_retention_policy_with_progress(
         &self,
         progress: impl Fn(u64) + Sync,
@@ -149,12 +152,13 @@ impl EnhancedPostgresBackend {
                 &progress,
             )
             .await?;
-        Ok(report.rows_deleted)
+        Ok(report.entries_deleted)
     }
 
-    /// [`apply_retention_policy`](Self::apply_retention_policy), reporting also the
-    /// partitions it dropped whole (on a table partitioned by time range: a window that ended
-    /// more than `max_age` ago, or whose entries have all expired).
+    /// [`apply_retention_policy`](Self::apply_retention_policy), reporting also the delete
+    /// tombstones it removed and the partitions it dropped whole (on a table partitioned by
+    /// time range: a window that ended more than `max_age` ago, or whose entries have all
+    /// expired).
     pub async fn apply_retention_policy_report(&self) -> StateResult<RetentionReport> {
         let (plan, _) = plan(&self.inner.config);
         self.pass(
@@ -168,7 +172,8 @@ impl EnhancedPostgresBackend {
     }
 
     /// Deletes expired entries and delete tombstones now (not the retention policy's old
-    /// entries); returns how many.
+    /// entries); returns how many entries had expired (tombstones, internal rows, are not
+    /// counted).
     pub async fn cleanup_expired(&self) -> StateResult<u64> {
         let (plan, _) = plan(&self.inner.config);
         let report = self
@@ -181,7 +186,7 @@ impl EnhancedPostgresBackend {
                 &|_| {},
             )
             .await?;
-        Ok(report.rows_deleted)
+        Ok(report.entries_deleted)
     }
 
     async fn pass(

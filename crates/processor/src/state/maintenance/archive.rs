@@ -81,6 +81,7 @@ pub(crate) async fn archive(
         progress,
     )
     .await
+    .map(|moved| moved.entries)
 }
 
 /// The newest archived entry under `key` in `archive_table`, if any.

@@ -1,6 +1,8 @@
 //! TTL cleanup and retention: deleting expired entries (delete tombstones included) and, with a
 //! retention policy, entries not written for `max_age`, in short batches. Archive moves rows
-//! with the same machinery.
+//! with the same machinery. Entries and tombstones are counted apart: a tombstone (what
+//! `delete` and `clear` leave, `expires_at = '-infinity'`) was never an entry a user could
+//! read, so the counts callers report leave them out.
 //!
 //! A batch is one READ COMMITTED transaction:
 //! 1. pick and row-lock the victims (`FOR UPDATE SKIP LOCKED`, at most `batch_size`, skipping
@@ -70,7 +72,7 @@ struct Plan {
     /// Walks by key first find the end of the next window: `$1` cursor key, `$2` window size.
     window: Option<String>,
     /// `$1` the victims' keys, `$2` age in seconds: removes those that still qualify, returns
-    /// (count, highest version).
+    /// (entries, tombstones, highest version).
     remove: String,
     age: f64,
 }
@@ -100,8 +102,11 @@ fn plan(names: &TableNames, sweep: &Sweep) -> Plan {
     // `$1` the victims' keys, `$2` the age in seconds (for the check again).
     let delete = |recheck: &str| {
         format!(
-            "WITH gone AS (DELETE FROM {t} WHERE key = ANY($1) AND {recheck} RETURNING version) \
-             SELECT count(*)::bigint, coalesce(max(version), 0)::bigint FROM gone"
+            "WITH gone AS (DELETE FROM {t} WHERE key = ANY($1) AND {recheck} \
+                           RETURNING version, coalesce(expires_at = '-infinity', false) AS tombstone) \
+             SELECT count(*) FILTER (WHERE NOT tombstone)::bigint, \
+                    count(*) FILTER (WHERE tombstone)::bigint, \
+                    coalesce(max(version), 0)::bigint FROM gone"
         )
     };
     match sweep {
@@ -130,7 +135,7 @@ fn plan(names: &TableNames, sweep: &Sweep) -> Plan {
                 "WITH moved AS (DELETE FROM {t} WHERE key = ANY($1) AND {} AND {LIVE} RETURNING *), \
                  kept AS (INSERT INTO {archive} ({COLUMNS}) SELECT {COLUMNS} FROM moved \
                           RETURNING version) \
-                 SELECT count(*)::bigint, coalesce(max(version), 0)::bigint FROM kept",
+                 SELECT count(*)::bigint, 0::bigint, coalesce(max(version), 0)::bigint FROM kept",
                 aged(2)
             ),
             age: age.as_secs_f64(),
@@ -142,18 +147,35 @@ fn plan(names: &TableNames, sweep: &Sweep) -> Plan {
 pub(crate) const COLUMNS: &str =
     "key, value, metadata, created_at, updated_at, expires_at, version";
 
+/// Rows a sweep removed (or moved).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Removed {
+    /// Entries a user could have read once: expired, aged out or archived.
+    pub entries: u64,
+    /// Delete tombstones (the rows `delete` and `clear` leave; never an entry of the user's).
+    pub tombstones: u64,
+}
+
+impl Removed {
+    /// Every row.
+    pub fn rows(self) -> u64 {
+        self.entries + self.tombstones
+    }
+}
+
 /// Removes (or moves) what `sweep` selects in batches of `batch_size` rows until the walk
-/// ends; returns how many rows. `progress` gets the running total after each batch.
+/// ends; returns how many rows of each kind. `progress` gets the running total of rows
+/// (tombstones included) after each batch.
 pub(crate) async fn sweep(
     store: &Store,
     sweep: Sweep,
     batch_size: usize,
     progress: &(dyn Fn(u64) + Sync),
-) -> StateResult<u64> {
+) -> StateResult<Removed> {
     let plan = plan(&store.names, &sweep);
     let limit = i64::try_from(batch_size.max(1)).unwrap_or(i64::MAX);
     let mut cursor = Cursor::default();
-    let mut total = 0u64;
+    let mut total = Removed::default();
     let mut contended = 0u32;
     loop {
         let step = batch(store, &plan, limit, &cursor).await?;
@@ -162,15 +184,17 @@ pub(crate) async fn sweep(
             if contended >= FLOOR_LOCK_ATTEMPTS {
                 return Err(StateError::Timeout(format!(
                     "cleanup of {} could not take the version floor lock in {contended} tries: \
-                     a long write transaction on the table holds it ({total} rows removed so \
-                     far; the rest goes at the next pass)",
-                    store.names.qualified
+                     a long write transaction on the table holds it ({} rows removed so far; \
+                     the rest goes at the next pass)",
+                    store.names.qualified,
+                    total.rows()
                 )));
             }
             continue;
         };
-        total += step.removed;
-        progress(total);
+        total.entries += step.removed.entries;
+        total.tombstones += step.removed.tombstones;
+        progress(total.rows());
         match step.next {
             Some(next) => cursor = next,
             None => return Ok(total),
@@ -181,7 +205,7 @@ pub(crate) async fn sweep(
 
 /// What one batch did.
 struct Step {
-    removed: u64,
+    removed: Removed,
     /// Where the next batch starts; `None` when the walk is over.
     next: Option<Cursor>,
 }
@@ -248,7 +272,10 @@ async fn batch(
             };
             if rows.is_empty() {
                 tx.commit().await?;
-                return Ok(Some(Step { removed: 0, next }));
+                return Ok(Some(Step {
+                    removed: Removed::default(),
+                    next,
+                }));
             }
             let keys: Vec<Vec<u8>> = rows
                 .iter()
@@ -292,16 +319,19 @@ async fn batch(
                 }
                 Err(e) => return Err(e.into()),
             };
-            let removed: i64 = row.try_get(0)?;
-            let highest: i64 = row.try_get(1)?;
-            if removed > 0 {
+            let count = |i: usize| -> StateResult<u64> {
+                Ok(u64::try_from(row.try_get::<_, i64>(i)?).unwrap_or(0))
+            };
+            let removed = Removed {
+                entries: count(0)?,
+                tombstones: count(1)?,
+            };
+            let highest: i64 = row.try_get(2)?;
+            if removed.rows() > 0 {
                 floor::raise(&tx, names, highest).await?;
             }
             tx.commit().await?;
-            Ok(Some(Step {
-                removed: u64::try_from(removed).unwrap_or(0),
-                next,
-            }))
+            Ok(Some(Step { removed, next }))
         })
         .await
 }

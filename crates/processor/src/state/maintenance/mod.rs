@@ -55,8 +55,13 @@ pub(crate) struct CleanupPlan {
 /// [`apply_retention_policy_report`](crate::state::EnhancedPostgresBackend::apply_retention_policy_report).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RetentionReport {
-    /// Entries (rows) removed, those in dropped partitions included.
-    pub rows_deleted: u64,
+    /// Entries removed that a user could have read once: expired ones, and under an enabled
+    /// retention policy those not written for its `max_age`; those in dropped partitions
+    /// included. Delete tombstones are not entries: see `tombstones_removed`.
+    pub entries_deleted: u64,
+    /// Delete tombstones removed (the internal rows `delete` and `clear` leave so that
+    /// versions never repeat), those in dropped partitions included.
+    pub tombstones_removed: u64,
     /// Partitions dropped whole (tables partitioned by write window only), oldest first.
     pub partitions_dropped: Vec<DroppedPartition>,
 }
@@ -84,24 +89,23 @@ pub(crate) async fn cleanup_pass(
         if store.names.windowed {
             report.partitions_dropped =
                 window_partitions::drop_windows(store, plan.max_age, plan.expired).await?;
-            report.rows_deleted = report.partitions_dropped.iter().map(|p| p.rows).sum();
-            progress(report.rows_deleted);
+            for p in &report.partitions_dropped {
+                report.tombstones_removed += p.tombstones;
+                report.entries_deleted += p.rows.saturating_sub(p.tombstones);
+            }
         }
-        let mut total = report.rows_deleted;
-        if plan.expired {
-            total += sweep(store, Sweep::Expired, plan.batch_size, &|n| {
-                progress(total + n)
-            })
-            .await?;
+        let mut rows = report.entries_deleted + report.tombstones_removed;
+        progress(rows);
+        let sweeps = [
+            plan.expired.then_some(Sweep::Expired),
+            plan.max_age.map(Sweep::OlderThan),
+        ];
+        for sweep_of in sweeps.into_iter().flatten() {
+            let removed = sweep(store, sweep_of, plan.batch_size, &|n| progress(rows + n)).await?;
+            rows += removed.rows();
+            report.entries_deleted += removed.entries;
+            report.tombstones_removed += removed.tombstones;
         }
-        if let Some(age) = plan.max_age {
-            let before = total;
-            total += sweep(store, Sweep::OlderThan(age), plan.batch_size, &|n| {
-                progress(before + n)
-            })
-            .await?;
-        }
-        report.rows_deleted = total;
         Ok::<_, StateError>(report)
     }
     .await;
@@ -109,10 +113,11 @@ pub(crate) async fn cleanup_pass(
         release(coordinator, held).await;
     }
     if let Ok(r) = &result {
-        if r.rows_deleted > 0 {
+        if r.entries_deleted + r.tombstones_removed > 0 {
             tracing::info!(
                 table = %store.names.qualified,
-                removed = r.rows_deleted,
+                entries = r.entries_deleted,
+                tombstones = r.tombstones_removed,
                 partitions = r.partitions_dropped.len(),
                 "cleanup pass"
             );

@@ -26,6 +26,8 @@ pub struct DroppedPartition {
     /// Rows it held (expired entries and tombstones included), counted just before the drop
     /// (an entry a write moved out meanwhile is counted but kept).
     pub rows: u64,
+    /// Of `rows`, the delete tombstones (internal rows, never an entry of the user's).
+    pub tombstones: u64,
 }
 
 /// How long a window change or a partition drop waits for the table's locks before it gives
@@ -224,13 +226,14 @@ pub(crate) async fn drop_windows(
         })
         .await;
         match outcome {
-            Ok(Some(rows)) => {
+            Ok(Some((rows, tombstones))) => {
                 tracing::info!(table = %names.qualified, partition = %name, rows, "dropped a write window's partition");
                 dropped.push(DroppedPartition {
                     name,
                     window_start: start,
                     ended,
                     rows,
+                    tombstones,
                 });
             }
             Ok(None) => {}
@@ -244,7 +247,7 @@ pub(crate) async fn drop_windows(
 }
 
 /// Drops one window's partition (unless, `!unconditional`, it holds a live entry): returns
-/// the rows it held, or `None` when it was kept.
+/// the rows it held and how many of them were tombstones, or `None` when it was kept.
 ///
 /// A window that ended only loses rows (every write moves its entry to the current window), so
 /// what is read before taking any lock stays true: a live entry stays live until a write moves
@@ -256,7 +259,7 @@ async fn drop_one(
     name: &str,
     start: SystemTime,
     unconditional: bool,
-) -> StateResult<Option<u64>> {
+) -> StateResult<Option<(u64, u64)>> {
     let names = &store.names;
     let s = &names.schema;
     let part = crate::state::ident::Ident::new("partition", name)?;
@@ -264,8 +267,10 @@ async fn drop_one(
     let any_live = format!(
         "SELECT EXISTS (SELECT 1 FROM {s}.{part} WHERE expires_at IS NULL OR expires_at > statement_timestamp())"
     );
-    let contents =
-        format!("SELECT count(*)::bigint, coalesce(max(version), 0)::bigint FROM {s}.{part}");
+    let contents = format!(
+        "SELECT count(*)::bigint, count(*) FILTER (WHERE expires_at = '-infinity')::bigint, \
+         coalesce(max(version), 0)::bigint FROM {s}.{part}"
+    );
     let forget = format!("DELETE FROM {} WHERE window_start = $1", names.windows);
     let recheck = format!(
         "SELECT EXISTS (SELECT 1 FROM {} WHERE window_start = $1 \
@@ -278,7 +283,8 @@ async fn drop_one(
                 return Ok(None);
             }
             let row = c.client.query_typed_one(&contents, &[]).await?;
-            let (rows, highest): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+            let (rows, tombstones, highest): (i64, i64, i64) =
+                (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
             let tx = c.client.transaction().await?;
             tx.batch_execute(&format!(
                 "SET LOCAL lock_timeout = {LOCK_WAIT_MS}; LOCK TABLE {t} IN ACCESS EXCLUSIVE MODE"
@@ -301,7 +307,8 @@ async fn drop_one(
             tx.execute_typed(&forget, &[(&start, Type::TIMESTAMPTZ)])
                 .await?;
             tx.commit().await?;
-            Ok(Some(u64::try_from(rows).unwrap_or(0)))
+            let n = |v: i64| u64::try_from(v).unwrap_or(0);
+            Ok(Some((n(rows), n(tombstones))))
         })
         .await
 }

@@ -5,6 +5,7 @@
 mod backup;
 mod bad_input;
 mod cancellation;
+mod cancellation_stress;
 mod capture;
 mod checkpoints;
 mod citus;

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 
 use crate::state::config::PostgresReplicaConfig;
-use crate::state::error::{StateError, StateResult};
+use crate::state::error::{sqlstate, ErrorKind, StateError, StateResult};
 use crate::state::pool::ConnPool;
 
 /// History of the primary's WAL positions kept for time-lag estimates.
@@ -569,4 +569,24 @@ pub struct ReplicationStatus {
     /// Changes of primary this backend has seen (failovers and switchovers), counted by the
     /// replica monitor (which runs with replicas or a multi-host URL) and by this call.
     pub primary_changes: u64,
+}
+
+/// Whether a failed replica read says the replica cannot serve (it leaves the rotation and
+/// the read runs elsewhere), may run elsewhere (a recovery conflict: the replica is fine),
+/// or is the caller's result (a statement timeout, a bad query, an acquire timeout: returned
+/// once, the replica stays).
+pub(crate) enum ReplicaFailure {
+    Down,
+    Conflict,
+    Caller,
+}
+
+pub(crate) fn replica_failure(e: &StateError) -> ReplicaFailure {
+    if e.sqlstate() == Some(sqlstate::SERIALIZATION_FAILURE) {
+        ReplicaFailure::Conflict
+    } else if e.kind() == ErrorKind::Connection {
+        ReplicaFailure::Down
+    } else {
+        ReplicaFailure::Caller
+    }
 }

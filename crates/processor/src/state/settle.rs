@@ -37,6 +37,8 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use crate::state::connection::{Connector, PgConn};
+use crate::state::error::{StateError, StateResult};
+use crate::state::operation::Op;
 
 /// How long a drain waits for its probe before the first cancel request.
 pub(crate) const FIRST_GRACE: Duration = Duration::from_millis(100);
@@ -165,6 +167,27 @@ impl<'a> Watch<'a> {
     /// Whether the outcome of a statement is unknown to the caller.
     pub fn is_unsettled(&self) -> bool {
         self.unsettled.load(Ordering::Relaxed)
+    }
+
+    /// A write's result as its caller must see it: an error after its statement was sent, with
+    /// the write still unsettled, is [`StateError::OutcomeUnknown`] (the write is held in the
+    /// session until it settles); a timeout before anything was sent says so.
+    pub fn outcome<T>(&self, op: Op, result: StateResult<T>) -> StateResult<T> {
+        match result {
+            Err(e) if self.is_unsettled() => Err(match e {
+                StateError::OutcomeUnknown(_) | StateError::CommitOutcomeUnknown(_) => e,
+                e => StateError::OutcomeUnknown(format!(
+                    "the {} was sent, then {e}; it may or may not have been applied, and is settled \
+                     before this session's next write is sent",
+                    op.name()
+                )),
+            }),
+            Err(StateError::Timeout(m)) if !self.was_sent() => Err(StateError::Timeout(format!(
+                "{m}; the {} was not sent: nothing was written",
+                op.name()
+            ))),
+            other => other,
+        }
     }
 }
 

@@ -12,40 +12,20 @@ use tracing::Instrument;
 use crate::state::causal::{Scope, Session};
 use crate::state::coalesce::{Admission, Coalescer, Entry, Found, Lookup, Reply, ALONE_BYTES};
 use crate::state::connection::PgConn;
-use crate::state::error::{sqlstate, ErrorKind, StateError, StateResult};
+use crate::state::error::{sqlstate, StateError, StateResult};
 use crate::state::limits::{check_entry, check_key, check_metadata, check_page, MAX_GET_MANY};
 use crate::state::names::TableNames;
 use crate::state::operation::{Kind, Op};
 use crate::state::ops::{check_batch, MetadataQuery, StateEntry};
 use crate::state::pipeline::Point;
 use crate::state::pool::{bounded, ConnPool};
-use crate::state::router::{current_lsn, ReadTarget, Router};
+use crate::state::router::{current_lsn, replica_failure, ReadTarget, ReplicaFailure, Router};
 use crate::state::settle::Watch;
 use crate::state::stats::{failure, OpRecord, Stats};
 
 /// The future of one read attempt (boxed: see [`Store::read`]).
 type ReadFuture<'a, T> =
     std::pin::Pin<Box<dyn std::future::Future<Output = StateResult<T>> + Send + 'a>>;
-
-/// Whether a failed replica read says the replica cannot serve (it leaves the rotation and
-/// the read runs elsewhere), may run elsewhere (a recovery conflict: the replica is fine),
-/// or is the caller's result (a statement timeout, a bad query, an acquire timeout: returned
-/// once, the replica stays).
-enum ReplicaFailure {
-    Down,
-    Conflict,
-    Caller,
-}
-
-fn replica_failure(e: &StateError) -> ReplicaFailure {
-    if e.sqlstate() == Some(sqlstate::SERIALIZATION_FAILURE) {
-        ReplicaFailure::Conflict
-    } else if e.kind() == ErrorKind::Connection {
-        ReplicaFailure::Down
-    } else {
-        ReplicaFailure::Caller
-    }
-}
 
 /// Runs of a single write that failed with a serialization failure, after the first.
 const WRITE_RETRIES: u32 = 20;
@@ -139,7 +119,7 @@ impl Store {
     /// reads, before the read for scans (so a lagging replica does not run a scan for nothing);
     /// a replica still behind passes the read on. A replica that fails with a connection error
     /// leaves the rotation and the read runs elsewhere (reads are idempotent); see
-    /// [`replica_failure`].
+    /// [`replica_failure`](crate::state::router::replica_failure).
     ///
     /// `f` gets the connection and `arg` for the same lifetime (a closure capturing `arg`
     /// instead could not be run again on the next node's connection).
@@ -341,7 +321,7 @@ impl Store {
             result
         })
         .await;
-        let result = outcome(op, watch, result);
+        let result = watch.outcome(op, result);
         record.finish(&result);
         result
         }
@@ -613,26 +593,5 @@ impl Store {
     /// One round trip on a pooled primary connection.
     pub async fn ping(&self) -> StateResult<()> {
         self.on_primary(async |c| c.probe().await).await
-    }
-}
-
-/// A write's result as its caller must see it: an error after its statement was sent, with
-/// the write still unsettled, is [`StateError::OutcomeUnknown`] (the write is held in the
-/// session until it settles); a timeout before anything was sent says so.
-pub(crate) fn outcome<T>(op: Op, watch: &Watch<'_>, result: StateResult<T>) -> StateResult<T> {
-    match result {
-        Err(e) if watch.is_unsettled() => Err(match e {
-            StateError::OutcomeUnknown(_) | StateError::CommitOutcomeUnknown(_) => e,
-            e => StateError::OutcomeUnknown(format!(
-                "the {} was sent, then {e}; it may or may not have been applied, and is settled \
-                 before this session's next write is sent",
-                op.name()
-            )),
-        }),
-        Err(StateError::Timeout(m)) if !watch.was_sent() => Err(StateError::Timeout(format!(
-            "{m}; the {} was not sent: nothing was written",
-            op.name()
-        ))),
-        other => other,
     }
 }

@@ -371,7 +371,7 @@ async fn counter(
         .await
         {
             Some(Ok(_)) => acked += 1,
-            Some(Err(e)) if matches!(e, StateError::ConcurrentModification { .. }) => {}
+            Some(Err(StateError::ConcurrentModification { .. })) => {}
             Some(Err(_)) | None => unknown += 1,
         }
     }

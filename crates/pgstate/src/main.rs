@@ -12,6 +12,7 @@ mod bench;
 mod data;
 mod demo;
 mod dev;
+mod devstate;
 mod events;
 mod exit;
 mod jsonl;

@@ -8,7 +8,7 @@ use processor::state::{
     EnhancedPostgresBackend, EnhancedPostgresConfig, PostgresPoolConfig, PostgresReplicaConfig,
 };
 
-use crate::dev::DevState;
+use crate::devstate::{default_dev_dir, DevState};
 use crate::exit::{CliError, UNREACHABLE};
 use crate::Cli;
 
@@ -22,25 +22,6 @@ pub struct Target {
     /// The state table.
     pub table: String,
     dev_dir: PathBuf,
-}
-
-/// This process's user id (the owner of `/proc/self`).
-pub fn my_uid() -> Option<u32> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").ok().map(|m| m.uid())
-}
-
-/// Where `pgstate dev` keeps its state when neither `--dev-dir` nor `$PGSTATE_DEV_DIR` says:
-/// per user (`$XDG_RUNTIME_DIR/pgstate-dev`, else `pgstate-dev-<uid>` in the temporary
-/// directory), never a folder other users share.
-fn default_dev_dir() -> PathBuf {
-    match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
-        Some(dir) => PathBuf::from(dir).join("pgstate-dev"),
-        None => std::env::temp_dir().join(format!(
-            "pgstate-dev-{}",
-            my_uid().map_or_else(|| "unknown".to_string(), |u| u.to_string())
-        )),
-    }
 }
 
 impl Target {

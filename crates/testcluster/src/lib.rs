@@ -19,6 +19,7 @@ mod citus;
 mod formation;
 mod kept;
 mod pgbouncer;
+mod processes;
 mod tools;
 
 pub use backup::RecoveryTarget;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::state::backend::StateBackend;
-use crate::state::config::{EnhancedPostgresConfig, PostgresPoolConfig};
+use crate::state::config::enhanced::{EnhancedPostgresConfig, PostgresPoolConfig};
 use crate::state::enhanced::EnhancedPostgresBackend;
 use crate::state::error::StateResult;
 
@@ -41,7 +41,7 @@ impl PostgresConfig {
 impl std::fmt::Debug for PostgresConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PostgresConfig")
-            .field("url", &crate::state::connstr::redact(&self.url))
+            .field("url", &crate::state::config::connstr::redact(&self.url))
             .field("schema", &self.schema)
             .field("table_name", &self.table_name)
             .field("max_connections", &self.max_connections)

@@ -241,6 +241,24 @@ impl StateError {
         self.sqlstate().is_some() && self.kind() != ErrorKind::Connection
     }
 
+    /// The operation timeout (`limit`) ran out: the one message for it.
+    pub(crate) fn op_timeout(limit: std::time::Duration) -> StateError {
+        StateError::Timeout(format!(
+            "the operation did not complete within the operation timeout ({limit:?})"
+        ))
+    }
+
+    /// This error, for a write (`what`: "put", "delete", ...) whose statement was never sent:
+    /// a timeout says that nothing was written; any other error is returned as it is.
+    pub(crate) fn not_sent(self, what: &str) -> StateError {
+        match self {
+            StateError::Timeout(m) => {
+                StateError::Timeout(format!("{m}; the {what} was not sent: nothing was written"))
+            }
+            other => other,
+        }
+    }
+
     /// The same error again, for each of several callers that share one outcome (a group of
     /// coalesced puts): the same variant and text where they can be copied, else a storage
     /// error with this error's text and SQLSTATE.

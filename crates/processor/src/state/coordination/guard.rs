@@ -5,11 +5,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::state::connection::wait_closed;
 use crate::state::coordination::{
     check_lock_name, lock_key, CoordinationHandle, Coordinator, HeldLock, LockMode, ADVISORY_LOCKS,
 };
 use crate::state::error::StateResult;
+use crate::state::wire::connection::wait_closed;
 
 /// A held named advisory lock, released when dropped (or explicitly with
 /// [`release`](Self::release)).
@@ -174,7 +174,7 @@ impl std::fmt::Debug for PostgresLockGuard {
 /// the holder's session still holds the lock *under this token* (its bookkeeping row: a later
 /// acquisition on the same reused session has another id, or no row yet). $1 key, $2 holder's
 /// backend pid, $3 token, $4 acquisition id.
-pub(crate) fn fence_sql(names: &crate::state::names::TableNames) -> String {
+pub(crate) fn fence_sql(names: &crate::state::schema::names::TableNames) -> String {
     format!(
         "SELECT f.token, EXISTS (
              SELECT 1 FROM ({ADVISORY_LOCKS}) l WHERE l.granted AND l.pid = $2 AND l.lock_key = $1)

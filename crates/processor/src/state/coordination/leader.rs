@@ -27,15 +27,15 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{oneshot, watch};
 
 use super::leadership::{LeaderInfo, Leadership, State};
-use crate::state::connection::wait_closed;
 use crate::state::coordination::{
     check_lock_name, leader_key, locked, Coordinator, HeldLock, ADVISORY_LOCKS,
 };
+use crate::state::error::ErrorKind;
 use crate::state::error::{StateError, StateResult};
-use crate::state::pool::ConnPool;
+use crate::state::pool::conn_pool::ConnPool;
 use crate::state::retry::backoff;
-use crate::state::stats::{LockEvent, Stats};
-use crate::state::ErrorKind;
+use crate::state::stats::counters::{LockEvent, Stats};
+use crate::state::wire::connection::wait_closed;
 use tokio_postgres::types::{ToSql, Type};
 
 /// The shortest accepted lease.

@@ -18,13 +18,13 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use crate::state::connection::{Connector, Session, NOTIFICATION_BUFFER};
-use crate::state::connspec::ConnectionSpec;
+use crate::state::config::connspec::ConnectionSpec;
 use crate::state::coordination::CoordinationHandle;
 use crate::state::error::{StateError, StateResult};
 use crate::state::ident::{check_channel, quote_channel};
 use crate::state::limits::MAX_METADATA_LEN;
 use crate::state::retry::backoff;
+use crate::state::wire::connection::{Connected, Connector, NOTIFICATION_BUFFER};
 
 /// PostgreSQL's limit on a notification payload: it must be shorter than 8000 bytes.
 pub const MAX_NOTIFY_PAYLOAD: usize = 7999;
@@ -65,7 +65,7 @@ pub(crate) const NOTIFY_SQL: &str = "SELECT pg_notify($1, $2)";
 /// One statement that appends a durable event to `channel` ($1) with `payload` ($2), taking the
 /// channel's next sequence number, and wakes listeners with that number as the payload. The
 /// channel row stays locked until commit, so events of one channel commit in sequence order.
-pub(crate) fn durable_notify_sql(names: &crate::state::names::TableNames) -> String {
+pub(crate) fn durable_notify_sql(names: &crate::state::schema::names::TableNames) -> String {
     format!(
         "WITH c AS (
              INSERT INTO {channels} AS c (channel, last_seq) VALUES ($1, 1)
@@ -131,7 +131,7 @@ const FETCH_BYTES: i64 = 8 * 1024 * 1024;
 pub struct PostgresListener {
     connector: Connector,
     channels: Vec<String>,
-    session: Option<Session>,
+    session: Option<Connected>,
     durable: Option<Durable>,
     missed: Option<String>,
     reconnects: u64,
@@ -140,7 +140,7 @@ pub struct PostgresListener {
 }
 
 /// The server process id of a session.
-async fn session_pid(session: &Session) -> StateResult<i32> {
+async fn session_pid(session: &Connected) -> StateResult<i32> {
     Ok(session
         .client
         .query_one("SELECT pg_backend_pid()", &[])
@@ -276,7 +276,7 @@ impl PostgresListener {
         Ok(())
     }
 
-    fn connected(&self) -> StateResult<&Session> {
+    fn connected(&self) -> StateResult<&Connected> {
         self.session.as_ref().ok_or_else(|| StateError::Connection {
             message: format!("listener connection to {} is down", self.connector.target),
             sqlstate: None,
@@ -402,7 +402,7 @@ impl PostgresListener {
                     // A terminated session answers the pending fetch with its FATAL error
                     // (57P01) before the driver marks the connection closed: both mean the
                     // session is gone, and the listener reconnects.
-                    let lost = e.kind() == crate::state::ErrorKind::Connection
+                    let lost = e.kind() == crate::state::error::ErrorKind::Connection
                         || self.session.as_ref().is_some_and(|s| s.client.is_closed());
                     if lost {
                         self.session = None;
@@ -485,7 +485,7 @@ impl PostgresListener {
         }
     }
 
-    async fn try_reconnect(&self) -> StateResult<(Session, i32)> {
+    async fn try_reconnect(&self) -> StateResult<(Connected, i32)> {
         let session = self.connector.connect_dedicated().await?;
         let mut sql = String::new();
         for c in &self.channels {

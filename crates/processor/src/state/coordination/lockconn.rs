@@ -9,9 +9,9 @@ use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Statement};
 
 use super::{Holder, LockMode, ADVISORY_LOCKS};
-use crate::state::connection::{Connector, Session};
 use crate::state::error::{sqlstate, StateError, StateResult};
-use crate::state::names::TableNames;
+use crate::state::schema::names::TableNames;
+use crate::state::wire::connection::{Connected, Connector};
 
 /// Ends a server-side lock wait whose future was dropped: without it the driver keeps the
 /// connection (and the server the queued waiter) until the wait's `lock_timeout`.
@@ -58,7 +58,7 @@ struct LockStatements {
 
 impl LockConn {
     pub async fn open(connector: &Connector, names: &TableNames) -> StateResult<Self> {
-        let Session { client, closed, .. } = connector.connect_dedicated().await?;
+        let Connected { client, closed, .. } = connector.connect_dedicated().await?;
         let record = record_sql(names);
         let forget = format!(
             "DELETE FROM {} WHERE lock_key = $1 AND backend_pid = pg_backend_pid()",

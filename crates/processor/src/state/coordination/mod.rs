@@ -47,11 +47,11 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use tokio_postgres::types::Type;
 
-use crate::state::connection::{Connector, PgConn};
 use crate::state::error::{StateError, StateResult};
-use crate::state::names::TableNames;
-use crate::state::pool::ConnPool;
-use crate::state::stats::{LockEvent, Stats};
+use crate::state::pool::conn_pool::ConnPool;
+use crate::state::schema::names::TableNames;
+use crate::state::stats::counters::{LockEvent, Stats};
+use crate::state::wire::connection::{Connector, PgConn};
 
 pub(crate) use held::HeldLock;
 use held::HeldOn;
@@ -344,7 +344,7 @@ impl Coordinator {
         let got = match reservation.try_lock().await {
             // The session died since its last use (server restart, terminated): once more on
             // another one (the dead one has left the rotation).
-            Err(e) if e.kind() == crate::state::ErrorKind::Connection => {
+            Err(e) if e.kind() == crate::state::error::ErrorKind::Connection => {
                 drop(reservation);
                 reservation = sessions.reserve(key, mode).await?;
                 reservation.try_lock().await?
@@ -426,7 +426,7 @@ impl Coordinator {
         let got = match first {
             // A spare connection may have died since it was parked (server restart): one
             // more try on a fresh one.
-            Err(e) if reused && e.kind() == crate::state::ErrorKind::Connection => {
+            Err(e) if reused && e.kind() == crate::state::error::ErrorKind::Connection => {
                 conn = LockConn::open(connector, &self.names).await?;
                 let start = Instant::now();
                 let second = conn.lock(connector, key, mode, wait).await;
@@ -476,7 +476,7 @@ impl Coordinator {
             return Err(StateError::LockLost { lock: label });
         }
         let lost = |e: StateError| {
-            if e.kind() == crate::state::ErrorKind::Connection {
+            if e.kind() == crate::state::error::ErrorKind::Connection {
                 StateError::LockLost {
                     lock: label.clone(),
                 }

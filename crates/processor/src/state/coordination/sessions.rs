@@ -25,9 +25,9 @@ use std::time::Duration;
 
 use super::lockconn::LockConn;
 use super::{locked, LockMode};
-use crate::state::connection::Connector;
 use crate::state::error::StateResult;
-use crate::state::names::TableNames;
+use crate::state::schema::names::TableNames;
+use crate::state::wire::connection::Connector;
 
 /// The most lock sessions opened for locks granted at once (see the module docs).
 pub const MAX_LOCK_SESSIONS: usize = 8;

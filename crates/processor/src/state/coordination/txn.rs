@@ -9,9 +9,9 @@ use crate::state::coordination::{
 };
 use crate::state::error::{StateError, StateResult};
 use crate::state::ident::check_channel;
-use crate::state::operation::Op;
-use crate::state::stats::LockEvent;
-use crate::state::transaction::PostgresTransaction;
+use crate::state::stats::counters::LockEvent;
+use crate::state::stats::operation::Op;
+use crate::state::transaction::tx::PostgresTransaction;
 
 impl PostgresTransaction {
     /// Refuses a stale lock holder's write: succeeds only if `fence` is still the latest

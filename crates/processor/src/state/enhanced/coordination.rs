@@ -11,7 +11,7 @@ use crate::state::coordination::{
 };
 use crate::state::error::{StateError, StateResult};
 use crate::state::ident::check_channel;
-use crate::state::stats::LockEvent;
+use crate::state::stats::counters::LockEvent;
 
 /// Coordination: advisory locks, leader election, LISTEN/NOTIFY. See
 /// [`coordination`](crate::state::coordination) for how locks are held.

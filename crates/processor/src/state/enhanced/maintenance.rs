@@ -6,15 +6,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{EnhancedPostgresBackend, Inner};
-use crate::state::config::EnhancedPostgresConfig;
+use crate::state::config::enhanced::EnhancedPostgresConfig;
+use crate::state::config::partition_strategy::PartitionStrategy;
 use crate::state::error::StateResult;
 use crate::state::maintenance::{
     self, CheckpointInfo, CleanupPlan, RepartitionReport, RetentionReport, TableActivity,
     TableStatistics,
 };
-use crate::state::ops::StateEntry;
-use crate::state::partition_strategy::PartitionStrategy;
-use crate::state::store::Store;
+use crate::state::ops::conn_ops::StateEntry;
+use crate::state::ops::store::Store;
 
 /// What the configuration asks cleanup passes to do, and how often.
 fn plan(config: &EnhancedPostgresConfig) -> (CleanupPlan, Duration) {

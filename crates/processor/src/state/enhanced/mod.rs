@@ -14,22 +14,22 @@ use async_trait::async_trait;
 use tokio_postgres::config::TargetSessionAttrs;
 
 use crate::state::backend::StateBackend;
-use crate::state::causal::{Scope, Session};
-use crate::state::config::IsolationLevel;
-use crate::state::config::{EnhancedPostgresConfig, PostgresPoolConfig};
-use crate::state::connection::Connector;
+use crate::state::config::enhanced::IsolationLevel;
+use crate::state::config::enhanced::{EnhancedPostgresConfig, PostgresPoolConfig};
 use crate::state::coordination::Coordinator;
 use crate::state::error::StateResult;
 use crate::state::limits::check_ttl;
-use crate::state::names::TableNames;
-use crate::state::ops::StateEntry;
-use crate::state::pool::{ConnPool, PoolStats};
-use crate::state::retry::backoff;
-use crate::state::router::{spawn_monitor, Replica, Router};
-use crate::state::schema::migrate;
-use crate::state::stats::{BackendStats, Stats, TxEvent};
-use crate::state::store::Store;
-use crate::state::transaction::{worth_retrying, PostgresTransaction, TxFuture};
+use crate::state::ops::conn_ops::StateEntry;
+use crate::state::ops::store::Store;
+use crate::state::pool::conn_pool::{ConnPool, PoolStats};
+use crate::state::routing::causal::{Scope, Session};
+use crate::state::routing::router::{spawn_monitor, Replica, Router};
+use crate::state::schema::migrations::migrate;
+use crate::state::schema::names::TableNames;
+use crate::state::stats::counters::{BackendStats, Stats};
+use crate::state::transaction::retry;
+use crate::state::transaction::tx::{PostgresTransaction, TxFuture};
+use crate::state::wire::connection::Connector;
 
 /// The PostgreSQL state backend: a pooled, migrated state table with metadata, TTL and
 /// versions.
@@ -101,7 +101,7 @@ impl EnhancedPostgresBackend {
         )?;
         connector.require_writable();
         let migrated = migrate(
-            &connector,
+            connector.connect().await?,
             &names,
             config.partitioning.as_ref(),
             config.citus.as_ref(),
@@ -461,37 +461,20 @@ impl EnhancedPostgresBackend {
     ///     .await?;
     /// # Ok(()) }
     /// ```
-    pub async fn transaction<T, F>(&self, level: IsolationLevel, mut f: F) -> StateResult<T>
+    pub async fn transaction<T, F>(&self, level: IsolationLevel, f: F) -> StateResult<T>
     where
         F: for<'t> FnMut(&'t mut PostgresTransaction) -> TxFuture<'t, T> + Send,
         T: Send,
     {
-        let max = self.inner.config.max_retries;
-        let base = self.inner.config.retry_backoff;
-        let mut attempt = 0u32;
-        loop {
-            let result = match self.begin_transaction(level).await {
-                Ok(mut tx) => match f(&mut tx).await {
-                    Ok(value) => tx.commit().await.map(|()| value),
-                    Err(e) => {
-                        // A failed rollback only means the connection is discarded.
-                        let _ = tx.rollback().await;
-                        Err(e)
-                    }
-                },
-                Err(e) => Err(e),
-            };
-            match result {
-                Err(e) if attempt < max && worth_retrying(&e) => {
-                    let wait = backoff(base, attempt);
-                    tracing::debug!(error = %e, attempt, ?wait, "retrying transaction");
-                    self.store().stats.tx(TxEvent::Retried);
-                    attempt += 1;
-                    tokio::time::sleep(wait).await;
-                }
-                other => return other,
-            }
-        }
+        let config = &self.inner.config;
+        retry::run(
+            || self.begin_transaction(level),
+            f,
+            config.max_retries,
+            config.retry_backoff,
+            &self.store().stats,
+        )
+        .await
     }
 
     /// The whole live entry under `key` (value, metadata, version, timestamps), if any.

@@ -14,9 +14,9 @@ use std::sync::{Mutex, Weak};
 use std::time::Duration;
 
 use super::Inner;
-use crate::state::pool::PoolStats;
-use crate::state::stats::NodeReads;
-use crate::state::store::Store;
+use crate::state::ops::store::Store;
+use crate::state::pool::conn_pool::PoolStats;
+use crate::state::stats::counters::NodeReads;
 
 /// How often the node figures are published.
 pub(super) const PUBLISH_INTERVAL: Duration = Duration::from_secs(1);

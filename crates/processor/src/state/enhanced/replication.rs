@@ -3,9 +3,9 @@
 use std::sync::Arc;
 
 use super::EnhancedPostgresBackend;
-use crate::state::causal::{CausalToken, Session};
 use crate::state::error::StateResult;
-use crate::state::router::ReplicationStatus;
+use crate::state::routing::causal::{CausalToken, Session};
+use crate::state::routing::router::ReplicationStatus;
 
 /// Read routing and read-your-writes: see [`causal`](crate::state::CausalToken) for the
 /// consistency model.

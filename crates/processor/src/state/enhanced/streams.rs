@@ -7,7 +7,7 @@ use futures_util::{stream, Stream, StreamExt};
 
 use crate::state::error::StateResult;
 use crate::state::limits::check_entry;
-use crate::state::ops::StateEntry;
+use crate::state::ops::conn_ops::StateEntry;
 
 use super::EnhancedPostgresBackend;
 

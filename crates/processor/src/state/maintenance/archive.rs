@@ -13,10 +13,10 @@ use tokio_postgres::types::Type;
 use super::cleanup::{sweep, Sweep};
 use crate::state::error::{StateError, StateResult};
 use crate::state::ident::Ident;
-use crate::state::names::TableNames;
-use crate::state::ops::StateEntry;
-use crate::state::statements::{upsert, ENTRY_COLUMNS, EXPIRED_NOW};
-use crate::state::store::Store;
+use crate::state::ops::conn_ops::StateEntry;
+use crate::state::ops::store::Store;
+use crate::state::schema::names::TableNames;
+use crate::state::wire::statements::{upsert_sql, ENTRY_COLUMNS, EXPIRED_NOW};
 
 /// `archive_table` as a quoted name in the backend's schema: a plain identifier (letters,
 /// digits, `_`, at most [`MAX_TABLE_NAME_LEN`](crate::state::MAX_TABLE_NAME_LEN) bytes), never
@@ -114,7 +114,7 @@ pub(crate) async fn restore(store: &Store, archive_table: &str, key: &[u8]) -> S
         "SELECT value, metadata, created_at, expires_at, archived_at, version FROM {archive} \
          WHERE key = $1 ORDER BY version DESC LIMIT 1 FOR UPDATE"
     );
-    let insert = upsert(
+    let insert = upsert_sql(
         &store.names,
         "VALUES ($1::bytea, $2::bytea, $3::jsonb, $4::timestamptz, $5::timestamptz)",
         &["key", "value", "metadata", "created_at", "expires_at"],

@@ -16,10 +16,10 @@ use tokio_postgres::types::Type;
 use tokio_postgres::IsolationLevel;
 
 use super::floor;
-use crate::state::checkout::Checkout;
 use crate::state::error::{StateError, StateResult};
-use crate::state::statements::{rewindow, LIVE, TOMBSTONE};
-use crate::state::store::Store;
+use crate::state::ops::store::Store;
+use crate::state::pool::checkout::Checkout;
+use crate::state::wire::statements::{rewindow, LIVE, TOMBSTONE};
 
 /// Rows copied per statement while creating a checkpoint.
 const CHUNK: i64 = 10_000;

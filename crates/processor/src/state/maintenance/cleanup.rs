@@ -34,9 +34,9 @@ use tokio_postgres::IsolationLevel;
 
 use super::floor;
 use crate::state::error::{sqlstate, StateError, StateResult};
-use crate::state::names::TableNames;
-use crate::state::statements::LIVE;
-use crate::state::store::Store;
+use crate::state::ops::store::Store;
+use crate::state::schema::names::TableNames;
+use crate::state::wire::statements::LIVE;
 
 /// What a sweep removes.
 #[derive(Clone, Debug)]

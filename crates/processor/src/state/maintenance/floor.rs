@@ -4,7 +4,7 @@
 use tokio_postgres::types::Type;
 use tokio_postgres::{Error, Transaction};
 
-use crate::state::names::TableNames;
+use crate::state::schema::names::TableNames;
 
 /// Takes the floor's advisory lock exclusively for the rest of `tx` (inserts take it shared),
 /// waiting as the transaction's `lock_timeout` allows.

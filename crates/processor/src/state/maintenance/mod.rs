@@ -35,10 +35,10 @@ pub(crate) use vacuum::vacuum_analyze;
 pub use window_partitions::DroppedPartition;
 pub(crate) use window_partitions::{interval as window_interval, roll as roll_windows};
 
+use crate::state::config::partition_strategy::PartitionStrategy;
 use crate::state::coordination::{lock_key, Coordinator, HeldLock, LockMode};
 use crate::state::error::{ErrorKind, StateError, StateResult};
-use crate::state::partition_strategy::PartitionStrategy;
-use crate::state::store::Store;
+use crate::state::ops::store::Store;
 
 /// What a cleanup pass does.
 #[derive(Clone, Copy, Debug)]

@@ -19,14 +19,14 @@ use std::time::Duration;
 use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 
+use crate::state::config::partition_strategy::PartitionStrategy;
 use crate::state::error::{StateError, StateResult};
 use crate::state::ident::Ident;
-use crate::state::partition_strategy::PartitionStrategy;
-use crate::state::partitions::{self, Layout};
+use crate::state::ops::store::Store;
 use crate::state::retry::while_lock_busy;
-use crate::state::store::Store;
+use crate::state::schema::partitions::{self, Layout};
 
-/// What [`repartition`] did.
+/// What [`migrate_to_partitioned`](crate::state::EnhancedPostgresBackend::migrate_to_partitioned) did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RepartitionReport {
     /// Rows copied by the batches (rows the trigger copied are not counted).

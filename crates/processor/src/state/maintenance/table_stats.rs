@@ -4,7 +4,7 @@
 use std::time::SystemTime;
 
 use crate::state::error::StateResult;
-use crate::state::store::Store;
+use crate::state::ops::store::Store;
 
 /// Rows above which row counts are estimates (from the planner's statistics) instead of an
 /// exact `count(*)`.

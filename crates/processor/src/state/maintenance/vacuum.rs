@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::state::error::StateResult;
-use crate::state::store::Store;
+use crate::state::ops::store::Store;
 
 /// Runs `VACUUM (ANALYZE)` (with `full`, `VACUUM (FULL, ANALYZE)`, which rewrites the table
 /// under an exclusive lock) on the state table. It runs outside any transaction block on a

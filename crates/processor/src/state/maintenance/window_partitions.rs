@@ -8,10 +8,10 @@ use tokio_postgres::types::Type;
 
 use crate::state::error::{sqlstate, StateError, StateResult};
 use crate::state::maintenance::floor;
-use crate::state::partitions;
+use crate::state::ops::store::Store;
 use crate::state::retry::{lock_busy, while_lock_busy};
-use crate::state::store::Store;
-use crate::state::windows::{self, Advance};
+use crate::state::schema::partitions;
+use crate::state::schema::windows::{self, Advance};
 
 /// A partition dropped whole by a cleanup pass.
 #[derive(Clone, Debug, PartialEq, Eq)]

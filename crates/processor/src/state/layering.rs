@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 /// Each top-level module of `state` and its layer's height: a module may use only modules of
 /// its own height or lower.
-const LAYERS: [(&str, u8); 18] = [
+const LAYERS: [(&str, u8); 19] = [
     ("error", 0),
     ("limits", 0),
     ("ident", 0),
@@ -21,9 +21,10 @@ const LAYERS: [(&str, u8); 18] = [
     ("transaction", 8),
     ("coordination", 9),
     ("maintenance", 10),
-    ("enhanced", 11),
-    ("memory", 12),
-    ("basic", 12),
+    ("assembly", 11),
+    ("enhanced", 12),
+    ("memory", 13),
+    ("basic", 13),
 ];
 
 fn height(module: &str) -> Option<u8> {

@@ -4,13 +4,14 @@
 //! implements [`StateBackend`]. The folders are the layers, bottom to top: `stats`, `config`,
 //! `schema`, `wire` (one connection), `pool`, `routing` (replicas, read-your-writes), `ops`
 //! (the key/value operations), `transaction`, `coordination` (advisory locks, lock guards,
-//! leader election, LISTEN/NOTIFY), `maintenance`, `enhanced` (the facade); beside them
+//! leader election, LISTEN/NOTIFY), `maintenance`, `assembly` (a backend's parts, built from
+//! a configuration), `enhanced` (the facade); beside them
 //! `error`, `limits` (input limits), `ident` (SQL identifiers), `retry`, `backend` (the
 //! trait), `memory` and `basic` (the other backends).
 
-// The layers, bottom to top (see each folder's `mod.rs`; nothing imports upward). Beside
-// them at the bottom: `error`, `limits`, `ident`, `retry`; `backend` (the trait), `memory`
-// and `basic` (the other backends).
+// The layers (their order is in the doc above and in `layering`, which checks that nothing
+// imports upward), then the small modules beside them.
+mod assembly;
 mod config;
 pub mod coordination;
 mod enhanced;

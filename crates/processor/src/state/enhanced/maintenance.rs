@@ -14,7 +14,6 @@ use crate::state::maintenance::{
     TableStatistics,
 };
 use crate::state::ops::conn_ops::StateEntry;
-use crate::state::ops::store::Store;
 
 /// What the configuration asks cleanup passes to do, and how often.
 fn plan(config: &EnhancedPostgresConfig) -> (CleanupPlan, Duration) {
@@ -27,27 +26,6 @@ fn plan(config: &EnhancedPostgresConfig) -> (CleanupPlan, Duration) {
         },
         policy.cleanup_interval,
     )
-}
-
-/// Windows created ahead of the current one when the table is partitioned by write window
-/// but the configuration does not say how.
-const DEFAULT_PREMAKE: u32 = 2;
-
-/// The write windows' length and how many to create ahead, when the table is partitioned by
-/// write window.
-pub(super) async fn window_settings(
-    store: &Store,
-    config: &EnhancedPostgresConfig,
-) -> StateResult<Option<(Duration, u32)>> {
-    if !store.names.windowed {
-        return Ok(None);
-    }
-    if let Some(PartitionStrategy::TimeRange { interval, premake }) = &config.partitioning {
-        return Ok(Some((*interval, *premake)));
-    }
-    Ok(maintenance::window_interval(store)
-        .await?
-        .map(|i| (i, DEFAULT_PREMAKE)))
 }
 
 /// Starts the background maintenance task when there is anything to do: a cleanup pass every

@@ -11,25 +11,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio_postgres::config::TargetSessionAttrs;
 
+use crate::state::assembly::assemble;
 use crate::state::backend::StateBackend;
+use crate::state::config::enhanced::EnhancedPostgresConfig;
 use crate::state::config::enhanced::IsolationLevel;
-use crate::state::config::enhanced::{EnhancedPostgresConfig, PostgresPoolConfig};
 use crate::state::coordination::Coordinator;
 use crate::state::error::StateResult;
 use crate::state::limits::check_ttl;
 use crate::state::ops::conn_ops::StateEntry;
 use crate::state::ops::store::Store;
-use crate::state::pool::conn_pool::{ConnPool, PoolStats};
+use crate::state::pool::conn_pool::PoolStats;
 use crate::state::routing::causal::{Scope, Session};
-use crate::state::routing::router::{spawn_monitor, Replica, Router};
-use crate::state::schema::migrations::migrate;
-use crate::state::schema::names::TableNames;
-use crate::state::stats::counters::{BackendStats, Stats};
+use crate::state::stats::counters::BackendStats;
 use crate::state::transaction::retry;
 use crate::state::transaction::tx::{PostgresTransaction, TxFuture};
-use crate::state::wire::connection::Connector;
 
 /// The PostgreSQL state backend: a pooled, migrated state table with metadata, TTL and
 /// versions.
@@ -91,128 +87,17 @@ impl EnhancedPostgresBackend {
     /// for a bad schema or table name, and a connection, TLS or timeout error when the server
     /// cannot be reached.
     pub async fn new(config: EnhancedPostgresConfig) -> StateResult<Self> {
-        let valid = config.validate()?;
-        let mut names = TableNames::new(valid.schema, valid.table);
-        let mut connector = Connector::new(
-            &valid.primary,
-            config.connect_timeout,
-            config.statement_timeout,
-            &config.application_name,
-        )?;
-        connector.require_writable();
-        let migrated = migrate(
-            connector.connect().await?,
-            &names,
-            config.partitioning.as_ref(),
-            config.citus.as_ref(),
-        )
-        .await?;
-        names.windowed = migrated.layout.windowed();
-        names.distributed = migrated.distributed;
-        // Session features: on the session URL when there is one, else on the primary's,
-        // unless that goes through PgBouncer's transaction pooling.
-        let lock_connector = match &valid.session {
-            Some(spec) => {
-                let mut c = Connector::new(
-                    spec,
-                    config.connect_timeout,
-                    config.statement_timeout,
-                    &config.application_name,
-                )?;
-                c.require_writable();
-                Some(c)
-            }
-            None if connector.transaction_pooling => None,
-            None => Some(connector.clone()),
-        };
-        let op_timeout = config.operation_timeout;
-        let primary =
-            ConnPool::new(connector, names.clone(), &config.pool, false, op_timeout).await?;
-
-        let settings = config.replicas.clone().unwrap_or_default();
-        // A replica that cannot answer within this is taken out of rotation for the read that
-        // waited (which then runs elsewhere) until its next good check.
-        let replica_pool = PostgresPoolConfig {
-            acquire_timeout: config.pool.acquire_timeout.min(Duration::from_secs(2)),
-            ..config.pool.clone()
-        };
-        let mut replicas = Vec::new();
-        for spec in &valid.replicas {
-            let connector = Connector::new(
-                spec,
-                config.connect_timeout,
-                config.statement_timeout,
-                &config.application_name,
-            )?;
-            let name = connector
-                .target
-                .split(' ')
-                .next()
-                .unwrap_or_default()
-                .to_string();
-            let single_server = spec.pg.get_hosts().len() == 1;
-            let follows_standby = !single_server
-                && spec.pg.get_target_session_attrs() == TargetSessionAttrs::ReadOnly;
-            if !single_server && !follows_standby {
-                tracing::warn!(replica = %name, "a multi-host replica URL without target_session_attrs=read-only reaches whichever host answers first, which may be the primary");
-            }
-            let pool =
-                ConnPool::new(connector, names.clone(), &replica_pool, true, op_timeout).await?;
-            replicas.push(Replica::new(pool, name, single_server, follows_standby));
-        }
-        let router = Arc::new(Router::new(
-            replicas,
-            settings.clone(),
-            config.read_your_writes,
-        ));
-        // Also without replicas, a multi-host URL gets the monitor, which notes failovers.
-        let monitor = if router.replicas.is_empty() && valid.primary.pg.get_hosts().len() < 2 {
-            None
-        } else {
-            // One round now, so healthy replicas serve reads from the start.
-            router.check(&primary).await;
-            Some(spawn_monitor(
-                Arc::downgrade(&router),
-                Arc::downgrade(&primary),
-                settings.health_check_interval,
-            ))
-        };
-        let stats = Arc::new(Stats::new(config.slow_query_threshold, &names.label));
-        let coordinator = Arc::new(Coordinator::new(
-            lock_connector.as_ref(),
-            names.clone(),
-            stats.clone(),
-            primary.clone(),
-            op_timeout,
-        ));
-        let store = Store {
-            primary,
-            router,
-            stats,
-            names,
-            op_timeout,
-            coalescer: Arc::default(),
-            lookups: Arc::default(),
-        };
-        let windows = maintenance::window_settings(&store, &config).await?;
-        if let Some((window, premake)) = windows {
-            // Best effort: a table busy or a role without rights to create partitions must
-            // not stop the backend; writes go on into the current window meanwhile, and the
-            // background task tries again.
-            if let Err(e) = crate::state::maintenance::roll_windows(&store, window, premake).await {
-                tracing::warn!(table = %store.names.qualified, error = %e, "starting the write window of now failed");
-            }
-        }
-        tracing::info!(url = %config.redacted_url(), table = %store.names.qualified, replicas = store.router.replicas.len(), "state backend ready");
+        let core = assemble(&config).await?;
+        tracing::info!(url = %config.redacted_url(), table = %core.store.names.qualified, replicas = core.store.router.replicas.len(), "state backend ready");
         let inner = Arc::new(Inner {
-            store,
-            coordinator,
+            store: core.store,
+            coordinator: core.coordinator,
             config,
-            monitor,
+            monitor: core.monitor,
             cleanup: std::sync::OnceLock::new(),
         });
         published::spawn_publisher(Arc::downgrade(&inner), inner.store.names.label.clone());
-        if let Some(task) = maintenance::spawn_cleanup(&inner, windows) {
+        if let Some(task) = maintenance::spawn_cleanup(&inner, core.windows) {
             let _ = inner.cleanup.set(task);
         }
         Ok(Self {

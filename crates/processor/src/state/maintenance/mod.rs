@@ -33,7 +33,7 @@ pub(crate) use table_stats::{table_activity, table_statistics};
 pub use table_stats::{PartitionStatistics, TableActivity, TableStatistics, EXACT_COUNT_LIMIT};
 pub(crate) use vacuum::vacuum_analyze;
 pub use window_partitions::DroppedPartition;
-pub(crate) use window_partitions::{interval as window_interval, roll as roll_windows};
+pub(crate) use window_partitions::{roll as roll_windows, settings as window_settings};
 
 use crate::state::config::partition_strategy::PartitionStrategy;
 use crate::state::coordination::{lock_key, Coordinator, HeldLock, LockMode};

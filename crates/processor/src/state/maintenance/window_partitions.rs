@@ -6,6 +6,8 @@ use std::time::{Duration, SystemTime};
 
 use tokio_postgres::types::Type;
 
+use crate::state::config::enhanced::EnhancedPostgresConfig;
+use crate::state::config::partition_strategy::PartitionStrategy;
 use crate::state::error::{sqlstate, StateError, StateResult};
 use crate::state::maintenance::floor;
 use crate::state::ops::store::Store;
@@ -36,6 +38,25 @@ const LOCK_WAIT_MS: u32 = 100;
 const ATTEMPTS: u32 = 20;
 /// Attempts at dropping one window's partition in a pass.
 const DROP_ATTEMPTS: u32 = 10;
+
+/// Windows created ahead of the current one when the table is partitioned by write window
+/// but the configuration does not say how.
+const DEFAULT_PREMAKE: u32 = 2;
+
+/// The write windows' length and how many to create ahead, when the table is partitioned by
+/// write window.
+pub(crate) async fn settings(
+    store: &Store,
+    config: &EnhancedPostgresConfig,
+) -> StateResult<Option<(Duration, u32)>> {
+    if !store.names.windowed {
+        return Ok(None);
+    }
+    if let Some(PartitionStrategy::TimeRange { interval, premake }) = &config.partitioning {
+        return Ok(Some((*interval, *premake)));
+    }
+    Ok(interval(store).await?.map(|i| (i, DEFAULT_PREMAKE)))
+}
 
 /// The window length of a table partitioned by write window, from its windows.
 pub(crate) async fn interval(store: &Store) -> StateResult<Option<Duration>> {

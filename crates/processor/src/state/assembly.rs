@@ -1,0 +1,191 @@
+//! Layer `assembly`: a backend's parts, built from a configuration in order: validation, the
+//! migrated table, the primary's pool, the replicas and their monitor, the coordinator, the
+//! store, and the current write window. The facade (`enhanced`) and the basic backend wrap
+//! what it builds; it holds no behaviour of its own.
+//!
+//! May use every layer below the facade.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_postgres::config::TargetSessionAttrs;
+
+use crate::state::config::connspec::ConnectionSpec;
+use crate::state::config::enhanced::{EnhancedPostgresConfig, PostgresPoolConfig, ValidatedConfig};
+use crate::state::coordination::Coordinator;
+use crate::state::error::StateResult;
+use crate::state::maintenance;
+use crate::state::ops::store::Store;
+use crate::state::pool::conn_pool::ConnPool;
+use crate::state::routing::router::{spawn_monitor, Replica, Router};
+use crate::state::schema::migrations::migrate;
+use crate::state::schema::names::TableNames;
+use crate::state::stats::counters::Stats;
+use crate::state::wire::connection::Connector;
+
+/// What [`assemble`] builds.
+pub(crate) struct Core {
+    /// Every key/value operation over the pools.
+    pub store: Store,
+    /// Advisory locks, leader election, LISTEN/NOTIFY.
+    pub coordinator: Arc<Coordinator>,
+    /// The replica monitor's task, when one runs.
+    pub monitor: Option<tokio::task::JoinHandle<()>>,
+    /// The write windows' length and how many to create ahead, for a table partitioned by
+    /// write window.
+    pub windows: Option<(Duration, u32)>,
+}
+
+/// Validates `config`, connects, applies the embedded migrations (under an advisory lock, so
+/// concurrent starts are safe), opens the pools, starts the replica monitor when there is
+/// anything to watch, and starts the current write window of a time-partitioned table.
+pub(crate) async fn assemble(config: &EnhancedPostgresConfig) -> StateResult<Core> {
+    let valid = config.validate()?;
+    let (connector, names) = migrated(config, &valid).await?;
+    let lock_connector = session_connector(config, &valid, &connector)?;
+    let op_timeout = config.operation_timeout;
+    let primary = ConnPool::new(connector, names.clone(), &config.pool, false, op_timeout).await?;
+    let router = Arc::new(Router::new(
+        replicas(config, &valid, &names).await?,
+        config.replicas.clone().unwrap_or_default(),
+        config.read_your_writes,
+    ));
+    // Also without replicas, a multi-host URL gets the monitor, which notes failovers.
+    let monitor = if router.replicas.is_empty() && valid.primary.pg.get_hosts().len() < 2 {
+        None
+    } else {
+        // One round now, so healthy replicas serve reads from the start.
+        router.check(&primary).await;
+        Some(spawn_monitor(
+            Arc::downgrade(&router),
+            Arc::downgrade(&primary),
+            config
+                .replicas
+                .clone()
+                .unwrap_or_default()
+                .health_check_interval,
+        ))
+    };
+    let stats = Arc::new(Stats::new(config.slow_query_threshold, &names.label));
+    let coordinator = Arc::new(Coordinator::new(
+        lock_connector.as_ref(),
+        names.clone(),
+        stats.clone(),
+        primary.clone(),
+        op_timeout,
+    ));
+    let store = Store {
+        primary,
+        router,
+        stats,
+        names,
+        op_timeout,
+        coalescer: Arc::default(),
+        lookups: Arc::default(),
+    };
+    let windows = maintenance::window_settings(&store, config).await?;
+    if let Some((window, premake)) = windows {
+        // Best effort: a table busy or a role without rights to create partitions must not
+        // stop the backend; writes go on into the current window meanwhile, and the
+        // background task tries again.
+        if let Err(e) = maintenance::roll_windows(&store, window, premake).await {
+            tracing::warn!(table = %store.names.qualified, error = %e, "starting the write window of now failed");
+        }
+    }
+    Ok(Core {
+        store,
+        coordinator,
+        monitor,
+        windows,
+    })
+}
+
+/// A connector to `spec` with the configuration's timeouts and application name.
+fn connector(config: &EnhancedPostgresConfig, spec: &ConnectionSpec) -> StateResult<Connector> {
+    Connector::new(
+        spec,
+        config.connect_timeout,
+        config.statement_timeout,
+        &config.application_name,
+    )
+}
+
+/// The primary's connector and the state table's names, once the migrations are applied
+/// (the names then know the table's layout).
+async fn migrated(
+    config: &EnhancedPostgresConfig,
+    valid: &ValidatedConfig,
+) -> StateResult<(Connector, TableNames)> {
+    let mut names = TableNames::new(valid.schema.clone(), valid.table.clone());
+    let mut connector = connector(config, &valid.primary)?;
+    connector.require_writable();
+    let migrated = migrate(
+        connector.connect().await?,
+        &names,
+        config.partitioning.as_ref(),
+        config.citus.as_ref(),
+    )
+    .await?;
+    names.windowed = migrated.layout.windowed();
+    names.distributed = migrated.distributed;
+    Ok((connector, names))
+}
+
+/// Where session features (session advisory locks, guards, leader election, LISTEN) connect:
+/// the session URL when there is one, else the primary's, unless that goes through
+/// PgBouncer's transaction pooling (then none).
+fn session_connector(
+    config: &EnhancedPostgresConfig,
+    valid: &ValidatedConfig,
+    primary: &Connector,
+) -> StateResult<Option<Connector>> {
+    Ok(match &valid.session {
+        Some(spec) => {
+            let mut c = connector(config, spec)?;
+            c.require_writable();
+            Some(c)
+        }
+        None if primary.transaction_pooling => None,
+        None => Some(primary.clone()),
+    })
+}
+
+/// A pool for each replica URL.
+async fn replicas(
+    config: &EnhancedPostgresConfig,
+    valid: &ValidatedConfig,
+    names: &TableNames,
+) -> StateResult<Vec<Replica>> {
+    // A replica that cannot answer within this is taken out of rotation for the read that
+    // waited (which then runs elsewhere) until its next good check.
+    let replica_pool = PostgresPoolConfig {
+        acquire_timeout: config.pool.acquire_timeout.min(Duration::from_secs(2)),
+        ..config.pool.clone()
+    };
+    let mut replicas = Vec::new();
+    for spec in &valid.replicas {
+        let connector = connector(config, spec)?;
+        let name = connector
+            .target
+            .split(' ')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let single_server = spec.pg.get_hosts().len() == 1;
+        let follows_standby =
+            !single_server && spec.pg.get_target_session_attrs() == TargetSessionAttrs::ReadOnly;
+        if !single_server && !follows_standby {
+            tracing::warn!(replica = %name, "a multi-host replica URL without target_session_attrs=read-only reaches whichever host answers first, which may be the primary");
+        }
+        let pool = ConnPool::new(
+            connector,
+            names.clone(),
+            &replica_pool,
+            true,
+            config.operation_timeout,
+        )
+        .await?;
+        replicas.push(Replica::new(pool, name, single_server, follows_standby));
+    }
+    Ok(replicas)
+}

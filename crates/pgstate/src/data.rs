@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
-use processor::state::limits::{check_entry, check_metadata, check_ttl};
+use processor::state::{check_entry, check_metadata, check_ttl};
 use processor::state::{EnhancedPostgresBackend, StateBackend};
 
 use crate::exit::CliError;

@@ -13,7 +13,7 @@
 // imports upward), then the small modules beside them.
 mod assembly;
 mod config;
-pub mod coordination;
+mod coordination;
 mod enhanced;
 mod maintenance;
 mod ops;
@@ -28,7 +28,7 @@ mod backend;
 mod basic;
 mod error;
 mod ident;
-pub mod limits;
+mod limits;
 mod memory;
 mod retry;
 
@@ -49,11 +49,16 @@ pub use config::partition_strategy::{
 };
 pub use coordination::{
     lock_key, AdvisoryLockInfo, CoordinationHandle, Fence, LeaderInfo, Leadership, LockMode,
-    Notification, PostgresListener, PostgresLockGuard, MAX_LOCK_SESSIONS, MAX_NOTIFY_PAYLOAD,
+    Notification, PostgresListener, PostgresLockGuard, MAX_LOCK_NAME_LEN, MAX_LOCK_SESSIONS,
+    MAX_NOTIFY_PAYLOAD,
 };
 pub use enhanced::EnhancedPostgresBackend;
 pub use error::{sqlstate, ErrorKind, StateError, StateResult};
 pub use ident::{Ident, MAX_IDENT_LEN, MAX_TABLE_NAME_LEN};
+pub use limits::{
+    check_entry, check_key, check_metadata, check_ttl, check_value, prefix_upper_bound,
+    MAX_GET_MANY, MAX_KEY_LEN, MAX_METADATA_LEN, MAX_PAGE, MAX_TTL, MAX_VALUE_LEN,
+};
 pub use maintenance::{
     CheckpointInfo, DroppedPartition, PartitionStatistics, RepartitionReport, RetentionReport,
     TableActivity, TableStatistics, EXACT_COUNT_LIMIT, MAX_CHECKPOINT_NAME_LEN,

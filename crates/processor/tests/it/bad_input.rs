@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
-use processor::state::limits::{MAX_KEY_LEN, MAX_TTL, MAX_VALUE_LEN};
 use processor::state::{
     EnhancedPostgresBackend, EnhancedPostgresConfig, ErrorKind, StateBackend, StateError,
 };
+use processor::state::{MAX_KEY_LEN, MAX_TTL, MAX_VALUE_LEN};
 use serde_json::json;
 
 use crate::support;

@@ -150,10 +150,7 @@ pub async fn run(b: Arc<dyn StateBackend>, ttl: &dyn TtlWriter) {
     b.clear().await.unwrap();
 
     // Bad keys are refused, nothing written.
-    for bad in [
-        Vec::new(),
-        vec![b'k'; processor::state::limits::MAX_KEY_LEN + 1],
-    ] {
+    for bad in [Vec::new(), vec![b'k'; processor::state::MAX_KEY_LEN + 1]] {
         assert!(matches!(
             b.put(&bad, b"v").await,
             Err(StateError::InvalidInput(_))
@@ -163,7 +160,7 @@ pub async fn run(b: Arc<dyn StateBackend>, ttl: &dyn TtlWriter) {
             Err(StateError::InvalidInput(_))
         ));
     }
-    let max_key = vec![b'k'; processor::state::limits::MAX_KEY_LEN];
+    let max_key = vec![b'k'; processor::state::MAX_KEY_LEN];
     b.put(&max_key, b"v").await.unwrap();
     assert_eq!(b.get(&max_key).await.unwrap(), Some(b"v".to_vec()));
     assert_eq!(b.count().await.unwrap(), 1);
@@ -282,7 +279,7 @@ pub async fn run_enhanced(b: &EnhancedPostgresBackend) {
         b.list_keys_page(&[0xFF], Some(&[0xFF]), 10).await.unwrap(),
         vec![vec![0xFF, 0xFF, 1]]
     );
-    for limit in [0, processor::state::limits::MAX_PAGE + 1] {
+    for limit in [0, processor::state::MAX_PAGE + 1] {
         let e = b.list_keys_page(b"", None, limit).await.unwrap_err();
         assert_eq!(e.kind(), processor::state::ErrorKind::InvalidInput, "{e}");
     }
@@ -318,7 +315,7 @@ pub async fn run_enhanced(b: &EnhancedPostgresBackend) {
     let many: Vec<&[u8]> = refs.iter().map(|(k, _)| *k).take(10_000).collect();
     let values = b.get_many(&many).await.unwrap();
     assert!(values.iter().all(Option::is_some) && values.len() == 10_000);
-    let too_many: Vec<&[u8]> = vec![b"k"; processor::state::limits::MAX_GET_MANY + 1];
+    let too_many: Vec<&[u8]> = vec![b"k"; processor::state::MAX_GET_MANY + 1];
     for bad in [too_many, vec![&b""[..]]] {
         let e = b.get_many(&bad).await.unwrap_err();
         assert_eq!(e.kind(), processor::state::ErrorKind::InvalidInput, "{e}");

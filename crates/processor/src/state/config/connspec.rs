@@ -182,31 +182,7 @@ impl ConnectionSpec {
                 sanitize_driver_error(&e.to_string())
             ))
         })?;
-        if pg.get_hosts().is_empty() {
-            return Err(StateError::config(format!(
-                "connection URL {} names no host",
-                redact(trimmed)
-            )));
-        }
-        // A host name with `@` is the tail of a password with an unencoded `@`: refuse it
-        // (never connect to it, never show it).
-        if pg
-            .get_hosts()
-            .iter()
-            .any(|h| matches!(h, tokio_postgres::config::Host::Tcp(name) if name.contains('@')))
-        {
-            return Err(StateError::config(format!(
-                "connection URL {} has '@' in its host name: percent-encode '@' in a user name \
-                 or password as %40",
-                redact(trimmed)
-            )));
-        }
-        if pg.get_user().is_none() {
-            return Err(StateError::config(format!(
-                "connection URL {} names no user",
-                redact(trimmed)
-            )));
-        }
+        check_target(&pg, trimmed)?;
         let mut ssl = SslSettings::default();
         let mut pgbouncer = false;
         for (k, v) in params {
@@ -287,6 +263,38 @@ fn sanitize_driver_error(message: &str) -> String {
         quoted = !quoted;
     }
     out
+}
+
+/// Refuses a parsed connection string (`url`, shown redacted) that names no host, a host with
+/// `@` (the tail of a password with an unencoded `@`: never connected to, never shown) or no
+/// user.
+fn check_target(pg: &tokio_postgres::Config, url: &str) -> StateResult<()> {
+    if pg.get_hosts().is_empty() {
+        return Err(StateError::config(format!(
+            "connection URL {} names no host",
+            redact(url)
+        )));
+    }
+    // A host name with `@` is the tail of a password with an unencoded `@`: refuse it
+    // (never connect to it, never show it).
+    if pg
+        .get_hosts()
+        .iter()
+        .any(|h| matches!(h, tokio_postgres::config::Host::Tcp(name) if name.contains('@')))
+    {
+        return Err(StateError::config(format!(
+            "connection URL {} has '@' in its host name: percent-encode '@' in a user name \
+             or password as %40",
+            redact(url)
+        )));
+    }
+    if pg.get_user().is_none() {
+        return Err(StateError::config(format!(
+            "connection URL {} names no user",
+            redact(url)
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -288,6 +288,49 @@ impl EnhancedPostgresConfig {
     pub(crate) fn validate(&self) -> StateResult<ValidatedConfig> {
         let schema = Ident::new("schema", &self.schema)?;
         let table = Ident::new_table(&self.table)?;
+        self.validate_settings()?;
+        let mut primary = self.spec(&self.url)?;
+        primary.pgbouncer |= self.transaction_pooling;
+        let mut replicas = Vec::new();
+        if let Some(r) = &self.replicas {
+            for url in &r.replica_urls {
+                let mut spec = self.spec(url)?;
+                spec.pgbouncer |= self.transaction_pooling;
+                replicas.push(spec);
+            }
+        }
+        if primary.pgbouncer && self.statement_timeout.is_some() {
+            return Err(StateError::config(
+                "with_statement_timeout sets a session setting, which PgBouncer's transaction \
+                 pooling does not keep: set statement_timeout on the role or database (ALTER ROLE \
+                 ... SET statement_timeout) and use with_operation_timeout",
+            ));
+        }
+        let session = match &self.session_url {
+            Some(url) => {
+                let spec = self.spec(url)?;
+                if spec.pgbouncer {
+                    return Err(StateError::config(
+                        "the session URL must keep its session (a direct URL, or PgBouncer's \
+                         session pooling): it cannot say pgbouncer=true",
+                    ));
+                }
+                Some(spec)
+            }
+            None => None,
+        };
+        Ok(ValidatedConfig {
+            schema,
+            table,
+            primary,
+            replicas,
+            session,
+        })
+    }
+
+    /// The checks of the settings other than connection strings and names: pool sizes and
+    /// timeouts, partitioning, Citus, retention.
+    fn validate_settings(&self) -> StateResult<()> {
         let p = &self.pool;
         if p.max_connections == 0 {
             return Err(StateError::config(
@@ -337,43 +380,7 @@ impl EnhancedPostgresConfig {
                 ));
             }
         }
-        let mut primary = self.spec(&self.url)?;
-        primary.pgbouncer |= self.transaction_pooling;
-        let mut replicas = Vec::new();
-        if let Some(r) = &self.replicas {
-            for url in &r.replica_urls {
-                let mut spec = self.spec(url)?;
-                spec.pgbouncer |= self.transaction_pooling;
-                replicas.push(spec);
-            }
-        }
-        if primary.pgbouncer && self.statement_timeout.is_some() {
-            return Err(StateError::config(
-                "with_statement_timeout sets a session setting, which PgBouncer's transaction \
-                 pooling does not keep: set statement_timeout on the role or database (ALTER ROLE \
-                 ... SET statement_timeout) and use with_operation_timeout",
-            ));
-        }
-        let session = match &self.session_url {
-            Some(url) => {
-                let spec = self.spec(url)?;
-                if spec.pgbouncer {
-                    return Err(StateError::config(
-                        "the session URL must keep its session (a direct URL, or PgBouncer's \
-                         session pooling): it cannot say pgbouncer=true",
-                    ));
-                }
-                Some(spec)
-            }
-            None => None,
-        };
-        Ok(ValidatedConfig {
-            schema,
-            table,
-            primary,
-            replicas,
-            session,
-        })
+        Ok(())
     }
 }
 

@@ -14,8 +14,8 @@ use crate::state::wire::connection::wait_closed;
 /// A held named advisory lock, released when dropped (or explicitly with
 /// [`release`](Self::release)).
 ///
-/// The lock lives on one of the backend's lock sessions (see the
-/// [module documentation](crate::state::coordination)). If that session ends while the
+/// The lock lives on one of the backend's lock sessions (see "How a lock is held" below).
+/// If that session ends while the
 /// guard is held, the server has released the lock: [`lost`](Self::lost) resolves and
 /// [`is_lost`](Self::is_lost) turns true, and another process may acquire it. Work that must
 /// not be done twice should check the [`fence`](Self::fence) inside its transaction
@@ -25,6 +25,34 @@ use crate::state::wire::connection::wait_closed;
 /// Dropping the guard releases the lock in the background on the runtime it was acquired on;
 /// if that runtime is gone, the connection closes and the server releases the lock. Dropping
 /// never panics.
+///
+/// # How a lock is held
+/// Held session locks live on a few **dedicated** connections, the lock sessions, opened with
+/// tight TCP keepalives and never shared with the pool: at most
+/// [`MAX_LOCK_SESSIONS`](crate::state::MAX_LOCK_SESSIONS) for locks granted at once, however many are held (see the `sessions`
+/// module). A lock is held exactly as long as it is not released and its session lives:
+/// released explicitly (`pg_advisory_unlock` and the bookkeeping row deleted), in the
+/// background when its guard or holder is dropped, or by the server when the session ends
+/// (terminated backend, network failure: every lock on that session is lost together, and each
+/// one's *lost* signal fires). Two backends, or two tasks of one backend, never hold the same
+/// exclusive lock: PostgreSQL's session locks are re-entrant, so two holders of one key in this
+/// process are always kept on different sessions, and the server excludes them as it excludes
+/// other processes. A lock that must be waited for is waited for
+/// on a connection of its own. Leader election keeps one connection per campaign (a successor
+/// may terminate a stuck leader's session, which must hold nothing else).
+///
+/// # Lock names
+/// [`lock_key`](crate::state::lock_key) maps a name to the `bigint` key PostgreSQL locks: the first 8 bytes, big-endian,
+/// of SHA-256 of `"pgstate.lock:"` followed by the name's UTF-8 bytes. The prefix keeps our
+/// keys apart from other users of advisory locks (and leader election uses its own,
+/// `"pgstate.leader:"`); the function is fixed forever, so every machine and version agrees.
+///
+/// # Fencing tokens
+/// Each acquisition increments the lock's row in `state_lock_fences` (never reset) and the new
+/// value is the holder's token. A write that must only happen under the lock checks the token
+/// inside its transaction ([`PostgresTransaction::check_fence`](crate::state::PostgresTransaction::check_fence)):
+/// a holder whose lock was lost and re-acquired elsewhere is refused, even if it has not noticed
+/// yet.
 pub struct PostgresLockGuard {
     held: Option<HeldLock>,
     coordinator: Arc<Coordinator>,

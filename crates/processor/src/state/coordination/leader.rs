@@ -134,20 +134,21 @@ impl Coordinator {
         }
     }
 
-    async fn campaign_once(
+    /// The election's queue lock on a connection of its own, waited for (with `wait`) in
+    /// slices, so that a holder that can no longer lead (frozen, cut off, lease long expired)
+    /// is found and evicted between them; `None` without `wait` when it is taken.
+    async fn take_queue(
         self: &Arc<Self>,
         name: &str,
+        key: i64,
         ttl: Duration,
         wait: bool,
-    ) -> StateResult<Option<Leadership>> {
-        let key = leader_key(self.names.schema.as_str(), name);
-        // Wait for the queue lock in slices, so that a holder that can no longer lead (frozen,
-        // cut off, lease long expired) is found and evicted between them.
+    ) -> StateResult<Option<HeldLock>> {
         let mut slice = ttl.min(MAX_SLICE);
-        let held = loop {
+        loop {
             let lock_wait = if wait { slice } else { Duration::ZERO };
             if let Some(held) = self.acquire_dedicated(key, Some(name), lock_wait).await? {
-                break held;
+                return Ok(Some(held));
             }
             let remaining = match self.evict_stuck_holder(name, key, ttl).await {
                 Ok(r) => r,
@@ -165,6 +166,21 @@ impl Coordinator {
                 Some(r) => (r + Duration::from_millis(50)).clamp(MIN_SLICE, ttl.min(MAX_SLICE)),
                 None => MIN_SLICE.max(ttl / 10).min(MAX_SLICE),
             };
+        }
+    }
+
+    /// One campaign attempt on a connection of its own: takes the election's queue lock (see
+    /// [`take_queue`](Self::take_queue)), then claims the lease, waiting (with `wait`) while
+    /// a previous leader's lease still runs; `None` without `wait` when either is taken.
+    async fn campaign_once(
+        self: &Arc<Self>,
+        name: &str,
+        ttl: Duration,
+        wait: bool,
+    ) -> StateResult<Option<Leadership>> {
+        let key = leader_key(self.names.schema.as_str(), name);
+        let Some(held) = self.take_queue(name, key, ttl, wait).await? else {
+            return Ok(None);
         };
         let sql = LeaseSql::new(&self.names.leaders);
         let secs = ttl.as_secs_f64();
@@ -442,9 +458,14 @@ impl Lease {
         state.end();
         self.stats.lock(LockEvent::LeadershipEnded);
         tracing::warn!(name, term, reason = why, "leadership lost");
-        // Now that this holder no longer believes it leads, clear the lease (before releasing
-        // the lock, so the next candidate finds it cleared and need not wait for it to expire):
-        // on the session if it is alive, else through the pool.
+        self.clear_lost_lease(held).await;
+    }
+
+    /// After the lease was lost, once this holder no longer believes it leads: clears the
+    /// lease (before releasing the lock, so the next candidate finds it cleared and need not
+    /// wait for it to expire), on the session if it is alive, else through the pool.
+    async fn clear_lost_lease(&self, held: HeldLock) {
+        let (name, term, holder) = (self.name.as_str(), self.term, self.holder.as_str());
         let cleared = !held.is_lost()
             && held
                 .client()

@@ -359,6 +359,10 @@ impl PostgresListener {
     /// drops. Returns [`StateError::NotificationsMissed`] once after a reconnect in plain
     /// mode (and in durable mode when events were pruned before delivery); the listener stays
     /// usable. Cancel-safe: a durable event counts as delivered only when returned.
+    ///
+    /// Long on purpose: one loop over what may be pending, in priority order (a gap to
+    /// report, buffered durable events, a reconnect, an overflow, durable channels to fetch,
+    /// the next notification), each step short; they read best side by side.
     pub async fn recv_notification(&mut self) -> StateResult<Notification> {
         loop {
             if let Some(why) = self.missed.take() {

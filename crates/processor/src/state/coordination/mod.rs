@@ -1,33 +1,8 @@
-//! Coordination: session advisory locks, lock guards with fencing tokens, leader election and
-//! LISTEN/NOTIFY.
+//! Layer `coordination`: session advisory locks, lock guards with fencing tokens, leader
+//! election and LISTEN/NOTIFY. How a lock is held, how names become keys and what fencing
+//! tokens promise is told on [`PostgresLockGuard`] (the public documentation).
 //!
-//! # How a lock is held
-//! Held session locks live on a few **dedicated** connections, the lock sessions, opened with
-//! tight TCP keepalives and never shared with the pool: at most
-//! [`MAX_LOCK_SESSIONS`] for locks granted at once, however many are held (see the `sessions`
-//! module). A lock is held exactly as long as it is not released and its session lives:
-//! released explicitly (`pg_advisory_unlock` and the bookkeeping row deleted), in the
-//! background when its guard or holder is dropped, or by the server when the session ends
-//! (terminated backend, network failure: every lock on that session is lost together, and each
-//! one's *lost* signal fires). Two backends, or two tasks of one backend, never hold the same
-//! exclusive lock: PostgreSQL's session locks are re-entrant, so two holders of one key in this
-//! process are always kept on different sessions, and the server excludes them as it excludes
-//! other processes. A lock that must be waited for is waited for
-//! on a connection of its own. Leader election keeps one connection per campaign (a successor
-//! may terminate a stuck leader's session, which must hold nothing else).
-//!
-//! # Lock names
-//! [`lock_key`] maps a name to the `bigint` key PostgreSQL locks: the first 8 bytes, big-endian,
-//! of SHA-256 of `"pgstate.lock:"` followed by the name's UTF-8 bytes. The prefix keeps our
-//! keys apart from other users of advisory locks (and leader election uses its own,
-//! `"pgstate.leader:"`); the function is fixed forever, so every machine and version agrees.
-//!
-//! # Fencing tokens
-//! Each acquisition increments the lock's row in `state_lock_fences` (never reset) and the new
-//! value is the holder's token. A write that must only happen under the lock checks the token
-//! inside its transaction ([`PostgresTransaction::check_fence`](crate::state::PostgresTransaction::check_fence)):
-//! a holder whose lock was lost and re-acquired elsewhere is refused, even if it has not noticed
-//! yet.
+//! May use: `transaction`, `ops`, `pool`, `wire`, `schema`, `stats`, `config`, `error`.
 
 mod guard;
 mod held;
@@ -376,15 +351,35 @@ impl Coordinator {
             holder: &self.holder,
             id: &acquisition,
         };
-        let budget = left().max(RECORD_WAIT);
         let pid = reservation.session().conn.pid;
+        let token = self
+            .record_on_pool(&what, pid, left().max(RECORD_WAIT))
+            .await?;
+        Ok(Some(HeldLock {
+            lock: HeldOn::Shared(reservation),
+            key,
+            name: name.map(str::to_string),
+            mode,
+            token,
+            acquisition,
+        }))
+    }
+
+    /// Records an acquisition granted on the shared session of server process `pid`: its
+    /// bookkeeping row and its new fencing token (returned), on a pooled connection (it may
+    /// wait for the fencing row up to `budget`, which must not hold a shared session).
+    async fn record_on_pool(
+        &self,
+        what: &Acquisition<'_>,
+        pid: i32,
+        budget: Duration,
+    ) -> StateResult<i64> {
         let sql = record_sql(&self.names);
         let budget_ms = format!("{}ms", budget.as_millis().clamp(1, i32::MAX as u128));
-        let exclusive = mode == LockMode::Exclusive;
-        let mode_text = mode.as_str();
-        let params = record_params(&what, &exclusive, &mode_text, &pid);
-        let token = self
-            .primary
+        let exclusive = what.mode == LockMode::Exclusive;
+        let mode_text = what.mode.as_str();
+        let params = record_params(what, &exclusive, &mode_text, &pid);
+        self.primary
             .with(budget.saturating_add(self.op_timeout), async |c| {
                 let tx = c.client.transaction().await?;
                 tx.query_typed_one(
@@ -395,19 +390,11 @@ impl Coordinator {
                 let row = tx
                     .query_typed_one(sql.as_str(), &record_types(&params))
                     .await;
-                let token = recorded(row, key, budget)?;
+                let token = recorded(row, what.key, budget)?;
                 tx.commit().await?;
                 Ok(token)
             })
-            .await?;
-        Ok(Some(HeldLock {
-            lock: HeldOn::Shared(reservation),
-            key,
-            name: name.map(str::to_string),
-            mode,
-            token,
-            acquisition,
-        }))
+            .await
     }
 
     async fn acquire_inner(

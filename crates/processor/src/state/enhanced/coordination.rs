@@ -14,7 +14,7 @@ use crate::state::ident::check_channel;
 use crate::state::stats::counters::LockEvent;
 
 /// Coordination: advisory locks, leader election, LISTEN/NOTIFY. See
-/// [`coordination`](crate::state::coordination) for how locks are held.
+/// [`PostgresLockGuard`](crate::state::PostgresLockGuard) for how locks are held.
 impl EnhancedPostgresBackend {
     /// Takes the exclusive session advisory lock `key` if it is free now; whether it did.
     ///

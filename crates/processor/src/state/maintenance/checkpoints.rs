@@ -112,29 +112,7 @@ pub(crate) async fn create(
     .await?;
     let id: i64 = row.try_get(0)?;
     let created_at: SystemTime = row.try_get(1)?;
-    let mut after: Vec<u8> = Vec::new();
-    let mut total = 0u64;
-    loop {
-        let row = step(&mut conn, limit, async |c| {
-            c.query_typed_one(
-                &copy,
-                &[
-                    (&id, Type::INT8),
-                    (&after.as_slice(), Type::BYTEA),
-                    (&CHUNK, Type::INT8),
-                ],
-            )
-            .await
-        })
-        .await?;
-        let copied: i64 = row.try_get(0)?;
-        total += u64::try_from(copied).unwrap_or(0);
-        progress(total);
-        match row.try_get::<_, Option<Vec<u8>>>(1)? {
-            Some(last) if copied >= CHUNK => after = last,
-            _ => break,
-        }
-    }
+    let total = copy_entries(&mut conn, limit, &copy, id, progress).await?;
     let count = i64::try_from(total).unwrap_or(i64::MAX);
     step(&mut conn, limit, async |c| {
         c.execute_typed(&finish, &[(&id, Type::INT8), (&count, Type::INT8)])
@@ -269,4 +247,39 @@ pub(crate) async fn restore(store: &Store, id: i64) -> StateResult<u64> {
             Ok(u64::try_from(count).unwrap_or(0))
         })
         .await
+}
+
+/// Runs `copy` (the checkpoint's chunked copy, see [`create`]) for checkpoint `id` chunk after
+/// chunk until the live entries are copied; returns how many, calling `progress` with the
+/// running total.
+async fn copy_entries(
+    conn: &mut Checkout,
+    limit: Duration,
+    copy: &str,
+    id: i64,
+    progress: &(dyn Fn(u64) + Sync),
+) -> StateResult<u64> {
+    let mut after: Vec<u8> = Vec::new();
+    let mut total = 0u64;
+    loop {
+        let row = step(conn, limit, async |c| {
+            c.query_typed_one(
+                copy,
+                &[
+                    (&id, Type::INT8),
+                    (&after.as_slice(), Type::BYTEA),
+                    (&CHUNK, Type::INT8),
+                ],
+            )
+            .await
+        })
+        .await?;
+        let copied: i64 = row.try_get(0)?;
+        total += u64::try_from(copied).unwrap_or(0);
+        progress(total);
+        match row.try_get::<_, Option<Vec<u8>>>(1)? {
+            Some(last) if copied >= CHUNK => after = last,
+            _ => return Ok(total),
+        }
+    }
 }

@@ -211,6 +211,10 @@ struct Step {
 }
 
 /// One batch; `None` when the floor lock stayed taken (the batch rolled back).
+///
+/// Long on purpose: the statements of one transaction in the order they run (the module
+/// notes' steps 1 to 3), where the order is the argument for correctness; split, each part
+/// would need the transaction and the step's state handed to it.
 async fn batch(
     store: &Store,
     plan: &Plan,

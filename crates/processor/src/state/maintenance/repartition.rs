@@ -45,6 +45,10 @@ const LOCK_ATTEMPTS: u32 = 30;
 /// Converts the state table to `strategy`, copying `batch_size` rows per batch and calling
 /// `progress(copied, estimated_total)` after each batch. The caller holds the table's
 /// maintenance lock.
+///
+/// Long on purpose: the conversion's phases in order (checks, clean-up of an earlier run,
+/// set-up of the twin and its sync trigger, copy, verify, swap, statistics), each one call,
+/// with the undo of a failed run beside them.
 pub(crate) async fn repartition(
     store: &Store,
     strategy: &PartitionStrategy,

@@ -175,41 +175,8 @@ pub(crate) async fn table_statistics(store: &Store) -> StateResult<TableStatisti
     let mut parts = Vec::with_capacity(leaves.len());
     let mut partitioned = false;
     for row in &leaves {
-        let oid: u32 = row.try_get(0)?;
         partitioned |= row.try_get::<_, bool>(13)?;
-        let table_size = n(row.try_get(4)?);
-        let live_tup = n(row.try_get(7)?);
-        let dead = n(row.try_get(8)?);
-        let expired = expired.get(&oid).copied().unwrap_or(0);
-        let total = match &counted {
-            Some(counts) => counts.get(&oid).copied().unwrap_or(0),
-            None => n(row.try_get(3)?),
-        };
-        let bloat = if live_tup + dead == 0 {
-            0
-        } else {
-            (table_size as f64 * dead as f64 / (live_tup + dead) as f64) as u64
-        };
-        parts.push(PartitionStatistics {
-            name: row.try_get(1)?,
-            bound: row.try_get(2)?,
-            statistics: TableStatistics {
-                total_rows: total,
-                active_rows: total.saturating_sub(expired),
-                expired_rows: expired,
-                counts_exact: counted.is_some(),
-                table_size,
-                indexes_size: n(row.try_get(5)?),
-                toast_size: n(row.try_get(6)?),
-                dead_tuples: dead,
-                estimated_bloat_bytes: bloat,
-                last_vacuum: row.try_get(9)?,
-                last_autovacuum: row.try_get(10)?,
-                last_analyze: row.try_get(11)?,
-                last_autoanalyze: row.try_get(12)?,
-                partitions: Vec::new(),
-            },
-        });
+        parts.push(leaf_statistics(row, &expired, counted.as_ref())?);
     }
     if !partitioned {
         if let Some(only) = parts.pop() {
@@ -249,4 +216,47 @@ fn sum(parts: Vec<PartitionStatistics>, counts_exact: bool) -> TableStatistics {
         last_autoanalyze: least_recent(|s| s.last_autoanalyze),
         partitions: parts,
     }
+}
+
+/// One leaf table's figures, from its row of the catalog query in [`table_statistics`], its
+/// expired rows and (when counted) its exact row count, by table oid.
+fn leaf_statistics(
+    row: &tokio_postgres::Row,
+    expired: &std::collections::HashMap<u32, u64>,
+    counted: Option<&std::collections::HashMap<u32, u64>>,
+) -> StateResult<PartitionStatistics> {
+    let oid: u32 = row.try_get(0)?;
+    let table_size = n(row.try_get(4)?);
+    let live_tup = n(row.try_get(7)?);
+    let dead = n(row.try_get(8)?);
+    let expired = expired.get(&oid).copied().unwrap_or(0);
+    let total = match counted {
+        Some(counts) => counts.get(&oid).copied().unwrap_or(0),
+        None => n(row.try_get(3)?),
+    };
+    let bloat = if live_tup + dead == 0 {
+        0
+    } else {
+        (table_size as f64 * dead as f64 / (live_tup + dead) as f64) as u64
+    };
+    Ok(PartitionStatistics {
+        name: row.try_get(1)?,
+        bound: row.try_get(2)?,
+        statistics: TableStatistics {
+            total_rows: total,
+            active_rows: total.saturating_sub(expired),
+            expired_rows: expired,
+            counts_exact: counted.is_some(),
+            table_size,
+            indexes_size: n(row.try_get(5)?),
+            toast_size: n(row.try_get(6)?),
+            dead_tuples: dead,
+            estimated_bloat_bytes: bloat,
+            last_vacuum: row.try_get(9)?,
+            last_autovacuum: row.try_get(10)?,
+            last_analyze: row.try_get(11)?,
+            last_autoanalyze: row.try_get(12)?,
+            partitions: Vec::new(),
+        },
+    })
 }

@@ -224,47 +224,60 @@ impl Store {
             Ok(Some((written, lsn))) => written.map(|rows| (rows, lsn)),
             Err(e) => Err(e),
         };
-        match outcome {
-            Ok((written, lsn)) => {
-                let versions: HashMap<Vec<u8>, i64> = written.into_iter().collect();
-                for w in group {
-                    let reply = match versions.get(&w.item.key) {
-                        Some(&version) => Reply::Written { version, lsn },
-                        None => Reply::Failed(StateError::StorageError {
-                            message: "the put's group returned no version for its key".into(),
-                            sqlstate: None,
-                        }),
-                    };
-                    w.answer(reply);
-                }
-            }
-            // Refused by the server: nothing was written (a member's row locked past the
-            // group's lock_timeout, a constraint, a serialization failure).
-            Err(e) if !watch.is_unsettled() && e.is_refusal() => {
-                tracing::debug!(error = %e, puts = group.len(), "a put group was refused; its puts run alone");
-                for w in group {
-                    w.answer(Reply::RunAlone);
-                }
-            }
-            Err(e) => {
-                let unknown = watch.is_unsettled();
-                for w in group {
-                    let e = if unknown {
-                        StateError::OutcomeUnknown(format!(
-                            "the put was sent in a group, then {e}; it may or may not have been \
-                             applied, and is settled before this session's next write is sent"
-                        ))
-                    } else {
-                        e.shared()
-                    };
-                    w.answer(Reply::Failed(e));
-                }
-            }
-        }
+        answer(group, outcome, watch.is_unsettled());
         // Answered; now the group's statement must be settled before its members' sessions
         // send their next writes.
         fence.wait().await;
         settled.fire();
+    }
+}
+
+/// Each key of a group and the version its statement wrote.
+type Written = Vec<(Vec<u8>, i64)>;
+
+/// Answers each member of a group from its statement's outcome: its version; a refusal (nothing
+/// written: each runs alone); or the error, as an unknown outcome when the statement was sent
+/// and is `unknown` (not settled).
+fn answer(
+    group: Vec<Waiting<Entry, Reply>>,
+    outcome: StateResult<(Written, Option<u64>)>,
+    unknown: bool,
+) {
+    match outcome {
+        Ok((written, lsn)) => {
+            let versions: HashMap<Vec<u8>, i64> = written.into_iter().collect();
+            for w in group {
+                let reply = match versions.get(&w.item.key) {
+                    Some(&version) => Reply::Written { version, lsn },
+                    None => Reply::Failed(StateError::StorageError {
+                        message: "the put's group returned no version for its key".into(),
+                        sqlstate: None,
+                    }),
+                };
+                w.answer(reply);
+            }
+        }
+        // Refused by the server: nothing was written (a member's row locked past the
+        // group's lock_timeout, a constraint, a serialization failure).
+        Err(e) if !unknown && e.is_refusal() => {
+            tracing::debug!(error = %e, puts = group.len(), "a put group was refused; its puts run alone");
+            for w in group {
+                w.answer(Reply::RunAlone);
+            }
+        }
+        Err(e) => {
+            for w in group {
+                let e = if unknown {
+                    StateError::OutcomeUnknown(format!(
+                        "the put was sent in a group, then {e}; it may or may not have been \
+                         applied, and is settled before this session's next write is sent"
+                    ))
+                } else {
+                    e.shared()
+                };
+                w.answer(Reply::Failed(e));
+            }
+        }
     }
 }
 

@@ -107,6 +107,9 @@ impl Store {
     ///
     /// `f` gets the connection and `arg` for the same lifetime (a closure capturing `arg`
     /// instead could not be run again on the next node's connection).
+    ///
+    /// Long on purpose: the routing loop (primary, replicas in turn, failover) with the
+    /// statistics and floor checks each attempt needs, in one place.
     async fn read<A, T, F>(&self, scope: Scope<'_>, op: Op, arg: &A, f: F) -> StateResult<T>
     where
         A: ?Sized + Sync,
@@ -289,17 +292,7 @@ impl Store {
                 }
                 record.attempt(start, failure(&result));
                 if let Some(mark) = mark {
-                    match &result {
-                        Ok(_) | Err(StateError::ConcurrentModification { .. }) => match lsn {
-                            Some(lsn) => mark.learned(lsn),
-                            None => mark.record(&mut conn).await,
-                        },
-                        // The server refused the statement: nothing was written. (Not a FATAL
-                        // connection error such as 57P01 or PgBouncer's 08P01: the statement may
-                        // have committed before it.)
-                        Err(e) if e.is_refusal() && !conn.is_closed() => mark.nothing_written(),
-                        Err(_) => {}
-                    }
+                    mark.outcome(&result, lsn, &mut conn).await;
                 }
                 result
             })

@@ -168,6 +168,25 @@ impl TurnWaits {
     }
 }
 
+/// bb8's settings for `cfg`, errors reported into `last_error`.
+fn pool_builder(cfg: &PostgresPoolConfig, last_error: &LastError) -> bb8::Builder<Manager> {
+    // The reaper enforces idle_timeout and max_lifetime; run it often enough for both.
+    let mut reaper = Duration::from_secs(30);
+    for limit in [cfg.idle_timeout, cfg.max_lifetime].into_iter().flatten() {
+        reaper = reaper.min((limit / 2).max(Duration::from_millis(100)));
+    }
+    Pool::builder()
+        .max_size(cfg.max_connections)
+        .min_idle(Some(cfg.min_connections))
+        .connection_timeout(cfg.acquire_timeout)
+        .idle_timeout(cfg.idle_timeout)
+        .max_lifetime(cfg.max_lifetime)
+        // Our own, cheaper test on acquire: see `get_pooled`.
+        .test_on_check_out(false)
+        .reaper_rate(reaper)
+        .error_sink(Box::new(last_error.clone()))
+}
+
 impl ConnPool {
     pub async fn new(
         connector: Connector,
@@ -178,21 +197,7 @@ impl ConnPool {
     ) -> StateResult<Arc<Self>> {
         let last_error = LastError::default();
         let target = connector.target.clone();
-        // The reaper enforces idle_timeout and max_lifetime; run it often enough for both.
-        let mut reaper = Duration::from_secs(30);
-        for limit in [cfg.idle_timeout, cfg.max_lifetime].into_iter().flatten() {
-            reaper = reaper.min((limit / 2).max(Duration::from_millis(100)));
-        }
-        let builder = Pool::builder()
-            .max_size(cfg.max_connections)
-            .min_idle(Some(cfg.min_connections))
-            .connection_timeout(cfg.acquire_timeout)
-            .idle_timeout(cfg.idle_timeout)
-            .max_lifetime(cfg.max_lifetime)
-            // Our own, cheaper test on acquire: see `get_pooled`.
-            .test_on_check_out(false)
-            .reaper_rate(reaper)
-            .error_sink(Box::new(last_error.clone()));
+        let builder = pool_builder(cfg, &last_error);
         let failures = Arc::new(ConnectFailures::default());
         let generation = Arc::new(AtomicU64::new(0));
         let unpooled = connector.clone();

@@ -172,6 +172,28 @@ impl WriteMark<'_> {
     pub fn nothing_written(mut self) {
         self.known = true;
     }
+
+    /// Records the write's outcome on `conn`, the connection it ran on: the position `lsn`
+    /// read right behind it, or one read now, when it committed (also after a version
+    /// conflict: what the refused write saw); nothing when the server refused it on a
+    /// connection still open (not after a FATAL connection error such as 57P01 or
+    /// PgBouncer's 08P01: the statement may have committed before it). Otherwise the
+    /// session is left unsure.
+    pub async fn outcome<T>(
+        self,
+        result: &Result<T, StateError>,
+        lsn: Option<u64>,
+        conn: &mut Point,
+    ) {
+        match result {
+            Ok(_) | Err(StateError::ConcurrentModification { .. }) => match lsn {
+                Some(lsn) => self.learned(lsn),
+                None => self.record(conn).await,
+            },
+            Err(e) if e.is_refusal() && !conn.is_closed() => self.nothing_written(),
+            Err(_) => {}
+        }
+    }
 }
 
 impl Drop for WriteMark<'_> {

@@ -138,6 +138,11 @@ pub(crate) struct Migrated {
     pub distributed: bool,
 }
 
+/// Applies the missing migrations in one transaction under the migration lock, then checks
+/// (or, for a table created now, makes) its partitioning and distribution.
+///
+/// Long on purpose: the runner's steps in the order they must run in that transaction (lock,
+/// tracking table, checksums of applied migrations, each missing one, layout, distribution).
 async fn migrate_on(
     client: &mut Client,
     names: &TableNames,

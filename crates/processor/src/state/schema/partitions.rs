@@ -201,6 +201,10 @@ pub(crate) async fn create_twin<C: GenericClient>(
 /// Puts `twin` in the state table's place, in the caller's transaction. The caller holds the
 /// table exclusively (or created it in this transaction) and has made the twin hold the same
 /// rows. The old table is dropped.
+///
+/// Long on purpose: one transaction's DDL in the order it must run (views, sequences,
+/// grants, owners and comments, index names, the renames, the drop), read top to bottom as
+/// one procedure.
 pub(crate) async fn swap_in<C: GenericClient>(
     c: &C,
     names: &TableNames,

@@ -1,8 +1,13 @@
-//! Build script, for the tests only (nothing in the library depends on it): sets the
-//! `pgstate_citus` cfg when the `citus` extension is installed for the PostgreSQL server
-//! binaries the tests use (the lookup of `pgstate_testcluster::citus_installed`), so that a
-//! test needing Citus is reported by the harness as ignored, not as passed, where it cannot
-//! run. With `PGSTATE_REQUIRE_CITUS=1` a missing extension fails the build instead.
+//! Build script, for the tests only (nothing in the library depends on it): sets two cfgs so
+//! that a test that cannot run in this setup is reported by the harness as ignored, not as
+//! passed:
+//!
+//! - `pgstate_citus` when the `citus` extension is installed for the PostgreSQL server
+//!   binaries the tests use (the lookup of `pgstate_testcluster::citus_installed`); with
+//!   `PGSTATE_REQUIRE_CITUS=1` a missing extension fails the build instead;
+//! - `pgstate_external_server` when `PGSTATE_TEST_DATABASE_URL` is set: the tests run
+//!   against that server, and those that need the local cluster (its replicas,
+//!   certificates, PgBouncer) are ignored.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -37,6 +42,11 @@ fn server_bindir() -> Option<PathBuf> {
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(pgstate_citus)");
+    println!("cargo::rustc-check-cfg=cfg(pgstate_external_server)");
+    println!("cargo::rerun-if-env-changed=PGSTATE_TEST_DATABASE_URL");
+    if std::env::var("PGSTATE_TEST_DATABASE_URL").is_ok_and(|u| !u.trim().is_empty()) {
+        println!("cargo::rustc-cfg=pgstate_external_server");
+    }
     println!("cargo::rerun-if-changed=build.rs");
     println!("cargo::rerun-if-env-changed=PGSTATE_REQUIRE_CITUS");
     let lib = server_bindir().and_then(|bin| bin.parent().map(|root| root.join("lib")));

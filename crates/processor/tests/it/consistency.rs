@@ -33,14 +33,12 @@ async fn index_scans(admin: &tokio_postgres::Client) -> i64 {
 /// state table, in a database no other test uses; `xact_commit` would also count the pool's
 /// checkout probes).
 #[tokio::test]
+#[cfg_attr(
+    pgstate_external_server,
+    ignore = "needs the local cluster the tests start"
+)]
 async fn under_a_mixed_load_the_replica_serves_the_reads_and_the_writer_reads_its_writes() {
-    let Some(cluster) = pgstate_testcluster::shared().cluster() else {
-        support::skip(
-            "consistency::under_a_mixed_load_the_replica_serves_the_reads_and_the_writer_reads_its_writes",
-            "needs the local cluster's replicas",
-        );
-        return;
-    };
+    let cluster = support::local_cluster();
     let db = support::unique("mixed");
     let primary_admin = support::raw(&cluster.primary_url()).await;
     primary_admin

@@ -171,14 +171,12 @@ async fn several_channels_hostile_names_and_limits() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    pgstate_external_server,
+    ignore = "needs the local cluster the tests start"
+)]
 async fn listener_from_a_url_honours_tls_settings() {
-    let Some(cluster) = pgstate_testcluster::shared().cluster() else {
-        support::skip(
-            "listener::listener_from_a_url_honours_tls_settings",
-            "external server",
-        );
-        return;
-    };
+    let cluster = support::local_cluster();
     let certs = cluster.certs().expect("TLS cluster");
     let b = support::backend("tlslisten").await;
     let channel = support::unique("tls");

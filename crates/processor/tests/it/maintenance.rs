@@ -431,14 +431,12 @@ async fn archive_moves_live_entries_only_and_never_restores_an_expired_one() {
 /// database, reads back identically through a new backend: values, metadata, versions, TTLs,
 /// tombstones and the version floor.
 #[tokio::test]
+#[cfg_attr(
+    pgstate_external_server,
+    ignore = "needs the local cluster the tests start"
+)]
 async fn a_pg_dump_round_trip_reads_back_identically() {
-    let Some(cluster) = pgstate_testcluster::shared().cluster() else {
-        support::skip(
-            "maintenance::a_pg_dump_round_trip_reads_back_identically",
-            "needs the local cluster's binaries and databases",
-        );
-        return;
-    };
+    let cluster = support::local_cluster();
     let source_url = support::fresh_database("dump_src").await;
     let target_url = support::fresh_database("dump_dst").await;
     let schema = support::unique("dumped");

@@ -279,14 +279,12 @@ async fn an_installed_recorder_sees_the_pgstate_metrics_move() {
 
 /// `get_stats` reports the connections opened and broken, and the reads each node served.
 #[tokio::test]
+#[cfg_attr(
+    pgstate_external_server,
+    ignore = "needs the local cluster the tests start"
+)]
 async fn statistics_report_connections_and_reads_per_node() {
-    let Some(cluster) = pgstate_testcluster::shared().cluster() else {
-        support::skip(
-            "observability::statistics_report_connections_and_reads_per_node",
-            "needs the local cluster's replicas",
-        );
-        return;
-    };
+    let cluster = support::local_cluster();
     let app = support::unique("nodes");
     let url = format!("{}?application_name={app}", cluster.primary_url());
     let schema = support::unique("nodes");

@@ -13,16 +13,13 @@ use processor::state::{
 
 use crate::{conformance, seed, support};
 
-/// The transaction-pooling URL with `pgbouncer=true`, or `None` (reported as skipped) without
-/// the local cluster.
-fn transaction_url(test: &str) -> Option<String> {
-    match support::bouncer(PoolMode::Transaction) {
-        Some(b) => Some(format!("{}&pgbouncer=true", b.url())),
-        None => {
-            support::skip(test, "needs the local cluster to put PgBouncer in front of");
-            None
-        }
-    }
+/// The transaction-pooling URL with `pgbouncer=true` (PgBouncer in front of the local
+/// cluster).
+fn transaction_url() -> String {
+    format!(
+        "{}&pgbouncer=true",
+        support::local_bouncer(PoolMode::Transaction).url()
+    )
 }
 
 fn config(url: &str, tag: &str) -> EnhancedPostgresConfig {
@@ -39,12 +36,12 @@ fn needs_session_url<T: std::fmt::Debug>(r: Result<T, StateError>) {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    pgstate_external_server,
+    ignore = "needs the local cluster the tests start"
+)]
 async fn the_conformance_suite_passes_through_transaction_pooling() {
-    let Some(url) =
-        transaction_url("pgbouncer::the_conformance_suite_passes_through_transaction_pooling")
-    else {
-        return;
-    };
+    let url = transaction_url();
     let b = Arc::new(
         EnhancedPostgresBackend::new(config(&url, "pgb_conf"))
             .await
@@ -54,12 +51,12 @@ async fn the_conformance_suite_passes_through_transaction_pooling() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    pgstate_external_server,
+    ignore = "needs the local cluster the tests start"
+)]
 async fn the_seed_snippets_pass_through_transaction_pooling() {
-    let Some(url) =
-        transaction_url("pgbouncer::the_seed_snippets_pass_through_transaction_pooling")
-    else {
-        return;
-    };
+    let url = transaction_url();
     seed::quick_start(url.clone()).await.unwrap();
     seed::migration_from_basic(&url).await.unwrap();
     let b = EnhancedPostgresBackend::new(config(&url, "pgb_seed"))
@@ -81,12 +78,12 @@ async fn the_seed_snippets_pass_through_transaction_pooling() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    pgstate_external_server,
+    ignore = "needs the local cluster the tests start"
+)]
 async fn transactions_versions_and_batches_pass_through_transaction_pooling() {
-    let Some(url) = transaction_url(
-        "pgbouncer::transactions_versions_and_batches_pass_through_transaction_pooling",
-    ) else {
-        return;
-    };
+    let url = transaction_url();
     let b = EnhancedPostgresBackend::new(config(&url, "pgb_tx"))
         .await
         .unwrap();
@@ -96,12 +93,12 @@ async fn transactions_versions_and_batches_pass_through_transaction_pooling() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    pgstate_external_server,
+    ignore = "needs the local cluster the tests start"
+)]
 async fn session_features_need_a_session_url_behind_transaction_pooling() {
-    let Some(url) = transaction_url(
-        "pgbouncer::session_features_need_a_session_url_behind_transaction_pooling",
-    ) else {
-        return;
-    };
+    let url = transaction_url();
     let schema = support::unique("pgb_sess");
     let cfg = || {
         EnhancedPostgresConfig::new(&url)
@@ -129,7 +126,7 @@ async fn session_features_need_a_session_url_behind_transaction_pooling() {
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Configuration);
     // The same through the builder instead of the URL parameter.
-    let plain = support::bouncer(PoolMode::Transaction).unwrap().url();
+    let plain = support::local_bouncer(PoolMode::Transaction).url();
     let built = EnhancedPostgresBackend::new(
         EnhancedPostgresConfig::new(&plain)
             .with_schema(schema.clone())
@@ -179,14 +176,12 @@ async fn session_features_need_a_session_url_behind_transaction_pooling() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    pgstate_external_server,
+    ignore = "needs the local cluster the tests start"
+)]
 async fn session_pooling_works_without_any_setting() {
-    let Some(bouncer) = support::bouncer(PoolMode::Session) else {
-        support::skip(
-            "pgbouncer::session_pooling_works_without_any_setting",
-            "needs the local cluster to put PgBouncer in front of",
-        );
-        return;
-    };
+    let bouncer = support::local_bouncer(PoolMode::Session);
     let url = bouncer.url();
     let b = Arc::new(
         EnhancedPostgresBackend::new(config(&url, "pgb_session"))
@@ -232,14 +227,12 @@ async fn pool_of(url: &str) -> (String, i64) {
 /// Without `pgbouncer=true`, named statements break behind transaction pooling (what the
 /// issue reproduced): the control that shows the tests above really ran through it.
 #[tokio::test]
+#[cfg_attr(
+    pgstate_external_server,
+    ignore = "needs the local cluster the tests start"
+)]
 async fn without_the_setting_transaction_pooling_breaks_named_statements() {
-    let Some(bouncer) = support::bouncer(PoolMode::Transaction) else {
-        support::skip(
-            "pgbouncer::without_the_setting_transaction_pooling_breaks_named_statements",
-            "needs the local cluster to put PgBouncer in front of",
-        );
-        return;
-    };
+    let bouncer = support::local_bouncer(PoolMode::Transaction);
     let (mode, _) = pool_of(&bouncer.url()).await;
     assert_eq!(mode, "transaction");
     // Two clients: each prepares at connect; PgBouncer then runs their statements on server

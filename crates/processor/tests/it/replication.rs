@@ -47,14 +47,12 @@ async fn load(writer: &EnhancedPostgresBackend, keys: usize) {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    pgstate_external_server,
+    ignore = "needs the local cluster the tests start"
+)]
 async fn reads_spread_over_both_replicas_and_status_is_correct() {
-    let Some(cluster) = pgstate_testcluster::shared().cluster() else {
-        support::skip(
-            "replication::reads_spread_over_both_replicas_and_status_is_correct",
-            "needs the local cluster's replicas",
-        );
-        return;
-    };
+    let cluster = support::local_cluster();
     let schema = support::unique("spread");
     let writer = EnhancedPostgresBackend::new(
         EnhancedPostgresConfig::new(cluster.primary_url()).with_schema(schema.clone()),
@@ -144,14 +142,12 @@ async fn reads_spread_over_both_replicas_and_status_is_correct() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    pgstate_external_server,
+    ignore = "needs the local cluster the tests start"
+)]
 async fn read_your_writes_never_sees_older_state() {
-    let Some(cluster) = pgstate_testcluster::shared().cluster() else {
-        support::skip(
-            "replication::read_your_writes_never_sees_older_state",
-            "needs the local cluster's replicas",
-        );
-        return;
-    };
+    let cluster = support::local_cluster();
     let b = EnhancedPostgresBackend::new(
         EnhancedPostgresConfig::new(cluster.primary_url())
             .with_schema(support::unique("ryw"))
@@ -459,11 +455,12 @@ async fn checkpoint_needs_the_privilege_and_says_so() {
 /// Review defect: a statement timeout on a replica is the caller's error, returned once; it
 /// must not take replicas out of rotation (nor run the read on every node in turn).
 #[tokio::test]
+#[cfg_attr(
+    pgstate_external_server,
+    ignore = "needs the local cluster the tests start"
+)]
 async fn a_statement_timeout_on_a_replica_is_returned_once_and_keeps_it_in_rotation() {
-    let Some(cluster) = pgstate_testcluster::shared().cluster() else {
-        support::skip("replication::a_statement_timeout_on_a_replica_is_returned_once_and_keeps_it_in_rotation", "needs the local cluster's replicas");
-        return;
-    };
+    let cluster = support::local_cluster();
     let schema = support::unique("rtimeout");
     let writer = EnhancedPostgresBackend::new(
         EnhancedPostgresConfig::new(cluster.primary_url()).with_schema(schema.clone()),

@@ -98,14 +98,12 @@ async fn our_outcome(admin_url: &str, host: &str, port: u16, mode: &str, root: &
 }
 
 #[tokio::test]
+#[cfg_attr(
+    pgstate_external_server,
+    ignore = "needs the local cluster the tests start"
+)]
 async fn every_sslmode_matches_psql_on_every_kind_of_server() {
-    let Some(tls) = pgstate_testcluster::shared().cluster() else {
-        support::skip(
-            "security::every_sslmode_matches_psql_on_every_kind_of_server",
-            "needs the local TLS cluster",
-        );
-        return;
-    };
+    let tls = support::local_cluster();
     let plain = support::own_cluster(0).await;
     let certs = tls.certs().expect("certificates");
     let tls_port = tls.nodes()[0].port;
@@ -184,14 +182,12 @@ fn cert_backend(cluster: &Cluster, cert: &Path, key: &Path) -> EnhancedPostgresC
 }
 
 #[tokio::test]
+#[cfg_attr(
+    pgstate_external_server,
+    ignore = "needs the local cluster the tests start"
+)]
 async fn client_certificate_authentication() {
-    let Some(cluster) = pgstate_testcluster::shared().cluster() else {
-        support::skip(
-            "security::client_certificate_authentication",
-            "needs the local TLS cluster",
-        );
-        return;
-    };
+    let cluster = support::local_cluster();
     let certs = cluster.certs().expect("certificates");
 
     // The right certificate logs in (no password anywhere), as a role that is not superuser
@@ -246,14 +242,12 @@ fn openssl(args: &[&str]) {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    pgstate_external_server,
+    ignore = "needs the local cluster the tests start"
+)]
 async fn client_keys_in_sec1_and_rsa_pkcs1_formats_authenticate() {
-    let Some(cluster) = pgstate_testcluster::shared().cluster() else {
-        support::skip(
-            "security::client_keys_in_sec1_and_rsa_pkcs1_formats_authenticate",
-            "needs the local TLS cluster",
-        );
-        return;
-    };
+    let cluster = support::local_cluster();
     let certs = cluster.certs().expect("certificates");
     let dir = cluster.dir().join(support::unique("keys"));
     std::fs::create_dir_all(&dir).unwrap();

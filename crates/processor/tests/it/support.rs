@@ -9,32 +9,35 @@ use processor::state::{
     ReplicationStatus,
 };
 
-/// Reports a test that cannot run in this setup (for example against an external server) as
-/// skipped, by name. Written to the process's stderr directly, past the test harness's output
-/// capture, so it shows in every run; the harness itself still counts the test as passed.
-pub fn skip(test: &str, why: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
+/// The local cluster the tests start. A test that needs it carries
+/// `#[cfg_attr(pgstate_external_server, ignore = ..)]`, so that against an external server
+/// (`PGSTATE_TEST_DATABASE_URL` when the tests are built: the crate's build script sets the
+/// cfg) the harness reports it as ignored rather than as passed.
+pub fn local_cluster() -> &'static pgstate_testcluster::Cluster {
+    pgstate_testcluster::shared().cluster().expect(
+        "the local cluster (PGSTATE_TEST_DATABASE_URL changed after the tests were built: \
+         build them again)",
+    )
 }
 
-/// PgBouncer in `mode` in front of the shared cluster's primary, started once per process;
-/// `None` against an external server (`PGSTATE_TEST_DATABASE_URL`).
-pub fn bouncer(
+/// PgBouncer in `mode` in front of the local cluster's primary, started once per process
+/// (for tests marked as [`local_cluster`] says).
+pub fn local_bouncer(
     mode: pgstate_testcluster::PoolMode,
-) -> Option<&'static pgstate_testcluster::PgBouncer> {
+) -> &'static pgstate_testcluster::PgBouncer {
     use pgstate_testcluster::PoolMode;
     static TRANSACTION: OnceLock<pgstate_testcluster::PgBouncer> = OnceLock::new();
     static SESSION: OnceLock<pgstate_testcluster::PgBouncer> = OnceLock::new();
-    let cluster = pgstate_testcluster::shared().cluster()?;
+    let cluster = local_cluster();
     let cell = match mode {
         PoolMode::Transaction => &TRANSACTION,
         PoolMode::Session => &SESSION,
     };
-    Some(cell.get_or_init(|| {
+    cell.get_or_init(|| {
         cluster
             .start_pgbouncer(mode)
             .unwrap_or_else(|e| panic!("cannot start PgBouncer: {e}"))
-    }))
+    })
 }
 
 /// Keeps bulk tests (hundreds of thousands of rows) and tests that measure time against the

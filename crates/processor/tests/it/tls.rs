@@ -28,14 +28,12 @@ async fn check_mode(url: String, ssl: Option<PostgresSslConfig>, expect_tls: boo
 }
 
 #[tokio::test]
+#[cfg_attr(
+    pgstate_external_server,
+    ignore = "needs the local cluster the tests start"
+)]
 async fn prefer_encrypts_and_disable_does_not() {
-    let Some(cluster) = pgstate_testcluster::shared().cluster() else {
-        support::skip(
-            "tls::prefer_encrypts_and_disable_does_not",
-            "the suite points at an external server",
-        );
-        return;
-    };
+    let cluster = support::local_cluster();
     let url = cluster.primary_url();
     check_mode(url.clone(), None, true).await;
     check_mode(format!("{url}?sslmode=prefer"), None, true).await;
@@ -72,14 +70,12 @@ fn cert_url(cluster: &pgstate_testcluster::Cluster, params: &str) -> String {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    pgstate_external_server,
+    ignore = "needs the local cluster the tests start"
+)]
 async fn client_keys_readable_by_others_or_encrypted_are_refused_clearly() {
-    let Some(cluster) = pgstate_testcluster::shared().cluster() else {
-        support::skip(
-            "tls::client_keys_readable_by_others_or_encrypted_are_refused_clearly",
-            "needs the local cluster's certificates",
-        );
-        return;
-    };
+    let cluster = support::local_cluster();
     let certs = cluster.certs().expect("TLS cluster");
     let attempt = |key: &std::path::Path, extra: &str| {
         let url = cert_url(
@@ -133,14 +129,12 @@ async fn client_keys_readable_by_others_or_encrypted_are_refused_clearly() {
 /// `sslrootcert=system` uses the operating system's store: the test CA is not in it, so the
 /// server's certificate is refused; weaker modes with it are refused as libpq does.
 #[tokio::test]
+#[cfg_attr(
+    pgstate_external_server,
+    ignore = "needs the local cluster the tests start"
+)]
 async fn sslrootcert_system_verifies_against_the_operating_systems_store() {
-    let Some(cluster) = pgstate_testcluster::shared().cluster() else {
-        support::skip(
-            "tls::sslrootcert_system_verifies_against_the_operating_systems_store",
-            "needs the local cluster's certificates",
-        );
-        return;
-    };
+    let cluster = support::local_cluster();
     let url = format!(
         "postgresql://postgres:{}@localhost:{}/postgres",
         pgstate_testcluster::PASSWORD,

@@ -11,15 +11,16 @@
 //! cargo run --release --example maintenance_bench    # throwaway local server
 //! ```
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+#[path = "common/bench.rs"]
+mod bench;
+
 use std::time::{Duration, Instant};
 
-use pgstate_testcluster::{Cluster, ClusterOptions};
+use pgstate_testcluster::Cluster;
 use processor::state::{EnhancedPostgresBackend, EnhancedPostgresConfig, StateBackend};
 
 const ROWS: u32 = 1_000_000;
-const WRITERS: usize = 4;
+const WRITERS: u64 = 4;
 
 /// 1 000 000 expired rows and 10 000 live ones in `table`.
 fn fill(cluster: &Cluster, table: &str) -> anyhow::Result<()> {
@@ -40,13 +41,7 @@ fn fill(cluster: &Cluster, table: &str) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    eprintln!("starting a throwaway PostgreSQL ...");
-    let cluster = Cluster::start(ClusterOptions {
-        replicas: 0,
-        tls: false,
-        ..ClusterOptions::default()
-    })?;
-    let url = format!("{}?sslmode=disable", cluster.primary_url());
+    let (cluster, url) = bench::throwaway()?;
     let version = cluster.psql(0, "SHOW server_version")?;
     let backend = EnhancedPostgresBackend::new(
         EnhancedPostgresConfig::new(url.clone())
@@ -62,39 +57,16 @@ async fn main() -> anyhow::Result<()> {
     fill(&cluster, reference.table())?;
 
     // Ours, with writers putting live keys meanwhile.
-    let stop = Arc::new(AtomicBool::new(false));
-    let longest_us = Arc::new(AtomicU64::new(0));
-    let puts = Arc::new(AtomicU64::new(0));
-    let writers: Vec<_> = (0..WRITERS)
-        .map(|t| {
-            let (b, stop, longest, puts) = (
-                backend.clone_handle(),
-                stop.clone(),
-                longest_us.clone(),
-                puts.clone(),
-            );
-            tokio::spawn(async move {
-                let mut i = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    let k = format!("live:{}", (t as u64 * 2500 + i % 2500) + 1);
-                    let start = Instant::now();
-                    b.put(k.as_bytes(), &i.to_be_bytes()).await?;
-                    let us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
-                    longest.fetch_max(us, Ordering::Relaxed);
-                    puts.fetch_add(1, Ordering::Relaxed);
-                    i += 1;
-                }
-                anyhow::Ok(())
-            })
-        })
-        .collect();
+    let writers = bench::Writers::start(&backend, WRITERS, |t, i| {
+        (
+            format!("live:{}", t * 2500 + i % 2500 + 1),
+            i.to_be_bytes().to_vec(),
+        )
+    });
     let start = Instant::now();
     let removed = backend.cleanup_expired().await?;
     let ours = start.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    for w in writers {
-        w.await??;
-    }
+    let (puts, longest) = writers.stop().await?;
     anyhow::ensure!(removed == u64::from(ROWS), "removed {removed}");
 
     // psql: one DELETE of the same rows.
@@ -187,8 +159,8 @@ async fn main() -> anyhow::Result<()> {
         "\nDuring pgstate's pass ({} batches of 1000 rows, {:.1} s), {WRITERS} writers completed {} puts; the longest single put took {:.1} ms.",
         ROWS / 1000,
         ours.as_secs_f64(),
-        puts.load(Ordering::Relaxed),
-        longest_us.load(Ordering::Relaxed) as f64 / 1000.0
+        puts,
+        longest.as_secs_f64() * 1000.0
     );
     Ok(())
 }

@@ -10,11 +10,13 @@
 //! cargo run --release --example partition_bench
 //! ```
 
+#[path = "common/bench.rs"]
+mod bench;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pgstate_testcluster::{Cluster, ClusterOptions};
 use processor::state::{
     EnhancedPostgresBackend, EnhancedPostgresConfig, PartitionStrategy, PostgresPoolConfig,
     StateBackend,
@@ -61,13 +63,7 @@ async fn rate(b: &EnhancedPostgresBackend, put: bool) -> anyhow::Result<f64> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    eprintln!("starting a throwaway PostgreSQL ...");
-    let cluster = Cluster::start(ClusterOptions {
-        replicas: 0,
-        tls: false,
-        ..ClusterOptions::default()
-    })?;
-    let url = format!("{}?sslmode=disable", cluster.primary_url());
+    let (cluster, url) = bench::throwaway()?;
     let version = cluster.psql(0, "SHOW server_version")?;
     let config = |schema: &str| {
         EnhancedPostgresConfig::new(url.clone())
@@ -134,40 +130,18 @@ async fn main() -> anyhow::Result<()> {
         )?;
         cluster.psql(0, &format!("VACUUM ANALYZE {t}"))?;
     }
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let longest_us = Arc::new(AtomicU64::new(0));
-    let puts = Arc::new(AtomicU64::new(0));
-    let writers: Vec<_> = (0..4u64)
-        .map(|w| {
-            let (b, stop, longest, puts) = (
-                b.clone_handle(),
-                stop.clone(),
-                longest_us.clone(),
-                puts.clone(),
-            );
-            tokio::spawn(async move {
-                let mut i = w;
-                while !stop.load(Ordering::Relaxed) {
-                    let start = Instant::now();
-                    b.put(format!("k{}", i % u64::from(ROWS) + 1).as_bytes(), b"new")
-                        .await?;
-                    longest.fetch_max(start.elapsed().as_micros() as u64, Ordering::Relaxed);
-                    puts.fetch_add(1, Ordering::Relaxed);
-                    i += 4 * 7919;
-                }
-                anyhow::Ok(())
-            })
-        })
-        .collect();
+    let writers = bench::Writers::start(&b, 4, |w, n| {
+        (
+            format!("k{}", (w + n * 4 * 7919) % u64::from(ROWS) + 1),
+            b"new".to_vec(),
+        )
+    });
     let start = Instant::now();
     let report = b
         .migrate_to_partitioned(PartitionStrategy::Hash { partitions: 16 })
         .await?;
     let ours = start.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    for w in writers {
-        w.await??;
-    }
+    let (puts, longest) = writers.stop().await?;
     anyhow::ensure!(report.converted && b.count().await? == ROWS as usize);
     let t = reference.table();
     let start = Instant::now();
@@ -212,8 +186,8 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "\nDuring the conversion ({:.1} s), 4 writers completed {} puts; the longest single put took {:.1} ms.",
         ours.as_secs_f64(),
-        puts.load(Ordering::Relaxed),
-        longest_us.load(Ordering::Relaxed) as f64 / 1000.0
+        puts,
+        longest.as_secs_f64() * 1000.0
     );
     Ok(())
 }

@@ -590,3 +590,7 @@ pub(crate) fn replica_failure(e: &StateError) -> ReplicaFailure {
         ReplicaFailure::Caller
     }
 }
+
+#[cfg(test)]
+#[path = "router_tests.rs"]
+mod tests;

@@ -45,9 +45,11 @@ pub(crate) async fn assemble(config: &EnhancedPostgresConfig) -> StateResult<Cor
     let lock_connector = session_connector(config, &valid, &connector)?;
     let op_timeout = config.operation_timeout;
     let primary = ConnPool::new(connector, names.clone(), &config.pool, false, op_timeout).await?;
+    let settings = config.replicas.clone().unwrap_or_default();
+    let interval = settings.health_check_interval;
     let router = Arc::new(Router::new(
         replicas(config, &valid, &names).await?,
-        config.replicas.clone().unwrap_or_default(),
+        settings,
         config.read_your_writes,
     ));
     // Also without replicas, a multi-host URL gets the monitor, which notes failovers.
@@ -59,11 +61,7 @@ pub(crate) async fn assemble(config: &EnhancedPostgresConfig) -> StateResult<Cor
         Some(spawn_monitor(
             Arc::downgrade(&router),
             Arc::downgrade(&primary),
-            config
-                .replicas
-                .clone()
-                .unwrap_or_default()
-                .health_check_interval,
+            interval,
         ))
     };
     let stats = Arc::new(Stats::new(config.slow_query_threshold, &names.label));

@@ -140,6 +140,25 @@ struct Tally {
 }
 
 impl Tally {
+    /// Whether `seen`, read under `key`, is a value written under it (values are
+    /// `key|seq`); counts a wrong-key value otherwise.
+    fn of_key(&self, key: &[u8], seen: &Option<Vec<u8>>) -> bool {
+        match seen {
+            Some(v) if !v.starts_with(key) || v.get(key.len()) != Some(&b'|') => {
+                self.problem(
+                    &self.wrong_key,
+                    format!(
+                        "{} read {}",
+                        String::from_utf8_lossy(key),
+                        String::from_utf8_lossy(v)
+                    ),
+                );
+                false
+            }
+            _ => true,
+        }
+    }
+
     fn problem(&self, counter: &AtomicU64, what: String) {
         counter.fetch_add(1, Relaxed);
         let mut p = self.problems.lock().unwrap();
@@ -163,18 +182,8 @@ impl Key {
     /// Checks a value read under this key (an owner's read runs after every write it issued
     /// before it has returned or been dropped).
     fn check(&self, seen: &Option<Vec<u8>>, tally: &Tally) {
-        if let Some(v) = seen {
-            if !v.starts_with(&self.name) || v.get(self.name.len()) != Some(&b'|') {
-                tally.problem(
-                    &tally.wrong_key,
-                    format!(
-                        "{} read {}",
-                        String::from_utf8_lossy(&self.name),
-                        String::from_utf8_lossy(v)
-                    ),
-                );
-                return;
-            }
+        if !tally.of_key(&self.name, seen) {
+            return;
         }
         if *seen != self.acked && !self.since.contains(seen) {
             tally.problem(
@@ -310,33 +319,19 @@ async fn reader(b: EnhancedPostgresBackend, seed: u64, stop: Arc<AtomicBool>, ta
         )
         .into_bytes()
     };
-    let check = |key: &[u8], seen: &Option<Vec<u8>>| {
-        if let Some(v) = seen {
-            if !v.starts_with(key) || v.get(key.len()) != Some(&b'|') {
-                tally.problem(
-                    &tally.wrong_key,
-                    format!(
-                        "{} read {}",
-                        String::from_utf8_lossy(key),
-                        String::from_utf8_lossy(v)
-                    ),
-                );
-            }
-        }
-    };
     while !stop.load(Relaxed) {
         let cut = Cut::pick(&mut rng);
         if rng.below(2) == 0 {
             let key = name(&mut rng);
             if let Some(Ok(seen)) = run(&tally, cut, b.get(&key)).await {
-                check(&key, &seen);
+                tally.of_key(&key, &seen);
             }
         } else {
             let keys: Vec<Vec<u8>> = (0..3).map(|_| name(&mut rng)).collect();
             let refs: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
             if let Some(Ok(seen)) = run(&tally, cut, b.get_many(&refs)).await {
                 for (key, seen) in keys.iter().zip(&seen) {
-                    check(key, seen);
+                    tally.of_key(key, seen);
                 }
             }
         }

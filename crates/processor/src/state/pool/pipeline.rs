@@ -346,7 +346,7 @@ pub(crate) struct LaneUse {
 }
 
 impl LaneUse {
-    fn lane(&self) -> &Lane {
+    fn lane(&self) -> &Arc<Lane> {
         match &self.lane {
             Some(l) => l,
             None => unreachable!("a live lane use holds its lane"),
@@ -365,10 +365,7 @@ impl LaneUse {
         F: FnOnce(&'s PgConn) -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let lane: &'s Arc<Lane> = match &self.lane {
-            Some(l) => l,
-            None => unreachable!("a live lane use holds its lane"),
-        };
+        let lane: &'s Arc<Lane> = self.lane();
         let mut guard = LaneFlight {
             lane,
             watch,

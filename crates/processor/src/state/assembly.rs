@@ -17,6 +17,7 @@ use crate::state::error::StateResult;
 use crate::state::maintenance;
 use crate::state::ops::store::Store;
 use crate::state::pool::conn_pool::ConnPool;
+use crate::state::pool::context::Context;
 use crate::state::routing::router::{spawn_monitor, Replica, Router};
 use crate::state::schema::migrations::migrate;
 use crate::state::schema::names::TableNames;
@@ -64,20 +65,16 @@ pub(crate) async fn assemble(config: &EnhancedPostgresConfig) -> StateResult<Cor
             interval,
         ))
     };
-    let stats = Arc::new(Stats::new(config.slow_query_threshold, &names.label));
-    let coordinator = Arc::new(Coordinator::new(
-        lock_connector.as_ref(),
-        names.clone(),
-        stats.clone(),
-        primary.clone(),
-        op_timeout,
-    ));
-    let store = Store {
+    let ctx = Arc::new(Context {
+        stats: Arc::new(Stats::new(config.slow_query_threshold, &names.label)),
         primary,
-        router,
-        stats,
         names,
-        op_timeout,
+        limit: op_timeout,
+    });
+    let coordinator = Arc::new(Coordinator::new(lock_connector.as_ref(), ctx.clone()));
+    let store = Store {
+        ctx,
+        router,
         coalescer: Arc::default(),
         lookups: Arc::default(),
     };
@@ -87,7 +84,7 @@ pub(crate) async fn assemble(config: &EnhancedPostgresConfig) -> StateResult<Cor
         // stop the backend; writes go on into the current window meanwhile, and the
         // background task tries again.
         if let Err(e) = maintenance::roll_windows(&store, window, premake).await {
-            tracing::warn!(table = %store.names.qualified, error = %e, "starting the write window of now failed");
+            tracing::warn!(table = %store.ctx.names.qualified, error = %e, "starting the write window of now failed");
         }
     }
     Ok(Core {

@@ -32,9 +32,9 @@ use crate::state::coordination::{
 };
 use crate::state::error::ErrorKind;
 use crate::state::error::{StateError, StateResult};
-use crate::state::pool::conn_pool::ConnPool;
+use crate::state::pool::context::Context;
 use crate::state::retry::backoff;
-use crate::state::stats::counters::{LockEvent, Stats};
+use crate::state::stats::counters::LockEvent;
 use crate::state::wire::connection::wait_closed;
 use tokio_postgres::types::{ToSql, Type};
 
@@ -178,11 +178,11 @@ impl Coordinator {
         ttl: Duration,
         wait: bool,
     ) -> StateResult<Option<Leadership>> {
-        let key = leader_key(self.names.schema.as_str(), name);
+        let key = leader_key(self.ctx.names.schema.as_str(), name);
         let Some(held) = self.take_queue(name, key, ttl, wait).await? else {
             return Ok(None);
         };
-        let sql = LeaseSql::new(&self.names.leaders);
+        let sql = LeaseSql::new(&self.ctx.names.leaders);
         let secs = ttl.as_secs_f64();
         let h = &self.holder;
         loop {
@@ -203,7 +203,7 @@ impl Coordinator {
             };
             if let Some(row) = row {
                 let term: i64 = row.try_get(0)?;
-                self.stats.lock(LockEvent::BecameLeader);
+                self.ctx.stats.lock(LockEvent::BecameLeader);
                 tracing::info!(name, term, "became leader");
                 return Ok(Some(self.lead(held, name, term, ttl, sent, sent_wall)));
             }
@@ -268,13 +268,13 @@ impl Coordinator {
                     AND EXISTS (SELECT 1 FROM {locks} b WHERE b.lock_key = $1 AND b.backend_pid = a.pid
                                 AND GREATEST(b.acquired_at, COALESCE((SELECT lease_expires_at FROM lease), b.acquired_at))
                                     < clock_timestamp() - $3::float8 * interval '1 second'))",
-            leaders = self.names.leaders,
-            locks = self.names.locks
+            leaders = self.ctx.names.leaders,
+            locks = self.ctx.names.locks
         );
         let remaining_sql = format!(
             "SELECT extract(epoch FROM lease_expires_at - clock_timestamp())::float8 FROM {}
              WHERE name = $1 AND holder_id IS NOT NULL AND lease_expires_at > clock_timestamp()",
-            self.names.leaders
+            self.ctx.names.leaders
         );
         let secs = ttl.as_secs_f64();
         let remaining: Option<f64> = self
@@ -331,10 +331,8 @@ impl Coordinator {
             // Weak: the backend keeps `try_become_leader` leaderships in the coordinator, and
             // dropping the last backend handle must drop (and so resign) them.
             coordinator: Arc::downgrade(self),
-            stats: self.stats.clone(),
-            primary: self.primary.clone(),
-            op_timeout: self.op_timeout,
-            sql: LeaseSql::new(&self.names.leaders),
+            ctx: self.ctx.clone(),
+            sql: LeaseSql::new(&self.ctx.names.leaders),
             holder: self.holder.id.clone(),
             name: name.to_string(),
             term,
@@ -359,7 +357,7 @@ impl Coordinator {
             "SELECT holder_id, holder_host, holder_pid, term,
                     extract(epoch FROM lease_expires_at - clock_timestamp())::float8
              FROM {} WHERE name = $1 AND holder_id IS NOT NULL AND lease_expires_at > clock_timestamp()",
-            self.names.leaders
+            self.ctx.names.leaders
         );
         let row = self
             .on_primary(async |c| {
@@ -384,9 +382,8 @@ impl Coordinator {
 /// What the renewal task needs.
 struct Lease {
     coordinator: Weak<Coordinator>,
-    stats: Arc<Stats>,
-    primary: Arc<ConnPool>,
-    op_timeout: Duration,
+    /// The backend's operation context (its pool outlives the backend while this renews).
+    ctx: Arc<Context>,
     sql: LeaseSql,
     holder: String,
     name: String,
@@ -400,7 +397,7 @@ impl Lease {
         match self.coordinator.upgrade() {
             Some(c) => c.release(held).await,
             None => {
-                self.stats.lock(LockEvent::Released);
+                self.ctx.stats.lock(LockEvent::Released);
                 Ok(())
             }
         }
@@ -431,7 +428,7 @@ impl Lease {
                         .map(|_| ())
                         .map_err(StateError::from);
                     let released = self.release(held).await;
-                    self.stats.lock(LockEvent::LeadershipEnded);
+                    self.ctx.stats.lock(LockEvent::LeadershipEnded);
                     tracing::info!(name, term, "resigned leadership");
                     if let Ok(done) = request {
                         let _ = done.send(cleared.and(released));
@@ -456,7 +453,7 @@ impl Lease {
         };
         // Lost: stop believing before anything else.
         state.end();
-        self.stats.lock(LockEvent::LeadershipEnded);
+        self.ctx.stats.lock(LockEvent::LeadershipEnded);
         tracing::warn!(name, term, reason = why, "leadership lost");
         self.clear_lost_lease(held).await;
     }
@@ -478,8 +475,8 @@ impl Lease {
         }
         let clear = self.sql.clear.as_str();
         let cleared = self
-            .primary
-            .with(self.op_timeout, async |c| {
+            .ctx
+            .on_primary(async |c| {
                 c.client
                     .execute_typed(
                         clear,

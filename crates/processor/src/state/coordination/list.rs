@@ -37,7 +37,7 @@ impl Coordinator {
     /// there is any and the number of waiters. Bookkeeping rows whose session no longer holds
     /// the lock (a dead holder) are deleted first.
     pub async fn list(&self) -> StateResult<Vec<AdvisoryLockInfo>> {
-        let n = &self.names;
+        let n = &self.ctx.names;
         let advisory = format!("adv AS ({ADVISORY_LOCKS})");
         let cleanup = format!(
             "WITH {advisory}

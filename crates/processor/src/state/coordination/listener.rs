@@ -193,7 +193,7 @@ impl PostgresListener {
         channels: &[(&str, Option<i64>)],
     ) -> StateResult<Self> {
         let coordinator = backend.into().0;
-        let names = &coordinator.names;
+        let names = &coordinator.ctx.names;
         let durable = Durable {
             // The running total of payload bytes is computed on the (at most FETCH) rows the
             // inner query reads in order; the outer one keeps those that start within

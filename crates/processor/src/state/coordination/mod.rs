@@ -23,9 +23,8 @@ use sha2::{Digest, Sha256};
 use tokio_postgres::types::Type;
 
 use crate::state::error::{StateError, StateResult};
-use crate::state::pool::conn_pool::ConnPool;
-use crate::state::schema::names::TableNames;
-use crate::state::stats::counters::{LockEvent, Stats};
+use crate::state::pool::context::Context;
+use crate::state::stats::counters::LockEvent;
 use crate::state::wire::connection::{Connector, PgConn};
 
 pub(crate) use held::HeldLock;
@@ -152,11 +151,8 @@ const SPARE_IDLE: Duration = Duration::from_secs(30);
 
 /// What the backend needs for coordination; shared by every handle.
 pub(crate) struct Coordinator {
-    pub names: TableNames,
-    pub stats: Arc<Stats>,
-    pub primary: Arc<ConnPool>,
-    /// Bounds each statement run on a pooled primary connection.
-    pub op_timeout: Duration,
+    /// The primary's pool, names, statistics and operation timeout.
+    pub ctx: Arc<Context>,
     pub holder: Holder,
     /// Locks taken with the key API, per key and mode (shared locks may be taken repeatedly).
     held: Mutex<HashMap<(i64, LockMode), Vec<HeldLock>>>,
@@ -182,7 +178,7 @@ pub struct CoordinationHandle(pub(crate) Arc<Coordinator>);
 impl std::fmt::Debug for CoordinationHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CoordinationHandle")
-            .field("schema", &self.0.names.schema.as_str())
+            .field("schema", &self.0.ctx.names.schema.as_str())
             .finish_non_exhaustive()
     }
 }
@@ -193,19 +189,10 @@ pub(crate) fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Coordinator {
-    pub fn new(
-        connector: Option<&Connector>,
-        names: TableNames,
-        stats: Arc<Stats>,
-        primary: Arc<ConnPool>,
-        op_timeout: Duration,
-    ) -> Self {
+    pub fn new(connector: Option<&Connector>, ctx: Arc<Context>) -> Self {
         Coordinator {
-            sessions: connector.map(|c| LockSessions::new(c.dedicated(), names.clone())),
-            names,
-            stats,
-            primary,
-            op_timeout,
+            sessions: connector.map(|c| LockSessions::new(c.dedicated(), ctx.names.clone())),
+            ctx,
             holder: Holder::new(),
             held: Mutex::new(HashMap::new()),
             spare: Mutex::new(Vec::new()),
@@ -236,7 +223,7 @@ impl Coordinator {
     where
         F: AsyncFnOnce(&mut PgConn) -> StateResult<T>,
     {
-        self.primary.with(self.op_timeout, f).await
+        self.ctx.on_primary(f).await
     }
 
     /// A clean dedicated connection: a spare one if any is still open, else a new one.
@@ -251,7 +238,10 @@ impl Coordinator {
                 None => break,
             }
         }
-        Ok((LockConn::open(self.connector()?, &self.names).await?, false))
+        Ok((
+            LockConn::open(self.connector()?, &self.ctx.names).await?,
+            false,
+        ))
     }
 
     /// Keeps a connection that holds no lock for the next acquisition.
@@ -298,8 +288,8 @@ impl Coordinator {
 
     fn count_acquisition(&self, result: &StateResult<Option<HeldLock>>, waited: Duration) {
         match result {
-            Ok(Some(_)) => self.stats.lock(LockEvent::Acquired(waited)),
-            _ => self.stats.lock(LockEvent::Failed(waited)),
+            Ok(Some(_)) => self.ctx.stats.lock(LockEvent::Acquired(waited)),
+            _ => self.ctx.stats.lock(LockEvent::Failed(waited)),
         }
     }
 
@@ -374,13 +364,13 @@ impl Coordinator {
         pid: i32,
         budget: Duration,
     ) -> StateResult<i64> {
-        let sql = record_sql(&self.names);
+        let sql = record_sql(&self.ctx.names);
         let budget_ms = format!("{}ms", budget.as_millis().clamp(1, i32::MAX as u128));
         let exclusive = what.mode == LockMode::Exclusive;
         let mode_text = what.mode.as_str();
         let params = record_params(what, &exclusive, &mode_text, &pid);
-        self.primary
-            .with(budget.saturating_add(self.op_timeout), async |c| {
+        self.ctx
+            .on_primary_within(budget.saturating_add(self.ctx.limit), async |c| {
                 let tx = c.client.transaction().await?;
                 tx.query_typed_one(
                     "SELECT set_config('lock_timeout', $1, true)",
@@ -414,7 +404,7 @@ impl Coordinator {
             // A spare connection may have died since it was parked (server restart): one
             // more try on a fresh one.
             Err(e) if reused && e.kind() == crate::state::error::ErrorKind::Connection => {
-                conn = LockConn::open(connector, &self.names).await?;
+                conn = LockConn::open(connector, &self.ctx.names).await?;
                 let start = Instant::now();
                 let second = conn.lock(connector, key, mode, wait).await;
                 *waited += start.elapsed();
@@ -457,7 +447,7 @@ impl Coordinator {
     /// Releases a held lock. `LockLost` if its session had already ended (the server released
     /// the lock then).
     pub async fn release(&self, held: HeldLock) -> StateResult<()> {
-        self.stats.lock(LockEvent::Released);
+        self.ctx.stats.lock(LockEvent::Released);
         let label = held.label();
         if held.is_lost() {
             return Err(StateError::LockLost { lock: label });

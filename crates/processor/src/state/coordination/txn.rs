@@ -38,7 +38,7 @@ impl PostgresTransaction {
     /// # Ok(()) }
     /// ```
     pub async fn check_fence(&mut self, fence: &Fence) -> StateResult<()> {
-        let sql = fence_sql(&self.names);
+        let sql = fence_sql(&self.ctx.names);
         let row = self
             .stmt(Op::CheckFence, 1, async |c| {
                 let params: [(&(dyn ToSql + Sync), Type); 4] = [
@@ -106,7 +106,7 @@ impl PostgresTransaction {
             .await?)
         })
         .await?;
-        self.stats.lock(LockEvent::Notified);
+        self.ctx.stats.lock(LockEvent::Notified);
         Ok(())
     }
 
@@ -116,7 +116,7 @@ impl PostgresTransaction {
     pub async fn notify_durable(&mut self, channel: &str, payload: &str) -> StateResult<i64> {
         check_channel(channel)?;
         check_durable_payload(payload)?;
-        let sql = durable_notify_sql(&self.names);
+        let sql = durable_notify_sql(&self.ctx.names);
         let row = self
             .stmt(Op::Notify, 1, async |c| {
                 Ok(
@@ -126,7 +126,7 @@ impl PostgresTransaction {
             })
             .await?;
         let seq = row.try_get(0)?;
-        self.stats.lock(LockEvent::Notified);
+        self.ctx.stats.lock(LockEvent::Notified);
         Ok(seq)
     }
 }

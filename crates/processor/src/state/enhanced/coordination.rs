@@ -153,7 +153,7 @@ impl EnhancedPostgresBackend {
                 Ok(())
             })
             .await?;
-        self.store().stats.lock(LockEvent::Notified);
+        self.store().ctx.stats.lock(LockEvent::Notified);
         Ok(())
     }
 
@@ -164,7 +164,7 @@ impl EnhancedPostgresBackend {
     pub async fn notify_durable(&self, channel: &str, payload: &str) -> StateResult<i64> {
         check_channel(channel)?;
         check_durable_payload(payload)?;
-        let sql = durable_notify_sql(&self.store().names);
+        let sql = durable_notify_sql(&self.store().ctx.names);
         let row = self
             .store()
             .on_primary(async |c| {
@@ -174,7 +174,7 @@ impl EnhancedPostgresBackend {
                 )
             })
             .await?;
-        self.store().stats.lock(LockEvent::Notified);
+        self.store().ctx.stats.lock(LockEvent::Notified);
         Ok(row.try_get(0)?)
     }
 
@@ -184,7 +184,7 @@ impl EnhancedPostgresBackend {
     pub async fn prune_events(&self, older_than: Duration) -> StateResult<u64> {
         let sql = format!(
             "DELETE FROM {} WHERE created_at < now() - $1::float8 * interval '1 second'",
-            self.store().names.events
+            self.store().ctx.names.events
         );
         let secs = older_than.as_secs_f64();
         self.store()

@@ -172,7 +172,7 @@ impl EnhancedPostgresBackend {
         plan: CleanupPlan,
         progress: &(dyn Fn(u64) + Sync),
     ) -> StateResult<RetentionReport> {
-        let wait = self.store().op_timeout;
+        let wait = self.store().ctx.limit;
         let removed = self
             .store()
             .tracked(
@@ -247,7 +247,7 @@ impl EnhancedPostgresBackend {
     /// rewrites it under an exclusive lock (readers and writers wait). Runs on a connection of
     /// its own; waiting for the table's lock is bounded by the operation timeout.
     pub async fn vacuum_analyze(&self, full: bool) -> StateResult<()> {
-        maintenance::vacuum_analyze(self.store(), full, self.store().op_timeout).await
+        maintenance::vacuum_analyze(self.store(), full, self.store().ctx.limit).await
     }
 
     /// Sizes, row counts, dead tuples and maintenance times of the state table.
@@ -341,7 +341,7 @@ impl EnhancedPostgresBackend {
             self.coordinator(),
             &strategy,
             MIGRATION_BATCH,
-            store.op_timeout,
+            store.ctx.limit,
             &progress,
         );
         store.tracked(&self.session, work).await

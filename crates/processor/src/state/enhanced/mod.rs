@@ -88,7 +88,7 @@ impl EnhancedPostgresBackend {
     /// cannot be reached.
     pub async fn new(config: EnhancedPostgresConfig) -> StateResult<Self> {
         let core = assemble(&config).await?;
-        tracing::info!(url = %config.redacted_url(), table = %core.store.names.qualified, replicas = core.store.router.replicas.len(), "state backend ready");
+        tracing::info!(url = %config.redacted_url(), table = %core.store.ctx.names.qualified, replicas = core.store.router.replicas.len(), "state backend ready");
         let inner = Arc::new(Inner {
             store: core.store,
             coordinator: core.coordinator,
@@ -96,7 +96,7 @@ impl EnhancedPostgresBackend {
             monitor: core.monitor,
             cleanup: std::sync::OnceLock::new(),
         });
-        published::spawn_publisher(Arc::downgrade(&inner), inner.store.names.label.clone());
+        published::spawn_publisher(Arc::downgrade(&inner), inner.store.ctx.names.label.clone());
         if let Some(task) = maintenance::spawn_cleanup(&inner, core.windows) {
             let _ = inner.cleanup.set(task);
         }
@@ -127,7 +127,7 @@ impl EnhancedPostgresBackend {
 
     /// The quoted, schema-qualified name of the state table.
     pub fn table(&self) -> &str {
-        &self.inner.store.names.qualified
+        &self.inner.store.ctx.names.qualified
     }
 
     fn store(&self) -> &Store {
@@ -299,17 +299,14 @@ impl EnhancedPostgresBackend {
     ) -> StateResult<PostgresTransaction> {
         let s = self.store();
         PostgresTransaction::begin(
-            &s.primary,
-            s.stats.clone(),
+            s.ctx.clone(),
             (
                 self.session.clone(),
                 // A read-only transaction writes nothing whose position a read must wait for.
                 s.router.tracks_writes() && !read_only,
             ),
-            s.names.clone(),
             level,
             read_only,
-            s.op_timeout,
         )
         .await
     }
@@ -357,7 +354,7 @@ impl EnhancedPostgresBackend {
             f,
             config.max_retries,
             config.retry_backoff,
-            &self.store().stats,
+            &self.store().ctx.stats,
         )
         .await
     }
@@ -396,7 +393,7 @@ impl EnhancedPostgresBackend {
     /// Operation counters and timings.
     pub fn get_stats(&self) -> BackendStats {
         let s = self.store();
-        let mut stats = s.stats.snapshot();
+        let mut stats = s.ctx.stats.snapshot();
         // One reading of every node, so the read counts add up to `reads_by_node`.
         let nodes = published::nodes(s);
         let reads = |primary: bool| -> u64 {
@@ -422,7 +419,7 @@ impl EnhancedPostgresBackend {
 
     /// Connection pool figures.
     pub fn get_pool_stats(&self) -> PoolStats {
-        self.store().primary.stats()
+        self.store().ctx.primary.stats()
     }
 }
 
@@ -430,7 +427,7 @@ impl std::fmt::Debug for EnhancedPostgresBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EnhancedPostgresBackend")
             .field("url", &self.inner.config.redacted_url())
-            .field("table", &self.inner.store.names.qualified)
+            .field("table", &self.inner.store.ctx.names.qualified)
             .finish_non_exhaustive()
     }
 }

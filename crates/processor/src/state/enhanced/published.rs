@@ -37,7 +37,7 @@ pub(super) fn nodes(store: &Store) -> Vec<NodeFigures> {
     let mut all = vec![NodeFigures {
         node: "primary".to_string(),
         primary: true,
-        pool: store.primary.stats(),
+        pool: store.ctx.primary.stats(),
         reads: store.router.primary_reads(),
         replica: None,
     }];

@@ -66,7 +66,7 @@ impl EnhancedPostgresBackend {
     /// the read rotation.
     pub async fn check_replication_status(&self) -> StateResult<ReplicationStatus> {
         let s = self.store();
-        s.router.check(&s.primary).await;
+        s.router.check(&s.ctx.primary).await;
         let row = s
             .on_primary(async |c| {
                 Ok(c.client

@@ -72,7 +72,7 @@ pub(crate) async fn archive(
     batch_size: usize,
     progress: &(dyn Fn(u64) + Sync),
 ) -> StateResult<u64> {
-    let (archive, index) = archive_name(&store.names, archive_table)?;
+    let (archive, index) = archive_name(&store.ctx.names, archive_table)?;
     ensure_table(store, &archive, &index).await?;
     sweep(
         store,
@@ -90,7 +90,7 @@ pub(crate) async fn get_archived(
     archive_table: &str,
     key: &[u8],
 ) -> StateResult<Option<StateEntry>> {
-    let (archive, _) = archive_name(&store.names, archive_table)?;
+    let (archive, _) = archive_name(&store.ctx.names, archive_table)?;
     let sql = format!(
         "SELECT {ENTRY_COLUMNS} FROM {archive} WHERE key = $1 ORDER BY version DESC LIMIT 1"
     );
@@ -109,13 +109,13 @@ pub(crate) async fn get_archived(
 /// version the key had) and its value, metadata, creation time and expiry back; it leaves the
 /// archive in the same transaction.
 pub(crate) async fn restore(store: &Store, archive_table: &str, key: &[u8]) -> StateResult<bool> {
-    let (archive, _) = archive_name(&store.names, archive_table)?;
+    let (archive, _) = archive_name(&store.ctx.names, archive_table)?;
     let newest = format!(
         "SELECT value, metadata, created_at, expires_at, archived_at, version FROM {archive} \
          WHERE key = $1 ORDER BY version DESC LIMIT 1 FOR UPDATE"
     );
     let insert = upsert_sql(
-        &store.names,
+        &store.ctx.names,
         "VALUES ($1::bytea, $2::bytea, $3::jsonb, $4::timestamptz, $5::timestamptz)",
         &["key", "value", "metadata", "created_at", "expires_at"],
         true,

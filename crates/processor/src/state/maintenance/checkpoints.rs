@@ -19,6 +19,7 @@ use super::floor;
 use crate::state::error::{StateError, StateResult};
 use crate::state::ops::store::Store;
 use crate::state::pool::checkout::Checkout;
+use crate::state::pool::context::bounded;
 use crate::state::wire::statements::{rewindow, LIVE, TOMBSTONE};
 
 /// Rows copied per statement while creating a checkpoint.
@@ -57,12 +58,7 @@ async fn step<T>(
     limit: Duration,
     f: impl AsyncFnOnce(&tokio_postgres::Client) -> Result<T, tokio_postgres::Error>,
 ) -> StateResult<T> {
-    match tokio::time::timeout(limit, conn.run(async |c| f(&c.client).await)).await {
-        Ok(r) => Ok(r?),
-        Err(_) => Err(StateError::Timeout(format!(
-            "a checkpoint statement took longer than the operation timeout ({limit:?})"
-        ))),
-    }
+    bounded(limit, async { Ok(conn.run(async |c| f(&c.client).await).await?) }).await
 }
 
 /// Takes a checkpoint named `name` of every live entry; `progress` gets the entries copied so
@@ -73,8 +69,8 @@ pub(crate) async fn create(
     progress: &(dyn Fn(u64) + Sync),
 ) -> StateResult<CheckpointInfo> {
     check_name(name)?;
-    let n = &store.names;
-    let limit = store.op_timeout;
+    let n = &store.ctx.names;
+    let limit = store.ctx.limit;
     let insert = format!(
         "INSERT INTO {} (state_table, name) VALUES ($1, $2) RETURNING id, created_at",
         n.checkpoints
@@ -95,7 +91,7 @@ pub(crate) async fn create(
         n.checkpoints
     );
     let table = n.qualified.clone();
-    let mut conn = store.primary.get().await?;
+    let mut conn = store.ctx.primary.get().await?;
     conn.set_in_transaction(true);
     step(&mut conn, limit, async |c| {
         c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SET LOCAL plan_cache_mode = auto")
@@ -133,9 +129,9 @@ pub(crate) async fn create(
 pub(crate) async fn list(store: &Store) -> StateResult<Vec<CheckpointInfo>> {
     let sql = format!(
         "SELECT id, name, created_at, entry_count FROM {} WHERE state_table = $1 ORDER BY id DESC",
-        store.names.checkpoints
+        store.ctx.names.checkpoints
     );
-    let table = store.names.qualified.clone();
+    let table = store.ctx.names.qualified.clone();
     let rows = store
         .on_primary(async |c| {
             Ok(c.client
@@ -159,9 +155,9 @@ pub(crate) async fn list(store: &Store) -> StateResult<Vec<CheckpointInfo>> {
 pub(crate) async fn delete(store: &Store, id: i64) -> StateResult<bool> {
     let sql = format!(
         "DELETE FROM {} WHERE id = $1 AND state_table = $2",
-        store.names.checkpoints
+        store.ctx.names.checkpoints
     );
-    let table = store.names.qualified.clone();
+    let table = store.ctx.names.qualified.clone();
     let n = store
         .on_primary(async |c| {
             Ok(c.client
@@ -177,9 +173,9 @@ pub(crate) async fn prune(store: &Store, keep: usize) -> StateResult<u64> {
     let sql = format!(
         "DELETE FROM {c} WHERE state_table = $1 AND id NOT IN (
              SELECT id FROM {c} WHERE state_table = $1 ORDER BY id DESC LIMIT $2)",
-        c = store.names.checkpoints
+        c = store.ctx.names.checkpoints
     );
-    let table = store.names.qualified.clone();
+    let table = store.ctx.names.qualified.clone();
     let keep = i64::try_from(keep).unwrap_or(i64::MAX);
     store
         .on_primary(async |c| {
@@ -192,7 +188,7 @@ pub(crate) async fn prune(store: &Store, keep: usize) -> StateResult<u64> {
 
 /// Replaces the live state with checkpoint `id`'s, atomically; returns the entries restored.
 pub(crate) async fn restore(store: &Store, id: i64) -> StateResult<u64> {
-    let n = &store.names;
+    let n = &store.ctx.names;
     let t = &n.qualified;
     let e = &n.checkpoint_entries;
     let exists = format!(

@@ -172,7 +172,7 @@ pub(crate) async fn sweep(
     batch_size: usize,
     progress: &(dyn Fn(u64) + Sync),
 ) -> StateResult<Removed> {
-    let plan = plan(&store.names, &sweep);
+    let plan = plan(&store.ctx.names, &sweep);
     let limit = i64::try_from(batch_size.max(1)).unwrap_or(i64::MAX);
     let mut cursor = Cursor::default();
     let mut total = Removed::default();
@@ -186,7 +186,7 @@ pub(crate) async fn sweep(
                     "cleanup of {} could not take the version floor lock in {contended} tries: \
                      a long write transaction on the table holds it ({} rows removed so far; \
                      the rest goes at the next pass)",
-                    store.names.qualified,
+                    store.ctx.names.qualified,
                     total.rows()
                 )));
             }
@@ -221,7 +221,7 @@ async fn batch(
     limit: i64,
     cursor: &Cursor,
 ) -> StateResult<Option<Step>> {
-    let names = &store.names;
+    let names = &store.ctx.names;
     store
         .on_primary(async |c| {
             let tx = c

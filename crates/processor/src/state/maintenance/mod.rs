@@ -86,7 +86,7 @@ pub(crate) async fn cleanup_pass(
     };
     let result = async {
         let mut report = RetentionReport::default();
-        if store.names.windowed {
+        if store.ctx.names.windowed {
             report.partitions_dropped =
                 window_partitions::drop_windows(store, plan.max_age, plan.expired).await?;
             for p in &report.partitions_dropped {
@@ -115,7 +115,7 @@ pub(crate) async fn cleanup_pass(
     if let Ok(r) = &result {
         if r.entries_deleted + r.tombstones_removed > 0 {
             tracing::info!(
-                table = %store.names.qualified,
+                table = %store.ctx.names.qualified,
                 entries = r.entries_deleted,
                 tombstones = r.tombstones_removed,
                 partitions = r.partitions_dropped.len(),
@@ -133,7 +133,7 @@ async fn maintenance_lock(
     coordinator: &Coordinator,
     wait: Duration,
 ) -> StateResult<Option<HeldLock>> {
-    let name = format!("pgstate cleanup of {}", store.names.qualified);
+    let name = format!("pgstate cleanup of {}", store.ctx.names.qualified);
     coordinator
         .acquire(lock_key(&name), Some(&name), LockMode::Exclusive, wait)
         .await
@@ -160,7 +160,7 @@ pub(crate) async fn repartition_table(
         return Err(StateError::Timeout(format!(
             "partitioning {}: a cleanup pass or another conversion held the table's maintenance \
              lock for {wait:?}",
-            store.names.qualified
+            store.ctx.names.qualified
         )));
     };
     let result = repartition(store, strategy, batch_size, progress).await;

@@ -64,21 +64,21 @@ pub(crate) async fn repartition(
              entries over (batch_copy), or convert to hash or list partitioning"
         )));
     }
-    let names = &store.names;
+    let names = &store.ctx.names;
     if names.distributed {
         return Err(StateError::config(format!(
             "{} is distributed by Citus, which shards it already: partitioning does not apply",
             names.qualified
         )));
     }
-    if store.primary.transaction_pooling() {
+    if store.ctx.primary.transaction_pooling() {
         // Its session settings would outlive it on a server connection PgBouncer shares.
         return Err(StateError::config(
             "converting a table to partitions needs a direct connection, not PgBouncer's \
              transaction pooling: run it from a backend whose URL reaches the server directly",
         ));
     }
-    let client = store.primary.connect_unpooled().await?;
+    let client = store.ctx.primary.connect_unpooled().await?;
     // Bounds are compared in the server's default text forms.
     client
         .batch_execute(
@@ -149,7 +149,7 @@ const TWIN_MARK: &str = "pgstate: partitioned copy being built";
 /// Drops the twin, the trigger and its function, if they exist. A table with the twin's name
 /// that does not carry [`TWIN_MARK`] is someone else's: refused, nothing dropped.
 async fn undo(client: &Client, store: &Store, twin: &Ident, sync: &Ident) -> StateResult<()> {
-    let (t, s) = (&store.names.qualified, &store.names.schema);
+    let (t, s) = (&store.ctx.names.qualified, &store.ctx.names.schema);
     let twin_q = format!("{s}.{twin}");
     let found: Option<Option<String>> = client
         .query_typed_opt(
@@ -183,7 +183,7 @@ async fn set_up(
     twin: &Ident,
     sync: &Ident,
 ) -> StateResult<()> {
-    let (t, s) = (&store.names.qualified, &store.names.schema);
+    let (t, s) = (&store.ctx.names.qualified, &store.ctx.names.schema);
     // Every column but the key, as the upsert of the trigger sets it (names quoted by the
     // server).
     let set: String = client
@@ -195,7 +195,7 @@ async fn set_up(
         )
         .await?
         .try_get(0)?;
-    let (names, set) = (&store.names, &set);
+    let (names, set) = (&store.ctx.names, &set);
     while_lock_busy(LOCK_ATTEMPTS, || {
         in_transaction(client, async move {
             partitions::create_twin(client, names, strategy, twin).await?;
@@ -237,7 +237,7 @@ async fn copy_rows(
     batch_size: usize,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> StateResult<u64> {
-    let (t, s) = (&store.names.qualified, &store.names.schema);
+    let (t, s) = (&store.ctx.names.qualified, &store.ctx.names.schema);
     let estimate: i64 = client
         .query_typed_one(
             "SELECT greatest(reltuples, 0)::bigint FROM pg_catalog.pg_class WHERE oid = $1::text::regclass",
@@ -279,7 +279,7 @@ async fn copy_rows(
 /// The twin must hold exactly the table's rows, seen in one snapshot (the trigger writes in
 /// the writer's own transaction, so every snapshot sees both or neither).
 async fn verify(client: &Client, store: &Store, twin: &Ident) -> StateResult<()> {
-    let (t, s) = (&store.names.qualified, &store.names.schema);
+    let (t, s) = (&store.ctx.names.qualified, &store.ctx.names.schema);
     let row = client
         .query_typed_one(
             &format!(
@@ -308,8 +308,8 @@ async fn verify(client: &Client, store: &Store, twin: &Ident) -> StateResult<()>
 
 /// Takes the table exclusively, drops the trigger and swaps the twin in.
 async fn swap(client: &Client, store: &Store, twin: &Ident, sync: &Ident) -> StateResult<()> {
-    let (t, s) = (&store.names.qualified, &store.names.schema);
-    let names = &store.names;
+    let (t, s) = (&store.ctx.names.qualified, &store.ctx.names.schema);
+    let names = &store.ctx.names;
     while_lock_busy(LOCK_ATTEMPTS, || {
         in_transaction(client, async move {
             client

@@ -101,7 +101,7 @@ pub(crate) async fn table_activity(store: &Store) -> StateResult<TableActivity> 
                 coalesce(sum(s.n_dead_tup), 0)::bigint
          FROM leaves l LEFT JOIN pg_catalog.pg_stat_user_tables s ON s.relid = l.relid"
     );
-    let qualified = store.names.qualified.clone();
+    let qualified = store.ctx.names.qualified.clone();
     let row = store
         .on_primary(async |c| {
             use tokio_postgres::types::Type;
@@ -125,7 +125,7 @@ pub(crate) async fn table_activity(store: &Store) -> StateResult<TableActivity> 
 }
 
 pub(crate) async fn table_statistics(store: &Store) -> StateResult<TableStatistics> {
-    let t = &store.names.qualified;
+    let t = &store.ctx.names.qualified;
     let leaves_sql = &format!(
         "{LEAVES}
          SELECT c.oid, c.relname::text, coalesce(pg_get_expr(c.relpartbound, c.oid), ''),

@@ -15,11 +15,11 @@ pub(crate) async fn vacuum_analyze(
     full: bool,
     lock_wait: Duration,
 ) -> StateResult<()> {
-    let client = store.primary.connect_unpooled().await?;
+    let client = store.ctx.primary.connect_unpooled().await?;
     // Numbers and validated names only in the SQL text. Behind PgBouncer's transaction
     // pooling a session setting would stick to whichever server connection ran it: the wait
     // for the lock is then the server's default.
-    if !store.primary.transaction_pooling() {
+    if !store.ctx.primary.transaction_pooling() {
         let ms = lock_wait.as_millis().clamp(1, i32::MAX as u128);
         client
             .batch_execute(&format!(
@@ -29,7 +29,7 @@ pub(crate) async fn vacuum_analyze(
     }
     let options = if full { "FULL, ANALYZE" } else { "ANALYZE" };
     client
-        .batch_execute(&format!("VACUUM ({options}) {}", store.names.qualified))
+        .batch_execute(&format!("VACUUM ({options}) {}", store.ctx.names.qualified))
         .await?;
     Ok(())
 }

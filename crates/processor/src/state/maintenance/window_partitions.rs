@@ -49,7 +49,7 @@ pub(crate) async fn settings(
     store: &Store,
     config: &EnhancedPostgresConfig,
 ) -> StateResult<Option<(Duration, u32)>> {
-    if !store.names.windowed {
+    if !store.ctx.names.windowed {
         return Ok(None);
     }
     if let Some(PartitionStrategy::TimeRange { interval, premake }) = &config.partitioning {
@@ -63,7 +63,7 @@ pub(crate) async fn interval(store: &Store) -> StateResult<Option<Duration>> {
     let sql = format!(
         "SELECT extract(epoch FROM window_end - window_start)::float8 FROM {} \
          ORDER BY window_start DESC LIMIT 1",
-        store.names.windows
+        store.ctx.names.windows
     );
     let seconds: Option<f64> = store
         .on_primary(async |c| {
@@ -86,7 +86,7 @@ pub(crate) async fn interval(store: &Store) -> StateResult<Option<Duration>> {
 /// round. After a downtime longer than `premake` windows the window of now has no partition:
 /// it is created, then the change is made.
 pub(crate) async fn roll(store: &Store, interval: Duration, premake: u32) -> StateResult<bool> {
-    let names = &store.names;
+    let names = &store.ctx.names;
     // New partitions take the storage settings of the newest one.
     let newest = "SELECT format('%s.%I', $1::text, c.relname) FROM pg_catalog.pg_inherits i \
                   JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid \
@@ -144,7 +144,7 @@ async fn make_ahead(
     interval: Duration,
     premake: u32,
 ) -> StateResult<()> {
-    let names = &store.names;
+    let names = &store.ctx.names;
     store
         .on_primary(async |c| {
             let tx = c.client.transaction().await?;
@@ -179,7 +179,7 @@ async fn advance(store: &Store, interval: Duration) -> StateResult<Advance> {
             let tx = c.client.transaction().await?;
             tx.batch_execute(&format!("SET LOCAL lock_timeout = {LOCK_WAIT_MS}"))
                 .await?;
-            let outcome = windows::advance(&tx, &store.names, interval).await?;
+            let outcome = windows::advance(&tx, &store.ctx.names, interval).await?;
             // Without a partition for the window of now, the current window stays as it was.
             if outcome == Advance::Changed {
                 tx.commit().await?;
@@ -202,7 +202,7 @@ pub(crate) async fn drop_windows(
     max_age: Option<Duration>,
     expired: bool,
 ) -> StateResult<Vec<DroppedPartition>> {
-    let names = &store.names;
+    let names = &store.ctx.names;
     let w = &names.windows;
     let max_age_s = max_age.map(|a| a.as_secs_f64());
     // The partition of each window that ended (or never started and is past), oldest first.
@@ -281,7 +281,7 @@ async fn drop_one(
     start: SystemTime,
     unconditional: bool,
 ) -> StateResult<Option<(u64, u64)>> {
-    let names = &store.names;
+    let names = &store.ctx.names;
     let s = &names.schema;
     let part = crate::state::ident::Ident::new("partition", name)?;
     let t = &names.qualified;

@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 use crate::state::error::{StateError, StateResult};
 use crate::state::ops::coalesce::{Claim, Entry, Found, Lookup, Reply, Waiting};
 use crate::state::ops::store::Store;
-use crate::state::pool::conn_pool::bounded;
+use crate::state::pool::context::bounded;
 use crate::state::pool::pipeline::{connection, Use};
 use crate::state::pool::settle::{Fence, Settled, Watch};
 use crate::state::routing::causal::Session;
@@ -34,15 +34,14 @@ impl Store {
             tokio::spawn(self.clone().lead_gets());
         }
         let start = Instant::now();
-        if let Ok(Ok(Found::Value(value))) = tokio::time::timeout(self.op_timeout, reply).await {
-            self.stats.record(Op::Get, 1, start.elapsed(), None);
-            self.stats.coalesced(Kind::Get);
+        if let Ok(Ok(Found::Value(value))) = tokio::time::timeout(self.ctx.limit, reply).await {
+            self.ctx.stats.record(Op::Get, 1, start.elapsed(), None);
+            self.ctx.stats.coalesced(Kind::Get);
             return Ok(value);
         }
         // The group's lookup failed or never ran: a read runs again safely, within what is
         // left of the operation timeout.
-        let left = self.op_timeout.saturating_sub(start.elapsed());
-        bounded(left, alone()).await
+        bounded(self.ctx.left(start), alone()).await
     }
 
     /// The leader of the get queue (see [`lead_puts`](Self::lead_puts)).
@@ -62,11 +61,13 @@ impl Store {
     /// fails).
     async fn read_group(&self, group: Vec<Waiting<Lookup, Found>>) {
         let keys: Vec<&[u8]> = group.iter().map(|w| w.item.0.as_slice()).collect();
-        let found = bounded(self.op_timeout, async {
-            let mut conn = connection(&self.primary, Use::Point).await?;
-            conn.run(|c| c.get_many(&keys)).await
-        })
-        .await;
+        let found = self
+            .ctx
+            .bounded(async {
+                let mut conn = connection(&self.ctx.primary, Use::Point).await?;
+                conn.run(|c| c.get_many(&keys)).await
+            })
+            .await;
         let values: HashMap<Vec<u8>, Vec<u8>> = match found {
             Ok(rows) => rows.into_iter().collect(),
             Err(e) => {
@@ -114,7 +115,7 @@ impl Store {
         };
         let mark = self.router.tracks_writes().then(|| session.write());
         let start = Instant::now();
-        let reply = match tokio::time::timeout(self.op_timeout, &mut reply).await {
+        let reply = match tokio::time::timeout(self.ctx.limit, &mut reply).await {
             Ok(Ok(reply)) => reply,
             // The leader's task ended without answering (its runtime is shutting down).
             Ok(Err(_)) => Reply::Failed(StateError::Connection {
@@ -122,7 +123,7 @@ impl Store {
                 sqlstate: None,
             }),
             Err(_) => match claim.give_up() {
-                None => Reply::Failed(StateError::op_timeout(self.op_timeout).not_sent("put")),
+                None => Reply::Failed(StateError::op_timeout(self.ctx.limit).not_sent("put")),
                 // Settled meanwhile: the answer is on its way.
                 Some(s) if s.is_done() => reply.try_recv().unwrap_or_else(|_| {
                     Reply::Failed(StateError::OutcomeUnknown(
@@ -135,7 +136,7 @@ impl Store {
                         "the put was sent in a group that did not complete within the \
                          operation timeout ({:?}); it may or may not have been applied, and is \
                          settled before this session's next write is sent",
-                        self.op_timeout
+                        self.ctx.limit
                     )))
                 }
             },
@@ -143,8 +144,8 @@ impl Store {
         waiting.armed = false;
         match reply {
             Reply::Written { version, lsn } => {
-                self.stats.record(Op::Upsert, 1, start.elapsed(), None);
-                self.stats.coalesced(Kind::Put);
+                self.ctx.stats.record(Op::Upsert, 1, start.elapsed(), None);
+                self.ctx.stats.coalesced(Kind::Put);
                 if let (Some(mark), Some(lsn)) = (mark, lsn) {
                     mark.learned(lsn);
                 }
@@ -154,14 +155,15 @@ impl Store {
                 if let Some(mark) = mark {
                     mark.nothing_written();
                 }
-                alone(self.op_timeout.saturating_sub(start.elapsed())).await
+                alone(self.ctx.left(start)).await
             }
             Reply::Failed(e) => {
                 // Sent and not settled: held (see above).
                 if let Some(s) = claim.settled() {
                     session.settling.hold(s);
                 }
-                self.stats
+                self.ctx
+                    .stats
                     .record(Op::Upsert, 1, start.elapsed(), Some(e.kind()));
                 Err(e)
             }
@@ -192,33 +194,35 @@ impl Store {
         let settled = Settled::new();
         let fence = Fence::default();
         let watch = Watch::new(&fence);
-        let outcome = bounded(self.op_timeout, async {
-            let mut conn = connection(&self.primary, Use::Point).await?;
-            // Those whose callers gave up meanwhile are left out: nothing is sent for them.
-            group.retain(|w| w.claim.send(&settled));
-            if group.is_empty() {
-                return Ok(None);
-            }
-            let keys: Vec<&[u8]> = group.iter().map(|w| w.item.key.as_slice()).collect();
-            let values: Vec<&[u8]> = group.iter().map(|w| w.item.value.as_slice()).collect();
-            let metadata: Vec<&serde_json::Value> =
-                group.iter().map(|w| &w.item.metadata).collect();
-            let ttls: Vec<Option<i64>> = group.iter().map(|w| w.item.ttl_us).collect();
-            let written = conn
-                .run_watched(Some(&watch), |c| {
-                    c.upsert_many(&keys, &values, &metadata, &ttls)
-                })
-                .await;
-            if written.is_err() && conn.is_closed() {
-                conn.lost(&watch);
-            }
-            let lsn = match (&written, tracks) {
-                (Ok(_), true) => conn.run(|c| c.insert_lsn()).await.ok(),
-                _ => None,
-            };
-            Ok(Some((written, lsn)))
-        })
-        .await;
+        let outcome = self
+            .ctx
+            .bounded(async {
+                let mut conn = connection(&self.ctx.primary, Use::Point).await?;
+                // Those whose callers gave up meanwhile are left out: nothing is sent for them.
+                group.retain(|w| w.claim.send(&settled));
+                if group.is_empty() {
+                    return Ok(None);
+                }
+                let keys: Vec<&[u8]> = group.iter().map(|w| w.item.key.as_slice()).collect();
+                let values: Vec<&[u8]> = group.iter().map(|w| w.item.value.as_slice()).collect();
+                let metadata: Vec<&serde_json::Value> =
+                    group.iter().map(|w| &w.item.metadata).collect();
+                let ttls: Vec<Option<i64>> = group.iter().map(|w| w.item.ttl_us).collect();
+                let written = conn
+                    .run_watched(Some(&watch), |c| {
+                        c.upsert_many(&keys, &values, &metadata, &ttls)
+                    })
+                    .await;
+                if written.is_err() && conn.is_closed() {
+                    conn.lost(&watch);
+                }
+                let lsn = match (&written, tracks) {
+                    (Ok(_), true) => conn.run(|c| c.insert_lsn()).await.ok(),
+                    _ => None,
+                };
+                Ok(Some((written, lsn)))
+            })
+            .await;
         let outcome = match outcome {
             Ok(None) => return settled.fire(),
             Ok(Some((written, lsn))) => written.map(|rows| (rows, lsn)),

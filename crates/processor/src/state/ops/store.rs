@@ -13,15 +13,14 @@ use crate::state::error::{sqlstate, StateError, StateResult};
 use crate::state::limits::{check_entry, check_key, check_metadata, check_page, MAX_GET_MANY};
 use crate::state::ops::coalesce::{Admission, Coalescer, Entry, Found, Lookup, Reply, ALONE_BYTES};
 use crate::state::ops::conn_ops::{check_batch, MetadataQuery, StateEntry};
-use crate::state::pool::conn_pool::{bounded, ConnPool};
+use crate::state::pool::context::{bounded, Context};
 use crate::state::pool::pipeline::{connection, Use};
 use crate::state::pool::settle::Watch;
 use crate::state::routing::causal::{Scope, Session};
 use crate::state::routing::router::{
     current_lsn, replica_failure, ReadTarget, ReplicaFailure, Router,
 };
-use crate::state::schema::names::TableNames;
-use crate::state::stats::counters::{failure, OpRecord, Stats};
+use crate::state::stats::counters::{failure, OpRecord};
 use crate::state::stats::operation::{Kind, Op};
 use crate::state::wire::connection::PgConn;
 
@@ -36,12 +35,9 @@ const WRITE_RETRIES: u32 = 20;
 /// around this. (Cloned for the leader of a put group: every field is shared or small.)
 #[derive(Clone)]
 pub(crate) struct Store {
-    pub primary: Arc<ConnPool>,
+    /// The primary's pool, names, statistics and operation timeout.
+    pub ctx: Arc<Context>,
     pub router: Arc<Router>,
-    pub stats: Arc<Stats>,
-    pub names: TableNames,
-    /// Bounds every operation, from checkout to result.
-    pub op_timeout: Duration,
     /// Combines concurrent puts (see the `coalesce` module).
     pub coalescer: Arc<Coalescer<Entry, Reply>>,
     /// Combines concurrent gets, when every read goes to the primary.
@@ -55,7 +51,7 @@ impl Store {
     where
         F: AsyncFnOnce(&mut PgConn) -> StateResult<T>,
     {
-        self.primary.with(self.op_timeout, f).await
+        self.ctx.on_primary(f).await
     }
 
     /// Runs `f`, a write made outside [`write`](Self::write) (checkpoint restore, archive,
@@ -71,7 +67,7 @@ impl Store {
         let mark = self.router.tracks_writes().then(|| session.write());
         let result = f.await;
         if let Some(mark) = mark {
-            match bounded(self.op_timeout, current_lsn(&self.primary)).await {
+            match self.ctx.bounded(current_lsn(&self.ctx.primary)).await {
                 Ok(lsn) => mark.learned(lsn),
                 // Dropped unknown: the session is unsure.
                 Err(e) => tracing::debug!(error = %e, "cannot read the WAL position after a write"),
@@ -87,7 +83,7 @@ impl Store {
             return Some(0);
         }
         if let Some(n) = scope.session.unsure() {
-            match current_lsn(&self.primary).await {
+            match current_lsn(&self.ctx.primary).await {
                 Ok(lsn) => scope.session.cover(n, lsn),
                 Err(e) => {
                     tracing::debug!(error = %e, "cannot read the primary's WAL position");
@@ -115,89 +111,91 @@ impl Store {
         A: ?Sized + Sync,
         F: for<'a> Fn(&'a PgConn, &'a A) -> ReadFuture<'a, T>,
     {
-        let record = OpRecord::new(&self.stats, op, 1);
+        let record = OpRecord::new(&self.ctx.stats, op, 1);
         let record = &record;
         // One future (not one built, then moved into another: rustc would keep room for both).
         async move {
-            let result = bounded(self.op_timeout, async {
-                let floor = self.floor(scope).await;
-                let force_primary = scope.primary_only || floor.is_none();
-                let floor = floor.unwrap_or(0);
-                // Point reads share pipelined connections; scans, counts and queries (which
-                // would stall the point reads queued behind them) take their own.
-                let (pipelined, how) = if op.kind() == Kind::Get {
-                    (true, Use::Point)
-                } else {
-                    (false, Use::Own)
-                };
-                let mut tried: Vec<usize> = Vec::new();
-                loop {
-                    let (index, replica, verify) =
-                        match self.router.pick(&tried, force_primary, floor)? {
-                            ReadTarget::Primary => {
-                                let start = Instant::now();
-                                let result = match connection(&self.primary, how).await {
-                                    Ok(mut conn) => conn.run(|c| f(c, arg)).await,
-                                    Err(e) => Err(e),
-                                };
-                                record.attempt(start, failure(&result));
-                                return result;
-                            }
-                            ReadTarget::Replica {
-                                index,
-                                replica,
-                                verify,
-                            } => (index, replica, verify),
-                        };
-                    let start = Instant::now();
-                    let f = &f;
-                    let attempt = match connection(&replica.pool, how).await {
-                        Err(e) => Err(e),
-                        Ok(mut conn) => {
-                            conn.run(|c| async move {
-                                if !verify {
-                                    return Ok(Some(f(c, arg).await?));
-                                }
-                                let (replay, read) = if pipelined {
-                                    let (replay, read) = join(c.replay_lsn(), f(c, arg)).await;
-                                    (replay?, Some(read))
-                                } else {
-                                    let replay = c.replay_lsn().await?;
-                                    let read = if replay >= floor {
-                                        Some(f(c, arg).await)
-                                    } else {
-                                        None
-                                    };
-                                    (replay, read)
-                                };
-                                if !self.router.learned(index, replay, floor) {
-                                    return Ok(None);
-                                }
-                                read.map_or(Ok(None), |r| r.map(Some))
-                            })
-                            .await
-                        }
+            let result = self
+                .ctx
+                .bounded(async {
+                    let floor = self.floor(scope).await;
+                    let force_primary = scope.primary_only || floor.is_none();
+                    let floor = floor.unwrap_or(0);
+                    // Point reads share pipelined connections; scans, counts and queries (which
+                    // would stall the point reads queued behind them) take their own.
+                    let (pipelined, how) = if op.kind() == Kind::Get {
+                        (true, Use::Point)
+                    } else {
+                        (false, Use::Own)
                     };
-                    record.attempt(start, failure(&attempt));
-                    match attempt {
-                        Ok(Some(value)) => return Ok(value),
-                        // Behind the session's floor: not a failure, the read goes elsewhere.
-                        Ok(None) => {}
-                        Err(e) => match replica_failure(&e) {
-                            ReplicaFailure::Down => self.router.replicas[index].mark_down(&e),
-                            ReplicaFailure::Conflict => {}
-                            ReplicaFailure::Caller => return Err(e),
-                        },
+                    let mut tried: Vec<usize> = Vec::new();
+                    loop {
+                        let (index, replica, verify) =
+                            match self.router.pick(&tried, force_primary, floor)? {
+                                ReadTarget::Primary => {
+                                    let start = Instant::now();
+                                    let result = match connection(&self.ctx.primary, how).await {
+                                        Ok(mut conn) => conn.run(|c| f(c, arg)).await,
+                                        Err(e) => Err(e),
+                                    };
+                                    record.attempt(start, failure(&result));
+                                    return result;
+                                }
+                                ReadTarget::Replica {
+                                    index,
+                                    replica,
+                                    verify,
+                                } => (index, replica, verify),
+                            };
+                        let start = Instant::now();
+                        let f = &f;
+                        let attempt = match connection(&replica.pool, how).await {
+                            Err(e) => Err(e),
+                            Ok(mut conn) => {
+                                conn.run(|c| async move {
+                                    if !verify {
+                                        return Ok(Some(f(c, arg).await?));
+                                    }
+                                    let (replay, read) = if pipelined {
+                                        let (replay, read) = join(c.replay_lsn(), f(c, arg)).await;
+                                        (replay?, Some(read))
+                                    } else {
+                                        let replay = c.replay_lsn().await?;
+                                        let read = if replay >= floor {
+                                            Some(f(c, arg).await)
+                                        } else {
+                                            None
+                                        };
+                                        (replay, read)
+                                    };
+                                    if !self.router.learned(index, replay, floor) {
+                                        return Ok(None);
+                                    }
+                                    read.map_or(Ok(None), |r| r.map(Some))
+                                })
+                                .await
+                            }
+                        };
+                        record.attempt(start, failure(&attempt));
+                        match attempt {
+                            Ok(Some(value)) => return Ok(value),
+                            // Behind the session's floor: not a failure, the read goes elsewhere.
+                            Ok(None) => {}
+                            Err(e) => match replica_failure(&e) {
+                                ReplicaFailure::Down => self.router.replicas[index].mark_down(&e),
+                                ReplicaFailure::Conflict => {}
+                                ReplicaFailure::Caller => return Err(e),
+                            },
+                        }
+                        self.router.undo_read(index);
+                        tried.push(index);
                     }
-                    self.router.undo_read(index);
-                    tried.push(index);
-                }
-            })
-            .await;
+                })
+                .await;
             record.finish(&result);
             result
         }
-        .instrument(op.span(&self.names.label))
+        .instrument(op.span(&self.ctx.names.label))
         .await
     }
 
@@ -227,7 +225,7 @@ impl Store {
     where
         F: AsyncFnOnce(&PgConn) -> StateResult<T> + Clone,
     {
-        self.write_within(self.op_timeout, session, op, rows, how, f)
+        self.write_within(self.ctx.limit, session, op, rows, how, f)
             .await
     }
 
@@ -245,7 +243,7 @@ impl Store {
     where
         F: AsyncFnOnce(&PgConn) -> StateResult<T> + Clone,
     {
-        let record = OpRecord::new(&self.stats, op, rows);
+        let record = OpRecord::new(&self.ctx.stats, op, rows);
         let record = &record;
         let watch = Watch::new(&session.settling);
         let watch = &watch;
@@ -253,7 +251,7 @@ impl Store {
         async move {
             let result = bounded(limit, async {
                 session.settling.wait().await;
-                let mut conn = connection(&self.primary, how).await?;
+                let mut conn = connection(&self.ctx.primary, how).await?;
                 // Dropped before its position is known (also with this future), the session is
                 // unsure: its next read takes the primary's position.
                 let mark = self.router.tracks_writes().then(|| session.write());
@@ -264,7 +262,7 @@ impl Store {
                 // trip of its own. (Not behind PgBouncer's transaction pooling, which could run
                 // it on another server connection before the write.)
                 let fold =
-                    mark.is_some() && how == Use::Point && !self.primary.transaction_pooling();
+                    mark.is_some() && how == Use::Point && !self.ctx.primary.transaction_pooling();
                 let (mut result, mut lsn) = if fold {
                     let both = conn
                         .run_watched(Some(watch), |c| async move {
@@ -301,7 +299,7 @@ impl Store {
             record.finish(&result);
             result
         }
-        .instrument(op.span(&self.names.label))
+        .instrument(op.span(&self.ctx.names.label))
         .await
     }
 
@@ -321,7 +319,7 @@ impl Store {
             }
             Admission::Queued { reply, lead, .. } => {
                 self.get_queued(reply, lead, alone)
-                    .instrument(Op::Get.span(&self.names.label))
+                    .instrument(Op::Get.span(&self.ctx.names.label))
                     .await
             }
         }
@@ -448,21 +446,21 @@ impl Store {
         // puts/s at 32 tasks against 2514 for plain single-row upserts); each put goes to
         // its shard on its own. A large put runs alone (see the `coalesce` module), and so
         // does one whose session must first wait for an unsettled write (`write` waits).
-        if self.names.distributed
+        if self.ctx.names.distributed
             || key.len() + value.len() > ALONE_BYTES
             || !session.settling.is_open()
         {
-            return alone(self.op_timeout).await;
+            return alone(self.ctx.limit).await;
         }
         match self.coalescer.admit(entry) {
             Admission::Alone(slot) => {
-                let result = alone(self.op_timeout).await;
+                let result = alone(self.ctx.limit).await;
                 drop(slot);
                 result
             }
             Admission::Queued { reply, lead, claim } => {
                 self.put_queued(session, reply, lead, claim, alone)
-                    .instrument(Op::Upsert.span(&self.names.label))
+                    .instrument(Op::Upsert.span(&self.ctx.names.label))
                     .await
             }
         }
@@ -555,7 +553,7 @@ impl Store {
         if entries.is_empty() {
             return Ok(0);
         }
-        let names = &self.names;
+        let names = &self.ctx.names;
         self.write(
             session,
             Op::BatchCopy,

@@ -11,7 +11,6 @@
 //! Point operations share checked-out connections through the `pipeline` module's lanes
 //! ([`ConnPool::point`]); everything else takes a checkout of its own ([`ConnPool::get`]).
 
-use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -23,7 +22,7 @@ use crate::state::error::{StateError, StateResult};
 use crate::state::pool::checkout::{Checkout, ConnectFailures, Manager, Pooled};
 use crate::state::pool::pipeline::{Joined, Lanes, Point, LINGER};
 use crate::state::schema::names::TableNames;
-use crate::state::wire::connection::{Connector, PgConn};
+use crate::state::wire::connection::Connector;
 
 /// With `test_on_acquire`, a connection idle in the pool for longer than this is probed
 /// before it is handed out.
@@ -49,20 +48,6 @@ impl ErrorSink<StateError> for LastError {
 
     fn boxed_clone(&self) -> Box<dyn ErrorSink<StateError>> {
         Box::new(self.clone())
-    }
-}
-
-/// Runs `fut` for at most `limit`. Past it, the future is dropped (a statement it had sent is
-/// settled before its connection is reused, see [`Checkout`]) and the call fails with
-/// [`StateError::Timeout`] (which a write turns into an unknown outcome if its statement was
-/// sent).
-pub(crate) async fn bounded<T>(
-    limit: Duration,
-    fut: impl Future<Output = StateResult<T>>,
-) -> StateResult<T> {
-    match tokio::time::timeout(limit, fut).await {
-        Ok(result) => result,
-        Err(_) => Err(StateError::op_timeout(limit)),
     }
 }
 
@@ -351,19 +336,6 @@ impl ConnPool {
             self.acquire_timeout,
             self.pool.state().connections
         ))
-    }
-
-    /// Checks out a connection and runs `f` on it, the whole bounded by `limit` (see
-    /// [`bounded`]).
-    pub async fn with<T, F>(&self, limit: Duration, f: F) -> StateResult<T>
-    where
-        F: AsyncFnOnce(&mut PgConn) -> StateResult<T>,
-    {
-        bounded(limit, async {
-            let mut conn = self.get().await?;
-            conn.run(|c| f(c)).await
-        })
-        .await
     }
 
     fn checkout(&self, pooled: PooledConnection<'static, Manager>) -> Checkout {

@@ -13,7 +13,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tracing::Instrument;
 
@@ -21,12 +21,11 @@ use crate::state::config::enhanced::IsolationLevel;
 use crate::state::error::{sqlstate, StateError, StateResult};
 use crate::state::ident::Ident;
 use crate::state::pool::checkout::Checkout;
-use crate::state::pool::conn_pool::{bounded, ConnPool};
+use crate::state::pool::context::Context;
 use crate::state::pool::pipeline::Point;
 use crate::state::pool::settle::Watch;
 use crate::state::routing::causal::Session;
-use crate::state::schema::names::TableNames;
-use crate::state::stats::counters::{failure, Stats, TxEvent};
+use crate::state::stats::counters::{failure, TxEvent};
 use crate::state::stats::operation::Op;
 use crate::state::wire::connection::PgConn;
 
@@ -46,15 +45,15 @@ pub type TxFuture<'t, T> = Pin<Box<dyn Future<Output = StateResult<T>> + Send + 
 /// that statement.
 pub struct PostgresTransaction {
     conn: Option<Checkout>,
-    pub(crate) stats: Arc<Stats>,
+    /// The backend's pool, names, statistics and operation timeout (bounds every statement,
+    /// COMMIT and ROLLBACK).
+    pub(crate) ctx: Arc<Context>,
     /// The read-your-writes session its commit is recorded in (none when writes are not
     /// tracked, or the transaction is read-only).
     session: Option<Arc<Session>>,
     /// The handle's session: `begin` waits for its unsettled writes, and a COMMIT whose
     /// outcome is unknown is held in it until settled (see the `settle` module).
     owner: Arc<Session>,
-    /// Bounds every statement, COMMIT and ROLLBACK.
-    op_timeout: Duration,
     savepoints: Vec<String>,
     /// Set once a statement was abandoned: how many of `savepoints` were set before it (a
     /// rollback to one of those undoes it).
@@ -62,7 +61,6 @@ pub struct PostgresTransaction {
     aborted: bool,
     level: IsolationLevel,
     read_only: bool,
-    pub(crate) names: TableNames,
 }
 
 /// Whether a server error ends the session (FATAL or PANIC, a connection exception, an
@@ -82,44 +80,40 @@ const ABANDONED: &str = "an operation was cancelled before it finished, so its e
      the transaction was rolled back instead of committed";
 
 impl PostgresTransaction {
-    /// Begins on a connection of `pool`. `session`: the handle's session, and whether the
-    /// commit's WAL position is recorded in it (read-your-writes).
+    /// Begins on a connection of the primary's pool. `session`: the handle's session, and
+    /// whether the commit's WAL position is recorded in it (read-your-writes).
     pub(crate) async fn begin(
-        pool: &ConnPool,
-        stats: Arc<Stats>,
+        ctx: Arc<Context>,
         (owner, records): (Arc<Session>, bool),
-        names: TableNames,
         level: IsolationLevel,
         read_only: bool,
-        op_timeout: Duration,
     ) -> StateResult<Self> {
         let sql = format!(
             "BEGIN ISOLATION LEVEL {}{}",
             level.as_sql(),
             if read_only { " READ ONLY" } else { "" }
         );
-        let conn = bounded(op_timeout, async {
-            // After the session's abandoned writes have settled (nothing is sent before).
-            owner.settling.wait().await;
-            let mut conn = pool.get().await?;
-            conn.set_in_transaction(true);
-            conn.run(|c| c.client.batch_execute(&sql)).await?;
-            Ok(conn)
-        })
-        .await?;
-        stats.tx(TxEvent::Begun);
+        let conn = ctx
+            .bounded(async {
+                // After the session's abandoned writes have settled (nothing is sent before).
+                owner.settling.wait().await;
+                let mut conn = ctx.primary.get().await?;
+                conn.set_in_transaction(true);
+                conn.run(|c| c.client.batch_execute(&sql)).await?;
+                Ok(conn)
+            })
+            .await?;
+        ctx.stats.tx(TxEvent::Begun);
         Ok(PostgresTransaction {
             conn: Some(conn),
-            stats,
+            ctx,
             session: records.then(|| owner.clone()),
             owner,
-            op_timeout,
             savepoints: Vec::new(),
             abandoned: None,
             aborted: false,
             level,
             read_only,
-            names,
         })
     }
 
@@ -150,13 +144,13 @@ impl PostgresTransaction {
         if conn.abandoned() && self.abandoned.is_none() {
             self.abandoned = Some(self.savepoints.len());
         }
-        let (stats, op_timeout) = (&self.stats, self.op_timeout);
-        let span = op.span(&self.names.label);
+        let ctx = &self.ctx;
+        let span = op.span(&self.ctx.names.label);
         // Recorded inside the span, so a failure is the span's `error.type`.
         let r = async {
             let start = Instant::now();
-            let r = bounded(op_timeout, conn.run(|c| f(c))).await;
-            stats.record(op, rows, start.elapsed(), failure(&r));
+            let r = ctx.bounded(conn.run(|c| f(c))).await;
+            ctx.stats.record(op, rows, start.elapsed(), failure(&r));
             r
         }
         .instrument(span)
@@ -177,8 +171,10 @@ impl PostgresTransaction {
             self.aborted = true;
         }
         match e.sqlstate() {
-            Some(sqlstate::SERIALIZATION_FAILURE) => self.stats.tx(TxEvent::SerializationFailure),
-            Some(sqlstate::DEADLOCK_DETECTED) => self.stats.tx(TxEvent::Deadlock),
+            Some(sqlstate::SERIALIZATION_FAILURE) => {
+                self.ctx.stats.tx(TxEvent::SerializationFailure)
+            }
+            Some(sqlstate::DEADLOCK_DETECTED) => self.ctx.stats.tx(TxEvent::Deadlock),
             _ => {}
         }
     }
@@ -186,15 +182,14 @@ impl PostgresTransaction {
     /// Ends the transaction on `conn` with ROLLBACK, bounded; the connection goes back clean
     /// only if that worked (otherwise its checkout tries again, or discards it).
     async fn roll_back_on(&self, mut conn: Checkout) -> StateResult<()> {
-        self.stats.tx(TxEvent::RolledBack);
+        self.ctx.stats.tx(TxEvent::RolledBack);
         if conn.is_closed() {
             // The server ended the transaction with the connection.
             return Ok(());
         }
-        bounded(self.op_timeout, async {
-            Ok(conn.run(|c| c.client.batch_execute("ROLLBACK")).await?)
-        })
-        .await?;
+        self.ctx
+            .bounded(async { Ok(conn.run(|c| c.client.batch_execute("ROLLBACK")).await?) })
+            .await?;
         conn.set_in_transaction(false);
         Ok(())
     }
@@ -219,7 +214,7 @@ impl PostgresTransaction {
             });
         }
         if conn.is_closed() {
-            self.stats.tx(TxEvent::RolledBack);
+            self.ctx.stats.tx(TxEvent::RolledBack);
             return Err(StateError::Connection {
                 message: "connection lost before COMMIT was sent; nothing was committed".into(),
                 sqlstate: None,
@@ -233,17 +228,17 @@ impl PostgresTransaction {
         // (probe, cancel requests) and the session's next write waits for that.
         let watch = Watch::new(&self.owner.settling);
         let committed = tokio::time::timeout(
-            self.op_timeout,
+            self.ctx.limit,
             conn.run_watched(Some(&watch), |c| c.client.batch_execute("COMMIT")),
         )
         .await;
         match committed {
             Ok(Ok(())) => {
                 conn.set_in_transaction(false);
-                self.stats.tx(TxEvent::Committed);
+                self.ctx.stats.tx(TxEvent::Committed);
                 if let Some(mark) = mark {
                     let mut conn = Point::Own(Box::new(conn));
-                    let _ = tokio::time::timeout(self.op_timeout, mark.record(&mut conn)).await;
+                    let _ = tokio::time::timeout(self.ctx.limit, mark.record(&mut conn)).await;
                 }
                 Ok(())
             }
@@ -257,7 +252,7 @@ impl PostgresTransaction {
                 conn.set_in_transaction(false);
                 let err = StateError::from(e);
                 self.note_error(&err);
-                self.stats.tx(TxEvent::RolledBack);
+                self.ctx.stats.tx(TxEvent::RolledBack);
                 Err(err)
             }
             Ok(Err(e)) => {
@@ -273,7 +268,7 @@ impl PostgresTransaction {
             Err(_) => Err(StateError::CommitOutcomeUnknown(format!(
                 "COMMIT did not complete within the operation timeout ({:?}); it either \
                  commits before the session's next write is sent, or not at all",
-                self.op_timeout
+                self.ctx.limit
             ))),
         }
     }
@@ -347,7 +342,7 @@ impl Drop for PostgresTransaction {
     fn drop(&mut self) {
         // Unfinished: the checkout rolls the transaction back as it goes (see the module docs).
         if self.conn.take().is_some() {
-            self.stats.tx(TxEvent::RolledBack);
+            self.ctx.stats.tx(TxEvent::RolledBack);
         }
     }
 }

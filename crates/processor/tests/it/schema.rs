@@ -140,3 +140,55 @@ async fn a_tampered_migration_record_is_refused() {
     let err = EnhancedPostgresBackend::new(cfg).await.unwrap_err();
     assert!(err.to_string().contains("002_add_indexes.sql"), "{err}");
 }
+
+/// An archive table has one definition, the migrated default archive table's: an archive
+/// table named by the caller is created like it (same columns, types, defaults and nullability)
+/// with the same index, on `(key, version)`, which serves the archive's reads (the newest
+/// version of a key).
+#[tokio::test]
+async fn every_archive_table_is_made_like_the_migrated_one() {
+    let config = support::config("archive_shape");
+    let schema = config.schema().to_string();
+    let b = EnhancedPostgresBackend::new(config).await.unwrap();
+    b.put(b"k", b"v").await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let moved = b
+        .archive_old_data("named_archive", std::time::Duration::from_millis(1))
+        .await
+        .unwrap();
+    assert_eq!(moved, 1);
+    let db = support::raw(&support::url()).await;
+    let shape = async |table: &str| {
+        let columns: Vec<String> = db
+            .query(
+                "SELECT format('%s %s %s %s', column_name, data_type, is_nullable, \
+                        coalesce(column_default, '-')) \
+                 FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2 \
+                 ORDER BY ordinal_position",
+                &[&schema, &table],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let indexes: Vec<String> = db
+            .query(
+                "SELECT regexp_replace(indexdef, '^.* USING ', '') FROM pg_indexes \
+                 WHERE schemaname = $1 AND tablename = $2 ORDER BY 1",
+                &[&schema, &table],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        (columns, indexes)
+    };
+    let (model_columns, model_indexes) = shape("state_entries_archive").await;
+    let (columns, indexes) = shape("named_archive").await;
+    assert_eq!(model_columns.len(), 8, "{model_columns:?}");
+    assert_eq!(columns, model_columns);
+    assert_eq!(model_indexes, vec!["btree (key, version)".to_string()]);
+    assert_eq!(indexes, model_indexes);
+}

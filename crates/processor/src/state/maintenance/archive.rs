@@ -20,45 +20,27 @@ use crate::state::wire::statements::{upsert_sql, ENTRY_COLUMNS, EXPIRED_NOW};
 
 /// `archive_table` as a quoted name in the backend's schema: a plain identifier (letters,
 /// digits, `_`, at most [`MAX_TABLE_NAME_LEN`](crate::state::MAX_TABLE_NAME_LEN) bytes), never
-/// the state table itself. Anything else is refused, nothing touched. Also the name of its
-/// key index.
-pub(crate) fn archive_name(
-    names: &TableNames,
-    archive_table: &str,
-) -> StateResult<(String, String)> {
+/// the state table itself. Anything else is refused, nothing touched.
+pub(crate) fn archive_name(names: &TableNames, archive_table: &str) -> StateResult<String> {
     let ident = Ident::new_table(archive_table)?;
     if ident.as_str() == names.table.as_str() {
         return Err(StateError::invalid(
             "the archive table cannot be the state table itself",
         ));
     }
-    Ok((
-        format!("{}.{ident}", names.schema),
-        ident.suffixed("_key_idx").to_string(),
-    ))
+    Ok(format!("{}.{ident}", names.schema))
 }
 
-/// Creates the archive table (the state table's columns plus `archived_at`) when missing.
-async fn ensure_table(store: &Store, archive: &str, index: &str) -> StateResult<()> {
+/// Creates the archive table when missing, like the migrated default archive table (the one
+/// definition of an archive table: the state table's columns plus `archived_at`, and the index
+/// on `(key, version)`; see migrations 003 and 009).
+async fn ensure_table(store: &Store, archive: &str) -> StateResult<()> {
     let sql = format!(
-        "CREATE TABLE IF NOT EXISTS {archive} (
-             key         bytea       NOT NULL,
-             value       bytea       NOT NULL,
-             metadata    jsonb       NOT NULL DEFAULT '{{}}'::jsonb,
-             created_at  timestamptz NOT NULL,
-             updated_at  timestamptz NOT NULL,
-             expires_at  timestamptz,
-             version     bigint      NOT NULL,
-             archived_at timestamptz NOT NULL DEFAULT now()
-         )"
+        "CREATE TABLE IF NOT EXISTS {archive} (LIKE {} INCLUDING ALL)",
+        store.ctx.names.archive
     );
-    let index = format!("CREATE INDEX IF NOT EXISTS {index} ON {archive} (key, archived_at)");
     store
-        .on_primary(async |c| {
-            c.client.batch_execute(&sql).await?;
-            c.client.batch_execute(&index).await?;
-            Ok(())
-        })
+        .on_primary(async |c| Ok(c.client.batch_execute(&sql).await?))
         .await
 }
 
@@ -72,8 +54,8 @@ pub(crate) async fn archive(
     batch_size: usize,
     progress: &(dyn Fn(u64) + Sync),
 ) -> StateResult<u64> {
-    let (archive, index) = archive_name(&store.ctx.names, archive_table)?;
-    ensure_table(store, &archive, &index).await?;
+    let archive = archive_name(&store.ctx.names, archive_table)?;
+    ensure_table(store, &archive).await?;
     sweep(
         store,
         Sweep::Archive(older_than, archive),
@@ -90,7 +72,7 @@ pub(crate) async fn get_archived(
     archive_table: &str,
     key: &[u8],
 ) -> StateResult<Option<StateEntry>> {
-    let (archive, _) = archive_name(&store.ctx.names, archive_table)?;
+    let archive = archive_name(&store.ctx.names, archive_table)?;
     let sql = format!(
         "SELECT {ENTRY_COLUMNS} FROM {archive} WHERE key = $1 ORDER BY version DESC LIMIT 1"
     );
@@ -105,13 +87,14 @@ pub(crate) async fn get_archived(
 }
 
 /// Moves the newest archived entry under `key` back into the state table, unless the key has
-/// a live entry there or the archived entry's expiry has passed; whether it did. The restored entry gets a new version (above every
-/// version the key had) and its value, metadata, creation time and expiry back; it leaves the
+/// a live entry there or the archived entry's expiry has passed; whether it did. The restored
+/// entry gets a new version (above every version the key had) and its value, metadata, creation time and expiry back; it leaves the
 /// archive in the same transaction.
 pub(crate) async fn restore(store: &Store, archive_table: &str, key: &[u8]) -> StateResult<bool> {
-    let (archive, _) = archive_name(&store.ctx.names, archive_table)?;
+    let archive = archive_name(&store.ctx.names, archive_table)?;
     let newest = format!(
-        "SELECT value, metadata, created_at, expires_at, archived_at, version FROM {archive} \
+        "SELECT value, metadata, created_at, expires_at, archived_at, version, \
+                (expires_at <= statement_timestamp()) IS TRUE FROM {archive} \
          WHERE key = $1 ORDER BY version DESC LIMIT 1 FOR UPDATE"
     );
     let insert = upsert_sql(
@@ -137,9 +120,9 @@ pub(crate) async fn restore(store: &Store, archive_table: &str, key: &[u8]) -> S
             let expires: Option<std::time::SystemTime> = row.try_get(3)?;
             let archived: std::time::SystemTime = row.try_get(4)?;
             let version: i64 = row.try_get(5)?;
-            // An entry whose time ran out in the archive would come back invisible and be
-            // cleaned up: it stays archived.
-            if expires.is_some_and(|e| e <= std::time::SystemTime::now()) {
+            // An entry whose time ran out in the archive (by the server's clock, as every
+            // expiry) would come back invisible and be cleaned up: it stays archived.
+            if row.try_get::<_, bool>(6)? {
                 return Ok(false);
             }
             let restored = tx

@@ -58,7 +58,10 @@ async fn step<T>(
     limit: Duration,
     f: impl AsyncFnOnce(&tokio_postgres::Client) -> Result<T, tokio_postgres::Error>,
 ) -> StateResult<T> {
-    bounded(limit, async { Ok(conn.run(async |c| f(&c.client).await).await?) }).await
+    bounded(limit, async {
+        Ok(conn.run(async |c| f(&c.client).await).await?)
+    })
+    .await
 }
 
 /// Takes a checkpoint named `name` of every live entry; `progress` gets the entries copied so

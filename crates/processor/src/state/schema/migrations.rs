@@ -87,6 +87,12 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../../migrations/008_statement_clock.sql"),
         per_schema: false,
     },
+    Migration {
+        version: 9,
+        name: "009_archive_key_version_index.sql",
+        sql: include_str!("../../../migrations/009_archive_key_version_index.sql"),
+        per_schema: false,
+    },
 ];
 
 /// Name of the tracking table, in the configured schema.

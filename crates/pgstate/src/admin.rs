@@ -5,8 +5,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::Subcommand;
 use processor::state::{
-    EnhancedPostgresBackend, LockMode, NodeRole, RetentionPolicy, StateBackend, TableStatistics,
-    MIGRATIONS,
+    EnhancedPostgresBackend, LockMode, MaintenanceOptions, NodeRole, RetentionPolicy, StateBackend,
+    TableStatistics, MIGRATIONS,
 };
 use serde_json::{json, Value};
 
@@ -287,8 +287,11 @@ pub async fn retention(target: &Target, action: RetentionAction) -> Result<(), C
     let backend = EnhancedPostgresBackend::new(config).await?;
     let bar = progress::counter("deleting");
     let deleted = backend
-        .apply_retention_policy_with_progress(|n| bar.set_position(n))
-        .await?;
+        .apply_retention_policy_with(
+            MaintenanceOptions::new().with_progress(|p| bar.set_position(p.done)),
+        )
+        .await?
+        .entries_deleted;
     bar.finish_and_clear();
     println!("deleted {deleted} entries from {}", backend.table());
     Ok(())
@@ -300,7 +303,11 @@ pub async fn archive(target: &Target, name: &str, older_than: f64) -> Result<(),
     let backend = target.backend().await?;
     let bar = progress::counter("archiving");
     let moved = backend
-        .archive_old_data_with_progress(name, older_than, |n| bar.set_position(n))
+        .archive_old_data_with(
+            name,
+            older_than,
+            MaintenanceOptions::new().with_progress(|p| bar.set_position(p.done)),
+        )
         .await?;
     bar.finish_and_clear();
     println!("moved {moved} entries into {name}");
@@ -335,7 +342,10 @@ pub async fn checkpoint(target: &Target, action: CheckpointAction) -> Result<(),
         CheckpointAction::Create { name } => {
             let bar = progress::counter("copying entries");
             let info = backend
-                .create_checkpoint_with_progress(&name, |n| bar.set_position(n))
+                .create_checkpoint_with(
+                    &name,
+                    MaintenanceOptions::new().with_progress(|p| bar.set_position(p.done)),
+                )
                 .await?;
             bar.finish_and_clear();
             println!("{}", info.id);

@@ -60,8 +60,9 @@ pub use limits::{
     MAX_GET_MANY, MAX_KEY_LEN, MAX_METADATA_LEN, MAX_PAGE, MAX_TTL, MAX_VALUE_LEN,
 };
 pub use maintenance::{
-    CheckpointInfo, DroppedPartition, PartitionStatistics, RepartitionReport, RetentionReport,
-    TableActivity, TableStatistics, EXACT_COUNT_LIMIT, MAX_CHECKPOINT_NAME_LEN,
+    CheckpointInfo, DroppedPartition, MaintenanceOptions, PartitionStatistics, Progress,
+    RepartitionReport, RetentionReport, TableActivity, TableStatistics, EXACT_COUNT_LIMIT,
+    MAX_CHECKPOINT_NAME_LEN,
 };
 pub use memory::MemoryStateBackend;
 pub use ops::conn_ops::StateEntry;

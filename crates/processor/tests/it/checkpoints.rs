@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use processor::state::{ErrorKind, IsolationLevel, StateBackend};
+use processor::state::{ErrorKind, IsolationLevel, MaintenanceOptions, StateBackend};
 
 use crate::support;
 
@@ -85,11 +85,12 @@ async fn a_checkpoint_is_one_instant_and_its_restore_is_atomic() {
     let before = moves.load(Ordering::Relaxed);
     let checkpoint = {
         let seen = seen.clone();
-        b.create_checkpoint_with_progress("mid-transfer", move |n| {
-            seen.lock().unwrap().push(n);
-        })
-        .await
-        .unwrap()
+        let options = MaintenanceOptions::new().with_progress(move |p| {
+            seen.lock().unwrap().push(p.done);
+        });
+        b.create_checkpoint_with("mid-transfer", options)
+            .await
+            .unwrap()
     };
     let during = moves.load(Ordering::Relaxed) - before;
     stop.store(true, Ordering::Relaxed);

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use processor::state::{
-    EnhancedPostgresBackend, EnhancedPostgresConfig, ErrorKind, RetentionPolicy, StateBackend,
+    EnhancedPostgresBackend, EnhancedPostgresConfig, ErrorKind, MaintenanceOptions,
+    RetentionPolicy, StateBackend, StateError,
 };
 
 use crate::support;
@@ -131,7 +132,15 @@ async fn retention_removes_exactly_the_old_entries_and_passes_never_overlap() {
     .await;
     let steps = std::sync::Mutex::new(Vec::new());
     let (ra, rb) = tokio::join!(
-        a.apply_retention_policy_with_progress(|n| steps.lock().unwrap().push(n)),
+        async {
+            let options =
+                MaintenanceOptions::new().with_progress(|p| steps.lock().unwrap().push(p.done));
+            Ok::<_, StateError>(
+                a.apply_retention_policy_with(options)
+                    .await?
+                    .entries_deleted,
+            )
+        },
         b.apply_retention_policy()
     );
     let mut removed = [ra.unwrap(), rb.unwrap()];
@@ -325,7 +334,10 @@ async fn cleanup_counts_the_entries_that_expired_and_tombstones_apart() {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let report = b.apply_retention_policy_report().await.unwrap();
+    let report = b
+        .apply_retention_policy_with(MaintenanceOptions::new())
+        .await
+        .unwrap();
     assert_eq!(
         (report.entries_deleted, report.tombstones_removed),
         (1, 1),
@@ -346,7 +358,10 @@ async fn cleanup_counts_the_entries_that_expired_and_tombstones_apart() {
     aged.delete(b"gone").await.unwrap();
     tokio::time::sleep(Duration::from_millis(1200)).await;
     aged.put(b"new", b"v").await.unwrap();
-    let report = aged.apply_retention_policy_report().await.unwrap();
+    let report = aged
+        .apply_retention_policy_with(MaintenanceOptions::new())
+        .await
+        .unwrap();
     assert_eq!(
         (report.entries_deleted, report.tombstones_removed),
         (1, 1),
@@ -403,9 +418,11 @@ async fn archive_moves_live_entries_only_and_never_restores_an_expired_one() {
     sql(&b, "UPDATE {t} SET updated_at = now() - interval '10 days'").await;
     let steps = std::sync::Mutex::new(Vec::new());
     assert_eq!(
-        b.archive_old_data_with_progress("arch", Duration::from_secs(86400), |n| {
-            steps.lock().unwrap().push(n)
-        })
+        b.archive_old_data_with(
+            "arch",
+            Duration::from_secs(86400),
+            MaintenanceOptions::new().with_progress(|p| steps.lock().unwrap().push(p.done))
+        )
         .await
         .unwrap(),
         2,
@@ -536,7 +553,10 @@ async fn table_activity_counts_every_clients_writes() {
     }
     other.delete(b"k9").await.unwrap();
     // Removes k9's tombstone, which is no entry of the user's.
-    let report = b.apply_retention_policy_report().await.unwrap();
+    let report = b
+        .apply_retention_policy_with(MaintenanceOptions::new())
+        .await
+        .unwrap();
     assert_eq!((report.entries_deleted, report.tombstones_removed), (0, 1));
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {

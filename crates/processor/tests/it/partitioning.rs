@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use processor::state::{
-    EnhancedPostgresBackend, EnhancedPostgresConfig, ErrorKind, PartitionStrategy, StateBackend,
+    EnhancedPostgresBackend, EnhancedPostgresConfig, ErrorKind, MaintenanceOptions,
+    PartitionStrategy, StateBackend,
 };
 
 use crate::{conformance, seed, support};
@@ -385,11 +386,11 @@ async fn a_plain_table_of_100k_rows_is_partitioned_online_with_reads_and_writes_
     let started = std::time::Instant::now();
     let report = {
         let seen = seen.clone();
-        b.migrate_to_partitioned_with_progress(HASH16, move |copied, total| {
-            seen.lock().unwrap().push((copied, total))
-        })
-        .await
-        .unwrap()
+        let options = MaintenanceOptions::new()
+            .with_progress(move |p| seen.lock().unwrap().push((p.done, p.total.unwrap_or(0))));
+        b.migrate_to_partitioned_with(HASH16, options)
+            .await
+            .unwrap()
     };
     let took = started.elapsed();
     let (during_reads, during_writes) = (

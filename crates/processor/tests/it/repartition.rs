@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use processor::state::{EnhancedPostgresBackend, ErrorKind, StateBackend};
+use processor::state::{EnhancedPostgresBackend, ErrorKind, MaintenanceOptions, StateBackend};
 
 use crate::partitioning::{catalog_layout, cfg_schema, HASH16};
 use crate::support;
@@ -154,8 +154,8 @@ fn their_futures_are_send() {
     fn send<T: Send>(_: &T) {}
     let _ = |b: &'static EnhancedPostgresBackend| {
         send(&b.migrate_to_partitioned(HASH16));
-        send(&b.migrate_to_partitioned_with_progress(HASH16, |_, _| {}));
-        send(&b.apply_retention_policy_report());
+        send(&b.migrate_to_partitioned_with(HASH16, MaintenanceOptions::new()));
+        send(&b.apply_retention_policy_with(MaintenanceOptions::new()));
         send(&b.get_table_statistics());
         send(&b.get_many(&[]));
         send(&b.list_keys_page(b"", None, 1));

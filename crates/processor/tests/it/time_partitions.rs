@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use processor::state::{
-    EnhancedPostgresBackend, EnhancedPostgresConfig, ErrorKind, IsolationLevel, PartitionStrategy,
-    RetentionPolicy, RetentionReport, StateBackend,
+    EnhancedPostgresBackend, EnhancedPostgresConfig, ErrorKind, IsolationLevel, MaintenanceOptions,
+    PartitionStrategy, RetentionPolicy, RetentionReport, StateBackend,
 };
 
 use crate::partitioning::every_operation;
@@ -86,7 +86,10 @@ async fn retention_until(b: &EnhancedPostgresBackend, rows: u64) -> RetentionRep
     let start = Instant::now();
     let mut all = RetentionReport::default();
     loop {
-        let report = b.apply_retention_policy_report().await.unwrap();
+        let report = b
+            .apply_retention_policy_with(MaintenanceOptions::new())
+            .await
+            .unwrap();
         all.entries_deleted += report.entries_deleted;
         all.tombstones_removed += report.tombstones_removed;
         all.partitions_dropped.extend(report.partitions_dropped);

@@ -10,8 +10,8 @@ use crate::state::config::enhanced::EnhancedPostgresConfig;
 use crate::state::config::partition_strategy::PartitionStrategy;
 use crate::state::error::StateResult;
 use crate::state::maintenance::{
-    self, CheckpointInfo, CleanupPlan, RepartitionReport, RetentionReport, TableActivity,
-    TableStatistics,
+    self, CheckpointInfo, CleanupPlan, MaintenanceOptions, RepartitionReport, RetentionReport,
+    TableActivity, TableStatistics,
 };
 use crate::state::ops::conn_ops::StateEntry;
 
@@ -106,45 +106,33 @@ impl EnhancedPostgresBackend {
     /// while another instance runs a pass on the same table. Returns how many entries were
     /// deleted: those that had expired and those the policy aged out. Delete tombstones (the
     /// internal rows `delete` and `clear` leave) are removed too but not counted; the
-    /// [`_report`](Self::apply_retention_policy_report) form counts them apart.
+    /// [`_with`](Self::apply_retention_policy_with) form counts them apart.
     ///
     /// Versions stay monotonic: a key re-created after its row was deleted starts above every
     /// version cleanup removed from the table.
     pub async fn apply_retention_policy(&self) -> StateResult<u64> {
-        self.apply_retention_policy_with_progress(|_| {}).await
-    }
-
-    /// [`apply_retention_policy`](Self::apply_retention_policy), calling `progress` with the
-    /// rows removed so far (tombstones included) after each batch (for a progress bar).
-    pub async fn apply_retention_policy_with_progress(
-        &self,
-        progress: impl Fn(u64) + Sync,
-    ) -> StateResult<u64> {
-        let (plan, _) = plan(&self.inner.config);
         let report = self
-            .pass(
-                CleanupPlan {
-                    expired: true,
-                    ..plan
-                },
-                &progress,
-            )
+            .apply_retention_policy_with(MaintenanceOptions::new())
             .await?;
         Ok(report.entries_deleted)
     }
 
-    /// [`apply_retention_policy`](Self::apply_retention_policy), reporting also the delete
-    /// tombstones it removed and the partitions it dropped whole (on a table partitioned by
-    /// time range: a window that ended more than `max_age` ago, or whose entries have all
-    /// expired).
-    pub async fn apply_retention_policy_report(&self) -> StateResult<RetentionReport> {
+    /// [`apply_retention_policy`](Self::apply_retention_policy) with `options` (progress:
+    /// the rows removed so far, tombstones included, after each batch), reporting also the
+    /// delete tombstones it removed and the partitions it dropped whole (on a table
+    /// partitioned by time range: a window that ended more than `max_age` ago, or whose
+    /// entries have all expired).
+    pub async fn apply_retention_policy_with(
+        &self,
+        options: MaintenanceOptions<'_>,
+    ) -> StateResult<RetentionReport> {
         let (plan, _) = plan(&self.inner.config);
         self.pass(
             CleanupPlan {
                 expired: true,
                 ..plan
             },
-            &|_| {},
+            &|n| options.done(n),
         )
         .await
     }
@@ -189,29 +177,31 @@ impl EnhancedPostgresBackend {
     }
 
     /// Moves the entries not written for `older_than` into `archive_table` (in this backend's
-    /// schema, created when missing with the state table's columns plus `archived_at`), in
-    /// batches; returns how many moved. Each batch moves its rows in one statement, so an
-    /// interruption neither loses nor duplicates any. `archive_table` must be a plain name
-    /// (letters, digits, `_`): anything else is refused with nothing touched.
+    /// schema, created when missing like the default archive table: the state table's columns
+    /// plus `archived_at`), in batches; returns how many moved. Each batch moves its rows in
+    /// one statement, so an interruption neither loses nor duplicates any. `archive_table`
+    /// must be a plain name (letters, digits, `_`): anything else is refused with nothing
+    /// touched.
     pub async fn archive_old_data(
         &self,
         archive_table: &str,
         older_than: Duration,
     ) -> StateResult<u64> {
-        self.archive_old_data_with_progress(archive_table, older_than, |_| {})
+        self.archive_old_data_with(archive_table, older_than, MaintenanceOptions::new())
             .await
     }
 
-    /// [`archive_old_data`](Self::archive_old_data), calling `progress` with the entries moved
-    /// so far after each batch (for a progress bar).
-    pub async fn archive_old_data_with_progress(
+    /// [`archive_old_data`](Self::archive_old_data) with `options` (progress: the entries
+    /// moved so far, after each batch).
+    pub async fn archive_old_data_with(
         &self,
         archive_table: &str,
         older_than: Duration,
-        progress: impl Fn(u64) + Sync,
+        options: MaintenanceOptions<'_>,
     ) -> StateResult<u64> {
         let (plan, _) = plan(&self.inner.config);
         let store = self.store();
+        let progress = |n| options.done(n);
         store
             .tracked(
                 &self.session,
@@ -265,17 +255,18 @@ impl EnhancedPostgresBackend {
     /// Takes a named checkpoint of every live entry: one database snapshot (the state at one
     /// instant, whatever writers do meanwhile), kept as rows in `state_checkpoint_entries`.
     pub async fn create_checkpoint(&self, name: &str) -> StateResult<CheckpointInfo> {
-        maintenance::create_checkpoint(self.store(), name, &|_| {}).await
+        self.create_checkpoint_with(name, MaintenanceOptions::new())
+            .await
     }
 
-    /// [`create_checkpoint`](Self::create_checkpoint), calling `progress` with the entries
-    /// copied so far after each chunk of 10 000 (for a progress bar).
-    pub async fn create_checkpoint_with_progress(
+    /// [`create_checkpoint`](Self::create_checkpoint) with `options` (progress: the entries
+    /// copied so far, after each chunk of 10 000).
+    pub async fn create_checkpoint_with(
         &self,
         name: &str,
-        progress: impl Fn(u64) + Sync,
+        options: MaintenanceOptions<'_>,
     ) -> StateResult<CheckpointInfo> {
-        maintenance::create_checkpoint(self.store(), name, &progress).await
+        maintenance::create_checkpoint(self.store(), name, &|n| options.done(n)).await
     }
 
     /// This table's checkpoints, newest first.
@@ -324,18 +315,19 @@ impl EnhancedPostgresBackend {
         &self,
         strategy: PartitionStrategy,
     ) -> StateResult<RepartitionReport> {
-        self.migrate_to_partitioned_with_progress(strategy, |_, _| {})
+        self.migrate_to_partitioned_with(strategy, MaintenanceOptions::new())
             .await
     }
 
-    /// [`migrate_to_partitioned`](Self::migrate_to_partitioned), calling
-    /// `progress(copied, estimated_total)` after each batch (for a progress bar).
-    pub async fn migrate_to_partitioned_with_progress(
+    /// [`migrate_to_partitioned`](Self::migrate_to_partitioned) with `options` (progress: the
+    /// rows copied so far and the estimated total, after each batch).
+    pub async fn migrate_to_partitioned_with(
         &self,
         strategy: PartitionStrategy,
-        progress: impl Fn(u64, u64) + Sync,
+        options: MaintenanceOptions<'_>,
     ) -> StateResult<RepartitionReport> {
         let store = self.store();
+        let progress = |copied, total| options.report(copied, Some(total));
         let work = maintenance::repartition_table(
             store,
             self.coordinator(),

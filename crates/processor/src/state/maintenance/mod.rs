@@ -13,6 +13,7 @@ mod archive;
 mod checkpoints;
 mod cleanup;
 mod floor;
+mod progress;
 mod repartition;
 mod table_stats;
 mod vacuum;
@@ -27,6 +28,7 @@ pub(crate) use checkpoints::{
 };
 pub use checkpoints::{CheckpointInfo, MAX_CHECKPOINT_NAME_LEN};
 pub(crate) use cleanup::{sweep, Sweep};
+pub use progress::{MaintenanceOptions, Progress};
 use repartition::repartition;
 pub use repartition::RepartitionReport;
 pub(crate) use table_stats::{table_activity, table_statistics};
@@ -52,7 +54,7 @@ pub(crate) struct CleanupPlan {
 }
 
 /// What a cleanup pass removed, from
-/// [`apply_retention_policy_report`](crate::state::EnhancedPostgresBackend::apply_retention_policy_report).
+/// [`apply_retention_policy_with`](crate::state::EnhancedPostgresBackend::apply_retention_policy_with).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RetentionReport {
     /// Entries removed that a user could have read once: expired ones, and under an enabled

@@ -176,7 +176,9 @@ async fn main() {
         ms => Hold::Sleep(Duration::from_millis(ms)),
     });
     println!("{tasks} tasks, {connections} connections, {seconds} s each");
-    println!("| pool | checkouts/s | fewest / most per task | median wait | p99 wait | longest wait |");
+    println!(
+        "| pool | checkouts/s | fewest / most per task | median wait | p99 wait | longest wait |"
+    );
     println!("|---|---|---|---|---|---|");
     for round in 0..3 {
         let bb8 = || async {

@@ -117,7 +117,7 @@ pub(crate) struct Checkout {
     pub(crate) rollback_limit: Duration,
     /// This checkout's turn in the pool (see [`ConnPool::get`](crate::state::pool::conn_pool::ConnPool::get)); released after the
     /// connection is back.
-    pub(crate) turn: Option<tokio::sync::OwnedSemaphorePermit>,
+    pub(crate) turn: Option<crate::state::pool::turns::Turn>,
     /// Abandoned statements on this connection, fired once it is settled.
     pub(crate) unsettled: Vec<Arc<Settled>>,
 }

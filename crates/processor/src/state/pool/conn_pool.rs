@@ -11,7 +11,7 @@
 //! Point operations share checked-out connections through the `pipeline` module's lanes
 //! ([`ConnPool::point`]); everything else takes a checkout of its own ([`ConnPool::get`]).
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -21,6 +21,7 @@ use crate::state::config::enhanced::PostgresPoolConfig;
 use crate::state::error::{StateError, StateResult};
 use crate::state::pool::checkout::{Checkout, ConnectFailures, Manager, Pooled};
 use crate::state::pool::pipeline::{Joined, Lanes, Point, LINGER};
+use crate::state::pool::turns::{Turn, Turns};
 use crate::state::schema::names::TableNames;
 use crate::state::wire::connection::Connector;
 
@@ -101,12 +102,8 @@ pub(crate) struct ConnPool {
     health_task: tokio::task::JoinHandle<()>,
     /// For connections outside the pool's rotation (VACUUM).
     connector: Connector,
-    /// One permit per connection, handed out first come, first served (see [`ConnPool::get`]).
-    turns: Arc<tokio::sync::Semaphore>,
-    /// Waits for a turn.
-    waits: TurnWaits,
-    /// Checkouts waiting for a turn now.
-    waiting: AtomicUsize,
+    /// One turn per connection, handed out first come, first served (see [`ConnPool::get`]).
+    turns: Turns,
     /// Probe connections idle for longer than [`TEST_AFTER_IDLE`] before handing them out.
     test_on_acquire: bool,
     /// Connections shared by point operations.
@@ -115,42 +112,6 @@ pub(crate) struct ConnPool {
     lane_task: tokio::task::JoinHandle<()>,
     /// See [`reopen`](Self::reopen).
     generation: Arc<AtomicU64>,
-}
-
-/// One checkout waiting for its turn, counted in [`ConnPool`]'s `waiting` until dropped.
-struct Waiting<'a>(&'a AtomicUsize);
-
-impl<'a> Waiting<'a> {
-    fn new(count: &'a AtomicUsize) -> Self {
-        count.fetch_add(1, Relaxed);
-        Waiting(count)
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Relaxed);
-    }
-}
-
-/// Counts the checkouts that had to wait for their turn, how long, and how many gave up.
-#[derive(Default)]
-struct TurnWaits {
-    waited: std::sync::atomic::AtomicU64,
-    timed_out: std::sync::atomic::AtomicU64,
-    wait_ms: std::sync::atomic::AtomicU64,
-}
-
-impl TurnWaits {
-    fn record(&self, waited: Duration, timed_out: bool) {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.waited.fetch_add(1, Relaxed);
-        self.timed_out.fetch_add(u64::from(timed_out), Relaxed);
-        self.wait_ms.fetch_add(
-            u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
-            Relaxed,
-        );
-    }
 }
 
 /// bb8's settings for `cfg`, errors reported into `last_error`.
@@ -231,9 +192,7 @@ impl ConnPool {
                 target,
                 health_task,
                 connector: unpooled,
-                turns: Arc::new(tokio::sync::Semaphore::new(cfg.max_connections as usize)),
-                waits: TurnWaits::default(),
-                waiting: AtomicUsize::new(0),
+                turns: Turns::new(cfg.max_connections as usize),
                 test_on_acquire: cfg.test_on_acquire,
                 lanes: Lanes::new(cfg.max_lifetime),
                 lane_task,
@@ -267,36 +226,24 @@ impl ConnPool {
     /// Checks out a connection, or fails with [`StateError::Timeout`] after `acquire_timeout`
     /// (naming the last connection error, if connecting is what failed).
     ///
-    /// Callers are served in the order they asked: a FIFO semaphore with one permit per
-    /// connection comes first. (bb8 alone hands a returned connection to whoever asks next,
-    /// so a task that returns and asks again at once could starve every waiter.)
+    /// Callers are served in the order they asked (see the `turns` module).
     pub async fn get(&self) -> StateResult<Checkout> {
-        let mut turn = self.turns.clone().try_acquire_owned();
-        if turn.is_err() && self.lanes.yield_one() {
+        let mut turn = self.turns.try_take();
+        if turn.is_none() && self.lanes.yield_one() {
             // A lingering lane gave its connection back (to us, unless others wait first).
-            turn = self.turns.clone().try_acquire_owned();
+            turn = self.turns.try_take();
         }
         let turn = match turn {
-            Ok(turn) => turn,
-            Err(_) => {
-                let start = std::time::Instant::now();
-                // Counted while waiting, also if this future is dropped mid-wait.
-                let waiting = Waiting::new(&self.waiting);
-                let waited =
-                    tokio::time::timeout(self.acquire_timeout, self.turns.clone().acquire_owned())
-                        .await;
-                drop(waiting);
-                self.waits.record(start.elapsed(), waited.is_err());
-                match waited {
-                    Ok(Ok(turn)) => turn,
-                    Ok(Err(_)) | Err(_) => return Err(self.acquire_timed_out()),
-                }
-            }
+            Some(turn) => turn,
+            None => match self.turns.take(self.acquire_timeout).await {
+                Some(turn) => turn,
+                None => return Err(self.acquire_timed_out()),
+            },
         };
         self.with_turn(turn).await
     }
 
-    async fn with_turn(&self, turn: tokio::sync::OwnedSemaphorePermit) -> StateResult<Checkout> {
+    async fn with_turn(&self, turn: Turn) -> StateResult<Checkout> {
         let mut checkout = self.checkout(self.get_pooled().await?);
         checkout.turn = Some(turn);
         Ok(checkout)
@@ -309,15 +256,15 @@ impl ConnPool {
         if self.transaction_pooling() {
             return Ok(Point::Own(Box::new(self.get().await?)));
         }
-        let waiters = self.waiting.load(Relaxed) > 0;
-        let free_now = self.turns.available_permits() > 0;
+        let waiters = self.turns.waiting() > 0;
+        let free_now = self.turns.free_now();
         if let Joined::Lane(lane) = self.lanes.join(free_now, waiters) {
             return Ok(Point::Lane(lane));
         }
-        let checkout = match self.turns.clone().try_acquire_owned() {
-            Ok(turn) => self.with_turn(turn).await?,
+        let checkout = match self.turns.try_take() {
+            Some(turn) => self.with_turn(turn).await?,
             // Taken meanwhile: join a lane after all, if there is one.
-            Err(_) => match self.lanes.join(false, false) {
+            None => match self.lanes.join(false, false) {
                 Joined::Lane(lane) => return Ok(Point::Lane(lane)),
                 Joined::TakeOwn => self.get().await?,
             },
@@ -472,28 +419,21 @@ impl ConnPool {
         let s = &state.statistics;
         let config = self.pool.config();
         let (lanes, lane_users) = self.lanes.load();
+        let (turn_waits, turn_timeouts, turn_wait_ms) = self.turns.waits();
         PoolStats {
             lanes: u32::try_from(lanes).unwrap_or(u32::MAX),
             lane_users: u32::try_from(lane_users).unwrap_or(u32::MAX),
-            waiting: u32::try_from(self.waiting.load(Relaxed)).unwrap_or(u32::MAX),
+            waiting: u32::try_from(self.turns.waiting()).unwrap_or(u32::MAX),
             size: state.connections,
             idle: state.idle_connections,
             active: state.connections.saturating_sub(state.idle_connections),
             max_size: config.max_size,
             min_idle: config.min_idle.unwrap_or(0),
-            waits: s.get_waited + self.waits.waited.load(std::sync::atomic::Ordering::Relaxed),
-            timeouts: s.get_timed_out
-                + self
-                    .waits
-                    .timed_out
-                    .load(std::sync::atomic::Ordering::Relaxed),
+            waits: s.get_waited + turn_waits,
+            timeouts: s.get_timed_out + turn_timeouts,
             wait_time_ms: u64::try_from(s.get_wait_time.as_millis())
                 .unwrap_or(u64::MAX)
-                .saturating_add(
-                    self.waits
-                        .wait_ms
-                        .load(std::sync::atomic::Ordering::Relaxed),
-                ),
+                .saturating_add(turn_wait_ms),
             connections_created: s.connections_created,
             connections_closed_broken: s.connections_closed_broken,
             connections_closed_invalid: s.connections_closed_invalid,

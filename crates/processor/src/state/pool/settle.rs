@@ -312,6 +312,43 @@ mod tests {
         assert!(!waiter.0.is_open(), "the later write still holds it");
     }
 
+    /// What a write's caller is told: unknown once a sent statement is unsettled, "nothing
+    /// written" for a timeout before anything was sent, the error itself otherwise.
+    #[test]
+    fn a_writes_outcome_follows_what_was_sent_and_settled() {
+        let fence = Fence::default();
+        let timeout = || StateError::op_timeout(Duration::from_secs(1));
+
+        let unsent = Watch::new(&fence);
+        let e = unsent.outcome::<()>(Op::Upsert, Err(timeout())).unwrap_err();
+        assert!(
+            matches!(&e, StateError::Timeout(m) if m.contains("nothing was written")),
+            "{e}"
+        );
+
+        let answered = Watch::new(&fence);
+        answered.sent();
+        let e = answered.outcome::<()>(Op::Upsert, Err(timeout())).unwrap_err();
+        assert!(
+            matches!(&e, StateError::Timeout(m) if !m.contains("nothing")),
+            "{e}"
+        );
+        assert!(answered.outcome(Op::Upsert, Ok(7)).is_ok());
+
+        let cut = Watch::new(&fence);
+        cut.sent();
+        let settled = Settled::new();
+        cut.unsettled(settled.clone());
+        let e = cut.outcome::<()>(Op::Delete, Err(timeout())).unwrap_err();
+        assert!(
+            matches!(&e, StateError::OutcomeUnknown(m) if m.contains("delete")),
+            "{e}"
+        );
+        assert!(!fence.is_open(), "held in the session until it settles");
+        settled.fire();
+        assert!(fence.is_open());
+    }
+
     impl Settled {
         fn tap_fire(self: Arc<Self>) -> Arc<Self> {
             self.fire();

@@ -158,32 +158,20 @@ async fn every_archive_table_is_made_like_the_migrated_one() {
         .unwrap();
     assert_eq!(moved, 1);
     let db = support::raw(&support::url()).await;
+    // One line per column (name, type, nullability, default), then per index (its method
+    // and columns), of `table` in the schema.
+    let lines = async |sql: &str, table: &str| -> Vec<String> {
+        let rows = db.query(sql, &[&schema, &table]).await.unwrap();
+        rows.iter().map(|r| r.get(0)).collect()
+    };
     let shape = async |table: &str| {
-        let columns: Vec<String> = db
-            .query(
-                "SELECT format('%s %s %s %s', column_name, data_type, is_nullable, \
-                        coalesce(column_default, '-')) \
-                 FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2 \
-                 ORDER BY ordinal_position",
-                &[&schema, &table],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        let indexes: Vec<String> = db
-            .query(
-                "SELECT regexp_replace(indexdef, '^.* USING ', '') FROM pg_indexes \
-                 WHERE schemaname = $1 AND tablename = $2 ORDER BY 1",
-                &[&schema, &table],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        (columns, indexes)
+        let columns = "SELECT format('%s %s %s %s', column_name, data_type, is_nullable, \
+                               coalesce(column_default, '-')) \
+                       FROM information_schema.columns \
+                       WHERE table_schema = $1 AND table_name = $2 ORDER BY ordinal_position";
+        let indexes = "SELECT regexp_replace(indexdef, '^.* USING ', '') FROM pg_indexes \
+                       WHERE schemaname = $1 AND tablename = $2 ORDER BY 1";
+        (lines(columns, table).await, lines(indexes, table).await)
     };
     let (model_columns, model_indexes) = shape("state_entries_archive").await;
     let (columns, indexes) = shape("named_archive").await;

@@ -320,7 +320,9 @@ mod tests {
         let timeout = || StateError::op_timeout(Duration::from_secs(1));
 
         let unsent = Watch::new(&fence);
-        let e = unsent.outcome::<()>(Op::Upsert, Err(timeout())).unwrap_err();
+        let e = unsent
+            .outcome::<()>(Op::Upsert, Err(timeout()))
+            .unwrap_err();
         assert!(
             matches!(&e, StateError::Timeout(m) if m.contains("nothing was written")),
             "{e}"
@@ -328,7 +330,9 @@ mod tests {
 
         let answered = Watch::new(&fence);
         answered.sent();
-        let e = answered.outcome::<()>(Op::Upsert, Err(timeout())).unwrap_err();
+        let e = answered
+            .outcome::<()>(Op::Upsert, Err(timeout()))
+            .unwrap_err();
         assert!(
             matches!(&e, StateError::Timeout(m) if !m.contains("nothing")),
             "{e}"

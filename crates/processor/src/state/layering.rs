@@ -116,8 +116,144 @@ fn nothing_imports_upward() {
     );
 }
 
+/// The module a source file is, as a path below `state` (`pool::conn_pool`; a folder's
+/// `mod.rs` is the folder).
+fn module_path(root: &Path, file: &Path) -> String {
+    let rel = file.strip_prefix(root).unwrap().with_extension("");
+    let mut parts: Vec<String> = rel
+        .components()
+        .map(|c| c.as_os_str().to_str().unwrap().to_string())
+        .collect();
+    if parts.last().is_some_and(|p| p == "mod") {
+        parts.pop();
+    }
+    parts.join("::")
+}
+
+/// The modules `line` imports: the longest known module of each `crate::state::` path, and
+/// siblings named through `super::`. (A folder's `mod.rs` declaring and re-exporting its
+/// children is structure, not an import.)
+fn imports(line: &str, own: &str, known: &[String]) -> Vec<String> {
+    let code = line.split("//").next().unwrap_or("");
+    let mut found = Vec::new();
+    let mut paths: Vec<String> = Vec::new();
+    let mut rest = code;
+    while let Some(at) = rest.find("crate::state::") {
+        rest = &rest[at + "crate::state::".len()..];
+        let end = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+            .unwrap_or(rest.len());
+        paths.push(rest[..end].trim_end_matches(':').to_string());
+    }
+    let parent = own.rsplit_once("::").map_or("", |(p, _)| p);
+    let mut rest = code;
+    while let Some(at) = rest.find("super::") {
+        rest = &rest[at + "super::".len()..];
+        let end = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+            .unwrap_or(rest.len());
+        let tail = rest[..end].trim_end_matches(':');
+        paths.push(if parent.is_empty() {
+            tail.to_string()
+        } else {
+            format!("{parent}::{tail}")
+        });
+    }
+    for path in paths {
+        let parts: Vec<&str> = path.split("::").collect();
+        let module = (1..=parts.len())
+            .rev()
+            .map(|k| parts[..k].join("::"))
+            .find(|m| known.contains(m));
+        if let Some(m) = module.filter(|m| m != own) {
+            found.push(m);
+        }
+    }
+    found
+}
+
+#[test]
+fn no_modules_import_each_other_in_a_circle() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/state");
+    let mut files = Vec::new();
+    sources(&root, &mut files);
+    let known: Vec<String> = files.iter().map(|f| module_path(&root, f)).collect();
+    let mut edges: Vec<Vec<usize>> = vec![Vec::new(); files.len()];
+    for (i, file) in files.iter().enumerate() {
+        let text = std::fs::read_to_string(file).unwrap();
+        for line in text.lines() {
+            if line.trim_start().starts_with("#[cfg(test)]") {
+                break;
+            }
+            for m in imports(line, &known[i], &known) {
+                let j = known.iter().position(|k| *k == m).unwrap();
+                if !edges[i].contains(&j) {
+                    edges[i].push(j);
+                }
+            }
+        }
+    }
+    // Depth-first search; a module met again while still on the path closes a circle.
+    fn visit(
+        v: usize,
+        edges: &[Vec<usize>],
+        state: &mut [u8],
+        path: &mut Vec<usize>,
+    ) -> Option<Vec<usize>> {
+        state[v] = 1;
+        path.push(v);
+        for &w in &edges[v] {
+            if state[w] == 1 {
+                let from = path.iter().position(|&p| p == w).unwrap();
+                return Some(path[from..].to_vec());
+            }
+            if state[w] == 0 {
+                if let Some(circle) = visit(w, edges, state, path) {
+                    return Some(circle);
+                }
+            }
+        }
+        path.pop();
+        state[v] = 2;
+        None
+    }
+    let mut state = vec![0u8; files.len()];
+    for v in 0..files.len() {
+        if state[v] == 0 {
+            if let Some(circle) = visit(v, &edges, &mut state, &mut Vec::new()) {
+                let names: Vec<&str> = circle.iter().map(|&i| known[i].as_str()).collect();
+                panic!(
+                    "modules importing each other in a circle: {}",
+                    names.join(" -> ")
+                );
+            }
+        }
+    }
+    assert!(
+        edges.iter().map(Vec::len).sum::<usize>() > 100,
+        "the imports were found"
+    );
+}
+
 #[test]
 fn the_check_sees_paths_and_ignores_comments() {
+    let known = [
+        "pool".to_string(),
+        "pool::conn_pool".to_string(),
+        "pool::turns".to_string(),
+    ];
+    assert_eq!(
+        imports(
+            "use crate::state::pool::conn_pool::{Use, X}; // crate::state::pool::turns",
+            "ops::store",
+            &known
+        ),
+        ["pool::conn_pool"]
+    );
+    assert_eq!(
+        imports("use super::turns::Turn;", "pool::conn_pool", &known),
+        ["pool::turns"]
+    );
     assert_eq!(
         named("use crate::state::ops::store::Store; // crate::state::enhanced"),
         ["ops"]

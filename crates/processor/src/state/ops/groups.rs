@@ -11,8 +11,8 @@ use tokio::sync::oneshot;
 use crate::state::error::{StateError, StateResult};
 use crate::state::ops::coalesce::{Claim, Entry, Found, Lookup, Reply, Waiting};
 use crate::state::ops::store::Store;
+use crate::state::pool::conn_pool::Use;
 use crate::state::pool::context::bounded;
-use crate::state::pool::pipeline::{connection, Use};
 use crate::state::pool::settle::{Fence, Settled, Watch};
 use crate::state::routing::causal::Session;
 use crate::state::stats::operation::{Kind, Op};
@@ -64,7 +64,7 @@ impl Store {
         let found = self
             .ctx
             .bounded(async {
-                let mut conn = connection(&self.ctx.primary, Use::Point).await?;
+                let mut conn = self.ctx.primary.connection(Use::Point).await?;
                 conn.run(|c| c.get_many(&keys)).await
             })
             .await;
@@ -197,7 +197,7 @@ impl Store {
         let outcome = self
             .ctx
             .bounded(async {
-                let mut conn = connection(&self.ctx.primary, Use::Point).await?;
+                let mut conn = self.ctx.primary.connection(Use::Point).await?;
                 // Those whose callers gave up meanwhile are left out: nothing is sent for them.
                 group.retain(|w| w.claim.send(&settled));
                 if group.is_empty() {

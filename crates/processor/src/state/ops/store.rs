@@ -13,8 +13,8 @@ use crate::state::error::{sqlstate, StateError, StateResult};
 use crate::state::limits::{check_entry, check_key, check_metadata, check_page, MAX_GET_MANY};
 use crate::state::ops::coalesce::{Admission, Coalescer, Entry, Found, Lookup, Reply, ALONE_BYTES};
 use crate::state::ops::conn_ops::{check_batch, MetadataQuery, StateEntry};
+use crate::state::pool::conn_pool::Use;
 use crate::state::pool::context::{bounded, Context};
-use crate::state::pool::pipeline::{connection, Use};
 use crate::state::pool::settle::Watch;
 use crate::state::routing::causal::{Scope, Session};
 use crate::state::routing::router::{
@@ -134,7 +134,7 @@ impl Store {
                             match self.router.pick(&tried, force_primary, floor)? {
                                 ReadTarget::Primary => {
                                     let start = Instant::now();
-                                    let result = match connection(&self.ctx.primary, how).await {
+                                    let result = match self.ctx.primary.connection(how).await {
                                         Ok(mut conn) => conn.run(|c| f(c, arg)).await,
                                         Err(e) => Err(e),
                                     };
@@ -149,7 +149,7 @@ impl Store {
                             };
                         let start = Instant::now();
                         let f = &f;
-                        let attempt = match connection(&replica.pool, how).await {
+                        let attempt = match replica.pool.connection(how).await {
                             Err(e) => Err(e),
                             Ok(mut conn) => {
                                 conn.run(|c| async move {
@@ -251,7 +251,7 @@ impl Store {
         async move {
             let result = bounded(limit, async {
                 session.settling.wait().await;
-                let mut conn = connection(&self.ctx.primary, how).await?;
+                let mut conn = self.ctx.primary.connection(how).await?;
                 // Dropped before its position is known (also with this future), the session is
                 // unsure: its next read takes the primary's position.
                 let mark = self.router.tracks_writes().then(|| session.write());

@@ -52,6 +52,16 @@ impl ErrorSink<StateError> for LastError {
     }
 }
 
+/// How an operation uses its connection.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Use {
+    /// One autocommit statement (or a few, each on its own): on a lane shared with other
+    /// point operations, pipelined (see the module notes).
+    Point,
+    /// Anything else (a transaction, COPY, a scan): a connection of its own.
+    Own,
+}
+
 /// Pool usage figures, from [`EnhancedPostgresBackend::get_pool_stats`](crate::state::EnhancedPostgresBackend::get_pool_stats).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PoolStats {
@@ -247,6 +257,14 @@ impl ConnPool {
         let mut checkout = self.checkout(self.get_pooled().await?);
         checkout.turn = Some(turn);
         Ok(checkout)
+    }
+
+    /// A connection for an operation of kind `how`.
+    pub async fn connection(&self, how: Use) -> StateResult<Point> {
+        match how {
+            Use::Point => self.point().await,
+            Use::Own => Ok(Point::Own(Box::new(self.get().await?))),
+        }
     }
 
     /// A connection for a point operation (one autocommit statement): a lane shared with

@@ -42,29 +42,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::state::error::StateResult;
 use crate::state::pool::checkout::Checkout;
-use crate::state::pool::conn_pool::ConnPool;
 use crate::state::pool::settle::{drain, Drained, Settled, Watch};
 use crate::state::wire::connection::PgConn;
-
-/// How an operation uses its connection.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Use {
-    /// One autocommit statement (or a few, each on its own): on a lane shared with other
-    /// point operations, pipelined (see the module notes).
-    Point,
-    /// Anything else (a transaction, COPY, a scan): a connection of its own.
-    Own,
-}
-
-/// A connection from `pool` for an operation of kind `how`.
-pub(crate) async fn connection(pool: &ConnPool, how: Use) -> StateResult<Point> {
-    match how {
-        Use::Point => pool.point().await,
-        Use::Own => Ok(Point::Own(Box::new(pool.get().await?))),
-    }
-}
 
 /// How long a lane with no users keeps its connection.
 pub(crate) const LINGER: Duration = Duration::from_millis(100);

@@ -13,12 +13,12 @@ use crate::state::error::StateResult;
 use crate::state::limits::{check_entry, check_key, check_ttl, prefix_upper_bound};
 
 #[derive(Clone)]
-struct Entry {
+struct Stored {
     value: Vec<u8>,
     expires_at: Option<Instant>,
 }
 
-impl Entry {
+impl Stored {
     fn live(&self, now: Instant) -> bool {
         self.expires_at.is_none_or(|t| t > now)
     }
@@ -30,7 +30,7 @@ impl Entry {
 /// [`MemoryStateBackend::purge_expired`].
 #[derive(Default)]
 pub struct MemoryStateBackend {
-    entries: Mutex<BTreeMap<Vec<u8>, Entry>>,
+    entries: Mutex<BTreeMap<Vec<u8>, Stored>>,
 }
 
 impl MemoryStateBackend {
@@ -43,7 +43,7 @@ impl MemoryStateBackend {
     pub async fn put_with_ttl(&self, key: &[u8], value: &[u8], ttl: Duration) -> StateResult<()> {
         check_entry(key, value)?;
         check_ttl(ttl)?;
-        let entry = Entry {
+        let entry = Stored {
             value: value.to_vec(),
             expires_at: Instant::now().checked_add(ttl),
         };
@@ -60,7 +60,7 @@ impl MemoryStateBackend {
         before - map.len()
     }
 
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<Vec<u8>, Entry>> {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<Vec<u8>, Stored>> {
         // A panic while holding the lock cannot leave the map half-updated (every change is one
         // insert or remove), so a poisoned lock is safe to keep using.
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
@@ -85,7 +85,7 @@ impl StateBackend for MemoryStateBackend {
 
     async fn put(&self, key: &[u8], value: &[u8]) -> StateResult<()> {
         check_entry(key, value)?;
-        let entry = Entry {
+        let entry = Stored {
             value: value.to_vec(),
             expires_at: None,
         };

@@ -12,6 +12,7 @@ use super::{Holder, LockMode, ADVISORY_LOCKS};
 use crate::state::error::{sqlstate, StateError, StateResult};
 use crate::state::schema::names::TableNames;
 use crate::state::wire::connection::{Connected, Connector};
+use crate::state::wire::statements::Param;
 
 /// Ends a server-side lock wait whose future was dropped: without it the driver keeps the
 /// connection (and the server the queued waiter) until the wait's `lock_timeout`.
@@ -31,8 +32,6 @@ impl Drop for CancelOnDrop<'_> {
         }
     }
 }
-
-pub(crate) type Param<'a> = dyn tokio_postgres::types::ToSql + Sync + 'a;
 
 /// A dedicated connection for session locks (and leader leases).
 pub(crate) struct LockConn {
@@ -123,8 +122,8 @@ impl LockConn {
             LockMode::Exclusive => &s.lock,
             LockMode::Shared => &s.lock_shared,
         };
-        let set_params: [&Param; 1] = [&setting];
-        let lock_params: [&Param; 1] = [&key];
+        let set_params: [Param; 1] = [&setting];
+        let lock_params: [Param; 1] = [&key];
         let mut canceller = CancelOnDrop {
             connector,
             token: Some(self.client.cancel_token()),
@@ -146,7 +145,7 @@ impl LockConn {
     /// then joins the shared lock sessions must not keep it).
     pub async fn reset_lock_timeout(&self) -> StateResult<()> {
         let zero = "0";
-        let params: [&Param; 1] = [&zero];
+        let params: [Param; 1] = [&zero];
         self.client
             .query_one(&self.stmts.set_lock_timeout, &params)
             .await?;
@@ -168,8 +167,8 @@ impl LockConn {
         let zero = "0";
         let exclusive = what.mode == LockMode::Exclusive;
         let mode = what.mode.as_str();
-        let budget_params: [&Param; 1] = [&budget_ms];
-        let reset_params: [&Param; 1] = [&zero];
+        let budget_params: [Param; 1] = [&budget_ms];
+        let reset_params: [Param; 1] = [&zero];
         let record_params = record_params(what, &exclusive, &mode, &self.pid);
         // The lock is already held here: a dropped future must not leave it held until the
         // reply arrives.
@@ -196,7 +195,7 @@ impl LockConn {
             LockMode::Exclusive => &self.stmts.unlock,
             LockMode::Shared => &self.stmts.unlock_shared,
         };
-        let params: [&Param; 1] = [&key];
+        let params: [Param; 1] = [&key];
         let (forget, unlocked) = tokio::join!(
             self.client.execute(&self.stmts.forget, &params),
             self.client.query_one(stmt, &params),
@@ -253,7 +252,7 @@ pub(crate) fn record_params<'a>(
     exclusive: &'a bool,
     mode: &'a &'static str,
     pid: &'a i32,
-) -> [&'a Param<'a>; 9] {
+) -> [Param<'a>; 9] {
     [
         &what.key,
         &what.name,
@@ -281,7 +280,7 @@ const RECORD_TYPES: [Type; 9] = [
 ];
 
 /// [`record_params`] with their types, for an unnamed statement.
-pub(crate) fn record_types<'a>(params: &[&'a Param<'a>; 9]) -> Vec<(&'a Param<'a>, Type)> {
+pub(crate) fn record_types<'a>(params: &[Param<'a>; 9]) -> Vec<(Param<'a>, Type)> {
     params.iter().copied().zip(RECORD_TYPES).collect()
 }
 

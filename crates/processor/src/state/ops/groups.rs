@@ -13,7 +13,7 @@ use crate::state::ops::coalesce::{Claim, Entry, Found, Lookup, Reply, Waiting};
 use crate::state::ops::store::Store;
 use crate::state::pool::conn_pool::Use;
 use crate::state::pool::context::bounded;
-use crate::state::pool::settle::{Fence, Settled, Watch};
+use crate::state::pool::settle::{SessionFence, Settled, Watch};
 use crate::state::routing::causal::Session;
 use crate::state::stats::operation::{Kind, Op};
 
@@ -192,7 +192,7 @@ impl Store {
         group.sort_by(|a, b| a.item.key.cmp(&b.item.key));
         let tracks = self.router.tracks_writes();
         let settled = Settled::new();
-        let fence = Fence::default();
+        let fence = SessionFence::default();
         let watch = Watch::new(&fence);
         let outcome = self
             .ctx

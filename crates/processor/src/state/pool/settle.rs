@@ -17,7 +17,7 @@
 //!   probe does not come back within `PROBE_LIMIT` (a stopped server process), after it has
 //!   been discarded, so that it does not hold a slot of the pool meanwhile. A connection whose
 //!   probe came back is clean and goes back to the pool; otherwise it is discarded.
-//! - **Fence**: a session's writes not settled yet. Each write of the session (and each
+//! - **Session fence** (`SessionFence`): a session's writes not settled yet. Each write of the session (and each
 //!   transaction it begins) waits for the fence first, bounded by its own operation timeout;
 //!   a write that cannot wait long enough fails with a plain timeout, having sent nothing.
 //!   Reads do not wait.
@@ -83,12 +83,12 @@ impl Settled {
 
 /// The unsettled writes of one session (or of one coalesced group).
 #[derive(Default)]
-pub(crate) struct Fence {
+pub(crate) struct SessionFence {
     count: AtomicUsize,
     pending: Mutex<Vec<Arc<Settled>>>,
 }
 
-impl Fence {
+impl SessionFence {
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Settled>>> {
         // Each change under the lock is one push or one retain: never half done.
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
@@ -134,13 +134,13 @@ impl Fence {
 /// What one write's statements tell their caller: whether one was handed to the driver, and
 /// where a statement that may still be applied is held until it settles.
 pub(crate) struct Watch<'a> {
-    pub fence: &'a Fence,
+    pub fence: &'a SessionFence,
     sent: AtomicBool,
     unsettled: AtomicBool,
 }
 
 impl<'a> Watch<'a> {
-    pub fn new(fence: &'a Fence) -> Self {
+    pub fn new(fence: &'a SessionFence) -> Self {
         Watch {
             fence,
             sent: AtomicBool::new(false),
@@ -288,7 +288,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_fence_waits_for_what_it_held_when_called_and_only_that() {
-        let fence = Fence::default();
+        let fence = SessionFence::default();
         assert!(fence.is_open());
         fence.wait().await;
         let first = Settled::new();
@@ -316,7 +316,7 @@ mod tests {
     /// written" for a timeout before anything was sent, the error itself otherwise.
     #[test]
     fn a_writes_outcome_follows_what_was_sent_and_settled() {
-        let fence = Fence::default();
+        let fence = SessionFence::default();
         let timeout = || StateError::op_timeout(Duration::from_secs(1));
 
         let unsent = Watch::new(&fence);

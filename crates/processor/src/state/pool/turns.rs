@@ -26,16 +26,16 @@ pub(crate) type Turn = OwnedSemaphorePermit;
 
 /// One caller waiting for its turn, counted in [`Turns`]'s `waiting` until dropped (also when
 /// its future is dropped mid-wait).
-struct Waiting<'a>(&'a AtomicUsize);
+struct Queued<'a>(&'a AtomicUsize);
 
-impl<'a> Waiting<'a> {
+impl<'a> Queued<'a> {
     fn new(count: &'a AtomicUsize) -> Self {
         count.fetch_add(1, Relaxed);
-        Waiting(count)
+        Queued(count)
     }
 }
 
-impl Drop for Waiting<'_> {
+impl Drop for Queued<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Relaxed);
     }
@@ -64,7 +64,7 @@ impl Turns {
             return Some(turn);
         }
         let start = Instant::now();
-        let waiting = Waiting::new(&self.waiting);
+        let waiting = Queued::new(&self.waiting);
         let turn = tokio::time::timeout(limit, self.permits.clone().acquire_owned()).await;
         drop(waiting);
         let turn = turn.ok().and_then(Result::ok);

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::state::error::StateError;
 use crate::state::pool::pipeline::Point;
-use crate::state::pool::settle::Fence;
+use crate::state::pool::settle::SessionFence;
 
 /// A WAL position that a read must see: the position of a write, taken from the handle that
 /// made it ([`causal_token`](crate::state::EnhancedPostgresBackend::causal_token)) and handed
@@ -99,7 +99,7 @@ pub(crate) struct Session {
     covered: AtomicU64,
     /// Writes whose outcome their callers did not learn, not settled yet: the session's next
     /// write waits for them (see the `settle` module).
-    pub settling: Fence,
+    pub settling: SessionFence,
 }
 
 impl Session {

@@ -2,11 +2,10 @@
 //! statistics, checkpoints, the online conversion to a partitioned table, and the background
 //! cleanup task.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use super::{EnhancedPostgresBackend, Inner};
-use crate::state::config::enhanced::EnhancedPostgresConfig;
+use super::EnhancedPostgresBackend;
+use crate::state::assembly::plan;
 use crate::state::config::partition_strategy::PartitionStrategy;
 use crate::state::error::StateResult;
 use crate::state::maintenance::{
@@ -14,89 +13,6 @@ use crate::state::maintenance::{
     TableActivity, TableStatistics,
 };
 use crate::state::ops::conn_ops::StateEntry;
-
-/// What the configuration asks cleanup passes to do, and how often.
-fn plan(config: &EnhancedPostgresConfig) -> (CleanupPlan, Duration) {
-    let policy = config.retention.clone().unwrap_or_default();
-    (
-        CleanupPlan {
-            expired: config.expired_cleanup,
-            max_age: policy.enabled.then_some(policy.max_age),
-            batch_size: policy.batch_size,
-        },
-        policy.cleanup_interval,
-    )
-}
-
-/// Starts the background maintenance task when there is anything to do: a cleanup pass every
-/// `cleanup_interval` (the first one interval after start), skipped while another instance
-/// runs one, and, on a table partitioned by write window, the change to each new window (with
-/// partitions created ahead), checked every half window. It ends when the backend is dropped
-/// (stopping a pass in progress between statements: the batch under way rolls back).
-pub(super) fn spawn_cleanup(
-    inner: &Arc<Inner>,
-    windows: Option<(Duration, u32)>,
-) -> Option<tokio::task::JoinHandle<()>> {
-    let (plan, interval) = plan(&inner.config);
-    let cleans = plan.expired || plan.max_age.is_some();
-    if !cleans && windows.is_none() {
-        return None;
-    }
-    let tick = match windows {
-        Some((window, _)) => interval.min(window / 2),
-        None => interval,
-    };
-    let weak = Arc::downgrade(inner);
-    Some(tokio::spawn(async move {
-        let mut ticker = tokio::time::interval(tick);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ticker.tick().await;
-        let mut last_pass = tokio::time::Instant::now();
-        loop {
-            ticker.tick().await;
-            let Some(inner) = weak.upgrade() else { return };
-            let due = cleans && last_pass.elapsed() >= interval;
-            let work = async {
-                if let Some((window, premake)) = windows {
-                    if let Err(e) = maintenance::roll_windows(&inner.store, window, premake).await {
-                        tracing::warn!(error = %e, "starting a new write window failed; it is tried again");
-                    }
-                }
-                if !due {
-                    return;
-                }
-                let pass = maintenance::cleanup_pass(
-                    &inner.store,
-                    &inner.coordinator,
-                    plan,
-                    Duration::ZERO,
-                    &|_| {},
-                );
-                match pass.await {
-                    Ok(Some(_)) => {}
-                    Ok(None) => tracing::debug!("cleanup pass skipped: another instance runs one"),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cleanup pass failed; it runs again at the next interval")
-                    }
-                }
-            };
-            // This task's reference keeps the backend alive: once it is the only one left,
-            // every handle is gone and the work stops.
-            let orphaned = async {
-                while Arc::strong_count(&inner) > 1 {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            };
-            tokio::select! {
-                () = work => {}
-                () = orphaned => return,
-            }
-            if due {
-                last_pass = tokio::time::Instant::now();
-            }
-        }
-    }))
-}
 
 /// Data management: TTL cleanup and retention, archive, VACUUM, table statistics.
 impl EnhancedPostgresBackend {

@@ -3,7 +3,6 @@
 
 mod coordination;
 mod maintenance;
-mod published;
 mod replication;
 mod streams;
 
@@ -12,7 +11,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::state::assembly::assemble;
+use crate::state::assembly::{assemble, Core};
 use crate::state::backend::StateBackend;
 use crate::state::config::enhanced::EnhancedPostgresConfig;
 use crate::state::config::enhanced::IsolationLevel;
@@ -51,31 +50,11 @@ use crate::state::transaction::tx::{PostgresTransaction, TxFuture};
 ///   combined (each carries its own read-your-writes floor).
 #[derive(Clone)]
 pub struct EnhancedPostgresBackend {
-    inner: Arc<Inner>,
+    inner: Arc<Core>,
     /// Reads of this handle skip the replicas.
     primary_only: bool,
     /// This handle's read-your-writes scope, shared with its clones.
     session: Arc<Session>,
-}
-
-struct Inner {
-    store: Store,
-    coordinator: Arc<Coordinator>,
-    config: EnhancedPostgresConfig,
-    monitor: Option<tokio::task::JoinHandle<()>>,
-    /// The background cleanup task, when one runs.
-    cleanup: std::sync::OnceLock<tokio::task::JoinHandle<()>>,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        if let Some(m) = &self.monitor {
-            m.abort();
-        }
-        if let Some(c) = self.cleanup.get() {
-            c.abort();
-        }
-    }
 }
 
 impl EnhancedPostgresBackend {
@@ -87,21 +66,8 @@ impl EnhancedPostgresBackend {
     /// for a bad schema or table name, and a connection, TLS or timeout error when the server
     /// cannot be reached.
     pub async fn new(config: EnhancedPostgresConfig) -> StateResult<Self> {
-        let core = assemble(&config).await?;
-        tracing::info!(url = %config.redacted_url(), table = %core.store.ctx.names.qualified, replicas = core.store.router.replicas.len(), "state backend ready");
-        let inner = Arc::new(Inner {
-            store: core.store,
-            coordinator: core.coordinator,
-            config,
-            monitor: core.monitor,
-            cleanup: std::sync::OnceLock::new(),
-        });
-        published::spawn_publisher(Arc::downgrade(&inner), inner.store.ctx.names.label.clone());
-        if let Some(task) = maintenance::spawn_cleanup(&inner, core.windows) {
-            let _ = inner.cleanup.set(task);
-        }
         Ok(Self {
-            inner,
+            inner: assemble(config).await?,
             primary_only: false,
             session: Arc::new(Session::default()),
         })
@@ -392,29 +358,7 @@ impl EnhancedPostgresBackend {
 
     /// Operation counters and timings.
     pub fn get_stats(&self) -> BackendStats {
-        let s = self.store();
-        let mut stats = s.ctx.stats.snapshot();
-        // One reading of every node, so the read counts add up to `reads_by_node`.
-        let nodes = published::nodes(s);
-        let reads = |primary: bool| -> u64 {
-            nodes
-                .iter()
-                .filter(|n| n.primary == primary)
-                .map(|n| n.reads)
-                .sum()
-        };
-        stats.primary_reads = reads(true);
-        stats.replica_reads = reads(false);
-        (
-            stats.connections_created,
-            stats.connections_closed,
-            stats.connections_broken,
-            stats.reads_by_node,
-        ) = published::connections_and_reads(&nodes);
-        stats.read_failovers = s.router.failovers();
-        stats.puts_queued = u64::try_from(s.coalescer.waiting()).unwrap_or(u64::MAX);
-        stats.gets_queued = u64::try_from(s.lookups.waiting()).unwrap_or(u64::MAX);
-        stats
+        self.inner.stats()
     }
 
     /// Connection pool figures.

@@ -31,6 +31,9 @@ pub struct TableStatistics {
     pub indexes_size: u64,
     /// Bytes of its TOAST table and index (large values), part of `table_size`.
     pub toast_size: u64,
+    /// Bytes of everything: the table (TOAST included) and its indexes
+    /// (`pg_total_relation_size`, the sum of `table_size` and `indexes_size`).
+    pub total_size: u64,
     /// Dead row versions not yet vacuumed (`pg_stat_user_tables.n_dead_tup`, an estimate).
     pub dead_tuples: u64,
     /// Estimated bytes taken by dead row versions: `table_size` times the share of dead
@@ -208,6 +211,7 @@ fn sum(parts: Vec<PartitionStatistics>, counts_exact: bool) -> TableStatistics {
         table_size: each(|s| s.table_size),
         indexes_size: each(|s| s.indexes_size),
         toast_size: each(|s| s.toast_size),
+        total_size: each(|s| s.total_size),
         dead_tuples: each(|s| s.dead_tuples),
         estimated_bloat_bytes: each(|s| s.estimated_bloat_bytes),
         last_vacuum: least_recent(|s| s.last_vacuum),
@@ -227,6 +231,7 @@ fn leaf_statistics(
 ) -> StateResult<PartitionStatistics> {
     let oid: u32 = row.try_get(0)?;
     let table_size = n(row.try_get(4)?);
+    let indexes_size = n(row.try_get(5)?);
     let live_tup = n(row.try_get(7)?);
     let dead = n(row.try_get(8)?);
     let expired = expired.get(&oid).copied().unwrap_or(0);
@@ -248,8 +253,9 @@ fn leaf_statistics(
             expired_rows: expired,
             counts_exact: counted.is_some(),
             table_size,
-            indexes_size: n(row.try_get(5)?),
+            indexes_size,
             toast_size: n(row.try_get(6)?),
+            total_size: table_size + indexes_size,
             dead_tuples: dead,
             estimated_bloat_bytes: bloat,
             last_vacuum: row.try_get(9)?,

@@ -11,7 +11,12 @@ use futures_util::SinkExt;
 use tokio_postgres::types::Type;
 
 use crate::state::error::{sqlstate, StateError, StateResult};
+use crate::state::ops::conn_ops::check_batch;
+use crate::state::ops::store::Store;
+use crate::state::pool::conn_pool::Use;
+use crate::state::routing::causal::Session;
 use crate::state::schema::names::TableNames;
+use crate::state::stats::operation::Op;
 use crate::state::wire::connection::PgConn;
 use crate::state::wire::statements::{upsert_sql, REPLACE};
 
@@ -253,6 +258,57 @@ impl PgConn {
 /// hash join, or an index lookup per key.
 pub(crate) fn copy_probe_sql(table: &str) -> String {
     format!("SELECT 1 FROM unnest($1::bytea[]) AS probe(key) JOIN {table} t ON t.key = probe.key LIMIT 1")
+}
+
+impl Store {
+    /// UNNEST batches of at most [`BATCH_CHUNK_ROWS`](crate::state::ops::batch::BATCH_CHUNK_ROWS) rows / [`BATCH_CHUNK_BYTES`](crate::state::ops::batch::BATCH_CHUNK_BYTES) bytes, all in
+    /// one transaction when there is more than one chunk, so the batch is all-or-nothing.
+    pub async fn batch_put(
+        &self,
+        session: &Session,
+        entries: &[(&[u8], &[u8])],
+    ) -> StateResult<()> {
+        check_batch(entries)?;
+        if entries.is_empty() {
+            return Ok(());
+        }
+        self.write(
+            session,
+            Op::BatchPut,
+            entries.len() as u64,
+            Use::Own,
+            async |c| c.batch_put(entries, true).await,
+        )
+        .await?;
+        self.ctx.stats.moved(batch_bytes(entries), 0);
+        Ok(())
+    }
+
+    pub async fn batch_copy(
+        &self,
+        session: &Session,
+        entries: &[(&[u8], &[u8])],
+    ) -> StateResult<u64> {
+        check_batch(entries)?;
+        if entries.is_empty() {
+            return Ok(0);
+        }
+        let names = &self.ctx.names;
+        self.write(
+            session,
+            Op::BatchCopy,
+            entries.len() as u64,
+            Use::Own,
+            async |c| c.batch_copy(names, entries).await,
+        )
+        .await
+        .inspect(|_| self.ctx.stats.moved(batch_bytes(entries), 0))
+    }
+}
+
+/// The bytes of a batch's keys and values.
+pub(crate) fn batch_bytes(entries: &[(&[u8], &[u8])]) -> usize {
+    entries.iter().map(|(k, v)| k.len() + v.len()).sum()
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use tracing::Instrument;
 use crate::state::error::{sqlstate, StateError, StateResult};
 use crate::state::limits::{check_entry, check_key, check_metadata, check_page, MAX_GET_MANY};
 use crate::state::ops::coalesce::{Admission, Coalescer, Entry, Found, Lookup, Reply, ALONE_BYTES};
-use crate::state::ops::conn_ops::{check_batch, MetadataQuery, StateEntry};
+use crate::state::ops::conn_ops::{MetadataQuery, StateEntry};
 use crate::state::pool::conn_pool::Use;
 use crate::state::pool::context::{bounded, Context};
 use crate::state::pool::settle::Watch;
@@ -214,7 +214,7 @@ impl Store {
     /// A write that fails with a serialization failure (possible only on a table partitioned
     /// by write window: an entry moved by a concurrent write, or a window changed after the
     /// statement's snapshot) wrote nothing and runs again, up to [`WRITE_RETRIES`] times.
-    async fn write<T, F>(
+    pub(crate) async fn write<T, F>(
         &self,
         session: &Session,
         op: Op,
@@ -306,6 +306,12 @@ impl Store {
     /// The live value of `key`: alone, or (when every read goes to the primary) answered
     /// with concurrent gets by one lookup (see the `coalesce` module).
     pub async fn get(&self, key: &[u8], scope: Scope<'_>) -> StateResult<Option<Vec<u8>>> {
+        let value = self.get_value(key, scope).await?;
+        self.ctx.stats.moved(0, value.as_ref().map_or(0, Vec::len));
+        Ok(value)
+    }
+
+    async fn get_value(&self, key: &[u8], scope: Scope<'_>) -> StateResult<Option<Vec<u8>>> {
         check_key(key)?;
         let alone = || self.read(scope, Op::Get, key, |c, k| Box::pin(c.get_value(k)));
         if self.router.splits_reads() {
@@ -327,8 +333,13 @@ impl Store {
 
     pub async fn get_entry(&self, key: &[u8], scope: Scope<'_>) -> StateResult<Option<StateEntry>> {
         check_key(key)?;
-        self.read(scope, Op::GetEntry, key, |c, k| Box::pin(c.get_entry(k)))
-            .await
+        let entry = self
+            .read(scope, Op::GetEntry, key, |c, k| Box::pin(c.get_entry(k)))
+            .await?;
+        self.ctx
+            .stats
+            .moved(0, entry.as_ref().map_or(0, |e| e.value.len()));
+        Ok(entry)
     }
 
     pub async fn contains(&self, key: &[u8], scope: Scope<'_>) -> StateResult<bool> {
@@ -366,6 +377,7 @@ impl Store {
             .await?
             .into_iter()
             .collect();
+        self.ctx.stats.moved(0, found.values().map(Vec::len).sum());
         Ok(keys.iter().map(|k| found.get(*k).cloned()).collect())
     }
 
@@ -430,6 +442,21 @@ impl Store {
     ) -> StateResult<i64> {
         check_entry(key, value)?;
         check_metadata(metadata)?;
+        let version = self
+            .upsert_entry(session, key, value, metadata, ttl_us)
+            .await?;
+        self.ctx.stats.moved(key.len() + value.len(), 0);
+        Ok(version)
+    }
+
+    async fn upsert_entry(
+        &self,
+        session: &Session,
+        key: &[u8],
+        value: &[u8],
+        metadata: &serde_json::Value,
+        ttl_us: Option<i64>,
+    ) -> StateResult<i64> {
         let alone = async |limit| {
             self.write_within(limit, session, Op::Upsert, 1, Use::Point, async |c| {
                 c.upsert(key, value, metadata, ttl_us).await
@@ -474,10 +501,13 @@ impl Store {
         expected: Option<i64>,
     ) -> StateResult<i64> {
         check_entry(key, value)?;
-        self.write(session, Op::PutWithVersion, 1, Use::Point, async |c| {
-            c.put_with_version(key, value, expected).await
-        })
-        .await
+        let version = self
+            .write(session, Op::PutWithVersion, 1, Use::Point, async |c| {
+                c.put_with_version(key, value, expected).await
+            })
+            .await?;
+        self.ctx.stats.moved(key.len() + value.len(), 0);
+        Ok(version)
     }
 
     pub async fn compare_and_set(
@@ -491,10 +521,15 @@ impl Store {
         if let Some(old) = expected {
             check_entry(key, old)?;
         }
-        self.write(session, Op::CompareAndSet, 1, Use::Point, async |c| {
-            c.compare_and_set(key, expected, value).await
-        })
-        .await
+        let set = self
+            .write(session, Op::CompareAndSet, 1, Use::Point, async |c| {
+                c.compare_and_set(key, expected, value).await
+            })
+            .await?;
+        if set.is_some() {
+            self.ctx.stats.moved(key.len() + value.len(), 0);
+        }
+        Ok(set)
     }
 
     pub async fn delete(&self, session: &Session, key: &[u8]) -> StateResult<()> {
@@ -521,47 +556,6 @@ impl Store {
     pub async fn clear(&self, session: &Session) -> StateResult<()> {
         self.write(session, Op::Clear, 1, Use::Own, async |c| c.clear().await)
             .await
-    }
-
-    /// UNNEST batches of at most [`BATCH_CHUNK_ROWS`](crate::state::ops::batch::BATCH_CHUNK_ROWS) rows / [`BATCH_CHUNK_BYTES`](crate::state::ops::batch::BATCH_CHUNK_BYTES) bytes, all in
-    /// one transaction when there is more than one chunk, so the batch is all-or-nothing.
-    pub async fn batch_put(
-        &self,
-        session: &Session,
-        entries: &[(&[u8], &[u8])],
-    ) -> StateResult<()> {
-        check_batch(entries)?;
-        if entries.is_empty() {
-            return Ok(());
-        }
-        self.write(
-            session,
-            Op::BatchPut,
-            entries.len() as u64,
-            Use::Own,
-            async |c| c.batch_put(entries, true).await,
-        )
-        .await
-    }
-
-    pub async fn batch_copy(
-        &self,
-        session: &Session,
-        entries: &[(&[u8], &[u8])],
-    ) -> StateResult<u64> {
-        check_batch(entries)?;
-        if entries.is_empty() {
-            return Ok(0);
-        }
-        let names = &self.ctx.names;
-        self.write(
-            session,
-            Op::BatchCopy,
-            entries.len() as u64,
-            Use::Own,
-            async |c| c.batch_copy(names, entries).await,
-        )
-        .await
     }
 
     /// One round trip on a pooled primary connection.

@@ -76,6 +76,8 @@ pub(crate) struct Stats {
     notifications_sent: AtomicU64,
     coalesced_puts: AtomicU64,
     coalesced_gets: AtomicU64,
+    bytes_written: AtomicU64,
+    bytes_read: AtomicU64,
     /// Durations by operation kind (indexed by `Kind::index`).
     latency: [Histogram; 9],
     /// Failed operations by error kind (in the order of `KINDS`).
@@ -187,6 +189,8 @@ impl Stats {
             notifications_sent: zero(),
             coalesced_puts: zero(),
             coalesced_gets: zero(),
+            bytes_written: zero(),
+            bytes_read: zero(),
             latency: Default::default(),
             errors_by_kind: Default::default(),
             published: Published::new(table, &KINDS),
@@ -239,6 +243,14 @@ impl Stats {
                 "slow operation"
             );
         }
+    }
+
+    /// Records the bytes an operation that succeeded moved: keys and values written, values
+    /// read.
+    pub fn moved(&self, written: usize, read: usize) {
+        let n = |b: usize| u64::try_from(b).unwrap_or(u64::MAX);
+        self.bytes_written.fetch_add(n(written), Relaxed);
+        self.bytes_read.fetch_add(n(read), Relaxed);
     }
 
     /// Records a put written, or a get answered, by a combined statement.
@@ -343,6 +355,8 @@ impl Stats {
             coalesced_puts: self.coalesced_puts.load(Relaxed),
             puts_queued: 0,
             coalesced_gets: self.coalesced_gets.load(Relaxed),
+            bytes_written: self.bytes_written.load(Relaxed),
+            bytes_read: self.bytes_read.load(Relaxed),
             gets_queued: 0,
             primary_reads: 0,
             replica_reads: 0,
@@ -443,6 +457,12 @@ pub struct BackendStats {
     pub coalesced_gets: u64,
     /// Gets waiting now to be combined into the next lookup.
     pub gets_queued: u64,
+    /// Bytes written by operations that succeeded: each entry's key and value (puts,
+    /// versioned writes, batches, transaction writes).
+    pub bytes_written: u64,
+    /// Bytes of values read by operations that succeeded (gets, entries, batches of gets,
+    /// transaction reads).
+    pub bytes_read: u64,
     /// Reads served by the primary.
     pub primary_reads: u64,
     /// Reads served by replicas.

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::state::error::StateResult;
 use crate::state::limits::{check_entry, check_key, check_metadata, check_ttl};
+use crate::state::ops::batch::batch_bytes;
 use crate::state::ops::conn_ops::{check_batch, empty_object, MetadataQuery, StateEntry};
 use crate::state::stats::operation::Op;
 use crate::state::transaction::tx::PostgresTransaction;
@@ -14,15 +15,23 @@ impl PostgresTransaction {
     /// The value under `key`, as this transaction sees it.
     pub async fn get(&mut self, key: &[u8]) -> StateResult<Option<Vec<u8>>> {
         check_key(key)?;
-        self.stmt(Op::Get, 1, async |c| c.get_value(key).await)
-            .await
+        let value = self
+            .stmt(Op::Get, 1, async |c| c.get_value(key).await)
+            .await?;
+        self.ctx.stats.moved(0, value.as_ref().map_or(0, Vec::len));
+        Ok(value)
     }
 
     /// The whole entry under `key`.
     pub async fn get_entry(&mut self, key: &[u8]) -> StateResult<Option<StateEntry>> {
         check_key(key)?;
-        self.stmt(Op::GetEntry, 1, async |c| c.get_entry(key).await)
-            .await
+        let entry = self
+            .stmt(Op::GetEntry, 1, async |c| c.get_entry(key).await)
+            .await?;
+        self.ctx
+            .stats
+            .moved(0, entry.as_ref().map_or(0, |e| e.value.len()));
+        Ok(entry)
     }
 
     /// The value and version under `key`.
@@ -88,10 +97,13 @@ impl PostgresTransaction {
         check_entry(key, value)?;
         check_metadata(&metadata)?;
         let micros = ttl.map(check_ttl).transpose()?;
-        self.stmt(Op::Upsert, 1, async |c| {
-            c.upsert(key, value, &metadata, micros).await
-        })
-        .await
+        let version = self
+            .stmt(Op::Upsert, 1, async |c| {
+                c.upsert(key, value, &metadata, micros).await
+            })
+            .await?;
+        self.ctx.stats.moved(key.len() + value.len(), 0);
+        Ok(version)
     }
 
     /// Optimistic write, as [`EnhancedPostgresBackend::put_with_version`](crate::state::EnhancedPostgresBackend::put_with_version).
@@ -150,7 +162,9 @@ impl PostgresTransaction {
         self.stmt(Op::BatchPut, entries.len() as u64, async |c| {
             c.batch_put(entries, false).await
         })
-        .await
+        .await?;
+        self.ctx.stats.moved(batch_bytes(entries), 0);
+        Ok(())
     }
 
     /// Live entries whose metadata matches, as [`EnhancedPostgresBackend::query_by_metadata`](crate::state::EnhancedPostgresBackend::query_by_metadata).

@@ -1,13 +1,19 @@
 //! Layer `assembly`: a backend's parts, built from a configuration in order: validation, the
 //! migrated table, the primary's pool, the replicas and their monitor, the coordinator, the
-//! store, and the current write window. The facade (`enhanced`) and the basic backend wrap
-//! what it builds; it holds no behaviour of its own.
+//! store, and the current write window; then its background tasks (`background`: cleanup
+//! passes and write windows; `published`: the node figures for the `metrics` facade). The
+//! facades (`enhanced`, `basic`, the lease lock) hold the [`Core`] it builds; it holds no
+//! behaviour of its own beyond starting and stopping those tasks.
 //!
-//! May use every layer below the facade.
+//! May use every layer below the facades.
 
-use std::sync::Arc;
+mod background;
+pub(crate) mod published;
+
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use tokio::task::JoinHandle;
 use tokio_postgres::config::TargetSessionAttrs;
 
 use crate::state::config::connspec::ConnectionSpec;
@@ -21,26 +27,98 @@ use crate::state::pool::context::Context;
 use crate::state::routing::router::{spawn_monitor, Replica, Router};
 use crate::state::schema::migrations::migrate;
 use crate::state::schema::names::TableNames;
-use crate::state::stats::counters::Stats;
+use crate::state::stats::counters::{BackendStats, Stats};
 use crate::state::wire::connection::Connector;
 
-/// What [`assemble`] builds.
+pub(crate) use background::plan;
+
+/// One backend's parts, shared by all its handles; the background tasks stop when it drops.
 pub(crate) struct Core {
     /// Every key/value operation over the pools.
     pub store: Store,
     /// Advisory locks, leader election, LISTEN/NOTIFY.
     pub coordinator: Arc<Coordinator>,
+    /// The configuration it was built from.
+    pub config: EnhancedPostgresConfig,
     /// The replica monitor's task, when one runs.
-    pub monitor: Option<tokio::task::JoinHandle<()>>,
-    /// The write windows' length and how many to create ahead, for a table partitioned by
-    /// write window.
-    pub windows: Option<(Duration, u32)>,
+    monitor: Option<JoinHandle<()>>,
+    /// The background cleanup task, when one runs.
+    cleanup: OnceLock<JoinHandle<()>>,
+}
+
+impl Drop for Core {
+    fn drop(&mut self) {
+        if let Some(m) = &self.monitor {
+            m.abort();
+        }
+        if let Some(c) = self.cleanup.get() {
+            c.abort();
+        }
+    }
+}
+
+impl Core {
+    /// The operation counters and timings, with every node's connection and read figures
+    /// read once (so the read counts add up to `reads_by_node`).
+    pub fn stats(&self) -> BackendStats {
+        let s = &self.store;
+        let mut stats = s.ctx.stats.snapshot();
+        let nodes = published::nodes(s);
+        let reads = |primary: bool| -> u64 {
+            nodes
+                .iter()
+                .filter(|n| n.primary == primary)
+                .map(|n| n.reads)
+                .sum()
+        };
+        stats.primary_reads = reads(true);
+        stats.replica_reads = reads(false);
+        (
+            stats.connections_created,
+            stats.connections_closed,
+            stats.connections_broken,
+            stats.reads_by_node,
+        ) = published::connections_and_reads(&nodes);
+        stats.read_failovers = s.router.failovers();
+        stats.puts_queued = u64::try_from(s.coalescer.waiting()).unwrap_or(u64::MAX);
+        stats.gets_queued = u64::try_from(s.lookups.waiting()).unwrap_or(u64::MAX);
+        stats
+    }
 }
 
 /// Validates `config`, connects, applies the embedded migrations (under an advisory lock, so
 /// concurrent starts are safe), opens the pools, starts the replica monitor when there is
-/// anything to watch, and starts the current write window of a time-partitioned table.
-pub(crate) async fn assemble(config: &EnhancedPostgresConfig) -> StateResult<Core> {
+/// anything to watch and the current write window of a time-partitioned table, then the
+/// background tasks.
+pub(crate) async fn assemble(config: EnhancedPostgresConfig) -> StateResult<Arc<Core>> {
+    let (store, coordinator, monitor, windows) = parts(&config).await?;
+    tracing::info!(url = %config.redacted_url(), table = %store.ctx.names.qualified, replicas = store.router.replicas.len(), "state backend ready");
+    let label = store.ctx.names.label.clone();
+    let core = Arc::new(Core {
+        store,
+        coordinator,
+        config,
+        monitor,
+        cleanup: OnceLock::new(),
+    });
+    published::spawn_publisher(Arc::downgrade(&core), label);
+    if let Some(task) = background::spawn_cleanup(&core, windows) {
+        let _ = core.cleanup.set(task);
+    }
+    Ok(core)
+}
+
+/// What [`parts`] builds: the store, the coordinator, the monitor's task, and the write
+/// windows' length and premake count of a table partitioned by write window.
+type Parts = (
+    Store,
+    Arc<Coordinator>,
+    Option<JoinHandle<()>>,
+    Option<(Duration, u32)>,
+);
+
+/// The parts, in order (see [`assemble`]).
+async fn parts(config: &EnhancedPostgresConfig) -> StateResult<Parts> {
     let valid = config.validate()?;
     let (connector, names) = migrated(config, &valid).await?;
     let lock_connector = session_connector(config, &valid, &connector)?;
@@ -87,12 +165,7 @@ pub(crate) async fn assemble(config: &EnhancedPostgresConfig) -> StateResult<Cor
             tracing::warn!(table = %store.ctx.names.qualified, error = %e, "starting the write window of now failed");
         }
     }
-    Ok(Core {
-        store,
-        coordinator,
-        monitor,
-        windows,
-    })
+    Ok((store, coordinator, monitor, windows))
 }
 
 /// A connector to `spec` with the configuration's timeouts and application name.

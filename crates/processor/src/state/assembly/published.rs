@@ -1,5 +1,5 @@
 //! The figures of the backend's nodes (primary and replicas: pools, connections, reads, lag),
-//! for [`get_stats`](super::EnhancedPostgresBackend::get_stats) and, once a second, for the
+//! for [`Core::stats`](super::Core::stats) and, once a second, for the
 //! `metrics` facade (see the `published` module for the operation counters, which are
 //! published as they happen).
 //!
@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, Weak};
 use std::time::Duration;
 
-use super::Inner;
+use super::Core;
 use crate::state::ops::store::Store;
 use crate::state::pool::conn_pool::PoolStats;
 use crate::state::stats::counters::NodeReads;
@@ -176,7 +176,7 @@ impl Publisher {
         }
     }
 
-    fn publish(&mut self, inner: &Inner) {
+    fn publish(&mut self, inner: &Core) {
         let store = &inner.store;
         for n in nodes(store) {
             let l = |p: &Self, extra: &[(&'static str, &str)]| p.labels(&n.node, extra);
@@ -259,7 +259,7 @@ impl Publisher {
 }
 
 /// Publishes the node figures of `inner` every [`PUBLISH_INTERVAL`] until it is dropped.
-pub(super) fn spawn_publisher(inner: Weak<Inner>, table: String) -> tokio::task::JoinHandle<()> {
+pub(super) fn spawn_publisher(inner: Weak<Core>, table: String) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut publisher = Publisher {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),

@@ -357,11 +357,11 @@ pub async fn checkpoint(target: &Target, action: CheckpointAction) -> Result<(),
         CheckpointAction::List => {
             for c in backend.list_checkpoints().await? {
                 println!(
-                    "{}\t{}\t{}\t{:.0}",
+                    "{}\t{}\t{}\t{}",
                     c.id,
                     c.name,
                     c.entry_count,
-                    epoch(c.created_at)
+                    c.created_at.timestamp()
                 );
             }
         }

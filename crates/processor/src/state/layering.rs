@@ -5,12 +5,13 @@ use std::path::{Path, PathBuf};
 
 /// Each top-level module of `state` and its layer's height: a module may use only modules of
 /// its own height or lower.
-const LAYERS: [(&str, u8); 19] = [
+const LAYERS: [(&str, u8); 21] = [
     ("error", 0),
     ("limits", 0),
     ("ident", 0),
     ("retry", 0),
     ("backend", 0),
+    ("distributed_lock", 0),
     ("stats", 1),
     ("config", 2),
     ("schema", 3),
@@ -25,6 +26,7 @@ const LAYERS: [(&str, u8); 19] = [
     ("enhanced", 12),
     ("memory", 13),
     ("basic", 13),
+    ("postgres_lock", 13),
 ];
 
 fn height(module: &str) -> Option<u8> {

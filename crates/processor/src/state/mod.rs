@@ -24,19 +24,21 @@ mod stats;
 mod transaction;
 mod wire;
 
-mod backend;
+pub mod backend;
 mod basic;
+pub mod distributed_lock;
 mod error;
 mod ident;
 mod limits;
-mod memory;
+pub mod memory;
+pub mod postgres_lock;
 mod retry;
 
 #[cfg(test)]
 mod layering;
 
 pub use backend::StateBackend;
-pub use basic::{PostgresConfig, PostgresStateBackend};
+pub use basic::{PostgresConfig, PostgresStateBackend, PostgresStats};
 pub use config::citus_layout::{CitusLayout, MAX_CITUS_SHARDS};
 pub use config::connspec::SslMode;
 pub use config::connstr::redact;
@@ -52,6 +54,7 @@ pub use coordination::{
     Notification, PostgresListener, PostgresLockGuard, MAX_LOCK_NAME_LEN, MAX_LOCK_SESSIONS,
     MAX_NOTIFY_PAYLOAD,
 };
+pub use distributed_lock::{DistributedLock, LockGuard, LockToken};
 pub use enhanced::EnhancedPostgresBackend;
 pub use error::{sqlstate, ErrorKind, StateError, StateResult};
 pub use ident::{Ident, MAX_IDENT_LEN, MAX_TABLE_NAME_LEN};
@@ -64,12 +67,29 @@ pub use maintenance::{
     RepartitionReport, RetentionReport, TableActivity, TableStatistics, EXACT_COUNT_LIMIT,
     MAX_CHECKPOINT_NAME_LEN,
 };
-pub use memory::MemoryStateBackend;
+pub use memory::{MemoryBackendStats, MemoryStateBackend};
 pub use ops::conn_ops::StateEntry;
 pub use pool::conn_pool::PoolStats;
+pub use postgres_lock::PostgresDistributedLock;
 pub use routing::causal::CausalToken;
 pub use routing::router::{NodeRole, ReplicaStatus, ReplicationStatus};
 pub use schema::migrations::{Migration, MIGRATIONS, TRACKING_TABLE};
 pub use stats::counters::{BackendStats, NodeReads};
 pub use stats::latency::OpLatency;
 pub use transaction::tx::{PostgresTransaction, TxFuture};
+
+/// The seed project's path of the basic backend (`processor::state::postgres_backend`).
+pub mod postgres_backend {
+    pub use super::{CheckpointInfo, PostgresConfig, PostgresStateBackend, PostgresStats};
+}
+
+/// The seed project's path of the enhanced backend
+/// (`processor::state::postgres_backend_enhanced`).
+pub mod postgres_backend_enhanced {
+    pub use super::{
+        EnhancedPostgresBackend, EnhancedPostgresConfig, IsolationLevel, PartitionStrategy,
+        PostgresListener, PostgresLockGuard, PostgresPoolConfig, PostgresReplicaConfig,
+        PostgresSslConfig, PostgresTransaction, ReplicationStatus, RetentionPolicy,
+        TableStatistics,
+    };
+}

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use super::Core;
 use crate::state::config::enhanced::EnhancedPostgresConfig;
-use crate::state::maintenance::{self, CleanupPlan};
+use crate::state::error::{StateError, StateResult};
+use crate::state::maintenance::{self, CleanupPlan, RetentionReport};
+use crate::state::routing::causal::Session;
 
 /// What the configuration asks cleanup passes to do, and how often.
 pub(crate) fn plan(config: &EnhancedPostgresConfig) -> (CleanupPlan, Duration) {
@@ -89,4 +91,37 @@ pub(super) fn spawn_cleanup(
             }
         }
     }))
+}
+
+impl Core {
+    /// One cleanup pass now, for `session` (see
+    /// [`EnhancedPostgresBackend::apply_retention_policy`](crate::state::EnhancedPostgresBackend::apply_retention_policy)):
+    /// waits up to the operation timeout while another instance runs one on the table.
+    pub async fn pass(
+        &self,
+        session: &Session,
+        plan: CleanupPlan,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> StateResult<RetentionReport> {
+        let (store, wait) = (&self.store, self.store.ctx.limit);
+        let pass = maintenance::cleanup_pass(store, &self.coordinator, plan, wait, progress);
+        let removed = store.tracked(session, pass).await?;
+        removed.ok_or_else(|| {
+            StateError::Timeout(format!(
+                "another instance's cleanup pass on {} did not finish within {wait:?}",
+                store.ctx.names.qualified
+            ))
+        })
+    }
+
+    /// Deletes expired entries and delete tombstones now; how many entries had expired.
+    pub async fn cleanup_expired(&self, session: &Session) -> StateResult<u64> {
+        let (plan, _) = plan(&self.config);
+        let plan = CleanupPlan {
+            expired: true,
+            max_age: None,
+            ..plan
+        };
+        Ok(self.pass(session, plan, &|_| {}).await?.entries_deleted)
+    }
 }

@@ -144,7 +144,10 @@ async fn parts(config: &EnhancedPostgresConfig) -> StateResult<Parts> {
         ))
     };
     let ctx = Arc::new(Context {
-        stats: Arc::new(Stats::new(config.slow_query_threshold, &names.label)),
+        stats: Arc::new(
+            Stats::new(config.slow_query_threshold, &names.label)
+                .logging_statements(config.log_statements),
+        ),
         primary,
         names,
         limit: op_timeout,

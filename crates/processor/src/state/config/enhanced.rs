@@ -32,6 +32,7 @@ pub struct EnhancedPostgresConfig {
     pub(crate) schema: String,
     pub(crate) table: String,
     pub(crate) slow_query_threshold: Duration,
+    pub(crate) log_statements: bool,
     pub(crate) connect_timeout: Duration,
     pub(crate) statement_timeout: Option<Duration>,
     pub(crate) operation_timeout: Duration,
@@ -60,6 +61,7 @@ impl EnhancedPostgresConfig {
             schema: "public".to_string(),
             table: "state_entries".to_string(),
             slow_query_threshold: Duration::from_millis(100),
+            log_statements: false,
             connect_timeout: Duration::from_secs(10),
             statement_timeout: None,
             operation_timeout: DEFAULT_OPERATION_TIMEOUT,
@@ -141,6 +143,13 @@ impl EnhancedPostgresConfig {
     /// Queries slower than this are counted as slow and logged at `warn`. Default 100 ms.
     pub fn with_slow_query_threshold(mut self, threshold: Duration) -> Self {
         self.slow_query_threshold = threshold;
+        self
+    }
+
+    /// Logs every operation at `info` (target `pgstate::statements`): its statement's name,
+    /// rows, duration and whether it failed; never a key or a value. Default off.
+    pub fn with_statement_logging(mut self, on: bool) -> Self {
+        self.log_statements = on;
         self
     }
 
@@ -406,6 +415,7 @@ impl fmt::Debug for EnhancedPostgresConfig {
             .field("schema", &self.schema)
             .field("table", &self.table)
             .field("slow_query_threshold", &self.slow_query_threshold)
+            .field("log_statements", &self.log_statements)
             .field("connect_timeout", &self.connect_timeout)
             .field("statement_timeout", &self.statement_timeout)
             .field("operation_timeout", &self.operation_timeout)

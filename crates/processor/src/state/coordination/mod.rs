@@ -8,6 +8,7 @@ mod guard;
 mod held;
 mod leader;
 mod leadership;
+mod lease;
 mod list;
 mod listener;
 mod lockconn;

@@ -57,18 +57,7 @@ impl EnhancedPostgresBackend {
     /// entries); returns how many entries had expired (tombstones, internal rows, are not
     /// counted).
     pub async fn cleanup_expired(&self) -> StateResult<u64> {
-        let (plan, _) = plan(&self.inner.config);
-        let report = self
-            .pass(
-                CleanupPlan {
-                    expired: true,
-                    max_age: None,
-                    ..plan
-                },
-                &|_| {},
-            )
-            .await?;
-        Ok(report.entries_deleted)
+        self.inner.cleanup_expired(&self.session).await
     }
 
     async fn pass(
@@ -76,20 +65,7 @@ impl EnhancedPostgresBackend {
         plan: CleanupPlan,
         progress: &(dyn Fn(u64) + Sync),
     ) -> StateResult<RetentionReport> {
-        let wait = self.store().ctx.limit;
-        let removed = self
-            .store()
-            .tracked(
-                &self.session,
-                maintenance::cleanup_pass(self.store(), self.coordinator(), plan, wait, progress),
-            )
-            .await?;
-        removed.ok_or_else(|| {
-            crate::state::StateError::Timeout(format!(
-                "another instance's cleanup pass on {} did not finish within {wait:?}",
-                self.table()
-            ))
-        })
+        self.inner.pass(&self.session, plan, progress).await
     }
 
     /// Moves the entries not written for `older_than` into `archive_table` (in this backend's

@@ -12,8 +12,11 @@
 
 use std::time::{Duration, SystemTime};
 
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 use tokio_postgres::types::Type;
 use tokio_postgres::IsolationLevel;
+use uuid::Uuid;
 
 use super::floor;
 use crate::state::error::{StateError, StateResult};
@@ -28,8 +31,11 @@ const CHUNK: i64 = 10_000;
 pub const MAX_CHECKPOINT_NAME_LEN: usize = 256;
 
 /// One checkpoint, from
-/// [`list_checkpoints`](crate::state::EnhancedPostgresBackend::list_checkpoints).
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// [`list_checkpoints`](crate::state::EnhancedPostgresBackend::list_checkpoints) (and the basic
+/// backend's [`list_checkpoints`](crate::state::PostgresStateBackend::list_checkpoints), which
+/// reads the seed project's fields: `checkpoint_id`, `created_at`, `row_count`, `data_size`,
+/// `metadata`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckpointInfo {
     /// Its id, for [`restore_checkpoint`](crate::state::EnhancedPostgresBackend::restore_checkpoint)
     /// and [`delete_checkpoint`](crate::state::EnhancedPostgresBackend::delete_checkpoint).
@@ -37,9 +43,43 @@ pub struct CheckpointInfo {
     /// The name it was created with (not unique).
     pub name: String,
     /// When it was taken (the server's clock).
-    pub created_at: SystemTime,
+    pub created_at: DateTime<Utc>,
     /// Live entries it holds.
     pub entry_count: u64,
+    /// Its UUID, for the basic backend's
+    /// [`restore_checkpoint`](crate::state::PostgresStateBackend::restore_checkpoint).
+    pub checkpoint_id: Uuid,
+    /// Live entries it holds (`entry_count`, as the seed project's type has it).
+    pub row_count: i64,
+    /// Bytes of the keys and values it holds.
+    pub data_size: i64,
+    /// Its metadata object (`{}` unless set in SQL).
+    pub metadata: Option<serde_json::Value>,
+}
+
+/// The columns [`CheckpointInfo::from_row`] reads, in its order.
+const INFO_COLUMNS: &str =
+    "id, name, created_at, entry_count, checkpoint_uuid::text, data_size, metadata";
+
+impl CheckpointInfo {
+    fn from_row(r: &tokio_postgres::Row) -> StateResult<Self> {
+        let created: SystemTime = r.try_get(2)?;
+        let entries: i64 = r.try_get(3)?;
+        let uuid: Option<String> = r.try_get(4)?;
+        Ok(CheckpointInfo {
+            id: r.try_get(0)?,
+            name: r.try_get(1)?,
+            created_at: DateTime::<Utc>::from(created),
+            entry_count: u64::try_from(entries).unwrap_or(0),
+            // Written by an older pgstate while this one migrated: no UUID to restore it by.
+            checkpoint_id: uuid
+                .and_then(|u| Uuid::parse_str(&u).ok())
+                .unwrap_or_default(),
+            row_count: entries,
+            data_size: r.try_get(5)?,
+            metadata: r.try_get(6)?,
+        })
+    }
 }
 
 fn check_name(name: &str) -> StateResult<()> {
@@ -75,7 +115,8 @@ pub(crate) async fn create(
     let n = &store.ctx.names;
     let limit = store.ctx.limit;
     let insert = format!(
-        "INSERT INTO {} (state_table, name) VALUES ($1, $2) RETURNING id, created_at",
+        "INSERT INTO {} (state_table, name, checkpoint_uuid) VALUES ($1, $2, $3::text::uuid) \
+         RETURNING id",
         n.checkpoints
     );
     let copy = format!(
@@ -84,15 +125,17 @@ pub(crate) async fn create(
                                     expires_at, version)
              SELECT $1, key, value, metadata, created_at, updated_at, expires_at, version
              FROM {t} WHERE key > $2 AND {LIVE} ORDER BY key LIMIT $3
-             RETURNING key)
-         SELECT count(*)::bigint, (SELECT key FROM copied ORDER BY key DESC LIMIT 1) FROM copied",
+             RETURNING key, length(key) + length(value) AS bytes)
+         SELECT count(*)::bigint, (SELECT key FROM copied ORDER BY key DESC LIMIT 1),
+                coalesce(sum(bytes), 0)::bigint FROM copied",
         entries = n.checkpoint_entries,
         t = n.qualified
     );
     let finish = format!(
-        "UPDATE {} SET entry_count = $2 WHERE id = $1",
+        "UPDATE {} SET entry_count = $2, data_size = $3 WHERE id = $1 RETURNING {INFO_COLUMNS}",
         n.checkpoints
     );
+    let uuid = Uuid::new_v4().to_string();
     let table = n.qualified.clone();
     let mut conn = store.ctx.primary.get().await?;
     conn.set_in_transaction(true);
@@ -104,34 +147,61 @@ pub(crate) async fn create(
     let row = step(&mut conn, limit, async |c| {
         c.query_typed_one(
             &insert,
-            &[(&table.as_str(), Type::TEXT), (&name, Type::TEXT)],
+            &[
+                (&table.as_str(), Type::TEXT),
+                (&name, Type::TEXT),
+                (&uuid.as_str(), Type::TEXT),
+            ],
         )
         .await
     })
     .await?;
     let id: i64 = row.try_get(0)?;
-    let created_at: SystemTime = row.try_get(1)?;
-    let total = copy_entries(&mut conn, limit, &copy, id, progress).await?;
+    let (total, bytes) = copy_entries(&mut conn, limit, &copy, id, progress).await?;
     let count = i64::try_from(total).unwrap_or(i64::MAX);
-    step(&mut conn, limit, async |c| {
-        c.execute_typed(&finish, &[(&id, Type::INT8), (&count, Type::INT8)])
+    let row = step(&mut conn, limit, async |c| {
+        let row = c
+            .query_typed_one(
+                &finish,
+                &[
+                    (&id, Type::INT8),
+                    (&count, Type::INT8),
+                    (&bytes, Type::INT8),
+                ],
+            )
             .await?;
-        c.batch_execute("COMMIT").await
+        c.batch_execute("COMMIT").await?;
+        Ok(row)
     })
     .await?;
     conn.set_in_transaction(false);
-    Ok(CheckpointInfo {
-        id,
-        name: name.to_string(),
-        created_at,
-        entry_count: total,
-    })
+    CheckpointInfo::from_row(&row)
+}
+
+/// The id of this table's checkpoint named `uuid`, if there is one.
+pub(crate) async fn find(store: &Store, uuid: Uuid) -> StateResult<Option<i64>> {
+    let sql = format!(
+        "SELECT id FROM {} WHERE checkpoint_uuid = $1::text::uuid AND state_table = $2",
+        store.ctx.names.checkpoints
+    );
+    let (uuid, table) = (uuid.to_string(), store.ctx.names.qualified.clone());
+    let row = store
+        .on_primary(async |c| {
+            Ok(c.client
+                .query_typed_opt(
+                    &sql,
+                    &[(&uuid.as_str(), Type::TEXT), (&table.as_str(), Type::TEXT)],
+                )
+                .await?)
+        })
+        .await?;
+    Ok(row.map(|r| r.try_get(0)).transpose()?)
 }
 
 /// This table's checkpoints, newest first.
 pub(crate) async fn list(store: &Store) -> StateResult<Vec<CheckpointInfo>> {
     let sql = format!(
-        "SELECT id, name, created_at, entry_count FROM {} WHERE state_table = $1 ORDER BY id DESC",
+        "SELECT {INFO_COLUMNS} FROM {} WHERE state_table = $1 ORDER BY id DESC",
         store.ctx.names.checkpoints
     );
     let table = store.ctx.names.qualified.clone();
@@ -142,16 +212,7 @@ pub(crate) async fn list(store: &Store) -> StateResult<Vec<CheckpointInfo>> {
                 .await?)
         })
         .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(CheckpointInfo {
-                id: r.try_get(0)?,
-                name: r.try_get(1)?,
-                created_at: r.try_get(2)?,
-                entry_count: u64::try_from(r.try_get::<_, i64>(3)?).unwrap_or(0),
-            })
-        })
-        .collect()
+    rows.iter().map(CheckpointInfo::from_row).collect()
 }
 
 /// Deletes checkpoint `id` of this table (its entries with it); whether there was one.
@@ -249,17 +310,17 @@ pub(crate) async fn restore(store: &Store, id: i64) -> StateResult<u64> {
 }
 
 /// Runs `copy` (the checkpoint's chunked copy, see [`create`]) for checkpoint `id` chunk after
-/// chunk until the live entries are copied; returns how many, calling `progress` with the
-/// running total.
+/// chunk until the live entries are copied; returns how many and the bytes of their keys and
+/// values, calling `progress` with the running total.
 async fn copy_entries(
     conn: &mut Checkout,
     limit: Duration,
     copy: &str,
     id: i64,
     progress: &(dyn Fn(u64) + Sync),
-) -> StateResult<u64> {
+) -> StateResult<(u64, i64)> {
     let mut after: Vec<u8> = Vec::new();
-    let mut total = 0u64;
+    let (mut total, mut bytes) = (0u64, 0i64);
     loop {
         let row = step(conn, limit, async |c| {
             c.query_typed_one(
@@ -275,10 +336,11 @@ async fn copy_entries(
         .await?;
         let copied: i64 = row.try_get(0)?;
         total += u64::try_from(copied).unwrap_or(0);
+        bytes = bytes.saturating_add(row.try_get(2)?);
         progress(total);
         match row.try_get::<_, Option<Vec<u8>>>(1)? {
             Some(last) if copied >= CHUNK => after = last,
-            _ => return Ok(total),
+            _ => return Ok((total, bytes)),
         }
     }
 }

@@ -23,15 +23,15 @@ use std::time::Duration;
 
 pub(crate) use archive::{archive, get_archived, restore};
 pub(crate) use checkpoints::{
-    create as create_checkpoint, delete as delete_checkpoint, list as list_checkpoints,
-    prune as prune_checkpoints, restore as restore_checkpoint,
+    create as create_checkpoint, delete as delete_checkpoint, find as find_checkpoint,
+    list as list_checkpoints, prune as prune_checkpoints, restore as restore_checkpoint,
 };
 pub use checkpoints::{CheckpointInfo, MAX_CHECKPOINT_NAME_LEN};
 pub(crate) use cleanup::{sweep, Sweep};
 pub use progress::{MaintenanceOptions, Progress};
 use repartition::repartition;
 pub use repartition::RepartitionReport;
-pub(crate) use table_stats::{table_activity, table_statistics};
+pub(crate) use table_stats::{table_activity, table_sizes, table_statistics};
 pub use table_stats::{PartitionStatistics, TableActivity, TableStatistics, EXACT_COUNT_LIMIT};
 pub(crate) use vacuum::vacuum_analyze;
 pub use window_partitions::DroppedPartition;

@@ -3,6 +3,8 @@
 
 use std::time::SystemTime;
 
+use tokio_postgres::types::Type;
+
 use crate::state::error::StateResult;
 use crate::state::ops::store::Store;
 
@@ -92,6 +94,23 @@ pub struct TableActivity {
     pub live_rows_estimate: u64,
     /// Dead row versions not yet vacuumed (`n_dead_tup`).
     pub dead_tuples: u64,
+}
+
+/// The state table's bytes in all (table, TOAST and indexes) and of the table alone (TOAST
+/// included), over its partitions when it has any: two catalog lookups, no row count.
+pub(crate) async fn table_sizes(store: &Store) -> StateResult<(i64, i64)> {
+    let sql = "SELECT coalesce(sum(pg_total_relation_size(relid)), 0)::bigint, \
+                      coalesce(sum(pg_table_size(relid)), 0)::bigint \
+               FROM pg_partition_tree($1::text::regclass) WHERE isleaf";
+    let table = store.ctx.names.qualified.clone();
+    let row = store
+        .on_primary(async |c| {
+            Ok(c.client
+                .query_typed_one(sql, &[(&table.as_str(), Type::TEXT)])
+                .await?)
+        })
+        .await?;
+    Ok((row.try_get(0)?, row.try_get(1)?))
 }
 
 /// One statement over `pg_stat_user_tables`: cheap enough to call every second.

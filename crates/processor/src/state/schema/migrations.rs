@@ -93,6 +93,18 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../../migrations/009_archive_key_version_index.sql"),
         per_schema: false,
     },
+    Migration {
+        version: 10,
+        name: "010_checkpoint_uuid.sql",
+        sql: include_str!("../../../migrations/010_checkpoint_uuid.sql"),
+        per_schema: true,
+    },
+    Migration {
+        version: 11,
+        name: "011_leases.sql",
+        sql: include_str!("../../../migrations/011_leases.sql"),
+        per_schema: true,
+    },
 ];
 
 /// Name of the tracking table, in the configured schema.

@@ -22,6 +22,8 @@ pub(crate) struct TableNames {
     pub leaders: String,
     pub event_channels: String,
     pub events: String,
+    /// The schema's lease locks (see migration 011).
+    pub leases: String,
     /// The schema's state checkpoints and their entries.
     pub checkpoints: String,
     pub checkpoint_entries: String,
@@ -76,6 +78,7 @@ impl TableNames {
             locks: in_schema("state_advisory_locks"),
             fences: in_schema("state_lock_fences"),
             leaders: in_schema("state_leaders"),
+            leases: in_schema("state_leases"),
             event_channels: in_schema("state_event_channels"),
             events: in_schema("state_events"),
             checkpoints: in_schema("state_checkpoints"),

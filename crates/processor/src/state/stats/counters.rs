@@ -61,6 +61,8 @@ pub(crate) struct Stats {
     max_query_us: AtomicU64,
     slow_queries: AtomicU64,
     slow_threshold_us: u64,
+    /// Log every operation at `info` (target `pgstate::statements`).
+    log_statements: bool,
     tx_begun: AtomicU64,
     tx_committed: AtomicU64,
     tx_rolled_back: AtomicU64,
@@ -174,6 +176,7 @@ impl Stats {
             max_query_us: zero(),
             slow_queries: zero(),
             slow_threshold_us: u64::try_from(slow_threshold.as_micros()).unwrap_or(u64::MAX),
+            log_statements: false,
             tx_begun: zero(),
             tx_committed: zero(),
             tx_rolled_back: zero(),
@@ -195,6 +198,13 @@ impl Stats {
             errors_by_kind: Default::default(),
             published: Published::new(table, &KINDS),
         }
+    }
+
+    /// These statistics with every operation logged at `info` (target `pgstate::statements`:
+    /// the statement's name, rows, duration, whether it failed; never a key or value).
+    pub fn logging_statements(mut self, on: bool) -> Self {
+        self.log_statements = on;
+        self
     }
 
     /// Records one finished operation: `rows` entries written for batches, `elapsed` measured
@@ -229,6 +239,17 @@ impl Stats {
         self.max_query_us.fetch_max(us, Relaxed);
         self.latency[i].record(us);
         self.published.durations[i].record(elapsed.as_secs_f64());
+        if self.log_statements {
+            tracing::info!(
+                target: "pgstate::statements",
+                statement = op.name(),
+                operation = kind.name(),
+                elapsed_ms = elapsed.as_secs_f64() * 1000.0,
+                rows,
+                failed = error.is_some(),
+                "statement"
+            );
+        }
         if us >= self.slow_threshold_us {
             self.slow_queries.fetch_add(1, Relaxed);
             self.published.slow[i].increment(1);

@@ -4,6 +4,7 @@
 
 mod backup;
 mod bad_input;
+mod basic_backend;
 mod cancellation;
 mod cancellation_stress;
 mod capture;
@@ -18,15 +19,18 @@ mod failover;
 mod fencing;
 mod hostile;
 mod leader;
+mod lease_lock;
 mod listener;
 mod lock_sessions;
 mod maintenance;
+mod memory_backend;
 mod observability;
 mod ops;
 mod partitioning;
 mod pgbouncer;
 mod pipelining;
 mod pool;
+mod postgres_backend_enhanced;
 mod repartition;
 mod replication;
 mod schema;

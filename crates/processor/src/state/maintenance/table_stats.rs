@@ -99,9 +99,13 @@ pub struct TableActivity {
 /// The state table's bytes in all (table, TOAST and indexes) and of the table alone (TOAST
 /// included), over its partitions when it has any: two catalog lookups, no row count.
 pub(crate) async fn table_sizes(store: &Store) -> StateResult<(i64, i64)> {
-    let sql = "SELECT coalesce(sum(pg_total_relation_size(relid)), 0)::bigint, \
+    // A table that is not partitioned has no leaves of its own: it is its one leaf.
+    let sql = "WITH leaves AS (SELECT relid FROM pg_partition_tree($1::text::regclass) \
+                               WHERE isleaf) \
+               SELECT coalesce(sum(pg_total_relation_size(relid)), 0)::bigint, \
                       coalesce(sum(pg_table_size(relid)), 0)::bigint \
-               FROM pg_partition_tree($1::text::regclass) WHERE isleaf";
+               FROM (SELECT relid FROM leaves UNION ALL SELECT $1::text::regclass \
+                     WHERE NOT EXISTS (SELECT 1 FROM leaves)) t";
     let table = store.ctx.names.qualified.clone();
     let row = store
         .on_primary(async |c| {

@@ -286,21 +286,15 @@ impl Formation {
     }
 
     /// The node that is primary now (or `wait_primary` or `single`: primary without a
-    /// standby): the monitor assigned it that state and the node reported reaching it. (A lost
-    /// node's last report stays as it was.)
+    /// standby): the node reported one of those states and the monitor's goal for it is one
+    /// of them too (so also while it moves between them, `wait_primary` to `primary` after a
+    /// promotion; not an old primary the monitor is demoting, whose last report stays).
     pub fn primary(&self) -> Result<usize> {
         let out = self.monitor_sql(
             "SELECT string_agg(reportedstate::text || '/' || goalstate::text, ',' ORDER BY nodeid) \
              FROM pgautofailover.node",
         )?;
-        out.split(',')
-            .position(|s| {
-                matches!(
-                    s,
-                    "primary/primary" | "wait_primary/wait_primary" | "single/single"
-                )
-            })
-            .ok_or_else(|| Error(format!("no node is primary: {out}")))
+        primary_of(&out).ok_or_else(|| Error(format!("no node is primary: {out}")))
     }
 
     /// Stops node `i`'s Postgres with `pg_ctl stop -m immediate` (as a crash of the server
@@ -553,5 +547,33 @@ impl Drop for Formation {
             let _ = w.kill();
             let _ = w.wait();
         }
+    }
+}
+
+/// The node whose `reported/goal` states (comma-separated, in node order) both say primary.
+fn primary_of(states: &str) -> Option<usize> {
+    let primary = |s: &str| matches!(s, "primary" | "wait_primary" | "single");
+    states.split(',').position(|node| {
+        node.split_once('/')
+            .is_some_and(|(reported, goal)| primary(reported) && primary(goal))
+    })
+}
+
+#[cfg(test)]
+mod primary_tests {
+    use super::primary_of;
+
+    #[test]
+    fn a_promoted_node_is_primary_between_wait_primary_and_primary() {
+        // Seen in a failover run: the new primary on its way from wait_primary to primary.
+        let states = "primary/demoted,wait_primary/primary,secondary/secondary";
+        assert_eq!(primary_of(states), Some(1));
+        assert_eq!(primary_of("primary/primary,secondary/secondary"), Some(0));
+        assert_eq!(primary_of("secondary/secondary,single/single"), Some(1));
+        // An old primary being demoted, and no other: none.
+        assert_eq!(
+            primary_of("primary/demoted,secondary/prepare_promotion"),
+            None
+        );
     }
 }

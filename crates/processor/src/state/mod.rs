@@ -4,10 +4,11 @@
 //! implements [`StateBackend`]. The folders are the layers, bottom to top: `stats`, `config`,
 //! `schema`, `wire` (one connection), `pool`, `routing` (replicas, read-your-writes), `ops`
 //! (the key/value operations), `transaction`, `coordination` (advisory locks, lock guards,
-//! leader election, LISTEN/NOTIFY), `maintenance`, `assembly` (a backend's parts, built from
-//! a configuration), `enhanced` (the facade); beside them
-//! `error`, `limits` (input limits), `ident` (SQL identifiers), `retry`, `backend` (the
-//! trait), `memory` and `basic` (the other backends).
+//! leader election, LISTEN/NOTIFY, leases), `maintenance`, `assembly` (a backend's core,
+//! built from a configuration), `enhanced` (the facade); beside them `error`, `limits` (input
+//! limits), `ident` (SQL identifiers), `retry`, `backend` (the trait), `distributed_lock` (the
+//! seed project's lock trait) at the bottom, and `memory`, `basic` (the other backends) and
+//! `postgres_lock` (the lease lock) at the top.
 
 // The layers (their order is in the doc above and in `layering`, which checks that nothing
 // imports upward), then the small modules beside them.

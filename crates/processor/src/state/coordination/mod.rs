@@ -1,5 +1,5 @@
 //! Layer `coordination`: session advisory locks, lock guards with fencing tokens, leader
-//! election and LISTEN/NOTIFY. How a lock is held, how names become keys and what fencing
+//! election, LISTEN/NOTIFY, and lease locks (`lease`). How a lock is held, how names become keys and what fencing
 //! tokens promise is told on [`PostgresLockGuard`] (the public documentation).
 //!
 //! May use: `transaction`, `ops`, `pool`, `wire`, `schema`, `stats`, `config`, `error`.

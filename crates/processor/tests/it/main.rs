@@ -5,6 +5,7 @@
 mod backup;
 mod bad_input;
 mod basic_backend;
+mod basic_config;
 mod cancellation;
 mod cancellation_stress;
 mod capture;

@@ -4,7 +4,7 @@
 //! on the database's clock, with fencing tokens.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -56,6 +56,10 @@ pub struct LockGuard {
     acquired_at: DateTime<Utc>,
     ttl: Duration,
     backend: Arc<dyn DistributedLock>,
+    /// When the lease began by this machine's monotonic clock, no later than it began on the
+    /// lock's clock (for the lock's guards: right before the statement that granted or
+    /// extended it was sent), so the guard never counts more time left than the lock does.
+    began: Instant,
     /// The lease's fencing token, when the lock has them.
     fence: Option<i64>,
     /// Whether dropping it still releases the lease.
@@ -72,26 +76,32 @@ impl LockGuard {
         ttl: Duration,
         backend: Arc<dyn DistributedLock>,
     ) -> Self {
+        // `acquired_at` is on the wall clock: how long ago that was, by this machine's.
+        let ago = (Utc::now() - acquired_at).to_std().unwrap_or_default();
         LockGuard {
             resource,
             token,
             acquired_at,
             ttl,
             backend,
+            began: Instant::now().checked_sub(ago).unwrap_or_else(Instant::now),
             fence: None,
             armed: true,
         }
     }
 
-    /// This guard with the lease's fencing token.
-    pub(crate) fn with_fence(mut self, fence: i64) -> Self {
+    /// This guard with the lease's fencing token, its lease begun no later than `sent`.
+    pub(crate) fn granted(mut self, fence: i64, sent: Instant) -> Self {
         self.fence = Some(fence);
+        self.began = sent;
         self
     }
 
-    /// The lease now runs for `ttl` from `at` (after an extension).
-    pub(crate) fn extended(&mut self, at: DateTime<Utc>, ttl: Duration) {
+    /// The lease now runs for `ttl` from `at` on the lock's clock, and from no later than
+    /// `sent` on this machine's (after an extension).
+    pub(crate) fn extended(&mut self, at: DateTime<Utc>, sent: Instant, ttl: Duration) {
         self.acquired_at = at;
+        self.began = sent;
         self.ttl = ttl;
     }
 
@@ -123,25 +133,30 @@ impl LockGuard {
         self.fence
     }
 
-    /// Whether the lease has run out, by this machine's clock (the lock's own view, on the
-    /// database's clock, decides; see [`DistributedLock::is_locked`]).
+    /// Whether the lease may have run out. Counted on this machine's monotonic clock from
+    /// before the lock granted (or last extended) it, so it never says a lease is still held
+    /// that the lock's clock has ended, whatever the two wall clocks say (it may say so a
+    /// little early).
     pub fn is_expired(&self) -> bool {
         self.time_remaining().is_zero()
     }
 
-    /// How long the lease has left, by this machine's clock (zero once it ran out).
+    /// How long the lease has left at most (zero once it may have run out; see
+    /// [`is_expired`](Self::is_expired)).
     pub fn time_remaining(&self) -> Duration {
-        let elapsed = (Utc::now() - self.acquired_at).to_std().unwrap_or_default();
-        self.ttl.saturating_sub(elapsed)
+        self.ttl.saturating_sub(self.began.elapsed())
     }
 
     /// Releases the lease now, reporting the outcome (a lease that ran out and was taken over
-    /// is not released: the error says so).
+    /// is not released: the error says so). If this future is dropped before it finishes,
+    /// the guard's drop releases the lease in the background instead.
     pub async fn release(mut self) -> StateResult<()> {
-        self.armed = false;
-        self.backend
+        let result = self
+            .backend
             .release_internal(&self.resource, &self.token)
-            .await
+            .await;
+        self.armed = false;
+        result
     }
 }
 
@@ -179,8 +194,10 @@ pub trait DistributedLock: Send + Sync + std::fmt::Debug {
 
     /// Releases `guard`'s lease, reporting the outcome.
     async fn release(&self, mut guard: LockGuard) -> StateResult<()> {
+        let result = self.release_internal(guard.resource(), guard.token()).await;
+        // Dropped before here, the guard releases the lease in the background instead.
         guard.armed = false;
-        self.release_internal(guard.resource(), guard.token()).await
+        result
     }
 
     /// Releases `token`'s lease on `resource` (what guards call when dropped).

@@ -99,7 +99,8 @@ impl std::fmt::Debug for MemoryStateBackend {
 
 impl MemoryStateBackend {
     /// An empty backend. `ttl`: how long each entry stays visible after it was written
-    /// (`None`: until deleted); [`put_with_ttl`](Self::put_with_ttl) gives one entry its own.
+    /// (`None`: until deleted; `Some(Duration::ZERO)`: not at all);
+    /// [`put_with_ttl`](Self::put_with_ttl) gives one entry its own.
     pub fn new(ttl: Option<Duration>) -> Self {
         MemoryStateBackend {
             inner: Arc::new(Inner {
@@ -133,8 +134,8 @@ impl MemoryStateBackend {
     }
 
     /// Starts a task that runs [`cleanup_expired`](Self::cleanup_expired) every `interval`
-    /// (the first run at once). It ends by itself once every handle to the backend is
-    /// dropped, or when the returned handle is aborted.
+    /// (the first run at once). It ends by itself at its first tick after every handle to the
+    /// backend was dropped (it holds none itself), or when the returned handle is aborted.
     ///
     /// # Panics
     /// Outside a Tokio runtime, as `tokio::spawn` does.

@@ -3,7 +3,7 @@
 //! every new holder gets the next fencing token.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -11,8 +11,10 @@ use chrono::{DateTime, Utc};
 use crate::state::assembly::{assemble, Core};
 use crate::state::config::enhanced::EnhancedPostgresConfig;
 use crate::state::config::settings::PostgresPoolConfig;
+use crate::state::coordination::Granted;
 use crate::state::distributed_lock::{DistributedLock, LockGuard, LockToken};
-use crate::state::error::StateResult;
+use crate::state::error::{ErrorKind, StateResult};
+use crate::state::retry::backoff;
 
 /// The longest pause between two attempts of a waiting [`acquire`](DistributedLock::acquire).
 const MAX_POLL: Duration = Duration::from_millis(200);
@@ -25,8 +27,9 @@ const MAX_POLL: Duration = Duration::from_millis(200);
 /// [`fencing_token`](LockGuard::fencing_token) that grows with every new holder.
 ///
 /// A waiting [`acquire`](DistributedLock::acquire) tries again when the current lease runs
-/// out, and at least every 200 ms (a release is seen within that). Dropping its future gives
-/// back a lease it may have been granted meanwhile (in the background; it runs out anyway).
+/// out, and at least every 200 ms (a release is seen within that). Dropping its future while
+/// a request is under way gives back the lease that request may still be granted: in the
+/// background, as soon as it shows up, within the operation timeout (else it runs out).
 ///
 /// ```no_run
 /// # async fn demo() -> processor::state::StateResult<()> {
@@ -54,8 +57,9 @@ impl std::fmt::Debug for PostgresDistributedLock {
 }
 
 impl PostgresDistributedLock {
-    /// Connects to `database_url` with a pool of up to 10 connections (applying the
-    /// migrations, in the URL's schema `public`).
+    /// Connects to `database_url` with a pool of up to 10 connections. The leases live in
+    /// the schema `public` (its migrations are applied: the state table and the coordination
+    /// tables; use [`with_config`](Self::with_config) for another schema).
     pub async fn new(database_url: &str) -> StateResult<Self> {
         Self::with_pool_size(database_url, 10).await
     }
@@ -84,18 +88,12 @@ impl PostgresDistributedLock {
         resource: &str,
         token: LockToken,
         ttl: Duration,
-        fence: i64,
-        at: SystemTime,
+        granted: Granted,
+        sent: Instant,
     ) -> LockGuard {
         let backend: Arc<dyn DistributedLock> = Arc::new(self.clone());
-        LockGuard::new(
-            resource.to_string(),
-            token,
-            DateTime::<Utc>::from(at),
-            ttl,
-            backend,
-        )
-        .with_fence(fence)
+        let at = DateTime::<Utc>::from(granted.at);
+        LockGuard::new(resource.to_string(), token, at, ttl, backend).granted(granted.fence, sent)
     }
 }
 
@@ -121,12 +119,25 @@ impl Drop for Pending<'_> {
             self.resource.to_string(),
             self.token.clone(),
         );
+        // The abandoned statement may still run after this: give the lease back as soon as
+        // it shows up, trying until the operation timeout has passed (by then the statement
+        // has run or been cancelled; past it the lease simply runs out).
         runtime.spawn(async move {
-            // Not granted is fine: nothing to give back.
-            let _ = core
-                .coordinator
-                .release_lease(&resource, token.value())
-                .await;
+            let until = Instant::now() + core.store.ctx.limit;
+            let mut attempt = 0;
+            loop {
+                match core
+                    .coordinator
+                    .release_lease(&resource, token.value())
+                    .await
+                {
+                    Err(e) if e.kind() == ErrorKind::Coordination && Instant::now() < until => {
+                        tokio::time::sleep(backoff(Duration::from_millis(20), attempt)).await;
+                        attempt += 1;
+                    }
+                    _ => return,
+                }
+            }
         });
     }
 }
@@ -144,6 +155,7 @@ impl PostgresDistributedLock {
             token: LockToken::new(),
             armed: true,
         };
+        let sent = Instant::now();
         let taken = self
             .core
             .coordinator
@@ -154,7 +166,7 @@ impl PostgresDistributedLock {
         Ok(match taken? {
             Ok(granted) => {
                 let token = pending.token.clone();
-                Ok(self.guard(resource, token, ttl, granted.fence, granted.at))
+                Ok(self.guard(resource, token, ttl, granted, sent))
             }
             Err(left) => Err(left),
         })
@@ -195,12 +207,13 @@ impl DistributedLock for PostgresDistributedLock {
     }
 
     async fn extend(&self, guard: &mut LockGuard, ttl: Duration) -> StateResult<()> {
+        let sent = Instant::now();
         let at = self
             .core
             .coordinator
             .extend_lease(guard.resource(), guard.token().value(), ttl)
             .await?;
-        guard.extended(DateTime::<Utc>::from(at), ttl);
+        guard.extended(DateTime::<Utc>::from(at), sent, ttl);
         Ok(())
     }
 

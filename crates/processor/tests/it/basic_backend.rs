@@ -7,6 +7,7 @@ use std::time::Duration;
 use processor::state::{ErrorKind, PostgresStateBackend, StateBackend, StateError};
 
 use crate::basic_config::setup;
+use crate::support;
 
 #[tokio::test]
 async fn metadata_ttl_batches_and_cleanup() {
@@ -17,14 +18,14 @@ async fn metadata_ttl_batches_and_cleanup() {
         .await
         .unwrap();
     assert_eq!(b.get(b"window:123").await.unwrap(), Some(b"data".to_vec()));
-    b.put_with_ttl(b"ttl_key", b"ttl_value", Duration::from_millis(300))
+    b.put_with_ttl(b"ttl_key", b"ttl_value", Duration::from_secs(2))
         .await
         .unwrap();
     assert!(b.contains(b"ttl_key").await.unwrap());
     let entries: Vec<(&[u8], &[u8])> = vec![(b"batch1", b"value1"), (b"batch2", b"value2")];
     b.batch_put(&entries).await.unwrap();
     assert_eq!(b.count().await.unwrap(), 4);
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     assert!(!b.contains(b"ttl_key").await.unwrap());
     assert_eq!(b.count().await.unwrap(), 3);
     assert_eq!(b.cleanup_expired().await.unwrap(), 1);
@@ -102,4 +103,29 @@ async fn statistics_sizes_vacuum_health_and_close() {
     let e = other.get(b"k1").await.unwrap_err();
     assert!(matches!(e, StateError::NotInitialized(_)), "{e}");
     assert!(!b.health_check().await.unwrap());
+}
+
+/// A checkpoint taken before checkpoints had UUIDs (or by an older pgstate since) is listed
+/// with the UUID migration 010 derives from its id and its counted size, and restores by it.
+#[tokio::test]
+async fn a_checkpoint_from_before_uuids_restores_by_its_derived_uuid() {
+    let (config, schema, _) = setup("basic_old_ckpt");
+    let b = PostgresStateBackend::new(config).await.unwrap();
+    b.put(b"k", b"vvv").await.unwrap();
+    let taken = b.create_checkpoint().await.unwrap();
+    let db = support::raw(&support::url()).await;
+    let forget = format!(
+        "UPDATE \"{schema}\".state_checkpoints SET checkpoint_uuid = NULL, data_size = NULL \
+         RETURNING md5(state_table || ':' || id)::uuid::text"
+    );
+    let derived: String = db.query_one(&forget, &[]).await.unwrap().get(0);
+    let derived = uuid::Uuid::parse_str(&derived).unwrap();
+    assert_ne!(derived, taken);
+    b.put(b"k", b"changed").await.unwrap();
+    let info = b.list_checkpoints().await.unwrap().remove(0);
+    assert_eq!(info.checkpoint_id, derived);
+    assert_eq!(info.data_size, 4);
+    b.restore_checkpoint(derived).await.unwrap();
+    assert_eq!(b.get(b"k").await.unwrap(), Some(b"vvv".to_vec()));
+    assert!(b.restore_checkpoint(taken).await.is_err());
 }

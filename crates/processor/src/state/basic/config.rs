@@ -40,8 +40,10 @@ pub struct PostgresConfig {
     pub schema_name: String,
     /// Bound on opening one connection, and on waiting for a pooled one. Default 30 s.
     pub connect_timeout: Duration,
-    /// Bound on each operation, from checkout to result (the operation timeout, see
-    /// [`EnhancedPostgresConfig::with_operation_timeout`]). Default 60 s.
+    /// Bound on each attempt of an operation, from checkout to result (the operation
+    /// timeout, see [`EnhancedPostgresConfig::with_operation_timeout`]); an operation retried
+    /// after a timeout (see [`max_retries`](Self::max_retries)) may take that many attempts
+    /// and the backoffs between them. Default 60 s.
     pub query_timeout: Duration,
     /// libpq's `sslmode`: `disable`, `allow`, `prefer`, `require`, `verify-ca` or
     /// `verify-full` (any case). Any value but `prefer` overrides the URL's `sslmode`; at

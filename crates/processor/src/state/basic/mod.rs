@@ -31,11 +31,11 @@ use crate::state::routing::causal::{Scope, Session};
 /// [`stats`](PostgresStateBackend::stats).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PostgresStats {
-    /// Single-key reads (`get`, `contains`).
+    /// Single-key reads run (`get`, `contains`), failed ones and retries included.
     pub get_count: u64,
-    /// Entries written (single puts and batch rows).
+    /// Writes run (single puts, and each row of a batch), failed ones and retries included.
     pub put_count: u64,
-    /// Deletes.
+    /// Deletes run, failed ones and retries included.
     pub delete_count: u64,
     /// Operations run (each statement of the core counts once).
     pub query_count: u64,
@@ -116,10 +116,10 @@ impl PostgresStateBackend {
         F: Fn(Arc<Core>) -> Fut,
         Fut: Future<Output = StateResult<T>>,
     {
-        let core = self.core()?;
         let mut attempt = 0;
         loop {
-            match op(core.clone()).await {
+            // Looked up each time: a retry after `close` fails as the backend is closed.
+            match op(self.core()?).await {
                 Err(e) if e.is_retryable() && attempt < self.shared.max_retries => {
                     tracing::debug!(error = %e, attempt, "retrying after a transient failure");
                     self.shared.retries.fetch_add(1, Relaxed);
@@ -255,8 +255,9 @@ impl PostgresStateBackend {
     }
 
     /// Closes the backend: this handle and its clones fail every later call with
-    /// [`StateError::NotInitialized`]; the pool and background tasks end once the calls
-    /// under way have finished.
+    /// [`StateError::NotInitialized`] (except [`stats`](Self::stats), then all zeros, and
+    /// [`health_check`](Self::health_check), then `Ok(false)`); the pool and background
+    /// tasks end once the calls under way have finished.
     pub async fn close(&self) {
         let core = self
             .shared

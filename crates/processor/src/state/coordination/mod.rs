@@ -30,6 +30,7 @@ use crate::state::wire::connection::{Connector, PgConn};
 
 pub(crate) use held::HeldLock;
 use held::HeldOn;
+pub(crate) use lease::Granted;
 use lockconn::{record_params, record_sql, record_types, recorded, Acquisition, LockConn};
 use sessions::LockSessions;
 

@@ -57,28 +57,35 @@ pub struct CheckpointInfo {
     pub metadata: Option<serde_json::Value>,
 }
 
+/// A checkpoint's UUID: its own, or (one written by an older pgstate after migration 010 ran)
+/// the one that migration derives from its id.
+const UUID_OF: &str = "coalesce(checkpoint_uuid, md5(state_table || ':' || id)::uuid)";
+
 /// The columns [`CheckpointInfo::from_row`] reads, in its order.
-const INFO_COLUMNS: &str =
-    "id, name, created_at, entry_count, checkpoint_uuid::text, data_size, metadata";
+fn info_columns() -> String {
+    format!("id, name, created_at, entry_count, {UUID_OF}::text, data_size, metadata")
+}
 
 impl CheckpointInfo {
-    fn from_row(r: &tokio_postgres::Row) -> StateResult<Self> {
+    /// The checkpoint of `r`, and whether its data size is still to be counted (one taken
+    /// before migration 010).
+    fn from_row(r: &tokio_postgres::Row) -> StateResult<(Self, bool)> {
         let created: SystemTime = r.try_get(2)?;
         let entries: i64 = r.try_get(3)?;
-        let uuid: Option<String> = r.try_get(4)?;
-        Ok(CheckpointInfo {
+        let uuid: String = r.try_get(4)?;
+        let size: Option<i64> = r.try_get(5)?;
+        let info = CheckpointInfo {
             id: r.try_get(0)?,
             name: r.try_get(1)?,
             created_at: DateTime::<Utc>::from(created),
             entry_count: u64::try_from(entries).unwrap_or(0),
-            // Written by an older pgstate while this one migrated: no UUID to restore it by.
-            checkpoint_id: uuid
-                .and_then(|u| Uuid::parse_str(&u).ok())
-                .unwrap_or_default(),
+            checkpoint_id: Uuid::parse_str(&uuid)
+                .map_err(|e| StateError::DeserializationFailed(format!("checkpoint UUID: {e}")))?,
             row_count: entries,
-            data_size: r.try_get(5)?,
+            data_size: size.unwrap_or(0),
             metadata: r.try_get(6)?,
-        })
+        };
+        Ok((info, size.is_none()))
     }
 }
 
@@ -132,8 +139,9 @@ pub(crate) async fn create(
         t = n.qualified
     );
     let finish = format!(
-        "UPDATE {} SET entry_count = $2, data_size = $3 WHERE id = $1 RETURNING {INFO_COLUMNS}",
-        n.checkpoints
+        "UPDATE {} SET entry_count = $2, data_size = $3 WHERE id = $1 RETURNING {}",
+        n.checkpoints,
+        info_columns()
     );
     let uuid = Uuid::new_v4().to_string();
     let table = n.qualified.clone();
@@ -175,13 +183,13 @@ pub(crate) async fn create(
     })
     .await?;
     conn.set_in_transaction(false);
-    CheckpointInfo::from_row(&row)
+    Ok(CheckpointInfo::from_row(&row)?.0)
 }
 
 /// The id of this table's checkpoint named `uuid`, if there is one.
 pub(crate) async fn find(store: &Store, uuid: Uuid) -> StateResult<Option<i64>> {
     let sql = format!(
-        "SELECT id FROM {} WHERE checkpoint_uuid = $1::text::uuid AND state_table = $2",
+        "SELECT id FROM {} WHERE {UUID_OF} = $1::text::uuid AND state_table = $2",
         store.ctx.names.checkpoints
     );
     let (uuid, table) = (uuid.to_string(), store.ctx.names.qualified.clone());
@@ -201,7 +209,8 @@ pub(crate) async fn find(store: &Store, uuid: Uuid) -> StateResult<Option<i64>> 
 /// This table's checkpoints, newest first.
 pub(crate) async fn list(store: &Store) -> StateResult<Vec<CheckpointInfo>> {
     let sql = format!(
-        "SELECT {INFO_COLUMNS} FROM {} WHERE state_table = $1 ORDER BY id DESC",
+        "SELECT {} FROM {} WHERE state_table = $1 ORDER BY id DESC",
+        info_columns(),
         store.ctx.names.checkpoints
     );
     let table = store.ctx.names.qualified.clone();
@@ -212,7 +221,60 @@ pub(crate) async fn list(store: &Store) -> StateResult<Vec<CheckpointInfo>> {
                 .await?)
         })
         .await?;
-    rows.iter().map(CheckpointInfo::from_row).collect()
+    let mut infos = Vec::with_capacity(rows.len());
+    let mut uncounted = Vec::new();
+    for row in &rows {
+        let (info, needs_size) = CheckpointInfo::from_row(row)?;
+        if needs_size {
+            uncounted.push(info.id);
+        }
+        infos.push(info);
+    }
+    if !uncounted.is_empty() {
+        let sizes = count_sizes(store, &uncounted).await?;
+        for info in &mut infos {
+            if let Some(size) = sizes.iter().find(|(id, _)| *id == info.id) {
+                info.data_size = size.1;
+            }
+        }
+    }
+    Ok(infos)
+}
+
+/// Counts the data size of checkpoints `ids` (taken before migration 010 gave checkpoints
+/// one) and records it, once: `(id, bytes)` each.
+async fn count_sizes(store: &Store, ids: &[i64]) -> StateResult<Vec<(i64, i64)>> {
+    let n = &store.ctx.names;
+    let count = format!(
+        "SELECT checkpoint_id, coalesce(sum(length(key) + length(value)), 0)::bigint \
+         FROM {} WHERE checkpoint_id = ANY($1) GROUP BY checkpoint_id",
+        n.checkpoint_entries
+    );
+    let record = format!(
+        "UPDATE {} SET data_size = $2 WHERE id = $1 AND data_size IS NULL",
+        n.checkpoints
+    );
+    store
+        .on_primary(async |c| {
+            let rows = c
+                .client
+                .query_typed(&count, &[(&ids, Type::INT8_ARRAY)])
+                .await?;
+            let mut sizes: Vec<(i64, i64)> = ids.iter().map(|id| (*id, 0)).collect();
+            for row in rows {
+                let (id, bytes): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+                if let Some(s) = sizes.iter_mut().find(|(i, _)| *i == id) {
+                    s.1 = bytes;
+                }
+            }
+            for (id, bytes) in &sizes {
+                c.client
+                    .execute_typed(&record, &[(id, Type::INT8), (bytes, Type::INT8)])
+                    .await?;
+            }
+            Ok(sizes)
+        })
+        .await
 }
 
 /// Deletes checkpoint `id` of this table (its entries with it); whether there was one.

@@ -117,10 +117,20 @@ impl Store {
         let start = Instant::now();
         let reply = match tokio::time::timeout(self.ctx.limit, &mut reply).await {
             Ok(Ok(reply)) => reply,
-            // The leader's task ended without answering (its runtime is shutting down).
-            Ok(Err(_)) => Reply::Failed(StateError::Connection {
-                message: "the put's group ended without a result".into(),
-                sqlstate: None,
+            // The leader's task ended without answering (its runtime is shutting down, or it
+            // panicked): unknown once the put was sent (held below until settled).
+            Ok(Err(_)) => Reply::Failed(match claim.give_up() {
+                None => StateError::Connection {
+                    message: "the put's group ended before the put was sent; nothing was written"
+                        .into(),
+                    sqlstate: None,
+                },
+                Some(_) => StateError::OutcomeUnknown(
+                    "the put's group ended without a result after the put was sent; it may or \
+                     may not have been applied, and is settled before this session's next \
+                     write is sent"
+                        .into(),
+                ),
             }),
             Err(_) => match claim.give_up() {
                 None => Reply::Failed(StateError::op_timeout(self.ctx.limit).not_sent("put")),

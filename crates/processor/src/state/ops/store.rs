@@ -406,10 +406,13 @@ impl Store {
         scope: Scope<'_>,
     ) -> StateResult<Vec<StateEntry>> {
         let page = check_page(prefix, start_after, limit)?;
-        self.read(scope, Op::EntriesPage, &page, |c, (p, a, l)| {
-            Box::pin(c.entries_page(p, a, *l))
-        })
-        .await
+        let entries = self
+            .read(scope, Op::EntriesPage, &page, |c, (p, a, l)| {
+                Box::pin(c.entries_page(p, a, *l))
+            })
+            .await?;
+        self.ctx.stats.moved(0, values_len(&entries));
+        Ok(entries)
     }
 
     pub async fn list_keys(&self, prefix: &[u8], scope: Scope<'_>) -> StateResult<Vec<Vec<u8>>> {
@@ -424,10 +427,13 @@ impl Store {
         scope: Scope<'_>,
     ) -> StateResult<Vec<StateEntry>> {
         let q = MetadataQuery::new(path, value)?;
-        self.read(scope, Op::QueryByMetadata, &q, |c, q| {
-            Box::pin(c.query_by_metadata(q))
-        })
-        .await
+        let entries = self
+            .read(scope, Op::QueryByMetadata, &q, |c, q| {
+                Box::pin(c.query_by_metadata(q))
+            })
+            .await?;
+        self.ctx.stats.moved(0, values_len(&entries));
+        Ok(entries)
     }
 
     /// Writes a whole entry (value, metadata, expiry) and returns its new version: alone, or
@@ -567,4 +573,9 @@ impl Store {
 /// Whether a write failed with a serialization failure (it wrote nothing and may run again).
 fn serialization_failure<T>(result: &StateResult<T>) -> bool {
     matches!(result, Err(e) if e.sqlstate() == Some(sqlstate::SERIALIZATION_FAILURE))
+}
+
+/// The bytes of the values of `entries`.
+fn values_len(entries: &[StateEntry]) -> usize {
+    entries.iter().map(|e| e.value.len()).sum()
 }

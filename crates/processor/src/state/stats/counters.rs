@@ -479,10 +479,10 @@ pub struct BackendStats {
     /// Gets waiting now to be combined into the next lookup.
     pub gets_queued: u64,
     /// Bytes written by operations that succeeded: each entry's key and value (puts,
-    /// versioned writes, batches, transaction writes).
+    /// versioned writes, batches; a transaction's writes once it commits).
     pub bytes_written: u64,
-    /// Bytes of values read by operations that succeeded (gets, entries, batches of gets,
-    /// transaction reads).
+    /// Bytes of values read by operations that succeeded (gets, entries, `get_many`, pages of
+    /// entries, metadata queries, reads inside transactions).
     pub bytes_read: u64,
     /// Reads served by the primary.
     pub primary_reads: u64,

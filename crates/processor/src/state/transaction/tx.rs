@@ -55,6 +55,9 @@ pub struct PostgresTransaction {
     /// outcome is unknown is held in it until settled (see the `settle` module).
     owner: Arc<Session>,
     savepoints: Vec<String>,
+    /// Bytes of the keys and values its writes wrote, counted in the statistics once it
+    /// commits.
+    pub(crate) written: usize,
     /// Set once a statement was abandoned: how many of `savepoints` were set before it (a
     /// rollback to one of those undoes it).
     abandoned: Option<usize>,
@@ -110,6 +113,7 @@ impl PostgresTransaction {
             session: records.then(|| owner.clone()),
             owner,
             savepoints: Vec::new(),
+            written: 0,
             abandoned: None,
             aborted: false,
             level,
@@ -236,6 +240,7 @@ impl PostgresTransaction {
             Ok(Ok(())) => {
                 conn.set_in_transaction(false);
                 self.ctx.stats.tx(TxEvent::Committed);
+                self.ctx.stats.moved(self.written, 0);
                 if let Some(mark) = mark {
                     let mut conn = Point::Own(Box::new(conn));
                     let _ = tokio::time::timeout(self.ctx.limit, mark.record(&mut conn)).await;

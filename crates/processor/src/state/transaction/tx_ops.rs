@@ -102,7 +102,7 @@ impl PostgresTransaction {
                 c.upsert(key, value, &metadata, micros).await
             })
             .await?;
-        self.ctx.stats.moved(key.len() + value.len(), 0);
+        self.written += key.len() + value.len();
         Ok(version)
     }
 
@@ -114,10 +114,13 @@ impl PostgresTransaction {
         expected: Option<i64>,
     ) -> StateResult<i64> {
         check_entry(key, value)?;
-        self.stmt(Op::PutWithVersion, 1, async |c| {
-            c.put_with_version(key, value, expected).await
-        })
-        .await
+        let version = self
+            .stmt(Op::PutWithVersion, 1, async |c| {
+                c.put_with_version(key, value, expected).await
+            })
+            .await?;
+        self.written += key.len() + value.len();
+        Ok(version)
     }
 
     /// Deletes the entry only if its version is `expected`
@@ -139,11 +142,16 @@ impl PostgresTransaction {
         value: &[u8],
     ) -> StateResult<bool> {
         check_entry(key, value)?;
-        self.stmt(Op::CompareAndSet, 1, async |c| {
-            c.compare_and_set(key, expected, value).await
-        })
-        .await
-        .map(|v| v.is_some())
+        let set = self
+            .stmt(Op::CompareAndSet, 1, async |c| {
+                c.compare_and_set(key, expected, value).await
+            })
+            .await?
+            .is_some();
+        if set {
+            self.written += key.len() + value.len();
+        }
+        Ok(set)
     }
 
     /// Removes `key` (missing keys are fine).
@@ -163,7 +171,7 @@ impl PostgresTransaction {
             c.batch_put(entries, false).await
         })
         .await?;
-        self.ctx.stats.moved(batch_bytes(entries), 0);
+        self.written += batch_bytes(entries);
         Ok(())
     }
 
@@ -174,9 +182,13 @@ impl PostgresTransaction {
         value: &serde_json::Value,
     ) -> StateResult<Vec<StateEntry>> {
         let q = MetadataQuery::new(path, value)?;
-        self.stmt(Op::QueryByMetadata, 1, async |c| {
-            c.query_by_metadata(&q).await
-        })
-        .await
+        let entries = self
+            .stmt(Op::QueryByMetadata, 1, async |c| {
+                c.query_by_metadata(&q).await
+            })
+            .await?;
+        let read = entries.iter().map(|e| e.value.len()).sum();
+        self.ctx.stats.moved(0, read);
+        Ok(entries)
     }
 }

@@ -4,6 +4,7 @@
 mod data;
 mod dev;
 mod live;
+mod round2;
 
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};

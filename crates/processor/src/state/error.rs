@@ -333,6 +333,8 @@ pub mod sqlstate {
     pub const SERIALIZATION_FAILURE: &str = "40001";
     /// `40P01`: deadlock detected.
     pub const DEADLOCK_DETECTED: &str = "40P01";
+    /// `3D000`: the database does not exist.
+    pub const INVALID_CATALOG_NAME: &str = "3D000";
     /// `42501`: insufficient privilege.
     pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
     /// `57P01`: the server is shutting down (or the backend was terminated).
@@ -377,7 +379,16 @@ pub(crate) fn classify(err: &tokio_postgres::Error) -> StateError {
         let sqlstate = Some(code.clone());
         return match code.as_str() {
             c if c.starts_with("40") => StateError::TransactionFailed { message, sqlstate },
-            sqlstate::INSUFFICIENT_PRIVILEGE => StateError::PermissionDenied { message, sqlstate },
+            // Insufficient privilege, and a login refused (class 28: wrong password, no
+            // pg_hba entry): the role cannot use the server.
+            c if c == sqlstate::INSUFFICIENT_PRIVILEGE || c.starts_with("28") => {
+                StateError::PermissionDenied { message, sqlstate }
+            }
+            // The database named in the connection string does not exist: a setting to fix,
+            // not a failure to retry.
+            sqlstate::INVALID_CATALOG_NAME => {
+                StateError::Configuration(format!("{message} (SQLSTATE {code})"))
+            }
             sqlstate::QUERY_CANCELED => StateError::Timeout(message),
             c if c.starts_with("08")
                 || c.starts_with("57P")

@@ -107,7 +107,7 @@ pub async fn run(target: &Target, args: BenchArgs) -> Result<(), CliError> {
             acquire_timeout: Duration::from_secs(30),
             ..PostgresPoolConfig::default()
         });
-    let backend = EnhancedPostgresBackend::new(config).await?;
+    let backend = target.open(config).await?;
     backend.clear().await?;
     let puts = phase(&backend, &args, length, "puts", true).await?;
     let gets = phase(&backend, &args, length, "gets", false).await?;
@@ -122,6 +122,10 @@ pub async fn run(target: &Target, args: BenchArgs) -> Result<(), CliError> {
             .map(|l| (l.p50_us, l.p95_us, l.p99_us))
             .unwrap_or_default()
     };
+    let labelled = |op: &str| {
+        let (p50, p95, p99) = pct(op);
+        json!({ "p50": p50, "p95": p95, "p99": p99 })
+    };
     let report = json!({
         "tasks": args.tasks,
         "seconds": secs,
@@ -129,8 +133,9 @@ pub async fn run(target: &Target, args: BenchArgs) -> Result<(), CliError> {
         "value_size": args.value_size,
         "put_per_second": puts as f64 / secs,
         "get_per_second": gets as f64 / secs,
-        "put_latency_us": pct("put"),
-        "get_latency_us": pct("get"),
+        "put_latency_us": labelled("put"),
+        "get_latency_us": labelled("get"),
+        "reads": { "primary": stats.primary_reads, "replicas": stats.replica_reads },
         "coalesced_puts": stats.coalesced_puts,
         "coalesced_gets": stats.coalesced_gets,
         "errors": stats.error_count,

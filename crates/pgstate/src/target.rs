@@ -100,7 +100,16 @@ impl Target {
     /// own, so a read from a replica might not see what the previous command wrote.
     pub async fn backend(&self) -> Result<EnhancedPostgresBackend, CliError> {
         let (url, replicas) = self.resolve()?;
-        let backend = EnhancedPostgresBackend::new(self.config(&url, &replicas)).await?;
+        self.open(self.config(&url, &replicas)).await
+    }
+
+    /// A backend with `config` (a command's variant of [`config`](Self::config)), reading as
+    /// [`backend`](Self::backend) does.
+    pub async fn open(
+        &self,
+        config: EnhancedPostgresConfig,
+    ) -> Result<EnhancedPostgresBackend, CliError> {
+        let backend = EnhancedPostgresBackend::new(config).await?;
         Ok(if self.read_replicas {
             backend
         } else {

@@ -16,3 +16,35 @@ fn a_wrong_password_and_a_missing_database_exit_3() {
     // The server is fine: a key that is absent is still 1.
     expect(&mut pgstate(&unique("exit"), &["get", "absent"]), 1);
 }
+
+/// `bench` reads from the primary like every other command, unless `--read-replicas`.
+#[test]
+fn bench_reads_the_primary_unless_told_to_read_replicas() {
+    let cluster = pgstate_testcluster::shared()
+        .cluster()
+        .expect("the local test cluster (its replicas)");
+    let replicas = cluster.replica_urls().join(",");
+    let bench = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["--replica", replicas.as_str()];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["bench", "--seconds", "1", "--tasks", "2", "--json"]);
+        let out = expect(&mut pgstate(&unique("bench"), &args), 0);
+        serde_json::from_str(out.trim()).expect("bench --json")
+    };
+    let primary = bench(&[]);
+    assert!(
+        primary["reads"]["primary"].as_u64().unwrap() > 0,
+        "{primary}"
+    );
+    assert_eq!(primary["reads"]["replicas"], 0, "{primary}");
+    let spread = bench(&["--read-replicas"]);
+    assert!(
+        spread["reads"]["replicas"].as_u64().unwrap() > 0,
+        "{spread}"
+    );
+    // Latencies are labelled.
+    assert!(
+        primary["get_latency_us"]["p99"].as_u64().is_some(),
+        "{primary}"
+    );
+}

@@ -81,10 +81,31 @@ fn bytes(object: &Map<String, Value>, name: &str) -> Result<Vec<u8>, String> {
     }
 }
 
-/// The entry on `line`, or what is wrong with it.
+/// The fields a line may have.
+const FIELDS: [&str; 6] = ["key", "key_hex", "value", "value_hex", "metadata", "ttl_ms"];
+
+/// The entry on `line`, or what is wrong with it (also a field it does not know: a typo such
+/// as `ttl` or `meta` must not import an entry without what it meant to say).
 pub fn decode(line: &str) -> Result<Line, String> {
     let value: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
     let object = value.as_object().ok_or("not a JSON object")?;
+    let unknown: Vec<String> = object
+        .keys()
+        .filter(|k| !FIELDS.contains(&k.as_str()))
+        .map(|k| format!("{k:?}"))
+        .collect();
+    if !unknown.is_empty() {
+        return Err(format!(
+            "unknown field {} (a line has {})",
+            unknown.join(", "),
+            FIELDS.join(", ")
+        ));
+    }
+    for name in ["key", "value"] {
+        if object.contains_key(name) && object.contains_key(&format!("{name}_hex")) {
+            return Err(format!("both \"{name}\" and \"{name}_hex\""));
+        }
+    }
     let metadata = match object.get("metadata") {
         None | Some(Value::Null) => Value::Object(Map::new()),
         Some(m @ Value::Object(_)) => m.clone(),
@@ -144,6 +165,18 @@ mod tests {
             (r#"{"key":"k","value_hex":"zz"}"#, "not hex"),
             (r#"{"key":"k","value":"v","metadata":3}"#, "not an object"),
             (r#"{"key":"k","value":"v","ttl_ms":-1}"#, "ttl_ms"),
+            (
+                r#"{"key":"k","value":"v","ttl":60}"#,
+                "unknown field \"ttl\"",
+            ),
+            (
+                r#"{"key":"k","value":"v","meta":{"x":1}}"#,
+                "unknown field \"meta\"",
+            ),
+            (
+                r#"{"key":"k","key_hex":"6b","value":"v"}"#,
+                "both \"key\" and \"key_hex\"",
+            ),
         ] {
             let e = decode(line).unwrap_err();
             assert!(e.contains(says), "{line}: {e}");

@@ -48,3 +48,25 @@ fn bench_reads_the_primary_unless_told_to_read_replicas() {
         "{primary}"
     );
 }
+
+/// An import line with a field the format does not have is refused, naming the line and the
+/// field, and nothing of the file is written.
+#[test]
+fn import_refuses_unknown_fields() {
+    let schema = unique("strict");
+    let dir = crate::scratch("strict");
+    let file = dir.join("typo.jsonl");
+    std::fs::write(
+        &file,
+        "{\"key\":\"ok:1\",\"value\":\"a\"}\n{\"key\":\"typo:1\",\"value\":\"b\",\"ttl\":60,\"meta\":{\"x\":1}}\n",
+    )
+    .unwrap();
+    let out = crate::run(&mut pgstate(&schema, &["import", file.to_str().unwrap()]));
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("typo.jsonl:2") && stderr.contains("\"ttl\""),
+        "{stderr}"
+    );
+    expect(&mut pgstate(&schema, &["get", "ok:1"]), 1);
+}

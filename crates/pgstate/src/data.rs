@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
 use processor::state::{check_entry, check_metadata, check_ttl};
-use processor::state::{EnhancedPostgresBackend, StateBackend};
+use processor::state::{BatchEntry, EnhancedPostgresBackend, StateBackend};
 
 use crate::exit::CliError;
 use crate::jsonl::{self, Line};
@@ -127,29 +127,25 @@ fn check_file(path: &Path) -> Result<u64, CliError> {
     Ok(entries)
 }
 
-/// Writes one chunk in its order: each run of plain entries with one binary COPY, the others
-/// (metadata, TTL) one by one, so that a key that comes twice ends with its last line.
+/// Writes one chunk: every entry, plain or with metadata or a TTL, in one binary COPY and one
+/// upsert (a key that comes twice ends with its last line).
 async fn write_chunk(backend: &EnhancedPostgresBackend, chunk: &[Line]) -> Result<(), CliError> {
-    for run in chunk.chunk_by(|a, b| a.is_plain() == b.is_plain()) {
-        if run[0].is_plain() {
-            let plain: Vec<(&[u8], &[u8])> = run
-                .iter()
-                .map(|l| (l.key.as_slice(), l.value.as_slice()))
-                .collect();
-            backend.batch_copy(&plain).await?;
-        } else {
-            for l in run {
-                backend
-                    .put_entry(&l.key, &l.value, l.metadata.clone(), l.ttl)
-                    .await?;
-            }
-        }
-    }
+    let entries: Vec<BatchEntry<'_>> = chunk
+        .iter()
+        .map(|l| BatchEntry {
+            key: &l.key,
+            value: &l.value,
+            metadata: Some(&l.metadata),
+            ttl: l.ttl,
+        })
+        .collect();
+    backend.batch_copy_entries(&entries).await?;
     Ok(())
 }
 
 /// `pgstate import FILE`: checks the whole file first (a bad line: exit code 2, nothing
-/// written), then loads it in chunks of 10 000 entries, each by one binary COPY. Not one
+/// written), then loads it in chunks of 10 000 entries, each by one binary COPY of whole
+/// entries (metadata and TTL included) and one upsert. Not one
 /// transaction: a failure part way leaves the chunks before it; importing again is safe (a key
 /// ends with its last value).
 pub async fn import(target: &Target, path: &Path) -> Result<(), CliError> {

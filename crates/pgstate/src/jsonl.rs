@@ -17,13 +17,6 @@ pub struct Line {
     pub ttl: Option<Duration>,
 }
 
-impl Line {
-    /// Whether the entry is a plain key and value (the bulk path writes those).
-    pub fn is_plain(&self) -> bool {
-        self.ttl.is_none() && self.metadata.as_object().is_none_or(Map::is_empty)
-    }
-}
-
 fn put_bytes(object: &mut Map<String, Value>, name: &str, bytes: &[u8]) {
     match std::str::from_utf8(bytes) {
         Ok(text) => object.insert(name.to_string(), Value::String(text.to_string())),
@@ -151,9 +144,8 @@ mod tests {
         assert_eq!(back.value, entry.value);
         assert_eq!(back.metadata, entry.metadata);
         assert_eq!(back.ttl, Some(Duration::from_secs(5)));
-        assert!(!back.is_plain());
         let plain = decode(r#"{"key":"k","value":"v"}"#).unwrap();
-        assert!(plain.is_plain());
+        assert_eq!((plain.metadata, plain.ttl), (serde_json::json!({}), None));
     }
 
     #[test]

@@ -70,3 +70,65 @@ fn import_refuses_unknown_fields() {
     );
     expect(&mut pgstate(&schema, &["get", "ok:1"]), 1);
 }
+
+/// A file mixing plain entries with ones carrying metadata or a TTL (and a key given twice)
+/// imports in one COPY and one upsert per chunk of 10 000: every row was written by one
+/// transaction per chunk, not one per entry with metadata or a TTL; and
+/// the export shows every entry as it was given.
+#[test]
+fn a_mixed_import_writes_each_chunk_at_once_and_keeps_metadata_and_ttls() {
+    let schema = unique("mixed");
+    let dir = crate::scratch("mixed");
+    let file = dir.join("mixed.jsonl");
+    let mut text = String::new();
+    for i in 0..20_000u32 {
+        let line = match i % 9 {
+            0..=3 => serde_json::json!({"key": format!("k:{i:05}"), "value": format!("v{i}")}),
+            4 | 5 => serde_json::json!({"key": format!("k:{i:05}"), "value": format!("v{i}"),
+                                        "metadata": {"n": i, "kind": "meta"}}),
+            6 | 7 => serde_json::json!({"key": format!("k:{i:05}"), "value": format!("v{i}"),
+                                        "ttl_ms": 3_600_000}),
+            _ => serde_json::json!({"key": format!("k:{i:05}"), "value": format!("v{i}"),
+                                    "metadata": {"n": i}, "ttl_ms": 7_200_000}),
+        };
+        text.push_str(&line.to_string());
+        text.push('\n');
+    }
+    // A key given twice: its last line wins.
+    text.push_str("{\"key\":\"k:00004\",\"value\":\"last\",\"metadata\":{\"again\":true}}\n");
+    std::fs::write(&file, text).unwrap();
+    crate::ok(&mut pgstate(&schema, &["import", file.to_str().unwrap()]));
+
+    let cluster = pgstate_testcluster::shared()
+        .cluster()
+        .expect("the local test cluster");
+    let writers = cluster
+        .psql(
+            0,
+            &format!("SELECT count(DISTINCT xmin::text) FROM \"{schema}\".state_entries"),
+        )
+        .unwrap();
+    let writers: u32 = writers.trim().parse().unwrap();
+    // 20 001 lines: three chunks.
+    assert!(writers <= 3, "rows written by {writers} transactions");
+
+    let exported = crate::ok(&mut pgstate(&schema, &["export", "-"]));
+    let lines: Vec<serde_json::Value> = exported
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 20_000);
+    let by_key = |k: &str| lines.iter().find(|l| l["key"] == k).unwrap().clone();
+    assert_eq!(by_key("k:00000").get("metadata"), None);
+    assert_eq!(by_key("k:00004")["value"], "last");
+    assert_eq!(
+        by_key("k:00004")["metadata"],
+        serde_json::json!({"again": true})
+    );
+    assert_eq!(by_key("k:00005")["metadata"]["kind"], "meta");
+    let ttl = by_key("k:00006")["ttl_ms"].as_u64().unwrap();
+    assert!(ttl > 3_000_000 && ttl <= 3_600_000, "{ttl}");
+    let both = by_key("k:00008");
+    assert_eq!(both["metadata"]["n"], 8);
+    assert!(both["ttl_ms"].as_u64().unwrap() > 3_600_000);
+}

@@ -70,6 +70,7 @@ pub use maintenance::{
 };
 pub use memory::{MemoryBackendStats, MemoryStateBackend};
 pub use ops::conn_ops::StateEntry;
+pub use ops::entry_copy::BatchEntry;
 pub use pool::conn_pool::PoolStats;
 pub use postgres_lock::PostgresDistributedLock;
 pub use routing::causal::CausalToken;

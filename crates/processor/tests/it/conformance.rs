@@ -253,6 +253,8 @@ pub async fn run_enhanced(b: &EnhancedPostgresBackend) {
     }
     assert_eq!(b.list_keys(b"batch:").await.unwrap().len(), 12_000);
     assert_eq!(b.get_entry(b"batch:7").await.unwrap().unwrap().version, 3);
+    // (Boxed: the suite's future is large for a test thread's stack.)
+    Box::pin(whole_entries(b, &refs)).await;
 
     // Pages of a prefix scan: together exactly the scan, in order; an open-ended prefix; a
     // cursor before the prefix starts at its first key; bad limits refused.
@@ -332,4 +334,35 @@ async fn basic_backend_conforms() {
         .with_pool_size(1, 4);
     let basic = Arc::new(PostgresStateBackend::new(cfg).await.unwrap());
     run(basic.clone(), basic.as_ref()).await;
+}
+
+/// Whole entries by COPY, twice: metadata and TTLs kept, the last of a key wins.
+async fn whole_entries(b: &EnhancedPostgresBackend, refs: &[(&[u8], &[u8])]) {
+    let meta = serde_json::json!({"src": "copy"});
+    let whole: Vec<processor::state::BatchEntry> = refs[..100]
+        .iter()
+        .map(|(k, v)| processor::state::BatchEntry {
+            key: k,
+            value: v,
+            metadata: Some(&meta),
+            ttl: Some(Duration::from_secs(3600)),
+        })
+        .chain([processor::state::BatchEntry {
+            key: b"batch:0",
+            value: b"last",
+            metadata: None,
+            ttl: None,
+        }])
+        .collect();
+    for _ in 0..2 {
+        assert_eq!(b.batch_copy_entries(&whole).await.unwrap(), 100);
+    }
+    let first = b.get_entry(b"batch:0").await.unwrap().unwrap();
+    assert_eq!(
+        (first.value.as_slice(), first.expires_at),
+        (&b"last"[..], None)
+    );
+    let other = b.get_entry(b"batch:1").await.unwrap().unwrap();
+    assert_eq!(other.metadata, meta);
+    assert!(other.expires_at.is_some());
 }

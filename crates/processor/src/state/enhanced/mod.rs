@@ -19,6 +19,7 @@ use crate::state::coordination::Coordinator;
 use crate::state::error::StateResult;
 use crate::state::limits::check_ttl;
 use crate::state::ops::conn_ops::StateEntry;
+use crate::state::ops::entry_copy::BatchEntry;
 use crate::state::ops::store::Store;
 use crate::state::pool::conn_pool::PoolStats;
 use crate::state::routing::causal::{Scope, Session};
@@ -162,6 +163,17 @@ impl EnhancedPostgresBackend {
     /// number of distinct keys written.
     pub async fn batch_copy(&self, entries: &[(&[u8], &[u8])]) -> StateResult<u64> {
         self.store().batch_copy(&self.session, entries).await
+    }
+
+    /// Bulk-loads whole entries (key, value, metadata, TTL) with binary COPY into a staging
+    /// table and one upsert from there, all or nothing: the bulk path for a mix of plain
+    /// entries and ones with metadata or an expiry. When a key occurs more than once, its last
+    /// occurrence wins. Every entry is checked before anything is sent. Returns the number of
+    /// distinct keys written.
+    pub async fn batch_copy_entries(&self, entries: &[BatchEntry<'_>]) -> StateResult<u64> {
+        self.store()
+            .batch_copy_entries(&self.session, entries)
+            .await
     }
 
     /// One page of [`list_keys`](StateBackend::list_keys): at most `limit` (1 to

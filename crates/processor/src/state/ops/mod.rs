@@ -1,5 +1,6 @@
 //! Layer `ops`: the key/value operations. The statements on one connection (`conn_ops`),
-//! batches by UNNEST and binary COPY (`batch`), the coalescing of concurrent puts and gets
+//! batches by UNNEST and binary COPY (`batch`), whole entries (metadata, TTL) by binary COPY
+//! (`entry_copy`), the coalescing of concurrent puts and gets
 //! (`coalesce` for the queues, `groups` for running them), and [`Store`](store::Store): every
 //! operation over the pools, bounded by the operation timeout, counted, routed.
 //!
@@ -8,5 +9,6 @@
 pub(crate) mod batch;
 pub(crate) mod coalesce;
 pub(crate) mod conn_ops;
+pub(crate) mod entry_copy;
 pub(crate) mod groups;
 pub(crate) mod store;

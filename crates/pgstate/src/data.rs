@@ -1,5 +1,6 @@
 //! `put`, `get`, `delete`, `list`, `import` and `export`.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::Path;
@@ -8,6 +9,7 @@ use std::time::{Duration, SystemTime};
 use futures_util::StreamExt;
 use processor::state::{check_entry, check_metadata, check_ttl};
 use processor::state::{BatchEntry, EnhancedPostgresBackend, StateBackend};
+use tokio::task::JoinHandle;
 
 use crate::exit::CliError;
 use crate::jsonl::{self, Line};
@@ -128,8 +130,8 @@ fn check_file(path: &Path) -> Result<u64, CliError> {
 }
 
 /// Writes one chunk: every entry, plain or with metadata or a TTL, in one binary COPY and one
-/// upsert (a key that comes twice ends with its last line).
-async fn write_chunk(backend: &EnhancedPostgresBackend, chunk: &[Line]) -> Result<(), CliError> {
+/// upsert (a key that comes twice in it ends with its last line).
+async fn write_chunk(backend: EnhancedPostgresBackend, chunk: Vec<Line>) -> Result<u64, CliError> {
     let entries: Vec<BatchEntry<'_>> = chunk
         .iter()
         .map(|l| BatchEntry {
@@ -140,34 +142,82 @@ async fn write_chunk(backend: &EnhancedPostgresBackend, chunk: &[Line]) -> Resul
         })
         .collect();
     backend.batch_copy_entries(&entries).await?;
-    Ok(())
+    Ok(chunk.len() as u64)
+}
+
+/// A chunk's write in the background: the entries written.
+type Job = JoinHandle<Result<u64, CliError>>;
+
+/// Chunks written in the background, at most two at a time: a chunk starts while the one
+/// before it is still being written, unless they share a key (then after it, so that a key
+/// ends with its last line); the one before that has always finished.
+#[derive(Default)]
+struct Pipeline {
+    in_flight: Option<(Job, HashSet<Vec<u8>>)>,
+    /// Entries of the chunks finished.
+    written: u64,
+}
+
+impl Pipeline {
+    /// Starts `chunk` with `start`, as soon as the order allows.
+    async fn push<F>(&mut self, chunk: Vec<Line>, start: F) -> Result<(), CliError>
+    where
+        F: FnOnce(Vec<Line>) -> Job,
+    {
+        let keys: HashSet<Vec<u8>> = chunk.iter().map(|l| l.key.clone()).collect();
+        let mut earlier = self.in_flight.take();
+        if let Some((job, _)) = earlier.take_if(|(_, k)| !k.is_disjoint(&keys)) {
+            self.written += finished(job).await?;
+        }
+        let job = start(chunk);
+        if let Some((job, _)) = earlier {
+            self.written += finished(job).await?;
+        }
+        self.in_flight = Some((job, keys));
+        Ok(())
+    }
+
+    /// Waits for the last chunk; the entries written.
+    async fn finish(mut self) -> Result<u64, CliError> {
+        if let Some((job, _)) = self.in_flight.take() {
+            self.written += finished(job).await?;
+        }
+        Ok(self.written)
+    }
+}
+
+async fn finished(job: Job) -> Result<u64, CliError> {
+    job.await
+        .map_err(|e| CliError::failed(format!("an import task failed: {e}")))?
 }
 
 /// `pgstate import FILE`: checks the whole file first (a bad line: exit code 2, nothing
 /// written), then loads it in chunks of 10 000 entries, each by one binary COPY of whole
-/// entries (metadata and TTL included) and one upsert. Not one
-/// transaction: a failure part way leaves the chunks before it; importing again is safe (a key
-/// ends with its last value).
+/// entries (metadata and TTL included) and one upsert. While one chunk is written the next is
+/// read, and written at the same time unless it shares a key with it (then after it, so a key
+/// ends with its last line). Not one transaction: a failure part way leaves some chunks
+/// written; importing again is safe (a key ends with its last value).
 pub async fn import(target: &Target, path: &Path) -> Result<(), CliError> {
     let total = check_file(path)?;
     let backend = target.backend().await?;
     let bar = progress::bar(total, "importing");
     let mut chunk: Vec<Line> = Vec::with_capacity(IMPORT_CHUNK);
-    let mut written = 0u64;
-    for line in lines(path)? {
+    let mut pipeline = Pipeline::default();
+    let mut lines = lines(path)?.peekable();
+    while let Some(line) = lines.next() {
         let (_, line) = line?;
         chunk.push(jsonl::decode(&line).map_err(CliError::usage)?);
-        if chunk.len() == IMPORT_CHUNK {
-            write_chunk(&backend, &chunk).await?;
-            written += chunk.len() as u64;
-            bar.set_position(written);
-            chunk.clear();
+        if chunk.len() < IMPORT_CHUNK && lines.peek().is_some() {
+            continue;
         }
+        let start = |c| tokio::spawn(write_chunk(backend.clone_handle(), c));
+        pipeline.push(std::mem::take(&mut chunk), start).await?;
+        bar.set_position(pipeline.written);
     }
-    write_chunk(&backend, &chunk).await?;
-    written += chunk.len() as u64;
+    let written = pipeline.finish().await?;
     bar.finish_and_clear();
-    eprintln!("imported {written} entries into {}", backend.table());
+    let entries = if written == 1 { "entry" } else { "entries" };
+    eprintln!("imported {written} {entries} into {}", backend.table());
     Ok(())
 }
 
@@ -202,4 +252,55 @@ pub async fn export(target: &Target, path: &Path, prefix: &str) -> Result<(), Cl
     bar.finish_and_clear();
     eprintln!("exported {written} entries from {}", backend.table());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    fn chunk(keys: &[&str]) -> Vec<Line> {
+        keys.iter()
+            .map(|k| Line {
+                key: k.as_bytes().to_vec(),
+                value: Vec::new(),
+                metadata: serde_json::json!({}),
+                ttl: None,
+            })
+            .collect()
+    }
+
+    /// A chunk sharing a key with the one being written starts only after it finished; one
+    /// that shares none starts at once, beside it.
+    #[tokio::test]
+    async fn a_chunk_sharing_a_key_waits_for_the_one_before() {
+        let done = Arc::new(Mutex::new(Vec::new()));
+        let started = Arc::new(Mutex::new(Vec::new()));
+        let start = |name: &'static str, pause_ms: u64| {
+            let (done, started) = (done.clone(), started.clone());
+            move |c: Vec<Line>| {
+                started.lock().unwrap().push(name);
+                tokio::spawn(async move {
+                    tokio::time::sleep(std::time::Duration::from_millis(pause_ms)).await;
+                    done.lock().unwrap().push(name);
+                    Ok(c.len() as u64)
+                })
+            }
+        };
+        let mut p = Pipeline::default();
+        p.push(chunk(&["a", "b"]), start("first", 300))
+            .await
+            .unwrap();
+        // Shares "b": waits for "first" (which takes longer).
+        p.push(chunk(&["b", "c"]), start("second", 0))
+            .await
+            .unwrap();
+        assert_eq!(*done.lock().unwrap(), ["first"]);
+        // Shares nothing with "second": starts before "second" finished.
+        p.push(chunk(&["d"]), start("third", 0)).await.unwrap();
+        assert_eq!(*started.lock().unwrap(), ["first", "second", "third"]);
+        assert_eq!(p.finish().await.unwrap(), 5);
+        let done = done.lock().unwrap();
+        assert_eq!((done.len(), done[0]), (3, "first"));
+    }
 }

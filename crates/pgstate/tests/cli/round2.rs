@@ -94,8 +94,10 @@ fn a_mixed_import_writes_each_chunk_at_once_and_keeps_metadata_and_ttls() {
         text.push_str(&line.to_string());
         text.push('\n');
     }
-    // A key given twice: its last line wins.
+    // Keys given twice: the last line wins, also over the chunk written just before (k:15000
+    // is in the second chunk of 10 000, its last line in the third).
     text.push_str("{\"key\":\"k:00004\",\"value\":\"last\",\"metadata\":{\"again\":true}}\n");
+    text.push_str("{\"key\":\"k:15000\",\"value\":\"last too\"}\n");
     std::fs::write(&file, text).unwrap();
     crate::ok(&mut pgstate(&schema, &["import", file.to_str().unwrap()]));
 
@@ -109,7 +111,7 @@ fn a_mixed_import_writes_each_chunk_at_once_and_keeps_metadata_and_ttls() {
         )
         .unwrap();
     let writers: u32 = writers.trim().parse().unwrap();
-    // 20 001 lines: three chunks.
+    // 20 002 lines: three chunks.
     assert!(writers <= 3, "rows written by {writers} transactions");
 
     let exported = crate::ok(&mut pgstate(&schema, &["export", "-"]));
@@ -121,6 +123,7 @@ fn a_mixed_import_writes_each_chunk_at_once_and_keeps_metadata_and_ttls() {
     let by_key = |k: &str| lines.iter().find(|l| l["key"] == k).unwrap().clone();
     assert_eq!(by_key("k:00000").get("metadata"), None);
     assert_eq!(by_key("k:00004")["value"], "last");
+    assert_eq!(by_key("k:15000")["value"], "last too");
     assert_eq!(
         by_key("k:00004")["metadata"],
         serde_json::json!({"again": true})

@@ -66,9 +66,65 @@ pub fn epoch(t: SystemTime) -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// `pgstate migrate`.
-pub async fn migrate(target: &Target) -> Result<(), CliError> {
-    let backend = target.backend().await?;
+/// `pgstate migrate` subcommands.
+#[derive(clap::Subcommand, Debug)]
+pub enum MigrateAction {
+    /// The migrations applied (version, name, when, checksum, whether the embedded file still
+    /// matches) and those pending; changes nothing.
+    Info,
+}
+
+/// `pgstate migrate [--dry-run] [info]`.
+pub async fn migrate(
+    target: &Target,
+    dry_run: bool,
+    action: Option<MigrateAction>,
+) -> Result<(), CliError> {
+    let (url, replicas) = target.resolve()?;
+    let config = target.config(&url, &replicas);
+    let before = EnhancedPostgresBackend::migration_status(&config).await?;
+    let table = format!("\"{}\".\"{}\"", target.schema, target.table);
+    if let Some(MigrateAction::Info) = action {
+        println!(
+            "{table}: {}",
+            if before.table_exists {
+                "exists"
+            } else {
+                "does not exist"
+            }
+        );
+        for m in &before.applied {
+            println!(
+                "applied  {:03} {} at {} checksum {}{}",
+                m.version,
+                m.name,
+                epoch(m.applied_at) as u64,
+                m.checksum,
+                if m.matches {
+                    ""
+                } else {
+                    " (the embedded file differs)"
+                }
+            );
+        }
+        for m in &before.pending {
+            println!("pending  {:03} {}", m.version, m.name);
+        }
+        return Ok(());
+    }
+    if dry_run {
+        if before.pending.is_empty() {
+            println!("{table}: schema up to date; nothing to apply");
+        }
+        for m in &before.pending {
+            println!("would apply {:03} {}", m.version, m.name);
+        }
+        return Ok(());
+    }
+    let backend = target.open(config).await?;
+    for m in &before.pending {
+        println!("applied {:03} {}", m.version, m.name);
+    }
     let last = MIGRATIONS.last().map_or("none", |m| m.name);
     println!(
         "{}: schema up to date ({} migrations, the last {last})",
@@ -188,7 +244,7 @@ pub fn size(bytes: u64) -> String {
 
 /// `pgstate stats [--json]`.
 pub async fn stats(target: &Target, as_json: bool) -> Result<(), CliError> {
-    let backend = target.backend().await?;
+    let backend = target.existing().await?;
     let s = stats_json(&backend).await?;
     if as_json {
         println!("{s}");
@@ -337,7 +393,10 @@ pub async fn vacuum(target: &Target, full: bool) -> Result<(), CliError> {
 
 /// `pgstate checkpoint create | list | restore`.
 pub async fn checkpoint(target: &Target, action: CheckpointAction) -> Result<(), CliError> {
-    let backend = target.backend().await?;
+    let backend = match action {
+        CheckpointAction::List => target.existing().await?,
+        _ => target.backend().await?,
+    };
     match action {
         CheckpointAction::Create { name } => {
             let bar = progress::counter("copying entries");
@@ -378,7 +437,7 @@ pub async fn checkpoint(target: &Target, action: CheckpointAction) -> Result<(),
 
 /// `pgstate locks`.
 pub async fn locks(target: &Target) -> Result<(), CliError> {
-    let backend = target.backend().await?;
+    let backend = target.existing().await?;
     let locks = backend.list_advisory_locks().await?;
     if locks.is_empty() {
         eprintln!("no advisory locks held");
@@ -403,7 +462,7 @@ pub async fn locks(target: &Target) -> Result<(), CliError> {
 /// `pgstate leader status NAME`.
 pub async fn leader(target: &Target, action: LeaderAction) -> Result<(), CliError> {
     let LeaderAction::Status { name } = action;
-    let backend = target.backend().await?;
+    let backend = target.existing().await?;
     match backend.current_leader(&name).await? {
         Some(l) => {
             println!(

@@ -54,7 +54,7 @@ pub async fn put(
 
 /// `pgstate get KEY`: the value on stdout; exit code 1 and nothing on stdout when absent.
 pub async fn get(target: &Target, key: &str) -> Result<(), CliError> {
-    let backend = target.backend().await?;
+    let backend = target.existing().await?;
     match backend.get(key.as_bytes()).await? {
         Some(value) => {
             let mut out = std::io::stdout().lock();
@@ -75,7 +75,7 @@ pub async fn delete(target: &Target, key: &str) -> Result<(), CliError> {
 
 /// `pgstate list [PREFIX]`: keys in order, one per line, in bounded memory.
 pub async fn list(target: &Target, prefix: &str) -> Result<(), CliError> {
-    let backend = target.backend().await?;
+    let backend = target.existing().await?;
     let keys = backend.scan_keys(prefix.as_bytes());
     let mut keys = std::pin::pin!(keys);
     let mut out = BufWriter::new(std::io::stdout().lock());
@@ -223,7 +223,7 @@ pub async fn import(target: &Target, path: &Path) -> Result<(), CliError> {
 
 /// `pgstate export FILE [--prefix P]`: the live entries in key order, scanned page by page.
 pub async fn export(target: &Target, path: &Path, prefix: &str) -> Result<(), CliError> {
-    let backend = target.backend().await?;
+    let backend = target.existing().await?;
     let bar = if prefix.is_empty() {
         progress::bar(backend.count().await? as u64, "exporting")
     } else {

@@ -50,6 +50,8 @@ impl From<StateError> for CliError {
         let code = match e.kind() {
             ErrorKind::InvalidInput => USAGE,
             ErrorKind::NotFound => NOT_FOUND,
+            // A table a reading command found missing (or not migrated).
+            _ if matches!(e, StateError::NotInitialized(_)) => NOT_FOUND,
             ErrorKind::Configuration
             | ErrorKind::Connection
             | ErrorKind::Tls

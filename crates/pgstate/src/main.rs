@@ -130,8 +130,14 @@ enum Command {
         #[arg(long, default_value = "")]
         prefix: String,
     },
-    /// Create or upgrade the schema (the embedded migrations) and say what is applied.
-    Migrate,
+    /// Create or upgrade the schema (the embedded migrations) and say what it applied.
+    Migrate {
+        /// Say what would be applied, and apply nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(subcommand)]
+        action: Option<admin::MigrateAction>,
+    },
     /// Table, pool, replication and operation figures (a table for people, --json for
     /// scripts).
     Stats {
@@ -243,7 +249,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::List { prefix } => data::list(&target, prefix.as_deref().unwrap_or("")).await,
         Command::Import { file } => data::import(&target, &file).await,
         Command::Export { file, prefix } => data::export(&target, &file, &prefix).await,
-        Command::Migrate => admin::migrate(&target).await,
+        Command::Migrate { dry_run, action } => admin::migrate(&target, dry_run, action).await,
         Command::Stats { json } => admin::stats(&target, json).await,
         Command::Retention { action } => admin::retention(&target, action).await,
         Command::Archive { name, older_than } => admin::archive(&target, &name, older_than).await,

@@ -106,7 +106,7 @@ pub async fn run(target: &Target, addr: &str) -> Result<(), CliError> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| CliError::usage(format!("cannot listen on {addr}: {e}")))?;
-    let backend = target.backend().await?;
+    let backend = target.existing().await?;
     let table = backend.table().replace('"', "");
     let local = listener.local_addr()?;
     println!("serving metrics on http://{local}/metrics");

@@ -103,6 +103,15 @@ impl Target {
         self.open(self.config(&url, &replicas)).await
     }
 
+    /// A backend on the resolved server's existing table, for a command that only reads: it
+    /// creates and upgrades nothing, and a table that does not exist (or lacks migrations) is
+    /// "not found" (exit 1), naming `pgstate migrate`.
+    pub async fn existing(&self) -> Result<EnhancedPostgresBackend, CliError> {
+        let (url, replicas) = self.resolve()?;
+        self.open(self.config(&url, &replicas).with_schema_changes(false))
+            .await
+    }
+
     /// A backend with `config` (a command's variant of [`config`](Self::config)), reading as
     /// [`backend`](Self::backend) does.
     pub async fn open(

@@ -264,7 +264,7 @@ fn spawn_keys() -> mpsc::Receiver<()> {
 /// Runs `pgstate watch` until `q`.
 pub async fn run(target: &Target, leaders: Vec<String>) -> Result<(), CliError> {
     let (url, _) = target.resolve()?;
-    let backend = target.backend().await?;
+    let backend = target.existing().await?;
     let title = format!("pgstate watch: {} on {}", backend.table(), redact(&url));
     let mut terminal = ratatui::try_init()
         .map_err(|e| CliError::failed(format!("cannot use this terminal: {e}")))?;

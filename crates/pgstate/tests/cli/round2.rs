@@ -135,3 +135,67 @@ fn a_mixed_import_writes_each_chunk_at_once_and_keeps_metadata_and_ttls() {
     assert_eq!(both["metadata"]["n"], 8);
     assert!(both["ttl_ms"].as_u64().unwrap() > 3_600_000);
 }
+
+/// Commands that only read create nothing: on a table that does not exist they say so and
+/// exit 1; `migrate --dry-run` and `migrate info` change nothing; `migrate` lists what it
+/// applied.
+#[test]
+fn reading_commands_create_nothing_and_migrate_says_what_it_does() {
+    let schema = unique("readonly");
+    let cluster = pgstate_testcluster::shared()
+        .cluster()
+        .expect("the local test cluster");
+    let tables = || {
+        cluster
+            .psql(
+                0,
+                &format!("SELECT count(*) FROM pg_tables WHERE schemaname = '{schema}'"),
+            )
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    for args in [
+        &["get", "k"][..],
+        &["list"],
+        &["stats"],
+        &["export", "-"],
+        &["checkpoint", "list"],
+        &["--table", "nosuch", "stats"],
+    ] {
+        let out = crate::run(&mut pgstate(&schema, args));
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("does not exist") && stderr.contains("pgstate migrate"),
+            "{stderr}"
+        );
+    }
+    assert_eq!(tables(), "0", "a reading command created a table");
+
+    let info = expect(&mut pgstate(&schema, &["migrate", "info"]), 0);
+    assert!(
+        info.contains("does not exist") && info.contains("pending  001"),
+        "{info}"
+    );
+    let dry = expect(&mut pgstate(&schema, &["migrate", "--dry-run"]), 0);
+    assert!(dry.contains("would apply 001"), "{dry}");
+    assert_eq!(tables(), "0", "--dry-run created a table");
+
+    let applied = expect(&mut pgstate(&schema, &["migrate"]), 0);
+    assert!(
+        applied.contains("applied 001") && applied.contains("up to date"),
+        "{applied}"
+    );
+    let again = expect(&mut pgstate(&schema, &["migrate"]), 0);
+    assert!(!again.contains("applied 0"), "{again}");
+    let info = expect(&mut pgstate(&schema, &["migrate", "info"]), 0);
+    assert!(
+        info.contains("exists") && !info.contains("pending"),
+        "{info}"
+    );
+    assert!(!info.contains("differs"), "{info}");
+    // Now the table exists: reading works, an absent key is 1 with nothing printed.
+    expect(&mut pgstate(&schema, &["get", "k"]), 1);
+    crate::ok(&mut pgstate(&schema, &["stats"]));
+}

@@ -75,7 +75,9 @@ pub use pool::conn_pool::PoolStats;
 pub use postgres_lock::PostgresDistributedLock;
 pub use routing::causal::CausalToken;
 pub use routing::router::{NodeRole, ReplicaStatus, ReplicationStatus};
-pub use schema::migrations::{Migration, MIGRATIONS, TRACKING_TABLE};
+pub use schema::migrations::{
+    AppliedMigration, Migration, MigrationStatus, MIGRATIONS, TRACKING_TABLE,
+};
 pub use stats::counters::{BackendStats, NodeReads};
 pub use stats::latency::OpLatency;
 pub use transaction::tx::{PostgresTransaction, TxFuture};

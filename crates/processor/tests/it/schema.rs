@@ -180,3 +180,47 @@ async fn every_archive_table_is_made_like_the_migrated_one() {
     assert_eq!(model_indexes, vec!["btree (key, version)".to_string()]);
     assert_eq!(indexes, model_indexes);
 }
+
+/// With schema changes off, `new()` opens only a migrated table and creates nothing;
+/// `migration_status` reads where a table stands without changing it.
+#[tokio::test]
+async fn a_backend_without_schema_changes_creates_nothing() {
+    let config = support::config("no_changes");
+    let schema = config.schema().to_string();
+    let status = EnhancedPostgresBackend::migration_status(&config)
+        .await
+        .unwrap();
+    assert!(!status.table_exists);
+    assert!(status.applied.is_empty());
+    assert_eq!(status.pending.len(), MIGRATIONS.len());
+    let e = EnhancedPostgresBackend::new(config.clone().with_schema_changes(false))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, processor::state::StateError::NotInitialized(m) if m.contains("does not exist")),
+        "{e}"
+    );
+    let db = support::raw(&support::url()).await;
+    let schemas: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = $1",
+            &[&schema],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(schemas, 0, "the schema was created");
+
+    let b = EnhancedPostgresBackend::new(config.clone()).await.unwrap();
+    b.put(b"k", b"v").await.unwrap();
+    let status = EnhancedPostgresBackend::migration_status(&config)
+        .await
+        .unwrap();
+    assert!(status.table_exists && status.pending.is_empty());
+    assert_eq!(status.applied.len(), MIGRATIONS.len());
+    assert!(status.applied.iter().all(|m| m.matches));
+    let reader = EnhancedPostgresBackend::new(config.with_schema_changes(false))
+        .await
+        .unwrap();
+    assert_eq!(reader.get(b"k").await.unwrap(), Some(b"v".to_vec()));
+}

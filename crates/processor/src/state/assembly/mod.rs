@@ -25,7 +25,7 @@ use crate::state::ops::store::Store;
 use crate::state::pool::conn_pool::ConnPool;
 use crate::state::pool::context::Context;
 use crate::state::routing::router::{spawn_monitor, Replica, Router};
-use crate::state::schema::migrations::migrate;
+use crate::state::schema::migrations::{migrate, status, verify, MigrationStatus};
 use crate::state::schema::names::TableNames;
 use crate::state::stats::counters::{BackendStats, Stats};
 use crate::state::wire::connection::Connector;
@@ -171,6 +171,17 @@ async fn parts(config: &EnhancedPostgresConfig) -> StateResult<Parts> {
     Ok((store, coordinator, monitor, windows))
 }
 
+/// Where the state table of `config` stands with the embedded migrations, read on a
+/// connection of its own; nothing is created.
+pub(crate) async fn migration_status(
+    config: &EnhancedPostgresConfig,
+) -> StateResult<MigrationStatus> {
+    let valid = config.validate()?;
+    let names = TableNames::new(valid.schema.clone(), valid.table.clone());
+    let client = connector(config, &valid.primary)?.connect().await?;
+    status(&client, &names).await
+}
+
 /// A connector to `spec` with the configuration's timeouts and application name.
 fn connector(config: &EnhancedPostgresConfig, spec: &ConnectionSpec) -> StateResult<Connector> {
     Connector::new(
@@ -190,13 +201,18 @@ async fn migrated(
     let mut names = TableNames::new(valid.schema.clone(), valid.table.clone());
     let mut connector = connector(config, &valid.primary)?;
     connector.require_writable();
-    let migrated = migrate(
-        connector.connect().await?,
-        &names,
-        config.partitioning.as_ref(),
-        config.citus.as_ref(),
-    )
-    .await?;
+    let client = connector.connect().await?;
+    let migrated = if config.schema_changes {
+        migrate(
+            client,
+            &names,
+            config.partitioning.as_ref(),
+            config.citus.as_ref(),
+        )
+        .await?
+    } else {
+        verify(&client, &names).await?
+    };
     names.windowed = migrated.layout.windowed();
     names.distributed = migrated.distributed;
     Ok((connector, names))

@@ -33,6 +33,7 @@ pub struct EnhancedPostgresConfig {
     pub(crate) table: String,
     pub(crate) slow_query_threshold: Duration,
     pub(crate) log_statements: bool,
+    pub(crate) schema_changes: bool,
     pub(crate) connect_timeout: Duration,
     pub(crate) statement_timeout: Option<Duration>,
     pub(crate) operation_timeout: Duration,
@@ -62,6 +63,7 @@ impl EnhancedPostgresConfig {
             table: "state_entries".to_string(),
             slow_query_threshold: Duration::from_millis(100),
             log_statements: false,
+            schema_changes: true,
             connect_timeout: Duration::from_secs(10),
             statement_timeout: None,
             operation_timeout: DEFAULT_OPERATION_TIMEOUT,
@@ -143,6 +145,17 @@ impl EnhancedPostgresConfig {
     /// Queries slower than this are counted as slow and logged at `warn`. Default 100 ms.
     pub fn with_slow_query_threshold(mut self, threshold: Duration) -> Self {
         self.slow_query_threshold = threshold;
+        self
+    }
+
+    /// Whether `new()` may create and upgrade the schema (the default). Off, it only opens a
+    /// state table that exists with every embedded migration applied, changing nothing, and
+    /// fails with [`StateError::NotInitialized`](crate::state::StateError::NotInitialized)
+    /// otherwise (see
+    /// [`migration_status`](crate::state::EnhancedPostgresBackend::migration_status)): for
+    /// read-only tools, and roles without rights to change the schema.
+    pub fn with_schema_changes(mut self, allowed: bool) -> Self {
+        self.schema_changes = allowed;
         self
     }
 
@@ -416,6 +429,7 @@ impl fmt::Debug for EnhancedPostgresConfig {
             .field("table", &self.table)
             .field("slow_query_threshold", &self.slow_query_threshold)
             .field("log_statements", &self.log_statements)
+            .field("schema_changes", &self.schema_changes)
             .field("connect_timeout", &self.connect_timeout)
             .field("statement_timeout", &self.statement_timeout)
             .field("operation_timeout", &self.operation_timeout)

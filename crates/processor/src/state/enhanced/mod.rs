@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::state::assembly::{assemble, Core};
+use crate::state::assembly::{assemble, migration_status, Core};
 use crate::state::backend::StateBackend;
 use crate::state::config::enhanced::EnhancedPostgresConfig;
 use crate::state::config::enhanced::IsolationLevel;
@@ -23,6 +23,7 @@ use crate::state::ops::entry_copy::BatchEntry;
 use crate::state::ops::store::Store;
 use crate::state::pool::conn_pool::PoolStats;
 use crate::state::routing::causal::{Scope, Session};
+use crate::state::schema::migrations::MigrationStatus;
 use crate::state::stats::counters::BackendStats;
 use crate::state::transaction::retry;
 use crate::state::transaction::tx::{PostgresTransaction, TxFuture};
@@ -72,6 +73,13 @@ impl EnhancedPostgresBackend {
             primary_only: false,
             session: Arc::new(Session::default()),
         })
+    }
+
+    /// Where the state table of `config` stands with the embedded migrations (whether it
+    /// exists, the migrations applied with their checksums, those pending), read on one
+    /// connection without creating or changing anything.
+    pub async fn migration_status(config: &EnhancedPostgresConfig) -> StateResult<MigrationStatus> {
+        migration_status(config).await
     }
 
     /// Another handle to the same backend (same pool, same statistics).

@@ -14,7 +14,7 @@
 
 use sha2::{Digest, Sha256};
 use tokio_postgres::types::Type;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, GenericClient};
 
 use crate::state::config::citus_layout::CitusLayout;
 use crate::state::config::partition_strategy::PartitionStrategy;
@@ -24,7 +24,7 @@ use crate::state::schema::names::TableNames;
 use crate::state::schema::partitions;
 
 /// One embedded migration.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Migration {
     /// Applied in ascending order.
     pub version: i32,
@@ -145,6 +145,125 @@ pub(crate) async fn migrate(
             sqlstate,
         },
         other => other,
+    })
+}
+
+/// One migration as a schema's tracking table records it, from
+/// [`EnhancedPostgresBackend::migration_status`](crate::state::EnhancedPostgresBackend::migration_status).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppliedMigration {
+    /// Its version.
+    pub version: i32,
+    /// Its file name.
+    pub name: String,
+    /// The SHA-256 of its text when it was applied.
+    pub checksum: String,
+    /// When it was applied (the server's clock).
+    pub applied_at: std::time::SystemTime,
+    /// Whether the embedded file still has that checksum.
+    pub matches: bool,
+}
+
+/// Where a state table stands with the embedded migrations: read without creating or
+/// changing anything.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MigrationStatus {
+    /// Whether the state table exists.
+    pub table_exists: bool,
+    /// The migrations recorded for it (and its schema's shared ones), by version.
+    pub applied: Vec<AppliedMigration>,
+    /// The embedded migrations not recorded yet, in the order they would run.
+    pub pending: Vec<&'static Migration>,
+}
+
+/// The migration status of `names` on `client`, read in one statement each; nothing is
+/// created.
+pub(crate) async fn status<C: GenericClient>(
+    c: &C,
+    names: &TableNames,
+) -> StateResult<MigrationStatus> {
+    let tracking = format!("{}.{TRACKING_TABLE}", names.schema);
+    let exists = |name: &str| {
+        let name = name.to_string();
+        async move {
+            let row = c
+                .query_typed_one("SELECT to_regclass($1) IS NOT NULL", &[(&name, Type::TEXT)])
+                .await?;
+            Ok::<bool, StateError>(row.try_get(0)?)
+        }
+    };
+    let table_exists = exists(&names.qualified).await?;
+    let mut applied = Vec::new();
+    if exists(&tracking).await? {
+        let rows = c
+            .query_typed(
+                &format!(
+                    "SELECT version, name, checksum, applied_at FROM {tracking} \
+                     WHERE state_table IN ($1, '') ORDER BY version"
+                ),
+                &[(&names.table.as_str(), Type::TEXT)],
+            )
+            .await?;
+        for r in rows {
+            let version: i32 = r.try_get(0)?;
+            let sum: String = r.try_get(2)?;
+            let matches = MIGRATIONS
+                .iter()
+                .any(|m| m.version == version && checksum(m.sql) == sum);
+            applied.push(AppliedMigration {
+                version,
+                name: r.try_get(1)?,
+                checksum: sum,
+                applied_at: r.try_get(3)?,
+                matches,
+            });
+        }
+    }
+    let pending = MIGRATIONS
+        .iter()
+        .filter(|m| !applied.iter().any(|a| a.version == m.version))
+        .collect();
+    Ok(MigrationStatus {
+        table_exists,
+        applied,
+        pending,
+    })
+}
+
+/// Opens an existing state table without changing anything: it must exist with every
+/// migration applied (else [`StateError::NotInitialized`], saying what `pgstate migrate` or a
+/// backend allowed to change the schema would do). Returns its layout.
+pub(crate) async fn verify(client: &Client, names: &TableNames) -> StateResult<Migrated> {
+    let s = status(client, names).await?;
+    if !s.table_exists {
+        return Err(StateError::NotInitialized(format!(
+            "the state table {} does not exist (`pgstate migrate`, or a backend that may change \
+             the schema, creates it)",
+            names.qualified
+        )));
+    }
+    if let Some(bad) = s.applied.iter().find(|a| !a.matches) {
+        return Err(StateError::config(format!(
+            "migration {} was applied to {} with checksum {}, but the embedded file differs: \
+             the schema was created by a different version of pgstate",
+            bad.name, names.qualified, bad.checksum
+        )));
+    }
+    if !s.pending.is_empty() {
+        let names_of: Vec<&str> = s.pending.iter().map(|m| m.name).collect();
+        return Err(StateError::NotInitialized(format!(
+            "{} lacks migrations {} (`pgstate migrate` applies them)",
+            names.qualified,
+            names_of.join(", ")
+        )));
+    }
+    let layout = partitions::layout(client, &names.qualified).await?;
+    let distributed = distribution::distribution(client, &names.qualified)
+        .await?
+        .is_some();
+    Ok(Migrated {
+        layout,
+        distributed,
     })
 }
 

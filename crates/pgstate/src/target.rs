@@ -1,5 +1,7 @@
-//! Which server a command talks to: `--url`, else `$DATABASE_URL`, else the cluster that
-//! `pgstate dev up` keeps running; and the backend a command opens there.
+//! Which server a command talks to: `--url`, else `$DATABASE_URL`, else libpq's environment
+//! (`PGHOST` or `PGSERVICE`; its other variables, service files and password file fill what
+//! any URL leaves unset), else the cluster that `pgstate dev up` keeps running; and the
+//! backend a command opens there.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -52,6 +54,13 @@ impl Target {
         if let Some(url) = &self.url {
             return Ok((url.clone(), self.replicas.clone()));
         }
+        // libpq's environment names a server: an empty URL, filled from it as psql would.
+        if ["PGHOST", "PGSERVICE"]
+            .iter()
+            .any(|v| std::env::var(v).is_ok_and(|h| !h.is_empty()))
+        {
+            return Ok(("postgresql://".to_string(), self.replicas.clone()));
+        }
         match DevState::load(&self.dev_dir)? {
             Some(dev) => {
                 let replicas = if self.replicas.is_empty() {
@@ -63,7 +72,7 @@ impl Target {
             }
             None => Err(CliError::new(
                 UNREACHABLE,
-                "no server: give --url, set DATABASE_URL, or start a local cluster with `pgstate dev up`",
+                "no server: give --url, set DATABASE_URL (or PGHOST, or PGSERVICE), or start a local cluster with `pgstate dev up`",
             )),
         }
     }

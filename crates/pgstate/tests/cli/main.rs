@@ -3,6 +3,7 @@
 
 mod data;
 mod dev;
+mod libpq;
 mod live;
 mod round2;
 

@@ -3,10 +3,12 @@
 
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 use crate::state::config::connstr::{
     is_url, looks_like_url, redact, split_keyword_params, split_url_params, truncate,
 };
+use crate::state::config::libpq_env::LibpqEnv;
 use crate::state::error::{StateError, StateResult};
 
 /// libpq `sslmode` values.
@@ -146,15 +148,23 @@ pub(crate) struct ConnectionSpec {
 }
 
 impl ConnectionSpec {
-    /// Parses `url` as it is.
+    /// Parses `url` as it is, without libpq's environment.
+    #[cfg(test)]
     pub fn parse(url: &str) -> StateResult<Self> {
-        Self::parse_with(url, |_| Ok(()))
+        Self::parse_with(url, &LibpqEnv::default(), |_| Ok(()))
     }
 
-    /// Parses `url`; `adjust` may change the TLS settings (an explicit TLS configuration)
-    /// before they are checked.
+    /// Parses `url`, filling what it leaves unset from this process's libpq environment.
+    pub fn parse_in_env(url: &str) -> StateResult<Self> {
+        Self::parse_with(url, &LibpqEnv::current(), |_| Ok(()))
+    }
+
+    /// Parses `url`, filling what it leaves unset from `env` (see the `libpq_env` module);
+    /// `adjust` may change the TLS settings (an explicit TLS configuration) before they are
+    /// checked.
     pub fn parse_with(
         url: &str,
+        env: &LibpqEnv,
         adjust: impl FnOnce(&mut SslSettings) -> StateResult<()>,
     ) -> StateResult<Self> {
         let trimmed = url.trim();
@@ -175,18 +185,19 @@ impl ConnectionSpec {
         } else {
             split_keyword_params(trimmed)?
         };
-        let pg = tokio_postgres::Config::from_str(&rest).map_err(|e| {
+        let mut pg = tokio_postgres::Config::from_str(&rest).map_err(|e| {
             StateError::config(format!(
                 "malformed connection URL {}: {}",
                 redact(trimmed),
                 sanitize_driver_error(&e.to_string())
             ))
         })?;
-        check_target(&pg, trimmed)?;
         let mut ssl = SslSettings::default();
         let mut pgbouncer = false;
+        let mut service = None;
         for (k, v) in params {
             match k.as_str() {
+                "service" => service = Some(v),
                 "pgbouncer" => {
                     pgbouncer = match v.to_ascii_lowercase().as_str() {
                         "true" | "1" | "yes" | "on" => true,
@@ -210,11 +221,66 @@ impl ConnectionSpec {
                 _ => {}
             }
         }
+        for (k, v) in env.settings(service.as_deref())? {
+            fill(&mut pg, &mut ssl, &k, &v)?;
+        }
+        check_target(&pg, trimmed)?;
+        env.apply_passfile(&mut pg);
         adjust(&mut ssl)?;
         let home = std::env::var_os("HOME").map(PathBuf::from);
         ssl.resolve(home.as_deref())?;
         Ok(ConnectionSpec { pg, ssl, pgbouncer })
     }
+}
+
+/// Applies libpq setting `key` = `value` (from a service file or the environment) to a
+/// connection whose string did not give it (`pg`, `ssl`).
+fn fill(
+    pg: &mut tokio_postgres::Config,
+    ssl: &mut SslSettings,
+    key: &str,
+    value: &str,
+) -> StateResult<()> {
+    let bad = || StateError::config(format!("{key} from the libpq environment is not valid"));
+    match key {
+        "host" if pg.get_hosts().is_empty() => {
+            for h in value.split(',').filter(|h| !h.is_empty()) {
+                pg.host(h);
+            }
+        }
+        "port" if pg.get_ports().is_empty() => {
+            for p in value.split(',') {
+                pg.port(p.trim().parse().map_err(|_| bad())?);
+            }
+        }
+        "user" if pg.get_user().is_none() => {
+            pg.user(value);
+        }
+        "password" if pg.get_password().is_none() => {
+            pg.password(value);
+        }
+        "dbname" if pg.get_dbname().is_none() => {
+            pg.dbname(value);
+        }
+        "application_name" if pg.get_application_name().is_none() => {
+            pg.application_name(value);
+        }
+        "connect_timeout" if pg.get_connect_timeout().is_none() => {
+            let secs: u64 = value.trim().parse().map_err(|_| bad())?;
+            if secs > 0 {
+                pg.connect_timeout(Duration::from_secs(secs.max(2)));
+            }
+        }
+        "sslmode" if !ssl.mode_given => {
+            ssl.mode = value.to_ascii_lowercase().parse()?;
+            ssl.mode_given = true;
+        }
+        "sslrootcert" if ssl.root_cert.is_none() => ssl.root_cert = Some(PathBuf::from(value)),
+        "sslcert" if ssl.client_cert.is_none() => ssl.client_cert = Some(PathBuf::from(value)),
+        "sslkey" if ssl.client_key.is_none() => ssl.client_key = Some(PathBuf::from(value)),
+        _ => {}
+    }
+    Ok(())
 }
 
 /// The driver's parse error, without any text taken from the input (an unknown "option" may

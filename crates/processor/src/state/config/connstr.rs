@@ -5,7 +5,8 @@
 use crate::state::error::{StateError, StateResult};
 
 /// The connection-string keys handled here rather than by the driver.
-pub(crate) const OUR_KEYS: [&str; 6] = [
+pub(crate) const OUR_KEYS: [&str; 7] = [
+    "service",
     "sslmode",
     "sslrootcert",
     "sslcert",

@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::state::config::citus_layout::CitusLayout;
 use crate::state::config::connspec::{ConnectionSpec, SslSettings};
 use crate::state::config::connstr::redact;
+use crate::state::config::libpq_env::LibpqEnv;
 use crate::state::config::partition_strategy::PartitionStrategy;
 pub use crate::state::config::settings::{
     IsolationLevel, PostgresPoolConfig, PostgresReplicaConfig, PostgresSslConfig, RetentionPolicy,
@@ -34,6 +35,7 @@ pub struct EnhancedPostgresConfig {
     pub(crate) slow_query_threshold: Duration,
     pub(crate) log_statements: bool,
     pub(crate) schema_changes: bool,
+    pub(crate) libpq_env: bool,
     pub(crate) connect_timeout: Duration,
     pub(crate) statement_timeout: Option<Duration>,
     pub(crate) operation_timeout: Duration,
@@ -64,6 +66,7 @@ impl EnhancedPostgresConfig {
             slow_query_threshold: Duration::from_millis(100),
             log_statements: false,
             schema_changes: true,
+            libpq_env: true,
             connect_timeout: Duration::from_secs(10),
             statement_timeout: None,
             operation_timeout: DEFAULT_OPERATION_TIMEOUT,
@@ -145,6 +148,17 @@ impl EnhancedPostgresConfig {
     /// Queries slower than this are counted as slow and logged at `warn`. Default 100 ms.
     pub fn with_slow_query_threshold(mut self, threshold: Duration) -> Self {
         self.slow_query_threshold = threshold;
+        self
+    }
+
+    /// Whether libpq's environment fills what a connection string leaves unset (the
+    /// default), as `psql` and sqlx do: with the string winning, then a service file's
+    /// section (`service=` or `PGSERVICE`), then `PGHOST`, `PGPORT`, `PGUSER`, `PGPASSWORD`,
+    /// `PGDATABASE`, `PGAPPNAME`, `PGCONNECT_TIMEOUT`, `PGSSLMODE`, `PGSSLROOTCERT`,
+    /// `PGSSLCERT`, `PGSSLKEY`, then the password file (`PGPASSFILE` or `~/.pgpass`, used
+    /// only when not readable by group or others). Off, only the string counts.
+    pub fn with_libpq_environment(mut self, on: bool) -> Self {
+        self.libpq_env = on;
         self
     }
 
@@ -289,7 +303,12 @@ impl EnhancedPostgresConfig {
     /// Checks everything that can be checked without a server.
     /// Parses `url` with this configuration's TLS settings, which override the URL's.
     pub(crate) fn spec(&self, url: &str) -> StateResult<ConnectionSpec> {
-        ConnectionSpec::parse_with(url, |ssl: &mut SslSettings| {
+        let env = if self.libpq_env {
+            LibpqEnv::current()
+        } else {
+            LibpqEnv::default()
+        };
+        ConnectionSpec::parse_with(url, &env, |ssl: &mut SslSettings| {
             if let Some(o) = &self.ssl {
                 ssl.mode = o.mode.parse()?;
                 ssl.mode_given = true;
@@ -430,6 +449,7 @@ impl fmt::Debug for EnhancedPostgresConfig {
             .field("slow_query_threshold", &self.slow_query_threshold)
             .field("log_statements", &self.log_statements)
             .field("schema_changes", &self.schema_changes)
+            .field("libpq_env", &self.libpq_env)
             .field("connect_timeout", &self.connect_timeout)
             .field("statement_timeout", &self.statement_timeout)
             .field("operation_timeout", &self.operation_timeout)

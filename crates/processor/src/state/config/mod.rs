@@ -10,5 +10,6 @@ pub(crate) mod citus_layout;
 pub(crate) mod connspec;
 pub(crate) mod connstr;
 pub(crate) mod enhanced;
+pub(crate) mod libpq_env;
 pub(crate) mod partition_strategy;
 pub(crate) mod settings;

@@ -150,9 +150,10 @@ async fn session_pid(session: &Connected) -> StateResult<i32> {
 
 impl PostgresListener {
     /// Connects to `url` (any URL or keyword string the backend accepts, including `sslmode`,
-    /// `sslrootcert`, `sslcert` and `sslkey`) and listens on `channel`.
+    /// `sslrootcert`, `sslcert` and `sslkey`, with libpq's environment filling what it leaves
+    /// unset, as for the backend) and listens on `channel`.
     pub async fn new(url: &str, channel: &str) -> StateResult<Self> {
-        let spec = ConnectionSpec::parse(url)?;
+        let spec = ConnectionSpec::parse_in_env(url)?;
         if spec.pgbouncer {
             return Err(StateError::config(
                 "LISTEN needs a session that lasts: give the listener a direct URL (or one through \

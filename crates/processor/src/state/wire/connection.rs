@@ -40,6 +40,8 @@ impl Connector {
     ) -> StateResult<Self> {
         let tls = TlsSetup::new(&spec.ssl)?;
         let mut pg = spec.pg.clone();
+        // A connect_timeout of the connection string (or PGCONNECT_TIMEOUT) wins, as in libpq.
+        let connect_timeout = pg.get_connect_timeout().copied().unwrap_or(connect_timeout);
         pg.connect_timeout(connect_timeout);
         // TCP keepalives probe after 5 s of silence every 2 s, and unacknowledged data gives up
         // after 11 s: a dead peer or network ends a connection (pooled or dedicated) within

@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
@@ -13,16 +13,17 @@ use tokio::task::JoinHandle;
 
 use crate::exit::CliError;
 use crate::jsonl::{self, Line};
+use crate::keys;
 use crate::progress;
 use crate::target::Target;
 
 /// Entries written per bulk statement by `import`.
 const IMPORT_CHUNK: usize = 10_000;
 
-/// `pgstate put KEY VALUE [--ttl S] [--metadata JSON]`.
+/// `pgstate put KEY VALUE [--ttl S] [--metadata JSON]`; VALUE `-` reads stdin.
 pub async fn put(
     target: &Target,
-    key: &str,
+    key: &[u8],
     value: &str,
     ttl: Option<f64>,
     metadata: Option<&str>,
@@ -38,50 +39,100 @@ pub async fn put(
                 .map_err(|_| CliError::usage("--ttl is a positive number of seconds"))
         })
         .transpose()?;
+    let value = if value == "-" {
+        let mut bytes = Vec::new();
+        std::io::stdin().lock().read_to_end(&mut bytes)?;
+        bytes
+    } else {
+        value.as_bytes().to_vec()
+    };
     // Checked before connecting: bad input never reaches the server.
-    check_entry(key.as_bytes(), value.as_bytes())?;
+    check_entry(key, &value)?;
     check_metadata(&metadata)?;
     if let Some(ttl) = ttl {
         check_ttl(ttl)?;
     }
     let backend = target.backend().await?;
-    let version = backend
-        .put_entry(key.as_bytes(), value.as_bytes(), metadata, ttl)
-        .await?;
+    let version = backend.put_entry(key, &value, metadata, ttl).await?;
     eprintln!("version {version}");
     Ok(())
 }
 
-/// `pgstate get KEY`: the value on stdout; exit code 1 and nothing on stdout when absent.
-pub async fn get(target: &Target, key: &str) -> Result<(), CliError> {
+/// `pgstate get KEY [--raw]`: the value (and a newline, unless `raw`) on stdout; exit code 1
+/// and nothing on stdout when absent.
+pub async fn get(target: &Target, key: &[u8], raw: bool) -> Result<(), CliError> {
     let backend = target.existing().await?;
-    match backend.get(key.as_bytes()).await? {
+    match backend.get(key).await? {
         Some(value) => {
             let mut out = std::io::stdout().lock();
             out.write_all(&value)?;
-            out.write_all(b"\n")?;
+            if !raw {
+                out.write_all(b"\n")?;
+            }
+            out.flush()?;
             Ok(())
         }
         None => Err(CliError::silent_not_found()),
     }
 }
 
-/// `pgstate delete KEY`.
-pub async fn delete(target: &Target, key: &str) -> Result<(), CliError> {
-    let backend = target.backend().await?;
-    backend.delete(key.as_bytes()).await?;
+/// `pgstate inspect KEY`: the entry, less its value, as one JSON object.
+pub async fn inspect(target: &Target, key: &[u8]) -> Result<(), CliError> {
+    let backend = target.existing().await?;
+    let Some(e) = backend.get_entry(key).await? else {
+        return Err(CliError::silent_not_found());
+    };
+    let now = SystemTime::now();
+    let ms = |t: SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    };
+    let report = serde_json::json!({
+        "key": keys::escape(&e.key),
+        "value_bytes": e.value.len(),
+        "version": e.version,
+        "metadata": e.metadata,
+        "created_at_ms": ms(e.created_at),
+        "updated_at_ms": ms(e.updated_at),
+        "expires_at_ms": e.expires_at.map(ms),
+        "ttl_ms": e.expires_at.map(|t| t.duration_since(now).map_or(0, |d| d.as_millis() as u64)),
+    });
+    println!("{report}");
     Ok(())
 }
 
-/// `pgstate list [PREFIX]`: keys in order, one per line, in bounded memory.
-pub async fn list(target: &Target, prefix: &str) -> Result<(), CliError> {
+/// `pgstate delete KEY`: prints 1 when KEY had a live entry, 0 when it had none.
+pub async fn delete(target: &Target, key: &[u8]) -> Result<(), CliError> {
+    let backend = target.backend().await?;
+    let existed = backend.contains(key).await?;
+    backend.delete(key).await?;
+    println!("{}", u8::from(existed));
+    Ok(())
+}
+
+/// `pgstate list [PREFIX] [--raw] [--limit N]`: keys in order, one per line, escaped for a
+/// terminal unless `raw`, in bounded memory.
+pub async fn list(
+    target: &Target,
+    prefix: &[u8],
+    raw: bool,
+    limit: Option<u64>,
+) -> Result<(), CliError> {
     let backend = target.existing().await?;
-    let keys = backend.scan_keys(prefix.as_bytes());
+    let keys = backend.scan_keys(prefix);
     let mut keys = std::pin::pin!(keys);
     let mut out = BufWriter::new(std::io::stdout().lock());
-    while let Some(key) = keys.next().await {
-        out.write_all(&key?)?;
+    let mut shown = 0u64;
+    while limit.is_none_or(|l| shown < l) {
+        let Some(key) = keys.next().await else { break };
+        let key = key?;
+        if raw {
+            out.write_all(&key)?;
+        } else {
+            out.write_all(keys::escape(&key).as_bytes())?;
+        }
         out.write_all(b"\n")?;
+        shown += 1;
     }
     out.flush()?;
     Ok(())

@@ -16,6 +16,7 @@ mod devstate;
 mod events;
 mod exit;
 mod jsonl;
+mod keys;
 mod progress;
 mod prometheus;
 mod serve;
@@ -75,6 +76,9 @@ pub struct Cli {
     /// Where `pgstate dev` keeps its cluster's state.
     #[arg(long, global = true, env = "PGSTATE_DEV_DIR")]
     dev_dir: Option<PathBuf>,
+    /// Keys and prefixes are given in hex (`0x` optional), for keys that are not text.
+    #[arg(long, global = true)]
+    hex: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -91,9 +95,9 @@ enum Command {
     Demo,
     /// Store VALUE under KEY.
     Put {
-        /// The key (UTF-8).
+        /// The key (UTF-8, or hex with --hex).
         key: String,
-        /// The value (UTF-8).
+        /// The value (UTF-8); `-` reads it from stdin, bytes as they are.
         value: String,
         /// Expire the entry after this many seconds.
         #[arg(long)]
@@ -102,20 +106,36 @@ enum Command {
         #[arg(long)]
         metadata: Option<String>,
     },
-    /// Print KEY's value; exit code 1 and nothing on stdout when it is absent.
+    /// Print KEY's value and a newline; exit code 1 and nothing on stdout when it is absent.
     Get {
         /// The key.
         key: String,
+        /// Write the value's bytes exactly, without a newline.
+        #[arg(long)]
+        raw: bool,
     },
-    /// Delete KEY (no error when it is absent).
+    /// KEY's entry as JSON: value size, version, metadata, times and the TTL left; exit code
+    /// 1 when it is absent.
+    Inspect {
+        /// The key.
+        key: String,
+    },
+    /// Delete KEY; prints 1 if it had a live entry, else 0.
     Delete {
         /// The key.
         key: String,
     },
-    /// Print the live keys starting with PREFIX, in key order, one per line.
+    /// Print the live keys starting with PREFIX, in key order, one per line (bytes a
+    /// terminal would not show escaped as \xNN, a backslash as \\, unless --raw).
     List {
         /// The key prefix (all keys when absent).
         prefix: Option<String>,
+        /// Print the keys' bytes as they are.
+        #[arg(long)]
+        raw: bool,
+        /// At most this many keys.
+        #[arg(long)]
+        limit: Option<u64>,
     },
     /// Load entries from a JSON lines file through the bulk paths (checked whole first).
     Import {
@@ -243,10 +263,19 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             value,
             ttl,
             metadata,
-        } => data::put(&target, &key, &value, ttl, metadata.as_deref()).await,
-        Command::Get { key } => data::get(&target, &key).await,
-        Command::Delete { key } => data::delete(&target, &key).await,
-        Command::List { prefix } => data::list(&target, prefix.as_deref().unwrap_or("")).await,
+        } => {
+            let key = keys::key_bytes(&key, cli.hex)?;
+            data::put(&target, &key, &value, ttl, metadata.as_deref()).await
+        }
+        Command::Get { key, raw } => {
+            data::get(&target, &keys::key_bytes(&key, cli.hex)?, raw).await
+        }
+        Command::Inspect { key } => data::inspect(&target, &keys::key_bytes(&key, cli.hex)?).await,
+        Command::Delete { key } => data::delete(&target, &keys::key_bytes(&key, cli.hex)?).await,
+        Command::List { prefix, raw, limit } => {
+            let prefix = keys::key_bytes(prefix.as_deref().unwrap_or(""), cli.hex)?;
+            data::list(&target, &prefix, raw, limit).await
+        }
         Command::Import { file } => data::import(&target, &file).await,
         Command::Export { file, prefix } => data::export(&target, &file, &prefix).await,
         Command::Migrate { dry_run, action } => admin::migrate(&target, dry_run, action).await,

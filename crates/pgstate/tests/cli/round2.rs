@@ -199,3 +199,67 @@ fn reading_commands_create_nothing_and_migrate_says_what_it_does() {
     expect(&mut pgstate(&schema, &["get", "k"]), 1);
     crate::ok(&mut pgstate(&schema, &["stats"]));
 }
+
+/// redis-cli habits: binary keys by `--hex`, `get --raw` writes the bytes exactly, `list`
+/// escapes what a terminal would not show (unless `--raw`) and takes `--limit`, `put K -`
+/// reads the value from stdin, `inspect` shows an entry's TTL, metadata and version, and
+/// `delete` says whether it removed anything.
+#[test]
+fn binary_keys_raw_values_stdin_inspect_and_delete_counts() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let s = unique("redis");
+    // A binary key and a binary value from stdin.
+    let mut put = pgstate(&s, &["--hex", "put", "0x00ff6b", "-"]);
+    let mut child = put.stdin(Stdio::piped()).spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"\x00\x01raw\n")
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let out = crate::run(&mut pgstate(&s, &["--hex", "get", "00ff6b", "--raw"]));
+    assert_eq!(
+        out.stdout, b"\x00\x01raw\n",
+        "exactly the bytes, no newline added"
+    );
+    crate::ok(&mut pgstate(&s, &["put", "b:1", "x"]));
+    crate::ok(&mut pgstate(&s, &["put", "b:2", "y"]));
+    let listed = expect(&mut pgstate(&s, &["list"]), 0);
+    assert_eq!(listed, "\\x00\\xffk\nb:1\nb:2\n");
+    let raw = crate::run(&mut pgstate(&s, &["list", "--raw"]));
+    assert!(raw.stdout.starts_with(b"\x00\xffk\n"));
+    assert_eq!(
+        expect(&mut pgstate(&s, &["list", "b:", "--limit", "1"]), 0),
+        "b:1\n"
+    );
+    assert_eq!(
+        expect(&mut pgstate(&s, &["--hex", "list", "00"]), 0),
+        "\\x00\\xffk\n"
+    );
+    // inspect: TTL, metadata, version.
+    crate::ok(&mut pgstate(
+        &s,
+        &[
+            "put",
+            "b:1",
+            "z",
+            "--ttl",
+            "600",
+            "--metadata",
+            "{\"src\":\"cli\"}",
+        ],
+    ));
+    let info: serde_json::Value =
+        serde_json::from_str(&expect(&mut pgstate(&s, &["inspect", "b:1"]), 0)).unwrap();
+    assert_eq!(info["version"], 2);
+    assert_eq!(info["metadata"]["src"], "cli");
+    assert_eq!(info["value_bytes"], 1);
+    let ttl = info["ttl_ms"].as_u64().unwrap();
+    assert!(ttl > 500_000 && ttl <= 600_000, "{info}");
+    expect(&mut pgstate(&s, &["inspect", "absent"]), 1);
+    // delete: 1, then 0.
+    assert_eq!(expect(&mut pgstate(&s, &["delete", "b:2"]), 0), "1\n");
+    assert_eq!(expect(&mut pgstate(&s, &["delete", "b:2"]), 0), "0\n");
+}

@@ -108,6 +108,11 @@ pub async fn run(target: &Target, args: BenchArgs) -> Result<(), CliError> {
             ..PostgresPoolConfig::default()
         });
     let backend = target.open(config).await?;
+    eprintln!(
+        "benchmarking on {} (watch it with `pgstate watch --table {}_bench`)",
+        backend.table(),
+        target.table
+    );
     backend.clear().await?;
     let puts = phase(&backend, &args, length, "puts", true).await?;
     let gets = phase(&backend, &args, length, "gets", false).await?;
@@ -127,6 +132,7 @@ pub async fn run(target: &Target, args: BenchArgs) -> Result<(), CliError> {
         json!({ "p50": p50, "p95": p95, "p99": p99 })
     };
     let report = json!({
+        "table": backend.table(),
         "tasks": args.tasks,
         "seconds": secs,
         "keys": args.keys,

@@ -2,6 +2,7 @@
 //! every client (from the server's counters), rows, this view's own probe latencies and pool,
 //! replicas with their roles and lag, advisory locks and leaders. `q`, Esc or Ctrl-C quits.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use processor::state::{
@@ -22,11 +23,35 @@ use crate::target::Target;
 /// Probe reads per refresh (their latencies are the view's own).
 const PROBES: usize = 5;
 
+/// The refreshes the rates are averaged over (one a second): the server's table counters
+/// move in steps (each session flushes its counts about once a second), so one second's
+/// difference jumps while the load is steady.
+const WINDOW: usize = 5;
+
+/// Per second over `window` (oldest first; the newest last): (inserts, updates, deletes,
+/// index scans); zeros with fewer than two samples.
+fn rates(window: &VecDeque<(Instant, TableActivity)>) -> (f64, f64, f64, f64) {
+    let (Some((t0, a0)), Some((t1, a1))) = (window.front(), window.back()) else {
+        return (0.0, 0.0, 0.0, 0.0);
+    };
+    let secs = t1.duration_since(*t0).as_secs_f64();
+    if secs <= 0.0 {
+        return (0.0, 0.0, 0.0, 0.0);
+    }
+    let rate = |now: u64, then: u64| now.saturating_sub(then) as f64 / secs;
+    (
+        rate(a1.rows_inserted, a0.rows_inserted),
+        rate(a1.rows_updated, a0.rows_updated),
+        rate(a1.rows_deleted, a0.rows_deleted),
+        rate(a1.index_scans, a0.index_scans),
+    )
+}
+
 /// What one refresh shows.
 struct Snapshot {
-    at: Instant,
     activity: TableActivity,
-    /// Per second since the previous refresh: (inserts, updates, deletes, index scans).
+    /// Per second over the last [`WINDOW`] of refreshes: (inserts, updates, deletes, index
+    /// scans).
     rates: (f64, f64, f64, f64),
     probes: u64,
     latency: (u64, u64, u64),
@@ -41,6 +66,7 @@ async fn refresh(
     backend: &EnhancedPostgresBackend,
     leaders: &[String],
     last: Option<&Snapshot>,
+    window: &mut VecDeque<(Instant, TableActivity)>,
 ) -> Snapshot {
     let at = Instant::now();
     let mut error = None;
@@ -53,19 +79,11 @@ async fn refresh(
         error = Some(e.to_string());
         last.map(|l| l.activity.clone()).unwrap_or_default()
     });
-    let rates = match last {
-        Some(l) => {
-            let secs = at.duration_since(l.at).as_secs_f64().max(0.001);
-            let rate = |now: u64, then: u64| now.saturating_sub(then) as f64 / secs;
-            (
-                rate(activity.rows_inserted, l.activity.rows_inserted),
-                rate(activity.rows_updated, l.activity.rows_updated),
-                rate(activity.rows_deleted, l.activity.rows_deleted),
-                rate(activity.index_scans, l.activity.index_scans),
-            )
-        }
-        None => (0.0, 0.0, 0.0, 0.0),
-    };
+    window.push_back((at, activity.clone()));
+    while window.len() > WINDOW + 1 {
+        window.pop_front();
+    }
+    let rates = rates(window);
     let stats = backend.get_stats();
     let latency = stats
         .latencies
@@ -84,7 +102,6 @@ async fn refresh(
         ));
     }
     Snapshot {
-        at,
         activity,
         rates,
         probes: stats.get_count,
@@ -119,7 +136,10 @@ fn draw(frame: &mut Frame, title: &str, s: &Snapshot) {
     let (ins, upd, del, scans) = s.rates;
     frame.render_widget(
         Paragraph::new(vec![
-            Line::from(format!("writes/s   {:>10.0}", ins + upd + del)),
+            Line::from(format!(
+                "writes/s   {:>10.0}   ({WINDOW} s average)",
+                ins + upd + del
+            )),
             Line::from(format!("  inserted {ins:>10.0}   updated {upd:>8.0}")),
             Line::from(format!("  deleted  {del:>10.0}")),
             Line::from(format!("reads/s    {scans:>10.0}   (index scans)")),
@@ -270,6 +290,7 @@ pub async fn run(target: &Target, leaders: Vec<String>) -> Result<(), CliError> 
         .map_err(|e| CliError::failed(format!("cannot use this terminal: {e}")))?;
     let mut quit = spawn_keys();
     let mut last: Option<Snapshot> = None;
+    let mut window = VecDeque::new();
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     let result = loop {
         tokio::select! {
@@ -279,7 +300,7 @@ pub async fn run(target: &Target, leaders: Vec<String>) -> Result<(), CliError> 
         // A refresh against a frozen server may take until the operation timeout: q still
         // quits at once.
         let snapshot = tokio::select! {
-            s = refresh(&backend, &leaders, last.as_ref()) => s,
+            s = refresh(&backend, &leaders, last.as_ref(), &mut window) => s,
             _ = quit.recv() => break Ok(()),
         };
         if let Err(e) = terminal.draw(|f| draw(f, &title, &snapshot)) {
@@ -289,4 +310,26 @@ pub async fn run(target: &Target, leaders: Vec<String>) -> Result<(), CliError> 
     };
     ratatui::restore();
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counters that move in steps give a steady rate over the window.
+    #[test]
+    fn rates_are_averaged_over_the_window() {
+        let start = Instant::now();
+        let mut window = VecDeque::new();
+        for (i, inserted) in [0u64, 0, 200, 200, 400, 400].into_iter().enumerate() {
+            let activity = TableActivity {
+                rows_inserted: inserted,
+                ..TableActivity::default()
+            };
+            window.push_back((start + Duration::from_secs(i as u64), activity));
+        }
+        let (ins, upd, _, _) = rates(&window);
+        assert_eq!((ins, upd), (80.0, 0.0));
+        assert_eq!(rates(&VecDeque::new()), (0.0, 0.0, 0.0, 0.0));
+    }
 }

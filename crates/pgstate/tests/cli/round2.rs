@@ -47,6 +47,9 @@ fn bench_reads_the_primary_unless_told_to_read_replicas() {
         primary["get_latency_us"]["p99"].as_u64().is_some(),
         "{primary}"
     );
+    // It says which table it writes (the one to watch).
+    let table = primary["table"].as_str().unwrap();
+    assert!(table.ends_with("\"state_entries_bench\""), "{table}");
 }
 
 /// An import line with a field the format does not have is refused, naming the line and the

@@ -167,10 +167,22 @@ fn metrics_listen_serves_prometheus_text_over_http() {
     };
     assert!(!body.contains(PASSWORD));
     let all = samples(&body);
+    // pgstate's own names, and OpenTelemetry's duration under Prometheus' rules for names.
     assert!(
-        all.iter().all(|(n, _, _)| n.starts_with("pgstate_")),
+        all.iter()
+            .all(|(n, _, _)| n.starts_with("pgstate_")
+                || n.starts_with("db_client_operation_duration")),
         "{body}"
     );
+    // Durations are histograms with buckets, so Prometheus can compute percentiles.
+    if body.contains("pgstate_operation_duration_seconds") {
+        assert!(
+            body.contains("# TYPE pgstate_operation_duration_seconds histogram")
+                && body.contains("pgstate_operation_duration_seconds_bucket{")
+                && body.contains("le=\"+Inf\""),
+            "{body}"
+        );
+    }
     let find = |name: &str, labels: &[&str]| {
         all.iter()
             .find(|(n, l, _)| n == name && labels.iter().all(|x| l.contains(x)))

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use processor::state::{EnhancedPostgresBackend, EnhancedPostgresConfig, StateBackend};
+use processor::state::{
+    EnhancedPostgresBackend, EnhancedPostgresConfig, IsolationLevel, StateBackend,
+};
 
 use crate::capture::{recorder, Capture, Captured};
 use crate::support;
@@ -34,6 +36,24 @@ async fn every_operation_has_a_span_with_database_attributes_and_never_a_value()
         .unwrap_err();
     assert_eq!(refused.kind(), processor::state::ErrorKind::Conflict);
     tx.rollback().await.unwrap();
+    // A statement the server refuses: its SQLSTATE on the span (a concurrent update under
+    // REPEATABLE READ, 40001).
+    b.put(b"span-key-5c20", b"0").await.unwrap();
+    let mut t1 = b
+        .begin_transaction(IsolationLevel::RepeatableRead)
+        .await
+        .unwrap();
+    let mut t2 = b
+        .begin_transaction(IsolationLevel::RepeatableRead)
+        .await
+        .unwrap();
+    t1.get(b"span-key-5c20").await.unwrap();
+    t2.get(b"span-key-5c20").await.unwrap();
+    t1.put(b"span-key-5c20", b"1").await.unwrap();
+    t1.commit().await.unwrap();
+    let refused = t2.put(b"span-key-5c20", b"2").await.unwrap_err();
+    assert_eq!(refused.sqlstate(), Some("40001"), "{refused}");
+    drop(t2);
 
     let ops: Vec<Captured> = capture
         .spans()
@@ -50,7 +70,8 @@ async fn every_operation_has_a_span_with_database_attributes_and_never_a_value()
         let spans = named(op);
         assert!(!spans.is_empty(), "no span for {op}: {ops:#?}");
         for s in spans {
-            assert_eq!(s.field("db.system"), Some("postgresql"), "{s:?}");
+            assert_eq!(s.field("db.system.name"), Some("postgresql"), "{s:?}");
+            assert_eq!(s.field("db.namespace"), table.split('.').next(), "{s:?}");
             assert_eq!(s.field("db.collection.name"), Some(table.as_str()), "{s:?}");
             assert_eq!(s.field("otel.kind"), Some("client"), "{s:?}");
         }
@@ -59,14 +80,20 @@ async fn every_operation_has_a_span_with_database_attributes_and_never_a_value()
     assert!(named("upsert").len() >= 2, "{ops:#?}");
     let failed: Vec<&Captured> = ops
         .iter()
-        .filter(|s| s.field("error.type").is_some())
+        .filter(|s| s.field("error.type") == Some("conflict"))
         .collect();
     assert_eq!(failed.len(), 2, "{ops:#?}");
     for f in failed {
         assert_eq!(f.field("db.operation.name"), Some("put_with_version"));
         assert_eq!(f.field("error.type"), Some("conflict"));
     }
-    capture.assert_never_shows(&["5c1e", "5c1f", pgstate_testcluster::PASSWORD]);
+    assert!(
+        ops.iter()
+            .any(|s| s.field("db.response.status_code") == Some("40001")
+                && s.field("error.type") == Some("transaction")),
+        "{ops:#?}"
+    );
+    capture.assert_never_shows(&["5c1e", "5c1f", "5c20", pgstate_testcluster::PASSWORD]);
 }
 
 /// An operation over the threshold is counted and logged at `warn` with its statement's name
@@ -215,6 +242,18 @@ async fn an_installed_recorder_sees_the_pgstate_metrics_move() {
         rec.samples(
             "pgstate_operation_duration_seconds",
             &[("table", t), ("operation", "put")]
+        ),
+        6
+    );
+    // The same under OpenTelemetry's stable name and attributes.
+    assert_eq!(
+        rec.samples(
+            "db.client.operation.duration",
+            &[
+                ("db.collection.name", t),
+                ("db.operation.name", "put"),
+                ("db.system.name", "postgresql")
+            ]
         ),
         6
     );

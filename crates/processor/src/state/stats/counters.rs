@@ -46,7 +46,12 @@ fn kind_index(kind: ErrorKind) -> usize {
 
 /// The error kind of an operation's result, if it failed.
 pub(crate) fn failure<T>(result: &Result<T, StateError>) -> Option<ErrorKind> {
-    result.as_ref().err().map(StateError::kind)
+    let e = result.as_ref().err()?;
+    if let Some(code) = e.sqlstate() {
+        // OpenTelemetry's `db.response.status_code`: the SQLSTATE, on the operation's span.
+        tracing::Span::current().record("db.response.status_code", code);
+    }
+    Some(e.kind())
 }
 
 /// Live counters, shared by every handle of a backend.
@@ -239,6 +244,7 @@ impl Stats {
         self.max_query_us.fetch_max(us, Relaxed);
         self.latency[i].record(us);
         self.published.durations[i].record(elapsed.as_secs_f64());
+        self.published.otel_durations[i].record(elapsed.as_secs_f64());
         if self.log_statements {
             tracing::info!(
                 target: "pgstate::statements",

@@ -19,6 +19,9 @@ pub(crate) mod names {
     pub const OPERATIONS: &str = "pgstate_operations_total";
     /// Operation durations in seconds, by kind, from after the connection was acquired.
     pub const DURATION: &str = "pgstate_operation_duration_seconds";
+    /// OpenTelemetry's stable name for operation durations, in seconds (`db.system.name`,
+    /// `db.collection.name`, `db.operation.name`: the operation's kind).
+    pub const OTEL_DURATION: &str = "db.client.operation.duration";
     /// Operations at or over the slow-operation threshold, by kind.
     pub const SLOW: &str = "pgstate_slow_operations_total";
     /// Failed operations, by error kind (`kind`).
@@ -56,6 +59,8 @@ pub(crate) const TX_EVENTS: [&str; 6] = [
 pub(crate) struct Published {
     pub operations: [Counter; 9],
     pub durations: [Histogram; 9],
+    /// The same durations under OpenTelemetry's stable name and attributes.
+    pub otel_durations: [Histogram; 9],
     pub slow: [Counter; 9],
     pub errors: Vec<Counter>,
     pub batch_rows: Counter,
@@ -86,6 +91,14 @@ impl Published {
             durations: Kind::ALL.map(|k| {
                 metrics::histogram!(names::DURATION, "table" => table.clone(), "operation" => k.name())
             }),
+            otel_durations: Kind::ALL.map(|k| {
+                metrics::histogram!(
+                    names::OTEL_DURATION,
+                    "db.system.name" => "postgresql",
+                    "db.collection.name" => table.clone(),
+                    "db.operation.name" => k.name()
+                )
+            }),
             slow: by_kind(names::SLOW),
             errors: kinds
                 .iter()
@@ -115,6 +128,11 @@ fn describe() {
         DURATION,
         Unit::Seconds,
         "Operation durations, from after the connection was acquired"
+    );
+    metrics::describe_histogram!(
+        OTEL_DURATION,
+        Unit::Seconds,
+        "Duration of database client operations (OpenTelemetry semantic conventions)"
     );
     metrics::describe_counter!(SLOW, "Operations at or over the slow-operation threshold");
     metrics::describe_counter!(ERRORS, "Failed operations, by error kind");

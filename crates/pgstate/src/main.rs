@@ -74,7 +74,7 @@ pub struct Cli {
     #[arg(long, global = true)]
     read_replicas: bool,
     /// Where `pgstate dev` keeps its cluster's state.
-    #[arg(long, global = true, env = "PGSTATE_DEV_DIR")]
+    #[arg(long, global = true, env = "PGSTATE_DEV_DIR", hide_env_values = true)]
     dev_dir: Option<PathBuf>,
     /// Keys and prefixes are given in hex (`0x` optional), for keys that are not text.
     #[arg(long, global = true)]
@@ -100,7 +100,7 @@ enum Command {
         /// The value (UTF-8); `-` reads it from stdin, bytes as they are.
         value: String,
         /// Expire the entry after this many seconds.
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true)]
         ttl: Option<f64>,
         /// A JSON object stored as the entry's metadata.
         #[arg(long)]

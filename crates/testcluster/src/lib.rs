@@ -330,6 +330,9 @@ impl Cluster {
         let data = self.dir.join(format!("node{i}"));
         let pwfile = self.dir.join("pwfile");
         fs::write(&pwfile, &self.password).map_err(|e| Error(e.to_string()))?;
+        // Its owner's only, like every file that holds the password.
+        fs::set_permissions(&pwfile, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(|e| Error(e.to_string()))?;
         self.chown(&pwfile)?;
         let local_auth = if opts.private {
             "--auth-local=scram-sha-256"

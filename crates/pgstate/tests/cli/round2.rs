@@ -266,3 +266,44 @@ fn binary_keys_raw_values_stdin_inspect_and_delete_counts() {
     assert_eq!(expect(&mut pgstate(&s, &["delete", "b:2"]), 0), "1\n");
     assert_eq!(expect(&mut pgstate(&s, &["delete", "b:2"]), 0), "0\n");
 }
+
+/// Small things: a negative --ttl is refused as a value, a URL with another scheme says so,
+/// sslmodes are spelled as libpq spells them, help shows no environment values, and one
+/// imported entry is "1 entry".
+#[test]
+fn small_things_read_right() {
+    let s = unique("small");
+    let out = crate::run(&mut pgstate(&s, &["put", "k", "v", "--ttl", "-5"]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--ttl"),
+        "{out:?}"
+    );
+    let out = crate::run(bare().args(["--url", "http://localhost/x", "get", "k"]));
+    assert_eq!(out.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("postgresql://"), "{stderr}");
+    let out = crate::run(bare().args([
+        "--url",
+        "postgresql://u@127.0.0.1:1/db?sslmode=verify-full",
+        "get",
+        "k",
+    ]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("sslmode verify-full"), "{stderr}");
+    let help = expect(
+        bare()
+            .env("PGSTATE_DEV_DIR", "/tmp/somewhere")
+            .arg("--help"),
+        0,
+    );
+    assert!(!help.contains("/tmp/somewhere"), "{help}");
+    let dir = crate::scratch("small");
+    let file = dir.join("one.jsonl");
+    std::fs::write(&file, "{\"key\":\"a\",\"value\":\"1\"}\n").unwrap();
+    let out = crate::run(&mut pgstate(&s, &["import", file.to_str().unwrap()]));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("imported 1 entry into"),
+        "{out:?}"
+    );
+}

@@ -29,6 +29,26 @@ pub enum SslMode {
     VerifyFull,
 }
 
+impl SslMode {
+    /// libpq's name of the mode (`verify-full`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Allow => "allow",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
+impl std::fmt::Display for SslMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl FromStr for SslMode {
     type Err = StateError;
 
@@ -111,7 +131,7 @@ impl SslSettings {
                 self.mode = SslMode::VerifyFull;
             } else if self.mode != SslMode::VerifyFull {
                 return Err(StateError::config(format!(
-                    "sslmode {:?} may not be used with sslrootcert=system: use verify-full (the \
+                    "sslmode {} may not be used with sslrootcert=system: use verify-full (the \
                      operating system's trust store is for checking a server's name too)",
                     self.mode
                 )));
@@ -126,7 +146,7 @@ impl SslSettings {
         if matches!(self.mode, SslMode::VerifyCa | SslMode::VerifyFull) && self.root_cert.is_none()
         {
             return Err(StateError::config(format!(
-                "sslmode {:?} needs a root certificate (sslrootcert / root_cert_path, \
+                "sslmode {} needs a root certificate (sslrootcert / root_cert_path, \
                  sslrootcert=system for the operating system's store, or ~/.postgresql/root.crt)",
                 self.mode
             )));
@@ -180,6 +200,13 @@ impl ConnectionSpec {
         } else {
             trimmed
         };
+        if !is_url(trimmed) && trimmed.contains("://") {
+            // Not shown: it may hold a password.
+            return Err(StateError::config(
+                "the connection URL's scheme must be postgresql:// or postgres:// (or give a \
+                 libpq keyword string such as \"host=... user=...\")",
+            ));
+        }
         let (rest, params) = if is_url(trimmed) {
             split_url_params(trimmed)?
         } else {

@@ -42,7 +42,9 @@ Exit codes:
      a dev cluster server that does not answer (`dev status`)
   4  any other failure (the message on stderr says what)
 
-The server: --url, else $DATABASE_URL, else the cluster `pgstate dev up` keeps running.
+The server: --url, else $DATABASE_URL, else libpq's environment (PGHOST or PGSERVICE; the
+other PG* variables, service files and ~/.pgpass fill what any URL leaves unset), else the
+cluster `pgstate dev up` keeps running.
 Passwords are never printed: URLs are shown with the password replaced by ***.";
 
 /// Look at and operate a pgstate state backend in PostgreSQL.

@@ -342,6 +342,8 @@ fn watch_shows_moving_figures_in_a_real_terminal() {
     });
     assert!(figure(&moving, "probe reads").unwrap() > probes, "{moving}");
     assert!(moving.contains("leader cli-watch: none"), "{moving}");
+    // The rates say what they sample.
+    assert!(moving.contains("(5 s average)"), "{moving}");
     writer.abort();
     tmux(&session, &["send-keys", "-t", &session, "q"]);
     let deadline = Instant::now() + Duration::from_secs(10);

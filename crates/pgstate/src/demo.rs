@@ -114,7 +114,10 @@ async fn tour(url: &str, replica_urls: Vec<String>) -> Result<(), CliError> {
         "Replication: read/write splitting, lag, read-your-writes",
     );
     if replica_urls.is_empty() {
-        println!("  (no replicas with --url: reads go to the primary)");
+        println!(
+            "  (no replica URLs given with --replica: this backend reads from the primary; the \
+             server may still stream to replicas, see section 7)"
+        );
     } else {
         let reader = backend.new_session();
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -284,7 +287,7 @@ async fn tour(url: &str, replica_urls: Vec<String>) -> Result<(), CliError> {
     section(7, "High availability: replication status, CHECKPOINT");
     let status = backend.check_replication_status().await?;
     println!(
-        "  writes go to {} (a replica: {}), {} streaming replica(s), largest lag {} ms",
+        "  writes go to {} (a replica: {}); the server streams to {} replica(s), largest lag {} ms",
         status.primary.as_deref().unwrap_or("?"),
         status.is_replica,
         status.connected_replicas,
@@ -298,7 +301,7 @@ async fn tour(url: &str, replica_urls: Vec<String>) -> Result<(), CliError> {
     section(8, "Observability: statistics, latencies, pool");
     let stats = backend.get_stats();
     println!(
-        "  {} gets, {} puts, {} statements, avg {:.3} ms, {} slow (over 100 ms), {} errors (the refused stale write)",
+        "  {} gets, {} entries written (puts and batch rows), {} statements, avg {:.3} ms, {} slow (over 100 ms), {} errors (the refused stale write)",
         stats.get_count,
         stats.put_count,
         stats.query_count,
@@ -308,7 +311,7 @@ async fn tour(url: &str, replica_urls: Vec<String>) -> Result<(), CliError> {
     );
     for l in &stats.latencies {
         println!(
-            "  {:10} {:>6} ops   p50 {:.2} ms   p99 {:.2} ms",
+            "  {:10} {:>6} calls  p50 {:.2} ms   p99 {:.2} ms",
             l.operation,
             l.count,
             l.p50_us as f64 / 1000.0,

@@ -96,6 +96,10 @@ enum Command {
     /// starts and stops itself.
     Demo,
     /// Store VALUE under KEY.
+    #[command(after_help = "Examples:
+  pgstate put user:1 alice
+  pgstate put session:9 token --ttl 3600 --metadata '{\"user\": 1}'
+  pgstate --hex put 0x00ff6b - < value.bin")]
     Put {
         /// The key (UTF-8, or hex with --hex).
         key: String,
@@ -109,6 +113,10 @@ enum Command {
         metadata: Option<String>,
     },
     /// Print KEY's value and a newline; exit code 1 and nothing on stdout when it is absent.
+    #[command(after_help = "Examples:
+  pgstate get user:1
+  pgstate get blob:7 --raw > blob.bin
+  pgstate --hex get 0x00ff6b")]
     Get {
         /// The key.
         key: String,
@@ -127,6 +135,9 @@ enum Command {
         /// The key.
         key: String,
     },
+    #[command(after_help = "Examples:
+  pgstate list user: --limit 20
+  pgstate list --raw | xxd")]
     /// Print the live keys starting with PREFIX, in key order, one per line (bytes a
     /// terminal would not show escaped as \xNN, a backslash as \\, unless --raw).
     List {
@@ -140,6 +151,10 @@ enum Command {
         limit: Option<u64>,
     },
     /// Load entries from a JSON lines file through the bulk paths (checked whole first).
+    #[command(after_help = "Example:
+  pgstate export - --prefix user: | pgstate --schema copy import /dev/stdin
+Each line: {\"key\": \"...\", \"value\": \"...\", \"metadata\": {...}, \"ttl_ms\": N}
+(key_hex / value_hex for bytes that are not UTF-8).")]
     Import {
         /// The file: one object per line, as `export` writes them.
         file: PathBuf,
@@ -153,6 +168,10 @@ enum Command {
         prefix: String,
     },
     /// Create or upgrade the schema (the embedded migrations) and say what it applied.
+    #[command(after_help = "Examples:
+  pgstate migrate info
+  pgstate migrate --dry-run
+  pgstate --schema app migrate")]
     Migrate {
         /// Say what would be applied, and apply nothing.
         #[arg(long)]

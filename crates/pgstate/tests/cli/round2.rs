@@ -298,6 +298,10 @@ fn small_things_read_right() {
         0,
     );
     assert!(!help.contains("/tmp/somewhere"), "{help}");
+    for command in ["put", "get", "list", "import", "migrate"] {
+        let help = expect(bare().args([command, "--help"]), 0);
+        assert!(help.contains("Example"), "{command}: {help}");
+    }
     let dir = crate::scratch("small");
     let file = dir.join("one.jsonl");
     std::fs::write(&file, "{\"key\":\"a\",\"value\":\"1\"}\n").unwrap();
@@ -306,4 +310,28 @@ fn small_things_read_right() {
         String::from_utf8_lossy(&out.stderr).contains("imported 1 entry into"),
         "{out:?}"
     );
+}
+
+/// The demo against a given server tells one story: without --replica its backend reads from
+/// the primary while the server streams to its replicas, and the counts say what they count.
+#[test]
+fn the_demo_with_a_url_does_not_contradict_itself() {
+    let stdout = expect(
+        bare().args(["--url", &url(), "--schema", &unique("demo"), "demo"]),
+        0,
+    );
+    assert!(
+        stdout.contains("no replica URLs given with --replica"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("the server streams to 2 replica(s)"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("no replicas with --url"), "{stdout}");
+    assert!(
+        stdout.contains("entries written (puts and batch rows)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains(" calls  p50 "), "{stdout}");
 }

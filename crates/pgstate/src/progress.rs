@@ -7,22 +7,31 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-/// How often a line is printed when stderr is not a terminal.
+/// How often a line is printed when stderr is not a terminal (`$PGSTATE_PROGRESS_MS` in
+/// milliseconds overrides it).
 const LINE_EVERY: Duration = Duration::from_secs(5);
+
+fn line_every() -> Duration {
+    std::env::var("PGSTATE_PROGRESS_MS")
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+        .map_or(LINE_EVERY, Duration::from_millis)
+}
 
 /// Progress of one piece of work.
 pub struct Progress {
     bar: ProgressBar,
     what: String,
     total: Option<u64>,
-    /// When stderr is not a terminal: when the last line was printed.
-    lines: Option<Mutex<Instant>>,
+    /// When stderr is not a terminal: when the last line was printed, and how often.
+    lines: Option<(Mutex<Instant>, Duration)>,
 }
 
 impl Progress {
     fn new(bar: ProgressBar, what: &str, total: Option<u64>) -> Self {
         bar.set_message(what.to_string());
-        let lines = (!std::io::stderr().is_terminal()).then(|| Mutex::new(Instant::now()));
+        let lines =
+            (!std::io::stderr().is_terminal()).then(|| (Mutex::new(Instant::now()), line_every()));
         Progress {
             bar,
             what: what.to_string(),
@@ -34,9 +43,11 @@ impl Progress {
     /// `n` steps done.
     pub fn set_position(&self, n: u64) {
         self.bar.set_position(n);
-        let Some(last) = &self.lines else { return };
+        let Some((last, every)) = &self.lines else {
+            return;
+        };
         let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
-        if last.elapsed() >= LINE_EVERY {
+        if last.elapsed() >= *every {
             *last = Instant::now();
             match self.total {
                 Some(total) => eprintln!("{}: {n} of {total}", self.what),

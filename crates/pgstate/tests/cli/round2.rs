@@ -310,6 +310,20 @@ fn small_things_read_right() {
         String::from_utf8_lossy(&out.stderr).contains("imported 1 entry into"),
         "{out:?}"
     );
+    // Progress lines when stderr is not a terminal (every 1 ms here: one per chunk).
+    let many = dir.join("many.jsonl");
+    let lines: String = (0..25_000)
+        .map(|i| format!("{{\"key\":\"p:{i}\",\"value\":\"v\"}}\n"))
+        .collect();
+    std::fs::write(&many, lines).unwrap();
+    let out = crate::run(
+        pgstate(&s, &["import", many.to_str().unwrap()]).env("PGSTATE_PROGRESS_MS", "1"),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("importing: ") && stderr.contains(" of 25000"),
+        "{stderr}"
+    );
 }
 
 /// The demo against a given server tells one story: without --replica its backend reads from

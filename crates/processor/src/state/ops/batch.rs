@@ -77,7 +77,7 @@ impl PgConn {
     /// Runs `body` in a transaction of its own: `BEGIN`, then `COMMIT` if it succeeded, else
     /// `ROLLBACK`. Only on a connection held exclusively (a checkout, never a shared lane):
     /// if this future is dropped midway, the checkout discards the connection.
-    async fn in_transaction<T>(
+    pub(crate) async fn in_transaction<T>(
         &self,
         body: impl Future<Output = StateResult<T>>,
     ) -> StateResult<T> {

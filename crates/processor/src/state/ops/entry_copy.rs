@@ -110,23 +110,12 @@ impl PgConn {
             "CREATE TEMP TABLE IF NOT EXISTS pgstate_copy_entries (key bytea NOT NULL, \
              value bytea NOT NULL, metadata jsonb NOT NULL, ttl_us bigint) ON COMMIT DELETE ROWS"
         };
-        self.client.batch_execute("BEGIN").await?;
-        let body = async {
+        self.in_transaction(async {
             self.client.batch_execute(stage).await?;
             self.stream_entries(entries).await?;
-            Ok::<u64, StateError>(self.execute_cached(merge.as_str(), &[]).await?)
-        };
-        match body.await {
-            Ok(n) => {
-                self.client.batch_execute("COMMIT").await?;
-                Ok(n)
-            }
-            Err(e) => {
-                // A failed ROLLBACK means the connection is gone (and with it the transaction).
-                let _ = self.client.batch_execute("ROLLBACK").await;
-                Err(e)
-            }
-        }
+            Ok(self.execute_cached(merge.as_str(), &[]).await?)
+        })
+        .await
     }
 
     /// Streams `entries` in PostgreSQL's binary COPY format, about [`SEND_BYTES`] a send.

@@ -121,8 +121,15 @@ pub async fn migrate(
         }
         return Ok(());
     }
-    let backend = target.open(config).await?;
-    for m in &before.pending {
+    let backend = target.open(config.clone()).await?;
+    // Pending before, recorded now: applied by this run (or, at the same moment, by another
+    // instance; migrations run under one lock, so each is applied once).
+    let after = EnhancedPostgresBackend::migration_status(&config).await?;
+    let applied = before
+        .pending
+        .iter()
+        .filter(|m| after.applied.iter().any(|a| a.version == m.version));
+    for m in applied {
         println!("applied {:03} {}", m.version, m.name);
     }
     let last = MIGRATIONS.last().map_or("none", |m| m.name);

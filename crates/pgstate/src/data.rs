@@ -3,6 +3,7 @@
 use std::collections::HashSet;
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
@@ -249,6 +250,10 @@ async fn finished(job: Job) -> Result<u64, CliError> {
 /// ends with its last line). Not one transaction: a failure part way leaves some chunks
 /// written; importing again is safe (a key ends with its last value).
 pub async fn import(target: &Target, path: &Path) -> Result<(), CliError> {
+    // The file is read twice (checked whole, then loaded): a pipe or stdin (`-`) is copied
+    // to a private temporary file first.
+    let spooled = spool(path)?;
+    let path = spooled.as_ref().map_or(path, |s| s.0.as_path());
     let total = check_file(path)?;
     let backend = target.backend().await?;
     let bar = progress::bar(total, "importing");
@@ -272,8 +277,45 @@ pub async fn import(target: &Target, path: &Path) -> Result<(), CliError> {
     Ok(())
 }
 
+/// A temporary copy of a file that cannot be read twice, removed when dropped.
+struct Spooled(std::path::PathBuf);
+
+impl Drop for Spooled {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A private copy of `path` when it is stdin (`-`) or not a regular file (a pipe).
+fn spool(path: &Path) -> Result<Option<Spooled>, CliError> {
+    let stdin = path == Path::new("-");
+    if !stdin && std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+        return Ok(None);
+    }
+    let copy = Spooled(std::env::temp_dir().join(format!(
+        "pgstate-import-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    )));
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&copy.0)?;
+    if stdin {
+        std::io::copy(&mut std::io::stdin().lock(), &mut out)?;
+    } else {
+        let mut input = File::open(path)
+            .map_err(|e| CliError::usage(format!("cannot open {}: {e}", path.display())))?;
+        std::io::copy(&mut input, &mut out)?;
+    }
+    Ok(Some(copy))
+}
+
 /// `pgstate export FILE [--prefix P]`: the live entries in key order, scanned page by page.
-pub async fn export(target: &Target, path: &Path, prefix: &str) -> Result<(), CliError> {
+pub async fn export(target: &Target, path: &Path, prefix: &[u8]) -> Result<(), CliError> {
     let backend = target.existing().await?;
     let bar = if prefix.is_empty() {
         progress::bar(backend.count().await? as u64, "exporting")
@@ -287,7 +329,7 @@ pub async fn export(target: &Target, path: &Path, prefix: &str) -> Result<(), Cl
             .map_err(|e| CliError::usage(format!("cannot create {}: {e}", path.display())))?;
         Box::new(BufWriter::new(file))
     };
-    let entries = backend.scan(prefix.as_bytes());
+    let entries = backend.scan(prefix);
     let mut entries = std::pin::pin!(entries);
     let mut written = 0u64;
     while let Some(entry) = entries.next().await {

@@ -10,6 +10,9 @@ pub fn key_bytes(text: &str, hex: bool) -> Result<Vec<u8>, CliError> {
         return Ok(text.as_bytes().to_vec());
     }
     let digits = text.strip_prefix("0x").unwrap_or(text);
+    if !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(CliError::usage(format!("--hex: {text:?} is not hex")));
+    }
     if digits.len() % 2 != 0 {
         return Err(CliError::usage(format!(
             "--hex: {text:?} has an odd number of hex digits"
@@ -61,6 +64,7 @@ mod tests {
         assert_eq!(key_bytes("0x00ff", false).unwrap(), b"0x00ff");
         assert!(key_bytes("0xfff", true).is_err());
         assert!(key_bytes("zz", true).is_err());
+        assert!(key_bytes("+f+f", true).is_err());
         let mut bytes = b"a\0b\\c\xff".to_vec();
         bytes.extend("é\n".as_bytes());
         assert_eq!(escape(&bytes), "a\\x00b\\\\c\\xffé\\x0a");

@@ -36,7 +36,8 @@ const AFTER_HELP: &str = "\
 Exit codes:
   0  success (also when a reader of the output, e.g. `head`, closed the pipe early)
   1  not found: `get` of an absent key (nothing on stdout), a checkpoint id that does not
-     exist, nobody leading (`leader status`), no dev cluster (`dev status`)
+     exist, nobody leading (`leader status`), no dev cluster (`dev status`), a state table
+     that does not exist for a command that only reads
   2  bad usage or invalid input (nothing was written; `import` names the bad line)
   3  cannot reach or use the server: connection, TLS, configuration, permission, timeout;
      a dev cluster server that does not answer (`dev status`)
@@ -51,8 +52,8 @@ Passwords are never printed: URLs are shown with the password replaced by ***.";
 #[derive(Parser, Debug)]
 #[command(name = "pgstate", version, about, after_help = AFTER_HELP)]
 pub struct Cli {
-    /// The server's URL (or libpq keyword string). Default: $DATABASE_URL, else the cluster
-    /// `pgstate dev up` keeps running.
+    /// The server's URL (or libpq keyword string). Default: $DATABASE_URL, else libpq's
+    /// environment (PGHOST or PGSERVICE), else the cluster `pgstate dev up` keeps running.
     #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
     url: Option<String>,
     /// The state table's schema.
@@ -152,11 +153,11 @@ enum Command {
     },
     /// Load entries from a JSON lines file through the bulk paths (checked whole first).
     #[command(after_help = "Example:
-  pgstate export - --prefix user: | pgstate --schema copy import /dev/stdin
+  pgstate export - --prefix user: | pgstate --schema copy import -
 Each line: {\"key\": \"...\", \"value\": \"...\", \"metadata\": {...}, \"ttl_ms\": N}
 (key_hex / value_hex for bytes that are not UTF-8).")]
     Import {
-        /// The file: one object per line, as `export` writes them.
+        /// The file (`-` for stdin): one object per line, as `export` writes them.
         file: PathBuf,
     },
     /// Write the live entries (starting with --prefix) to a JSON lines file (`-` for stdout).
@@ -298,7 +299,9 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             data::list(&target, &prefix, raw, limit).await
         }
         Command::Import { file } => data::import(&target, &file).await,
-        Command::Export { file, prefix } => data::export(&target, &file, &prefix).await,
+        Command::Export { file, prefix } => {
+            data::export(&target, &file, &keys::key_bytes(&prefix, cli.hex)?).await
+        }
         Command::Migrate { dry_run, action } => admin::migrate(&target, dry_run, action).await,
         Command::Stats { json } => admin::stats(&target, json).await,
         Command::Retention { action } => admin::retention(&target, action).await,

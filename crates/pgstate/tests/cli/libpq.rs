@@ -128,6 +128,24 @@ fn a_service_file_names_the_server() {
         .env("HOME", &home)
         .args(["--url", "service=state", "--schema", &s, "get", "k"]);
     assert_eq!(expect(&mut by_url, 0), "v\n");
+    // A setting of the service file pgstate does not apply is an error, never dropped.
+    let strict = file(
+        &dir,
+        "strict.conf",
+        &format!("{text}channel_binding=require\n"),
+        0o600,
+    );
+    let mut refused = bare();
+    refused
+        .env("PGSERVICE", "state")
+        .env("PGSERVICEFILE", &strict)
+        .args(["--schema", &s, "get", "k"]);
+    let out = crate::run(&mut refused);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("channel_binding"),
+        "{out:?}"
+    );
     // A service found nowhere is an error naming it.
     let mut missing = bare();
     missing

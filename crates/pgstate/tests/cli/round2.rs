@@ -349,3 +349,38 @@ fn the_demo_with_a_url_does_not_contradict_itself() {
     );
     assert!(stdout.contains(" calls  p50 "), "{stdout}");
 }
+
+/// `import -` reads stdin (read once, checked whole, then loaded): the entries all land.
+#[test]
+fn import_reads_stdin() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let s = unique("stdin");
+    let lines: String = (0..50)
+        .map(|i| format!("{{\"key\":\"in:{i:02}\",\"value\":\"v{i}\"}}\n"))
+        .collect();
+    let mut child = pgstate(&s, &["import", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(lines.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("imported 50 entries"),
+        "{out:?}"
+    );
+    assert_eq!(expect(&mut pgstate(&s, &["get", "in:49"]), 0), "v49\n");
+    // --hex applies to export's prefix too.
+    let exported = expect(
+        &mut pgstate(&s, &["--hex", "export", "-", "--prefix", "696e3a3439"]),
+        0,
+    );
+    assert_eq!(exported.lines().count(), 1, "{exported}");
+}

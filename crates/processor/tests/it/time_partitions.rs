@@ -507,3 +507,42 @@ async fn whole_windows_are_dropped_while_writers_keep_writing() {
         assert!(b.get(format!("w{t}:0").as_bytes()).await.unwrap().is_some());
     }
 }
+
+/// A backend that may not change the schema starts no write window and creates no partition:
+/// once the windows made ahead have passed, opening one adds none (one that may change the
+/// schema starts the window of now and makes partitions ahead of it).
+#[tokio::test]
+async fn a_backend_without_schema_changes_creates_no_partition() {
+    let config = support::config("part_readonly").with_partitioning(windows(1));
+    let b = EnhancedPostgresBackend::new(config.clone()).await.unwrap();
+    b.put(b"k", b"v").await.unwrap();
+    let table = b.table().to_string();
+    drop(b);
+    let admin = support::raw(&support::url()).await;
+    let count = async || -> i64 {
+        admin
+            .query_one(
+                "SELECT count(*) FROM pg_inherits WHERE inhparent = $1::text::regclass",
+                &[&table],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    };
+    // Every window made ahead (two, of 1 s) has passed.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let before = count().await;
+    let reader = EnhancedPostgresBackend::new(config.clone().with_schema_changes(false))
+        .await
+        .unwrap();
+    reader.list_keys(b"").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        count().await,
+        before,
+        "a read-only backend created partitions"
+    );
+    drop(reader);
+    let _writer = EnhancedPostgresBackend::new(config).await.unwrap();
+    assert!(count().await > before);
+}

@@ -159,7 +159,13 @@ async fn parts(config: &EnhancedPostgresConfig) -> StateResult<Parts> {
         coalescer: Arc::default(),
         lookups: Arc::default(),
     };
-    let windows = maintenance::window_settings(&store, config).await?;
+    // A backend that may not change the schema starts no write window and creates no
+    // partition, now or in the background: instances that may do it.
+    let windows = if config.schema_changes {
+        maintenance::window_settings(&store, config).await?
+    } else {
+        None
+    };
     if let Some((window, premake)) = windows {
         // Best effort: a table busy or a role without rights to create partitions must not
         // stop the backend; writes go on into the current window meanwhile, and the

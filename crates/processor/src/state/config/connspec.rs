@@ -305,7 +305,15 @@ fn fill(
         "sslrootcert" if ssl.root_cert.is_none() => ssl.root_cert = Some(PathBuf::from(value)),
         "sslcert" if ssl.client_cert.is_none() => ssl.client_cert = Some(PathBuf::from(value)),
         "sslkey" if ssl.client_key.is_none() => ssl.client_key = Some(PathBuf::from(value)),
-        _ => {}
+        "host" | "port" | "user" | "password" | "dbname" | "application_name"
+        | "connect_timeout" | "sslmode" | "sslrootcert" | "sslcert" | "sslkey" => {}
+        // Never dropped in silence (a `channel_binding=require` lost would weaken security).
+        other => {
+            return Err(StateError::config(format!(
+                "the service file's setting {other:?} is not supported here: put it in the \
+                 connection string"
+            )))
+        }
     }
     Ok(())
 }

@@ -25,11 +25,22 @@ const VARIABLES: [(&str, &str); 11] = [
     ("PGSSLKEY", "sslkey"),
 ];
 
-/// A snapshot of the environment libpq reads (empty: none of it applies).
-#[derive(Clone, Debug, Default)]
+/// A snapshot of the environment libpq reads (empty: none of it applies). `Debug` shows the
+/// variables' names, never their values (`PGPASSWORD`).
+#[derive(Clone, Default)]
 pub(crate) struct LibpqEnv {
     vars: HashMap<String, String>,
     home: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for LibpqEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut names: Vec<&str> = self.vars.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        f.debug_struct("LibpqEnv")
+            .field("set", &names)
+            .finish_non_exhaustive()
+    }
 }
 
 impl LibpqEnv {
@@ -131,9 +142,9 @@ impl LibpqEnv {
         Ok(all)
     }
 
-    /// The password file's password for the connection's first host, port, database and
-    /// user, when it has none yet. A file readable by group or others is skipped, as libpq
-    /// does, with a warning.
+    /// The password file's password for the connection's host, port, database and user,
+    /// when it has none yet (with several hosts, only when every one finds the same). A file
+    /// readable by group or others is skipped, as libpq does, with a warning.
     pub fn apply_passfile(&self, pg: &mut tokio_postgres::Config) {
         if pg.get_password().is_some() {
             return;
@@ -160,14 +171,36 @@ impl LibpqEnv {
         let Ok(text) = std::fs::read_to_string(&file) else {
             return;
         };
-        let host = match pg.get_hosts().first() {
-            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-            _ => "localhost".to_string(),
-        };
-        let port = pg.get_ports().first().copied().unwrap_or(5432).to_string();
+        // Every host (with its port) must find the same password: one password is sent to
+        // whichever host answers.
         let user = pg.get_user().unwrap_or_default().to_string();
         let db = pg.get_dbname().map_or_else(|| user.clone(), str::to_string);
-        if let Some(password) = passfile_match(&text, [&host, &port, &db, &user]) {
+        let ports = pg.get_ports();
+        let mut found: Option<String> = None;
+        for (i, host) in pg.get_hosts().iter().enumerate() {
+            let host = match host {
+                tokio_postgres::config::Host::Tcp(h) => h.clone(),
+                #[cfg(unix)]
+                tokio_postgres::config::Host::Unix(_) => "localhost".to_string(),
+            };
+            let port = ports
+                .get(i)
+                .or(ports.first())
+                .copied()
+                .unwrap_or(5432)
+                .to_string();
+            let password = passfile_match(&text, [&host, &port, &db, &user]);
+            match (&found, password) {
+                (_, None) => return,
+                (None, Some(p)) => found = Some(p),
+                (Some(f), Some(p)) if *f == p => {}
+                (Some(_), Some(_)) => {
+                    tracing::warn!(file = %file.display(), "the password file has different passwords for the hosts of one connection; not used");
+                    return;
+                }
+            }
+        }
+        if let Some(password) = found {
             pg.password(password);
         }
     }
@@ -228,6 +261,38 @@ mod tests {
             "any:colon"
         );
         assert!(passfile_match(pass, ["h", "5432", "db", "v"]).is_none());
+    }
+
+    /// One password goes to whichever host answers: used only when every host finds the same.
+    #[cfg(unix)]
+    #[test]
+    fn a_password_file_serves_several_hosts_only_with_one_password() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("pgstate_pass_{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("pass");
+        let env = LibpqEnv::of(&[("PGPASSFILE", file.to_str().unwrap())], None);
+        let config = || {
+            let mut pg = tokio_postgres::Config::new();
+            pg.host("h1").host("h2").user("u").dbname("db");
+            pg
+        };
+        for (text, expected) in [
+            ("h1:5432:db:u:one\nh2:5432:db:u:two\n", None),
+            (
+                "h1:5432:db:u:same\nh2:5432:db:u:same\n",
+                Some(b"same".as_slice()),
+            ),
+            ("*:*:*:u:any\n", Some(b"any".as_slice())),
+            ("h1:5432:db:u:only-one\n", None),
+        ] {
+            std::fs::write(&file, text).unwrap();
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+            let mut pg = config();
+            env.apply_passfile(&mut pg);
+            assert_eq!(pg.get_password(), expected, "{text}");
+        }
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

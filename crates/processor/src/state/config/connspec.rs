@@ -6,7 +6,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use crate::state::config::connstr::{
-    is_url, looks_like_url, redact, split_keyword_params, split_url_params, truncate,
+    is_url, looks_like_url, redact, sanitize_driver_error, split_keyword_params, split_url_params,
+    truncate,
 };
 use crate::state::config::libpq_env::LibpqEnv;
 use crate::state::error::{StateError, StateResult};
@@ -316,54 +317,6 @@ fn fill(
         }
     }
     Ok(())
-}
-
-/// The driver's parse error, without any text taken from the input (an unknown "option" may
-/// be a fragment of a password): only known keyword names are kept.
-fn sanitize_driver_error(message: &str) -> String {
-    const KNOWN: &[&str] = &[
-        "user",
-        "password",
-        "dbname",
-        "options",
-        "application_name",
-        "sslmode",
-        "host",
-        "hostaddr",
-        "port",
-        "connect_timeout",
-        "tcp_user_timeout",
-        "keepalives",
-        "keepalives_idle",
-        "keepalives_interval",
-        "keepalives_retries",
-        "target_session_attrs",
-        "channel_binding",
-        "load_balance_hosts",
-        "sslnegotiation",
-        "replication",
-    ];
-    let mut out = String::new();
-    let mut parts = message.split('`');
-    if let Some(first) = parts.next() {
-        out.push_str(first);
-    }
-    let mut quoted = true;
-    for part in parts {
-        if quoted {
-            if KNOWN.contains(&part) {
-                out.push('`');
-                out.push_str(part);
-                out.push('`');
-            } else {
-                out.push_str("(a parameter)");
-            }
-        } else {
-            out.push_str(part);
-        }
-        quoted = !quoted;
-    }
-    out
 }
 
 /// Refuses a parsed connection string (`url`, shown redacted) that names no host, a host with

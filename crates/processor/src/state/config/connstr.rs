@@ -205,6 +205,54 @@ pub(crate) fn is_secret_key(key: &str) -> bool {
     decoded.to_ascii_lowercase().contains("password")
 }
 
+/// The driver's parse error, without any text taken from the input (an unknown "option" may
+/// be a fragment of a password): only known keyword names are kept.
+pub(crate) fn sanitize_driver_error(message: &str) -> String {
+    const KNOWN: &[&str] = &[
+        "user",
+        "password",
+        "dbname",
+        "options",
+        "application_name",
+        "sslmode",
+        "host",
+        "hostaddr",
+        "port",
+        "connect_timeout",
+        "tcp_user_timeout",
+        "keepalives",
+        "keepalives_idle",
+        "keepalives_interval",
+        "keepalives_retries",
+        "target_session_attrs",
+        "channel_binding",
+        "load_balance_hosts",
+        "sslnegotiation",
+        "replication",
+    ];
+    let mut out = String::new();
+    let mut parts = message.split('`');
+    if let Some(first) = parts.next() {
+        out.push_str(first);
+    }
+    let mut quoted = true;
+    for part in parts {
+        if quoted {
+            if KNOWN.contains(&part) {
+                out.push('`');
+                out.push_str(part);
+                out.push('`');
+            } else {
+                out.push_str("(a parameter)");
+            }
+        } else {
+            out.push_str(part);
+        }
+        quoted = !quoted;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -117,21 +117,7 @@ impl Store {
         let start = Instant::now();
         let reply = match tokio::time::timeout(self.ctx.limit, &mut reply).await {
             Ok(Ok(reply)) => reply,
-            // The leader's task ended without answering (its runtime is shutting down, or it
-            // panicked): unknown once the put was sent (held below until settled).
-            Ok(Err(_)) => Reply::Failed(match claim.give_up() {
-                None => StateError::Connection {
-                    message: "the put's group ended before the put was sent; nothing was written"
-                        .into(),
-                    sqlstate: None,
-                },
-                Some(_) => StateError::OutcomeUnknown(
-                    "the put's group ended without a result after the put was sent; it may or \
-                     may not have been applied, and is settled before this session's next \
-                     write is sent"
-                        .into(),
-                ),
-            }),
+            Ok(Err(_)) => Reply::Failed(group_ended(&claim)),
             Err(_) => match claim.give_up() {
                 None => Reply::Failed(StateError::op_timeout(self.ctx.limit).not_sent("put")),
                 // Settled meanwhile: the answer is on its way.
@@ -311,5 +297,22 @@ impl Drop for GiveUp<'_> {
                 self.session.settling.hold(s);
             }
         }
+    }
+}
+
+/// The error of a put whose group's leader ended without answering (its runtime is shutting
+/// down, or it panicked): nothing written if the put was never sent, else an unknown outcome
+/// (the caller holds it in its session until settled).
+fn group_ended(claim: &Claim) -> StateError {
+    match claim.give_up() {
+        None => StateError::Connection {
+            message: "the put's group ended before the put was sent; nothing was written".into(),
+            sqlstate: None,
+        },
+        Some(_) => StateError::OutcomeUnknown(
+            "the put's group ended without a result after the put was sent; it may or may not \
+             have been applied, and is settled before this session's next write is sent"
+                .into(),
+        ),
     }
 }

@@ -201,7 +201,13 @@ impl ConnectionSpec {
         } else {
             trimmed
         };
-        if !is_url(trimmed) && trimmed.contains("://") {
+        let other_scheme = trimmed.split_once("://").is_some_and(|(scheme, _)| {
+            scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c))
+        });
+        if !is_url(trimmed) && other_scheme {
             // Not shown: it may hold a password.
             return Err(StateError::config(
                 "the connection URL's scheme must be postgresql:// or postgres:// (or give a \
@@ -431,6 +437,10 @@ mod tests {
             .err()
             .unwrap();
         assert!(!err.to_string().contains("secretword"), "{err}");
+        let err = ConnectionSpec::parse("http://u:webpw@h/db").err().unwrap();
+        assert!(err.to_string().contains("postgresql://") && !err.to_string().contains("webpw"));
+        // A keyword string may hold "://" in a value.
+        assert!(ConnectionSpec::parse("host=h user=u application_name='see http://x'").is_ok());
         let err = ConnectionSpec::parse("jdbc:postgresql://u:jdbcpw@h/db")
             .err()
             .unwrap();

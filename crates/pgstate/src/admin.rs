@@ -295,6 +295,13 @@ pub async fn stats(target: &Target, as_json: bool) -> Result<(), CliError> {
         n(&p["active"]),
         n(&p["max_size"])
     );
+    print_replication_and_latency(&s);
+    Ok(())
+}
+
+/// The replication and latency lines of `pgstate stats` from its JSON figures `s`.
+fn print_replication_and_latency(s: &Value) {
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
     let r = &s["replication"];
     println!(
         "replication  primary {}, {} streaming replica(s), lag {} ms",
@@ -331,7 +338,6 @@ pub async fn stats(target: &Target, as_json: bool) -> Result<(), CliError> {
             ms(&l["p99_us"])
         );
     }
-    Ok(())
 }
 
 /// `pgstate retention apply [--max-age S]`.

@@ -80,6 +80,19 @@ async fn tour(url: &str, replica_urls: Vec<String>) -> Result<(), CliError> {
         backend.delete_checkpoint(c.id).await?;
     }
     println!("  table {} (schema created by new())", backend.table());
+    key_value(&backend).await?;
+    replication(&backend, &replica_urls).await?;
+    transactions(&backend).await?;
+    fast_queries(&backend).await?;
+    coordination(&backend).await?;
+    data_management(&backend).await?;
+    high_availability(&backend).await?;
+    observability(&backend).await?;
+    security(&backend, url).await?;
+    Ok(())
+}
+
+async fn key_value(backend: &EnhancedPostgresBackend) -> Result<(), CliError> {
     backend.put(b"key", b"value").await?;
     let value = backend.get(b"key").await?;
     println!(
@@ -108,7 +121,13 @@ async fn tour(url: &str, replica_urls: Vec<String>) -> Result<(), CliError> {
         "  put_with_ttl(500 ms): present {before}, after 700 ms {} (invisible before any cleanup)",
         backend.contains(b"session:1").await?
     );
+    Ok(())
+}
 
+async fn replication(
+    backend: &EnhancedPostgresBackend,
+    replica_urls: &[String],
+) -> Result<(), CliError> {
     section(
         2,
         "Replication: read/write splitting, lag, read-your-writes",
@@ -147,7 +166,10 @@ async fn tour(url: &str, replica_urls: Vec<String>) -> Result<(), CliError> {
             );
         }
     }
+    Ok(())
+}
 
+async fn transactions(backend: &EnhancedPostgresBackend) -> Result<(), CliError> {
     section(
         3,
         "Transactions: isolation, savepoints, optimistic locking, retries",
@@ -187,7 +209,10 @@ async fn tour(url: &str, replica_urls: Vec<String>) -> Result<(), CliError> {
         })
         .await?;
     println!("  transaction() with retries on serialization failures: counted {total} entries");
+    Ok(())
+}
 
+async fn fast_queries(backend: &EnhancedPostgresBackend) -> Result<(), CliError> {
     section(4, "Fast queries: UNNEST batches, binary COPY, scans");
     let n = 20_000u32;
     let rows: Vec<(Vec<u8>, Vec<u8>)> = (0..n)
@@ -208,12 +233,15 @@ async fn tour(url: &str, replica_urls: Vec<String>) -> Result<(), CliError> {
     );
     let scanned = backend.scan(b"bulk:").count().await;
     println!("  scan(\"bulk:\") streamed {scanned} entries in key order, a page at a time");
+    Ok(())
+}
 
+async fn coordination(backend: &EnhancedPostgresBackend) -> Result<(), CliError> {
     section(
         5,
         "Coordination: lock guards, fencing, leader election, LISTEN/NOTIFY",
     );
-    let mut listener = PostgresListener::durable(&backend, &["demo"]).await?;
+    let mut listener = PostgresListener::durable(backend, &["demo"]).await?;
     if let Some(guard) =
         PostgresLockGuard::new(backend.clone_handle(), "demo-job", Duration::from_secs(5)).await?
     {
@@ -246,7 +274,10 @@ async fn tour(url: &str, replica_urls: Vec<String>) -> Result<(), CliError> {
         event.channel,
         event.payload
     );
+    Ok(())
+}
 
+async fn data_management(backend: &EnhancedPostgresBackend) -> Result<(), CliError> {
     section(6, "Data management: cleanup, archive, checkpoints, VACUUM");
     backend.delete(b"bulk:000000").await?;
     let cleaned = backend.cleanup_expired().await?;
@@ -283,7 +314,10 @@ async fn tour(url: &str, replica_urls: Vec<String>) -> Result<(), CliError> {
         size(table.indexes_size),
         table.dead_tuples
     );
+    Ok(())
+}
 
+async fn high_availability(backend: &EnhancedPostgresBackend) -> Result<(), CliError> {
     section(7, "High availability: replication status, CHECKPOINT");
     let status = backend.check_replication_status().await?;
     println!(
@@ -297,7 +331,10 @@ async fn tour(url: &str, replica_urls: Vec<String>) -> Result<(), CliError> {
         Ok(()) => println!("  CHECKPOINT done"),
         Err(e) => println!("  CHECKPOINT refused: {e}"),
     }
+    Ok(())
+}
 
+async fn observability(backend: &EnhancedPostgresBackend) -> Result<(), CliError> {
     section(8, "Observability: statistics, latencies, pool");
     let stats = backend.get_stats();
     println!(
@@ -323,7 +360,10 @@ async fn tour(url: &str, replica_urls: Vec<String>) -> Result<(), CliError> {
         "  pool: {} open, {} idle, max {}; {} connections created",
         pool.size, pool.idle, pool.max_size, stats.connections_created
     );
+    Ok(())
+}
 
+async fn security(backend: &EnhancedPostgresBackend, url: &str) -> Result<(), CliError> {
     section(9, "Security: TLS");
     let tls = url.contains("sslmode=verify-full");
     println!(

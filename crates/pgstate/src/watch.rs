@@ -118,81 +118,8 @@ fn ms(us: u64) -> String {
     format!("{:.2} ms", us as f64 / 1000.0)
 }
 
-fn draw(frame: &mut Frame, title: &str, s: &Snapshot) {
-    let rows = Layout::vertical([
-        Constraint::Length(1),
-        Constraint::Length(6),
-        Constraint::Length(6),
-        Constraint::Min(4),
-        Constraint::Length(1),
-    ])
-    .split(frame.area());
-    frame.render_widget(
-        Paragraph::new(title).style(Style::default().add_modifier(Modifier::BOLD)),
-        rows[0],
-    );
-    let top =
-        Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).split(rows[1]);
-    let (ins, upd, del, scans) = s.rates;
-    frame.render_widget(
-        Paragraph::new(vec![
-            Line::from(format!(
-                "writes/s   {:>10.0}   ({WINDOW} s average)",
-                ins + upd + del
-            )),
-            Line::from(format!("  inserted {ins:>10.0}   updated {upd:>8.0}")),
-            Line::from(format!("  deleted  {del:>10.0}")),
-            Line::from(format!("reads/s    {scans:>10.0}   (index scans)")),
-        ])
-        .block(
-            Block::default()
-                .borders(Borders::ALL)
-                .title(" Throughput, all clients "),
-        ),
-        top[0],
-    );
-    let a = &s.activity;
-    frame.render_widget(
-        Paragraph::new(vec![
-            Line::from(format!("live rows (estimate) {:>12}", a.live_rows_estimate)),
-            Line::from(format!("dead tuples          {:>12}", a.dead_tuples)),
-            Line::from(format!("rows inserted        {:>12}", a.rows_inserted)),
-            Line::from(format!("rows updated         {:>12}", a.rows_updated)),
-        ])
-        .block(Block::default().borders(Borders::ALL).title(" Table ")),
-        top[1],
-    );
-    let mid =
-        Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).split(rows[2]);
-    let (p50, p95, p99) = s.latency;
-    frame.render_widget(
-        Paragraph::new(vec![
-            Line::from(format!("probe reads {:>8}", s.probes)),
-            Line::from(format!("p50 {:>10}   p95 {:>10}", ms(p50), ms(p95))),
-            Line::from(format!("p99 {:>10}", ms(p99))),
-        ])
-        .block(
-            Block::default()
-                .borders(Borders::ALL)
-                .title(" Latency of this view's reads "),
-        ),
-        mid[0],
-    );
-    let (size, idle, active, max) = s.pool;
-    frame.render_widget(
-        Paragraph::new(vec![
-            Line::from(format!(
-                "open {size}   idle {idle}   in use {active}   max {max}"
-            )),
-            Line::from(format!("advisory locks held {}", s.locks.len())),
-        ])
-        .block(
-            Block::default()
-                .borders(Borders::ALL)
-                .title(" Pool (this view) and locks "),
-        ),
-        mid[1],
-    );
+/// The replicas, locks and leaders of a refresh, a line each.
+fn details(s: &Snapshot) -> Vec<Line<'static>> {
     let mut lines = Vec::new();
     match &s.replication {
         Some(r) => {
@@ -238,14 +165,67 @@ fn draw(frame: &mut Frame, title: &str, s: &Snapshot) {
             None => format!("  leader {name}: none"),
         }));
     }
+    lines
+}
+
+/// A paragraph of `lines` in a bordered box titled `title`.
+fn panel<'a>(lines: Vec<Line<'a>>, title: &'a str) -> Paragraph<'a> {
+    Paragraph::new(lines).block(Block::default().borders(Borders::ALL).title(title))
+}
+
+fn draw(frame: &mut Frame, title: &str, s: &Snapshot) {
+    let rows = Layout::vertical([
+        Constraint::Length(1),
+        Constraint::Length(6),
+        Constraint::Length(6),
+        Constraint::Min(4),
+        Constraint::Length(1),
+    ])
+    .split(frame.area());
     frame.render_widget(
-        Paragraph::new(lines).block(
-            Block::default()
-                .borders(Borders::ALL)
-                .title(" Replicas, locks, leaders "),
-        ),
-        rows[3],
+        Paragraph::new(title).style(Style::default().add_modifier(Modifier::BOLD)),
+        rows[0],
     );
+    let halves = |area| {
+        Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).split(area)
+    };
+    let top = halves(rows[1]);
+    let (ins, upd, del, scans) = s.rates;
+    let throughput = vec![
+        Line::from(format!(
+            "writes/s   {:>10.0}   ({WINDOW} s average)",
+            ins + upd + del
+        )),
+        Line::from(format!("  inserted {ins:>10.0}   updated {upd:>8.0}")),
+        Line::from(format!("  deleted  {del:>10.0}")),
+        Line::from(format!("reads/s    {scans:>10.0}   (index scans)")),
+    ];
+    frame.render_widget(panel(throughput, " Throughput, all clients "), top[0]);
+    let a = &s.activity;
+    let table = vec![
+        Line::from(format!("live rows (estimate) {:>12}", a.live_rows_estimate)),
+        Line::from(format!("dead tuples          {:>12}", a.dead_tuples)),
+        Line::from(format!("rows inserted        {:>12}", a.rows_inserted)),
+        Line::from(format!("rows updated         {:>12}", a.rows_updated)),
+    ];
+    frame.render_widget(panel(table, " Table "), top[1]);
+    let mid = halves(rows[2]);
+    let (p50, p95, p99) = s.latency;
+    let latency = vec![
+        Line::from(format!("probe reads {:>8}", s.probes)),
+        Line::from(format!("p50 {:>10}   p95 {:>10}", ms(p50), ms(p95))),
+        Line::from(format!("p99 {:>10}", ms(p99))),
+    ];
+    frame.render_widget(panel(latency, " Latency of this view's reads "), mid[0]);
+    let (size, idle, active, max) = s.pool;
+    let pool = vec![
+        Line::from(format!(
+            "open {size}   idle {idle}   in use {active}   max {max}"
+        )),
+        Line::from(format!("advisory locks held {}", s.locks.len())),
+    ];
+    frame.render_widget(panel(pool, " Pool (this view) and locks "), mid[1]);
+    frame.render_widget(panel(details(s), " Replicas, locks, leaders "), rows[3]);
     let footer = match &s.error {
         Some(e) => format!("last error: {e}"),
         None => "q: quit".to_string(),

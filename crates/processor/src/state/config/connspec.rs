@@ -201,19 +201,7 @@ impl ConnectionSpec {
         } else {
             trimmed
         };
-        let other_scheme = trimmed.split_once("://").is_some_and(|(scheme, _)| {
-            scheme.starts_with(|c: char| c.is_ascii_alphabetic())
-                && scheme
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c))
-        });
-        if !is_url(trimmed) && other_scheme {
-            // Not shown: it may hold a password.
-            return Err(StateError::config(
-                "the connection URL's scheme must be postgresql:// or postgres:// (or give a \
-                 libpq keyword string such as \"host=... user=...\")",
-            ));
-        }
+        refuse_other_scheme(trimmed)?;
         let (rest, params) = if is_url(trimmed) {
             split_url_params(trimmed)?
         } else {
@@ -265,6 +253,24 @@ impl ConnectionSpec {
         ssl.resolve(home.as_deref())?;
         Ok(ConnectionSpec { pg, ssl, pgbouncer })
     }
+}
+
+/// Refuses a URL with a scheme other than `postgresql://` or `postgres://` (`http://...`),
+/// not shown (it may hold a password); a keyword string may hold "://" in a value.
+fn refuse_other_scheme(trimmed: &str) -> StateResult<()> {
+    let other_scheme = trimmed.split_once("://").is_some_and(|(scheme, _)| {
+        scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c))
+    });
+    if !is_url(trimmed) && other_scheme {
+        return Err(StateError::config(
+            "the connection URL's scheme must be postgresql:// or postgres:// (or give a \
+             libpq keyword string such as \"host=... user=...\")",
+        ));
+    }
+    Ok(())
 }
 
 /// Applies libpq setting `key` = `value` (from a service file or the environment) to a

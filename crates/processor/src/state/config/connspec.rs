@@ -318,8 +318,8 @@ fn fill(
         "sslrootcert" if ssl.root_cert.is_none() => ssl.root_cert = Some(PathBuf::from(value)),
         "sslcert" if ssl.client_cert.is_none() => ssl.client_cert = Some(PathBuf::from(value)),
         "sslkey" if ssl.client_key.is_none() => ssl.client_key = Some(PathBuf::from(value)),
-        "host" | "port" | "user" | "password" | "dbname" | "application_name"
-        | "connect_timeout" | "sslmode" | "sslrootcert" | "sslcert" | "sslkey" => {}
+        // Set by the connection string already: it wins.
+        known if LibpqEnv::applies(known) => {}
         // Never dropped in silence (a `channel_binding=require` lost would weaken security).
         other => {
             return Err(StateError::config(format!(

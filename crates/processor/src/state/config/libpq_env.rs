@@ -61,6 +61,12 @@ impl LibpqEnv {
         }
     }
 
+    /// Whether setting `key` is one that libpq's environment may fill (the keys of
+    /// [`VARIABLES`]).
+    pub fn applies(key: &str) -> bool {
+        VARIABLES.iter().any(|(_, k)| *k == key)
+    }
+
     /// An environment of `vars` and home directory `home` (for tests).
     #[cfg(test)]
     pub fn of(vars: &[(&str, &str)], home: Option<&Path>) -> Self {

@@ -37,13 +37,18 @@ type Chunk<'a> = (Vec<&'a [u8]>, Vec<&'a [u8]>);
 /// keys, whatever order their callers gave, lock them in one order and so never deadlock with
 /// each other (also across the chunks of one batch).
 fn last_wins<'a>(entries: &'a [(&'a [u8], &'a [u8])]) -> Vec<(&'a [u8], &'a [u8])> {
-    let mut sorted: Vec<(&[u8], &[u8])> = entries.to_vec();
+    last_of_each_key(entries.to_vec(), |e| e.0)
+}
+
+/// `items` in key order (`key` of each), keeping the last given of each key (see
+/// [`last_wins`]).
+pub(crate) fn last_of_each_key<T>(mut items: Vec<T>, key: impl Fn(&T) -> &[u8]) -> Vec<T> {
     // Stable: equal keys keep their order, so the last of each run is the last given.
-    sorted.sort_by(|a, b| a.0.cmp(b.0));
-    let mut out: Vec<(&[u8], &[u8])> = Vec::with_capacity(sorted.len());
-    for e in sorted {
+    items.sort_by(|a, b| key(a).cmp(key(b)));
+    let mut out: Vec<T> = Vec::with_capacity(items.len());
+    for e in items {
         match out.last_mut() {
-            Some(last) if last.0 == e.0 => *last = e,
+            Some(last) if key(last) == key(&e) => *last = e,
             _ => out.push(e),
         }
     }
@@ -171,6 +176,25 @@ impl PgConn {
     /// statement `copy`: PostgreSQL's binary COPY format, encoded here into chunks of about
     /// [`COPY_SEND_BYTES`] (one send each, rather than one per row).
     async fn copy_rows(&self, copy: &str, entries: &[(&[u8], &[u8])]) -> StateResult<()> {
+        self.copy_binary(copy, entries, |buf, (k, v)| {
+            buf.put_i16(2);
+            for field in [k, v] {
+                put_field(buf, field)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Streams `rows` into the `COPY ... FROM STDIN (FORMAT binary)` statement `copy`:
+    /// PostgreSQL's binary COPY format (header, each row as `put_row` encodes it, trailer),
+    /// sent in chunks of about [`COPY_SEND_BYTES`] (one send each, rather than one per row).
+    pub(crate) async fn copy_binary<T>(
+        &self,
+        copy: &str,
+        rows: &[T],
+        put_row: impl Fn(&mut BytesMut, &T) -> StateResult<()>,
+    ) -> StateResult<()> {
         let sink = self.client.copy_in::<_, Bytes>(copy).await?;
         let mut sink = pin!(sink);
         let mut buf = BytesMut::with_capacity(COPY_SEND_BYTES + 64);
@@ -178,16 +202,8 @@ impl PgConn {
         buf.put_slice(b"PGCOPY\n\xff\r\n\0");
         buf.put_i32(0);
         buf.put_i32(0);
-        for (k, v) in entries {
-            buf.put_i16(2);
-            for field in [k, v] {
-                // Keys and values are checked far below 2 GiB before a batch gets here.
-                let len = i32::try_from(field.len()).map_err(|_| {
-                    StateError::invalid("a COPY field is larger than 2 GiB".to_string())
-                })?;
-                buf.put_i32(len);
-                buf.put_slice(field);
-            }
+        for row in rows {
+            put_row(&mut buf, row)?;
             if buf.len() >= COPY_SEND_BYTES {
                 sink.send(buf.split().freeze()).await?;
             }
@@ -246,6 +262,16 @@ impl PgConn {
         self.copy_stage_ready.store(!per_transaction, Relaxed);
         Ok(written)
     }
+}
+
+/// One binary COPY field: its length, then its bytes. (Keys and values are checked far
+/// below 2 GiB before a batch gets here.)
+pub(crate) fn put_field(buf: &mut BytesMut, field: &[u8]) -> StateResult<()> {
+    let len = i32::try_from(field.len())
+        .map_err(|_| StateError::invalid("a COPY field is larger than 2 GiB"))?;
+    buf.put_i32(len);
+    buf.put_slice(field);
+    Ok(())
 }
 
 /// The probe for any existing key among `$1` (a `bytea[]`): a row when one exists.

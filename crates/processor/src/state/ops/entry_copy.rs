@@ -3,14 +3,13 @@
 //! for loads that mix plain entries with ones carrying metadata or an expiry (`pgstate
 //! import`): every entry goes the same way, so the mix costs what the plain ones cost.
 
-use std::pin::pin;
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
-use futures_util::SinkExt;
+use bytes::BufMut;
 
 use crate::state::error::{StateError, StateResult};
 use crate::state::limits::{check_entry, check_metadata, check_ttl};
+use crate::state::ops::batch::{last_of_each_key, put_field};
 use crate::state::ops::store::Store;
 use crate::state::pool::conn_pool::Use;
 use crate::state::routing::causal::Session;
@@ -18,9 +17,6 @@ use crate::state::schema::names::TableNames;
 use crate::state::stats::operation::Op;
 use crate::state::wire::connection::PgConn;
 use crate::state::wire::statements::{upsert_sql, REPLACE};
-
-/// Bytes of binary COPY data sent at a time.
-const SEND_BYTES: usize = 256 * 1024;
 
 /// One entry of [`batch_copy_entries`](crate::state::EnhancedPostgresBackend::batch_copy_entries):
 /// its key and value, its metadata (a JSON object; `None` for none) and how long it lives
@@ -74,16 +70,7 @@ fn encode<'a>(entries: &[BatchEntry<'a>]) -> StateResult<Vec<Encoded<'a>>> {
             other => other,
         })?);
     }
-    // Stable: equal keys keep their order, so the last of each run is the last given.
-    out.sort_by(|a, b| a.key.cmp(b.key));
-    let mut deduped: Vec<Encoded<'a>> = Vec::with_capacity(out.len());
-    for e in out {
-        match deduped.last_mut() {
-            Some(last) if last.key == e.key => *last = e,
-            _ => deduped.push(e),
-        }
-    }
-    Ok(deduped)
+    Ok(last_of_each_key(out, |e| e.key))
 }
 
 impl PgConn {
@@ -112,54 +99,31 @@ impl PgConn {
         };
         self.in_transaction(async {
             self.client.batch_execute(stage).await?;
-            self.stream_entries(entries).await?;
+            let copy = "COPY pg_temp.pgstate_copy_entries (key, value, metadata, ttl_us) \
+                        FROM STDIN (FORMAT binary)";
+            self.copy_binary(copy, entries, |buf, e| {
+                buf.put_i16(4);
+                put_field(buf, e.key)?;
+                put_field(buf, e.value)?;
+                // jsonb's binary form: version 1, then the text.
+                let len = i32::try_from(e.metadata.len() + 1)
+                    .map_err(|_| StateError::invalid("a COPY field is larger than 2 GiB"))?;
+                buf.put_i32(len);
+                buf.put_u8(1);
+                buf.put_slice(&e.metadata);
+                match e.ttl_us {
+                    Some(us) => {
+                        buf.put_i32(8);
+                        buf.put_i64(us);
+                    }
+                    None => buf.put_i32(-1),
+                }
+                Ok(())
+            })
+            .await?;
             Ok(self.execute_cached(merge.as_str(), &[]).await?)
         })
         .await
-    }
-
-    /// Streams `entries` in PostgreSQL's binary COPY format, about [`SEND_BYTES`] a send.
-    async fn stream_entries(&self, entries: &[Encoded<'_>]) -> StateResult<()> {
-        let sink = self
-            .client
-            .copy_in::<_, Bytes>(
-                "COPY pg_temp.pgstate_copy_entries (key, value, metadata, ttl_us) \
-                 FROM STDIN (FORMAT binary)",
-            )
-            .await?;
-        let mut sink = pin!(sink);
-        let mut buf = BytesMut::with_capacity(SEND_BYTES + 64);
-        buf.put_slice(b"PGCOPY\n\xff\r\n\0");
-        buf.put_i32(0);
-        buf.put_i32(0);
-        let len = |n: usize| {
-            i32::try_from(n).map_err(|_| StateError::invalid("a COPY field is larger than 2 GiB"))
-        };
-        for e in entries {
-            buf.put_i16(4);
-            buf.put_i32(len(e.key.len())?);
-            buf.put_slice(e.key);
-            buf.put_i32(len(e.value.len())?);
-            buf.put_slice(e.value);
-            // jsonb's binary form: version 1, then the text.
-            buf.put_i32(len(e.metadata.len() + 1)?);
-            buf.put_u8(1);
-            buf.put_slice(&e.metadata);
-            match e.ttl_us {
-                Some(us) => {
-                    buf.put_i32(8);
-                    buf.put_i64(us);
-                }
-                None => buf.put_i32(-1),
-            }
-            if buf.len() >= SEND_BYTES {
-                sink.send(buf.split().freeze()).await?;
-            }
-        }
-        buf.put_i16(-1);
-        sink.send(buf.split().freeze()).await?;
-        sink.finish().await?;
-        Ok(())
     }
 }
 

@@ -141,6 +141,17 @@ pub enum StateError {
         /// Whether the writer's session still holds the lock.
         held: bool,
     },
+    /// An epoch commit (or a read under its claim) was refused: a later claim of the
+    /// operator's key groups took over, so this claim's epoch is no longer current. Nothing
+    /// of the refused commit was applied; the instance holding this claim must stop (claim
+    /// again to continue from the last committed state).
+    #[error("epoch fenced: operator {operator:?} epoch {epoch} was claimed again by a later epoch; nothing of this commit was applied")]
+    EpochFenced {
+        /// The operator.
+        operator: String,
+        /// The refused claim's epoch.
+        epoch: i64,
+    },
     /// A listener's connection dropped and was re-established: notifications sent while it was
     /// down are lost (plain mode), or events were pruned before a durable listener read them.
     /// The listener remains usable; call `recv` again.
@@ -225,6 +236,7 @@ impl StateError {
             StateError::LockNotHeld { .. }
             | StateError::LockLost { .. }
             | StateError::Fenced { .. }
+            | StateError::EpochFenced { .. }
             | StateError::NotificationsMissed(_) => ErrorKind::Coordination,
             StateError::NotInitialized(_)
             | StateError::StorageError { .. }
@@ -280,6 +292,10 @@ impl StateError {
             StateError::Tls(m) => StateError::Tls(m.clone()),
             StateError::CommitOutcomeUnknown(m) => StateError::CommitOutcomeUnknown(m.clone()),
             StateError::OutcomeUnknown(m) => StateError::OutcomeUnknown(m.clone()),
+            StateError::EpochFenced { operator, epoch } => StateError::EpochFenced {
+                operator: operator.clone(),
+                epoch: *epoch,
+            },
             other => StateError::StorageError {
                 message: other.to_string(),
                 sqlstate: other.sqlstate().map(str::to_string),

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 /// Each top-level module of `state` and its layer's height: a module may use only modules of
 /// its own height or lower.
-const LAYERS: [(&str, u8); 21] = [
+const LAYERS: [(&str, u8); 22] = [
     ("error", 0),
     ("limits", 0),
     ("ident", 0),
@@ -22,6 +22,7 @@ const LAYERS: [(&str, u8); 21] = [
     ("transaction", 8),
     ("coordination", 9),
     ("maintenance", 10),
+    ("exactly_once", 10),
     ("assembly", 11),
     ("enhanced", 12),
     ("memory", 13),

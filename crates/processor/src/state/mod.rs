@@ -4,7 +4,8 @@
 //! implements [`StateBackend`]. The folders are the layers, bottom to top: `stats`, `config`,
 //! `schema`, `wire` (one connection), `pool`, `routing` (replicas, read-your-writes), `ops`
 //! (the key/value operations), `transaction`, `coordination` (advisory locks, lock guards,
-//! leader election, LISTEN/NOTIFY, leases), `maintenance`, `assembly` (a backend's core,
+//! leader election, LISTEN/NOTIFY, leases), `exactly_once` (claims, epoch commits, the
+//! outbox) beside `maintenance`, `assembly` (a backend's core,
 //! built from a configuration), `enhanced` (the facade); beside them `error`, `limits` (input
 //! limits), `ident` (SQL identifiers), `retry`, `backend` (the trait), `distributed_lock` (the
 //! seed project's lock trait) at the bottom, and `memory`, `basic` (the other backends) and
@@ -16,6 +17,7 @@ mod assembly;
 mod config;
 mod coordination;
 mod enhanced;
+mod exactly_once;
 mod maintenance;
 mod ops;
 mod pool;
@@ -58,6 +60,10 @@ pub use coordination::{
 pub use distributed_lock::{DistributedLock, LockGuard, LockToken};
 pub use enhanced::EnhancedPostgresBackend;
 pub use error::{sqlstate, ErrorKind, StateError, StateResult};
+pub use exactly_once::{
+    Claim, Committed, Operator, OutboxReader, OutboxRecord, Output, PreviousClaim, Recovery,
+    SourceOffset, MAX_NAME_LEN,
+};
 pub use ident::{Ident, MAX_IDENT_LEN, MAX_TABLE_NAME_LEN};
 pub use limits::{
     check_entry, check_key, check_metadata, check_ttl, check_value, prefix_upper_bound,

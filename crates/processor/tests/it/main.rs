@@ -15,6 +15,7 @@ mod coalescing;
 mod conformance;
 mod consistency;
 mod coordination;
+mod exactly_once;
 mod expiry;
 mod failover;
 mod fencing;

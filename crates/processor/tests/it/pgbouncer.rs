@@ -252,3 +252,34 @@ async fn without_the_setting_transaction_pooling_breaks_named_statements() {
         "transaction pooling did not bite: is PgBouncer in session mode?"
     );
 }
+
+/// A claim taken through transaction pooling fences: no session outlives a transaction
+/// there, and the later claim still refuses the earlier one's commit.
+#[tokio::test]
+#[cfg_attr(
+    pgstate_external_server,
+    ignore = "needs the local cluster the tests start"
+)]
+async fn a_claim_fences_through_transaction_pooling() {
+    let url = transaction_url();
+    let cfg = config(&url, "pgb_claim");
+    let a = EnhancedPostgresBackend::new(cfg.clone()).await.unwrap();
+    let b = EnhancedPostgresBackend::new(cfg).await.unwrap();
+    let mut old = a.claim("op").await.unwrap();
+    old.put(b"k", b"old").unwrap();
+    old.commit(&[processor::state::SourceOffset::new("s", 0, 1)], &[])
+        .await
+        .unwrap();
+    let mut new = b.claim("op").await.unwrap();
+    assert_eq!(new.recovery().offset("s", 0), Some(1));
+    old.put(b"k", b"zombie").unwrap();
+    let e = old.commit(&[], &[]).await.unwrap_err();
+    assert!(matches!(e, StateError::EpochFenced { epoch: 1, .. }), "{e}");
+    new.put(b"k", b"new").unwrap();
+    new.commit(&[], &[processor::state::Output::new("t", "k", "v")])
+        .await
+        .unwrap();
+    assert_eq!(a.get(b"k").await.unwrap(), Some(b"new".to_vec()));
+    let reader = a.outbox_reader("r").await.unwrap();
+    assert_eq!(reader.read(10).await.unwrap().len(), 1);
+}

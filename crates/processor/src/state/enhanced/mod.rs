@@ -2,6 +2,7 @@
 //! operations and transactions are here; `coordination` and `replication` hold the rest.
 
 mod coordination;
+mod exactly_once;
 mod maintenance;
 mod replication;
 mod streams;

@@ -105,6 +105,12 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../../migrations/011_leases.sql"),
         per_schema: true,
     },
+    Migration {
+        version: 12,
+        name: "012_exactly_once.sql",
+        sql: include_str!("../../../migrations/012_exactly_once.sql"),
+        per_schema: true,
+    },
 ];
 
 /// Name of the tracking table, in the configured schema.

@@ -24,6 +24,14 @@ pub(crate) struct TableNames {
     pub events: String,
     /// The schema's lease locks (see migration 011).
     pub leases: String,
+    /// The schema's exactly-once tables (see migration 012): operators' epochs, claims,
+    /// source offsets, the outbox, its heads and its readers.
+    pub operators: String,
+    pub claims: String,
+    pub source_offsets: String,
+    pub outbox: String,
+    pub outbox_heads: String,
+    pub outbox_readers: String,
     /// The schema's state checkpoints and their entries.
     pub checkpoints: String,
     pub checkpoint_entries: String,
@@ -79,6 +87,12 @@ impl TableNames {
             fences: in_schema("state_lock_fences"),
             leaders: in_schema("state_leaders"),
             leases: in_schema("state_leases"),
+            operators: in_schema("state_operators"),
+            claims: in_schema("state_claims"),
+            source_offsets: in_schema("state_source_offsets"),
+            outbox: in_schema("state_outbox"),
+            outbox_heads: in_schema("state_outbox_heads"),
+            outbox_readers: in_schema("state_outbox_readers"),
             event_channels: in_schema("state_event_channels"),
             events: in_schema("state_events"),
             checkpoints: in_schema("state_checkpoints"),

@@ -85,6 +85,20 @@ pub(crate) enum Op {
     CheckFence,
     TransactionLock,
     Notify,
+    /// An epoch claim's statements.
+    Claim,
+    /// An epoch commit's compare-and-set on its claim.
+    EpochCheck,
+    /// An epoch commit's buffered puts and deletes.
+    EpochWrite,
+    /// An epoch commit's source offsets.
+    SourceOffsets,
+    /// An epoch commit's outbox rows.
+    OutboxWrite,
+    /// A page of the outbox.
+    OutboxRead,
+    /// An outbox reader's acknowledgement.
+    OutboxAck,
 }
 
 impl Op {
@@ -93,17 +107,22 @@ impl Op {
         match self {
             Op::Get | Op::GetEntry | Op::Contains | Op::GetMany => Kind::Get,
             Op::Count => Kind::Count,
-            Op::ListKeys | Op::KeysPage | Op::EntriesPage => Kind::Scan,
+            Op::ListKeys | Op::KeysPage | Op::EntriesPage | Op::OutboxRead => Kind::Scan,
             Op::Upsert | Op::PutWithVersion | Op::CompareAndSet => Kind::Put,
             Op::Delete | Op::DeleteWithVersion => Kind::Delete,
             Op::Clear => Kind::Clear,
-            Op::BatchPut => Kind::Batch,
+            Op::BatchPut | Op::EpochWrite => Kind::Batch,
             Op::BatchCopy => Kind::Copy,
             Op::QueryByMetadata
             | Op::Savepoint
             | Op::CheckFence
             | Op::TransactionLock
-            | Op::Notify => Kind::Query,
+            | Op::Notify
+            | Op::Claim
+            | Op::EpochCheck
+            | Op::SourceOffsets
+            | Op::OutboxWrite
+            | Op::OutboxAck => Kind::Query,
         }
     }
 
@@ -131,6 +150,13 @@ impl Op {
             Op::CheckFence => "check_fence",
             Op::TransactionLock => "advisory_xact_lock",
             Op::Notify => "notify",
+            Op::Claim => "claim",
+            Op::EpochCheck => "epoch_check",
+            Op::EpochWrite => "epoch_write",
+            Op::SourceOffsets => "source_offsets",
+            Op::OutboxWrite => "outbox_write",
+            Op::OutboxRead => "outbox_read",
+            Op::OutboxAck => "outbox_ack",
         }
     }
 

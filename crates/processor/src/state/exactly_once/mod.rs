@@ -1,0 +1,56 @@
+//! Layer `exactly_once`: state, input positions and outputs that commit together, and
+//! fencing of an instance that was replaced.
+//!
+//! An operator's instance [claims](crate::state::EnhancedPostgresBackend::claim) the operator
+//! (or a range of its key groups): the claim raises the operator's epoch in the database and
+//! deletes every claim overlapping the same key groups (`claim`). The [`Claim`] handle buffers
+//! puts and deletes in memory (reads see them), and its
+//! [`commit`](Claim::commit) applies them with the source offsets and the outputs in one
+//! transaction that starts with a compare-and-set on its own claim row (`commit`): a claim
+//! taken since makes that row disappear, so the old instance's commit is refused whatever
+//! it still believes and whether or not its session is alive. Values read or written under a
+//! claim are cached (`cache`). Outputs go to the outbox, read in commit order by
+//! [`OutboxReader`]s (`outbox`).
+//!
+//! May use: `transaction`, `ops`, `routing` (sessions), `pool`, `wire`, `schema`, `stats`,
+//! `error`, `limits`.
+
+pub(crate) mod cache;
+pub(crate) mod claim;
+mod commit;
+pub(crate) mod handle;
+pub(crate) mod outbox;
+
+pub use claim::{Operator, PreviousClaim, Recovery, SourceOffset};
+pub use handle::{Claim, Committed};
+pub use outbox::{OutboxReader, OutboxRecord, Output};
+
+use crate::state::error::{StateError, StateResult};
+
+/// The longest operator, source, topic or reader name, in bytes.
+pub const MAX_NAME_LEN: usize = 1024;
+
+/// Checks a name stored as `text`: not empty, at most [`MAX_NAME_LEN`] bytes, no NUL byte.
+pub(crate) fn check_name(what: &str, name: &str) -> StateResult<()> {
+    if name.is_empty() {
+        return Err(StateError::invalid(format!("{what} is empty")));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(StateError::invalid(format!(
+            "{what} is {} bytes; at most {MAX_NAME_LEN} allowed",
+            name.len()
+        )));
+    }
+    if name.contains('\0') {
+        return Err(StateError::invalid(format!("{what} contains a NUL byte")));
+    }
+    Ok(())
+}
+
+/// `set_config` of the statement's transaction: the server ends the transaction (and its
+/// session) once it sits idle longer than the operation timeout, so an instance paused
+/// inside a claim or commit (SIGSTOP, a long GC pause) holds the rows a new claim waits for
+/// no longer than that.
+pub(crate) fn idle_limit_ms(limit: std::time::Duration) -> String {
+    format!("{}ms", limit.as_millis().clamp(1, i32::MAX as u128))
+}

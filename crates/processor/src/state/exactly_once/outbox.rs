@@ -1,0 +1,292 @@
+//! The transactional outbox: outputs committed with an epoch's state, numbered in commit
+//! order, read by named readers that acknowledge how far they got.
+//!
+//! Positions follow commit order: a commit raises its state table's outbox head under the
+//! head row's lock, held until the commit ends, so a later commit gets higher positions and
+//! a reader that sees a position has every lower one visible too (no gap to skip over).
+//!
+//! Delivery: a sink that records the position with its own write (a PostgreSQL sink in the
+//! same transaction, through [`OutboxReader::acknowledge_in`]) sees each output once; any
+//! other sink sees each output at least once (it may get a batch again if it stopped after
+//! writing it and before acknowledging).
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio_postgres::types::Type;
+
+use super::check_name;
+use crate::state::error::{StateError, StateResult};
+use crate::state::limits::MAX_PAGE;
+use crate::state::pool::context::Context;
+use crate::state::stats::operation::Op;
+use crate::state::transaction::tx::PostgresTransaction;
+
+/// One output of an epoch commit: a topic (where the sink sends it), a key and a payload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Output {
+    /// Where the output goes (a topic, a table, a channel: the sink's choice).
+    pub topic: String,
+    /// Its key (may be empty).
+    pub key: Vec<u8>,
+    /// Its payload.
+    pub payload: Vec<u8>,
+}
+
+impl Output {
+    /// An output of `payload` under `key` to `topic`.
+    pub fn new(
+        topic: impl Into<String>,
+        key: impl Into<Vec<u8>>,
+        payload: impl Into<Vec<u8>>,
+    ) -> Self {
+        Output {
+            topic: topic.into(),
+            key: key.into(),
+            payload: payload.into(),
+        }
+    }
+}
+
+/// An output as committed: its position in the outbox, and the operator and epoch that
+/// committed it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxRecord {
+    /// Its position (1, 2, 3, ... in commit order, per state table).
+    pub position: i64,
+    /// The operator whose commit wrote it.
+    pub operator: String,
+    /// That commit's epoch.
+    pub epoch: i64,
+    /// The output's topic.
+    pub topic: String,
+    /// The output's key.
+    pub key: Vec<u8>,
+    /// The output's payload.
+    pub payload: Vec<u8>,
+    /// When its commit ran (the server's clock).
+    pub committed_at: SystemTime,
+}
+
+/// A named reader of a state table's outbox: where it acknowledged up to is kept in the
+/// database, so a restarted reader goes on from there.
+pub struct OutboxReader {
+    ctx: Arc<Context>,
+    name: String,
+    acknowledged: i64,
+}
+
+impl std::fmt::Debug for OutboxReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboxReader")
+            .field("table", &self.ctx.names.label)
+            .field("name", &self.name)
+            .field("acknowledged", &self.acknowledged)
+            .finish()
+    }
+}
+
+impl OutboxReader {
+    /// The reader `name` of `ctx`'s table, registered at position 0 if new.
+    pub(crate) async fn open(ctx: Arc<Context>, name: &str) -> StateResult<Self> {
+        check_name("outbox reader name", name)?;
+        let n = &ctx.names;
+        let table = n.table.as_str();
+        let sql = format!(
+            "WITH r AS (INSERT INTO {} (state_table, reader, position, acknowledged_at) \
+                        VALUES ($1, $2, 0, statement_timestamp()) \
+                        ON CONFLICT (state_table, reader) DO NOTHING RETURNING position) \
+             SELECT position FROM r UNION ALL \
+             SELECT position FROM {} WHERE state_table = $1 AND reader = $2",
+            n.outbox_readers, n.outbox_readers
+        );
+        let acknowledged = ctx
+            .on_primary(async |c| {
+                let rows = c
+                    .client
+                    .query_typed(&sql, &[(&table, Type::TEXT), (&name, Type::TEXT)])
+                    .await?;
+                let row = rows.first().ok_or_else(|| {
+                    StateError::NotInitialized("outbox reader row missing".into())
+                })?;
+                Ok(row.try_get::<_, i64>(0)?)
+            })
+            .await?;
+        Ok(OutboxReader {
+            ctx,
+            name: name.to_string(),
+            acknowledged,
+        })
+    }
+
+    /// The reader's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The position acknowledged so far (0: none).
+    pub fn acknowledged(&self) -> i64 {
+        self.acknowledged
+    }
+
+    /// Up to `limit` outputs after the acknowledged position, in commit order (at most
+    /// [`MAX_PAGE`] per call).
+    pub async fn read(&self, limit: usize) -> StateResult<Vec<OutboxRecord>> {
+        self.read_after(self.acknowledged, limit).await
+    }
+
+    /// Up to `limit` outputs after `position`, in commit order: for a sink that keeps its
+    /// position itself (in its own transaction).
+    pub async fn read_after(&self, position: i64, limit: usize) -> StateResult<Vec<OutboxRecord>> {
+        if limit == 0 || limit > MAX_PAGE {
+            return Err(StateError::invalid(format!(
+                "outbox read limit {limit}: between 1 and {MAX_PAGE}"
+            )));
+        }
+        let n = &self.ctx.names;
+        let table = n.table.as_str();
+        let limit = limit as i64;
+        let sql = format!(
+            "SELECT position, operator, epoch, topic, key, payload, committed_at FROM {} \
+             WHERE state_table = $1 AND position > $2 ORDER BY position LIMIT $3",
+            n.outbox
+        );
+        let start = std::time::Instant::now();
+        let rows = self
+            .ctx
+            .on_primary(async |c| {
+                Ok(c.client
+                    .query_typed(
+                        &sql,
+                        &[
+                            (&table, Type::TEXT),
+                            (&position, Type::INT8),
+                            (&limit, Type::INT8),
+                        ],
+                    )
+                    .await?)
+            })
+            .await;
+        self.ctx.stats.record(
+            Op::OutboxRead,
+            1,
+            start.elapsed(),
+            crate::state::stats::counters::failure(&rows),
+        );
+        rows?
+            .iter()
+            .map(|r| {
+                Ok(OutboxRecord {
+                    position: r.try_get(0)?,
+                    operator: r.try_get(1)?,
+                    epoch: r.try_get(2)?,
+                    topic: r.try_get(3)?,
+                    key: r.try_get(4)?,
+                    payload: r.try_get(5)?,
+                    committed_at: r.try_get(6)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Records that everything up to `position` was delivered. Positions only move forward
+    /// (a lower one changes nothing); one past the outbox's head is refused.
+    pub async fn acknowledge(&mut self, position: i64) -> StateResult<()> {
+        let sql = self.ack_sql();
+        let (table, name) = (self.ctx.names.table.as_str(), self.name.as_str());
+        let now = self
+            .ctx
+            .on_primary(async |c| {
+                Ok(c.client
+                    .query_typed_opt(
+                        &sql,
+                        &[
+                            (&table, Type::TEXT),
+                            (&name, Type::TEXT),
+                            (&position, Type::INT8),
+                        ],
+                    )
+                    .await?)
+            })
+            .await?;
+        match now {
+            Some(row) => {
+                self.acknowledged = row.try_get(0)?;
+                Ok(())
+            }
+            None => Err(past_head(position)),
+        }
+    }
+
+    /// [`acknowledge`](Self::acknowledge) inside `tx`, a transaction of the same database
+    /// that also writes the sink's effect: both commit or neither (exactly-once delivery).
+    /// The reader's own [`acknowledged`](Self::acknowledged) moves only after
+    /// [`refresh`](Self::refresh), since `tx` may still roll back.
+    pub async fn acknowledge_in(
+        &self,
+        tx: &mut PostgresTransaction,
+        position: i64,
+    ) -> StateResult<()> {
+        let sql = self.ack_sql();
+        let (table, name) = (self.ctx.names.table.as_str(), self.name.as_str());
+        let row = tx
+            .stmt(Op::OutboxAck, 1, async |c| {
+                Ok(c.client
+                    .query_typed_opt(
+                        &sql,
+                        &[
+                            (&table, Type::TEXT),
+                            (&name, Type::TEXT),
+                            (&position, Type::INT8),
+                        ],
+                    )
+                    .await?)
+            })
+            .await?;
+        row.map(|_| ()).ok_or_else(|| past_head(position))
+    }
+
+    /// Reads the acknowledged position again from the database.
+    pub async fn refresh(&mut self) -> StateResult<i64> {
+        let fresh = OutboxReader::open(self.ctx.clone(), &self.name).await?;
+        self.acknowledged = fresh.acknowledged;
+        Ok(self.acknowledged)
+    }
+
+    fn ack_sql(&self) -> String {
+        let n = &self.ctx.names;
+        format!(
+            "UPDATE {} AS r SET position = greatest(r.position, $3), \
+                    acknowledged_at = statement_timestamp() \
+             WHERE state_table = $1 AND reader = $2 AND $3 >= 0 \
+               AND $3 <= coalesce((SELECT position FROM {} WHERE state_table = $1), 0) \
+             RETURNING r.position",
+            n.outbox_readers, n.outbox_heads
+        )
+    }
+}
+
+fn past_head(position: i64) -> StateError {
+    StateError::invalid(format!(
+        "outbox position {position} cannot be acknowledged: it is negative or past the last \
+         committed output"
+    ))
+}
+
+/// Deletes the outputs every reader of `ctx`'s table has acknowledged; with no reader,
+/// nothing. Returns how many were deleted.
+pub(crate) async fn prune(ctx: &Context) -> StateResult<u64> {
+    let n = &ctx.names;
+    let table = n.table.as_str();
+    let sql = format!(
+        "DELETE FROM {} WHERE state_table = $1 \
+           AND position <= (SELECT min(position) FROM {} WHERE state_table = $1)",
+        n.outbox, n.outbox_readers
+    );
+    ctx.on_primary(async |c| {
+        Ok(c.client
+            .execute_typed(&sql, &[(&table, Type::TEXT)])
+            .await?)
+    })
+    .await
+}

@@ -1,0 +1,386 @@
+//! Exactly-once processing from the user's side: claims and epochs, fencing of a replaced
+//! claim, epoch commits of state with source offsets and outputs, recovery, commits dropped
+//! at any point, the owned-key cache and the outbox.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use processor::state::{
+    EnhancedPostgresBackend, ErrorKind, IsolationLevel, Operator, Output, SourceOffset,
+    StateBackend, StateError,
+};
+
+use crate::support;
+
+async fn pair(tag: &str) -> (EnhancedPostgresBackend, EnhancedPostgresBackend) {
+    let config = support::config(tag);
+    let a = EnhancedPostgresBackend::new(config.clone()).await.unwrap();
+    let b = EnhancedPostgresBackend::new(config).await.unwrap();
+    (a, b)
+}
+
+fn fenced<T: std::fmt::Debug>(r: Result<T, StateError>, epoch: i64) {
+    match r {
+        Err(StateError::EpochFenced { epoch: e, .. }) => assert_eq!(e, epoch),
+        other => panic!("expected EpochFenced for epoch {epoch}, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_commit_lands_whole_and_a_new_claim_recovers_from_it() {
+    let (a, b) = pair("eo_recover").await;
+    let mut claim = a.claim("counter").await.unwrap();
+    assert_eq!(claim.epoch(), 1);
+    assert!(claim.recovery().offsets.is_empty());
+    claim.put(b"k1", b"one").unwrap();
+    claim
+        .put_with_metadata(b"k2", b"two", serde_json::json!({"tag": "x"}))
+        .unwrap();
+    claim.delete(b"k3").unwrap();
+    // Buffered: visible under the claim, not outside it.
+    assert_eq!(claim.get(b"k1").await.unwrap(), Some(b"one".to_vec()));
+    assert_eq!(claim.get(b"k3").await.unwrap(), None);
+    assert_eq!(a.get(b"k1").await.unwrap(), None);
+    let offsets = [
+        SourceOffset::new("words", 0, 41),
+        SourceOffset::new("words", 0, 42),
+    ];
+    let outputs = [
+        Output::new("counts", "k1", "1"),
+        Output::new("counts", "k2", "2"),
+    ];
+    let done = claim.commit(&offsets, &outputs).await.unwrap();
+    assert_eq!(done.number, 1);
+    assert_eq!(done.outbox, Some(1..=2));
+    assert_eq!(claim.pending(), 0);
+    assert_eq!(claim.offset("words", 0), Some(42));
+    assert_eq!(b.get(b"k1").await.unwrap(), Some(b"one".to_vec()));
+    let entry = b.get_entry(b"k2").await.unwrap().unwrap();
+    assert_eq!(entry.metadata, serde_json::json!({"tag": "x"}));
+
+    // An empty commit is a fence check and still counts.
+    assert_eq!(claim.commit(&[], &[]).await.unwrap().number, 2);
+
+    let again = b.claim("counter").await.unwrap();
+    assert_eq!(again.epoch(), 2);
+    let r = again.recovery();
+    assert_eq!(r.offset("words", 0), Some(42), "the last offset given wins");
+    assert_eq!(r.previous.len(), 1);
+    assert_eq!((r.previous[0].epoch, r.previous[0].commits), (1, 2));
+    assert_eq!(r.previous[0].key_groups, 0..=u32::MAX);
+    assert!(r.previous[0].last_commit_at.is_some());
+    // The first claim is fenced now: its commit applies nothing.
+    claim.put(b"k1", b"zombie").unwrap();
+    fenced(
+        claim
+            .commit(
+                &[SourceOffset::new("words", 0, 99)],
+                &[Output::new("counts", "z", "z")],
+            )
+            .await,
+        1,
+    );
+    assert_eq!(b.get(b"k1").await.unwrap(), Some(b"one".to_vec()));
+    // Dead from then on, for reads and writes too.
+    fenced(claim.put(b"k", b"v"), 1);
+    fenced(claim.get(b"k1").await, 1);
+    let third = a.claim("counter").await.unwrap();
+    assert_eq!(third.recovery().offset("words", 0), Some(42));
+    let mut reader = a.outbox_reader("sink").await.unwrap();
+    let out = reader.read(100).await.unwrap();
+    assert_eq!(
+        out.len(),
+        2,
+        "the fenced commit's output is not there: {out:?}"
+    );
+    reader.acknowledge(2).await.unwrap();
+}
+
+#[tokio::test]
+async fn key_group_claims_fence_only_what_they_overlap() {
+    let (a, b) = pair("eo_groups").await;
+    let mut low = a
+        .claim(Operator::new("wc").key_groups(0..=63))
+        .await
+        .unwrap();
+    let mut high = b
+        .claim(Operator::new("wc").key_groups(64..=127))
+        .await
+        .unwrap();
+    assert!(high.epoch() > low.epoch());
+    low.put(b"low", b"1").unwrap();
+    high.put(b"high", b"1").unwrap();
+    low.commit(&[SourceOffset::new("in", 0, 10)], &[])
+        .await
+        .unwrap();
+    high.commit(&[SourceOffset::new("in", 1, 20)], &[])
+        .await
+        .unwrap();
+    // Rescaling to one instance owning both ranges fences both.
+    let all = a
+        .claim(Operator::new("wc").key_groups(0..=127))
+        .await
+        .unwrap();
+    let r = all.recovery();
+    assert_eq!((r.offset("in", 0), r.offset("in", 1)), (Some(10), Some(20)));
+    let epochs: Vec<i64> = r.previous.iter().map(|p| p.epoch).collect();
+    assert_eq!(epochs, vec![low.epoch(), high.epoch()]);
+    fenced(low.commit(&[], &[]).await, low.epoch());
+    fenced(high.commit(&[], &[]).await, high.epoch());
+    // Another operator is untouched.
+    let mut other = b.claim("other").await.unwrap();
+    assert_eq!(other.epoch(), 1);
+    other.commit(&[], &[]).await.unwrap();
+}
+
+/// A commit future dropped at any point: the claim is unsure from then on, and the next
+/// claim's recovery says whether it landed; state, offsets and outbox agree with that.
+#[tokio::test]
+async fn a_commit_dropped_anywhere_is_settled_by_the_next_claim() {
+    let (a, b) = pair("eo_drop").await;
+    let mut landed = 0;
+    let mut lost = 0;
+    for step in 0..40u64 {
+        let mut claim = a.claim("op").await.unwrap();
+        let base = claim.recovery().offset("s", 0).unwrap_or(0);
+        for i in 0..50 {
+            claim
+                .put(format!("k{i}").as_bytes(), &step.to_be_bytes())
+                .unwrap();
+        }
+        let offsets = [SourceOffset::new("s", 0, base + 1)];
+        let outputs = [Output::new("t", step.to_string(), "x")];
+        // From at once to a few milliseconds: before BEGIN, between statements, around
+        // COMMIT, or not at all.
+        let delay = Duration::from_micros(step * step * 5);
+        let r = tokio::time::timeout(delay, claim.commit(&offsets, &outputs)).await;
+        let done = match r {
+            Ok(result) => result.map(|_| true).unwrap(),
+            Err(_) => {
+                let e = claim.put(b"k", b"v").unwrap_err();
+                assert_eq!(e.kind(), ErrorKind::OutcomeUnknown, "{e}");
+                false
+            }
+        };
+        let next = b.claim("op").await.unwrap();
+        let prev = &next.recovery().previous[0];
+        assert_eq!(prev.epoch, claim.epoch());
+        let committed = prev.commits == 1;
+        if done {
+            assert!(committed);
+        }
+        let offset = next.recovery().offset("s", 0).unwrap_or(0);
+        assert_eq!(offset, base + u64::from(committed) as i64);
+        let value = b.get(b"k0").await.unwrap();
+        if committed {
+            assert_eq!(value, Some(step.to_be_bytes().to_vec()));
+            landed += 1;
+        } else {
+            lost += 1;
+        }
+        drop(next);
+    }
+    // Every landed commit put one output; none of the others did.
+    let reader = a.outbox_reader("check").await.unwrap();
+    let out = reader.read(1000).await.unwrap();
+    assert_eq!(out.len(), landed, "{landed} landed, {lost} did not");
+    let positions: Vec<i64> = out.iter().map(|o| o.position).collect();
+    assert_eq!(positions, (1..=landed as i64).collect::<Vec<_>>());
+    assert!(landed > 0 && lost > 0, "{landed} landed, {lost} did not");
+}
+
+#[tokio::test]
+async fn repeated_gets_under_a_claim_cost_no_round_trip() {
+    let (a, b) = pair("eo_cache").await;
+    b.put(b"known", b"v").await.unwrap();
+    b.put_with_ttl(b"short", b"v", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let mut claim = a
+        .claim(Operator::new("c").cache_capacity(1 << 20))
+        .await
+        .unwrap();
+    let gets = || a.get_stats().get_count;
+    let before = gets();
+    let keys: [&[u8]; 3] = [b"known", b"missing", b"short"];
+    let first = claim.get_many(&keys).await.unwrap();
+    assert_eq!(first, vec![Some(b"v".to_vec()), None, Some(b"v".to_vec())]);
+    let after_first = gets();
+    assert!(after_first > before);
+    for _ in 0..100 {
+        assert_eq!(claim.get(b"known").await.unwrap(), Some(b"v".to_vec()));
+        assert_eq!(claim.get(b"missing").await.unwrap(), None);
+    }
+    assert_eq!(gets(), after_first, "cached values and absences");
+    // An entry with a TTL is read from the server each time (its expiry is the server's).
+    claim.get(b"short").await.unwrap();
+    assert_eq!(gets(), after_first + 1);
+    // Committed writes go into the cache.
+    claim.put(b"new", b"n").unwrap();
+    claim.delete(b"known").unwrap();
+    claim.commit(&[], &[]).await.unwrap();
+    assert_eq!(claim.get(b"new").await.unwrap(), Some(b"n".to_vec()));
+    assert_eq!(claim.get(b"known").await.unwrap(), None);
+    assert_eq!(gets(), after_first + 1);
+    assert_eq!(b.get(b"known").await.unwrap(), None);
+    // A cache of nothing reads every time.
+    let mut off = b.claim(Operator::new("c").cache_capacity(0)).await.unwrap();
+    let n = b.get_stats().get_count;
+    off.get(b"new").await.unwrap();
+    off.get(b"new").await.unwrap();
+    assert_eq!(b.get_stats().get_count, n + 2);
+}
+
+#[tokio::test]
+async fn buffered_ttls_count_from_the_commit_on_the_server_clock() {
+    let (a, b) = pair("eo_ttl").await;
+    let mut claim = a.claim("t").await.unwrap();
+    claim
+        .put_with_ttl(b"brief", b"v", Duration::from_millis(300))
+        .unwrap();
+    claim
+        .put_entry(
+            b"long",
+            b"v",
+            Some(serde_json::json!({"a": 1})),
+            Some(Duration::from_secs(3600)),
+        )
+        .unwrap();
+    claim.commit(&[], &[]).await.unwrap();
+    assert_eq!(b.get(b"brief").await.unwrap(), Some(b"v".to_vec()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while b.get(b"brief").await.unwrap().is_some() {
+        assert!(std::time::Instant::now() < deadline, "never expired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(claim.get(b"brief").await.unwrap(), None);
+    assert_eq!(claim.get(b"long").await.unwrap(), Some(b"v".to_vec()));
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_with_nothing_written() {
+    let (a, b) = pair("eo_bad").await;
+    for op in [Operator::new(""), Operator::new("a\0b")] {
+        let e = a.claim(op).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    }
+    #[allow(clippy::reversed_empty_ranges)]
+    let e = a
+        .claim(Operator::new("x").key_groups(9..=3))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    let mut claim = a.claim("ok").await.unwrap();
+    assert_eq!(
+        claim.put(b"", b"v").unwrap_err().kind(),
+        ErrorKind::InvalidInput
+    );
+    assert_eq!(
+        claim
+            .put_with_metadata(b"k", b"v", serde_json::json!([1]))
+            .unwrap_err()
+            .kind(),
+        ErrorKind::InvalidInput
+    );
+    assert_eq!(claim.pending(), 0);
+    claim.put(b"k", b"v").unwrap();
+    let e = claim
+        .commit(&[SourceOffset::new("bad\0name", 0, 1)], &[])
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    let e = claim
+        .commit(&[], &[Output::new("t", vec![0u8; 3000], "p")])
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("output 0"), "{e}");
+    // Nothing was sent: the claim is usable and nothing landed.
+    assert_eq!(b.get(b"k").await.unwrap(), None);
+    assert_eq!(claim.commit(&[], &[]).await.unwrap().number, 1);
+    assert_eq!(b.get(b"k").await.unwrap(), Some(b"v".to_vec()));
+    let mut reader = a.outbox_reader("r").await.unwrap();
+    let e = reader.acknowledge(5).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    assert_eq!(
+        reader.read(0).await.unwrap_err().kind(),
+        ErrorKind::InvalidInput
+    );
+    assert!(a.outbox_reader("").await.is_err());
+}
+
+/// Outputs of concurrent commits are read in commit order: a reader never sees a position
+/// before every lower one is visible, and acknowledgements survive a restart.
+#[tokio::test]
+async fn the_outbox_is_read_in_commit_order_and_acknowledged() {
+    let config = support::config("eo_outbox");
+    let state = Arc::new(EnhancedPostgresBackend::new(config.clone()).await.unwrap());
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let state = state.clone();
+            tokio::spawn(async move {
+                let mut claim = state.claim(format!("op{w}")).await.unwrap();
+                for i in 0..25 {
+                    claim.put(format!("w{w}").as_bytes(), &[i]).unwrap();
+                    let outs: Vec<Output> = (0..3)
+                        .map(|j| Output::new("t", format!("{w}/{i}/{j}"), "p"))
+                        .collect();
+                    claim.commit(&[], &outs).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    let mut reader = state.outbox_reader("sink").await.unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 300 {
+        let page = reader.read(7).await.unwrap();
+        for (i, r) in page.iter().enumerate() {
+            assert_eq!(r.position, reader.acknowledged() + 1 + i as i64, "a gap");
+        }
+        if let Some(last) = page.last() {
+            reader.acknowledge(last.position).await.unwrap();
+        }
+        seen.extend(page.into_iter().map(|r| String::from_utf8(r.key).unwrap()));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    // Each writer's outputs in its own commit order, all exactly once.
+    for w in 0..4 {
+        let mine: Vec<&String> = seen
+            .iter()
+            .filter(|k| k.starts_with(&format!("{w}/")))
+            .collect();
+        let expected: Vec<String> = (0..25)
+            .flat_map(|i| (0..3).map(move |j| format!("{w}/{i}/{j}")))
+            .collect();
+        assert_eq!(mine, expected.iter().collect::<Vec<_>>());
+    }
+    // A restarted reader goes on from its acknowledgement; a lower one changes nothing.
+    let mut again = state.outbox_reader("sink").await.unwrap();
+    assert_eq!(again.acknowledged(), 300);
+    again.acknowledge(10).await.unwrap();
+    assert_eq!(again.acknowledged(), 300);
+    assert!(again.read(10).await.unwrap().is_empty());
+
+    // Acknowledging inside a transaction of the sink's own: rolled back, it did not happen.
+    let mut late = state.outbox_reader("late").await.unwrap();
+    let mut tx = state
+        .begin_transaction(IsolationLevel::ReadCommitted)
+        .await
+        .unwrap();
+    late.acknowledge_in(&mut tx, 100).await.unwrap();
+    tx.put(b"sink-effect", b"1").await.unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(late.refresh().await.unwrap(), 0);
+    let mut tx = state
+        .begin_transaction(IsolationLevel::ReadCommitted)
+        .await
+        .unwrap();
+    late.acknowledge_in(&mut tx, 100).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(late.refresh().await.unwrap(), 100);
+    // Pruning drops what every reader acknowledged.
+    assert_eq!(state.prune_outbox().await.unwrap(), 100);
+    assert_eq!(late.read(1000).await.unwrap().len(), 200);
+}

@@ -45,3 +45,4 @@ mod time_partitions;
 mod tls;
 mod transaction_drops;
 mod transactions;
+mod word_count;

@@ -62,7 +62,7 @@ pub use enhanced::EnhancedPostgresBackend;
 pub use error::{sqlstate, ErrorKind, StateError, StateResult};
 pub use exactly_once::{
     Claim, Committed, Operator, OutboxReader, OutboxRecord, Output, PreviousClaim, Recovery,
-    SourceOffset, MAX_NAME_LEN,
+    SourceOffset, DEFAULT_CLAIM_CACHE_BYTES, MAX_NAME_LEN,
 };
 pub use ident::{Ident, MAX_IDENT_LEN, MAX_TABLE_NAME_LEN};
 pub use limits::{

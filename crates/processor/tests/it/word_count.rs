@@ -304,7 +304,7 @@ async fn exactly_once_under_kills_and_a_zombie() {
         worker.seen
     );
     assert!(status.success(), "{:?}", worker.seen);
-    let done = second.wait_for(&["DONE"], Duration::from_secs(600));
+    let done = second.wait_for(&["DONE"], Duration::from_secs(300));
     assert!(second.child.wait().unwrap().success());
     assert_eq!(done.map(|(_, l)| l), Some(format!("DONE {n}")));
 

@@ -23,7 +23,7 @@ use crate::state::transaction::tx::PostgresTransaction;
 use crate::state::wire::statements::Param;
 
 /// The default bound of a claim's cache of owned keys: 64 MiB of keys and values.
-pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
+pub const DEFAULT_CLAIM_CACHE_BYTES: usize = 64 << 20;
 
 /// What to claim: an operator, optionally a range of its key groups.
 ///
@@ -45,7 +45,7 @@ impl Operator {
         Operator {
             name: name.into(),
             groups: 0..=u32::MAX,
-            cache_bytes: DEFAULT_CACHE_BYTES,
+            cache_bytes: DEFAULT_CLAIM_CACHE_BYTES,
         }
     }
 
@@ -56,7 +56,7 @@ impl Operator {
     }
 
     /// Bounds the claim's cache of owned keys to about `bytes` of keys and values (least
-    /// recently used ones go first); `0` turns the cache off. Default [`DEFAULT_CACHE_BYTES`].
+    /// recently used ones go first); `0` turns the cache off. Default [`DEFAULT_CLAIM_CACHE_BYTES`].
     pub fn cache_capacity(mut self, bytes: usize) -> Self {
         self.cache_bytes = bytes;
         self

@@ -11,7 +11,7 @@ use super::cache::OwnedCache;
 use super::claim::{Operator, Recovery, SourceOffset};
 use super::commit::{self, check_inputs, ClaimId, Pending};
 use super::outbox::Output;
-use crate::state::error::{StateError, StateResult};
+use crate::state::error::{ErrorKind, StateError, StateResult};
 use crate::state::limits::{check_entry, check_key, check_metadata, check_ttl, MAX_GET_MANY};
 use crate::state::pool::context::Context;
 use crate::state::routing::causal::Session;
@@ -358,7 +358,8 @@ impl Claim {
                 self.cache.clear();
                 Err(e)
             }
-            Err(e @ StateError::CommitOutcomeUnknown(_)) => {
+            // (The state stays unsure.)
+            Err(e) if e.kind() == ErrorKind::OutcomeUnknown => {
                 self.cache.clear();
                 Err(e)
             }

@@ -12,8 +12,8 @@
 //! claim are cached (`cache`). Outputs go to the outbox, read in commit order by
 //! [`OutboxReader`]s (`outbox`).
 //!
-//! May use: `transaction`, `ops`, `routing` (sessions), `pool`, `wire`, `schema`, `stats`,
-//! `error`, `limits`.
+//! May use: `transaction`, `ops`, `routing` (sessions), `pool`, `wire`, `schema`, `config`,
+//! `stats`, `error`, `limits`.
 
 pub(crate) mod cache;
 pub(crate) mod claim;
@@ -21,7 +21,7 @@ mod commit;
 pub(crate) mod handle;
 pub(crate) mod outbox;
 
-pub use claim::{Operator, PreviousClaim, Recovery, SourceOffset};
+pub use claim::{Operator, PreviousClaim, Recovery, SourceOffset, DEFAULT_CLAIM_CACHE_BYTES};
 pub use handle::{Claim, Committed};
 pub use outbox::{OutboxReader, OutboxRecord, Output};
 

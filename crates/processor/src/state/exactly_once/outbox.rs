@@ -21,6 +21,8 @@ use crate::state::limits::MAX_PAGE;
 use crate::state::pool::context::Context;
 use crate::state::stats::operation::Op;
 use crate::state::transaction::tx::PostgresTransaction;
+use crate::state::wire::connection::PgConn;
+use crate::state::wire::statements::Param;
 
 /// One output of an epoch commit: a topic (where the sink sends it), a key and a payload.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -102,14 +104,18 @@ impl OutboxReader {
         );
         let acknowledged = ctx
             .on_primary(async |c| {
-                let rows = c
-                    .client
-                    .query_typed(&sql, &[(&table, Type::TEXT), (&name, Type::TEXT)])
-                    .await?;
-                let row = rows.first().ok_or_else(|| {
-                    StateError::NotInitialized("outbox reader row missing".into())
-                })?;
-                Ok(row.try_get::<_, i64>(0)?)
+                let params = [(&table as Param<'_>, Type::TEXT), (&name, Type::TEXT)];
+                // Registered concurrently by another caller, the row is invisible to this
+                // statement's snapshot: the second try sees it.
+                for _ in 0..2 {
+                    let rows = c.client.query_typed(&sql, &params).await?;
+                    if let Some(row) = rows.first() {
+                        return Ok(row.try_get::<_, i64>(0)?);
+                    }
+                }
+                Err(StateError::NotInitialized(format!(
+                    "outbox reader {name:?} could not be registered"
+                )))
             })
             .await?;
         Ok(OutboxReader {
@@ -192,30 +198,12 @@ impl OutboxReader {
     /// Records that everything up to `position` was delivered. Positions only move forward
     /// (a lower one changes nothing); one past the outbox's head is refused.
     pub async fn acknowledge(&mut self, position: i64) -> StateResult<()> {
-        let sql = self.ack_sql();
-        let (table, name) = (self.ctx.names.table.as_str(), self.name.as_str());
         let now = self
             .ctx
-            .on_primary(async |c| {
-                Ok(c.client
-                    .query_typed_opt(
-                        &sql,
-                        &[
-                            (&table, Type::TEXT),
-                            (&name, Type::TEXT),
-                            (&position, Type::INT8),
-                        ],
-                    )
-                    .await?)
-            })
+            .on_primary(async |c| self.ack_on(c, position).await)
             .await?;
-        match now {
-            Some(row) => {
-                self.acknowledged = row.try_get(0)?;
-                Ok(())
-            }
-            None => Err(past_head(position)),
-        }
+        self.acknowledged = now;
+        Ok(())
     }
 
     /// [`acknowledge`](Self::acknowledge) inside `tx`, a transaction of the same database
@@ -227,23 +215,38 @@ impl OutboxReader {
         tx: &mut PostgresTransaction,
         position: i64,
     ) -> StateResult<()> {
-        let sql = self.ack_sql();
-        let (table, name) = (self.ctx.names.table.as_str(), self.name.as_str());
-        let row = tx
-            .stmt(Op::OutboxAck, 1, async |c| {
-                Ok(c.client
-                    .query_typed_opt(
-                        &sql,
-                        &[
-                            (&table, Type::TEXT),
-                            (&name, Type::TEXT),
-                            (&position, Type::INT8),
-                        ],
-                    )
-                    .await?)
-            })
+        tx.stmt(Op::OutboxAck, 1, async |c| self.ack_on(c, position).await)
             .await?;
-        row.map(|_| ()).ok_or_else(|| past_head(position))
+        Ok(())
+    }
+
+    /// Moves the reader's position to `position` (never back) on `c`; the position now.
+    async fn ack_on(&self, c: &PgConn, position: i64) -> StateResult<i64> {
+        let n = &self.ctx.names;
+        let sql = format!(
+            "UPDATE {} AS r SET position = greatest(r.position, $3), \
+                    acknowledged_at = statement_timestamp() \
+             WHERE state_table = $1 AND reader = $2 AND $3 >= 0 \
+               AND $3 <= coalesce((SELECT position FROM {} WHERE state_table = $1), 0) \
+             RETURNING r.position",
+            n.outbox_readers, n.outbox_heads
+        );
+        let (table, name) = (n.table.as_str(), self.name.as_str());
+        let row = c
+            .client
+            .query_typed_opt(
+                &sql,
+                &[
+                    (&table, Type::TEXT),
+                    (&name, Type::TEXT),
+                    (&position, Type::INT8),
+                ],
+            )
+            .await?;
+        match row {
+            Some(r) => Ok(r.try_get(0)?),
+            None => Err(past_head(position)),
+        }
     }
 
     /// Reads the acknowledged position again from the database.
@@ -251,18 +254,6 @@ impl OutboxReader {
         let fresh = OutboxReader::open(self.ctx.clone(), &self.name).await?;
         self.acknowledged = fresh.acknowledged;
         Ok(self.acknowledged)
-    }
-
-    fn ack_sql(&self) -> String {
-        let n = &self.ctx.names;
-        format!(
-            "UPDATE {} AS r SET position = greatest(r.position, $3), \
-                    acknowledged_at = statement_timestamp() \
-             WHERE state_table = $1 AND reader = $2 AND $3 >= 0 \
-               AND $3 <= coalesce((SELECT position FROM {} WHERE state_table = $1), 0) \
-             RETURNING r.position",
-            n.outbox_readers, n.outbox_heads
-        )
     }
 }
 

@@ -426,3 +426,55 @@ async fn epoch_commits_work_on_partitioned_tables() {
         assert_eq!(again.recovery().offset("s", 0), Some(2));
     }
 }
+
+/// A COMMIT whose answer does not come within the operation timeout (here a deferred
+/// trigger makes it take 3 s): `CommitOutcomeUnknown`, the claim refuses to go on, and the
+/// next claim's recovery says whether it landed, in agreement with state, offsets and outbox.
+#[tokio::test]
+async fn a_lost_commit_is_settled_by_the_next_claim() {
+    let schema = support::unique("eo_lost");
+    let config = |timeout| {
+        processor::state::EnhancedPostgresConfig::new(support::url())
+            .with_schema(&schema)
+            .with_pool_config(support::small_pool())
+            .with_operation_timeout(Duration::from_secs(timeout))
+    };
+    let a = EnhancedPostgresBackend::new(config(1)).await.unwrap();
+    let b = EnhancedPostgresBackend::new(config(30)).await.unwrap();
+    support::raw(&support::url())
+        .await
+        .batch_execute(&format!(
+            "CREATE FUNCTION {schema}.slow() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN PERFORM pg_sleep(3); RETURN NULL; END $$; \
+             CREATE CONSTRAINT TRIGGER slow AFTER INSERT ON {schema}.state_outbox \
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {schema}.slow()"
+        ))
+        .await
+        .unwrap();
+    let mut claim = a.claim("op").await.unwrap();
+    claim.put(b"k", b"v").unwrap();
+    let e = claim
+        .commit(
+            &[SourceOffset::new("s", 0, 7)],
+            &[Output::new("t", "k", "v")],
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StateError::CommitOutcomeUnknown(_)), "{e}");
+    let e = claim.put(b"k", b"w").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::OutcomeUnknown, "{e}");
+    assert!(e.to_string().contains("commit 1"), "{e}");
+
+    let next = b.claim("op").await.unwrap();
+    let prev = &next.recovery().previous[0];
+    assert_eq!(prev.epoch, claim.epoch());
+    let landed = match prev.commits {
+        0 => false,
+        1 => true,
+        n => panic!("{n} commits"),
+    };
+    assert_eq!(next.recovery().offset("s", 0), landed.then_some(7));
+    assert_eq!(b.get(b"k").await.unwrap(), landed.then(|| b"v".to_vec()));
+    let out = b.outbox_reader("r").await.unwrap().read(10).await.unwrap();
+    assert_eq!(out.len(), usize::from(landed));
+}

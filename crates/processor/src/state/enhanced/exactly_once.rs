@@ -15,7 +15,9 @@ impl EnhancedPostgresBackend {
     /// commits under those are refused from now on with
     /// [`StateError::EpochFenced`](crate::state::StateError::EpochFenced), whether or not
     /// their instances are still connected. Waits for a commit of a replaced claim that is
-    /// under way (a paused one is ended by the server after the operation timeout).
+    /// under way, at most half the operation timeout: then it ends that commit's session
+    /// (`pg_terminate_backend`: an instance paused in the middle of a commit), which needs
+    /// the right to signal it (the same role, or `pg_signal_backend`).
     ///
     /// The claim's [`recovery`](Claim::recovery) holds the last committed source offsets;
     /// the state is exactly as of those commits. On the primary; works behind PgBouncer's
@@ -33,7 +35,8 @@ impl EnhancedPostgresBackend {
     }
 
     /// Deletes the outbox rows that every reader of this state table acknowledged (none
-    /// while no reader is registered); how many.
+    /// while no reader is registered); how many. A reader registered afterwards never sees
+    /// them: register every reader before pruning.
     pub async fn prune_outbox(&self) -> StateResult<u64> {
         prune(&self.store().ctx).await
     }

@@ -3,14 +3,16 @@
 //!
 //! One transaction: raise the operator's epoch (its row's lock serialises claims of the
 //! operator), delete every claim overlapping the key groups (waiting for a commit of one of
-//! them that is under way, which holds its row), insert this claim, then read the committed
-//! source offsets. READ COMMITTED: each statement sees what committed before it started, so
+//! them that is under way, which holds its row, at most half the operation timeout: then
+//! that commit's session is ended), insert this claim, then read the committed source
+//! offsets. READ COMMITTED: each statement sees what committed before it started, so
 //! the offsets read are those of the last commit of any replaced claim.
 
 use std::ops::RangeInclusive;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
 
 use super::{check_name, idle_limit_ms};
@@ -20,6 +22,7 @@ use crate::state::pool::context::Context;
 use crate::state::routing::causal::Session;
 use crate::state::stats::operation::Op;
 use crate::state::transaction::tx::PostgresTransaction;
+use crate::state::wire::connection::PgConn;
 use crate::state::wire::statements::Param;
 
 /// The default bound of a claim's cache of owned keys: 64 MiB of keys and values.
@@ -188,6 +191,17 @@ pub(crate) async fn take(
          RETURNING epoch, first_group, last_group, commits, claimed_at, committed_at",
         n.claims
     );
+    // The sessions of the transactions holding overlapping claim rows (a commit under way
+    // locks its row: its transaction id is the row's xmax, and the transaction holds the lock
+    // on its own id), ended.
+    let holders = format!(
+        "SELECT pg_terminate_backend(l.pid) FROM {} c \
+         JOIN pg_locks l ON l.locktype = 'transactionid' AND l.transactionid = c.xmax \
+                        AND l.granted AND l.mode = 'ExclusiveLock' \
+         WHERE c.state_table = $1 AND c.operator = $2 \
+           AND c.first_group <= $4 AND c.last_group >= $3 AND l.pid <> pg_backend_pid()",
+        n.claims
+    );
     let insert = format!(
         "INSERT INTO {} (state_table, operator, epoch, first_group, last_group, claimed_at) \
          VALUES ($1, $2, $3, $4, $5, statement_timestamp())",
@@ -216,10 +230,8 @@ pub(crate) async fn take(
                 .query_typed_one(&bump, &[t(), o(), (&idle, Type::TEXT)])
                 .await?
                 .try_get(0)?;
-            let replaced = c
-                .client
-                .query_typed(&replace, &[t(), o(), lo(), hi()])
-                .await?;
+            let params = [t(), o(), lo(), hi()];
+            let replaced = replace_claims(c, &replace, &holders, &params, ctx.limit / 2).await?;
             let mut previous = replaced
                 .iter()
                 .map(previous_claim)
@@ -251,6 +263,43 @@ pub(crate) async fn take(
         .await?;
     tx.commit().await?;
     Ok(recovery)
+}
+
+/// Deletes the claims overlapping the new one (`replace`), waiting at most `grace` for a
+/// commit under way on one of them; past that, its session is ended (`holders`: an instance
+/// paused in the middle of sending a statement, which the server's idle timeout does not
+/// end) and the delete waits for it to go. Its rows.
+async fn replace_claims(
+    c: &PgConn,
+    replace: &str,
+    holders: &str,
+    params: &[(Param<'_>, Type)],
+    grace: Duration,
+) -> StateResult<Vec<tokio_postgres::Row>> {
+    // (The driver takes the parameters by value, and `Type` is not `Copy`.)
+    let again =
+        || -> Vec<(Param<'_>, Type)> { params.iter().map(|(v, t)| (*v, t.clone())).collect() };
+    c.client
+        .batch_execute(&format!(
+            "SAVEPOINT pgstate_claim; SET LOCAL lock_timeout = '{}ms'",
+            grace.as_millis().clamp(1, i32::MAX as u128)
+        ))
+        .await?;
+    match c.client.query_typed(replace, &again()).await {
+        Ok(rows) => return Ok(rows),
+        Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {}
+        Err(e) => return Err(e.into()),
+    }
+    c.client
+        .batch_execute("ROLLBACK TO SAVEPOINT pgstate_claim; SET LOCAL lock_timeout = 0")
+        .await?;
+    let ended = c.client.query_typed(holders, &again()).await?;
+    tracing::warn!(
+        target: "pgstate",
+        sessions = ended.len(),
+        "a claim ended the sessions of commits that held a replaced claim past the grace period"
+    );
+    Ok(c.client.query_typed(replace, &again()).await?)
 }
 
 fn previous_claim(r: &tokio_postgres::Row) -> StateResult<PreviousClaim> {

@@ -25,7 +25,7 @@ use crate::state::pool::context::Context;
 use crate::state::routing::causal::Session;
 use crate::state::stats::operation::Op;
 use crate::state::transaction::tx::PostgresTransaction;
-use crate::state::wire::statements::{rewindow, upsert_sql, LIVE, REPLACE, TOMBSTONE};
+use crate::state::wire::statements::{rewindow, upsert_sql, Param, LIVE, REPLACE, TOMBSTONE};
 
 /// A buffered change of one key.
 #[derive(Clone, Debug)]
@@ -43,10 +43,11 @@ pub(crate) enum Pending {
     Delete,
 }
 
-/// Which claim commits.
+/// Which claim commits, and how many of its commits it saw land.
 pub(crate) struct ClaimId<'a> {
     pub operator: &'a str,
     pub epoch: i64,
+    pub commits: u64,
 }
 
 /// What a commit that landed reports back.
@@ -99,13 +100,24 @@ pub(crate) async fn run(
     let mut tx =
         PostgresTransaction::begin(ctx.clone(), owner, IsolationLevel::ReadCommitted, false)
             .await?;
-    let number = check_epoch(&mut tx, claim).await?;
-    let Some(number) = number else {
-        let _ = tx.rollback().await;
-        return Err(StateError::EpochFenced {
-            operator: claim.operator.to_string(),
-            epoch: claim.epoch,
-        });
+    let number = match check_epoch(&mut tx, claim).await? {
+        Ok(number) => number,
+        Err(found) => {
+            let _ = tx.rollback().await;
+            return Err(match found {
+                None => StateError::EpochFenced {
+                    operator: claim.operator.to_string(),
+                    epoch: claim.epoch,
+                },
+                Some(found) => StateError::OutcomeUnknown(format!(
+                    "operator {:?} epoch {} has {found} commits in the database, but {} were \
+                     acknowledged to its claim: an acknowledged commit was lost (a failover to a \
+                     standby that had not received it?); nothing of this commit was applied: \
+                     claim again to continue from the database's state",
+                    claim.operator, claim.epoch, claim.commits
+                )),
+            });
+        }
     };
     write_changes(&mut tx, pending).await?;
     write_offsets(&mut tx, claim, offsets).await?;
@@ -117,39 +129,50 @@ pub(crate) async fn run(
     })
 }
 
-/// The compare-and-set on the claim's row: its new commit count, or `None` when fenced.
+/// The compare-and-set on the claim's row, where its epoch is still there with the commit
+/// count the claim saw land: the new count. Otherwise the count found (`None`: no row, the
+/// claim was replaced).
 async fn check_epoch(
     tx: &mut PostgresTransaction,
     claim: &ClaimId<'_>,
-) -> StateResult<Option<i64>> {
+) -> StateResult<Result<i64, Option<i64>>> {
     let n = &tx.ctx.names;
-    let sql = format!(
+    let cas = format!(
         "WITH c AS (UPDATE {} SET commits = commits + 1, committed_at = statement_timestamp() \
-                    WHERE state_table = $1 AND operator = $2 AND epoch = $3 RETURNING commits) \
+                    WHERE state_table = $1 AND operator = $2 AND epoch = $3 AND commits = $5 \
+                    RETURNING commits) \
          SELECT c.commits, set_config('idle_in_transaction_session_timeout', $4, true) FROM c",
+        n.claims
+    );
+    let found = format!(
+        "SELECT commits FROM {} WHERE state_table = $1 AND operator = $2 AND epoch = $3",
         n.claims
     );
     let table = n.table.as_str().to_string();
     let idle = idle_limit_ms(tx.ctx.limit);
+    let expected = i64::try_from(claim.commits).unwrap_or(i64::MAX);
     tx.stmt(Op::EpochCheck, 1, async |c| {
+        let t = || (&table as Param<'_>, Type::TEXT);
+        let o = || (&claim.operator as Param<'_>, Type::TEXT);
+        let e = || (&claim.epoch as Param<'_>, Type::INT8);
         let row = c
             .client
             .query_typed_opt(
-                &sql,
-                &[
-                    (&table, Type::TEXT),
-                    (&claim.operator, Type::TEXT),
-                    (&claim.epoch, Type::INT8),
-                    (&idle, Type::TEXT),
-                ],
+                &cas,
+                &[t(), o(), e(), (&idle, Type::TEXT), (&expected, Type::INT8)],
             )
             .await?;
-        Ok(row.map(|r| r.try_get(0)).transpose()?)
+        if let Some(r) = row {
+            return Ok(Ok(r.try_get(0)?));
+        }
+        let row = c.client.query_typed_opt(&found, &[t(), o(), e()]).await?;
+        Ok(Err(row.map(|r| r.try_get(0)).transpose()?))
     })
     .await
 }
 
-/// The buffered puts (UNNEST chunks, in key order) and deletes (one tombstone update).
+/// The buffered puts (UNNEST chunks, in key order) and deletes (tombstone updates of up to
+/// [`BATCH_CHUNK_ROWS`] keys each).
 async fn write_changes(
     tx: &mut PostgresTransaction,
     pending: &BTreeMap<Vec<u8>, Pending>,
@@ -199,11 +222,10 @@ async fn write_changes(
         }
     }
     chunk.send(tx, &upsert).await?;
-    if !deletes.is_empty() {
-        let rows = deletes.len() as u64;
-        tx.stmt(Op::EpochWrite, rows, async |c| {
+    for part in deletes.chunks(BATCH_CHUNK_ROWS) {
+        tx.stmt(Op::EpochWrite, part.len() as u64, async |c| {
             Ok(c.client
-                .execute_typed(&delete, &[(&deletes, Type::BYTEA_ARRAY)])
+                .execute_typed(&delete, &[(&part, Type::BYTEA_ARRAY)])
                 .await?)
         })
         .await?;
@@ -295,7 +317,8 @@ async fn write_offsets(
     Ok(())
 }
 
-/// The outputs, numbered from the outbox head; the positions they got.
+/// The outputs, numbered from the outbox head (raised once for all of them), inserted by
+/// UNNEST chunks; the positions they got.
 async fn write_outputs(
     tx: &mut PostgresTransaction,
     claim: &ClaimId<'_>,
@@ -305,31 +328,60 @@ async fn write_outputs(
         return Ok(None);
     }
     let n = tx.ctx.names.clone();
-    let sql = format!(
-        "WITH h AS (UPDATE {} SET position = position + $3 WHERE state_table = $1 \
-                    RETURNING position - $3 AS base), \
-              i AS (INSERT INTO {} (state_table, position, operator, epoch, topic, key, payload, committed_at) \
-                    SELECT $1, h.base + o.n, $2, $4, o.topic, o.key, o.payload, statement_timestamp() \
-                    FROM h, unnest($5::text[], $6::bytea[], $7::bytea[]) WITH ORDINALITY \
-                         AS o(topic, key, payload, n) \
-                    RETURNING 1) \
-         SELECT h.base, (SELECT count(*) FROM i) FROM h",
-        n.outbox_heads, n.outbox
+    let raise = format!(
+        "UPDATE {} SET position = position + $2 WHERE state_table = $1 \
+         RETURNING position - $2",
+        n.outbox_heads
+    );
+    let insert = format!(
+        "INSERT INTO {} (state_table, position, operator, epoch, topic, key, payload, committed_at) \
+         SELECT $1, $3 + o.n, $2, $4, o.topic, o.key, o.payload, statement_timestamp() \
+         FROM unnest($5::text[], $6::bytea[], $7::bytea[]) WITH ORDINALITY AS o(topic, key, payload, n)",
+        n.outbox
     );
     let table = n.table.as_str().to_string();
     let count = outputs.len() as i64;
-    let topics: Vec<&str> = outputs.iter().map(|o| o.topic.as_str()).collect();
-    let keys: Vec<&[u8]> = outputs.iter().map(|o| o.key.as_slice()).collect();
-    let payloads: Vec<&[u8]> = outputs.iter().map(|o| o.payload.as_slice()).collect();
     let row = tx
-        .stmt(Op::OutboxWrite, outputs.len() as u64, async |c| {
+        .stmt(Op::OutboxWrite, 1, async |c| {
             Ok(c.client
-                .query_typed_opt(
-                    &sql,
+                .query_typed_opt(&raise, &[(&table, Type::TEXT), (&count, Type::INT8)])
+                .await?)
+        })
+        .await?;
+    let base: i64 = match row {
+        Some(r) => r.try_get(0)?,
+        None => {
+            return Err(StateError::NotInitialized(format!(
+                "the outbox of {} has no head row",
+                n.label
+            )))
+        }
+    };
+    let mut start = 0;
+    while start < outputs.len() {
+        let mut end = start;
+        let mut bytes = 0;
+        while end < outputs.len()
+            && end - start < BATCH_CHUNK_ROWS
+            && (end == start
+                || bytes + outputs[end].key.len() + outputs[end].payload.len() <= BATCH_CHUNK_BYTES)
+        {
+            bytes += outputs[end].key.len() + outputs[end].payload.len();
+            end += 1;
+        }
+        let chunk = &outputs[start..end];
+        let topics: Vec<&str> = chunk.iter().map(|o| o.topic.as_str()).collect();
+        let keys: Vec<&[u8]> = chunk.iter().map(|o| o.key.as_slice()).collect();
+        let payloads: Vec<&[u8]> = chunk.iter().map(|o| o.payload.as_slice()).collect();
+        let first = base + start as i64;
+        tx.stmt(Op::OutboxWrite, chunk.len() as u64, async |c| {
+            Ok(c.client
+                .execute_typed(
+                    &insert,
                     &[
                         (&table, Type::TEXT),
                         (&claim.operator, Type::TEXT),
-                        (&count, Type::INT8),
+                        (&first, Type::INT8),
                         (&claim.epoch, Type::INT8),
                         (&topics, Type::TEXT_ARRAY),
                         (&keys, Type::BYTEA_ARRAY),
@@ -339,15 +391,7 @@ async fn write_outputs(
                 .await?)
         })
         .await?;
-    let (base, written): (i64, i64) = match row {
-        Some(r) => (r.try_get(0)?, r.try_get(1)?),
-        None => (0, 0),
-    };
-    if written != count {
-        return Err(StateError::NotInitialized(format!(
-            "the outbox of {} has no head row: wrote {written} of {count} outputs",
-            tx.ctx.names.label
-        )));
+        start = end;
     }
     Ok(Some(base + 1..=base + count))
 }

@@ -332,6 +332,7 @@ impl Claim {
         let id = ClaimId {
             operator: self.operator.name(),
             epoch: self.recovery.epoch,
+            commits: self.commits,
         };
         let result = commit::run(
             &self.ctx,

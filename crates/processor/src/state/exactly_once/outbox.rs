@@ -16,7 +16,7 @@ use std::time::SystemTime;
 use tokio_postgres::types::Type;
 
 use super::check_name;
-use crate::state::error::{StateError, StateResult};
+use crate::state::error::{ErrorKind, StateError, StateResult};
 use crate::state::limits::MAX_PAGE;
 use crate::state::pool::context::Context;
 use crate::state::stats::operation::Op;
@@ -196,37 +196,54 @@ impl OutboxReader {
     }
 
     /// Records that everything up to `position` was delivered. Positions only move forward
-    /// (a lower one changes nothing); one past the outbox's head is refused.
+    /// (a lower one changes nothing); one past the outbox's head is refused. At least once:
+    /// a sink that stops after delivering and before this returns gets the batch again.
+    ///
+    /// A timeout or a lost connection after the statement was sent is
+    /// [`StateError::OutcomeUnknown`]: acknowledging again is safe.
     pub async fn acknowledge(&mut self, position: i64) -> StateResult<()> {
         let now = self
             .ctx
-            .on_primary(async |c| self.ack_on(c, position).await)
-            .await?;
+            .on_primary(async |c| self.ack_on(c, None, position).await)
+            .await
+            .map_err(unknown_if_sent)?;
         self.acknowledged = now;
         Ok(())
     }
 
-    /// [`acknowledge`](Self::acknowledge) inside `tx`, a transaction of the same database
-    /// that also writes the sink's effect: both commit or neither (exactly-once delivery).
+    /// Records, inside `tx` (a transaction of the same database that also writes the sink's
+    /// effect), that everything up to `position` was delivered by a batch read after `after`:
+    /// both commit or neither, and a second sink instance that read the same batch is refused
+    /// ([`StateError::ConcurrentModification`]: roll back), so each output takes effect once.
     /// The reader's own [`acknowledged`](Self::acknowledged) moves only after
     /// [`refresh`](Self::refresh), since `tx` may still roll back.
     pub async fn acknowledge_in(
         &self,
         tx: &mut PostgresTransaction,
+        after: i64,
         position: i64,
     ) -> StateResult<()> {
-        tx.stmt(Op::OutboxAck, 1, async |c| self.ack_on(c, position).await)
-            .await?;
+        if position < after {
+            return Err(StateError::invalid(format!(
+                "outbox position {position} is before {after}, where the batch was read from"
+            )));
+        }
+        tx.stmt(Op::OutboxAck, 1, async |c| {
+            self.ack_on(c, Some(after), position).await
+        })
+        .await?;
         Ok(())
     }
 
-    /// Moves the reader's position to `position` (never back) on `c`; the position now.
-    async fn ack_on(&self, c: &PgConn, position: i64) -> StateResult<i64> {
+    /// Moves the reader's position to `position` on `c` (from exactly `after`, or else never
+    /// back); the position now.
+    async fn ack_on(&self, c: &PgConn, after: Option<i64>, position: i64) -> StateResult<i64> {
         let n = &self.ctx.names;
         let sql = format!(
             "UPDATE {} AS r SET position = greatest(r.position, $3), \
                     acknowledged_at = statement_timestamp() \
              WHERE state_table = $1 AND reader = $2 AND $3 >= 0 \
+               AND ($4::bigint IS NULL OR r.position = $4) \
                AND $3 <= coalesce((SELECT position FROM {} WHERE state_table = $1), 0) \
              RETURNING r.position",
             n.outbox_readers, n.outbox_heads
@@ -240,13 +257,32 @@ impl OutboxReader {
                     (&table, Type::TEXT),
                     (&name, Type::TEXT),
                     (&position, Type::INT8),
+                    (&after, Type::INT8),
                 ],
             )
             .await?;
-        match row {
-            Some(r) => Ok(r.try_get(0)?),
-            None => Err(past_head(position)),
+        if let Some(r) = row {
+            return Ok(r.try_get(0)?);
         }
+        let Some(after) = after else {
+            return Err(past_head(position));
+        };
+        let now = format!(
+            "SELECT position FROM {} WHERE state_table = $1 AND reader = $2",
+            n.outbox_readers
+        );
+        let row = c
+            .client
+            .query_typed_opt(&now, &[(&table, Type::TEXT), (&name, Type::TEXT)])
+            .await?;
+        let now: Option<i64> = row.map(|r| r.try_get(0)).transpose()?;
+        if now.is_some_and(|p| p != after) {
+            return Err(StateError::ConcurrentModification {
+                key: format!("outbox reader {name:?} (acknowledged {now:?}, not {after})")
+                    .into_bytes(),
+            });
+        }
+        Err(past_head(position))
     }
 
     /// Reads the acknowledged position again from the database.
@@ -254,6 +290,16 @@ impl OutboxReader {
         let fresh = OutboxReader::open(self.ctx.clone(), &self.name).await?;
         self.acknowledged = fresh.acknowledged;
         Ok(self.acknowledged)
+    }
+}
+
+/// A write that timed out or lost its connection may have been applied.
+fn unknown_if_sent(e: StateError) -> StateError {
+    match e.kind() {
+        ErrorKind::Timeout | ErrorKind::Connection => {
+            StateError::OutcomeUnknown(format!("{e}; the statement may have been applied"))
+        }
+        _ => e,
     }
 }
 
@@ -265,7 +311,7 @@ fn past_head(position: i64) -> StateError {
 }
 
 /// Deletes the outputs every reader of `ctx`'s table has acknowledged; with no reader,
-/// nothing. Returns how many were deleted.
+/// nothing. Returns how many were deleted. (A reader registered later never sees them.)
 pub(crate) async fn prune(ctx: &Context) -> StateResult<u64> {
     let n = &ctx.names;
     let table = n.table.as_str();
@@ -280,4 +326,5 @@ pub(crate) async fn prune(ctx: &Context) -> StateResult<u64> {
             .await?)
     })
     .await
+    .map_err(unknown_if_sent)
 }

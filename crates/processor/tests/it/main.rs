@@ -28,6 +28,7 @@ mod maintenance;
 mod memory_backend;
 mod observability;
 mod ops;
+mod outbox;
 mod partitioning;
 mod pgbouncer;
 mod pipelining;

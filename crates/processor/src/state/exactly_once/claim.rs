@@ -20,6 +20,7 @@ use crate::state::config::enhanced::IsolationLevel;
 use crate::state::error::{StateError, StateResult};
 use crate::state::pool::context::Context;
 use crate::state::routing::causal::Session;
+use crate::state::schema::names::TableNames;
 use crate::state::stats::operation::Op;
 use crate::state::transaction::tx::PostgresTransaction;
 use crate::state::wire::connection::PgConn;
@@ -167,6 +168,67 @@ impl Recovery {
     }
 }
 
+/// The statements of a claim, on one state table's names. Parameters: `$1` the table,
+/// `$2` the operator, `$3`/`$4` the first and last key group (`bump`: `$3` the idle limit;
+/// `insert`: `$3` the epoch, `$4`/`$5` the groups).
+struct ClaimSql {
+    /// Raises the operator's epoch (and sets the transaction's idle limit).
+    bump: String,
+    /// Deletes the overlapping claims, returning them.
+    replace: String,
+    /// Ends the sessions of the transactions holding overlapping claim rows: a commit under
+    /// way locks its row, so its transaction id is the row's xmax, and a transaction holds
+    /// the lock on its own id.
+    holders: String,
+    insert: String,
+    /// Makes sure the table's outbox has a head row.
+    head: String,
+    /// The operator's committed offsets.
+    offsets: String,
+}
+
+impl ClaimSql {
+    fn new(n: &TableNames) -> Self {
+        ClaimSql {
+            bump: format!(
+                "WITH s AS (SELECT set_config('idle_in_transaction_session_timeout', $3, true)) \
+                 INSERT INTO {} AS o (state_table, operator, epoch) SELECT $1, $2, 1 FROM s \
+                 ON CONFLICT (state_table, operator) DO UPDATE SET epoch = o.epoch + 1 \
+                 RETURNING epoch",
+                n.operators
+            ),
+            replace: format!(
+                "DELETE FROM {} WHERE state_table = $1 AND operator = $2 \
+                   AND first_group <= $4 AND last_group >= $3 \
+                 RETURNING epoch, first_group, last_group, commits, claimed_at, committed_at",
+                n.claims
+            ),
+            holders: format!(
+                "SELECT pg_terminate_backend(l.pid) FROM {} c \
+                 JOIN pg_locks l ON l.locktype = 'transactionid' AND l.transactionid = c.xmax \
+                                AND l.granted AND l.mode = 'ExclusiveLock' \
+                 WHERE c.state_table = $1 AND c.operator = $2 \
+                   AND c.first_group <= $4 AND c.last_group >= $3 AND l.pid <> pg_backend_pid()",
+                n.claims
+            ),
+            insert: format!(
+                "INSERT INTO {} (state_table, operator, epoch, first_group, last_group, claimed_at) \
+                 VALUES ($1, $2, $3, $4, $5, statement_timestamp())",
+                n.claims
+            ),
+            head: format!(
+                "INSERT INTO {} (state_table, position) VALUES ($1, 0) ON CONFLICT DO NOTHING",
+                n.outbox_heads
+            ),
+            offsets: format!(
+                "SELECT source, partition, \"offset\" FROM {} \
+                 WHERE state_table = $1 AND operator = $2 ORDER BY source, partition",
+                n.source_offsets
+            ),
+        }
+    }
+}
+
 /// Takes a claim of `op` (see the module docs).
 pub(crate) async fn take(
     ctx: &Arc<Context>,
@@ -174,48 +236,11 @@ pub(crate) async fn take(
     op: &Operator,
 ) -> StateResult<Recovery> {
     op.check()?;
-    let n = &ctx.names;
-    let table = n.table.as_str();
+    let sql = ClaimSql::new(&ctx.names);
+    let table = ctx.names.table.as_str();
     let name = op.name.as_str();
     let (first, last) = (i64::from(*op.groups.start()), i64::from(*op.groups.end()));
     let idle = idle_limit_ms(ctx.limit);
-    let bump = format!(
-        "WITH s AS (SELECT set_config('idle_in_transaction_session_timeout', $3, true)) \
-         INSERT INTO {} AS o (state_table, operator, epoch) SELECT $1, $2, 1 FROM s \
-         ON CONFLICT (state_table, operator) DO UPDATE SET epoch = o.epoch + 1 RETURNING epoch",
-        n.operators
-    );
-    let replace = format!(
-        "DELETE FROM {} WHERE state_table = $1 AND operator = $2 \
-           AND first_group <= $4 AND last_group >= $3 \
-         RETURNING epoch, first_group, last_group, commits, claimed_at, committed_at",
-        n.claims
-    );
-    // The sessions of the transactions holding overlapping claim rows (a commit under way
-    // locks its row: its transaction id is the row's xmax, and the transaction holds the lock
-    // on its own id), ended.
-    let holders = format!(
-        "SELECT pg_terminate_backend(l.pid) FROM {} c \
-         JOIN pg_locks l ON l.locktype = 'transactionid' AND l.transactionid = c.xmax \
-                        AND l.granted AND l.mode = 'ExclusiveLock' \
-         WHERE c.state_table = $1 AND c.operator = $2 \
-           AND c.first_group <= $4 AND c.last_group >= $3 AND l.pid <> pg_backend_pid()",
-        n.claims
-    );
-    let insert = format!(
-        "INSERT INTO {} (state_table, operator, epoch, first_group, last_group, claimed_at) \
-         VALUES ($1, $2, $3, $4, $5, statement_timestamp())",
-        n.claims
-    );
-    let head = format!(
-        "INSERT INTO {} (state_table, position) VALUES ($1, 0) ON CONFLICT DO NOTHING",
-        n.outbox_heads
-    );
-    let offsets = format!(
-        "SELECT source, partition, \"offset\" FROM {} WHERE state_table = $1 AND operator = $2 \
-         ORDER BY source, partition",
-        n.source_offsets
-    );
     let mut tx =
         PostgresTransaction::begin(ctx.clone(), owner, IsolationLevel::ReadCommitted, false)
             .await?;
@@ -227,23 +252,23 @@ pub(crate) async fn take(
             let hi = || (&last as Param<'_>, Type::INT8);
             let epoch: i64 = c
                 .client
-                .query_typed_one(&bump, &[t(), o(), (&idle, Type::TEXT)])
+                .query_typed_one(&sql.bump, &[t(), o(), (&idle, Type::TEXT)])
                 .await?
                 .try_get(0)?;
             let params = [t(), o(), lo(), hi()];
-            let replaced = replace_claims(c, &replace, &holders, &params, ctx.limit / 2).await?;
+            let replaced = replace_claims(c, &sql, &params, ctx.limit / 2).await?;
             let mut previous = replaced
                 .iter()
                 .map(previous_claim)
                 .collect::<StateResult<Vec<_>>>()?;
             previous.sort_by_key(|p| p.epoch);
             c.client
-                .execute_typed(&insert, &[t(), o(), (&epoch, Type::INT8), lo(), hi()])
+                .execute_typed(&sql.insert, &[t(), o(), (&epoch, Type::INT8), lo(), hi()])
                 .await?;
-            c.client.execute_typed(&head, &[t()]).await?;
+            c.client.execute_typed(&sql.head, &[t()]).await?;
             let offsets = c
                 .client
-                .query_typed(&offsets, &[t(), o()])
+                .query_typed(&sql.offsets, &[t(), o()])
                 .await?
                 .iter()
                 .map(|r| {
@@ -265,14 +290,13 @@ pub(crate) async fn take(
     Ok(recovery)
 }
 
-/// Deletes the claims overlapping the new one (`replace`), waiting at most `grace` for a
-/// commit under way on one of them; past that, its session is ended (`holders`: an instance
+/// Deletes the claims overlapping the new one (`sql.replace`), waiting at most `grace` for a
+/// commit under way on one of them; past that, its session is ended (`sql.holders`: an instance
 /// paused in the middle of sending a statement, which the server's idle timeout does not
 /// end) and the delete waits for it to go. Its rows.
 async fn replace_claims(
     c: &PgConn,
-    replace: &str,
-    holders: &str,
+    sql: &ClaimSql,
     params: &[(Param<'_>, Type)],
     grace: Duration,
 ) -> StateResult<Vec<tokio_postgres::Row>> {
@@ -285,7 +309,7 @@ async fn replace_claims(
             grace.as_millis().clamp(1, i32::MAX as u128)
         ))
         .await?;
-    match c.client.query_typed(replace, &again()).await {
+    match c.client.query_typed(&sql.replace, &again()).await {
         Ok(rows) => return Ok(rows),
         Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {}
         Err(e) => return Err(e.into()),
@@ -293,13 +317,13 @@ async fn replace_claims(
     c.client
         .batch_execute("ROLLBACK TO SAVEPOINT pgstate_claim; SET LOCAL lock_timeout = 0")
         .await?;
-    let ended = c.client.query_typed(holders, &again()).await?;
+    let ended = c.client.query_typed(&sql.holders, &again()).await?;
     tracing::warn!(
         target: "pgstate",
         sessions = ended.len(),
         "a claim ended the sessions of commits that held a replaced claim past the grace period"
     );
-    Ok(c.client.query_typed(replace, &again()).await?)
+    Ok(c.client.query_typed(&sql.replace, &again()).await?)
 }
 
 fn previous_claim(r: &tokio_postgres::Row) -> StateResult<PreviousClaim> {

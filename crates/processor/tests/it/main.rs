@@ -20,6 +20,7 @@ mod expiry;
 mod failover;
 mod fencing;
 mod hostile;
+mod incremental_checkpoints;
 mod leader;
 mod lease_lock;
 mod listener;

@@ -1,14 +1,14 @@
-//! Named state checkpoints: a consistent copy of every live entry, kept as rows in
-//! `state_checkpoint_entries`, and restoring one.
+//! Named state checkpoints: listing, deleting and restoring them. New checkpoints are
+//! incremental (`generations`: a generation ended, pre-images of what changed since);
+//! checkpoints taken before migration 013 are full copies in `state_checkpoint_entries`,
+//! restored here.
 //!
-//! - **Create**: one REPEATABLE READ transaction, so every chunk it copies reads the same
-//!   snapshot: the checkpoint is the state at one instant, whatever writers do meanwhile. It
-//!   copies in key order, `CHUNK` rows per statement, reporting progress after each.
-//! - **Restore**: one transaction under an EXCLUSIVE lock on the state table (readers go on,
-//!   writers wait): existing keys get the checkpoint's entry with a new version, keys absent
-//!   from the checkpoint become tombstones, missing keys are inserted above the version floor
-//!   (raised first above every version in the table). Readers see the old state until the
-//!   commit and the restored one after it, never a mix; versions never repeat.
+//! - **Restore of a full copy**: one transaction under an EXCLUSIVE lock on the state table
+//!   (readers go on, writers wait): existing keys get the checkpoint's entry with a new
+//!   version, keys absent from the checkpoint become tombstones, missing keys are inserted
+//!   above the version floor (raised first above every version in the table). Readers see
+//!   the old state until the commit and the restored one after it, never a mix; versions
+//!   never repeat.
 
 use std::time::{Duration, SystemTime};
 
@@ -18,15 +18,13 @@ use tokio_postgres::types::Type;
 use tokio_postgres::IsolationLevel;
 use uuid::Uuid;
 
-use super::floor;
+use super::{floor, generations};
 use crate::state::error::{StateError, StateResult};
 use crate::state::ops::store::Store;
 use crate::state::pool::checkout::Checkout;
 use crate::state::pool::context::bounded;
 use crate::state::wire::statements::{rewindow, LIVE, TOMBSTONE};
 
-/// Rows copied per statement while creating a checkpoint.
-const CHUNK: i64 = 10_000;
 /// Longest checkpoint name, in bytes.
 pub const MAX_CHECKPOINT_NAME_LEN: usize = 256;
 
@@ -55,6 +53,14 @@ pub struct CheckpointInfo {
     pub data_size: i64,
     /// Its metadata object (`{}` unless set in SQL).
     pub metadata: Option<serde_json::Value>,
+    /// Pre-images it holds: rows saved at their first change after it (and before the next
+    /// checkpoint), which a restore to it writes back. Deleting it frees those no other
+    /// checkpoint needs.
+    #[serde(default)]
+    pub history_entries: u64,
+    /// Bytes of the keys and values of those pre-images.
+    #[serde(default)]
+    pub history_bytes: i64,
 }
 
 /// A checkpoint's UUID: its own, or (one written by an older pgstate after migration 010 ran)
@@ -62,14 +68,15 @@ pub struct CheckpointInfo {
 const UUID_OF: &str = "coalesce(checkpoint_uuid, md5(state_table || ':' || id)::uuid)";
 
 /// The columns [`CheckpointInfo::from_row`] reads, in its order.
-fn info_columns() -> String {
-    format!("id, name, created_at, entry_count, {UUID_OF}::text, data_size, metadata")
+pub(crate) fn info_columns() -> String {
+    format!("id, name, created_at, entry_count, {UUID_OF}::text, data_size, metadata, gen")
 }
 
 impl CheckpointInfo {
-    /// The checkpoint of `r`, and whether its data size is still to be counted (one taken
-    /// before migration 010).
-    fn from_row(r: &tokio_postgres::Row) -> StateResult<(Self, bool)> {
+    /// The checkpoint of `r`, whether its data size is still to be counted (one taken
+    /// before migration 010, or an incremental one not counted yet), and its generation
+    /// (`None`: a full copy).
+    fn from_row(r: &tokio_postgres::Row) -> StateResult<(Self, bool, Option<i64>)> {
         let created: SystemTime = r.try_get(2)?;
         let entries: i64 = r.try_get(3)?;
         let uuid: String = r.try_get(4)?;
@@ -84,12 +91,14 @@ impl CheckpointInfo {
             row_count: entries,
             data_size: size.unwrap_or(0),
             metadata: r.try_get(6)?,
+            history_entries: 0,
+            history_bytes: 0,
         };
-        Ok((info, size.is_none()))
+        Ok((info, size.is_none(), r.try_get(7)?))
     }
 }
 
-fn check_name(name: &str) -> StateResult<()> {
+pub(crate) fn check_name(name: &str) -> StateResult<()> {
     if name.is_empty() || name.len() > MAX_CHECKPOINT_NAME_LEN || name.contains('\0') {
         return Err(StateError::invalid(format!(
             "a checkpoint name is 1 to {MAX_CHECKPOINT_NAME_LEN} bytes without NUL"
@@ -100,7 +109,7 @@ fn check_name(name: &str) -> StateResult<()> {
 
 /// Runs `sql` on the checkout, bounded by `limit` (past it the checkout is discarded and the
 /// transaction ends with its connection).
-async fn step<T>(
+pub(crate) async fn step<T>(
     conn: &mut Checkout,
     limit: Duration,
     f: impl AsyncFnOnce(&tokio_postgres::Client) -> Result<T, tokio_postgres::Error>,
@@ -111,79 +120,20 @@ async fn step<T>(
     .await
 }
 
-/// Takes a checkpoint named `name` of every live entry; `progress` gets the entries copied so
-/// far after each chunk.
+/// Takes a checkpoint named `name` (an incremental one: see `generations`); `progress` gets
+/// the entries it holds once counted.
 pub(crate) async fn create(
     store: &Store,
     name: &str,
     progress: &(dyn Fn(u64) + Sync),
 ) -> StateResult<CheckpointInfo> {
     check_name(name)?;
-    let n = &store.ctx.names;
-    let limit = store.ctx.limit;
-    let insert = format!(
-        "INSERT INTO {} (state_table, name, checkpoint_uuid) VALUES ($1, $2, $3::text::uuid) \
-         RETURNING id",
-        n.checkpoints
-    );
-    let copy = format!(
-        "WITH copied AS (
-             INSERT INTO {entries} (checkpoint_id, key, value, metadata, created_at, updated_at,
-                                    expires_at, version)
-             SELECT $1, key, value, metadata, created_at, updated_at, expires_at, version
-             FROM {t} WHERE key > $2 AND {LIVE} ORDER BY key LIMIT $3
-             RETURNING key, length(key) + length(value) AS bytes)
-         SELECT count(*)::bigint, (SELECT key FROM copied ORDER BY key DESC LIMIT 1),
-                coalesce(sum(bytes), 0)::bigint FROM copied",
-        entries = n.checkpoint_entries,
-        t = n.qualified
-    );
-    let finish = format!(
-        "UPDATE {} SET entry_count = $2, data_size = $3 WHERE id = $1 RETURNING {}",
-        n.checkpoints,
-        info_columns()
-    );
-    let uuid = Uuid::new_v4().to_string();
-    let table = n.qualified.clone();
-    let mut conn = store.ctx.primary.get().await?;
-    conn.set_in_transaction(true);
-    step(&mut conn, limit, async |c| {
-        c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SET LOCAL plan_cache_mode = auto")
-            .await
-    })
-    .await?;
-    let row = step(&mut conn, limit, async |c| {
-        c.query_typed_one(
-            &insert,
-            &[
-                (&table.as_str(), Type::TEXT),
-                (&name, Type::TEXT),
-                (&uuid.as_str(), Type::TEXT),
-            ],
-        )
-        .await
-    })
-    .await?;
-    let id: i64 = row.try_get(0)?;
-    let (total, bytes) = copy_entries(&mut conn, limit, &copy, id, progress).await?;
-    let count = i64::try_from(total).unwrap_or(i64::MAX);
-    let row = step(&mut conn, limit, async |c| {
-        let row = c
-            .query_typed_one(
-                &finish,
-                &[
-                    (&id, Type::INT8),
-                    (&count, Type::INT8),
-                    (&bytes, Type::INT8),
-                ],
-            )
-            .await?;
-        c.batch_execute("COMMIT").await?;
-        Ok(row)
-    })
-    .await?;
-    conn.set_in_transaction(false);
-    Ok(CheckpointInfo::from_row(&row)?.0)
+    generations::take(store, name, progress).await
+}
+
+/// Checkpoint `id` of this table, as listed.
+pub(crate) async fn by_id(store: &Store, id: i64) -> StateResult<Option<CheckpointInfo>> {
+    Ok(list(store).await?.into_iter().find(|c| c.id == id))
 }
 
 /// The id of this table's checkpoint named `uuid`, if there is one.
@@ -222,11 +172,16 @@ pub(crate) async fn list(store: &Store) -> StateResult<Vec<CheckpointInfo>> {
         })
         .await?;
     let mut infos = Vec::with_capacity(rows.len());
-    let mut uncounted = Vec::new();
+    let (mut uncounted, mut uncounted_gens, mut gens) = (Vec::new(), Vec::new(), Vec::new());
     for row in &rows {
-        let (info, needs_size) = CheckpointInfo::from_row(row)?;
-        if needs_size {
-            uncounted.push(info.id);
+        let (info, needs_size, gen) = CheckpointInfo::from_row(row)?;
+        match (needs_size, gen) {
+            (true, None) => uncounted.push(info.id),
+            (true, Some(_)) => uncounted_gens.push(info.id),
+            _ => {}
+        }
+        if let Some(g) = gen {
+            gens.push((info.id, g));
         }
         infos.push(info);
     }
@@ -236,6 +191,19 @@ pub(crate) async fn list(store: &Store) -> StateResult<Vec<CheckpointInfo>> {
             if let Some(size) = sizes.iter().find(|(id, _)| *id == info.id) {
                 info.data_size = size.1;
             }
+        }
+    }
+    let counted = generations::count(store, &uncounted_gens).await?;
+    let held = generations::held(store, &gens).await?;
+    for info in &mut infos {
+        if let Some(&(_, entries, bytes)) = counted.iter().find(|(id, ..)| *id == info.id) {
+            info.entry_count = u64::try_from(entries).unwrap_or(0);
+            info.row_count = entries;
+            info.data_size = bytes;
+        }
+        if let Some(&(_, entries, bytes)) = held.iter().find(|(id, ..)| *id == info.id) {
+            info.history_entries = u64::try_from(entries).unwrap_or(0);
+            info.history_bytes = bytes;
         }
     }
     Ok(infos)
@@ -291,6 +259,7 @@ pub(crate) async fn delete(store: &Store, id: i64) -> StateResult<bool> {
                 .await?)
         })
         .await?;
+    generations::forget(store).await?;
     Ok(n > 0)
 }
 
@@ -303,17 +272,44 @@ pub(crate) async fn prune(store: &Store, keep: usize) -> StateResult<u64> {
     );
     let table = store.ctx.names.qualified.clone();
     let keep = i64::try_from(keep).unwrap_or(i64::MAX);
-    store
+    let gone = store
         .on_primary(async |c| {
             Ok(c.client
                 .execute_typed(&sql, &[(&table.as_str(), Type::TEXT), (&keep, Type::INT8)])
                 .await?)
         })
-        .await
+        .await?;
+    generations::forget(store).await?;
+    Ok(gone)
 }
 
 /// Replaces the live state with checkpoint `id`'s, atomically; returns the entries restored.
 pub(crate) async fn restore(store: &Store, id: i64) -> StateResult<u64> {
+    let kind = format!(
+        "SELECT gen, entry_count FROM {} WHERE id = $1 AND state_table = $2",
+        store.ctx.names.checkpoints
+    );
+    let table = store.ctx.names.qualified.clone();
+    let row = store
+        .on_primary(async |c| {
+            Ok(c.client
+                .query_typed_opt(&kind, &[(&id, Type::INT8), (&table.as_str(), Type::TEXT)])
+                .await?)
+        })
+        .await?;
+    let Some(row) = row else {
+        return Err(StateError::invalid(format!(
+            "no checkpoint {id} of {table}"
+        )));
+    };
+    match row.try_get::<_, Option<i64>>(0)? {
+        Some(gen) => generations::restore(store, id, gen, row.try_get(1)?).await,
+        None => restore_copy(store, id).await,
+    }
+}
+
+/// Restores a full-copy checkpoint (see the module docs).
+async fn restore_copy(store: &Store, id: i64) -> StateResult<u64> {
     let n = &store.ctx.names;
     let t = &n.qualified;
     let e = &n.checkpoint_entries;
@@ -369,40 +365,4 @@ pub(crate) async fn restore(store: &Store, id: i64) -> StateResult<u64> {
             Ok(u64::try_from(count).unwrap_or(0))
         })
         .await
-}
-
-/// Runs `copy` (the checkpoint's chunked copy, see [`create`]) for checkpoint `id` chunk after
-/// chunk until the live entries are copied; returns how many and the bytes of their keys and
-/// values, calling `progress` with the running total.
-async fn copy_entries(
-    conn: &mut Checkout,
-    limit: Duration,
-    copy: &str,
-    id: i64,
-    progress: &(dyn Fn(u64) + Sync),
-) -> StateResult<(u64, i64)> {
-    let mut after: Vec<u8> = Vec::new();
-    let (mut total, mut bytes) = (0u64, 0i64);
-    loop {
-        let row = step(conn, limit, async |c| {
-            c.query_typed_one(
-                copy,
-                &[
-                    (&id, Type::INT8),
-                    (&after.as_slice(), Type::BYTEA),
-                    (&CHUNK, Type::INT8),
-                ],
-            )
-            .await
-        })
-        .await?;
-        let copied: i64 = row.try_get(0)?;
-        total += u64::try_from(copied).unwrap_or(0);
-        bytes = bytes.saturating_add(row.try_get(2)?);
-        progress(total);
-        match row.try_get::<_, Option<Vec<u8>>>(1)? {
-            Some(last) if copied >= CHUNK => after = last,
-            _ => return Ok((total, bytes)),
-        }
-    }
 }

@@ -13,6 +13,7 @@ mod archive;
 mod checkpoints;
 mod cleanup;
 mod floor;
+mod generations;
 mod progress;
 mod repartition;
 mod table_stats;

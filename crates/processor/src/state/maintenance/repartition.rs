@@ -112,7 +112,7 @@ pub(crate) async fn repartition(
     // A run that died half-way (or was cancelled) left its twin and trigger: start over.
     undo(&client, store, &twin, &sync).await?;
     // What could not move to the new table is refused before anything is built.
-    partitions::refuse_what_cannot_move(&client, &names.qualified).await?;
+    partitions::refuse_what_cannot_move(&client, names).await?;
     let result = async {
         set_up(&client, store, strategy, &twin, &sync).await?;
         let copied = copy_rows(&client, store, &twin, batch_size, progress).await?;

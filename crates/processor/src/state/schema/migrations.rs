@@ -111,6 +111,12 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../../migrations/012_exactly_once.sql"),
         per_schema: true,
     },
+    Migration {
+        version: 13,
+        name: "013_incremental_checkpoints.sql",
+        sql: include_str!("../../../migrations/013_incremental_checkpoints.sql"),
+        per_schema: false,
+    },
 ];
 
 /// Name of the tracking table, in the configured schema.

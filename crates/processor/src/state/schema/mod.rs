@@ -1,12 +1,14 @@
 //! Layer `schema`: the database objects of one state table. Quoted names of the table and what
 //! derives from it (`names`), the embedded migrations and their runner (`migrations`), the
 //! partitioned layout in the catalog (`partitions`), write windows of time-range tables
-//! (`windows`) and distribution over Citus workers (`distribution`).
+//! (`windows`), distribution over Citus workers (`distribution`) and the history of rows that
+//! incremental checkpoints keep (`history`).
 //!
 //! May use: `config`, `error`, `limits`, `ident`; runs its SQL on a client it is given (it
 //! opens no connection of its own).
 
 pub(crate) mod distribution;
+pub(crate) mod history;
 pub(crate) mod migrations;
 pub(crate) mod names;
 pub(crate) mod partitions;

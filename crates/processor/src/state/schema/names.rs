@@ -35,6 +35,17 @@ pub(crate) struct TableNames {
     /// The schema's state checkpoints and their entries.
     pub checkpoints: String,
     pub checkpoint_entries: String,
+    /// Incremental checkpoints (see migration 013): the sequences of the current generation
+    /// and of the newest one a checkpoint needs, the history of pre-images, the function
+    /// that saves them, and its trigger (unqualified: a trigger is named per table).
+    pub checkpoint_gen: String,
+    pub checkpoint_max: String,
+    pub checkpoint_history: String,
+    pub checkpoint_capture: String,
+    pub checkpoint_trigger: Ident,
+    /// The two-integer advisory lock that serialises taking and dropping checkpoints of the
+    /// table (so the newest needed generation is never lowered under a new checkpoint).
+    pub checkpoint_lock: (i32, i32),
     /// The sequence holding the highest version cleanup removed (see migration 005).
     pub version_floor: String,
     /// The function giving a new row its version.
@@ -79,6 +90,12 @@ impl TableNames {
             window_advance: format!("{schema}.{}", table.suffixed("_window_advance")),
             write_window: format!("{schema}.{}", table.suffixed("_write_window")),
             windows_lock: (hash32(b"pgstate.write_windows"), floor_lock.1),
+            checkpoint_gen: format!("{schema}.{}", table.suffixed("_checkpoint_gen")),
+            checkpoint_max: format!("{schema}.{}", table.suffixed("_checkpoint_max")),
+            checkpoint_history: format!("{schema}.{}", table.suffixed("_checkpoint_history")),
+            checkpoint_capture: format!("{schema}.{}", table.suffixed("_checkpoint_capture")),
+            checkpoint_trigger: table.suffixed("_checkpoint_trigger"),
+            checkpoint_lock: (hash32(b"pgstate.checkpoints"), floor_lock.1),
             windowed: false,
             distributed: false,
             next_version: format!("{schema}.{}", table.suffixed("_next_version")),
@@ -132,6 +149,18 @@ impl TableNames {
             ("{{version_floor}}", self.version_floor.clone()),
             ("{{next_version}}", self.next_version.clone()),
             ("{{windows}}", self.windows.clone()),
+            ("{{checkpoint_gen}}", self.checkpoint_gen.clone()),
+            ("{{checkpoint_max}}", self.checkpoint_max.clone()),
+            ("{{checkpoint_history}}", self.checkpoint_history.clone()),
+            ("{{checkpoint_capture}}", self.checkpoint_capture.clone()),
+            (
+                "{{ix_checkpoint_gen}}",
+                t.suffixed("_checkpoint_gen_idx").to_string(),
+            ),
+            (
+                "{{ix_checkpoint_history_gen}}",
+                t.suffixed("_checkpoint_hist_idx").to_string(),
+            ),
             ("{{window_advance}}", self.window_advance.clone()),
             ("{{write_window}}", self.write_window.clone()),
             ("{{floor_lock}}", {

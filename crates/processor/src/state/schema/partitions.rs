@@ -19,6 +19,7 @@ use tokio_postgres::GenericClient;
 use crate::state::config::partition_strategy::PartitionStrategy;
 use crate::state::error::{StateError, StateResult};
 use crate::state::ident::Ident;
+use crate::state::schema::history;
 use crate::state::schema::names::TableNames;
 use crate::state::schema::windows;
 
@@ -216,7 +217,17 @@ pub(crate) async fn swap_in<C: GenericClient>(
     // Server-printed names and view definitions come back schema-qualified.
     c.batch_execute("SET LOCAL search_path = pg_catalog")
         .await?;
-    refuse_what_cannot_move(c, t).await?;
+    refuse_what_cannot_move(c, names).await?;
+    let captured: i64 = c
+        .query_typed_one(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = $1::text::regclass AND tgname = $2",
+            &[
+                (&t, Type::TEXT),
+                (&names.checkpoint_trigger.as_str(), Type::TEXT),
+            ],
+        )
+        .await?
+        .try_get(0)?;
     let text = |sql: &'static str| async move {
         let rows = c
             .query_typed(sql, &[(&t, Type::TEXT), (&twin_q, Type::TEXT)])
@@ -312,6 +323,10 @@ pub(crate) async fn swap_in<C: GenericClient>(
         c.batch_execute(sql).await?;
     }
     c.batch_execute(&format!("DROP TABLE {s}.{old}")).await?;
+    if captured > 0 {
+        // Incremental checkpoints go on recording what changes.
+        c.batch_execute(&history::trigger_ddl(names)).await?;
+    }
     for sql in &renames {
         c.batch_execute(sql).await?;
     }
@@ -320,11 +335,17 @@ pub(crate) async fn swap_in<C: GenericClient>(
 }
 
 /// Refuses a conversion that would lose something attached to the table.
-pub(crate) async fn refuse_what_cannot_move<C: GenericClient>(c: &C, t: &str) -> StateResult<()> {
+/// (pgstate's own checkpoint trigger moves: `swap_in` attaches it to the new table.)
+pub(crate) async fn refuse_what_cannot_move<C: GenericClient>(
+    c: &C,
+    names: &TableNames,
+) -> StateResult<()> {
+    let t = names.qualified.as_str();
+    let ours = names.checkpoint_trigger.as_str();
     let found: Vec<String> = c
         .query_typed(
             "SELECT 'trigger ' || quote_ident(tgname) FROM pg_trigger
-              WHERE tgrelid = $1::text::regclass AND NOT tgisinternal
+              WHERE tgrelid = $1::text::regclass AND NOT tgisinternal AND tgname <> $2
              UNION ALL
              SELECT 'row security policy ' || quote_ident(polname) FROM pg_policy
               WHERE polrelid = $1::text::regclass
@@ -369,7 +390,7 @@ pub(crate) async fn refuse_what_cannot_move<C: GenericClient>(c: &C, t: &str) ->
                FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid JOIN pg_class v ON v.oid = r.ev_class
               WHERE d.classid = 'pg_rewrite'::regclass AND d.refobjid = $1::text::regclass
                 AND v.relkind = 'm'",
-            &[(&t, Type::TEXT)],
+            &[(&t, Type::TEXT), (&ours, Type::TEXT)],
         )
         .await?
         .iter()

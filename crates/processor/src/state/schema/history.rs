@@ -1,0 +1,34 @@
+//! The history of a state table's rows for incremental checkpoints (migration 013): the
+//! capture trigger's definition, and the rows of the state at a checkpoint's generation.
+//! Here, in the schema layer, because converting the table to a partitioned one must carry
+//! the trigger over (`partitions`).
+
+use crate::state::schema::names::TableNames;
+
+/// The rows of the state at generation `$1`, live at time `$2`: `cols` of each.
+pub(crate) fn state_at(n: &TableNames, cols: &str) -> String {
+    format!(
+        "SELECT {cols} FROM {t} WHERE checkpoint_gen <= $1 \
+           AND (expires_at IS NULL OR expires_at > $2) \
+         UNION ALL \
+         SELECT {cols} FROM {h} WHERE since_gen <= $1 AND gen > $1 \
+           AND (expires_at IS NULL OR expires_at > $2)",
+        t = n.qualified,
+        h = n.checkpoint_history
+    )
+}
+
+/// The DDL of the capture trigger (attached at the table's first incremental checkpoint).
+pub(crate) fn trigger_ddl(n: &TableNames) -> String {
+    format!(
+        "CREATE TRIGGER {trigger} BEFORE UPDATE OR DELETE ON {t} FOR EACH ROW \
+         WHEN (OLD.checkpoint_gen < pg_sequence_last_value('{gen}'::regclass) \
+               AND OLD.checkpoint_gen <= pg_sequence_last_value('{max}'::regclass)) \
+         EXECUTE FUNCTION {capture}()",
+        trigger = n.checkpoint_trigger,
+        t = n.qualified,
+        gen = n.checkpoint_gen,
+        max = n.checkpoint_max,
+        capture = n.checkpoint_capture
+    )
+}

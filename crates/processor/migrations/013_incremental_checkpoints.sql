@@ -13,10 +13,10 @@ CREATE SEQUENCE IF NOT EXISTS {{checkpoint_max}} AS bigint MINVALUE -1 START WIT
 SELECT setval('{{checkpoint_max}}', -1, true) FROM {{checkpoint_max}} WHERE NOT is_called;
 GRANT SELECT ON SEQUENCE {{checkpoint_gen}}, {{checkpoint_max}} TO PUBLIC;
 
--- A constant default first (no table rewrite), then the generation for new rows.
+-- A constant default (no table rewrite). The first incremental checkpoint makes it the
+-- current generation, when it attaches the trigger: a table never checkpointed (or a Citus
+-- table, whose checkpoints are full copies) pays nothing.
 ALTER TABLE {{table}} ADD COLUMN IF NOT EXISTS checkpoint_gen bigint NOT NULL DEFAULT 0;
-ALTER TABLE {{table}} ALTER COLUMN checkpoint_gen
-    SET DEFAULT pg_sequence_last_value('{{checkpoint_gen}}'::regclass);
 -- The rows changed since a checkpoint (none are indexed before the first one).
 CREATE INDEX IF NOT EXISTS {{ix_checkpoint_gen}} ON {{table}} (checkpoint_gen)
     WHERE checkpoint_gen > 0;

@@ -1,29 +1,20 @@
-//! Named state checkpoints: listing, deleting and restoring them. New checkpoints are
-//! incremental (`generations`: a generation ended, pre-images of what changed since);
-//! checkpoints taken before migration 013 are full copies in `state_checkpoint_entries`,
-//! restored here.
-//!
-//! - **Restore of a full copy**: one transaction under an EXCLUSIVE lock on the state table
-//!   (readers go on, writers wait): existing keys get the checkpoint's entry with a new
-//!   version, keys absent from the checkpoint become tombstones, missing keys are inserted
-//!   above the version floor (raised first above every version in the table). Readers see
-//!   the old state until the commit and the restored one after it, never a mix; versions
-//!   never repeat.
+//! Named state checkpoints: taking, listing, deleting and restoring them. Checkpoints are
+//! incremental (`generations`: a generation ended, pre-images of what changed since), except
+//! on a Citus-distributed table and those taken before migration 013, which are full copies
+//! (`full_copy`).
 
 use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio_postgres::types::Type;
-use tokio_postgres::IsolationLevel;
 use uuid::Uuid;
 
-use super::{floor, generations};
+use super::{full_copy, generations};
 use crate::state::error::{StateError, StateResult};
 use crate::state::ops::store::Store;
 use crate::state::pool::checkout::Checkout;
 use crate::state::pool::context::bounded;
-use crate::state::wire::statements::{rewindow, LIVE, TOMBSTONE};
 
 /// Longest checkpoint name, in bytes.
 pub const MAX_CHECKPOINT_NAME_LEN: usize = 256;
@@ -76,7 +67,7 @@ impl CheckpointInfo {
     /// The checkpoint of `r`, whether its data size is still to be counted (one taken
     /// before migration 010, or an incremental one not counted yet), and its generation
     /// (`None`: a full copy).
-    fn from_row(r: &tokio_postgres::Row) -> StateResult<(Self, bool, Option<i64>)> {
+    pub(crate) fn from_row(r: &tokio_postgres::Row) -> StateResult<(Self, bool, Option<i64>)> {
         let created: SystemTime = r.try_get(2)?;
         let entries: i64 = r.try_get(3)?;
         let uuid: String = r.try_get(4)?;
@@ -128,6 +119,10 @@ pub(crate) async fn create(
     progress: &(dyn Fn(u64) + Sync),
 ) -> StateResult<CheckpointInfo> {
     check_name(name)?;
+    if store.ctx.names.distributed {
+        // Citus runs no trigger on a distributed table's shards for us.
+        return full_copy::create(store, name, progress).await;
+    }
     generations::take(store, name, progress).await
 }
 
@@ -304,65 +299,6 @@ pub(crate) async fn restore(store: &Store, id: i64) -> StateResult<u64> {
     };
     match row.try_get::<_, Option<i64>>(0)? {
         Some(gen) => generations::restore(store, id, gen, row.try_get(1)?).await,
-        None => restore_copy(store, id).await,
+        None => full_copy::restore(store, id).await,
     }
-}
-
-/// Restores a full-copy checkpoint (see the module docs).
-async fn restore_copy(store: &Store, id: i64) -> StateResult<u64> {
-    let n = &store.ctx.names;
-    let t = &n.qualified;
-    let e = &n.checkpoint_entries;
-    let exists = format!(
-        "SELECT entry_count FROM {} WHERE id = $1 AND state_table = $2",
-        n.checkpoints
-    );
-    let highest = format!("SELECT coalesce(max(version), 0) FROM {t}");
-    let update = format!(
-        "UPDATE {t} s SET value = c.value, metadata = c.metadata, created_at = c.created_at, \
-             expires_at = c.expires_at, updated_at = statement_timestamp(), version = s.version + 1{} \
-         FROM {e} c WHERE c.checkpoint_id = $1 AND c.key = s.key",
-        rewindow(n)
-    );
-    let bury = format!(
-        "UPDATE {t} s SET {TOMBSTONE}{} \
-         WHERE {LIVE} AND NOT EXISTS (SELECT 1 FROM {e} c WHERE c.checkpoint_id = $1 AND c.key = s.key)",
-        rewindow(n)
-    );
-    let insert = format!(
-        "INSERT INTO {t} (key, value, metadata, created_at, expires_at) \
-         SELECT c.key, c.value, c.metadata, c.created_at, c.expires_at FROM {e} c \
-         WHERE c.checkpoint_id = $1 AND NOT EXISTS (SELECT 1 FROM {t} s WHERE s.key = c.key)"
-    );
-    let table = t.clone();
-    store
-        .on_primary(async |c| {
-            let tx = c
-                .client
-                .build_transaction()
-                .isolation_level(IsolationLevel::ReadCommitted)
-                .start()
-                .await?;
-            let Some(row) = tx
-                .query_typed_opt(&exists, &[(&id, Type::INT8), (&table.as_str(), Type::TEXT)])
-                .await?
-            else {
-                return Err(StateError::invalid(format!(
-                    "no checkpoint {id} of {table}"
-                )));
-            };
-            let count: i64 = row.try_get(0)?;
-            // Writers wait (readers go on); then nobody holds the version floor.
-            tx.batch_execute(&format!("LOCK TABLE {table} IN EXCLUSIVE MODE"))
-                .await?;
-            floor::lock(&tx, n).await?;
-            let top: i64 = tx.query_typed_one(&highest, &[]).await?.try_get(0)?;
-            floor::raise(&tx, n, top).await?;
-            tx.execute_typed(&update, &[(&id, Type::INT8)]).await?;
-            tx.execute_typed(&bury, &[(&id, Type::INT8)]).await?;
-            tx.execute_typed(&insert, &[(&id, Type::INT8)]).await?;
-            tx.commit().await?;
-            Ok(u64::try_from(count).unwrap_or(0))
-        })
-        .await
 }

@@ -13,6 +13,7 @@ mod archive;
 mod checkpoints;
 mod cleanup;
 mod floor;
+mod full_copy;
 mod generations;
 mod progress;
 mod repartition;

@@ -18,10 +18,13 @@ pub(crate) fn state_at(n: &TableNames, cols: &str) -> String {
     )
 }
 
-/// The DDL of the capture trigger (attached at the table's first incremental checkpoint).
+/// The DDL that turns history on, at the table's first incremental checkpoint: new rows are
+/// stamped with the current generation, and the capture trigger saves pre-images.
 pub(crate) fn trigger_ddl(n: &TableNames) -> String {
     format!(
-        "CREATE TRIGGER {trigger} BEFORE UPDATE OR DELETE ON {t} FOR EACH ROW \
+        "ALTER TABLE {t} ALTER COLUMN checkpoint_gen \
+             SET DEFAULT pg_sequence_last_value('{gen}'::regclass); \
+         CREATE TRIGGER {trigger} BEFORE UPDATE OR DELETE ON {t} FOR EACH ROW \
          WHEN (OLD.checkpoint_gen < pg_sequence_last_value('{gen}'::regclass) \
                AND OLD.checkpoint_gen <= pg_sequence_last_value('{max}'::regclass)) \
          EXECUTE FUNCTION {capture}()",

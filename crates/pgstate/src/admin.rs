@@ -29,7 +29,8 @@ pub enum RetentionAction {
 /// `pgstate checkpoint ...`.
 #[derive(Subcommand, Debug)]
 pub enum CheckpointAction {
-    /// Copy every live entry into a new named checkpoint; prints its id.
+    /// Take a named checkpoint of the live state (incremental: a cut, not a copy); prints
+    /// its id.
     Create {
         /// The checkpoint's name.
         name: String,
@@ -40,6 +41,27 @@ pub enum CheckpointAction {
     Restore {
         /// The checkpoint's id (from `checkpoint list`).
         id: i64,
+    },
+    /// Write checkpoint ID's entries to FILE as JSON lines (`-`: standard output), to move
+    /// it to another database.
+    ///
+    /// Example: pgstate checkpoint export 7 nightly.jsonl
+    Export {
+        /// The checkpoint's id (from `checkpoint list`).
+        id: i64,
+        /// Where to write (`-`: standard output).
+        file: std::path::PathBuf,
+    },
+    /// Replace the live state with the entries of FILE (from `checkpoint export`), all or
+    /// nothing, and take a checkpoint of it; prints its id.
+    ///
+    /// Example: pgstate checkpoint import nightly.jsonl --name nightly
+    Import {
+        /// The file (`-`: standard input).
+        file: std::path::PathBuf,
+        /// The new checkpoint's name.
+        #[arg(long, default_value = "imported")]
+        name: String,
     },
 }
 
@@ -404,15 +426,24 @@ pub async fn vacuum(target: &Target, full: bool) -> Result<(), CliError> {
     Ok(())
 }
 
-/// `pgstate checkpoint create | list | restore`.
+/// `pgstate checkpoint create | list | restore | export | import`.
 pub async fn checkpoint(target: &Target, action: CheckpointAction) -> Result<(), CliError> {
+    match &action {
+        CheckpointAction::Export { id, file } => {
+            return crate::savepoint::export(target, *id, file).await
+        }
+        CheckpointAction::Import { file, name } => {
+            return crate::savepoint::import(target, file, name).await
+        }
+        _ => {}
+    }
     let backend = match action {
         CheckpointAction::List => target.existing().await?,
         _ => target.backend().await?,
     };
     match action {
         CheckpointAction::Create { name } => {
-            let bar = progress::counter("copying entries");
+            let bar = progress::counter("counting entries");
             let info = backend
                 .create_checkpoint_with(
                     &name,
@@ -444,6 +475,7 @@ pub async fn checkpoint(target: &Target, action: CheckpointAction) -> Result<(),
             let restored = backend.restore_checkpoint(id).await?;
             println!("restored {restored} entries from checkpoint {id}");
         }
+        CheckpointAction::Export { .. } | CheckpointAction::Import { .. } => {}
     }
     Ok(())
 }

@@ -141,7 +141,9 @@ pub async fn list(
 
 /// The lines of `path` with their numbers (from 1), skipping blank ones; a line that is not
 /// UTF-8 is bad input naming its number.
-fn lines(path: &Path) -> Result<impl Iterator<Item = Result<(usize, String), CliError>>, CliError> {
+pub(crate) fn lines(
+    path: &Path,
+) -> Result<impl Iterator<Item = Result<(usize, String), CliError>>, CliError> {
     let file = File::open(path)
         .map_err(|e| CliError::usage(format!("cannot open {}: {e}", path.display())))?;
     let shown = path.display().to_string();
@@ -165,7 +167,7 @@ fn lines(path: &Path) -> Result<impl Iterator<Item = Result<(usize, String), Cli
 }
 
 /// Reads every line of `path` and checks it, writing nothing; returns the number of entries.
-fn check_file(path: &Path) -> Result<u64, CliError> {
+pub(crate) fn check_file(path: &Path) -> Result<u64, CliError> {
     let mut entries = 0;
     for line in lines(path)? {
         let (n, line) = line?;
@@ -278,7 +280,7 @@ pub async fn import(target: &Target, path: &Path) -> Result<(), CliError> {
 }
 
 /// A temporary copy of a file that cannot be read twice, removed when dropped.
-struct Spooled(std::path::PathBuf);
+pub(crate) struct Spooled(pub(crate) std::path::PathBuf);
 
 impl Drop for Spooled {
     fn drop(&mut self) {
@@ -287,7 +289,7 @@ impl Drop for Spooled {
 }
 
 /// A private copy of `path` when it is stdin (`-`) or not a regular file (a pipe).
-fn spool(path: &Path) -> Result<Option<Spooled>, CliError> {
+pub(crate) fn spool(path: &Path) -> Result<Option<Spooled>, CliError> {
     let stdin = path == Path::new("-");
     if !stdin && std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
         return Ok(None);

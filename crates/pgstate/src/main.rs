@@ -19,6 +19,7 @@ mod jsonl;
 mod keys;
 mod progress;
 mod prometheus;
+mod savepoint;
 mod serve;
 mod target;
 mod watch;

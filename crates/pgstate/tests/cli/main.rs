@@ -6,6 +6,7 @@ mod dev;
 mod libpq;
 mod live;
 mod round2;
+mod savepoints;
 
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};

@@ -283,3 +283,33 @@ async fn a_claim_fences_through_transaction_pooling() {
     let reader = a.outbox_reader("r").await.unwrap();
     assert_eq!(reader.read(10).await.unwrap().len(), 1);
 }
+
+/// Incremental checkpoints through transaction pooling: taken, restored (only what changed)
+/// and deleted with the history they held, all without session state.
+#[tokio::test]
+#[cfg_attr(
+    pgstate_external_server,
+    ignore = "needs the local cluster the tests start"
+)]
+async fn incremental_checkpoints_work_through_transaction_pooling() {
+    let url = transaction_url();
+    let b = EnhancedPostgresBackend::new(config(&url, "pgb_ckpt"))
+        .await
+        .unwrap();
+    for i in 0..100 {
+        b.put(format!("k{i}").as_bytes(), b"v").await.unwrap();
+    }
+    let c = b.create_checkpoint("c").await.unwrap();
+    assert_eq!(c.entry_count, 100);
+    b.put(b"k1", b"changed").await.unwrap();
+    b.delete(b"k2").await.unwrap();
+    b.put(b"new", b"n").await.unwrap();
+    let held = b.list_checkpoints().await.unwrap()[0].history_entries;
+    assert_eq!(held, 2);
+    assert_eq!(b.restore_checkpoint(c.id).await.unwrap(), 100);
+    assert_eq!(b.get(b"k1").await.unwrap(), Some(b"v".to_vec()));
+    assert_eq!(b.get(b"k2").await.unwrap(), Some(b"v".to_vec()));
+    assert_eq!(b.get(b"new").await.unwrap(), None);
+    assert!(b.delete_checkpoint(c.id).await.unwrap());
+    assert!(b.list_checkpoints().await.unwrap().is_empty());
+}

@@ -13,6 +13,7 @@ use crate::state::maintenance::{
     TableActivity, TableStatistics,
 };
 use crate::state::ops::conn_ops::StateEntry;
+use crate::state::ops::entry_copy::BatchEntry;
 
 /// Data management: TTL cleanup and retention, archive, VACUUM, table statistics.
 impl EnhancedPostgresBackend {
@@ -144,15 +145,19 @@ impl EnhancedPostgresBackend {
         maintenance::table_activity(self.store()).await
     }
 
-    /// Takes a named checkpoint of every live entry: one database snapshot (the state at one
-    /// instant, whatever writers do meanwhile), kept as rows in `state_checkpoint_entries`.
+    /// Takes a named checkpoint: the state at one instant (a write transaction is wholly
+    /// before or after it; writers wait for that instant only). Incremental: it records where
+    /// the current generation ends, and from then on the first change of an entry saves the
+    /// entry as it was, so taking one costs the same whatever the state's size; counting what
+    /// it holds (its `entry_count` and `data_size`) reads the table once, blocking nobody. On
+    /// a Citus-distributed table it copies every live entry instead.
     pub async fn create_checkpoint(&self, name: &str) -> StateResult<CheckpointInfo> {
         self.create_checkpoint_with(name, MaintenanceOptions::new())
             .await
     }
 
-    /// [`create_checkpoint`](Self::create_checkpoint) with `options` (progress: the entries
-    /// copied so far, after each chunk of 10 000).
+    /// [`create_checkpoint`](Self::create_checkpoint) with `options` (progress: the entries it
+    /// holds, once counted; on Citus, the entries copied so far after each chunk of 10 000).
     pub async fn create_checkpoint_with(
         &self,
         name: &str,
@@ -168,12 +173,37 @@ impl EnhancedPostgresBackend {
 
     /// Replaces the live state with checkpoint `id`'s in one transaction: readers see the old
     /// state until it commits and the checkpoint's after, never a mix; writers wait for it.
-    /// Restored entries get new versions (a version never repeats); keys the checkpoint does
-    /// not have are deleted (tombstones). Returns the entries restored.
+    /// Only the entries changed since the checkpoint are rewritten: they get new versions (a
+    /// version never repeats), and keys the checkpoint does not have are deleted
+    /// (tombstones). Returns the entries the checkpoint holds.
     pub async fn restore_checkpoint(&self, id: i64) -> StateResult<u64> {
         let store = self.store();
         store
             .tracked(&self.session, maintenance::restore_checkpoint(store, id))
+            .await
+    }
+
+    /// Up to `limit` (1 to [`MAX_PAGE`](crate::state::MAX_PAGE)) entries checkpoint `id`
+    /// holds, in key order, after `after` (`None`: from the first): the entries that were live
+    /// at its instant, as they were then. Pass the last key of a page as the next `after`.
+    pub async fn checkpoint_entries(
+        &self,
+        id: i64,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> StateResult<Vec<StateEntry>> {
+        maintenance::checkpoint_entries(self.store(), id, after, limit).await
+    }
+
+    /// Replaces the whole live state with `entries`, all or nothing: one transaction under an
+    /// EXCLUSIVE lock (readers see the old state or the new one, never a mix), the entries
+    /// loaded by binary COPY, the live keys not among them deleted (tombstones). Every entry
+    /// is checked before anything is sent; the last occurrence of a key wins. For moving a
+    /// checkpoint between databases (`pgstate checkpoint import`). Returns the number of
+    /// distinct keys written.
+    pub async fn replace_state(&self, entries: &[BatchEntry<'_>]) -> StateResult<u64> {
+        self.store()
+            .replace_with_entries(&self.session, entries)
             .await
     }
 

@@ -12,9 +12,13 @@ use uuid::Uuid;
 
 use super::{full_copy, generations};
 use crate::state::error::{StateError, StateResult};
+use crate::state::limits::check_page;
+use crate::state::ops::conn_ops::StateEntry;
 use crate::state::ops::store::Store;
 use crate::state::pool::checkout::Checkout;
 use crate::state::pool::context::bounded;
+use crate::state::schema::history;
+use crate::state::wire::statements::ENTRY_COLUMNS;
 
 /// Longest checkpoint name, in bytes.
 pub const MAX_CHECKPOINT_NAME_LEN: usize = 256;
@@ -301,4 +305,60 @@ pub(crate) async fn restore(store: &Store, id: i64) -> StateResult<u64> {
         Some(gen) => generations::restore(store, id, gen, row.try_get(1)?).await,
         None => full_copy::restore(store, id).await,
     }
+}
+
+/// Up to `limit` entries checkpoint `id` holds, in key order, after `after` (from the start
+/// when `None`): the entries live at the checkpoint's instant, as they were then.
+pub(crate) async fn entries_page(
+    store: &Store,
+    id: i64,
+    after: Option<&[u8]>,
+    limit: usize,
+) -> StateResult<Vec<StateEntry>> {
+    let (_, after, limit) = check_page(&[], after, limit)?;
+    let n = &store.ctx.names;
+    let of = format!(
+        "SELECT gen, created_at FROM {} WHERE id = $1 AND state_table = $2",
+        n.checkpoints
+    );
+    let incremental = format!(
+        "SELECT {ENTRY_COLUMNS} FROM ({}) s WHERE key > $3 ORDER BY key LIMIT $4",
+        history::state_at(n, ENTRY_COLUMNS)
+    );
+    let copied = format!(
+        "SELECT {ENTRY_COLUMNS} FROM {} WHERE checkpoint_id = $1 \
+           AND (expires_at IS NULL OR expires_at > $2) AND key > $3 ORDER BY key LIMIT $4",
+        n.checkpoint_entries
+    );
+    let table = n.qualified.clone();
+    let rows = store
+        .on_primary(async |c| {
+            let Some(row) = c
+                .client
+                .query_typed_opt(&of, &[(&id, Type::INT8), (&table.as_str(), Type::TEXT)])
+                .await?
+            else {
+                return Err(StateError::invalid(format!(
+                    "no checkpoint {id} of {table}"
+                )));
+            };
+            let (gen, at): (Option<i64>, SystemTime) = (row.try_get(0)?, row.try_get(1)?);
+            let (sql, first) = match gen {
+                Some(g) => (&incremental, g),
+                None => (&copied, id),
+            };
+            Ok(c.client
+                .query_typed(
+                    sql,
+                    &[
+                        (&first, Type::INT8),
+                        (&at, Type::TIMESTAMPTZ),
+                        (&after, Type::BYTEA),
+                        (&limit, Type::INT8),
+                    ],
+                )
+                .await?)
+        })
+        .await?;
+    rows.iter().map(StateEntry::from_row).collect()
 }

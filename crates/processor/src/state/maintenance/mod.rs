@@ -25,8 +25,9 @@ use std::time::Duration;
 
 pub(crate) use archive::{archive, get_archived, restore};
 pub(crate) use checkpoints::{
-    create as create_checkpoint, delete as delete_checkpoint, find as find_checkpoint,
-    list as list_checkpoints, prune as prune_checkpoints, restore as restore_checkpoint,
+    create as create_checkpoint, delete as delete_checkpoint, entries_page as checkpoint_entries,
+    find as find_checkpoint, list as list_checkpoints, prune as prune_checkpoints,
+    restore as restore_checkpoint,
 };
 pub use checkpoints::{CheckpointInfo, MAX_CHECKPOINT_NAME_LEN};
 pub(crate) use cleanup::{sweep, Sweep};

@@ -16,7 +16,7 @@ use crate::state::routing::causal::Session;
 use crate::state::schema::names::TableNames;
 use crate::state::stats::operation::Op;
 use crate::state::wire::connection::PgConn;
-use crate::state::wire::statements::{upsert_sql, REPLACE};
+use crate::state::wire::statements::{rewindow, upsert_sql, LIVE, REPLACE, TOMBSTONE};
 
 /// One entry of [`batch_copy_entries`](crate::state::EnhancedPostgresBackend::batch_copy_entries):
 /// its key and value, its metadata (a JSON object; `None` for none) and how long it lives
@@ -75,9 +75,15 @@ fn encode<'a>(entries: &[BatchEntry<'a>]) -> StateResult<Vec<Encoded<'a>>> {
 
 impl PgConn {
     /// COPYs `entries` (checked, in key order, one per key) into the staging table and merges
-    /// them by one upsert, in one transaction; returns the keys written. On an exclusively
-    /// held connection.
-    async fn copy_entries(&self, names: &TableNames, entries: &[Encoded<'_>]) -> StateResult<u64> {
+    /// them by one upsert, in one transaction; returns the keys written. With `replace`, the
+    /// live keys not among them become tombstones first, under an EXCLUSIVE lock (readers see
+    /// the old state or the new one). On an exclusively held connection.
+    async fn copy_entries(
+        &self,
+        names: &TableNames,
+        entries: &[Encoded<'_>],
+        replace: bool,
+    ) -> StateResult<u64> {
         let merge = upsert_sql(
             names,
             "SELECT key, value, metadata, CASE WHEN ttl_us IS NULL THEN NULL \
@@ -121,6 +127,17 @@ impl PgConn {
                 Ok(())
             })
             .await?;
+            if replace {
+                let t = &names.qualified;
+                self.client
+                    .batch_execute(&format!(
+                        "LOCK TABLE {t} IN EXCLUSIVE MODE; \
+                         UPDATE {t} s SET {TOMBSTONE}{} WHERE {LIVE} AND NOT EXISTS \
+                             (SELECT 1 FROM pg_temp.pgstate_copy_entries c WHERE c.key = s.key)",
+                        rewindow(names)
+                    ))
+                    .await?;
+            }
             Ok(self.execute_cached(merge.as_str(), &[]).await?)
         })
         .await
@@ -143,7 +160,29 @@ impl Store {
         let rows = encoded.len() as u64;
         let written = self
             .write(session, Op::BatchCopy, rows, Use::Own, async |c| {
-                c.copy_entries(names, &encoded).await
+                c.copy_entries(names, &encoded, false).await
+            })
+            .await?;
+        let bytes = encoded.iter().map(|e| e.key.len() + e.value.len()).sum();
+        self.ctx.stats.moved(bytes, 0);
+        Ok(written)
+    }
+}
+
+impl Store {
+    /// Replaces the whole live state with `entries` (see [`PgConn::copy_entries`]); returns
+    /// the number of distinct keys written.
+    pub async fn replace_with_entries(
+        &self,
+        session: &Session,
+        entries: &[BatchEntry<'_>],
+    ) -> StateResult<u64> {
+        let encoded = encode(entries)?;
+        let names = &self.ctx.names;
+        let rows = encoded.len() as u64;
+        let written = self
+            .write(session, Op::BatchCopy, rows, Use::Own, async |c| {
+                c.copy_entries(names, &encoded, true).await
             })
             .await?;
         let bytes = encoded.iter().map(|e| e.key.len() + e.value.len()).sum();

@@ -308,3 +308,63 @@ async fn transfers_under_checkpoints_and_restores_stay_exact() {
         taken.len()
     );
 }
+
+/// A checkpoint's entries, page by page, are the state at its instant (not the changes
+/// since); replacing the state with them brings that state back, and a bad entry changes
+/// nothing.
+#[tokio::test]
+async fn a_checkpoint_pages_out_and_replaces_a_state() {
+    use processor::state::{BatchEntry, ErrorKind};
+    let b = support::backend("inc_pages").await;
+    for i in 0..2500 {
+        b.put(format!("k{i:04}").as_bytes(), b"then").await.unwrap();
+    }
+    let c = b.create_checkpoint("then").await.unwrap();
+    b.put(b"k0001", b"now").await.unwrap();
+    b.delete(b"k0002").await.unwrap();
+    b.put(b"later", b"x").await.unwrap();
+    let mut entries = Vec::new();
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = b
+            .checkpoint_entries(c.id, after.as_deref(), 1000)
+            .await
+            .unwrap();
+        after = page.last().map(|e| e.key.clone());
+        let done = page.len() < 1000;
+        entries.extend(page);
+        if done {
+            break;
+        }
+    }
+    assert_eq!(entries.len(), 2500);
+    assert!(entries.windows(2).all(|w| w[0].key < w[1].key), "key order");
+    assert!(entries.iter().all(|e| e.value == b"then"));
+    assert!(b.checkpoint_entries(c.id, None, 0).await.is_err());
+
+    let other = support::backend("inc_pages_to").await;
+    other.put(b"stale", b"s").await.unwrap();
+    let batch: Vec<BatchEntry<'_>> = entries
+        .iter()
+        .map(|e| BatchEntry {
+            key: &e.key,
+            value: &e.value,
+            metadata: Some(&e.metadata),
+            ttl: None,
+        })
+        .collect();
+    let mut bad = batch.clone();
+    bad.push(BatchEntry {
+        key: b"",
+        value: b"v",
+        metadata: None,
+        ttl: None,
+    });
+    let e = other.replace_state(&bad).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    assert_eq!(other.get(b"stale").await.unwrap(), Some(b"s".to_vec()));
+    assert_eq!(other.replace_state(&batch).await.unwrap(), 2500);
+    assert_eq!(other.count().await.unwrap(), 2500);
+    assert!(other.get(b"stale").await.unwrap().is_none());
+    assert_eq!(other.get(b"k0002").await.unwrap(), Some(b"then".to_vec()));
+}

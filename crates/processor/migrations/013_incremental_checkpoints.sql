@@ -38,15 +38,16 @@ CREATE TABLE IF NOT EXISTS {{checkpoint_history}} (
 );
 CREATE INDEX IF NOT EXISTS {{ix_checkpoint_history_gen}} ON {{checkpoint_history}} (gen);
 
--- Saves the pre-image of a live row (an expired row or a tombstone reads as absent at any
--- later restore anyway) and stamps the new row with the current generation. SECURITY
--- DEFINER: a role with only the state table's privileges can still write.
+-- Saves the pre-image of a row (not of a tombstone: a deleted key reads as absent) and
+-- stamps the new row with the current generation. An expired row is saved too: a checkpoint
+-- taken before it expired holds it (reads of a checkpoint judge expiry by its instant).
+-- SECURITY DEFINER: a role with only the state table's privileges can still write.
 CREATE OR REPLACE FUNCTION {{checkpoint_capture}}() RETURNS trigger
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     g bigint := pg_sequence_last_value('{{checkpoint_gen}}'::regclass);
 BEGIN
-    IF OLD.expires_at IS NULL OR OLD.expires_at > statement_timestamp() THEN
+    IF OLD.expires_at IS DISTINCT FROM '-infinity' THEN
         INSERT INTO {{checkpoint_history}}
             (key, gen, since_gen, value, metadata, created_at, updated_at, expires_at, version)
         VALUES (OLD.key, g, OLD.checkpoint_gen, OLD.value, OLD.metadata, OLD.created_at,

@@ -276,13 +276,20 @@ pub(crate) async fn key_value_snippets(b: &EnhancedPostgresBackend) {
     assert_eq!(query_by_metadata(b).await.unwrap(), (2, 1));
 }
 
-/// "Distributed Coordination", verbatim; returns what it observed so the test can check it.
+/// The snippet's advisory lock (12345) and lock name are database-wide: tests that run it
+/// at the same time (seed, partitioning, PgBouncer) would take them from each other, and
+/// `acquire_advisory_lock` does not wait. One at a time.
+static COORDINATION: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// "Distributed Coordination", verbatim (after taking its turn); returns what it observed so
+/// the test can check it.
 #[allow(unused_variables)]
 #[rustfmt::skip]
 pub(crate) async fn distributed_coordination(
     backend: &EnhancedPostgresBackend,
 ) -> anyhow::Result<(bool, bool, bool)> {
     use processor::state::PostgresLockGuard;
+    let _one_at_a_time = COORDINATION.lock().await;
 
     // Advisory lock
     let acquired = backend.acquire_advisory_lock(12345).await?;

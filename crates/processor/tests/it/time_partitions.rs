@@ -546,3 +546,30 @@ async fn a_backend_without_schema_changes_creates_no_partition() {
     let _writer = EnhancedPostgresBackend::new(config).await.unwrap();
     assert!(count().await > before);
 }
+
+/// Dropping an aged window (no trigger fires for a dropped partition) first saves what a
+/// checkpoint holds: the checkpoint still pages its entries out and a restore brings them
+/// back.
+#[tokio::test]
+async fn a_dropped_window_keeps_what_a_checkpoint_holds() {
+    let b = with_old_entries("part_time_ckpt", Duration::from_secs(2), 5).await;
+    let c = b.create_checkpoint("before").await.unwrap();
+    assert_eq!(c.entry_count, 5);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let report = retention_until(&b, 5).await;
+    assert!(
+        report
+            .partitions_dropped
+            .iter()
+            .map(|p| p.rows)
+            .sum::<u64>()
+            >= 5,
+        "{report:?}"
+    );
+    assert_eq!(b.count().await.unwrap(), 0);
+    let held = b.checkpoint_entries(c.id, None, 100).await.unwrap();
+    assert_eq!(held.len(), 5, "{held:?}");
+    assert_eq!(b.restore_checkpoint(c.id).await.unwrap(), 5);
+    assert_eq!(b.get(b"old0").await.unwrap(), Some(b"v".to_vec()));
+    assert_eq!(b.count().await.unwrap(), 5);
+}

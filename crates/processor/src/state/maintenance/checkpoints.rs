@@ -130,9 +130,22 @@ pub(crate) async fn create(
     generations::take(store, name, progress).await
 }
 
-/// Checkpoint `id` of this table, as listed.
+/// Checkpoint `id` of this table, just taken and counted (it holds no history yet).
 pub(crate) async fn by_id(store: &Store, id: i64) -> StateResult<Option<CheckpointInfo>> {
-    Ok(list(store).await?.into_iter().find(|c| c.id == id))
+    let sql = format!(
+        "SELECT {} FROM {} WHERE id = $1 AND state_table = $2",
+        info_columns(),
+        store.ctx.names.checkpoints
+    );
+    let table = store.ctx.names.qualified.clone();
+    let row = store
+        .on_primary(async |c| {
+            Ok(c.client
+                .query_typed_opt(&sql, &[(&id, Type::INT8), (&table.as_str(), Type::TEXT)])
+                .await?)
+        })
+        .await?;
+    row.map(|r| Ok(CheckpointInfo::from_row(&r)?.0)).transpose()
 }
 
 /// The id of this table's checkpoint named `uuid`, if there is one.
@@ -244,22 +257,14 @@ async fn count_sizes(store: &Store, ids: &[i64]) -> StateResult<Vec<(i64, i64)>>
         .await
 }
 
-/// Deletes checkpoint `id` of this table (its entries with it); whether there was one.
+/// Deletes checkpoint `id` of this table (its entries with it, and the history only it
+/// needed); whether there was one.
 pub(crate) async fn delete(store: &Store, id: i64) -> StateResult<bool> {
     let sql = format!(
-        "DELETE FROM {} WHERE id = $1 AND state_table = $2",
+        "DELETE FROM {} WHERE state_table = $1 AND id = $2",
         store.ctx.names.checkpoints
     );
-    let table = store.ctx.names.qualified.clone();
-    let n = store
-        .on_primary(async |c| {
-            Ok(c.client
-                .execute_typed(&sql, &[(&id, Type::INT8), (&table.as_str(), Type::TEXT)])
-                .await?)
-        })
-        .await?;
-    generations::forget(store).await?;
-    Ok(n > 0)
+    Ok(generations::drop_checkpoints(store, &sql, id).await? > 0)
 }
 
 /// Deletes all but the newest `keep` checkpoints of this table; returns how many went.
@@ -269,23 +274,14 @@ pub(crate) async fn prune(store: &Store, keep: usize) -> StateResult<u64> {
              SELECT id FROM {c} WHERE state_table = $1 ORDER BY id DESC LIMIT $2)",
         c = store.ctx.names.checkpoints
     );
-    let table = store.ctx.names.qualified.clone();
     let keep = i64::try_from(keep).unwrap_or(i64::MAX);
-    let gone = store
-        .on_primary(async |c| {
-            Ok(c.client
-                .execute_typed(&sql, &[(&table.as_str(), Type::TEXT), (&keep, Type::INT8)])
-                .await?)
-        })
-        .await?;
-    generations::forget(store).await?;
-    Ok(gone)
+    generations::drop_checkpoints(store, &sql, keep).await
 }
 
 /// Replaces the live state with checkpoint `id`'s, atomically; returns the entries restored.
 pub(crate) async fn restore(store: &Store, id: i64) -> StateResult<u64> {
     let kind = format!(
-        "SELECT gen, entry_count FROM {} WHERE id = $1 AND state_table = $2",
+        "SELECT gen, entry_count, data_size IS NULL FROM {} WHERE id = $1 AND state_table = $2",
         store.ctx.names.checkpoints
     );
     let table = store.ctx.names.qualified.clone();
@@ -302,7 +298,16 @@ pub(crate) async fn restore(store: &Store, id: i64) -> StateResult<u64> {
         )));
     };
     match row.try_get::<_, Option<i64>>(0)? {
-        Some(gen) => generations::restore(store, id, gen, row.try_get(1)?).await,
+        Some(gen) => {
+            // Not counted yet (the count after taking it did not finish): count it now.
+            let entries = if row.try_get(2)? {
+                let counted = generations::count(store, &[id]).await?;
+                counted.first().map_or(0, |c| c.1)
+            } else {
+                row.try_get(1)?
+            };
+            generations::restore(store, id, gen, entries).await
+        }
         None => full_copy::restore(store, id).await,
     }
 }

@@ -18,7 +18,7 @@
 //!   by TRUNCATE, when none remains) and lowers the newest needed generation, so writes stop
 //!   saving pre-images once no checkpoint needs them.
 
-use tokio_postgres::types::Type;
+use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
 
 use super::checkpoints::{step, CheckpointInfo};
@@ -43,8 +43,9 @@ pub(crate) async fn take(
         n.qualified
     );
     let insert = format!(
-        "INSERT INTO {} (state_table, name, checkpoint_uuid, gen) \
-         VALUES ($1, $2, $3::text::uuid, pg_sequence_last_value('{}'::regclass)) \
+        "INSERT INTO {} (state_table, name, checkpoint_uuid, gen, created_at) \
+         VALUES ($1, $2, $3::text::uuid, pg_sequence_last_value('{}'::regclass), \
+                 statement_timestamp()) \
          RETURNING id, gen",
         n.checkpoints, n.checkpoint_gen
     );
@@ -212,15 +213,16 @@ pub(crate) async fn restore(store: &Store, id: i64, gen: i64, entries: i64) -> S
         .await
 }
 
-/// After checkpoints were deleted: deletes the pre-images no remaining checkpoint needs
-/// (all of them, by TRUNCATE, when none remains) and lowers the newest needed generation.
-pub(crate) async fn forget(store: &Store) -> StateResult<()> {
+/// Deletes checkpoints by `delete` (`$1` the table, `$2` its argument) and, in the same
+/// transaction, the pre-images no remaining checkpoint needs (all of them, by TRUNCATE, when
+/// none remains); then lowers the newest needed generation (`lower_needed`). Returns how
+/// many checkpoints went.
+pub(crate) async fn drop_checkpoints(store: &Store, delete: &str, arg: i64) -> StateResult<u64> {
     let n = &store.ctx.names;
-    let newest = format!(
-        "SELECT coalesce(max(gen), -1) FROM {} WHERE state_table = $1 AND gen IS NOT NULL",
+    let left = format!(
+        "SELECT count(*) FROM {} WHERE state_table = $1 AND gen IS NOT NULL",
         n.checkpoints
     );
-    let lower = format!("SELECT setval('{}'::regclass, $1, true)", n.checkpoint_max);
     let truncate = format!("TRUNCATE {}", n.checkpoint_history);
     let prune = format!(
         "DELETE FROM {h} h WHERE NOT EXISTS (SELECT 1 FROM {c} c WHERE c.state_table = $1 \
@@ -228,6 +230,50 @@ pub(crate) async fn forget(store: &Store) -> StateResult<()> {
         h = n.checkpoint_history,
         c = n.checkpoints
     );
+    let table = n.qualified.as_str();
+    let (class, object) = n.checkpoint_lock;
+    let gone = store
+        .on_primary(async |c| {
+            let tx = c.client.transaction().await?;
+            tx.execute_typed(
+                "SELECT pg_advisory_xact_lock($1, $2)",
+                &[(&class, Type::INT4), (&object, Type::INT4)],
+            )
+            .await?;
+            let t = || (&table as &(dyn ToSql + Sync), Type::TEXT);
+            let gone = tx.execute_typed(delete, &[t(), (&arg, Type::INT8)]).await?;
+            let left: i64 = tx.query_typed_one(&left, &[t()]).await?.try_get(0)?;
+            if left == 0 {
+                tx.batch_execute(&truncate).await?;
+            } else if gone > 0 {
+                tx.execute_typed(&prune, &[t()]).await?;
+            }
+            tx.commit().await?;
+            Ok(gone)
+        })
+        .await?;
+    if let Err(e) = lower_needed(store).await {
+        // Writes keep saving pre-images nobody needs until the next delete: wasted room,
+        // never a wrong checkpoint.
+        tracing::warn!(target: "pgstate", error = %e, table = %n.label,
+            "checkpoints were deleted but the newest needed generation was not lowered");
+    }
+    Ok(gone)
+}
+
+/// Sets the newest generation a checkpoint needs from the checkpoints that exist (it only
+/// ever drops when they were deleted), so writes stop saving pre-images nobody needs; with
+/// none left, empties the history of what writes saved meanwhile. Under the checkpoints'
+/// lock: no checkpoint is taken between the reading and the setting. Its value comes from
+/// committed checkpoints only, so a rollback after the (non-transactional) setval is safe.
+async fn lower_needed(store: &Store) -> StateResult<()> {
+    let n = &store.ctx.names;
+    let newest = format!(
+        "SELECT coalesce(max(gen), -1) FROM {} WHERE state_table = $1 AND gen IS NOT NULL",
+        n.checkpoints
+    );
+    let lower = format!("SELECT setval('{}'::regclass, $1, true)", n.checkpoint_max);
+    let truncate = format!("TRUNCATE {}", n.checkpoint_history);
     let table = n.qualified.clone();
     let (class, object) = n.checkpoint_lock;
     store
@@ -238,18 +284,13 @@ pub(crate) async fn forget(store: &Store) -> StateResult<()> {
                 &[(&class, Type::INT4), (&object, Type::INT4)],
             )
             .await?;
-            let t = [(
-                &table.as_str() as &(dyn tokio_postgres::types::ToSql + Sync),
-                Type::TEXT,
-            )];
-            let max: i64 = tx.query_typed_one(&newest, &t).await?.try_get(0)?;
-            // Lowered first: writes stop saving what nobody needs (a sequence is not
-            // transactional; every checkpoint below `max` committed already).
+            let max: i64 = tx
+                .query_typed_one(&newest, &[(&table.as_str(), Type::TEXT)])
+                .await?
+                .try_get(0)?;
             tx.execute_typed(&lower, &[(&max, Type::INT8)]).await?;
             if max < 0 {
                 tx.batch_execute(&truncate).await?;
-            } else {
-                tx.execute_typed(&prune, &t).await?;
             }
             tx.commit().await?;
             Ok(())

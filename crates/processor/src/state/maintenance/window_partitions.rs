@@ -12,6 +12,7 @@ use crate::state::error::{sqlstate, StateError, StateResult};
 use crate::state::maintenance::floor;
 use crate::state::ops::store::Store;
 use crate::state::retry::{lock_busy, while_lock_busy};
+use crate::state::schema::history;
 use crate::state::schema::partitions;
 use crate::state::schema::windows::{self, Advance};
 
@@ -324,6 +325,9 @@ async fn drop_one(
                 return Ok(None);
             }
             floor::raise(&tx, names, highest).await?;
+            // Dropping writes no pre-image by trigger: what a checkpoint holds is saved first.
+            tx.batch_execute(&history::save_before_drop(names, &format!("{s}.{part}")))
+                .await?;
             tx.batch_execute(&format!("DROP TABLE {s}.{part}")).await?;
             tx.execute_typed(&forget, &[(&start, Type::TIMESTAMPTZ)])
                 .await?;

@@ -35,3 +35,21 @@ pub(crate) fn trigger_ddl(n: &TableNames) -> String {
         capture = n.checkpoint_capture
     )
 }
+
+/// Saves, as the capture trigger would on a delete, the pre-images of the rows of `part` (a
+/// partition about to be dropped, which fires no trigger) that a checkpoint needs.
+pub(crate) fn save_before_drop(n: &TableNames, part: &str) -> String {
+    format!(
+        "INSERT INTO {h} (key, gen, since_gen, value, metadata, created_at, updated_at, \
+                         expires_at, version) \
+         SELECT key, pg_sequence_last_value('{gen}'::regclass), checkpoint_gen, value, metadata, \
+                created_at, updated_at, expires_at, version FROM {part} \
+         WHERE checkpoint_gen < pg_sequence_last_value('{gen}'::regclass) \
+           AND checkpoint_gen <= pg_sequence_last_value('{max}'::regclass) \
+           AND expires_at IS DISTINCT FROM '-infinity' \
+         ON CONFLICT (key, gen) DO NOTHING",
+        h = n.checkpoint_history,
+        gen = n.checkpoint_gen,
+        max = n.checkpoint_max
+    )
+}

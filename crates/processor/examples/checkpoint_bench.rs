@@ -4,8 +4,8 @@
 //!   (`CREATE TABLE .. AS SELECT`);
 //! - with 1% of the keys changed since: a checkpoint, and a restore to the previous one;
 //! - puts at 32 tasks for 5 s on 100 000 keys with checkpoints (one in place and every key
-//!   written since; one every 2.5 s; one every second), against the same run on a table never
-//!   checkpointed (alternated, twice each);
+//!   written since; one every 10 s, over 20 s; one every 2.5 s; one every second), against
+//!   the same run on a table never checkpointed (alternated, twice each);
 //! - storage: the state table and its history with checkpoints, and after deleting them all.
 //!
 //! ```text
@@ -37,8 +37,8 @@ enum During {
     Every(u64),
 }
 
-/// Puts at 32 tasks for 5 s on 100 000 keys with checkpoints taken as `during` says;
-/// calls per second.
+/// Puts at 32 tasks for 5 s (twice the interval when checkpoints are further apart) on
+/// 100 000 keys with checkpoints taken as `during` says; calls per second.
 async fn puts(b: &EnhancedPostgresBackend, during: During) -> anyhow::Result<f64> {
     let hot: Vec<(Vec<u8>, Vec<u8>)> = (0..100_000)
         .map(|k| (format!("hot:{k}").into_bytes(), vec![b'v'; 100]))
@@ -52,9 +52,14 @@ async fn puts(b: &EnhancedPostgresBackend, during: During) -> anyhow::Result<f64
         let k = (t * 7919 + i * 104_729) % 100_000;
         (format!("hot:{k}"), vec![b'w'; 100])
     });
+    // Long enough for a few checkpoints at the longer intervals.
+    let run = match during {
+        During::Every(ms) if ms > 2500 => Duration::from_millis(2 * ms),
+        _ => Duration::from_secs(5),
+    };
     let start = Instant::now();
     let mut last = Instant::now();
-    while start.elapsed() < Duration::from_secs(5) {
+    while start.elapsed() < run {
         tokio::time::sleep(Duration::from_millis(50)).await;
         if let During::Every(ms) = during {
             if last.elapsed() >= Duration::from_millis(ms) {
@@ -157,7 +162,12 @@ async fn main() -> anyhow::Result<()> {
     // Write throughput: a table never checkpointed against the same with checkpoints.
     let plain = EnhancedPostgresBackend::new(config("plain")).await?;
     let tracked = EnhancedPostgresBackend::new(config("tracked")).await?;
-    let modes = [During::Warm, During::Every(2500), During::Every(1000)];
+    let modes = [
+        During::Warm,
+        During::Every(10_000),
+        During::Every(2500),
+        During::Every(1000),
+    ];
     let mut rates: Vec<(String, Vec<f64>)> = Vec::new();
     let mut without = Vec::new();
     for _ in 0..2 {

@@ -11,6 +11,7 @@ mod cancellation_stress;
 mod capture;
 mod checkpoints;
 mod citus;
+mod clear;
 mod coalescing;
 mod conformance;
 mod consistency;

@@ -95,19 +95,23 @@ async fn seed_basic_operations() {
     assert_eq!(backend.count().await.unwrap(), 5);
 }
 
-/// "Optimistic Locking".
-pub(crate) async fn optimistic_locking(backend: &EnhancedPostgresBackend) -> anyhow::Result<()> {
+/// "Optimistic Locking". `first`: the version a new key gets, 1 on a table nothing was
+/// removed from (above the version floor after `clear()`).
+pub(crate) async fn optimistic_locking(
+    backend: &EnhancedPostgresBackend,
+    first: i64,
+) -> anyhow::Result<()> {
     // Insert with version 1
     let version = backend.put_with_version(b"key", b"value1", None).await?;
     // version == 1
-    assert_eq!(version, 1);
+    assert_eq!(version, first);
 
     // Update with version check
     let new_version = backend
         .put_with_version(b"key", b"value2", Some(version))
         .await?;
     // new_version == 2
-    assert_eq!(new_version, 2);
+    assert_eq!(new_version, first + 1);
 
     // Concurrent update with stale version fails
     let result = backend
@@ -124,7 +128,7 @@ pub(crate) async fn optimistic_locking(backend: &EnhancedPostgresBackend) -> any
 #[tokio::test]
 async fn seed_optimistic_locking() {
     let backend = support::backend("seed_opt").await;
-    optimistic_locking(&backend).await.unwrap();
+    optimistic_locking(&backend, 1).await.unwrap();
     assert_eq!(backend.get(b"key").await.unwrap(), Some(b"value2".to_vec()));
     // Creating a key that exists fails too.
     let again = backend.put_with_version(b"key", b"x", None).await;
@@ -261,10 +265,22 @@ async fn seed_advanced_configuration_fails_clearly_on_missing_certificate() {
 /// The key/value snippets (basic operations, optimistic locking, metadata queries) on `b`,
 /// with no live entries, checking what each leaves behind.
 pub(crate) async fn key_value_snippets(b: &EnhancedPostgresBackend) {
+    // New keys start above the version floor (0 on a table nothing was removed from; raised
+    // by `clear()`, which callers may have run): key2 is written twice.
+    let floor_seq = format!("{}_version_floor\"", b.table().trim_end_matches('"'));
+    let floor: i64 = support::raw(&support::url())
+        .await
+        .query_one(&format!("SELECT last_value FROM {floor_seq}"), &[])
+        .await
+        .unwrap()
+        .get(0);
     basic_operations(b).await.unwrap();
-    assert_eq!(b.get_entry(b"key2").await.unwrap().unwrap().version, 2);
+    assert_eq!(
+        b.get_entry(b"key2").await.unwrap().unwrap().version,
+        floor + 2
+    );
     assert_eq!(b.count().await.unwrap(), 5);
-    optimistic_locking(b).await.unwrap();
+    optimistic_locking(b, floor + 1).await.unwrap();
     assert_eq!(b.get(b"key").await.unwrap(), Some(b"value2".to_vec()));
     b.put_with_metadata(
         b"user:1",

@@ -32,9 +32,9 @@ use std::time::Duration;
 use tokio_postgres::types::Type;
 use tokio_postgres::IsolationLevel;
 
-use super::floor;
 use crate::state::error::{sqlstate, StateError, StateResult};
 use crate::state::ops::store::Store;
+use crate::state::schema::floor;
 use crate::state::schema::names::TableNames;
 use crate::state::wire::statements::LIVE;
 

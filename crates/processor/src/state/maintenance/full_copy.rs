@@ -18,10 +18,10 @@ use tokio_postgres::IsolationLevel;
 use uuid::Uuid;
 
 use super::checkpoints::{info_columns, step, CheckpointInfo};
-use super::floor;
 use crate::state::error::{StateError, StateResult};
 use crate::state::ops::store::Store;
 use crate::state::pool::checkout::Checkout;
+use crate::state::schema::floor;
 use crate::state::wire::statements::{rewindow, LIVE, TOMBSTONE};
 
 /// Rows copied per statement while creating a checkpoint.

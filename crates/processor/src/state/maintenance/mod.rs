@@ -12,7 +12,6 @@
 mod archive;
 mod checkpoints;
 mod cleanup;
-mod floor;
 mod full_copy;
 mod generations;
 mod progress;

@@ -344,11 +344,6 @@ impl PgConn {
         rows_to_entries(&rows)
     }
 
-    pub(crate) async fn clear(&self) -> StateResult<()> {
-        self.stmts.clear.execute(&self.client, &[]).await?;
-        Ok(())
-    }
-
     pub(crate) async fn query_by_metadata(
         &self,
         q: &MetadataQuery,

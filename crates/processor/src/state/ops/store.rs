@@ -560,8 +560,11 @@ impl Store {
     }
 
     pub async fn clear(&self, session: &Session) -> StateResult<()> {
-        self.write(session, Op::Clear, 1, Use::Own, async |c| c.clear().await)
-            .await
+        let names = &self.ctx.names;
+        self.write(session, Op::Clear, 1, Use::Own, async |c| {
+            c.clear(names).await
+        })
+        .await
     }
 
     /// One round trip on a pooled primary connection.

@@ -1,13 +1,15 @@
 //! Layer `schema`: the database objects of one state table. Quoted names of the table and what
 //! derives from it (`names`), the embedded migrations and their runner (`migrations`), the
 //! partitioned layout in the catalog (`partitions`), write windows of time-range tables
-//! (`windows`), distribution over Citus workers (`distribution`) and the history of rows that
-//! incremental checkpoints keep (`history`).
+//! (`windows`), distribution over Citus workers (`distribution`), the history of rows that
+//! incremental checkpoints keep (`history`) and the version floor as removers raise it
+//! (`floor`).
 //!
 //! May use: `config`, `error`, `limits`, `ident`; runs its SQL on a client it is given (it
 //! opens no connection of its own).
 
 pub(crate) mod distribution;
+pub(crate) mod floor;
 pub(crate) mod history;
 pub(crate) mod migrations;
 pub(crate) mod names;

@@ -1,14 +1,16 @@
 //! The table's version floor (migration `005_version_floor.sql`) as removers use it: taking
-//! its lock exclusively, and raising it. Cleanup, archive and checkpoint restore all do both.
+//! its lock exclusively, and raising it. Cleanup, archive, checkpoint restore, dropping time
+//! windows and `clear` all do both.
 
 use tokio_postgres::types::Type;
-use tokio_postgres::{Error, Transaction};
+use tokio_postgres::{Error, GenericClient};
 
 use crate::state::schema::names::TableNames;
 
-/// Takes the floor's advisory lock exclusively for the rest of `tx` (inserts take it shared),
+/// Takes the floor's advisory lock exclusively for the rest of the transaction on `tx`
+/// (inserts take it shared),
 /// waiting as the transaction's `lock_timeout` allows.
-pub(crate) async fn lock(tx: &Transaction<'_>, names: &TableNames) -> Result<(), Error> {
+pub(crate) async fn lock<C: GenericClient>(tx: &C, names: &TableNames) -> Result<(), Error> {
     let (class, object) = names.floor_lock;
     tx.execute_typed(
         "SELECT pg_advisory_xact_lock($1, $2)",
@@ -19,7 +21,11 @@ pub(crate) async fn lock(tx: &Transaction<'_>, names: &TableNames) -> Result<(),
 }
 
 /// Raises the floor to at least `to` (never lowers it): new rows then start above `to`.
-pub(crate) async fn raise(tx: &Transaction<'_>, names: &TableNames, to: i64) -> Result<(), Error> {
+pub(crate) async fn raise<C: GenericClient>(
+    tx: &C,
+    names: &TableNames,
+    to: i64,
+) -> Result<(), Error> {
     let sql = format!(
         "SELECT setval($1::text::regclass, GREATEST(last_value, $2)) FROM {}",
         names.version_floor

@@ -186,15 +186,7 @@ pub(crate) fn check_file(path: &Path) -> Result<u64, CliError> {
 /// Writes one chunk: every entry, plain or with metadata or a TTL, in one binary COPY and one
 /// upsert (a key that comes twice in it ends with its last line).
 async fn write_chunk(backend: EnhancedPostgresBackend, chunk: Vec<Line>) -> Result<u64, CliError> {
-    let entries: Vec<BatchEntry<'_>> = chunk
-        .iter()
-        .map(|l| BatchEntry {
-            key: &l.key,
-            value: &l.value,
-            metadata: Some(&l.metadata),
-            ttl: l.ttl,
-        })
-        .collect();
+    let entries: Vec<BatchEntry<'_>> = chunk.iter().map(Line::entry).collect();
     backend.batch_copy_entries(&entries).await?;
     Ok(chunk.len() as u64)
 }

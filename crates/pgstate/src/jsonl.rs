@@ -17,6 +17,18 @@ pub struct Line {
     pub ttl: Option<Duration>,
 }
 
+impl Line {
+    /// The entry to write: its key, value, metadata and TTL.
+    pub fn entry(&self) -> processor::state::BatchEntry<'_> {
+        processor::state::BatchEntry {
+            key: &self.key,
+            value: &self.value,
+            metadata: Some(&self.metadata),
+            ttl: self.ttl,
+        }
+    }
+}
+
 fn put_bytes(object: &mut Map<String, Value>, name: &str, bytes: &[u8]) {
     match std::str::from_utf8(bytes) {
         Ok(text) => object.insert(name.to_string(), Value::String(text.to_string())),

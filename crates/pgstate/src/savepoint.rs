@@ -82,15 +82,7 @@ pub async fn import(target: &Target, path: &Path, name: &str) -> Result<(), CliE
         }
     }
     bar.finish_and_clear();
-    let entries: Vec<BatchEntry<'_>> = read
-        .iter()
-        .map(|l| BatchEntry {
-            key: &l.key,
-            value: &l.value,
-            metadata: Some(&l.metadata),
-            ttl: l.ttl,
-        })
-        .collect();
+    let entries: Vec<BatchEntry<'_>> = read.iter().map(Line::entry).collect();
     let spinner = progress::counter("replacing the state");
     let written = backend.replace_state(&entries).await?;
     spinner.finish_and_clear();

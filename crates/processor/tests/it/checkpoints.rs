@@ -2,18 +2,14 @@
 //! restore.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use processor::state::{ErrorKind, IsolationLevel, MaintenanceOptions, StateBackend};
+use processor::state::{ErrorKind, MaintenanceOptions, StateBackend};
 
 use crate::support;
-
-fn parse(v: Option<Vec<u8>>) -> i64 {
-    v.and_then(|v| String::from_utf8(v).ok()?.parse().ok())
-        .unwrap_or(0)
-}
+use crate::transfers::Transfers;
 
 #[tokio::test]
 async fn a_checkpoint_is_one_instant_and_its_restore_is_atomic() {
@@ -58,41 +54,10 @@ async fn a_checkpoint_is_one_instant_and_its_restore_is_atomic() {
                 .get::<_, i64>(0)
         }
     };
-    let stop = Arc::new(AtomicBool::new(false));
-    let moves = Arc::new(AtomicU64::new(0));
-    let writers: Vec<_> = (0..4u64)
-        .map(|w| {
-            let (b, stop, moves) = (b.clone_handle(), stop.clone(), moves.clone());
-            tokio::spawn(async move {
-                let mut x = 0x9E37_79B9u64.wrapping_mul(w + 1);
-                while !stop.load(Ordering::Relaxed) {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    let from = format!("acct:{}", x % 100_000 + 1).into_bytes();
-                    let to = format!("acct:{}", (x >> 20) % 100_000 + 1).into_bytes();
-                    if from == to {
-                        continue;
-                    }
-                    b.transaction(IsolationLevel::Serializable, |tx| {
-                        let (from, to) = (from.clone(), to.clone());
-                        Box::pin(async move {
-                            let a = parse(tx.get(&from).await?);
-                            let c = parse(tx.get(&to).await?);
-                            tx.put(&from, (a - 1).to_string().as_bytes()).await?;
-                            tx.put(&to, (c + 1).to_string().as_bytes()).await
-                        })
-                    })
-                    .await
-                    .unwrap();
-                    moves.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-        })
-        .collect();
+    let transfers = Transfers::start(&b, 1, 100_000, 4);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let before = moves.load(Ordering::Relaxed);
+    let before = transfers.moves();
     let checkpoint = {
         let seen = seen.clone();
         let options = MaintenanceOptions::new().with_progress(move |p| {
@@ -102,11 +67,8 @@ async fn a_checkpoint_is_one_instant_and_its_restore_is_atomic() {
             .await
             .unwrap()
     };
-    let during = moves.load(Ordering::Relaxed) - before;
-    stop.store(true, Ordering::Relaxed);
-    for w in writers {
-        w.await.unwrap();
-    }
+    let during = transfers.moves() - before;
+    transfers.stop().await;
     eprintln!("checkpoint of 100 000 entries taken while {during} transfers committed");
     assert_eq!(checkpoint.entry_count, 100_000);
     let progress = seen.lock().unwrap().clone();

@@ -3,15 +3,14 @@
 //! transfers, every checkpoint is one instant and a restore is atomic for readers.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use processor::state::{
-    EnhancedPostgresBackend, IsolationLevel, PartitionStrategy, StateBackend, StateEntry,
-};
+use processor::state::{EnhancedPostgresBackend, PartitionStrategy, StateBackend, StateEntry};
 
 use crate::support;
+use crate::transfers::Transfers;
 
 /// Every live entry: key -> (value, version).
 async fn dump(b: &EnhancedPostgresBackend) -> BTreeMap<Vec<u8>, (Vec<u8>, i64)> {
@@ -200,42 +199,8 @@ async fn transfers_under_checkpoints_and_restores_stay_exact() {
         .collect();
     b.batch_put(&refs).await.unwrap();
     let total = 100 * accounts as i64;
+    let transfers = Transfers::start(&b, 0, accounts, 4);
     let stop = Arc::new(AtomicBool::new(false));
-    let moves = Arc::new(AtomicU64::new(0));
-    let parse = |v: Option<Vec<u8>>| -> i64 {
-        v.and_then(|v| String::from_utf8(v).ok()?.parse().ok())
-            .unwrap_or(0)
-    };
-    let writers: Vec<_> = (0..4u64)
-        .map(|w| {
-            let (b, stop, moves) = (b.clone_handle(), stop.clone(), moves.clone());
-            tokio::spawn(async move {
-                let mut x = 0x9E37_79B9u64.wrapping_mul(w + 1);
-                while !stop.load(Ordering::Relaxed) {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    let from = format!("acct:{}", x % accounts).into_bytes();
-                    let to = format!("acct:{}", (x >> 20) % accounts).into_bytes();
-                    if from == to {
-                        continue;
-                    }
-                    b.transaction(IsolationLevel::Serializable, |tx| {
-                        let (from, to) = (from.clone(), to.clone());
-                        Box::pin(async move {
-                            let a = parse(tx.get(&from).await?);
-                            let c = parse(tx.get(&to).await?);
-                            tx.put(&from, (a - 1).to_string().as_bytes()).await?;
-                            tx.put(&to, (c + 1).to_string().as_bytes()).await
-                        })
-                    })
-                    .await
-                    .unwrap();
-                    moves.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-        })
-        .collect();
     let reader = {
         let (stop, t) = (stop.clone(), b.table().to_string());
         tokio::spawn(async move {
@@ -274,10 +239,8 @@ async fn transfers_under_checkpoints_and_restores_stay_exact() {
             restores += 1;
         }
     }
+    let moves = transfers.stop().await;
     stop.store(true, Ordering::Relaxed);
-    for w in writers {
-        w.await.unwrap();
-    }
     let reads = reader.await.unwrap();
     assert!(restores > 0);
     let admin = support::raw(&support::url()).await;
@@ -305,8 +268,7 @@ async fn transfers_under_checkpoints_and_restores_stay_exact() {
         assert_eq!(c.entry_count, accounts);
     }
     eprintln!(
-        "{} transfers, {} checkpoints, {restores} restores, {reads} reads",
-        moves.load(Ordering::Relaxed),
+        "{moves} transfers, {} checkpoints, {restores} restores, {reads} reads",
         taken.len()
     );
 }

@@ -48,4 +48,5 @@ mod time_partitions;
 mod tls;
 mod transaction_drops;
 mod transactions;
+mod transfers;
 mod word_count;

@@ -19,13 +19,28 @@
 //!   saving pre-images once no checkpoint needs them.
 
 use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Error, GenericClient};
 use uuid::Uuid;
 
 use super::checkpoints::{step, CheckpointInfo};
 use crate::state::error::{StateError, StateResult};
 use crate::state::ops::store::Store;
 use crate::state::schema::history::{state_at, trigger_ddl};
+use crate::state::schema::names::TableNames;
 use crate::state::wire::statements::{rewindow, LIVE, TOMBSTONE};
+
+/// Takes the table's checkpoint lock for the rest of the transaction on `c`: checkpoints are
+/// taken, dropped (with their history) and restored one at a time, so the newest needed
+/// generation is never lowered under a new checkpoint.
+async fn lock_checkpoints<C: GenericClient>(c: &C, n: &TableNames) -> Result<(), Error> {
+    let (class, object) = n.checkpoint_lock;
+    c.execute_typed(
+        "SELECT pg_advisory_xact_lock($1, $2)",
+        &[(&class, Type::INT4), (&object, Type::INT4)],
+    )
+    .await
+    .map(|_| ())
+}
 
 /// Takes an incremental checkpoint named `name` (checked by the caller); `progress` gets
 /// the entries it holds once they are counted.
@@ -57,17 +72,12 @@ pub(crate) async fn take(
     let lock = format!("LOCK TABLE {} IN SHARE MODE", n.qualified);
     let trigger = trigger_ddl(n);
     let trigger_name = n.checkpoint_trigger.as_str().to_string();
-    let (class, object) = n.checkpoint_lock;
     let mut conn = store.ctx.primary.get().await?;
     conn.set_in_transaction(true);
     let id: i64 = step(&mut conn, limit, async |c| {
         c.batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED")
             .await?;
-        c.execute_typed(
-            "SELECT pg_advisory_xact_lock($1, $2)",
-            &[(&class, Type::INT4), (&object, Type::INT4)],
-        )
-        .await?;
+        lock_checkpoints(c, n).await?;
         let attached: i64 = c
             .query_typed_one(&has_trigger, &[(&trigger_name.as_str(), Type::TEXT)])
             .await?
@@ -179,16 +189,11 @@ pub(crate) async fn restore(store: &Store, id: i64, gen: i64, entries: i64) -> S
         n.checkpoints
     );
     let lock = format!("LOCK TABLE {t} IN EXCLUSIVE MODE");
-    let (class, object) = n.checkpoint_lock;
     store
         .on_primary(async |c| {
             let tx = c.client.transaction().await?;
             // No checkpoint is taken or dropped (with its history) meanwhile.
-            tx.execute_typed(
-                "SELECT pg_advisory_xact_lock($1, $2)",
-                &[(&class, Type::INT4), (&object, Type::INT4)],
-            )
-            .await?;
+            lock_checkpoints(&tx, n).await?;
             let there: i64 = tx
                 .query_typed_one(&still, &[(&id, Type::INT8), (&gen, Type::INT8)])
                 .await?
@@ -231,15 +236,10 @@ pub(crate) async fn drop_checkpoints(store: &Store, delete: &str, arg: i64) -> S
         c = n.checkpoints
     );
     let table = n.qualified.as_str();
-    let (class, object) = n.checkpoint_lock;
     let gone = store
         .on_primary(async |c| {
             let tx = c.client.transaction().await?;
-            tx.execute_typed(
-                "SELECT pg_advisory_xact_lock($1, $2)",
-                &[(&class, Type::INT4), (&object, Type::INT4)],
-            )
-            .await?;
+            lock_checkpoints(&tx, n).await?;
             let t = || (&table as &(dyn ToSql + Sync), Type::TEXT);
             let gone = tx.execute_typed(delete, &[t(), (&arg, Type::INT8)]).await?;
             let left: i64 = tx.query_typed_one(&left, &[t()]).await?.try_get(0)?;
@@ -275,15 +275,10 @@ async fn lower_needed(store: &Store) -> StateResult<()> {
     let lower = format!("SELECT setval('{}'::regclass, $1, true)", n.checkpoint_max);
     let truncate = format!("TRUNCATE {}", n.checkpoint_history);
     let table = n.qualified.clone();
-    let (class, object) = n.checkpoint_lock;
     store
         .on_primary(async |c| {
             let tx = c.client.transaction().await?;
-            tx.execute_typed(
-                "SELECT pg_advisory_xact_lock($1, $2)",
-                &[(&class, Type::INT4), (&object, Type::INT4)],
-            )
-            .await?;
+            lock_checkpoints(&tx, n).await?;
             let max: i64 = tx
                 .query_typed_one(&newest, &[(&table.as_str(), Type::TEXT)])
                 .await?

@@ -59,3 +59,48 @@ async fn a_checkpoint_taken_before_a_clear_restores_it() {
     assert_eq!(b.count().await.unwrap(), 100);
     assert_eq!(b.get(b"k7").await.unwrap(), Some(b"v".to_vec()));
 }
+
+/// A role with the table's row privileges but not TRUNCATE (nor the floor's sequence):
+/// `clear()` still empties the state, with a tombstone per row as before.
+#[tokio::test]
+#[cfg_attr(
+    pgstate_external_server,
+    ignore = "creates a role on the local cluster"
+)]
+async fn a_role_that_may_not_truncate_clears_with_tombstones() {
+    let owner = support::backend("clear_role").await;
+    for i in 0..10 {
+        owner.put(format!("k{i}").as_bytes(), b"v").await.unwrap();
+    }
+    let table = owner.table().to_string();
+    let schema = owner.config().schema().to_string();
+    let role = format!("{schema}_dml");
+    let base = support::url();
+    let superuser = format!("postgres:{}@", pgstate_testcluster::PASSWORD);
+    assert!(
+        base.contains(&superuser),
+        "the local cluster's superuser URL"
+    );
+    support::raw(&base)
+        .await
+        .batch_execute(&format!(
+            "CREATE ROLE \"{role}\" LOGIN PASSWORD 'dml-secret';
+             GRANT USAGE ON SCHEMA \"{schema}\" TO \"{role}\";
+             GRANT SELECT, INSERT, UPDATE, DELETE ON {table} TO \"{role}\";
+             GRANT SELECT ON \"{schema}\".pgstate_schema_migrations TO \"{role}\""
+        ))
+        .await
+        .unwrap();
+    let url = base.replace(&superuser, &format!("{role}:dml-secret@"));
+    let dml = processor::state::EnhancedPostgresBackend::new(
+        processor::state::EnhancedPostgresConfig::new(url)
+            .with_schema(&schema)
+            .with_schema_changes(false)
+            .with_pool_config(support::small_pool()),
+    )
+    .await
+    .unwrap();
+    dml.clear().await.unwrap();
+    assert_eq!(owner.count().await.unwrap(), 0);
+    assert_eq!(physical_rows(&owner).await, 10, "tombstones, not TRUNCATE");
+}

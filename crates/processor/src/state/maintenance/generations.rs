@@ -81,7 +81,7 @@ pub(crate) async fn take(
         let attached: i64 = c
             .query_typed_one(&has_trigger, &[(&trigger_name.as_str(), Type::TEXT)])
             .await?
-            .get(0);
+            .try_get(0)?;
         if attached == 0 {
             c.batch_execute(&trigger).await?;
         }
@@ -97,7 +97,7 @@ pub(crate) async fn take(
                 ],
             )
             .await?;
-        let (id, gen): (i64, i64) = (row.get(0), row.get(1));
+        let (id, gen): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
         c.execute_typed(&advance, &[(&gen, Type::INT8)]).await?;
         c.batch_execute("COMMIT").await?;
         Ok(id)

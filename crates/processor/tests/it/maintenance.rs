@@ -55,9 +55,11 @@ async fn expired_entries_are_cleaned_in_the_background_while_writers_run() {
     .await;
     let stop = Arc::new(AtomicBool::new(false));
     let ops = Arc::new(AtomicU64::new(0));
+    // Writers that wrote all of their 100 keys.
+    let full = Arc::new(AtomicU64::new(0));
     let writers: Vec<_> = (0..4)
         .map(|t| {
-            let (b, stop, ops) = (b.clone_handle(), stop.clone(), ops.clone());
+            let (b, stop, ops, full) = (b.clone_handle(), stop.clone(), ops.clone(), full.clone());
             tokio::spawn(async move {
                 let mut i = 0u64;
                 while !stop.load(Ordering::Relaxed) {
@@ -71,6 +73,9 @@ async fn expired_entries_are_cleaned_in_the_background_while_writers_run() {
                     assert!(b.get(live.as_bytes()).await.unwrap().is_some(), "{live}");
                     ops.fetch_add(3, Ordering::Relaxed);
                     i += 1;
+                    if i == 100 {
+                        full.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             })
         })
@@ -85,6 +90,14 @@ async fn expired_entries_are_cleaned_in_the_background_while_writers_run() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let took = start.elapsed();
+    // Each writer writes its 100 keys at least once (cleanup may finish sooner than that).
+    while full.load(Ordering::Relaxed) < 4 {
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "the writers stalled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     stop.store(true, Ordering::Relaxed);
     for w in writers {
         w.await.unwrap();

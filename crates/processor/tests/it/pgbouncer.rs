@@ -313,3 +313,45 @@ async fn incremental_checkpoints_work_through_transaction_pooling() {
     assert!(b.delete_checkpoint(c.id).await.unwrap());
     assert!(b.list_checkpoints().await.unwrap().is_empty());
 }
+
+/// `clear()` through transaction pooling while other calls keep the server connections
+/// busy: every statement it sends is unnamed (a named one, prepared on one server connection
+/// and run on another, failed with "prepared statement does not exist").
+#[tokio::test]
+#[cfg_attr(
+    pgstate_external_server,
+    ignore = "needs the local cluster the tests start"
+)]
+async fn clear_works_through_transaction_pooling_while_others_run() {
+    let url = transaction_url();
+    let b = Arc::new(
+        EnhancedPostgresBackend::new(config(&url, "pgb_clear"))
+            .await
+            .unwrap(),
+    );
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let others: Vec<_> = (0..4)
+        .map(|t| {
+            let (b, stop) = (b.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut i = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let key = format!("busy{t}:{}", i % 10);
+                    b.put(key.as_bytes(), b"v").await.unwrap();
+                    b.get(key.as_bytes()).await.unwrap();
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    for _ in 0..30 {
+        b.put(b"k", b"v").await.unwrap();
+        b.clear().await.unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for o in others {
+        o.await.unwrap();
+    }
+    b.clear().await.unwrap();
+    assert_eq!(b.count().await.unwrap(), 0);
+}

@@ -27,8 +27,10 @@ impl PgConn {
             names.version_floor
         );
         // (On a Citus-distributed table, untested here with TRUNCATE: tombstones as before.)
+        // Unnamed statements (`query_typed`): behind PgBouncer's transaction pooling a named
+        // one may be prepared on one server connection and run on another.
         let allowed =
-            !names.distributed && self.client.query_one(may.as_str(), &[]).await?.try_get(0)?;
+            !names.distributed && self.client.query_typed_one(&may, &[]).await?.try_get(0)?;
         if !allowed {
             self.stmts.clear.execute(&self.client, &[]).await?;
             return Ok(());
@@ -39,7 +41,7 @@ impl PgConn {
             tx.batch_execute(&format!("LOCK TABLE {t} IN ACCESS EXCLUSIVE MODE"))
                 .await?;
             floor::lock(tx, names).await?;
-            let highest: i64 = tx.query_one(top.as_str(), &[]).await?.try_get(0)?;
+            let highest: i64 = tx.query_typed_one(&top, &[]).await?.try_get(0)?;
             floor::raise(tx, names, highest).await?;
             tx.batch_execute(&history::save_before_drop(names, t))
                 .await?;

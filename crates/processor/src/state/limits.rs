@@ -137,6 +137,28 @@ pub fn prefix_upper_bound(prefix: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
+/// The longest name stored as `text` (a lock, leader, operator, source, topic or reader
+/// name), in bytes.
+pub const MAX_NAME_LEN: usize = 1024;
+
+/// Checks a name stored as `text`: not empty, at most [`MAX_NAME_LEN`] bytes, no NUL byte;
+/// `what` names it in the error.
+pub(crate) fn check_name(what: &str, name: &str) -> StateResult<()> {
+    if name.is_empty() {
+        return Err(StateError::invalid(format!("{what} is empty")));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(StateError::invalid(format!(
+            "{what} is {} bytes; at most {MAX_NAME_LEN} allowed",
+            name.len()
+        )));
+    }
+    if name.contains('\0') {
+        return Err(StateError::invalid(format!("{what} contains a NUL byte")));
+    }
+    Ok(())
+}
+
 /// Checks a page request: `limit` 1 to [`MAX_PAGE`], a prefix no longer than a key, a valid
 /// `start_after`. Returns the statement's (prefix, after, limit).
 pub(crate) fn check_page<'a>(

@@ -24,6 +24,7 @@ use sha2::{Digest, Sha256};
 use tokio_postgres::types::Type;
 
 use crate::state::error::{StateError, StateResult};
+use crate::state::limits::{check_name, MAX_NAME_LEN};
 use crate::state::pool::context::Context;
 use crate::state::stats::counters::LockEvent;
 use crate::state::wire::connection::{Connector, PgConn};
@@ -76,22 +77,10 @@ pub(crate) const ADVISORY_LOCKS: &str =
        AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())";
 
 /// Longest accepted lock or leader name, in bytes.
-pub const MAX_LOCK_NAME_LEN: usize = 1024;
+pub const MAX_LOCK_NAME_LEN: usize = MAX_NAME_LEN;
 
 pub(crate) fn check_lock_name(name: &str) -> StateResult<()> {
-    if name.is_empty() {
-        return Err(StateError::invalid("lock name is empty"));
-    }
-    if name.len() > MAX_LOCK_NAME_LEN {
-        return Err(StateError::invalid(format!(
-            "lock name is {} bytes; at most {MAX_LOCK_NAME_LEN} allowed",
-            name.len()
-        )));
-    }
-    if name.contains('\0') {
-        return Err(StateError::invalid("lock name contains a NUL byte"));
-    }
-    Ok(())
+    check_name("lock name", name)
 }
 
 /// Exclusive (writer) or shared (reader) advisory lock.

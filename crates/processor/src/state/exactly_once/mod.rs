@@ -25,27 +25,8 @@ pub use claim::{Operator, PreviousClaim, Recovery, SourceOffset, DEFAULT_CLAIM_C
 pub use handle::{Claim, Committed};
 pub use outbox::{OutboxReader, OutboxRecord, Output};
 
-use crate::state::error::{StateError, StateResult};
-
-/// The longest operator, source, topic or reader name, in bytes.
-pub const MAX_NAME_LEN: usize = 1024;
-
-/// Checks a name stored as `text`: not empty, at most [`MAX_NAME_LEN`] bytes, no NUL byte.
-pub(crate) fn check_name(what: &str, name: &str) -> StateResult<()> {
-    if name.is_empty() {
-        return Err(StateError::invalid(format!("{what} is empty")));
-    }
-    if name.len() > MAX_NAME_LEN {
-        return Err(StateError::invalid(format!(
-            "{what} is {} bytes; at most {MAX_NAME_LEN} allowed",
-            name.len()
-        )));
-    }
-    if name.contains('\0') {
-        return Err(StateError::invalid(format!("{what} contains a NUL byte")));
-    }
-    Ok(())
-}
+pub(crate) use crate::state::limits::check_name;
+pub use crate::state::limits::MAX_NAME_LEN;
 
 /// `set_config` of the statement's transaction: the server ends the transaction (and its
 /// session) once it sits idle longer than the operation timeout, so an instance paused

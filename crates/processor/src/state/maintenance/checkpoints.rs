@@ -130,21 +130,25 @@ pub(crate) async fn create(
     generations::take(store, name, progress).await
 }
 
-/// Checkpoint `id` of this table, just taken and counted (it holds no history yet).
-pub(crate) async fn by_id(store: &Store, id: i64) -> StateResult<Option<CheckpointInfo>> {
+/// `columns` of this table's checkpoint `id`, if there is one.
+async fn row_of(store: &Store, columns: &str, id: i64) -> StateResult<Option<tokio_postgres::Row>> {
     let sql = format!(
-        "SELECT {} FROM {} WHERE id = $1 AND state_table = $2",
-        info_columns(),
+        "SELECT {columns} FROM {} WHERE id = $1 AND state_table = $2",
         store.ctx.names.checkpoints
     );
-    let table = store.ctx.names.qualified.clone();
-    let row = store
+    let table = store.ctx.names.qualified.as_str();
+    store
         .on_primary(async |c| {
             Ok(c.client
-                .query_typed_opt(&sql, &[(&id, Type::INT8), (&table.as_str(), Type::TEXT)])
+                .query_typed_opt(&sql, &[(&id, Type::INT8), (&table, Type::TEXT)])
                 .await?)
         })
-        .await?;
+        .await
+}
+
+/// Checkpoint `id` of this table, just taken and counted (it holds no history yet).
+pub(crate) async fn by_id(store: &Store, id: i64) -> StateResult<Option<CheckpointInfo>> {
+    let row = row_of(store, &info_columns(), id).await?;
     row.map(|r| Ok(CheckpointInfo::from_row(&r)?.0)).transpose()
 }
 
@@ -280,18 +284,8 @@ pub(crate) async fn prune(store: &Store, keep: usize) -> StateResult<u64> {
 
 /// Replaces the live state with checkpoint `id`'s, atomically; returns the entries restored.
 pub(crate) async fn restore(store: &Store, id: i64) -> StateResult<u64> {
-    let kind = format!(
-        "SELECT gen, entry_count, data_size IS NULL FROM {} WHERE id = $1 AND state_table = $2",
-        store.ctx.names.checkpoints
-    );
-    let table = store.ctx.names.qualified.clone();
-    let row = store
-        .on_primary(async |c| {
-            Ok(c.client
-                .query_typed_opt(&kind, &[(&id, Type::INT8), (&table.as_str(), Type::TEXT)])
-                .await?)
-        })
-        .await?;
+    let table = &store.ctx.names.qualified;
+    let row = row_of(store, "gen, entry_count, data_size IS NULL", id).await?;
     let Some(row) = row else {
         return Err(StateError::invalid(format!(
             "no checkpoint {id} of {table}"

@@ -27,8 +27,8 @@ use crate::state::wire::statements::{rewindow, LIVE, TOMBSTONE};
 /// Rows copied per statement while creating a checkpoint.
 const CHUNK: i64 = 10_000;
 
-/// Takes a full-copy checkpoint named `name` (checked by the caller) of every live entry; `progress` gets the entries copied so
-/// far after each chunk.
+/// Takes a full-copy checkpoint named `name` (checked by the caller) of every live entry;
+/// `progress` gets the entries copied so far after each chunk.
 pub(crate) async fn create(
     store: &Store,
     name: &str,

@@ -4,8 +4,9 @@
 //!   (`CREATE TABLE .. AS SELECT`);
 //! - with 1% of the keys changed since: a checkpoint, and a restore to the previous one;
 //! - puts at 32 tasks for 5 s on 100 000 keys with checkpoints (one in place and every key
-//!   written since; one every 10 s, over 20 s; one every 2.5 s; one every second), against
-//!   the same run on a table never checkpointed (alternated, twice each);
+//!   written since; one every minute, over 2 minutes; one every 10 s, over 20 s; one every
+//!   2.5 s; one every second), each right after a run as long on a table never checkpointed
+//!   (twice each);
 //! - storage: the state table and its history with checkpoints, and after deleting them all.
 //!
 //! ```text
@@ -37,9 +38,18 @@ enum During {
     Every(u64),
 }
 
-/// Puts at 32 tasks for 5 s (twice the interval when checkpoints are further apart) on
-/// 100 000 keys with checkpoints taken as `during` says; calls per second.
-async fn puts(b: &EnhancedPostgresBackend, during: During) -> anyhow::Result<f64> {
+/// How long puts run with checkpoints taken as `during` says: 5 s, or twice the interval
+/// when checkpoints are further apart.
+fn run_for(during: During) -> Duration {
+    match during {
+        During::Every(ms) if ms > 2500 => Duration::from_millis(2 * ms),
+        _ => Duration::from_secs(5),
+    }
+}
+
+/// Puts at 32 tasks for `run` on 100 000 keys with checkpoints taken as `during` says;
+/// calls per second.
+async fn puts(b: &EnhancedPostgresBackend, during: During, run: Duration) -> anyhow::Result<f64> {
     let hot: Vec<(Vec<u8>, Vec<u8>)> = (0..100_000)
         .map(|k| (format!("hot:{k}").into_bytes(), vec![b'v'; 100]))
         .collect();
@@ -52,11 +62,6 @@ async fn puts(b: &EnhancedPostgresBackend, during: During) -> anyhow::Result<f64
         let k = (t * 7919 + i * 104_729) % 100_000;
         (format!("hot:{k}"), vec![b'w'; 100])
     });
-    // Long enough for a few checkpoints at the longer intervals.
-    let run = match during {
-        During::Every(ms) if ms > 2500 => Duration::from_millis(2 * ms),
-        _ => Duration::from_secs(5),
-    };
     let start = Instant::now();
     let mut last = Instant::now();
     while start.elapsed() < run {
@@ -164,20 +169,22 @@ async fn main() -> anyhow::Result<()> {
     let tracked = EnhancedPostgresBackend::new(config("tracked")).await?;
     let modes = [
         During::Warm,
+        During::Every(60_000),
         During::Every(10_000),
         During::Every(2500),
         During::Every(1000),
     ];
-    let mut rates: Vec<(String, Vec<f64>)> = Vec::new();
-    let mut without = Vec::new();
+    // (mode, rates with, rates without): each run with checkpoints right after a run of the
+    // same length on the table never checkpointed.
+    let mut rates: Vec<(String, Vec<f64>, Vec<f64>)> = modes
+        .iter()
+        .map(|m| (format!("{m:?}"), Vec::new(), Vec::new()))
+        .collect();
     for _ in 0..2 {
-        without.push(puts(&plain, During::None).await?);
-        for (i, mode) in modes.iter().enumerate() {
-            let rate = puts(&tracked, *mode).await?;
-            match rates.get_mut(i) {
-                Some((_, v)) => v.push(rate),
-                None => rates.push((format!("{mode:?}"), vec![rate])),
-            }
+        for (mode, (_, with, without)) in modes.iter().zip(rates.iter_mut()) {
+            let run = run_for(*mode);
+            without.push(puts(&plain, During::None, run).await?);
+            with.push(puts(&tracked, *mode, run).await?);
         }
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
@@ -202,12 +209,12 @@ async fn main() -> anyhow::Result<()> {
         "| restore to the first checkpoint, 2% changed since (and the restore) | | {} |",
         secs(restore_first_took)
     );
-    for (mode, with) in &rates {
+    for (mode, with, without) in &rates {
         println!(
             "| puts, 32 tasks, 100 000 keys, checkpoints {mode} / none (calls/s) | within 10% | {:.0} / {:.0} = {:.3} ({:?} / {:?}) |",
             mean(with),
-            mean(&without),
-            mean(with) / mean(&without),
+            mean(without),
+            mean(with) / mean(without),
             with.iter().map(|r| r.round()).collect::<Vec<_>>(),
             without.iter().map(|r| r.round()).collect::<Vec<_>>()
         );

@@ -49,8 +49,11 @@ async fn history_rows(b: &EnhancedPostgresBackend) -> i64 {
 
 /// 10 000 keys; after a checkpoint, 100 change (50 updated, 25 deleted, 25 new): the restore
 /// brings back exactly the checkpoint's state, gives the 100 new versions and leaves the
-/// other 9 900 rows alone (their versions unchanged: nothing rewrote them).
-async fn restore_rewrites_only_what_changed(b: &EnhancedPostgresBackend) {
+/// other 9 900 rows alone (their versions unchanged: nothing rewrote them). A key deleted
+/// before the checkpoint and written after it is absent again; its tombstone's pre-image is
+/// saved when the write updates the row in place (`moves`: false), not when the write moves
+/// the key out of an ended time window into a new row (which counts as inserted after).
+async fn restore_rewrites_only_what_changed(b: &EnhancedPostgresBackend, moves: bool) {
     let entries: Vec<(Vec<u8>, Vec<u8>)> = (0..10_000)
         .map(|i| {
             (
@@ -67,6 +70,9 @@ async fn restore_rewrites_only_what_changed(b: &EnhancedPostgresBackend) {
     b.put_with_ttl(b"k00007", b"ttl", Duration::from_secs(3600))
         .await
         .unwrap();
+    // A tombstone at the checkpoint, written again after it.
+    b.put(b"back", b"x").await.unwrap();
+    b.delete(b"back").await.unwrap();
     let before = dump(b).await;
     let checkpoint = b.create_checkpoint("before").await.unwrap();
     assert_eq!(checkpoint.entry_count, 10_000);
@@ -83,11 +89,13 @@ async fn restore_rewrites_only_what_changed(b: &EnhancedPostgresBackend) {
             .unwrap();
         b.put(format!("new{i}").as_bytes(), b"n").await.unwrap();
     }
+    b.put(b"back", b"again").await.unwrap();
     let listed = b.list_checkpoints().await.unwrap();
     let held = listed.iter().find(|c| c.id == checkpoint.id).unwrap();
     assert_eq!(
-        held.history_entries, 75,
-        "pre-images of the 50 updated and 25 deleted"
+        held.history_entries,
+        if moves { 75 } else { 76 },
+        "pre-images of the 50 updated, the 25 deleted (and the tombstone written again)"
     );
     assert!(held.history_bytes > 0);
     assert_eq!(b.restore_checkpoint(checkpoint.id).await.unwrap(), 10_000);
@@ -107,6 +115,10 @@ async fn restore_rewrites_only_what_changed(b: &EnhancedPostgresBackend) {
     }
     assert_eq!(rewritten, 75, "only the changed keys were rewritten");
     assert!(b.get(b"new0").await.unwrap().is_none());
+    assert!(
+        b.get(b"back").await.unwrap().is_none(),
+        "deleted at the checkpoint"
+    );
     let ttl = b
         .get_entry(b"k00007")
         .await
@@ -118,7 +130,7 @@ async fn restore_rewrites_only_what_changed(b: &EnhancedPostgresBackend) {
 #[tokio::test]
 async fn a_restore_rewrites_only_what_changed() {
     let b = support::backend("inc_restore").await;
-    restore_rewrites_only_what_changed(&b).await;
+    restore_rewrites_only_what_changed(&b, false).await;
 }
 
 #[tokio::test]
@@ -135,7 +147,7 @@ async fn incremental_checkpoints_work_on_partitioned_tables() {
     {
         let config = support::config(&format!("inc_part{i}")).with_partitioning(layout);
         let b = EnhancedPostgresBackend::new(config).await.unwrap();
-        restore_rewrites_only_what_changed(&b).await;
+        restore_rewrites_only_what_changed(&b, i == 1).await;
     }
 }
 
@@ -359,4 +371,79 @@ async fn an_entry_removed_after_it_expired_stays_in_the_checkpoint_that_held_it(
         .map(|e| e.key)
         .collect();
     assert_eq!(keys, vec![b"brief".to_vec(), b"kept".to_vec()]);
+}
+
+/// A table that recorded history before migration 014 (its rows have no insertion
+/// generation yet, its history a primary key): the migration counts rows stamped after a
+/// checkpoint as inserted then, so a restore still removes a key added after it.
+#[tokio::test]
+async fn a_table_checkpointed_before_migration_014_still_restores_exactly() {
+    let b = support::backend("inc_upgrade").await;
+    b.put(b"old", b"1").await.unwrap();
+    let checkpoint = b.create_checkpoint("before").await.unwrap();
+    b.put(b"new", b"2").await.unwrap();
+    b.put(b"old", b"changed").await.unwrap();
+    let (t, schema) = (b.table().to_string(), b.config().schema().to_string());
+    let history = format!("{}_checkpoint_history\"", t.trim_end_matches('"'));
+    let mut admin = support::raw(&support::url()).await;
+    admin
+        .batch_execute(&format!(
+            "ALTER TABLE {t} DROP COLUMN inserted_gen;
+             ALTER TABLE {history} ADD PRIMARY KEY (key, gen);
+             DELETE FROM \"{schema}\".pgstate_schema_migrations WHERE version = 14"
+        ))
+        .await
+        .unwrap();
+    drop(b);
+    let b = EnhancedPostgresBackend::new(
+        processor::state::EnhancedPostgresConfig::new(support::url())
+            .with_schema(&schema)
+            .with_pool_config(support::small_pool()),
+    )
+    .await
+    .unwrap();
+    let keys: i64 = admin
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM pg_constraint \
+                 WHERE conrelid = '{history}'::regclass AND contype = 'p'"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(keys, 0, "the history's primary key is gone");
+    b.put(b"newer", b"3").await.unwrap();
+    b.restore_checkpoint(checkpoint.id).await.unwrap();
+    assert_eq!(b.get(b"old").await.unwrap(), Some(b"1".to_vec()));
+    assert_eq!(
+        b.get(b"new").await.unwrap(),
+        None,
+        "inserted before 014, after the checkpoint"
+    );
+    assert_eq!(b.get(b"newer").await.unwrap(), None, "inserted after 014");
+
+    // The first write of a row after a checkpoint saves its pre-image and stays a HOT
+    // update: its generation is not indexed.
+    b.create_checkpoint("after").await.unwrap();
+    let saved = history_rows(&b).await;
+    let tx = admin.transaction().await.unwrap();
+    tx.execute(
+        &format!("UPDATE {t} SET value = 'x' WHERE key = 'old'"),
+        &[],
+    )
+    .await
+    .unwrap();
+    let hot: i64 = tx
+        .query_one(
+            &format!("SELECT pg_stat_get_xact_tuples_hot_updated('{t}'::regclass)"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    tx.commit().await.unwrap();
+    assert_eq!(hot, 1, "a HOT update");
+    assert_eq!(history_rows(&b).await, saved + 1, "its pre-image saved");
 }

@@ -11,9 +11,12 @@
 //!
 //! - taking a checkpoint is O(1) (counting what it holds is one read after the cut, which
 //!   blocks nobody);
-//! - restoring to `g` rewrites only the keys changed since (rows stamped `> g`, found by a
-//!   partial index, and pre-images covering `g`), in one transaction under an EXCLUSIVE lock
-//!   (readers see the old state or the restored one, never a mix), with new versions;
+//! - restoring to `g` rewrites only the keys changed since, in one transaction under an
+//!   EXCLUSIVE lock (readers see the old state or the restored one, never a mix), with new
+//!   versions: a key that existed at `g` (live or a tombstone) and changed since has a
+//!   pre-image covering `g`; any other key changed since was inserted after `g` (rows with
+//!   `inserted_gen > g`, found by a partial index). `checkpoint_gen` itself is not indexed,
+//!   so a write that restamps a row can stay a HOT update (migration 014);
 //! - deleting checkpoints deletes the pre-images no remaining checkpoint needs (all of them,
 //!   by TRUNCATE, when none remains) and lowers the newest needed generation, so writes stop
 //!   saving pre-images once no checkpoint needs them.
@@ -165,24 +168,30 @@ pub(crate) async fn count(store: &Store, ids: &[i64]) -> StateResult<Vec<(i64, i
 pub(crate) async fn restore(store: &Store, id: i64, gen: i64, entries: i64) -> StateResult<u64> {
     let n = &store.ctx.names;
     let (t, h) = (&n.qualified, &n.checkpoint_history);
-    let covering = "h.since_gen <= $1 AND h.gen > $1";
+    // The pre-images covering `gen`: at most one per key, but the same one may be saved
+    // twice (an update that moves a row to another partition fires the trigger as an update
+    // and as a delete), so one of each.
+    let covering =
+        format!("(SELECT DISTINCT ON (key) * FROM {h} WHERE since_gen <= $1 AND gen > $1) h");
     let bury = format!(
         "UPDATE {t} s SET {TOMBSTONE}{} \
-         WHERE s.checkpoint_gen > 0 AND s.checkpoint_gen > $1 AND {LIVE} \
-           AND NOT EXISTS (SELECT 1 FROM {h} h WHERE h.key = s.key AND {covering})",
+         WHERE s.inserted_gen > 0 AND s.inserted_gen > $1 AND {LIVE} \
+           AND NOT EXISTS (SELECT 1 FROM {h} h WHERE h.key = s.key \
+                             AND h.since_gen <= $1 AND h.gen > $1)",
         rewindow(n)
     );
     let update = format!(
         "UPDATE {t} s SET value = h.value, metadata = h.metadata, created_at = h.created_at, \
              expires_at = h.expires_at, updated_at = statement_timestamp(), \
              version = s.version + 1{} \
-         FROM {h} h WHERE {covering} AND h.key = s.key",
+         FROM {covering} WHERE h.key = s.key",
         rewindow(n)
     );
     let insert = format!(
         "INSERT INTO {t} (key, value, metadata, created_at, expires_at) \
-         SELECT h.key, h.value, h.metadata, h.created_at, h.expires_at FROM {h} h \
-         WHERE {covering} AND NOT EXISTS (SELECT 1 FROM {t} s WHERE s.key = h.key)"
+         SELECT h.key, h.value, h.metadata, h.created_at, h.expires_at FROM {covering} \
+         WHERE h.expires_at IS DISTINCT FROM '-infinity' \
+           AND NOT EXISTS (SELECT 1 FROM {t} s WHERE s.key = h.key)"
     );
     let still = format!(
         "SELECT count(*) FROM {} WHERE id = $1 AND gen = $2",
@@ -301,7 +310,7 @@ pub(crate) async fn held(store: &Store, gens: &[(i64, i64)]) -> StateResult<Vec<
     }
     let sql = format!(
         "SELECT gen, count(*)::bigint, coalesce(sum(length(key) + length(value)), 0)::bigint \
-         FROM {} GROUP BY gen",
+         FROM (SELECT DISTINCT ON (gen, key) gen, key, value FROM {}) h GROUP BY gen",
         store.ctx.names.checkpoint_history
     );
     let rows = store

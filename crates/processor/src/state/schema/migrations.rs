@@ -117,6 +117,12 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../../migrations/013_incremental_checkpoints.sql"),
         per_schema: false,
     },
+    Migration {
+        version: 14,
+        name: "014_hot_checkpoint_capture.sql",
+        sql: include_str!("../../../migrations/014_hot_checkpoint_capture.sql"),
+        per_schema: false,
+    },
 ];
 
 /// Name of the tracking table, in the configured schema.

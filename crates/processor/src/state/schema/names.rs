@@ -158,6 +158,18 @@ impl TableNames {
                 t.suffixed("_checkpoint_gen_idx").to_string(),
             ),
             (
+                "{{ix_inserted_gen}}",
+                t.suffixed("_inserted_gen_idx").to_string(),
+            ),
+            (
+                "{{checkpoint_trigger_ident}}",
+                self.checkpoint_trigger.to_string(),
+            ),
+            (
+                "{{checkpoint_trigger}}",
+                self.checkpoint_trigger.as_str().to_string(),
+            ),
+            (
                 "{{ix_checkpoint_history_gen}}",
                 t.suffixed("_checkpoint_hist_idx").to_string(),
             ),

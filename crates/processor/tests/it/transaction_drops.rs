@@ -119,3 +119,48 @@ async fn an_abandoned_statement_makes_commit_roll_back_even_after_later_statemen
     assert_eq!(b.get(b"k").await.unwrap(), Some(b"0".to_vec()));
     assert_eq!(b.get(b"k2").await.unwrap(), Some(b"x".to_vec()));
 }
+
+/// `BEGIN` goes with the first statement: a transaction that ran none sends nothing, and
+/// its connection comes back outside any transaction however it ends.
+#[tokio::test]
+async fn a_transaction_that_ran_no_statement_leaves_its_connection_clean() {
+    let b = one_connection_backend("txempty").await;
+    let committed = b.get_stats().transactions_committed;
+    let tx = b.begin().await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(b.get_stats().transactions_committed, committed + 1);
+    b.begin().await.unwrap().rollback().await.unwrap();
+    drop(b.begin().await.unwrap());
+    b.put(b"after", b"1").await.unwrap();
+    assert_eq!(keys_seen_outside(&b).await, vec![b"after".to_vec()]);
+}
+
+/// A first read goes out right behind `BEGIN` (one round trip); cut off while it waits, the
+/// transaction's commit rolls back, and the connection comes back outside any transaction.
+#[tokio::test]
+async fn a_first_read_cut_off_with_its_begin_makes_commit_roll_back() {
+    let b = one_connection_backend("txfirstread").await;
+    b.put(b"k", b"0").await.unwrap();
+    // Another session holds the table, so the read waits until we give up on it.
+    let lock = support::raw(&support::url()).await;
+    lock.batch_execute(&format!(
+        "BEGIN; LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+        b.table()
+    ))
+    .await
+    .unwrap();
+    let mut tx = b.begin().await.unwrap();
+    let gave_up = tokio::time::timeout(Duration::from_millis(300), tx.get(b"k")).await;
+    assert!(gave_up.is_err(), "the read should have been blocked");
+    lock.batch_execute("ROLLBACK").await.unwrap();
+    tx.put(b"k", b"1").await.unwrap();
+    let err = tx.commit().await.unwrap_err();
+    assert!(matches!(err, StateError::TransactionFailed { .. }), "{err}");
+    assert!(err.to_string().contains("cancelled"), "{err}");
+    assert_eq!(b.get(b"k").await.unwrap(), Some(b"0".to_vec()));
+    b.put(b"after", b"1").await.unwrap();
+    assert_eq!(
+        keys_seen_outside(&b).await,
+        vec![b"after".to_vec(), b"k".to_vec()]
+    );
+}

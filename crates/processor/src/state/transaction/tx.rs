@@ -45,6 +45,8 @@ pub type TxFuture<'t, T> = Pin<Box<dyn Future<Output = StateResult<T>> + Send + 
 /// that statement.
 pub struct PostgresTransaction {
     conn: Option<Checkout>,
+    /// The `BEGIN` not sent yet: it goes with the first statement (see [`open_and_run`]).
+    begin: Option<String>,
     /// The backend's pool, names, statistics and operation timeout (bounds every statement,
     /// COMMIT and ROLLBACK).
     pub(crate) ctx: Arc<Context>,
@@ -84,7 +86,8 @@ const ABANDONED: &str = "an operation was cancelled before it finished, so its e
 
 impl PostgresTransaction {
     /// Begins on a connection of the primary's pool. `session`: the handle's session, and
-    /// whether the commit's WAL position is recorded in it (read-your-writes).
+    /// whether the commit's WAL position is recorded in it (read-your-writes). `BEGIN` itself
+    /// goes with the first statement.
     pub(crate) async fn begin(
         ctx: Arc<Context>,
         (owner, records): (Arc<Session>, bool),
@@ -100,15 +103,13 @@ impl PostgresTransaction {
             .bounded(async {
                 // After the session's abandoned writes have settled (nothing is sent before).
                 owner.settling.wait().await;
-                let mut conn = ctx.primary.get().await?;
-                conn.set_in_transaction(true);
-                conn.run(|c| c.client.batch_execute(&sql)).await?;
-                Ok(conn)
+                ctx.primary.get().await
             })
             .await?;
         ctx.stats.tx(TxEvent::Begun);
         Ok(PostgresTransaction {
             conn: Some(conn),
+            begin: Some(sql),
             ctx,
             session: records.then(|| owner.clone()),
             owner,
@@ -142,18 +143,26 @@ impl PostgresTransaction {
     /// found abandoned is remembered (see [`PostgresTransaction`]).
     pub(crate) async fn stmt<T, F>(&mut self, op: Op, rows: u64, f: F) -> StateResult<T>
     where
-        F: AsyncFnOnce(&mut PgConn) -> StateResult<T>,
+        F: AsyncFnOnce(&PgConn) -> StateResult<T>,
     {
         let conn = self.conn.as_mut().ok_or_else(finished)?;
         if conn.abandoned() && self.abandoned.is_none() {
             self.abandoned = Some(self.savepoints.len());
         }
+        let begin = self.begin.take();
+        if begin.is_some() {
+            // From here on, a checkout dropped unfinished rolls back.
+            conn.set_in_transaction(true);
+        }
+        let reads = only_reads(op);
         let ctx = &self.ctx;
         let span = op.span(&self.ctx.names.label);
         // Recorded inside the span, so a failure is the span's `error.type`.
         let r = async {
             let start = Instant::now();
-            let r = ctx.bounded(conn.run(|c| f(c))).await;
+            let r = ctx
+                .bounded(conn.run(|c| open_and_run(c, begin.as_deref(), reads, f)))
+                .await;
             ctx.stats.record(op, rows, start.elapsed(), failure(&r));
             r
         }
@@ -187,8 +196,8 @@ impl PostgresTransaction {
     /// only if that worked (otherwise its checkout tries again, or discards it).
     async fn roll_back_on(&self, mut conn: Checkout) -> StateResult<()> {
         self.ctx.stats.tx(TxEvent::RolledBack);
-        if conn.is_closed() {
-            // The server ended the transaction with the connection.
+        if self.begin.is_some() || conn.is_closed() {
+            // Nothing was sent, or the server ended the transaction with the connection.
             return Ok(());
         }
         self.ctx
@@ -204,6 +213,11 @@ impl PostgresTransaction {
     /// [`StateError::CommitOutcomeUnknown`].
     pub async fn commit(mut self) -> StateResult<()> {
         let mut conn = self.conn.take().ok_or_else(finished)?;
+        if self.begin.take().is_some() {
+            // Nothing was sent: nothing to commit, and the connection goes back clean.
+            self.ctx.stats.tx(TxEvent::Committed);
+            return Ok(());
+        }
         let cancelled = self.abandoned.is_some() || conn.abandoned();
         if self.aborted || cancelled {
             let _ = self.roll_back_on(conn).await;
@@ -340,6 +354,41 @@ impl PostgresTransaction {
             Ok(c.client.batch_execute(&sql).await?)
         })
         .await
+    }
+}
+
+/// Whether a statement of `op` only reads (also when it runs on its own, outside the
+/// transaction): such a statement goes out together with a pending `BEGIN`.
+fn only_reads(op: Op) -> bool {
+    matches!(
+        op,
+        Op::Get | Op::GetEntry | Op::Contains | Op::Count | Op::ListKeys | Op::QueryByMetadata
+    )
+}
+
+/// Runs `f` on `c`, first opening the transaction with `begin` if it was not sent yet.
+///
+/// A statement that only reads (`reads`) is sent right behind `BEGIN`, without waiting for
+/// it: one round trip instead of two. `BEGIN` is a simple query and the statement has a
+/// Sync of its own, so were `BEGIN` to fail (a cancel request landing on it, say), the
+/// statement would run on its own, outside any transaction: harmless for a read, whose
+/// result is dropped for `BEGIN`'s error. Any other statement waits for `BEGIN`'s answer.
+async fn open_and_run<T, F>(c: &PgConn, begin: Option<&str>, reads: bool, f: F) -> StateResult<T>
+where
+    F: AsyncFnOnce(&PgConn) -> StateResult<T>,
+{
+    match begin {
+        None => f(c).await,
+        Some(sql) if reads => {
+            // `join` polls `BEGIN` first: it is queued on the connection before the read.
+            let (opened, r) = futures_util::future::join(c.client.batch_execute(sql), f(c)).await;
+            opened?;
+            r
+        }
+        Some(sql) => {
+            c.client.batch_execute(sql).await?;
+            f(c).await
+        }
     }
 }
 

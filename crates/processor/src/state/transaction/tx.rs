@@ -160,8 +160,10 @@ impl PostgresTransaction {
         // Recorded inside the span, so a failure is the span's `error.type`.
         let r = async {
             let start = Instant::now();
+            // Boxed: every operation's future nests this one, and unboxed it made a
+            // test's whole future outgrow a thread's stack (debug build).
             let r = ctx
-                .bounded(conn.run(|c| open_and_run(c, begin.as_deref(), reads, f)))
+                .bounded(conn.run(|c| Box::pin(open_and_run(c, begin.as_deref(), reads, f))))
                 .await;
             ctx.stats.record(op, rows, start.elapsed(), failure(&r));
             r

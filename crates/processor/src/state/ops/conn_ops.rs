@@ -301,23 +301,25 @@ impl PgConn {
         after: &[u8],
         limit: i64,
     ) -> StateResult<Vec<Vec<u8>>> {
-        let rows = match prefix_upper_bound(prefix) {
+        let row = match prefix_upper_bound(prefix) {
             Some(u) => {
                 self.stmts
                     .page_range
-                    .query(&self.client, &[&prefix, &after, &u.as_slice(), &limit])
+                    .query_one(&self.client, &[&prefix, &after, &u.as_slice(), &limit])
                     .await?
             }
             None => {
                 self.stmts
                     .page_from
-                    .query(&self.client, &[&prefix, &after, &limit])
+                    .query_one(&self.client, &[&prefix, &after, &limit])
                     .await?
             }
         };
-        rows.iter()
-            .map(|r| r.try_get(0).map_err(StateError::from))
-            .collect()
+        let mut keys: Vec<Vec<u8>> = row.try_get(0)?;
+        if !keys.is_sorted() {
+            keys.sort_unstable();
+        }
+        Ok(keys)
     }
 
     /// Like [`list_keys_page`](Self::list_keys_page), whole entries.

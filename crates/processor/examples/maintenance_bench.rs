@@ -1,9 +1,9 @@
 //! Data-management throughput against `psql` on the same server, in the same run. Prints a
 //! Markdown table for BENCHMARKS.md.
 //!
-//! - retention: `cleanup_expired()` over 1 000 000 expired rows while writers run, against one
-//!   `DELETE` of the same rows on an identical table; also the longest time a concurrent writer
-//!   waited for one `put`;
+//! - retention: `cleanup_expired()` over 1 000 000 expired rows, against one `DELETE` of the
+//!   same rows on an identical table (both alone on the server); then the same pass on a third
+//!   identical table while writers run, and the longest time a writer waited for one `put`;
 //! - checkpoints: `create_checkpoint` and `restore_checkpoint` of 1 000 000 live keys, against
 //!   `INSERT INTO copy SELECT * FROM table` and a `TRUNCATE` plus `INSERT ... SELECT` back.
 //!
@@ -49,23 +49,36 @@ async fn main() -> anyhow::Result<()> {
             .with_expired_cleanup(false),
     )
     .await?;
+    let busy = EnhancedPostgresBackend::new(
+        EnhancedPostgresConfig::new(url.clone())
+            .with_schema("busy")
+            .with_expired_cleanup(false),
+    )
+    .await?;
     let reference =
         EnhancedPostgresBackend::new(EnhancedPostgresConfig::new(url).with_schema("theirs"))
             .await?;
-    eprintln!("loading {ROWS} expired rows twice ...");
+    eprintln!("loading {ROWS} expired rows three times ...");
     fill(&cluster, backend.table())?;
+    fill(&cluster, busy.table())?;
     fill(&cluster, reference.table())?;
 
-    // Ours, with writers putting live keys meanwhile.
-    let writers = bench::Writers::start(&backend, WRITERS, |t, i| {
+    // Ours, alone on the server as psql is below.
+    let start = Instant::now();
+    let removed = backend.cleanup_expired().await?;
+    let ours = start.elapsed();
+    anyhow::ensure!(removed == u64::from(ROWS), "removed {removed}");
+
+    // Ours again, with writers putting live keys meanwhile.
+    let writers = bench::Writers::start(&busy, WRITERS, |t, i| {
         (
             format!("live:{}", t * 2500 + i % 2500 + 1),
             i.to_be_bytes().to_vec(),
         )
     });
     let start = Instant::now();
-    let removed = backend.cleanup_expired().await?;
-    let ours = start.elapsed();
+    let removed = busy.cleanup_expired().await?;
+    let ours_busy = start.elapsed();
     let (puts, longest) = writers.stop().await?;
     anyhow::ensure!(removed == u64::from(ROWS), "removed {removed}");
 
@@ -156,9 +169,13 @@ async fn main() -> anyhow::Result<()> {
         live_rate(ours_restore) / live_rate(theirs_restore)
     );
     println!(
-        "\nDuring pgstate's pass ({} batches of 1000 rows, {:.1} s), {WRITERS} writers completed {} puts; the longest single put took {:.1} ms.",
-        ROWS / 1000,
-        ours.as_secs_f64(),
+        "| retention with {WRITERS} writers putting meanwhile (rows/s) | {:.0} | | {:.2} | |",
+        rate(ours_busy),
+        rate(ours_busy) / rate(theirs)
+    );
+    println!(
+        "\nDuring pgstate's pass with writers ({:.1} s), {WRITERS} writers completed {} puts; the longest single put took {:.1} ms.",
+        ours_busy.as_secs_f64(),
         puts,
         longest.as_secs_f64() * 1000.0
     );

@@ -13,7 +13,8 @@
 //! - `BENCH_TASKS` (default `1,8,32,128`): the task counts. The pool has 8 connections;
 //!   pgbench runs `-c 1` for one task and `-c 8` otherwise.
 //! - `BENCH_BIG=1`: also compares get latency on a 10 000 000-row table with the 100 000-row one.
-//! - `BENCH_ONLY=get,put,bulk`: only these workloads (`bulk`: the bulk load); implies
+//! - `BENCH_ONLY=get,put,bulk`: only these workloads (`bulk`: the bulk load; `maintenance`:
+//!   clear, retention and the load after a clear, 1 000 000 rows each); implies
 //!   `BENCH_NO_WRITE=1`.
 //! - `BENCH_NO_WRITE=1`: print only.
 //! - `BENCH_CITUS=1`: on a Citus coordinator with two workers (the `citus` extension must be
@@ -22,8 +23,10 @@
 //! The server runs with `fsync = on` and `synchronous_commit = on` for both sides.
 
 mod drive;
+mod maintenance;
 mod reference;
 mod report;
+mod round3;
 mod workloads;
 
 use std::collections::HashMap;
@@ -168,6 +171,13 @@ async fn main() -> anyhow::Result<()> {
     }
     if only.as_ref().is_none_or(|o| o.iter().any(|n| n == "bulk")) {
         report.bulk = Some(bulk(&backend, &cluster, &url, &table).await?);
+    }
+    if !citus
+        && only
+            .as_ref()
+            .is_none_or(|o| o.iter().any(|n| n == "maintenance"))
+    {
+        report.maintenance = Some(maintenance::measure(&cluster, &url).await?);
     }
     report.print_and_write(only.is_none() && !citus)?;
     Ok(())

@@ -9,6 +9,7 @@ use pgstate_testcluster::Cluster;
 use plotters::prelude::*;
 
 use crate::drive::Sample;
+use crate::maintenance::Maintenance;
 
 /// One workload at one task count.
 pub struct Row {
@@ -38,6 +39,15 @@ pub struct Report {
     pub big: Option<(Sample, Sample)>,
     /// The scan of the 10 000 000-row table: rows per second, highest client RSS (MiB).
     pub big_scan: Option<(f64, f64)>,
+    /// clear, retention and the load after a clear.
+    pub maintenance: Option<Maintenance>,
+    /// The previous run's section of `BENCHMARKS.md` (for the regression table).
+    pub previous: Option<String>,
+}
+
+/// The repository's `BENCHMARKS.md`.
+fn benchmarks_md() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../BENCHMARKS.md")
 }
 
 const BEGIN: &str = "<!-- perf:begin (written by `cargo run --release --example perf`) -->";
@@ -71,10 +81,17 @@ impl Report {
             bulk: None,
             big: None,
             big_scan: None,
+            maintenance: None,
+            previous: std::fs::read_to_string(benchmarks_md())
+                .ok()
+                .and_then(|old| {
+                    let (a, b) = (old.find(BEGIN)?, old.find(END)?);
+                    (a < b).then(|| old[a..b].to_string())
+                }),
         })
     }
 
-    fn find(&self, name: &str, tasks: usize) -> Option<&Row> {
+    pub fn find(&self, name: &str, tasks: usize) -> Option<&Row> {
         self.rows
             .iter()
             .find(|r| r.name == name && r.tasks == tasks)
@@ -93,6 +110,10 @@ impl Report {
             "Command: `{command}` (see its header for the settings).\n"
         );
         s.push_str(&self.goals());
+        s.push('\n');
+        s.push_str(&self.round3());
+        s.push_str("\nRegression: this run's ratios beside the previous run's (from the section this run replaced).\n\n");
+        s.push_str(&self.regression());
         s.push_str("\n![throughput against tasks](benchmarks/throughput.svg)\n\n");
         s.push_str("| workload | tasks | pgstate calls/s | rows/s | p50 µs | p99 µs | client RSS MiB | pgbench calls/s | ratio | pgbench p50 µs | deadpool calls/s | ratio |\n");
         s.push_str(
@@ -305,7 +326,7 @@ impl Report {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
         std::fs::create_dir_all(root.join("benchmarks"))?;
         self.plot(&root.join("benchmarks/throughput.svg"))?;
-        let path = root.join("BENCHMARKS.md");
+        let path = benchmarks_md();
         let old = std::fs::read_to_string(&path)?;
         let section = format!("{BEGIN}\n{text}{END}");
         let new = match (old.find(BEGIN), old.find(END)) {

@@ -47,6 +47,10 @@ pub struct PostgresTransaction {
     conn: Option<Checkout>,
     /// The `BEGIN` not sent yet: it goes with the first statement (see [`open_and_run`]).
     begin: Option<String>,
+    /// Set while `BEGIN` was sent but not answered with success (it failed, or its statement
+    /// was cut off): nothing more may be sent, since a statement sent after a `BEGIN` that
+    /// failed would run on its own and commit at once.
+    unopened: bool,
     /// The backend's pool, names, statistics and operation timeout (bounds every statement,
     /// COMMIT and ROLLBACK).
     pub(crate) ctx: Arc<Context>,
@@ -110,6 +114,7 @@ impl PostgresTransaction {
         Ok(PostgresTransaction {
             conn: Some(conn),
             begin: Some(sql),
+            unopened: false,
             ctx,
             session: records.then(|| owner.clone()),
             owner,
@@ -149,27 +154,44 @@ impl PostgresTransaction {
         if conn.abandoned() && self.abandoned.is_none() {
             self.abandoned = Some(self.savepoints.len());
         }
+        if self.unopened {
+            return Err(StateError::TransactionFailed {
+                message: "the transaction's BEGIN failed or was cut off, so nothing more is \
+                          sent in it (a statement would run on its own): roll it back"
+                    .into(),
+                sqlstate: Some("25P02".into()),
+            });
+        }
         let begin = self.begin.take();
         if begin.is_some() {
-            // From here on, a checkout dropped unfinished rolls back.
+            // From here on, a checkout dropped unfinished rolls back; and until BEGIN is
+            // known to have worked, nothing else is sent.
             conn.set_in_transaction(true);
+            self.unopened = true;
         }
+        let mut opened = false;
         let reads = only_reads(op);
         let ctx = &self.ctx;
         let span = op.span(&self.ctx.names.label);
         // Recorded inside the span, so a failure is the span's `error.type`.
-        let r = async {
-            let start = Instant::now();
-            // Boxed: every operation's future nests this one, and unboxed it made a
-            // test's whole future outgrow a thread's stack (debug build).
-            let r = ctx
-                .bounded(conn.run(|c| Box::pin(open_and_run(c, begin.as_deref(), reads, f))))
-                .await;
-            ctx.stats.record(op, rows, start.elapsed(), failure(&r));
-            r
+        let r =
+            async {
+                let start = Instant::now();
+                // Boxed: every operation's future nests this one, and unboxed it made a
+                // test's whole future outgrow a thread's stack (debug build).
+                let r = ctx
+                    .bounded(conn.run(|c| {
+                        Box::pin(open_and_run(c, begin.as_deref(), reads, &mut opened, f))
+                    }))
+                    .await;
+                ctx.stats.record(op, rows, start.elapsed(), failure(&r));
+                r
+            }
+            .instrument(span)
+            .await;
+        if opened {
+            self.unopened = false;
         }
-        .instrument(span)
-        .await;
         if let Err(e) = &r {
             self.note_error(e);
         }
@@ -368,14 +390,21 @@ fn only_reads(op: Op) -> bool {
     )
 }
 
-/// Runs `f` on `c`, first opening the transaction with `begin` if it was not sent yet.
+/// Runs `f` on `c`, first opening the transaction with `begin` if it was not sent yet;
+/// `opened` is set once `BEGIN` succeeded.
 ///
 /// A statement that only reads (`reads`) is sent right behind `BEGIN`, without waiting for
 /// it: one round trip instead of two. `BEGIN` is a simple query and the statement has a
 /// Sync of its own, so were `BEGIN` to fail (a cancel request landing on it, say), the
 /// statement would run on its own, outside any transaction: harmless for a read, whose
 /// result is dropped for `BEGIN`'s error. Any other statement waits for `BEGIN`'s answer.
-async fn open_and_run<T, F>(c: &PgConn, begin: Option<&str>, reads: bool, f: F) -> StateResult<T>
+async fn open_and_run<T, F>(
+    c: &PgConn,
+    begin: Option<&str>,
+    reads: bool,
+    opened: &mut bool,
+    f: F,
+) -> StateResult<T>
 where
     F: AsyncFnOnce(&PgConn) -> StateResult<T>,
 {
@@ -383,12 +412,14 @@ where
         None => f(c).await,
         Some(sql) if reads => {
             // `join` polls `BEGIN` first: it is queued on the connection before the read.
-            let (opened, r) = futures_util::future::join(c.client.batch_execute(sql), f(c)).await;
-            opened?;
+            let (began, r) = futures_util::future::join(c.client.batch_execute(sql), f(c)).await;
+            began?;
+            *opened = true;
             r
         }
         Some(sql) => {
             c.client.batch_execute(sql).await?;
+            *opened = true;
             f(c).await
         }
     }

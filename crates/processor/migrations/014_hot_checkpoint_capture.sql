@@ -15,8 +15,6 @@
 --   below the current one, so `checkpoint_gen <= needed` implies `< current`.
 
 ALTER TABLE {{table}} ADD COLUMN IF NOT EXISTS inserted_gen bigint NOT NULL DEFAULT 0;
-CREATE INDEX IF NOT EXISTS {{ix_inserted_gen}} ON {{table}} (inserted_gen)
-    WHERE inserted_gen > 0;
 DROP INDEX IF EXISTS {{schema}}.{{ix_checkpoint_gen}};
 
 DO $migration$
@@ -59,16 +57,20 @@ BEGIN
 END
 $$;
 
--- A table that already records history: rows stamped after some checkpoint may have been
--- inserted after it, so they count as inserted then (a restore to that checkpoint removes
--- them unless a pre-image says otherwise); the trigger gets its new condition. The trigger
--- is dropped first, so this update saves nothing.
+-- A table that already records history: rows stamped after the oldest incremental
+-- checkpoint may have been inserted after it, so they count as inserted then (a restore to
+-- a checkpoint removes them unless a pre-image says otherwise; rows stamped at or before
+-- every checkpoint are never removed, so they keep 0); the trigger gets its new condition.
+-- The trigger is dropped first, so this update saves nothing; the index comes after it.
 DO $migration$
 BEGIN
     IF EXISTS (SELECT FROM pg_catalog.pg_trigger
                WHERE tgrelid = '{{table}}'::regclass AND tgname = '{{checkpoint_trigger}}') THEN
         DROP TRIGGER {{checkpoint_trigger_ident}} ON {{table}};
-        UPDATE {{table}} SET inserted_gen = checkpoint_gen WHERE checkpoint_gen > 0;
+        UPDATE {{table}} SET inserted_gen = checkpoint_gen
+        WHERE checkpoint_gen > (SELECT coalesce(min(gen), 9223372036854775807)
+                                FROM {{schema}}.state_checkpoints
+                                WHERE state_table = '{{table}}' AND gen IS NOT NULL);
         ALTER TABLE {{table}} ALTER COLUMN inserted_gen
             SET DEFAULT pg_sequence_last_value('{{checkpoint_gen}}'::regclass);
         CREATE TRIGGER {{checkpoint_trigger_ident}} BEFORE UPDATE OR DELETE ON {{table}}
@@ -78,3 +80,5 @@ BEGIN
     END IF;
 END
 $migration$;
+CREATE INDEX IF NOT EXISTS {{ix_inserted_gen}} ON {{table}} (inserted_gen)
+    WHERE inserted_gen > 0;

@@ -29,6 +29,7 @@ use super::checkpoints::{step, CheckpointInfo};
 use crate::state::error::{StateError, StateResult};
 use crate::state::ops::store::Store;
 use crate::state::schema::history::{state_at, trigger_ddl};
+use crate::state::schema::locks::xact_lock;
 use crate::state::schema::names::TableNames;
 use crate::state::wire::statements::{rewindow, LIVE, TOMBSTONE};
 
@@ -36,13 +37,7 @@ use crate::state::wire::statements::{rewindow, LIVE, TOMBSTONE};
 /// taken, dropped (with their history) and restored one at a time, so the newest needed
 /// generation is never lowered under a new checkpoint.
 async fn lock_checkpoints<C: GenericClient>(c: &C, n: &TableNames) -> Result<(), Error> {
-    let (class, object) = n.checkpoint_lock;
-    c.execute_typed(
-        "SELECT pg_advisory_xact_lock($1, $2)",
-        &[(&class, Type::INT4), (&object, Type::INT4)],
-    )
-    .await
-    .map(|_| ())
+    xact_lock(c, n.checkpoint_lock).await
 }
 
 /// Takes an incremental checkpoint named `name` (checked by the caller); `progress` gets

@@ -5,19 +5,13 @@
 use tokio_postgres::types::Type;
 use tokio_postgres::{Error, GenericClient};
 
+use crate::state::schema::locks::xact_lock;
 use crate::state::schema::names::TableNames;
 
 /// Takes the floor's advisory lock exclusively for the rest of the transaction on `tx`
-/// (inserts take it shared),
-/// waiting as the transaction's `lock_timeout` allows.
+/// (inserts take it shared), waiting as the transaction's `lock_timeout` allows.
 pub(crate) async fn lock<C: GenericClient>(tx: &C, names: &TableNames) -> Result<(), Error> {
-    let (class, object) = names.floor_lock;
-    tx.execute_typed(
-        "SELECT pg_advisory_xact_lock($1, $2)",
-        &[(&class, Type::INT4), (&object, Type::INT4)],
-    )
-    .await
-    .map(|_| ())
+    xact_lock(tx, names.floor_lock).await
 }
 
 /// Raises the floor to at least `to` (never lowers it): new rows then start above `to`.

@@ -14,6 +14,7 @@ use tokio_postgres::types::Type;
 use tokio_postgres::GenericClient;
 
 use crate::state::error::StateResult;
+use crate::state::schema::locks::xact_lock;
 use crate::state::schema::names::TableNames;
 
 /// The control objects' template.
@@ -158,14 +159,4 @@ pub(crate) enum Advance {
     Current,
     /// It has no partition yet ([`premake`] first).
     NoPartition,
-}
-
-/// Takes the two-integer advisory lock `key` exclusively for the rest of the transaction.
-async fn xact_lock<C: GenericClient>(c: &C, (class, object): (i32, i32)) -> StateResult<()> {
-    c.execute_typed(
-        "SELECT pg_advisory_xact_lock($1, $2)",
-        &[(&class, Type::INT4), (&object, Type::INT4)],
-    )
-    .await?;
-    Ok(())
 }

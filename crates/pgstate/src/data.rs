@@ -308,6 +308,16 @@ pub(crate) fn spool(path: &Path) -> Result<Option<Spooled>, CliError> {
     Ok(Some(copy))
 }
 
+/// Where an export writes: `path`, created, or standard output for `-`; buffered.
+pub(crate) fn output(path: &Path) -> Result<Box<dyn Write>, CliError> {
+    if path == Path::new("-") {
+        return Ok(Box::new(BufWriter::new(std::io::stdout().lock())));
+    }
+    let file = File::create(path)
+        .map_err(|e| CliError::usage(format!("cannot create {}: {e}", path.display())))?;
+    Ok(Box::new(BufWriter::new(file)))
+}
+
 /// `pgstate export FILE [--prefix P]`: the live entries in key order, scanned page by page.
 pub async fn export(target: &Target, path: &Path, prefix: &[u8]) -> Result<(), CliError> {
     let backend = target.existing().await?;
@@ -316,13 +326,7 @@ pub async fn export(target: &Target, path: &Path, prefix: &[u8]) -> Result<(), C
     } else {
         progress::counter("exporting")
     };
-    let mut out: Box<dyn Write> = if path == Path::new("-") {
-        Box::new(BufWriter::new(std::io::stdout().lock()))
-    } else {
-        let file = File::create(path)
-            .map_err(|e| CliError::usage(format!("cannot create {}: {e}", path.display())))?;
-        Box::new(BufWriter::new(file))
-    };
+    let mut out = output(path)?;
     let entries = backend.scan(prefix);
     let mut entries = std::pin::pin!(entries);
     let mut written = 0u64;

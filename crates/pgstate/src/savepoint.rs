@@ -3,14 +3,13 @@
 //! between databases. A TTL in the file is the time the entry had left at the checkpoint's
 //! instant; an import counts it from the import.
 
-use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::Path;
 use std::time::SystemTime;
 
 use processor::state::BatchEntry;
 
-use crate::data::{check_file, lines, spool};
+use crate::data::{check_file, lines, output, spool};
 use crate::exit::{CliError, NOT_FOUND};
 use crate::jsonl::{self, Line};
 use crate::progress;
@@ -30,13 +29,7 @@ pub async fn export(target: &Target, id: i64, path: &Path) -> Result<(), CliErro
     else {
         return Err(CliError::new(NOT_FOUND, format!("no checkpoint {id}")));
     };
-    let mut out: Box<dyn Write> = if path == Path::new("-") {
-        Box::new(BufWriter::new(std::io::stdout().lock()))
-    } else {
-        let file = File::create(path)
-            .map_err(|e| CliError::usage(format!("cannot create {}: {e}", path.display())))?;
-        Box::new(BufWriter::new(file))
-    };
+    let mut out = output(path)?;
     let bar = progress::bar(info.entry_count, "exporting the checkpoint");
     let at = SystemTime::from(info.created_at);
     let mut after: Option<Vec<u8>> = None;

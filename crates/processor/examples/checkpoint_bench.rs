@@ -92,14 +92,7 @@ async fn main() -> anyhow::Result<()> {
     let b = EnhancedPostgresBackend::new(config("ours")).await?;
     let t = b.table().to_string();
     eprintln!("loading {ROWS} keys ...");
-    cluster.psql(
-        0,
-        &format!(
-            "INSERT INTO {t} (key, value) SELECT convert_to('k:' || i, 'UTF8'), \
-             convert_to(repeat('v', 100), 'UTF8') FROM generate_series(1, {ROWS}) i"
-        ),
-    )?;
-    cluster.psql(0, &format!("VACUUM ANALYZE {t}"))?;
+    bench::fill(&cluster, &t, ROWS, "k:")?;
     let size = |what: &str| -> anyhow::Result<i64> {
         Ok(cluster
             .psql(0, &format!("SELECT pg_total_relation_size('{what}')"))?

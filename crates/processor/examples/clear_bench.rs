@@ -30,15 +30,7 @@ async fn main() -> anyhow::Result<()> {
     let tombstones = backend("tombstones").await?;
     let truncated = backend("truncated").await?;
     for b in [&ours, &tombstones, &truncated] {
-        let t = b.table();
-        cluster.psql(
-            0,
-            &format!(
-                "INSERT INTO {t} (key, value) SELECT convert_to('k:' || i, 'UTF8'), \
-                 convert_to(repeat('v', 100), 'UTF8') FROM generate_series(1, {ROWS}) i"
-            ),
-        )?;
-        cluster.psql(0, &format!("VACUUM ANALYZE {t}"))?;
+        bench::fill(&cluster, b.table(), ROWS, "k:")?;
     }
     let start = Instant::now();
     ours.clear().await?;

@@ -121,14 +121,7 @@ async fn main() -> anyhow::Result<()> {
     let b = EnhancedPostgresBackend::new(config("online")).await?;
     let reference = EnhancedPostgresBackend::new(config("offline")).await?;
     for t in [b.table(), reference.table()] {
-        cluster.psql(
-            0,
-            &format!(
-                "INSERT INTO {t} (key, value) SELECT convert_to('k' || i, 'UTF8'), \
-                 convert_to(repeat('v', 100), 'UTF8') FROM generate_series(1, {ROWS}) i"
-            ),
-        )?;
-        cluster.psql(0, &format!("VACUUM ANALYZE {t}"))?;
+        bench::fill(&cluster, t, ROWS, "k")?;
     }
     let writers = bench::Writers::start(&b, 4, |w, n| {
         (

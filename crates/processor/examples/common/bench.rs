@@ -21,6 +21,21 @@ pub fn throwaway() -> anyhow::Result<(Cluster, String)> {
     Ok((cluster, url))
 }
 
+/// Loads `rows` live entries into `table` with psql (keys `prefix` followed by 1 to `rows`,
+/// 100-byte values), then `VACUUM ANALYZE`. (`maintenance_bench` loads its own mix.)
+#[allow(dead_code)]
+pub fn fill(cluster: &Cluster, table: &str, rows: u32, prefix: &str) -> anyhow::Result<()> {
+    cluster.psql(
+        0,
+        &format!(
+            "INSERT INTO {table} (key, value) SELECT convert_to('{prefix}' || i, 'UTF8'), \
+             convert_to(repeat('v', 100), 'UTF8') FROM generate_series(1, {rows}) i"
+        ),
+    )?;
+    cluster.psql(0, &format!("VACUUM ANALYZE {table}"))?;
+    Ok(())
+}
+
 /// Tasks putting one entry after another until stopped.
 pub struct Writers {
     stop: Arc<AtomicBool>,

@@ -14,7 +14,9 @@
 //!   pgbench runs `-c 1` for one task and `-c 8` otherwise.
 //! - `BENCH_BIG=1`: also compares get latency on a 10 000 000-row table with the 100 000-row one.
 //! - `BENCH_ONLY=get,put,bulk`: only these workloads (`bulk`: the bulk load; `maintenance`:
-//!   clear, retention and the load after a clear, 1 000 000 rows each); implies
+//!   clear, retention and the load after a clear, 1 000 000 rows each; `callgrind`: client
+//!   instructions per call, counted by valgrind's callgrind, ours and the hand-written
+//!   loop's); implies
 //!   `BENCH_NO_WRITE=1`.
 //! - `BENCH_NO_WRITE=1`: print only.
 //! - `BENCH_CITUS=1`: on a Citus coordinator with two workers (the `citus` extension must be
@@ -22,6 +24,7 @@
 //!
 //! The server runs with `fsync = on` and `synchronous_commit = on` for both sides.
 
+mod callgrind;
 mod drive;
 mod maintenance;
 mod reference;
@@ -41,13 +44,13 @@ use crate::drive::{drive, Sample};
 use crate::report::{Bulk, Report, Row};
 
 /// Keys loaded before the runs.
-const KEYS: u32 = 100_000;
+pub const KEYS: u32 = 100_000;
 /// Keys with a `group` in their metadata (ten per group), for `query_by_metadata`.
 pub const META_KEYS: u32 = 10_000;
 /// Value size, bytes.
 pub const VALUE_LEN: usize = 100;
 /// The pool's connections (and pgbench's clients beyond one task).
-const CONNECTIONS: u32 = 8;
+pub const CONNECTIONS: u32 = 8;
 /// Rows of the bulk load.
 const COPY_ROWS: u32 = 100_000;
 /// Rows of the large table (`BENCH_BIG=1`).
@@ -64,6 +67,9 @@ fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    if let Ok(spec) = std::env::var(callgrind::WORKER) {
+        return callgrind::worker(&spec).await;
+    }
     let seconds: f64 = env("BENCH_SECONDS").unwrap_or(3.0);
     let task_counts: Vec<usize> = std::env::var("BENCH_TASKS")
         .unwrap_or_else(|_| "1,8,32,128".into())
@@ -178,6 +184,13 @@ async fn main() -> anyhow::Result<()> {
             .is_none_or(|o| o.iter().any(|n| n == "maintenance"))
     {
         report.maintenance = Some(maintenance::measure(&cluster, &url).await?);
+    }
+    if !citus
+        && only
+            .as_ref()
+            .is_none_or(|o| o.iter().any(|n| n == "callgrind"))
+    {
+        report.instructions = Some(callgrind::measure(&url)?);
     }
     report.print_and_write(only.is_none() && !citus)?;
     Ok(())

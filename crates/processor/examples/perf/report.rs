@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use pgstate_testcluster::Cluster;
 use plotters::prelude::*;
 
+use crate::callgrind::CallCost;
 use crate::drive::Sample;
 use crate::maintenance::Maintenance;
 
@@ -41,6 +42,8 @@ pub struct Report {
     pub big_scan: Option<(f64, f64)>,
     /// clear, retention and the load after a clear.
     pub maintenance: Option<Maintenance>,
+    /// Client instructions per call (callgrind).
+    pub instructions: Option<Vec<CallCost>>,
     /// The previous run's section of `BENCHMARKS.md` (for the regression table).
     pub previous: Option<String>,
 }
@@ -82,6 +85,7 @@ impl Report {
             big: None,
             big_scan: None,
             maintenance: None,
+            instructions: None,
             previous: std::fs::read_to_string(benchmarks_md())
                 .ok()
                 .and_then(|old| {

@@ -23,6 +23,15 @@ fn cells(line: &str) -> Option<Vec<&str>> {
     Some(inner.split('|').map(str::trim).collect())
 }
 
+/// A goal's figure: a ratio with two decimals, a count without.
+fn figure(v: f64) -> String {
+    if v >= 1000.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
 impl Report {
     fn round3_goals(&self) -> Vec<Goal> {
         let vs = |name: &str, tasks: usize| {
@@ -67,6 +76,17 @@ impl Report {
         for name in ["get", "put"] {
             at_least(ratio(name, 32), ">= 3.0", vs(name, 32), 3.0);
         }
+        let get_instructions = self
+            .instructions
+            .as_ref()
+            .and_then(|c| c.iter().find(|c| c.name == "get"))
+            .map(|c| c.ours as f64);
+        goals.push(Goal {
+            name: "get, 1 task, client instructions per call (callgrind)".into(),
+            target: "<= 12000",
+            value: get_instructions,
+            met: get_instructions.map(|v| v <= 12_000.0),
+        });
         goals.push(Goal {
             name: "clear() of 1M entries, seconds (psql's TRUNCATE: see below)".into(),
             target: "no write per row",
@@ -82,7 +102,7 @@ impl Report {
             "| goal (performance, round 3) | target | measured | met |\n| --- | --- | ---: | --- |\n",
         );
         for g in self.round3_goals() {
-            let value = g.value.map_or("not run".into(), |v| format!("{v:.2}"));
+            let value = g.value.map_or("not run".into(), figure);
             let met = match g.met {
                 Some(true) => "yes",
                 Some(false) => "no",
@@ -97,6 +117,18 @@ impl Report {
                  psql's DELETE {:.0}; after clear(), batch_copy {:.0} rows/s against psql's \\copy {:.0}.",
                 m.clear_s, m.truncate_s, m.retention, m.retention_psql, m.after_clear, m.copy_psql
             );
+        }
+        if let Some(costs) = &self.instructions {
+            s.push_str(
+                "\nClient instructions per call (valgrind --tool=callgrind, one task, every thread \
+                 of the client process; the difference between a run of 6 000 calls and one of \
+                 1 000, so that start-up cancels out):\n\n| call | pgstate | tokio-postgres + \
+                 deadpool by hand |\n| --- | ---: | ---: |\n",
+            );
+            for c in costs {
+                let hand = c.deadpool.map_or("—".into(), |d| d.to_string());
+                let _ = writeln!(s, "| {} | {} | {hand} |", c.name, c.ours);
+            }
         }
         s
     }
@@ -121,7 +153,7 @@ impl Report {
         let mut s = String::from("| figure | previous run | this run |\n| --- | ---: | ---: |\n");
         let goals = self.round3_goals();
         for g in &goals {
-            let now = g.value.map_or("not run".into(), |v| format!("{v:.2}"));
+            let now = g.value.map_or("not run".into(), figure);
             let _ = writeln!(s, "| {} | {} | {now} |", g.name, was(&g.name));
         }
         for r in &self.rows {

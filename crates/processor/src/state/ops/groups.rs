@@ -40,8 +40,9 @@ impl Store {
             return Ok(value);
         }
         // The group's lookup failed or never ran: a read runs again safely, within what is
-        // left of the operation timeout.
-        bounded(self.ctx.left(start), alone()).await
+        // left of the operation timeout. Boxed: this rare path would otherwise make every
+        // get's future as large as two reads.
+        bounded(self.ctx.left(start), Box::pin(alone())).await
     }
 
     /// The leader of the get queue (see [`lead_puts`](Self::lead_puts)).

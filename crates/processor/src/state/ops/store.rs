@@ -83,7 +83,8 @@ impl Store {
             return Some(0);
         }
         if let Some(n) = scope.session.unsure() {
-            match current_lsn(&self.ctx.primary).await {
+            // Boxed: rare, and as large as a checkout (it would be room in every read).
+            match Box::pin(current_lsn(&self.ctx.primary)).await {
                 Ok(lsn) => scope.session.cover(n, lsn),
                 Err(e) => {
                     tracing::debug!(error = %e, "cannot read the primary's WAL position");

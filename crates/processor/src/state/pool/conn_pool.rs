@@ -254,7 +254,10 @@ impl ConnPool {
     }
 
     async fn with_turn(&self, turn: Turn) -> StateResult<Checkout> {
-        let mut checkout = self.checkout(self.get_pooled().await?);
+        // Boxed: bb8's checkout and the connection it yields are about 6 KiB of future, which
+        // would otherwise be room in every operation's future (a point read's included, which
+        // checks out only to open a lane) and be copied with it.
+        let mut checkout = self.checkout(Box::pin(self.get_pooled()).await?);
         checkout.turn = Some(turn);
         Ok(checkout)
     }

@@ -6,6 +6,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
+
 use crate::state::error::{StateError, StateResult};
 use crate::state::pool::conn_pool::ConnPool;
 use crate::state::schema::names::TableNames;
@@ -26,8 +28,11 @@ pub(crate) struct Context {
 
 impl Context {
     /// Runs `fut` for at most the operation timeout (see [`bounded`]).
-    pub async fn bounded<T>(&self, fut: impl Future<Output = StateResult<T>>) -> StateResult<T> {
-        bounded(self.limit, fut).await
+    pub fn bounded<T, F>(&self, fut: F) -> impl Future<Output = StateResult<T>>
+    where
+        F: Future<Output = StateResult<T>>,
+    {
+        bounded(self.limit, fut)
     }
 
     /// What is left of the operation timeout of a call that began at `start`.
@@ -62,11 +67,14 @@ impl Context {
 /// [`Checkout`](crate::state::pool::checkout::Checkout)) and the call fails with
 /// [`StateError::Timeout`] (which a write turns into an unknown outcome if its statement was
 /// sent). The one place an operation's time limit becomes an error.
-pub(crate) async fn bounded<T>(
-    limit: Duration,
-    fut: impl Future<Output = StateResult<T>>,
-) -> StateResult<T> {
+///
+/// A plain function returning the timeout's future, not an `async fn`: an `async fn` would
+/// keep room for `fut` as its argument beside the timeout holding it, doubling the size of
+/// every future built on it (and each move of one copies all of it).
+pub(crate) fn bounded<T, F>(limit: Duration, fut: F) -> impl Future<Output = StateResult<T>>
+where
+    F: Future<Output = StateResult<T>>,
+{
     tokio::time::timeout(limit, fut)
-        .await
-        .unwrap_or_else(|_| Err(StateError::op_timeout(limit)))
+        .map(move |r| r.unwrap_or_else(|_| Err(StateError::op_timeout(limit))))
 }

@@ -240,7 +240,7 @@ pub(crate) async fn drain(conn: &PgConn, rollback: bool) -> Drained {
         }
     }
     Drained::Lost(Box::new(Gone {
-        origin: conn.origin.clone(),
+        origin: (*conn.origin).clone(),
         backend: conn.backend,
     }))
 }

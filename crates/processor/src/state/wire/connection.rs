@@ -317,16 +317,19 @@ fn describe(pg: &tokio_postgres::Config) -> String {
 
 /// A pooled connection: the client, its prepared statements, and what it has set up. Whether
 /// it may be reused is the business of its checkout (see the `pool` module).
+///
+/// The larger parts are boxed: a connection is moved with every checkout and held in every
+/// transaction's future, and each move copies it.
 pub(crate) struct PgConn {
     pub client: Client,
-    pub stmts: Statements,
+    pub stmts: Box<Statements>,
     /// Whether this session's COPY staging table exists.
     pub copy_stage_ready: AtomicBool,
     /// Ad-hoc statements prepared on first use.
     pub cache: StatementCache,
     /// Opens connections to the same server: for cancel requests and for looking up this
     /// connection's server process (see the `settle` module).
-    pub origin: Connector,
+    pub origin: Box<Connector>,
     /// Cancels the statement running on this connection.
     pub cancel: tokio_postgres::CancelToken,
     /// The server process: its id and start time in microseconds since the epoch (none
@@ -373,10 +376,10 @@ impl PgConn {
         Ok(PgConn {
             cancel: client.cancel_token(),
             client,
-            stmts,
+            stmts: Box::new(stmts),
             copy_stage_ready: AtomicBool::new(false),
             cache: StatementCache::default(),
-            origin: connector.clone(),
+            origin: Box::new(connector.clone()),
             backend,
         })
     }

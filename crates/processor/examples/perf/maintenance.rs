@@ -68,10 +68,14 @@ pub async fn measure(cluster: &Cluster, url: &str) -> anyhow::Result<Maintenance
     eprintln!("retention: {ROWS} expired rows, twice ...");
     fill(cluster, &t_ours, true)?;
     fill(cluster, &t_theirs, true)?;
+    // Each side starts right after a checkpoint (none of the loads' WAL left to write out
+    // during the measurement).
+    cluster.psql(0, "CHECKPOINT")?;
     let start = Instant::now();
     let removed = ours.cleanup_expired().await?;
     let retention = f64::from(ROWS) / start.elapsed().as_secs_f64();
     anyhow::ensure!(removed == u64::from(ROWS), "cleanup removed {removed}");
+    cluster.psql(0, "CHECKPOINT")?;
     let start = Instant::now();
     cluster.psql(
         0,

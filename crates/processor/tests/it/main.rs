@@ -20,6 +20,7 @@ mod exactly_once;
 mod expiry;
 mod failover;
 mod fencing;
+mod heap_walk;
 mod hostile;
 mod incremental_checkpoints;
 mod leader;

@@ -4,6 +4,10 @@
 //! `delete` and `clear` leave, `expires_at = '-infinity'`) was never an entry a user could
 //! read, so the counts callers report leave them out.
 //!
+//! A cleanup pass reads the table in page order instead when a sweep removes a large share
+//! of it, and for every sweep by age (the `heap_walk` module); the walk below serves the
+//! rest: few expired rows, archive, tables Citus distributes.
+//!
 //! A batch is one READ COMMITTED transaction:
 //! 1. pick and row-lock the victims (`FOR UPDATE SKIP LOCKED`, at most `batch_size`, skipping
 //!    rows a writer holds), continuing after the previous batch's last row, so a pass is one
@@ -52,9 +56,9 @@ pub(crate) enum Sweep {
 /// Keys a walk by key looks at per batch.
 const WINDOW: i64 = 10_000;
 /// How long a batch waits for the floor lock before it rolls back and starts over.
-const FLOOR_LOCK_WAIT: Duration = Duration::from_millis(100);
+pub(crate) const FLOOR_LOCK_WAIT: Duration = Duration::from_millis(100);
 /// Batches started over for the floor lock before the pass gives up.
-const FLOOR_LOCK_ATTEMPTS: u32 = 50;
+pub(crate) const FLOOR_LOCK_ATTEMPTS: u32 = 50;
 
 /// Where a walk stands: after this key (and, for expired rows, this expiry, as text).
 #[derive(Default, Clone)]

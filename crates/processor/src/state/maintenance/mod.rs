@@ -1,6 +1,7 @@
-//! Data maintenance: TTL cleanup and retention (`cleanup`), archive (`archive`), VACUUM
-//! (`vacuum`), table statistics (`table_stats`), state checkpoints (`checkpoints`) and the
-//! online conversion to a partitioned table (`repartition`).
+//! Data maintenance: TTL cleanup and retention (`cleanup`, in heap order for large sweeps:
+//! `heap_walk`), archive (`archive`), VACUUM (`vacuum`), table statistics (`table_stats`),
+//! state checkpoints (`checkpoints`) and the online conversion to a partitioned table
+//! (`repartition`).
 //!
 //! A cleanup *pass* runs the sweeps one after the other under a named lock of the state table
 //! (`pgstate cleanup of <schema>.<table>`), so that when several backends share a table their
@@ -14,6 +15,7 @@ mod checkpoints;
 mod cleanup;
 mod full_copy;
 mod generations;
+mod heap_walk;
 mod progress;
 mod repartition;
 mod table_stats;
@@ -105,7 +107,11 @@ pub(crate) async fn cleanup_pass(
             plan.max_age.map(Sweep::OlderThan),
         ];
         for sweep_of in sweeps.into_iter().flatten() {
-            let removed = sweep(store, sweep_of, plan.batch_size, &|n| progress(rows + n)).await?;
+            let progress = |n| progress(rows + n);
+            let removed = match heap_walk::extent(store, &sweep_of, plan.batch_size).await? {
+                Some(extent) => heap_walk::sweep(store, &sweep_of, extent, &progress).await?,
+                None => sweep(store, sweep_of, plan.batch_size, &progress).await?,
+            };
             rows += removed.rows();
             report.entries_deleted += removed.entries;
             report.tombstones_removed += removed.tombstones;

@@ -2,16 +2,19 @@
 //! index row by row (the `cleanup` module's walk) costs an index probe and a row lock per
 //! victim. This walk reads the table's pages in order instead, a range of pages per batch
 //! (`ctid` between two page numbers: a TID range scan), deleting what qualifies there, as one
-//! `DELETE` over the whole table would, in short transactions:
+//! `DELETE` over the whole table would, in short transactions. Each is:
 //!
-//! 1. `BEGIN`, `lock_timeout` and the version floor's lock (exclusive), in one round trip;
-//! 2. the delete of the range, which also raises the floor to the highest version removed,
-//!    and `COMMIT`, in one round trip.
+//! 1. `BEGIN`, `lock_timeout` and the version floor's lock (exclusive), in one message;
+//! 2. the delete of the range, which also raises the floor to the highest version removed;
+//! 3. `COMMIT`.
 //!
-//! The commits do not wait for their WAL to reach disk (`synchronous_commit = off`): a crash
-//! can undo the last few batches, which leaves expired rows (never read) for the next pass and
-//! the floor where it was, consistent with them. Any later commit that waits for its WAL also
-//! makes every earlier batch durable.
+//! A batch costs one round trip: its delete and `COMMIT` go out with the next batch's step 1.
+//!
+//! The commits do not wait for their WAL to reach disk (`synchronous_commit = off`); the
+//! walk ends with one commit that does, which makes every batch durable before the pass
+//! reports its count. A crash during the walk can undo its last few batches, consistently
+//! (rows and floor together, WAL being in order): rows removed by age come back, expired rows
+//! and tombstones come back unread, all for the next pass.
 //!
 //! Writers wait as they do for the index walk: at most for the floor lock's queueing
 //! (`lock_timeout`, 100 ms) and one statement over about `batch_size` rows. A victim row a
@@ -23,14 +26,14 @@
 //! partitioned table: a range of page numbers covers it in each partition). A row written
 //! since is not expired (nor aged out), whichever page it went to.
 
-use futures_util::future::{join, join3};
+use futures_util::future::join3;
 use tokio_postgres::types::{ToSql, Type};
 
 use crate::state::error::{sqlstate, StateError, StateResult};
 use crate::state::maintenance::cleanup::{Removed, Sweep, FLOOR_LOCK_ATTEMPTS, FLOOR_LOCK_WAIT};
 use crate::state::ops::store::Store;
 use crate::state::pool::checkout::Checkout;
-use crate::state::schema::floor;
+use crate::state::schema::locks::xact_lock_statement;
 use crate::state::schema::names::TableNames;
 
 /// Pages the walk covers at least: smaller tables take the index walk (a batch or two
@@ -184,10 +187,13 @@ pub(crate) async fn sweep(
         remove_sql(names, sweep, false),
         remove_sql(names, sweep, true),
     );
+    // One message: after a failed statement the server skips the rest of it, so the lock is
+    // only ever taken inside the transaction.
     let begin = format!(
         "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL lock_timeout = {}; \
-         SET LOCAL synchronous_commit = off",
-        FLOOR_LOCK_WAIT.as_millis()
+         SET LOCAL synchronous_commit = off; {}",
+        FLOOR_LOCK_WAIT.as_millis(),
+        xact_lock_statement(names.floor_lock)
     );
     let mut conn = store.ctx.bounded(store.ctx.primary.get()).await?;
     conn.set_in_transaction(true);
@@ -197,17 +203,14 @@ pub(crate) async fn sweep(
     let mut open = false;
     while first < extent.pages {
         if !open {
-            let (begun, locked) = store
-                .ctx
-                .bounded(conn.run(|c| async {
-                    let both = join(
-                        c.client.batch_execute(&begin),
-                        floor::lock(&c.client, names),
-                    );
-                    Ok::<_, StateError>(both.await)
-                }))
-                .await?;
-            match lock_outcome(begun, locked) {
+            let begun =
+                store
+                    .ctx
+                    .bounded(conn.run(|c| async {
+                        Ok::<_, StateError>(c.client.batch_execute(&begin).await)
+                    }))
+                    .await?;
+            match begun {
                 Ok(()) => {}
                 Err(e) => {
                     rollback(store, &mut conn).await?;
@@ -251,11 +254,7 @@ pub(crate) async fn sweep(
                     if !more {
                         return None;
                     }
-                    let both = join(
-                        c.client.batch_execute(&begin),
-                        floor::lock(&c.client, names),
-                    );
-                    Some(both.await)
+                    Some(c.client.batch_execute(&begin).await)
                 };
                 Ok::<_, StateError>(join3(delete, commit, next).await)
             }))
@@ -275,10 +274,7 @@ pub(crate) async fn sweep(
             }
             Err(e) => Err(e.into()),
         };
-        let next = match next {
-            None => Ok(()),
-            Some((begun, locked)) => lock_outcome(begun, locked),
-        };
+        let next = next.unwrap_or(Ok(()));
         match next {
             Ok(()) if more => open = true,
             Ok(()) => {}
@@ -312,6 +308,18 @@ pub(crate) async fn sweep(
     if open {
         rollback(store, &mut conn).await?;
     }
+    if total.rows() > 0 {
+        // The batches committed without waiting for their WAL: one commit that waits makes
+        // them all durable before the pass reports them (rows removed by age were readable).
+        store
+            .ctx
+            .bounded(conn.run(|c| async {
+                let durable = "BEGIN; SELECT pg_catalog.pg_current_xact_id(); COMMIT";
+                c.client.batch_execute(durable).await?;
+                Ok::<_, StateError>(())
+            }))
+            .await?;
+    }
     conn.set_in_transaction(false);
     Ok(total)
 }
@@ -325,14 +333,6 @@ async fn rollback(store: &Store, conn: &mut Checkout) -> StateResult<()> {
             Ok(())
         }))
         .await
-}
-
-/// `BEGIN`'s and the floor lock's results as one: `Err` with the first error.
-fn lock_outcome(
-    begun: Result<(), tokio_postgres::Error>,
-    locked: Result<(), tokio_postgres::Error>,
-) -> Result<(), tokio_postgres::Error> {
-    begun.and(locked)
 }
 
 /// After the floor lock could not be taken (`e`): the contended count to go on with, or the

@@ -17,3 +17,9 @@ pub(crate) async fn xact_lock<C: GenericClient>(
     .await
     .map(|_| ())
 }
+
+/// [`xact_lock`] as a statement of its own, for a simple-query string that begins a
+/// transaction and takes the lock in one message (the keys are the table's own integers).
+pub(crate) fn xact_lock_statement((class, object): (i32, i32)) -> String {
+    format!("SELECT pg_catalog.pg_advisory_xact_lock({class}, {object})")
+}

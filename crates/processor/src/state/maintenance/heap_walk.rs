@@ -54,9 +54,9 @@ pub(crate) struct Extent {
 }
 
 /// The table's size, when the heap walk suits `sweep`; `None` when the index walk does: a
-/// small table, a distributed one, an archive sweep, or expired rows under
-/// [`EXPIRED_SHARE`] of a sample of the table's pages. (A sweep by age walks the whole table
-/// either way.)
+/// small table, a distributed one, a server older than PostgreSQL 14, an archive sweep, or
+/// expired rows under [`EXPIRED_SHARE`] of a sample of the table's pages. (A sweep by age
+/// walks the whole table either way.)
 pub(crate) async fn extent(
     store: &Store,
     sweep: &Sweep,
@@ -78,7 +78,8 @@ pub(crate) async fn extent(
                       coalesce(sum(c.relpages), 0)::int8, count(*)::int8, \
                       coalesce(max(pg_catalog.pg_relation_size(c.oid)), 0)::int8, \
                       coalesce(sum(pg_catalog.pg_relation_size(c.oid)), 0)::int8, \
-                      current_setting('block_size')::int8 \
+                      current_setting('block_size')::int8, \
+                      current_setting('server_version_num')::int8 \
                FROM leaves l JOIN pg_catalog.pg_class c ON c.oid = l.oid";
     // The share of expired rows in a sample of about SAMPLE_PAGES pages.
     let expired = matches!(sweep, Sweep::Expired).then(|| {
@@ -99,6 +100,12 @@ pub(crate) async fn extent(
                 (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
             let (largest, total, block): (i64, i64, i64) =
                 (row.try_get(3)?, row.try_get(4)?, row.try_get(5)?);
+            // TID range scans came with PostgreSQL 14: before it, each batch would read the
+            // whole table.
+            let version: i64 = row.try_get(6)?;
+            if version < 140_000 {
+                return Ok(None);
+            }
             let block = block.max(1);
             let (pages, total_pages) = ((largest + block - 1) / block, total / block);
             if total_pages < MIN_PAGES {

@@ -10,9 +10,9 @@
 //!
 //! A batch costs one round trip: its delete and `COMMIT` go out with the next batch's step 1.
 //!
-//! The commits do not wait for their WAL to reach disk (`synchronous_commit = off`); the
-//! walk ends with one commit that does, which makes every batch durable before the pass
-//! reports its count. A crash during the walk can undo its last few batches, consistently
+//! The commits but the last do not wait for their WAL to reach disk or synchronous replicas
+//! (`synchronous_commit = off`); the last one's does, which makes every batch durable before
+//! the pass reports its count (each batch writes WAL, if only its floor update). A crash during the walk can undo its last few batches, consistently
 //! (rows and floor together, WAL being in order): rows removed by age come back, expired rows
 //! and tombstones come back unread, all for the next pass.
 //!
@@ -39,9 +39,10 @@ use crate::state::schema::names::TableNames;
 /// Pages the walk covers at least: smaller tables take the index walk (a batch or two
 /// either way).
 const MIN_PAGES: i64 = 8;
-/// The share of the table a sweep of expired rows must remove for the heap walk: below it,
-/// reading every page would cost more than probing the victims through the index.
-const EXPIRED_SHARE: f64 = 0.2;
+/// The share of the table a sweep must remove for the heap walk: below it, reading every
+/// page (and taking the floor lock for each range, victims or not) would cost more than the
+/// index walk, which takes the lock only for batches that remove rows.
+const VICTIM_SHARE: f64 = 0.2;
 /// Pages sampled (`TABLESAMPLE SYSTEM`) to find that share.
 const SAMPLE_PAGES: f64 = 200.0;
 
@@ -55,8 +56,7 @@ pub(crate) struct Extent {
 
 /// The table's size, when the heap walk suits `sweep`; `None` when the index walk does: a
 /// small table, a distributed one, a server older than PostgreSQL 14, an archive sweep, or
-/// expired rows under [`EXPIRED_SHARE`] of a sample of the table's pages. (A sweep by age
-/// walks the whole table either way.)
+/// victims under [`VICTIM_SHARE`] of a sample of the table's pages.
 pub(crate) async fn extent(
     store: &Store,
     sweep: &Sweep,
@@ -75,34 +75,32 @@ pub(crate) async fn extent(
                                SELECT p.relid FROM t, pg_catalog.pg_partition_tree(t.oid) p \
                                WHERE p.isleaf) \
                SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::float8, \
-                      coalesce(sum(c.relpages), 0)::int8, count(*)::int8, \
+                      coalesce(sum(c.relpages), 0)::int8, \
                       coalesce(max(pg_catalog.pg_relation_size(c.oid)), 0)::int8, \
                       coalesce(sum(pg_catalog.pg_relation_size(c.oid)), 0)::int8, \
                       current_setting('block_size')::int8, \
                       current_setting('server_version_num')::int8 \
                FROM leaves l JOIN pg_catalog.pg_class c ON c.oid = l.oid";
-    // The share of expired rows in a sample of about SAMPLE_PAGES pages.
-    let expired = matches!(sweep, Sweep::Expired).then(|| {
-        format!(
-            "SELECT count(*) FILTER (WHERE expires_at <= statement_timestamp())::int8, \
-                    count(*)::int8 \
-             FROM {} TABLESAMPLE SYSTEM ($1::float8)",
-            names.qualified
-        )
-    });
+    // The share of victims in a sample of about SAMPLE_PAGES pages (`$2` the age).
+    let sample = format!(
+        "SELECT count(*) FILTER (WHERE {})::int8, count(*)::int8 \
+         FROM {} TABLESAMPLE SYSTEM ($1::float8)",
+        qualifies(sweep, 2),
+        names.qualified
+    );
+    let age = sweep_age(sweep);
     store
         .on_primary(async |c| {
             let row = c
                 .client
                 .query_typed_one(sql, &[(&names.qualified.as_str(), Type::TEXT)])
                 .await?;
-            let (tuples, relpages, leaves): (f64, i64, i64) =
-                (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+            let (tuples, relpages): (f64, i64) = (row.try_get(0)?, row.try_get(1)?);
             let (largest, total, block): (i64, i64, i64) =
-                (row.try_get(3)?, row.try_get(4)?, row.try_get(5)?);
+                (row.try_get(2)?, row.try_get(3)?, row.try_get(4)?);
             // TID range scans came with PostgreSQL 14: before it, each batch would read the
             // whole table.
-            let version: i64 = row.try_get(6)?;
+            let version: i64 = row.try_get(5)?;
             if version < 140_000 {
                 return Ok(None);
             }
@@ -118,34 +116,53 @@ pub(crate) async fn extent(
             } else {
                 50.0
             };
-            if let Some(sql) = &expired {
-                let percent = (100.0 * SAMPLE_PAGES / total_pages as f64).min(100.0);
-                let row = c
-                    .client
-                    .query_typed_one(sql, &[(&percent, Type::FLOAT8)])
-                    .await?;
-                let (found, seen): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
-                if seen == 0 || (found as f64) < seen as f64 * EXPIRED_SHARE {
-                    return Ok(None);
-                }
+            let percent = (100.0 * SAMPLE_PAGES / total_pages as f64).min(100.0);
+            let row = c
+                .client
+                .query_typed_one(&sample, &[(&percent, Type::FLOAT8), (&age, Type::FLOAT8)])
+                .await?;
+            let (found, seen): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+            if seen == 0 || (found as f64) < seen as f64 * VICTIM_SHARE {
+                return Ok(None);
             }
-            let per_range = per_page * leaves.max(1) as f64;
-            let step = ((batch_size as f64 / per_range).floor() as i64).max(1);
+            // About `batch_size` rows per range: the rows of all partitions spread over the
+            // largest one's page numbers (partitions of unequal size give some ranges more
+            // rows, some fewer).
+            let rows = (per_page * total_pages as f64).max(1.0);
+            let step =
+                ((batch_size as f64 * pages as f64 / rows).floor() as i64).clamp(1, pages.max(1));
             Ok(Some(Extent { pages, step }))
         })
         .await
 }
 
+/// What `sweep` removes, as a condition on a row, with the age in seconds in parameter
+/// `$age` (unused for expired rows, but typed).
+fn qualifies(sweep: &Sweep, age: usize) -> String {
+    match sweep {
+        Sweep::Expired => {
+            format!("expires_at <= statement_timestamp() AND ${age}::float8 IS NOT NULL")
+        }
+        _ => format!("updated_at < statement_timestamp() - ${age}::float8 * interval '1 second'"),
+    }
+}
+
+/// The age of a sweep by age, in seconds (0 for expired rows).
+fn sweep_age(sweep: &Sweep) -> f64 {
+    match sweep {
+        Sweep::OlderThan(age) | Sweep::Archive(age, _) => age.as_secs_f64(),
+        Sweep::Expired => 0.0,
+    }
+}
+
 /// The delete of one range: `$1` and `$2` the range's first and end page as `tid` text,
 /// `$3` the floor sequence's name, `$4` the age in seconds (unused for expired rows).
-/// Returns entries, tombstones, the highest version removed; raises the floor to it.
+/// Returns entries, tombstones, the highest version removed; raises the floor to it (and
+/// writes the floor even when nothing was removed, so that every batch writes WAL).
 /// `locked`: victims picked `FOR UPDATE SKIP LOCKED` (never waits for a writer's row).
 fn remove_sql(names: &TableNames, sweep: &Sweep, locked: bool) -> String {
     let t = &names.qualified;
-    let qualifies = match sweep {
-        Sweep::Expired => "expires_at <= statement_timestamp() AND $4::float8 IS NOT NULL".into(),
-        _ => "updated_at < statement_timestamp() - $4::float8 * interval '1 second'".to_string(),
-    };
+    let qualifies = qualifies(sweep, 4);
     let range = "ctid >= $1::text::tid AND ctid < $2::text::tid";
     let target = if locked {
         format!(
@@ -163,7 +180,7 @@ fn remove_sql(names: &TableNames, sweep: &Sweep, locked: bool) -> String {
                                 max(version) AS highest FROM gone) \
          SELECT entries, tombstones, coalesce(highest, 0)::int8, \
                 (SELECT setval($3::text::regclass, GREATEST(f.last_value, s.highest)) \
-                 FROM {floor} f WHERE s.highest IS NOT NULL) \
+                 FROM {floor} f) \
          FROM summed s",
         floor = names.version_floor
     )
@@ -186,22 +203,36 @@ pub(crate) async fn sweep(
     progress: &(dyn Fn(u64) + Sync),
 ) -> StateResult<Removed> {
     let names = &store.ctx.names;
-    let age = match sweep {
-        Sweep::OlderThan(age) | Sweep::Archive(age, _) => age.as_secs_f64(),
-        Sweep::Expired => 0.0,
-    };
+    let age = sweep_age(sweep);
     let (fast, careful) = (
         remove_sql(names, sweep, false),
         remove_sql(names, sweep, true),
     );
     // One message: after a failed statement the server skips the rest of it, so the lock is
-    // only ever taken inside the transaction.
-    let begin = format!(
-        "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL lock_timeout = {}; \
-         SET LOCAL synchronous_commit = off; {}",
-        FLOOR_LOCK_WAIT.as_millis(),
-        xact_lock_statement(names.floor_lock)
-    );
+    // only ever taken inside the transaction. Every batch but the last commits without
+    // waiting for its WAL; the last one's commit waits, and with it for every earlier
+    // batch's (each batch writes WAL: its floor update, whatever it removed).
+    let begin = |flush: bool| {
+        format!(
+            "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL lock_timeout = {};{} {}",
+            FLOOR_LOCK_WAIT.as_millis(),
+            if flush {
+                ""
+            } else {
+                " SET LOCAL synchronous_commit = off;"
+            },
+            xact_lock_statement(names.floor_lock)
+        )
+    };
+    let (begin_async, begin_last) = (begin(false), begin(true));
+    // The BEGIN of the range that starts at page `first`.
+    let begin_at = |first: i64| {
+        if first.saturating_add(extent.step) >= extent.pages {
+            &begin_last
+        } else {
+            &begin_async
+        }
+    };
     let mut conn = store.ctx.bounded(store.ctx.primary.get()).await?;
     conn.set_in_transaction(true);
     let mut total = Removed::default();
@@ -210,13 +241,12 @@ pub(crate) async fn sweep(
     let mut open = false;
     while first < extent.pages {
         if !open {
-            let begun =
-                store
-                    .ctx
-                    .bounded(conn.run(|c| async {
-                        Ok::<_, StateError>(c.client.batch_execute(&begin).await)
-                    }))
-                    .await?;
+            let begun = store
+                .ctx
+                .bounded(conn.run(|c| async {
+                    Ok::<_, StateError>(c.client.batch_execute(begin_at(first)).await)
+                }))
+                .await?;
             match begun {
                 Ok(()) => {}
                 Err(e) => {
@@ -226,7 +256,7 @@ pub(crate) async fn sweep(
                 }
             }
         }
-        let end = first.saturating_add(extent.step);
+        let end = first.saturating_add(extent.step).min(extent.pages);
         let more = end < extent.pages;
         let (first_tid, end_tid) = (format!("({first},0)"), format!("({end},0)"));
         let remove = if careful_now { &careful } else { &fast };
@@ -261,7 +291,7 @@ pub(crate) async fn sweep(
                     if !more {
                         return None;
                     }
-                    Some(c.client.batch_execute(&begin).await)
+                    Some(c.client.batch_execute(begin_at(end)).await)
                 };
                 Ok::<_, StateError>(join3(delete, commit, next).await)
             }))
@@ -281,17 +311,7 @@ pub(crate) async fn sweep(
             }
             Err(e) => Err(e.into()),
         };
-        let next = next.unwrap_or(Ok(()));
-        match next {
-            Ok(()) if more => open = true,
-            Ok(()) => {}
-            Err(e) => {
-                rollback(store, &mut conn).await?;
-                if outcome.is_ok() {
-                    contended = floor_held(e, contended, names, total)?;
-                }
-            }
-        }
+        // The batch first: one that committed counts even if the next one's lock fails.
         match outcome {
             Ok(removed) => {
                 total.entries += removed.entries;
@@ -299,33 +319,30 @@ pub(crate) async fn sweep(
                 progress(total.rows());
                 first = end;
                 careful_now = false;
-                if open {
-                    contended = 0;
-                }
             }
             // A writer held a victim row past `lock_timeout`: the range again, skipping
             // the rows writers hold.
             Err(e) if !careful_now && e.sqlstate() == Some(sqlstate::LOCK_NOT_AVAILABLE) => {
                 careful_now = true;
             }
+            // (A transaction the next BEGIN opened is rolled back with the checkout.)
             Err(e) => return Err(e),
+        }
+        match next {
+            None => {}
+            Some(Ok(())) => {
+                open = true;
+                contended = 0;
+            }
+            Some(Err(e)) => {
+                rollback(store, &mut conn).await?;
+                contended = floor_held(e, contended, names, total)?;
+            }
         }
         tokio::task::yield_now().await;
     }
     if open {
         rollback(store, &mut conn).await?;
-    }
-    if total.rows() > 0 {
-        // The batches committed without waiting for their WAL: one commit that waits makes
-        // them all durable before the pass reports them (rows removed by age were readable).
-        store
-            .ctx
-            .bounded(conn.run(|c| async {
-                let durable = "BEGIN; SELECT pg_catalog.pg_current_xact_id(); COMMIT";
-                c.client.batch_execute(durable).await?;
-                Ok::<_, StateError>(())
-            }))
-            .await?;
     }
     conn.set_in_transaction(false);
     Ok(total)

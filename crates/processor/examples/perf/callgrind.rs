@@ -157,12 +157,30 @@ pub async fn worker(spec: &str) -> anyhow::Result<()> {
         ),
         other => anyhow::bail!("unknown side {other}"),
     };
-    let mut rng = 0x9E37_79B9_7F4A_7C15_u64;
-    for _ in 0..(200 + calls) {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        op(0, rng).await?;
+    // `BENCH_CALLGRIND_TASKS` (default 1): the calls spread over this many tasks (for
+    // profiling concurrent calls by hand; the harness's table counts one task).
+    let tasks: u64 = std::env::var("BENCH_CALLGRIND_TASKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    let handles: Vec<_> = (0..tasks)
+        .map(|t| {
+            let op = op.clone();
+            tokio::spawn(async move {
+                let mut rng = 0x9E37_79B9_7F4A_7C15_u64.wrapping_mul(t + 1) | 1;
+                for _ in 0..(200 + calls) / tasks {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    op(t as usize, rng).await?;
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    for h in handles {
+        h.await??;
     }
     anyhow::ensure!(
         opened() == before,

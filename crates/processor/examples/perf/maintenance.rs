@@ -49,6 +49,12 @@ fn fill(cluster: &Cluster, table: &str, expired: bool) -> anyhow::Result<()> {
         ),
     )?;
     cluster.psql(0, &format!("VACUUM ANALYZE {table}"))?;
+    // No autovacuum in the middle of a measurement (either side's deletes would start it on
+    // the 2 cores the measured side runs on).
+    cluster.psql(
+        0,
+        &format!("ALTER TABLE {table} SET (autovacuum_enabled = false)"),
+    )?;
     Ok(())
 }
 

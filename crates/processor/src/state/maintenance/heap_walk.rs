@@ -339,7 +339,6 @@ pub(crate) async fn sweep(
                 contended = floor_held(e, contended, names, total)?;
             }
         }
-        tokio::task::yield_now().await;
     }
     if open {
         rollback(store, &mut conn).await?;

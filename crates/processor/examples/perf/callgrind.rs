@@ -32,8 +32,16 @@ const COUNTED: &[(&str, bool)] = &[
 #[derive(Clone, Debug)]
 pub struct CallCost {
     pub name: &'static str,
-    pub ours: u64,
-    pub deadpool: Option<u64>,
+    pub ours: Count,
+    pub deadpool: Option<Count>,
+}
+
+/// Instructions per call: in every thread of the process, and in the calling task alone (the
+/// call's future: not the driver's connection task nor the runtime's threads).
+#[derive(Clone, Copy, Debug)]
+pub struct Count {
+    pub process: u64,
+    pub task: u64,
 }
 
 /// Counts every workload of `COUNTED` on the server at `url` (the harness has loaded it).
@@ -57,18 +65,48 @@ pub fn measure(url: &str) -> anyhow::Result<Vec<CallCost>> {
 }
 
 /// Instructions per call of `name` run by `side`: (long total - short total) / (LONG - SHORT).
-fn per_call(url: &str, side: &str, name: &str) -> anyhow::Result<u64> {
+fn per_call(url: &str, side: &str, name: &str) -> anyhow::Result<Count> {
     let short = total(url, side, name, SHORT)?;
     let long = total(url, side, name, LONG)?;
-    anyhow::ensure!(
-        long > short,
-        "callgrind: {LONG} calls counted {long} instructions, {SHORT} calls {short}"
-    );
-    Ok((long - short) / (LONG - SHORT))
+    let per = |long: u64, short: u64| -> anyhow::Result<u64> {
+        anyhow::ensure!(
+            long > short,
+            "callgrind: {LONG} calls counted {long} instructions, {SHORT} calls {short}"
+        );
+        Ok((long - short) / (LONG - SHORT))
+    };
+    Ok(Count {
+        process: per(long.process, short.process)?,
+        task: per(long.task, short.task)?,
+    })
 }
 
-/// The instructions callgrind counted in one worker run (every thread of the process).
-fn total(url: &str, side: &str, name: &str, calls: u64) -> anyhow::Result<u64> {
+/// The function whose inclusive cost is the calling task's: the call's future as the
+/// harness builds it.
+fn task_function(side: &str) -> &'static str {
+    match side {
+        "ours" => "perf::workloads::op::{{closure}}::{{closure}}",
+        _ => "perf::reference::deadpool_op::{{closure}}::{{closure}}",
+    }
+}
+
+/// The inclusive cost of `function` in callgrind's output `file` (by `callgrind_annotate`).
+fn inclusive(file: &std::path::Path, function: &str) -> anyhow::Result<u64> {
+    let out = Command::new("callgrind_annotate")
+        .args(["--inclusive=yes", "--threshold=100"])
+        .arg(file)
+        .output()
+        .map_err(|e| anyhow::anyhow!("cannot run callgrind_annotate: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find(|l| l.contains(&format!(":{function} ")))
+        .and_then(|l| l.split_whitespace().next()?.replace(',', "").parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("callgrind_annotate lists no {function}"))
+}
+
+/// The instructions callgrind counted in one worker run: every thread of the process, and
+/// the calling task's.
+fn total(url: &str, side: &str, name: &str, calls: u64) -> anyhow::Result<Count> {
     let out_file = std::env::temp_dir().join(format!(
         "pgstate-callgrind-{}-{side}-{name}-{calls}.out",
         std::process::id()
@@ -84,18 +122,24 @@ fn total(url: &str, side: &str, name: &str, calls: u64) -> anyhow::Result<u64> {
         .map_err(|e| anyhow::anyhow!("cannot run valgrind (is it installed?): {e}"))?;
     anyhow::ensure!(status.success(), "callgrind worker failed: {status}");
     let text = std::fs::read_to_string(&out_file)?;
+    let task = inclusive(&out_file, task_function(side));
     if std::env::var("BENCH_CALLGRIND_KEEP").is_ok_and(|v| v == "1") {
         eprintln!("callgrind: kept {}", out_file.display());
     } else {
         let _ = std::fs::remove_file(&out_file);
     }
-    text.lines()
+    let process = text
+        .lines()
         .find_map(|l| {
             l.strip_prefix("totals:")
                 .or_else(|| l.strip_prefix("summary:"))
         })
         .and_then(|t| t.split_whitespace().next()?.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no totals line in callgrind's output"))
+        .ok_or_else(|| anyhow::anyhow!("no totals line in callgrind's output"))?;
+    Ok(Count {
+        process,
+        task: task?,
+    })
 }
 
 /// The worker: `spec` is `side:workload:calls`. Opens the backend (or the hand-written pool)

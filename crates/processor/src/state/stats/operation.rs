@@ -166,15 +166,16 @@ impl Op {
     /// `pgstate`), so an application logging at INFO pays one check of the subscriber's
     /// interest per operation and no formatting.
     pub fn span(self, table: &str) -> tracing::Span {
-        // `table` is `schema.table`: the schema is the namespace.
-        let namespace = table.split_once('.').map_or("", |(schema, _)| schema);
+        // Field values are computed only when the span is enabled: nothing here runs for an
+        // application not recording it. (`table` is `schema.table`: the schema is the
+        // namespace.)
         tracing::debug_span!(
             target: "pgstate",
             "pgstate.operation",
             "otel.name" = tracing::field::display(format_args!("{} {table}", self.name())),
             "otel.kind" = "client",
             "db.system.name" = "postgresql",
-            "db.namespace" = namespace,
+            "db.namespace" = table.split_once('.').map_or("", |(schema, _)| schema),
             "db.operation.name" = self.name(),
             "db.collection.name" = table,
             "pgstate.operation.kind" = self.kind().name(),

@@ -26,6 +26,7 @@ const COUNTED: &[(&str, bool)] = &[
     ("put", true),
     ("delete", false),
     ("transaction", false),
+    ("scan", false),
 ];
 
 /// Instructions per call of one workload: the backend's, the hand-written loop's.

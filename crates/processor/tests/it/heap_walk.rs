@@ -11,21 +11,14 @@ use processor::state::{
 
 use crate::support;
 
-async fn heap_walk_removes_exactly_the_expired_rows(tag: &str, partitions: Option<u32>) {
-    let mut cfg = support::config(tag).with_retention_policy(RetentionPolicy {
-        enabled: false,
-        // No background pass during the test.
-        cleanup_interval: Duration::from_secs(3600),
-        batch_size: 1000,
-        ..RetentionPolicy::default()
-    });
-    if let Some(partitions) = partitions {
-        cfg = cfg.with_partitioning(PartitionStrategy::Hash { partitions });
-    }
+/// A backend on `cfg` whose table holds 20 000 rows (a few hundred pages), 15 000 of them
+/// expired (the heap walk's share), `x:7` at version 40; a raw connection; the table's name.
+async fn filled(
+    cfg: processor::state::EnhancedPostgresConfig,
+) -> (EnhancedPostgresBackend, tokio_postgres::Client, String) {
     let b = EnhancedPostgresBackend::new(cfg).await.unwrap();
     let admin = support::raw(&support::url()).await;
     let t = b.table().to_string();
-    // 20 000 rows (a few hundred pages), 15 000 of them expired: the heap walk's share.
     admin
         .batch_execute(&format!(
             "INSERT INTO {t} (key, value, expires_at, version)
@@ -37,6 +30,21 @@ async fn heap_walk_removes_exactly_the_expired_rows(tag: &str, partitions: Optio
         ))
         .await
         .unwrap();
+    (b, admin, t)
+}
+
+async fn heap_walk_removes_exactly_the_expired_rows(tag: &str, partitions: Option<u32>) {
+    let mut cfg = support::config(tag).with_retention_policy(RetentionPolicy {
+        enabled: false,
+        // No background pass during the test.
+        cleanup_interval: Duration::from_secs(3600),
+        batch_size: 1000,
+        ..RetentionPolicy::default()
+    });
+    if let Some(partitions) = partitions {
+        cfg = cfg.with_partitioning(PartitionStrategy::Hash { partitions });
+    }
+    let (b, admin, t) = filled(cfg).await;
     // Ten tombstones among the live rows.
     for i in 15_001..15_011 {
         b.delete(format!("x:{i}").as_bytes()).await.unwrap();
@@ -120,20 +128,7 @@ async fn a_heap_walk_dropped_half_way_leaves_no_transaction_and_no_lock() {
         batch_size: 1000,
         ..RetentionPolicy::default()
     });
-    let b = EnhancedPostgresBackend::new(cfg).await.unwrap();
-    let admin = support::raw(&support::url()).await;
-    let t = b.table().to_string();
-    admin
-        .batch_execute(&format!(
-            "INSERT INTO {t} (key, value, expires_at, version)
-             SELECT convert_to('x:' || i, 'UTF8'), convert_to(repeat('v', 100), 'UTF8'),
-                    CASE WHEN i <= 15000 THEN now() - interval '1 second' ELSE NULL END,
-                    CASE WHEN i = 7 THEN 40 ELSE 1 END
-             FROM generate_series(1, 20000) i;
-             ANALYZE {t}"
-        ))
-        .await
-        .unwrap();
+    let (b, admin, t) = filled(cfg).await;
     // The first pass reports a batch (the first range holds the first thousand rows, `x:7`
     // among them), then it is dropped with its next batch in flight; so is the second one.
     for batches in [1, 2] {

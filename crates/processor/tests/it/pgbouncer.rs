@@ -355,3 +355,64 @@ async fn clear_works_through_transaction_pooling_while_others_run() {
     b.clear().await.unwrap();
     assert_eq!(b.count().await.unwrap(), 0);
 }
+
+#[tokio::test]
+#[cfg_attr(
+    pgstate_external_server,
+    ignore = "needs the local cluster the tests start"
+)]
+async fn cleanup_in_heap_order_works_through_transaction_pooling_while_writers_run() {
+    let url = transaction_url();
+    let b = Arc::new(
+        EnhancedPostgresBackend::new(config(&url, "pgb_heap"))
+            .await
+            .unwrap(),
+    );
+    let admin = support::raw(&support::url()).await;
+    let t = b.table().to_string();
+    // 15 000 of 20 000 rows expired: the heap walk's share.
+    admin
+        .batch_execute(&format!(
+            "INSERT INTO {t} (key, value, expires_at, version)
+             SELECT convert_to('x:' || i, 'UTF8'), convert_to(repeat('v', 100), 'UTF8'),
+                    CASE WHEN i <= 15000 THEN now() - interval '1 second' ELSE NULL END,
+                    CASE WHEN i = 7 THEN 40 ELSE 1 END
+             FROM generate_series(1, 20000) i;
+             ANALYZE {t}"
+        ))
+        .await
+        .unwrap();
+    // Writers creating keys meanwhile (each insert takes the floor lock shared).
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (b, stop) = (b.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut i = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) || i < 50 {
+                    b.put(format!("w{w}:{i}").as_bytes(), &i.to_be_bytes())
+                        .await
+                        .unwrap();
+                    i += 1;
+                }
+                i
+            })
+        })
+        .collect();
+    assert_eq!(b.cleanup_expired().await.unwrap(), 15_000);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut written = 0;
+    for (w, h) in writers.into_iter().enumerate() {
+        let n = h.await.unwrap();
+        written += n;
+        let last = format!("w{w}:{}", n - 1);
+        assert_eq!(
+            b.get(last.as_bytes()).await.unwrap(),
+            Some((n - 1).to_be_bytes().to_vec())
+        );
+    }
+    assert_eq!(b.count().await.unwrap(), 5_000 + written as usize);
+    // Versions never repeat: `x:7` (version 40) was removed and comes back above it.
+    assert!(b.get(b"x:7").await.unwrap().is_none());
+    assert!(b.put_with_version(b"x:7", b"again", None).await.unwrap() > 40);
+}

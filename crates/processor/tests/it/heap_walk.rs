@@ -13,7 +13,7 @@ use crate::support;
 
 /// A backend on `cfg` whose table holds 20 000 rows (a few hundred pages), 15 000 of them
 /// expired (the heap walk's share), `x:7` at version 40; a raw connection; the table's name.
-async fn filled(
+pub(crate) async fn filled(
     cfg: processor::state::EnhancedPostgresConfig,
 ) -> (EnhancedPostgresBackend, tokio_postgres::Client, String) {
     let b = EnhancedPostgresBackend::new(cfg).await.unwrap();

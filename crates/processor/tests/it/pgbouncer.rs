@@ -11,7 +11,7 @@ use processor::state::{
     PostgresLockGuard, StateBackend, StateError,
 };
 
-use crate::{conformance, seed, support};
+use crate::{conformance, heap_walk, seed, support};
 
 /// The transaction-pooling URL with `pgbouncer=true` (PgBouncer in front of the local
 /// cluster).
@@ -363,25 +363,9 @@ async fn clear_works_through_transaction_pooling_while_others_run() {
 )]
 async fn cleanup_in_heap_order_works_through_transaction_pooling_while_writers_run() {
     let url = transaction_url();
-    let b = Arc::new(
-        EnhancedPostgresBackend::new(config(&url, "pgb_heap"))
-            .await
-            .unwrap(),
-    );
-    let admin = support::raw(&support::url()).await;
-    let t = b.table().to_string();
     // 15 000 of 20 000 rows expired: the heap walk's share.
-    admin
-        .batch_execute(&format!(
-            "INSERT INTO {t} (key, value, expires_at, version)
-             SELECT convert_to('x:' || i, 'UTF8'), convert_to(repeat('v', 100), 'UTF8'),
-                    CASE WHEN i <= 15000 THEN now() - interval '1 second' ELSE NULL END,
-                    CASE WHEN i = 7 THEN 40 ELSE 1 END
-             FROM generate_series(1, 20000) i;
-             ANALYZE {t}"
-        ))
-        .await
-        .unwrap();
+    let (b, _, _) = heap_walk::filled(config(&url, "pgb_heap")).await;
+    let b = Arc::new(b);
     // Writers creating keys meanwhile (each insert takes the floor lock shared).
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writers: Vec<_> = (0..4)

@@ -58,7 +58,7 @@ const WINDOW: i64 = 10_000;
 /// How long a batch waits for the floor lock before it rolls back and starts over.
 pub(crate) const FLOOR_LOCK_WAIT: Duration = Duration::from_millis(100);
 /// Batches started over for the floor lock before the pass gives up.
-pub(crate) const FLOOR_LOCK_ATTEMPTS: u32 = 50;
+const FLOOR_LOCK_ATTEMPTS: u32 = 50;
 
 /// Where a walk stands: after this key (and, for expired rows, this expiry, as text).
 #[derive(Default, Clone)]
@@ -184,16 +184,7 @@ pub(crate) async fn sweep(
     loop {
         let step = batch(store, &plan, limit, &cursor).await?;
         let Some(step) = step else {
-            contended += 1;
-            if contended >= FLOOR_LOCK_ATTEMPTS {
-                return Err(StateError::Timeout(format!(
-                    "cleanup of {} could not take the version floor lock in {contended} tries: \
-                     a long write transaction on the table holds it ({} rows removed so far; \
-                     the rest goes at the next pass)",
-                    store.ctx.names.qualified,
-                    total.rows()
-                )));
-            }
+            contended = floor_lock_kept(&store.ctx.names, contended, total)?;
             continue;
         };
         total.entries += step.removed.entries;
@@ -205,6 +196,26 @@ pub(crate) async fn sweep(
         }
         tokio::task::yield_now().await;
     }
+}
+
+/// One more batch found the floor lock kept (`contended` before it): the count to go on
+/// with, or, after [`FLOOR_LOCK_ATTEMPTS`], the error that ends the pass (`total` removed).
+pub(crate) fn floor_lock_kept(
+    names: &TableNames,
+    contended: u32,
+    total: Removed,
+) -> StateResult<u32> {
+    let contended = contended + 1;
+    if contended >= FLOOR_LOCK_ATTEMPTS {
+        return Err(StateError::Timeout(format!(
+            "cleanup of {} could not take the version floor lock in {contended} tries: a long \
+             write transaction on the table holds it ({} rows removed so far; the rest goes at \
+             the next pass)",
+            names.qualified,
+            total.rows()
+        )));
+    }
+    Ok(contended)
 }
 
 /// What one batch did.

@@ -30,7 +30,7 @@ use futures_util::future::join3;
 use tokio_postgres::types::{ToSql, Type};
 
 use crate::state::error::{sqlstate, StateError, StateResult};
-use crate::state::maintenance::cleanup::{Removed, Sweep, FLOOR_LOCK_ATTEMPTS, FLOOR_LOCK_WAIT};
+use crate::state::maintenance::cleanup::{floor_lock_kept, Removed, Sweep, FLOOR_LOCK_WAIT};
 use crate::state::ops::store::Store;
 use crate::state::pool::checkout::Checkout;
 use crate::state::schema::locks::xact_lock_statement;
@@ -369,15 +369,5 @@ fn floor_held(
     if e.code().map(|c| c.code()) != Some(sqlstate::LOCK_NOT_AVAILABLE) {
         return Err(e.into());
     }
-    let contended = contended + 1;
-    if contended >= FLOOR_LOCK_ATTEMPTS {
-        return Err(StateError::Timeout(format!(
-            "cleanup of {} could not take the version floor lock in {contended} tries: a long \
-             write transaction on the table holds it ({} rows removed so far; the rest goes at \
-             the next pass)",
-            names.qualified,
-            total.rows()
-        )));
-    }
-    Ok(contended)
+    floor_lock_kept(names, contended, total)
 }
